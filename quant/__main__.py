@@ -1,0 +1,5 @@
+import sys
+
+from quant.cli import main
+
+sys.exit(main())

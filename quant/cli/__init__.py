@@ -1,0 +1,52 @@
+"""Command line: argument parsing only. Each command group lives in its own module and calls a library function.
+
+Every subcommand module exposes `register(subparsers)`, which adds its parser and sets `handler` to a function
+taking the parsed namespace. Library code is imported inside handlers so `quant --help` stays fast and works
+without optional backends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+from quant import __version__
+from quant.errors import QuantError
+
+COMMAND_MODULES = ("export", "calibrate", "cache", "inspect", "build", "evaluate", "bench", "run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quant",
+        description="Turn trained speech models into FP32/FP16/INT8 artifacts for ONNX Runtime and TensorRT, "
+        "calibrated on real speech, and measure what each precision costs and buys.",
+    )
+    parser.add_argument("--version", action="version", version=f"quant {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"quant.cli.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.handler(args) or 0)
+    except QuantError as error:
+        print(f"quant {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"quant {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
