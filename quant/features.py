@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Sequence, overload
 
-import kaldi_native_fbank as knf
 import numpy as np
 import torch
 
@@ -67,6 +66,8 @@ def istft(spec: np.ndarray | torch.Tensor, length: int) -> np.ndarray | torch.Te
 
 def fbank(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """(samples,) float in [-1, 1] -> (frames, 80) float32 log-mel filterbank, Kaldi-compatible."""
+    import kaldi_native_fbank as knf  # imported here so STFT users (GPU training boxes) need not install it
+
     opts = knf.FbankOptions()
     opts.frame_opts.samp_freq = sample_rate
     opts.frame_opts.frame_length_ms = FBANK_FRAME_MS
