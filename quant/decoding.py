@@ -1,0 +1,188 @@
+"""CTC decoding and attention-rescoring inputs, in numpy (WeNet's conventions: blank = 0, sos = eos = last id).
+
+- `ctc_greedy`: best path, collapse repeats, drop blanks.
+- `ctc_prefix_beam_search`: prefix beam search in the log domain over the full (T, V) log-probs, or over the
+  encoder's top-k (`beam_log_probs`, `beam_log_probs_idx`) as WeNet's GPU pipeline does. Scores are the total
+  log-probability of all alignments of a prefix (blank-ending + non-blank-ending), exact when nothing is pruned.
+- `hyps_to_decoder_inputs`: n-best lists -> `hyps_pad_sos_eos` (B, beam, T2+1) int64 padded with eos,
+  `hyps_lens_sos` (B, beam) int32 (hyp length + 1 for sos), `ctc_score` (B, beam) float32. An n-best shorter than
+  the beam is filled with empty hypotheses scored MISSING_HYP_SCORE, so they never win.
+- `attention_rescoring`: best = argmax(attention log-likelihood + ctc_weight * ctc_score). CTC_WEIGHT = 0.3, the
+  conformer's training CTC weight, which is what WeNet's GPU export passes to its rescoring decoder
+  (model_conf.ctc_weight).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+BLANK = 0
+CTC_WEIGHT = 0.3
+MISSING_HYP_SCORE = -1.0e4  # finite (FP16-safe) score for beam slots without a hypothesis
+
+Hypothesis = tuple[tuple[int, ...], float]
+NEG_INF = -math.inf
+
+
+def _logaddexp(a: float, b: float) -> float:
+    if a == NEG_INF:
+        return b
+    if b == NEG_INF:
+        return a
+    high, low = (a, b) if a > b else (b, a)
+    return high + math.log1p(math.exp(low - high))
+
+
+def _valid_frames(log_probs: np.ndarray, length: int | None) -> np.ndarray:
+    if log_probs.ndim != 2:
+        raise ValueError(f"CTC log-probs must be (T, V), got shape {log_probs.shape}")
+    frames = log_probs.shape[0] if length is None else int(length)
+    return log_probs[:frames]
+
+
+def ctc_greedy(log_probs: np.ndarray, length: int | None = None) -> list[int]:
+    """Best-path decoding of (T, V) log-probs (first `length` frames)."""
+    best = _valid_frames(log_probs, length).argmax(axis=1)
+    tokens: list[int] = []
+    previous = BLANK
+    for token in best.tolist():
+        if token != previous and token != BLANK:
+            tokens.append(token)
+        previous = token
+    return tokens
+
+
+def ctc_prefix_beam_search(log_probs: np.ndarray, length: int | None = None, beam: int = 10) -> list[Hypothesis]:
+    """n-best (token ids, log score) sorted best first, from (T, V) log-probs; at most `beam` prefixes are kept and
+    each frame only extends with its `beam` most likely tokens (WeNet's pruning)."""
+    frames = _valid_frames(log_probs, length)
+    width = min(beam, frames.shape[1])
+    top_idx = np.argsort(-frames, axis=1, kind="stable")[:, :width]
+    top_vals = np.take_along_axis(frames, top_idx, axis=1)
+    return _prefix_search(top_vals, top_idx, beam)
+
+
+def ctc_prefix_beam_search_topk(
+    beam_log_probs: np.ndarray, beam_log_probs_idx: np.ndarray, length: int | None = None, beam: int = 10
+) -> list[Hypothesis]:
+    """The same search over the encoder's top-k outputs (T, k) values and (T, k) token ids."""
+    values = _valid_frames(beam_log_probs, length)
+    return _prefix_search(values, np.asarray(beam_log_probs_idx)[: values.shape[0]], beam)
+
+
+def _prefix_search(values: np.ndarray, indices: np.ndarray, beam: int) -> list[Hypothesis]:
+    # prefix -> (log P ending in blank, log P ending in its last token)
+    hyps: dict[tuple[int, ...], tuple[float, float]] = {(): (0.0, NEG_INF)}
+    for frame_vals, frame_idx in zip(values.tolist(), indices.tolist()):
+        hyps = _prune(_extend(hyps, frame_vals, frame_idx), beam)
+    ranked = sorted(hyps.items(), key=lambda item: -_logaddexp(*item[1]))
+    return [(prefix, float(_logaddexp(*scores))) for prefix, scores in ranked]
+
+
+def _extend(
+    hyps: dict[tuple[int, ...], tuple[float, float]], values: list[float], indices: list[int]
+) -> dict[tuple[int, ...], tuple[float, float]]:
+    new: dict[tuple[int, ...], list[float]] = {}
+
+    def add(prefix: tuple[int, ...], slot: int, score: float) -> None:
+        if score == NEG_INF:  # e.g. a repeat with no blank-ending path: impossible, not a hypothesis
+            return
+        entry = new.setdefault(prefix, [NEG_INF, NEG_INF])
+        entry[slot] = _logaddexp(entry[slot], score)
+
+    for prefix, (p_blank, p_token) in hyps.items():
+        total = _logaddexp(p_blank, p_token)
+        last = prefix[-1] if prefix else None
+        for log_p, token in zip(values, indices):
+            if token == BLANK:
+                add(prefix, 0, total + log_p)
+            elif token == last:
+                add(prefix, 1, p_token + log_p)  # repeat collapses into the same prefix
+                add(prefix + (token,), 1, p_blank + log_p)  # a blank separated the repeat
+            else:
+                add(prefix + (token,), 1, total + log_p)
+    return {prefix: (scores[0], scores[1]) for prefix, scores in new.items()}
+
+
+def _prune(hyps: dict[tuple[int, ...], tuple[float, float]], beam: int) -> dict[tuple[int, ...], tuple[float, float]]:
+    ranked = sorted(hyps.items(), key=lambda item: -_logaddexp(*item[1]))
+    return dict(ranked[:beam])
+
+
+@dataclass(frozen=True)
+class DecoderInputs:
+    hyps_pad_sos_eos: np.ndarray  # (B, beam, T2 + 1) int64
+    hyps_lens_sos: np.ndarray  # (B, beam) int32
+    ctc_score: np.ndarray  # (B, beam) float32
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        return {
+            "hyps_pad_sos_eos": self.hyps_pad_sos_eos,
+            "hyps_lens_sos": self.hyps_lens_sos,
+            "ctc_score": self.ctc_score,
+        }
+
+
+def _filled(nbests: Sequence[Sequence[Hypothesis]], beam: int) -> list[list[Hypothesis]]:
+    filled = []
+    for nbest in nbests:
+        kept = list(nbest)[:beam]
+        filled.append(kept + [((), MISSING_HYP_SCORE)] * (beam - len(kept)))
+    return filled
+
+
+def hyps_pad_sos_eos(nbests: Sequence[Sequence[Hypothesis]], sos_eos: int, beam: int = 10) -> np.ndarray:
+    """(B, beam, T2 + 1) int64: [sos] + hyp + [eos], padded with eos; T2 = longest hyp + 1."""
+    filled = _filled(nbests, beam)
+    longest = max((len(tokens) for nbest in filled for tokens, _ in nbest), default=0)
+    out = np.full((len(filled), beam, longest + 2), sos_eos, dtype=np.int64)
+    for b, nbest in enumerate(filled):
+        for k, (tokens, _) in enumerate(nbest):
+            out[b, k, 1 : 1 + len(tokens)] = tokens
+    return out
+
+
+def hyps_lens_sos(nbests: Sequence[Sequence[Hypothesis]], beam: int = 10) -> np.ndarray:
+    """(B, beam) int32: hyp length + 1 (the sos)."""
+    filled = _filled(nbests, beam)
+    return np.array([[len(tokens) + 1 for tokens, _ in nbest] for nbest in filled], dtype=np.int32).reshape(
+        len(filled), beam
+    )
+
+
+def ctc_score(nbests: Sequence[Sequence[Hypothesis]], beam: int = 10) -> np.ndarray:
+    """(B, beam) float32 CTC prefix scores (MISSING_HYP_SCORE for empty slots)."""
+    filled = _filled(nbests, beam)
+    return np.array([[score for _, score in nbest] for nbest in filled], dtype=np.float32).reshape(len(filled), beam)
+
+
+def hyps_to_decoder_inputs(nbests: Sequence[Sequence[Hypothesis]], sos_eos: int, beam: int = 10) -> DecoderInputs:
+    return DecoderInputs(hyps_pad_sos_eos(nbests, sos_eos, beam), hyps_lens_sos(nbests, beam), ctc_score(nbests, beam))
+
+
+def attention_rescoring(
+    attention_scores: np.ndarray, ctc_scores: np.ndarray, ctc_weight: float = CTC_WEIGHT
+) -> np.ndarray:
+    """(B, beam) attention log-likelihoods and CTC scores -> (B,) int64 index of the best hypothesis."""
+    return np.argmax(np.asarray(attention_scores) + ctc_weight * np.asarray(ctc_scores), axis=1).astype(np.int64)
+
+
+def attention_log_likelihood(decoder_log_probs: np.ndarray, inputs: DecoderInputs) -> np.ndarray:
+    """Sum of log P(next token) over hyp + eos, from decoder log-probs (B, beam, T2, V) -> (B, beam)."""
+    targets = inputs.hyps_pad_sos_eos[:, :, 1:]
+    picked = np.take_along_axis(decoder_log_probs, targets[..., None], axis=3)[..., 0]
+    steps = np.arange(targets.shape[2])
+    valid = steps[None, None, :] < inputs.hyps_lens_sos[:, :, None]
+    return np.where(valid, picked, 0.0).sum(axis=2)
+
+
+def best_hypotheses(nbests: Sequence[Sequence[Hypothesis]], best_index: np.ndarray) -> list[list[int]]:
+    """Token ids of the chosen hypothesis per utterance (an index past a short n-best gives the empty hyp)."""
+    chosen = []
+    for nbest, index in zip(nbests, np.asarray(best_index).reshape(-1).tolist()):
+        chosen.append(list(nbest[index][0]) if index < len(nbest) else [])
+    return chosen
