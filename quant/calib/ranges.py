@@ -1,0 +1,285 @@
+"""Activation ranges of every float tensor of an ONNX model, collected with ONNX Runtime over calibration feeds.
+
+Phases (as ONNX Runtime's calibrators: augment -> collect -> compute, but streaming):
+1. augment: a copy of the model exposes every float activation (graph inputs and main-graph node outputs, never
+   initializers or Constant outputs) as a graph output; types come from ONNX shape inference, then ONNX Runtime's
+   symbolic shape inference when some are still unknown; tensors whose type stays unknown are skipped (listed).
+2. collect: pass 1 keeps running min/max per tensor (non-finite values counted and ignored); for entropy and
+   percentile, pass 2 re-runs the feeds and counts |x| into 2048 bins over the fixed [0, amax] of pass 1, the way
+   TensorRT calibrates. Nothing but these statistics is kept between batches, so memory is one batch's activations.
+3. compute: amax per tensor by minmax (max |x|), percentile (of |x|) or entropy (TensorRT's KL search).
+
+`feeds` must be re-iterable for the two-pass methods: a callable returning a fresh iterable of feed dicts, or an
+iterable whose `iter()` starts over (a list, or a reader object with `__iter__`). A one-shot iterator/generator is
+accepted only for minmax.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Union
+
+import numpy as np
+import onnx
+
+from quant.calib import histogram as hist
+from quant.errors import CalibrationError, ModelError
+
+log = logging.getLogger(__name__)
+
+Feed = Mapping[str, np.ndarray]
+FeedSource = Union[Callable[[], Iterable[Feed]], Iterable[Feed]]
+METHODS = ("entropy", "minmax", "percentile")
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+
+
+@dataclass(frozen=True)
+class RangeOptions:
+    """Settings of a range collection; change with dataclasses.replace."""
+
+    num_bins: int = hist.NUM_BINS
+    num_levels: int = hist.NUM_LEVELS
+    start_bin: int = hist.START_BIN
+    percentile: float = hist.DEFAULT_PERCENTILE
+    threads: int = 1
+    max_batch: int | None = None  # split feeds along axis 0 into chunks of this size (all inputs must share dim 0)
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class TensorRange:
+    name: str
+    amax: float
+    minimum: float
+    maximum: float
+    count: int  # finite values seen
+    nonfinite: int  # NaN/inf values ignored
+
+
+@dataclass(frozen=True)
+class RangeResult:
+    method: str
+    params: Mapping[str, Any]
+    tensors: Mapping[str, TensorRange]
+    skipped: tuple[str, ...] = ()
+    batches: int = 0
+
+    @property
+    def amax(self) -> dict[str, float]:
+        return {name: tensor.amax for name, tensor in self.tensors.items()}
+
+
+@dataclass
+class TensorStats:
+    """What the collector keeps per tensor between batches: running min/max and (pass 2) the |x| histogram."""
+
+    minmax: hist.MinMaxAccumulator = field(default_factory=hist.MinMaxAccumulator)
+    histogram: hist.AbsHistogram | None = None
+
+
+def method_params(method: str, options: RangeOptions) -> dict[str, Any]:
+    """The parameters that determine a method's result (part of a cache key)."""
+    if method == "minmax":
+        return {}
+    if method == "percentile":
+        return {"num_bins": options.num_bins, "percentile": options.percentile}
+    if method == "entropy":
+        return {"num_bins": options.num_bins, "num_levels": options.num_levels, "start_bin": options.start_bin}
+    raise CalibrationError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
+
+
+def collect_ranges(
+    onnx_path: str | Path, feeds: FeedSource, method: str = "entropy", options: RangeOptions | None = None
+) -> RangeResult:
+    """amax (and min/max, non-finite counts) for every float activation of the model at `onnx_path`."""
+    options = options or RangeOptions()
+    params = method_params(method, options)
+    stats, skipped, batches = collect_statistics(onnx_path, feeds, histograms=method != "minmax", options=options)
+    tensors = {name: _tensor_range(name, item, method, options) for name, item in stats.items()}
+    return RangeResult(method, params, tensors, tuple(skipped), batches)
+
+
+def collect_statistics(
+    onnx_path: str | Path, feeds: FeedSource, histograms: bool = True, options: RangeOptions | None = None
+) -> tuple[dict[str, TensorStats], list[str], int]:
+    """Pass 1 (min/max) and, with `histograms`, pass 2 (|x| histograms). Returns (stats, skipped tensors, batches)."""
+    options = options or RangeOptions()
+    model = _load(onnx_path)
+    augmented, names, skipped = augment_model(model)
+    with tempfile.TemporaryDirectory(prefix="quant-ranges-") as tmp:
+        session = _session(augmented, Path(tmp), options.threads)
+        stats = {name: TensorStats() for name in names}
+        batches = _run_pass(session, names, _open(feeds, first=True), options, "ranges pass 1/2" if histograms
+                            else "ranges", lambda name, value: stats[name].minmax.add(value))
+        if batches == 0:
+            raise CalibrationError(f"no calibration feeds for {onnx_path}: the feed source yielded nothing")
+        if histograms:
+            for item in stats.values():
+                item.histogram = hist.AbsHistogram(item.minmax.amax, options.num_bins)
+            _run_pass(session, names, _open(feeds, first=False), options, "ranges pass 2/2",
+                      lambda name, value: _histogram(stats[name]).add(value))
+    return stats, skipped, batches
+
+
+def augment_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], list[str]]:
+    """A copy exposing every float activation as an output. Returns (model, exposed names, skipped names)."""
+    inferred = _infer_types(model)
+    types = _value_types(inferred)
+    candidates = _activation_names(model)
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    existing = {output.name for output in augmented.graph.output}
+    names: list[str] = []
+    skipped: list[str] = []
+    for name in candidates:
+        elem_type = types.get(name)
+        if elem_type is None:
+            skipped.append(name)
+            continue
+        if elem_type not in _FLOAT_TYPES:
+            continue
+        names.append(name)
+        if name not in existing:
+            augmented.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
+    if skipped:
+        log.warning("%d tensors have no inferable type and are not calibrated: %s", len(skipped),
+                    ", ".join(skipped[:10]))
+    return augmented, names, skipped
+
+
+def _activation_names(model: onnx.ModelProto) -> list[str]:
+    initializers = {init.name for init in model.graph.initializer}
+    names = [value.name for value in model.graph.input if value.name not in initializers]
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            continue
+        names.extend(output for output in node.output if output and output not in initializers)
+    return list(dict.fromkeys(names))
+
+
+def _value_types(model: onnx.ModelProto) -> dict[str, int]:
+    graph = model.graph
+    types: dict[str, int] = {}
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
+            types[value.name] = value.type.tensor_type.elem_type
+    return types
+
+
+def _infer_types(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception as error:  # noqa: BLE001 - inference is best effort; symbolic inference may still work
+        log.debug("onnx shape inference failed: %s", error)
+        inferred = model
+    if set(_activation_names(model)) <= set(_value_types(inferred)):
+        return inferred
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        symbolic = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+        return symbolic if symbolic is not None else inferred
+    except Exception as error:  # noqa: BLE001 - fall back to what onnx inferred
+        log.debug("symbolic shape inference failed: %s", error)
+        return inferred
+
+
+def _load(onnx_path: str | Path) -> onnx.ModelProto:
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise ModelError(f"ONNX model {path} not found: export it first (quant export) or pass an existing .onnx")
+    try:
+        return onnx.load(str(path))
+    except Exception as error:  # noqa: BLE001 - any parse failure is a user-facing model error
+        raise ModelError(f"{path} is not a readable ONNX model: {error}") from error
+
+
+def _session(model: onnx.ModelProto, tmp: Path, threads: int) -> Any:
+    path = tmp / "augmented.onnx"
+    large = model.ByteSize() > 1_900_000_000
+    onnx.save(model, str(path), save_as_external_data=large, location="augmented.data" if large else None)
+    try:
+        from quant.backends.ort import make_session
+    except ImportError:
+        return _fallback_session(path, threads)
+    return make_session(path, threads=threads)
+
+
+def _fallback_session(path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.enable_cpu_mem_arena = False  # activations of one batch are freed, not kept in an arena
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _open(feeds: FeedSource, first: bool) -> Iterable[Feed]:
+    if callable(feeds):
+        return feeds()
+    if not first and iter(feeds) is feeds:
+        raise CalibrationError(
+            "entropy/percentile calibration reads the feeds twice, but got a one-shot iterator: pass a list, a "
+            "re-iterable reader, or a callable returning a fresh iterator"
+        )
+    return feeds
+
+
+def _run_pass(
+    session: Any, names: list[str], feeds: Iterable[Feed], options: RangeOptions, label: str,
+    update: Callable[[str, np.ndarray], None],
+) -> int:
+    from tqdm import tqdm
+
+    input_names = [item.name for item in session.get_inputs()]
+    batches = 0
+    for feed in tqdm(feeds, desc=label, unit="batch", disable=not options.progress, leave=False):
+        for part in _split(feed, options.max_batch):
+            missing = [name for name in input_names if name not in part]
+            if missing:
+                raise CalibrationError(f"calibration feed lacks model input(s) {missing}; it has {sorted(part)}")
+            outputs = session.run(names, {name: part[name] for name in input_names})
+            for name, value in zip(names, outputs):
+                update(name, value)
+            del outputs
+            batches += 1
+    return batches
+
+
+def _split(feed: Feed, max_batch: int | None) -> Iterator[Feed]:
+    if max_batch is None:
+        yield feed
+        return
+    sizes = {value.shape[0] if value.ndim else None for value in feed.values()}
+    if len(sizes) != 1 or None in sizes:
+        raise CalibrationError(f"max_batch needs every input to share its first dimension, got shapes "
+                               f"{ {name: value.shape for name, value in feed.items()} }")
+    size = int(sizes.pop())
+    for start in range(0, size, max_batch):
+        yield {name: value[start : start + max_batch] for name, value in feed.items()}
+
+
+def _histogram(stats: TensorStats) -> hist.AbsHistogram:
+    assert stats.histogram is not None  # set between the passes
+    return stats.histogram
+
+
+def _tensor_range(name: str, stats: TensorStats, method: str, options: RangeOptions) -> TensorRange:
+    minmax = stats.minmax
+    if method == "minmax" or stats.histogram is None:
+        amax = minmax.amax
+    elif method == "percentile":
+        amax = hist.percentile_amax(stats.histogram, options.percentile)
+    else:
+        amax = hist.entropy_amax(stats.histogram, options.num_levels, options.start_bin)
+    if minmax.nonfinite:
+        log.info("tensor %s: ignored %d non-finite values", name, minmax.nonfinite)
+    minimum = minmax.minimum if minmax.count else 0.0
+    maximum = minmax.maximum if minmax.count else 0.0
+    return TensorRange(name, float(amax), float(minimum), float(maximum), minmax.count, minmax.nonfinite)
+

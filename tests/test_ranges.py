@@ -1,0 +1,218 @@
+"""Range collection: histogram math against a direct implementation, known answers, order independence, ORT graphs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from quant.calib import histogram as hist
+from quant.calib.ranges import RangeOptions, augment_model, collect_ranges
+from quant.errors import CalibrationError, ModelError
+
+QUIET = RangeOptions(progress=False)
+
+
+def direct_kl(counts: np.ndarray, levels: int = 128, start: int = 128) -> np.ndarray:
+    """The entropy candidates computed one by one, exactly as the algorithm is described."""
+    b = counts.astype(np.float64)
+    out = []
+    for i in range(start, b.size + 1):
+        p = b[:i].copy()
+        p[-1] += b[i:].sum()
+        level = (np.arange(i) * levels) // i
+        q = np.zeros(i)
+        for k in range(levels):
+            members = level == k
+            nonzero = members & (b[:i] > 0)
+            if nonzero.any():
+                q[nonzero] = b[:i][members].sum() / nonzero.sum()
+        if q.sum() == 0 or np.any((p > 0) & (q == 0)):
+            out.append(np.inf)
+            continue
+        p, q = p / p.sum(), q / q.sum()
+        keep = p > 0
+        out.append(float(np.sum(p[keep] * np.log(p[keep] / q[keep]))))
+    return np.array(out)
+
+
+def histogram_of(values: np.ndarray, num_bins: int = hist.NUM_BINS) -> hist.AbsHistogram:
+    accumulator = hist.MinMaxAccumulator()
+    accumulator.add(values)
+    histogram = hist.AbsHistogram(accumulator.amax, num_bins)
+    histogram.add(values)
+    return histogram
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_vectorized_kl_equals_direct_computation(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    values = np.concatenate([rng.laplace(size=20000), rng.normal(scale=30, size=5)]).astype(np.float32)
+    counts = histogram_of(values, num_bins=512).counts
+    fast = hist.entropy_kl(counts)
+    slow = direct_kl(counts)
+    assert np.array_equal(np.isinf(fast), np.isinf(slow))
+    finite = np.isfinite(slow)
+    np.testing.assert_allclose(fast[finite], slow[finite], rtol=1e-9, atol=1e-12)
+
+
+def test_uniform_entropy_is_near_max() -> None:
+    values = np.random.default_rng(2).uniform(-3, 3, size=200_000).astype(np.float32)
+    histogram = histogram_of(values)
+    amax = hist.entropy_amax(histogram)
+    assert amax >= 0.95 * histogram.amax
+
+
+def test_gaussian_with_rare_outliers_is_well_below_max() -> None:
+    rng = np.random.default_rng(3)
+    # the body (|x| up to ~5) must reach past the first candidate, start_bin / num_bins * amax = 40 / 16
+    values = np.concatenate([rng.normal(size=500_000), [40.0, -31.0, 35.0]]).astype(np.float32)
+    histogram = histogram_of(values)
+    amax = hist.entropy_amax(histogram)
+    assert histogram.amax == pytest.approx(40.0)
+    assert 2.5 <= amax < 0.15 * histogram.amax
+
+
+def test_percentile_from_histogram() -> None:
+    values = np.arange(1, 10001, dtype=np.float32)  # |x| uniform on 1..10000
+    histogram = histogram_of(values, num_bins=10000)
+    assert 9900.0 <= hist.percentile_amax(histogram, 99.0) <= 9901.0  # at most one bin above the exact value
+    assert hist.percentile_amax(histogram, 100.0) == pytest.approx(10000.0)
+    with pytest.raises(CalibrationError):
+        hist.percentile_amax(histogram, 0.0)
+
+
+def test_nonfinite_values_are_counted_and_ignored() -> None:
+    accumulator = hist.MinMaxAccumulator()
+    accumulator.add(np.array([1.0, -np.inf, 2.0, np.nan, -3.0], dtype=np.float32))
+    assert (accumulator.minimum, accumulator.maximum, accumulator.amax) == (-3.0, 2.0, 3.0)
+    assert (accumulator.count, accumulator.nonfinite) == (3, 2)
+    histogram = hist.AbsHistogram(accumulator.amax, 8)
+    histogram.add(np.array([1.0, -np.inf, 2.0, np.nan, -3.0], dtype=np.float32))
+    assert histogram.counts.sum() == 3
+
+
+def test_all_zero_and_empty_tensors_give_zero() -> None:
+    histogram = histogram_of(np.zeros(100, dtype=np.float32))
+    assert histogram.amax == 0.0
+    assert hist.entropy_amax(histogram) == 0.0
+    assert hist.percentile_amax(histogram) == 0.0
+    assert hist.MinMaxAccumulator().amax == 0.0
+
+
+# ---- ONNX Runtime collection on tiny graphs ----------------------------------------------------------------------
+
+
+def save(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def scale_relu_model(path: Path) -> Path:
+    """y = Relu(x * 2) - 1, with an int64 Shape side branch that must be skipped."""
+    nodes = [
+        helper.make_node("Mul", ["x", "two"], ["scaled"]),
+        helper.make_node("Relu", ["scaled"], ["relu"]),
+        helper.make_node("Sub", ["relu", "one"], ["y"]),
+        helper.make_node("Shape", ["x"], ["shape"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 8]),
+         helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
+        [numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+         numpy_helper.from_array(np.array(1.0, np.float32), "one")],
+    )
+    return save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
+
+
+def batches(seed: int = 0, count: int = 6) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(size=(3, 8)).astype(np.float32) * (1 + i)} for i in range(count)]
+
+
+def test_minmax_is_exact(tmp_path: Path) -> None:
+    path = scale_relu_model(tmp_path / "m.onnx")
+    feeds = batches()
+    result = collect_ranges(path, feeds, "minmax", QUIET)
+    x = np.concatenate([feed["x"] for feed in feeds])
+    assert set(result.tensors) == {"x", "scaled", "relu", "y"}  # no initializers, no int64 "shape"
+    assert result.tensors["x"].amax == float(np.abs(x).max())
+    assert result.tensors["scaled"].minimum == float((x * 2).min())
+    assert result.tensors["y"].maximum == float(np.maximum(x * 2, 0).max() - 1)
+    assert result.tensors["x"].count == x.size
+    assert result.batches == len(feeds)
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_permuted_batches_give_bit_identical_amax(tmp_path: Path, method: str) -> None:
+    path = scale_relu_model(tmp_path / "m.onnx")
+    feeds = batches(seed=4, count=8)
+    order = np.random.default_rng(5).permutation(len(feeds))
+    first = collect_ranges(path, feeds, method, QUIET).amax
+    second = collect_ranges(path, [feeds[i] for i in order], method, QUIET).amax
+    assert first == second
+    assert all(value > 0 for value in first.values())
+
+
+def test_callable_feed_source_and_one_shot_iterator(tmp_path: Path) -> None:
+    path = scale_relu_model(tmp_path / "m.onnx")
+    feeds = batches()
+    via_callable = collect_ranges(path, lambda: iter(feeds), "entropy", QUIET)
+    assert via_callable.amax == collect_ranges(path, feeds, "entropy", QUIET).amax
+    with pytest.raises(CalibrationError, match="one-shot iterator"):
+        collect_ranges(path, iter(feeds), "entropy", QUIET)
+    assert collect_ranges(path, iter(feeds), "minmax", QUIET).batches == len(feeds)
+
+
+def test_masked_softmax_input_never_becomes_infinite(tmp_path: Path) -> None:
+    nodes = [helper.make_node("Add", ["scores", "mask"], ["masked"]),
+             helper.make_node("Softmax", ["masked"], ["probs"], axis=-1)]
+    graph = helper.make_graph(
+        nodes, "attn",
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [2, 4]),
+         helper.make_tensor_value_info("mask", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [2, 4])],
+    )
+    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), tmp_path / "a.onnx")
+    mask = np.array([[0, 0, -np.inf, -np.inf], [0, 0, 0, -np.inf]], np.float32)
+    feeds = [{"scores": np.full((2, 4), 1.5, np.float32), "mask": mask}]
+    result = collect_ranges(path, feeds, "entropy", QUIET)
+    masked = result.tensors["masked"]
+    assert masked.nonfinite == 3 and masked.count == 5
+    assert masked.amax == pytest.approx(1.5) and np.isfinite(result.tensors["mask"].amax)
+    assert result.tensors["mask"].amax == 0.0
+
+
+def test_max_batch_splits_feeds_without_changing_minmax(tmp_path: Path) -> None:
+    path = scale_relu_model(tmp_path / "m.onnx")
+    feeds = batches()
+    whole = collect_ranges(path, feeds, "minmax", QUIET)
+    split = collect_ranges(path, feeds, "minmax", RangeOptions(progress=False, max_batch=1))
+    assert split.amax == whole.amax
+    assert split.batches == 3 * whole.batches
+
+
+def test_augment_uses_inferred_types_and_skips_non_float(tmp_path: Path) -> None:
+    model = onnx.load(str(scale_relu_model(tmp_path / "m.onnx")))
+    augmented, names, skipped = augment_model(model)
+    assert names == ["x", "scaled", "relu", "y"] and skipped == []
+    assert [output.name for output in augmented.graph.output] == ["y", "shape", "x", "scaled", "relu"]
+    assert len(model.graph.output) == 2  # the original is untouched
+
+
+def test_missing_model_and_missing_input_are_user_errors(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="not found"):
+        collect_ranges(tmp_path / "none.onnx", [], "minmax", QUIET)
+    path = scale_relu_model(tmp_path / "m.onnx")
+    with pytest.raises(CalibrationError, match="lacks model input"):
+        collect_ranges(path, [{"z": np.zeros((1, 8), np.float32)}], "minmax", QUIET)
+    with pytest.raises(CalibrationError, match="yielded nothing"):
+        collect_ranges(path, [], "minmax", QUIET)
+    with pytest.raises(CalibrationError, match="unknown calibration method"):
+        collect_ranges(path, batches(), "kl", QUIET)
