@@ -1,0 +1,205 @@
+"""ONNX Runtime: the one place sessions are made, a runner that binds tensors by name, and the conversion helpers
+the build uses (static Q/DQ quantization from our ranges, dynamic LSTM quantization, FP16 conversion, a look at the
+optimized graph to see which ops really became integer kernels)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from quant.errors import BackendUnavailable, BuildError, ModelError
+
+log = logging.getLogger(__name__)
+
+ORT_DTYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+# Kernels of ORT's optimized graph that compute in integers (what a quantized op should turn into on CPU).
+INTEGER_KERNELS = frozenset({
+    "QLinearConv", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul", "QGemm",
+    "DynamicQuantizeLSTM", "DynamicQuantizeMatMul", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearSigmoid",
+    "QLinearLeakyRelu", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSoftmax", "QLinearConvTranspose",
+    "QAttention", "QLinearWhere",
+})
+OPT_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def _ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as error:  # pragma: no cover - onnxruntime is a hard dependency
+        raise BackendUnavailable(f"onnxruntime is not importable: {error}") from None
+    return onnxruntime
+
+
+def make_session(
+    path: str | os.PathLike[str],
+    threads: int = 1,
+    providers: Sequence[str] | None = None,
+    optimization: str = "all",
+    optimized_model_path: str | os.PathLike[str] | None = None,
+) -> Any:
+    """An InferenceSession with `threads` intra-op threads, sequential execution and the given graph optimization
+    level. `optimized_model_path` asks ORT to write the graph it will actually run."""
+    ort = _ort()
+    file = Path(path)
+    if not file.is_file():
+        raise ModelError(f"{file}: no such ONNX model; export or build it first")
+    if optimization not in OPT_LEVELS:
+        raise ModelError(f"optimization level {optimization!r} is not one of {OPT_LEVELS}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    options.log_severity_level = 3
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = str(optimized_model_path)
+    try:
+        return ort.InferenceSession(str(file), options, providers=list(providers or ["CPUExecutionProvider"]))
+    except Exception as error:  # ORT raises its own Fail/InvalidGraph/... types
+        raise ModelError(f"{file}: ONNX Runtime cannot load it as an ONNX model: {error}") from None
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: type
+    shape: tuple[int | str | None, ...]
+
+
+class OrtRunner:
+    """run(feeds) -> {output name: array}; inputs are bound by name and checked before ORT sees them."""
+
+    def __init__(self, path: str | os.PathLike[str], threads: int = 1, providers: Sequence[str] | None = None,
+                 optimization: str = "all") -> None:
+        self.path = Path(path)
+        self.session = make_session(path, threads, providers, optimization)
+        self.input_specs = tuple(
+            TensorSpec(i.name, ORT_DTYPES.get(i.type, np.float32), tuple(i.shape)) for i in self.session.get_inputs()
+        )
+        self.input_names = tuple(s.name for s in self.input_specs)
+        self.output_names = tuple(o.name for o in self.session.get_outputs())
+
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        self._check(feeds)
+        names = list(outputs) if outputs is not None else list(self.output_names)
+        values = self.session.run(names, {k: feeds[k] for k in self.input_names})
+        return dict(zip(names, values))
+
+    def _check(self, feeds: Mapping[str, np.ndarray]) -> None:
+        missing = [n for n in self.input_names if n not in feeds]
+        extra = [n for n in feeds if n not in self.input_names]
+        if missing or extra:
+            raise ModelError(f"{self.path.name}: inputs missing {missing}, unexpected {extra}; "
+                             f"the model takes {list(self.input_names)}")
+        for spec in self.input_specs:
+            value = feeds[spec.name]
+            if not isinstance(value, np.ndarray) or value.dtype != spec.dtype:
+                got = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
+                raise ModelError(f"{self.path.name}: input {spec.name!r} must be {np.dtype(spec.dtype).name}, got {got}")
+            if value.ndim != len(spec.shape):
+                raise ModelError(f"{self.path.name}: input {spec.name!r} must have rank {len(spec.shape)} "
+                                 f"(shape {list(spec.shape)}), got shape {list(value.shape)}")
+            for axis, (want, got_dim) in enumerate(zip(spec.shape, value.shape)):
+                if isinstance(want, int) and want > 0 and want != got_dim:
+                    raise ModelError(f"{self.path.name}: input {spec.name!r} axis {axis} must be {want}, "
+                                     f"got shape {list(value.shape)}")
+
+
+# ------------------------------------------------------------------------------------------------ conversions
+
+
+def optimized_graph(path: str | os.PathLike[str], work_dir: str | os.PathLike[str]) -> onnx.ModelProto:
+    """The graph ORT runs on this machine's CPU after all optimizations (fusions into integer kernels included)."""
+    target = Path(work_dir) / (Path(path).stem + ".ort_optimized.onnx")
+    make_session(path, threads=1, optimization="all", optimized_model_path=target)
+    try:
+        return onnx.load(str(target))
+    finally:
+        target.unlink(missing_ok=True)
+        Path(str(target) + ".data").unlink(missing_ok=True)
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    return dict(sorted(Counter(node.op_type for node in model.graph.node).items()))
+
+
+def integer_kernel_counts(optimized: onnx.ModelProto) -> dict[str, int]:
+    return {op: n for op, n in op_counts(optimized).items() if op in INTEGER_KERNELS}
+
+
+def quantize_qdq(
+    model: onnx.ModelProto,
+    tensors_range: Mapping[str, tuple[float, float]],
+    nodes_to_quantize: Sequence[str],
+    op_types: Sequence[str],
+    activation_uint8: bool,
+    per_channel: bool = True,
+    extra_options: Mapping[str, Any] | None = None,
+) -> onnx.ModelProto:
+    """Static Q/DQ quantization with ranges we computed (no ORT calibration run). `tensors_range` maps a tensor
+    to (rmin, rmax); int8 activations are made symmetric (zero point 0)."""
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+    from onnxruntime.quantization.quant_utils import save_and_reload_model_with_shape_infer, update_opset_version
+
+    activation_type = QuantType.QUInt8 if activation_uint8 else QuantType.QInt8
+    model = update_opset_version(save_and_reload_model_with_shape_infer(model), QuantType.QInt8, activation_type)
+    ranges = TensorsData(CalibrationMethod.MinMax, {
+        name: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for name, (lo, hi) in tensors_range.items()
+    })
+    options = {"ActivationSymmetric": not activation_uint8, "WeightSymmetric": True, **(extra_options or {})}
+    quantizer = QDQQuantizer(
+        model, per_channel, False, QuantType.QInt8, activation_type, ranges, list(nodes_to_quantize), [], list(op_types), options,
+    )
+    try:
+        quantizer.quantize_model()
+    except Exception as error:
+        raise BuildError(f"ONNX Runtime Q/DQ quantization failed: {error}") from error
+    result: onnx.ModelProto = quantizer.model.model
+    return result
+
+
+def quantize_dynamic_nodes(
+    model_path: Path, output_path: Path, nodes: Sequence[str], op_types: Sequence[str]
+) -> None:
+    """Dynamic quantization (int8 weights, activations quantized at run time) of exactly `nodes`."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    try:
+        quantize_dynamic(model_path, output_path, op_types_to_quantize=list(op_types), nodes_to_quantize=list(nodes),
+                         weight_type=QuantType.QInt8, per_channel=False)
+    except Exception as error:
+        raise BuildError(f"{model_path}: dynamic quantization of {list(nodes)} failed: {error}") from error
+
+
+def convert_fp16(
+    model: onnx.ModelProto, op_block_list: Sequence[str], node_block_list: Sequence[str]
+) -> onnx.ModelProto:
+    """FP16 weights and activations, float32 graph inputs/outputs, the blocked ops kept in float32."""
+    from onnxconverter_common import float16
+
+    try:
+        converted: onnx.ModelProto = float16.convert_float_to_float16(
+            model, keep_io_types=True, op_block_list=list(op_block_list), node_block_list=list(node_block_list),
+            disable_shape_infer=False,
+        )
+    except Exception as error:
+        raise BuildError(f"FP16 conversion failed: {error}") from error
+    return converted

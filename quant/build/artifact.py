@@ -1,0 +1,214 @@
+"""build_artifact (the implementation behind quant.build.build_artifact): one model at one precision -> engines/<model>/<precision>/ with model.onnx and meta.json.
+
+meta.json records what the artifact was built from (source sha256), with which rules (file, sha256, per-op summary),
+which ranges (cache file and its key), by which tool versions, and which integer kernels ORT really runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import onnx
+
+from quant import __version__
+from quant.build.calibration import TensorRange, ranges_from_amax, read_cache_amax
+from quant.build.ort_build import (
+    build_fp16, build_fp32, build_int8_ort, build_int8_trt_qdq, check_int8_kernels, kernel_report, streaming_states,
+)
+from quant.errors import BackendUnavailable, BuildError, CacheMismatch, ModelError
+from quant.fileio import atomic_write_json, sha256_bytes, sha256_file
+from quant.paths import engines_dir
+from quant.precision import DEFAULT_RULES_PATH, PrecisionPlan, load_rules, plan, trt_layer_precisions
+
+log = logging.getLogger(__name__)
+
+# model name -> (export name given to quant.models.export.export_model, export folder, file name)
+KNOWN_MODELS = {
+    "dpcrn": ("dpcrn", "dpcrn", "dpcrn.onnx"),
+    "dpcrn-stream": ("dpcrn-stream", "dpcrn-stream", "dpcrn_stream.onnx"),
+    "wenet-encoder": ("wenet", "wenet", "encoder.onnx"),
+    "wenet-decoder": ("wenet", "wenet", "decoder.onnx"),
+}
+MODEL_FILE = "model.onnx"
+TRT_QDQ_FILE = "model_trt_qdq.onnx"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    precision: str
+    backend: str = "ort"
+    mode: str = "explicit"  # TensorRT: explicit (Q/DQ) | implicit (calibration cache + layer precision, TRT <= 10)
+    cache: Path | None = None
+    rules: Path | None = None
+    out_dir: Path | None = None
+    optimize_fp32: bool = False
+    activation_uint8: bool = True
+    per_channel: bool = True
+
+
+def resolve_model(model: str | Path, export: bool = True) -> tuple[str, Path]:
+    """(model name, ONNX path): a known model name (exported on demand) or a path to any ONNX file."""
+    name = str(model)
+    if name in KNOWN_MODELS:
+        export_name, folder, file_name = KNOWN_MODELS[name]
+        path = engines_dir() / "export" / folder / file_name
+        if not path.is_file() and export:
+            _export(export_name, path.parent)
+        if not path.is_file():
+            raise ModelError(f"{path}: export of {name!r} not found; run `quant export {export_name}`")
+        return name, path
+    path = Path(name)
+    if path.suffix != ".onnx" or not path.is_file():
+        raise ModelError(f"{name}: neither a known model ({', '.join(KNOWN_MODELS)}) nor an existing .onnx file")
+    return path.stem, path
+
+
+def _export(export_name: str, out_dir: Path) -> None:
+    try:
+        from quant.models.export import export_model
+    except ImportError as error:
+        raise ModelError(f"cannot export {export_name!r}: quant.models.export is not available ({error})") from None
+    log.info("exporting %s to %s", export_name, out_dir)
+    export_model(export_name, out_dir)
+
+
+def build_artifact(model: str | Path, precision: str, backend: str = "ort", **options: Any) -> Path:
+    """Build one artifact; returns its folder. Options are BuildOptions fields."""
+    opts = BuildOptions(precision=precision, backend=backend, **options)
+    name, source = resolve_model(model)
+    out_dir = opts.out_dir or engines_dir() / name / precision
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_model = _load(source)
+    rules = load_rules(opts.rules)
+    meta = _base_meta(name, source, opts, rules_text_sha(opts.rules))
+    if precision == "fp32":
+        meta["fp32"] = build_fp32(source, out_dir / MODEL_FILE, opts.optimize_fp32)
+    elif precision == "fp16":
+        fp16_plan = plan(onnx_model, rules, "fp16", backend, streaming_states(onnx_model))
+        meta["plan"] = fp16_plan.summary()
+        meta["fp16"] = build_fp16(onnx_model, fp16_plan, out_dir / MODEL_FILE)
+    elif precision == "int8":
+        meta.update(_build_int8(name, source, onnx_model, rules, opts, out_dir))
+    else:
+        raise BuildError(f"precision {precision!r} is not one of fp32, fp16, int8")
+    if backend == "trt":
+        meta["trt"] = _build_trt(out_dir, opts, meta)
+    atomic_write_json(out_dir / "meta.json", meta)
+    log.info("built %s %s (%s) in %s", name, precision, backend, out_dir)
+    return out_dir
+
+
+def _load(source: Path) -> onnx.ModelProto:
+    try:
+        return onnx.load(str(source))
+    except Exception as error:
+        raise ModelError(f"{source}: not a readable ONNX model: {error}") from None
+
+
+def rules_text_sha(rules: Path | None) -> str:
+    return sha256_file(rules if rules is not None else DEFAULT_RULES_PATH)
+
+
+def _build_int8(name: str, source: Path, model: onnx.ModelProto, rules: Any, opts: BuildOptions,
+                out_dir: Path) -> dict[str, Any]:
+    ranges, cache_meta = load_ranges(name, source, opts.cache)
+    states = streaming_states(model)
+    ort_plan = plan(model, rules, "int8", "ort", states)
+    trt_plan = plan(model, rules, "int8", "trt", states)
+    meta: dict[str, Any] = {"cache": cache_meta, "plan": ort_plan.summary(), "plan_trt": trt_plan.summary()}
+    meta["ort_int8"] = build_int8_ort(model, ort_plan, ranges, out_dir / MODEL_FILE, opts.activation_uint8,
+                                      opts.per_channel)
+    report = kernel_report(out_dir / MODEL_FILE)
+    check_int8_kernels(report, ort_plan)
+    meta.update(report)
+    meta["trt_qdq"] = build_int8_trt_qdq(model, trt_plan, ranges, out_dir / TRT_QDQ_FILE)
+    atomic_write_json(out_dir / "plan.json", {"ort": ort_plan.to_json(), "trt": trt_plan.to_json()})
+    return meta
+
+
+def load_ranges(name: str, source: Path, cache: Path | None) -> tuple[dict[str, TensorRange], dict[str, Any]]:
+    """Ranges from a calibration cache (checked against its sidecar key when there is one) or, without a cache,
+    from a fresh entropy calibration on the model's committed calibration set."""
+    if cache is None:
+        return _calibrate_now(name, source)
+    key = _sidecar_key(cache)
+    model_sha = sha256_file(source)
+    cached_sha = key.get("model_sha256") if key else None
+    if cached_sha and cached_sha != model_sha:
+        raise CacheMismatch(f"{cache}: made for model sha256 {cached_sha[:12]}..., but {source} is {model_sha[:12]}...; "
+                            f"recalibrate with `quant calibrate`")
+    return ranges_from_amax(read_cache_amax(cache)), {"path": str(cache), "sha256": sha256_file(cache), "key": key}
+
+
+def _sidecar_key(cache: Path) -> dict[str, Any] | None:
+    import json
+
+    for candidate in (cache.with_name(cache.name + ".json"), cache.with_suffix(".json")):
+        if candidate.is_file() and candidate != cache:
+            document = json.loads(candidate.read_text(encoding="utf-8"))
+            key = document.get("key", document)
+            return key if isinstance(key, dict) else None
+    return None
+
+
+def _calibrate_now(name: str, source: Path) -> tuple[dict[str, TensorRange], dict[str, Any]]:
+    try:
+        from quant.calib.ranges import collect_ranges
+    except ImportError as error:
+        raise BuildError(f"no --cache given and quant.calib.ranges is not available ({error}); "
+                         f"pass --cache CACHE from `quant calibrate`") from None
+    from quant.build.calibration import ranges_from_result
+    from quant.calib.readers import default_manifest, reader_for
+
+    manifest = default_manifest(name)
+    feeds = reader_for(name, source, manifest)
+    result = collect_ranges(source, feeds, method="entropy")
+    return ranges_from_result(result), {"path": None, "computed": "entropy", "manifest": str(manifest)}
+
+
+def _base_meta(name: str, source: Path, opts: BuildOptions, rules_sha: str) -> dict[str, Any]:
+    import onnxruntime
+
+    try:
+        import onnxconverter_common
+
+        converter_version = str(onnxconverter_common.__version__)
+    except ImportError:
+        converter_version = None
+    return {
+        "model": name, "source": str(source), "source_sha256": sha256_file(source),
+        "precision": opts.precision, "backend": opts.backend,
+        "rules": {"path": str(opts.rules or DEFAULT_RULES_PATH), "sha256": rules_sha},
+        "versions": {"quant": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+                     "onnxconverter_common": converter_version, "numpy": np.__version__},
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cache_key": sha256_bytes(f"{sha256_file(source)}:{opts.precision}:{rules_sha}".encode()),
+    }
+
+
+def _build_trt(out_dir: Path, opts: BuildOptions, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Hand an ONNX file to the TensorRT backend (imported lazily: tensorrt is optional). Explicit INT8 gets the
+    symmetric Q/DQ model; everything else gets the FP32 source plus the rule plan as a layer-precision list."""
+    try:
+        from quant.backends.trt import build_engine
+    except ImportError as error:
+        raise BackendUnavailable(f"TensorRT backend is not available: {error}") from None
+    explicit = opts.precision == "int8" and opts.mode == "explicit"
+    onnx_path = out_dir / TRT_QDQ_FILE if explicit else Path(str(meta["source"]))
+    layer_precisions = None
+    if opts.precision != "fp32" and not explicit:
+        source_model = _load(onnx_path)
+        trt_plan = plan(source_model, load_rules(opts.rules), opts.precision, "trt", streaming_states(source_model))
+        layer_precisions = atomic_write_json(out_dir / "trt_layer_precision.json",
+                                             dict(trt_layer_precisions(trt_plan)))
+    engine = build_engine(onnx_path=onnx_path, engine_path=out_dir / "model.engine", precision=opts.precision,
+                          mode=opts.mode, calibration_cache=opts.cache, layer_precisions=layer_precisions)
+    return {"engine": str(engine), "onnx": str(onnx_path), "mode": opts.mode}
+
+
+

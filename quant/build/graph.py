@@ -1,0 +1,104 @@
+"""Small read-only views of an ONNX graph: who produces and who consumes each tensor, which tensors are constant,
+which graph inputs are recurrent states. Shared by the precision rules, the Q/DQ placement and the readers."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Mapping
+
+import onnx
+
+STATE_OUTPUT_SUFFIXES = ("_out", "_new")
+LAYOUT_OPS = frozenset(
+    {"Slice", "Gather", "Split", "Squeeze", "Unsqueeze", "Reshape", "Transpose", "Concat", "Identity", "Flatten",
+     "Expand", "Cast"}
+)
+
+
+@dataclass(frozen=True)
+class GraphIndex:
+    """Producer/consumer maps of one graph (top level only; subgraphs are treated as opaque nodes)."""
+
+    nodes: tuple[onnx.NodeProto, ...]
+    producers: Mapping[str, onnx.NodeProto]
+    consumers: Mapping[str, tuple[onnx.NodeProto, ...]]
+    constants: frozenset[str]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+    def producer_op(self, tensor: str) -> str | None:
+        node = self.producers.get(tensor)
+        return node.op_type if node is not None else None
+
+    def is_constant(self, tensor: str) -> bool:
+        return tensor in self.constants
+
+    def activation_inputs(self, node: onnx.NodeProto) -> list[str]:
+        return [name for name in node.input if name and name not in self.constants]
+
+
+def index_graph(model: onnx.ModelProto) -> GraphIndex:
+    graph = model.graph
+    producers: dict[str, onnx.NodeProto] = {}
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    constants = {init.name for init in graph.initializer}
+    for node in graph.node:
+        for name in node.output:
+            producers[name] = node
+        for name in node.input:
+            if name:
+                consumers[name].append(node)
+        if node.op_type == "Constant":
+            constants.update(node.output)
+    _propagate_constants(graph.node, constants)
+    return GraphIndex(
+        nodes=tuple(graph.node),
+        producers=producers,
+        consumers={k: tuple(v) for k, v in consumers.items()},
+        constants=frozenset(constants),
+        inputs=tuple(i.name for i in graph.input if i.name not in constants),
+        outputs=tuple(o.name for o in graph.output),
+    )
+
+
+def _propagate_constants(nodes: object, constants: set[str]) -> None:
+    """Shape-only ops of constants (e.g. Unsqueeze of an initializer) are constants too."""
+    for node in nodes:  # type: ignore[attr-defined]
+        if node.op_type in LAYOUT_OPS and all(name in constants for name in node.input if name):
+            constants.update(node.output)
+
+
+def ensure_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy in which every node has a unique name (rules, ORT exclusion lists and TRT layers key on names)."""
+    named = onnx.ModelProto()
+    named.CopyFrom(model)
+    seen: set[str] = set()
+    for position, node in enumerate(named.graph.node):
+        name = node.name or f"{node.op_type}_{position}"
+        while name in seen:
+            name = f"{name}_{position}"
+        node.name = name
+        seen.add(name)
+    return named
+
+
+def state_pairs(
+    input_names: tuple[str, ...] | list[str],
+    output_names: tuple[str, ...] | list[str],
+    mapping: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Recurrent states: graph input -> graph output that carries its next value.
+
+    An explicit `mapping` wins; otherwise input `name` pairs with output `name_out` (or `name_new`).
+    """
+    if mapping is not None:
+        return dict(mapping)
+    outputs = set(output_names)
+    pairs = {}
+    for name in input_names:
+        for suffix in STATE_OUTPUT_SUFFIXES:
+            if name + suffix in outputs:
+                pairs[name] = name + suffix
+                break
+    return pairs

@@ -1,0 +1,145 @@
+"""ONNX artifacts per precision: FP32 (copy, optionally ORT-optimized), FP16 (float16 converter with the rule block
+lists), INT8 for ONNX Runtime (Q/DQ, uint8 activations + int8 per-channel weights, LSTM dynamic) and INT8 Q/DQ for
+TensorRT explicit mode (int8 symmetric). Each step returns the facts that go into meta.json."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import onnx
+
+from quant.backends import ort as ort_backend
+from quant.build.calibration import TensorRange
+from quant.build.graph import ensure_node_names, index_graph, state_pairs
+from quant.build.qdq import insert_qdq, unwrap_float_nodes
+from quant.errors import BuildError, CalibrationError
+from quant.fileio import atomic_write_bytes, temp_path_beside
+from quant.precision import PrecisionPlan, fp16_block_lists, ort_quant_spec, qdq_sites, trt_layer_precisions
+
+log = logging.getLogger(__name__)
+
+ELEM_FLOAT = onnx.TensorProto.FLOAT
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> Path:
+    """Atomic save of a model that fits in one protobuf (< 2 GB: all of ours)."""
+    return atomic_write_bytes(path, model.SerializeToString())
+
+
+def build_fp32(source: Path, target: Path, optimize: bool = False) -> dict[str, Any]:
+    if not optimize:
+        shutil.copyfile(source, temp := temp_path_beside(target))
+        temp.replace(target)
+        return {"optimized": False}
+    with tempfile.TemporaryDirectory(dir=target.parent) as work:
+        optimized = ort_backend.optimized_graph(source, work)
+    save_model(optimized, target)
+    return {"optimized": True}
+
+
+def build_fp16(model: onnx.ModelProto, plan: PrecisionPlan, target: Path) -> dict[str, Any]:
+    op_blocks, node_blocks = fp16_block_lists(plan)
+    converted = ort_backend.convert_fp16(ensure_node_names(model), op_blocks, node_blocks)
+    fixed = restore_output_types(converted, model)
+    save_model(converted, target)
+    return {"op_block_list": op_blocks, "nodes_kept_fp32": len(node_blocks), "outputs_cast_back": fixed}
+
+
+def restore_output_types(converted: onnx.ModelProto, original: onnx.ModelProto) -> list[str]:
+    """Give every graph output its original element type again (Cast at the end), in place.
+
+    keep_io_types can leave a streaming model's state outputs in float16; fed back as the next frame's float32 state
+    input, they would break the loop."""
+    wanted = {o.name: o.type.tensor_type.elem_type for o in original.graph.output}
+    fixed = []
+    for output in converted.graph.output:
+        elem = output.type.tensor_type.elem_type
+        if output.name in wanted and elem != wanted[output.name]:
+            _cast_output(converted.graph, output, wanted[output.name])
+            fixed.append(output.name)
+    return fixed
+
+
+def _cast_output(graph: onnx.GraphProto, output: onnx.ValueInfoProto, elem_type: int) -> None:
+    inner = f"{output.name}_before_cast"
+    for node in graph.node:
+        node.output[:] = [inner if name == output.name else name for name in node.output]
+        node.input[:] = [inner if name == output.name else name for name in node.input]
+    graph.node.append(onnx.helper.make_node("Cast", [inner], [output.name], name=f"{output.name}_cast_back",
+                                            to=elem_type))
+    output.type.tensor_type.elem_type = elem_type
+
+
+def build_int8_ort(
+    model: onnx.ModelProto, plan: PrecisionPlan, ranges: Mapping[str, TensorRange], target: Path,
+    activation_uint8: bool = True, per_channel: bool = True,
+) -> dict[str, Any]:
+    """Static Q/DQ on the plan's int8 nodes with our ranges, float nodes unwrapped, then LSTM dynamic."""
+    named = ensure_node_names(model)
+    spec = ort_quant_spec(plan)
+    _require_ranges(named, spec.nodes_to_quantize, ranges)
+    tensors_range = {name: r.ort_range(asymmetric=activation_uint8) for name, r in ranges.items()}
+    quantized = named
+    rewired = 0
+    if spec.nodes_to_quantize:
+        quantized = ort_backend.quantize_qdq(named, tensors_range, spec.nodes_to_quantize, spec.op_types_to_quantize,
+                                             activation_uint8, per_channel)
+        rewired = unwrap_float_nodes(quantized, spec.protected_nodes)
+    if spec.dynamic_nodes:
+        with tempfile.TemporaryDirectory(dir=target.parent) as work:
+            static_path = save_model(quantized, Path(work) / "static.onnx")
+            ort_backend.quantize_dynamic_nodes(static_path, Path(work) / "dynamic.onnx", spec.dynamic_nodes,
+                                               spec.dynamic_op_types)
+            quantized = onnx.load(str(Path(work) / "dynamic.onnx"))
+    save_model(quantized, target)
+    return {"activation_type": "uint8" if activation_uint8 else "int8", "weight_type": "int8",
+            "per_channel": per_channel, "static_nodes": len(spec.nodes_to_quantize),
+            "dynamic_nodes": len(spec.dynamic_nodes), "float_inputs_unwrapped": rewired}
+
+
+def _require_ranges(model: onnx.ModelProto, nodes: tuple[str, ...], ranges: Mapping[str, TensorRange]) -> None:
+    index = index_graph(model)
+    wanted = set(nodes)
+    missing = sorted({t for n in index.nodes if n.name in wanted for t in index.activation_inputs(n)[:2]
+                      if t not in ranges})
+    if missing:
+        raise CalibrationError(f"no calibrated range for {len(missing)} tensors that int8 nodes read, e.g. "
+                               f"{missing[:5]}; calibrate this exact export (`quant calibrate`)")
+
+
+def build_int8_trt_qdq(
+    model: onnx.ModelProto, plan: PrecisionPlan, ranges: Mapping[str, TensorRange], target: Path
+) -> dict[str, Any]:
+    """int8 symmetric Q/DQ for TensorRT explicit quantization; the result must still load in ORT."""
+    named = ensure_node_names(model)
+    sites = qdq_sites(named, plan)
+    quantized = insert_qdq(named, sites, {name: r.amax for name, r in ranges.items()})
+    save_model(quantized, target)
+    ort_backend.make_session(target, optimization="disable")
+    return {"activation_sites": sum(not s.is_weight for s in sites),
+            "weight_sites": sum(s.is_weight for s in sites), "layer_precisions": len(trt_layer_precisions(plan))}
+
+
+def kernel_report(path: Path) -> dict[str, Any]:
+    """Which ops of the built model ORT actually runs, and how many of them are integer kernels."""
+    with tempfile.TemporaryDirectory(dir=path.parent) as work:
+        optimized = ort_backend.optimized_graph(path, work)
+    counts = ort_backend.op_counts(optimized)
+    return {"integer_kernels": ort_backend.integer_kernel_counts(optimized), "optimized_op_counts": counts}
+
+
+def check_int8_kernels(report: Mapping[str, Any], plan: PrecisionPlan) -> None:
+    """An int8 plan with quantized nodes must show integer kernels in ORT's optimized graph."""
+    wanted = len(plan.names("int8", "int8-dynamic"))
+    if wanted and not report["integer_kernels"]:
+        raise BuildError(f"{wanted} nodes were quantized but ONNX Runtime's optimized graph has no integer kernel "
+                         f"(ops: {report['optimized_op_counts']}); the Q/DQ pattern did not fuse")
+
+
+def streaming_states(model: onnx.ModelProto) -> dict[str, str]:
+    graph = model.graph
+    return state_pairs([i.name for i in graph.input], [o.name for o in graph.output])

@@ -1,0 +1,176 @@
+"""Graph patterns the precision rules can name: each finder returns the names of the nodes that form the pattern.
+
+- layernorm: a LayerNorm written out as ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div(/Mul/Add) (pre-opset-17 exports).
+- residual_add: an Add of two activations where one is an ancestor of the other (x + f(x)): the skip connection.
+- state_io: layout ops (Concat/Slice/...) that carry a streaming model's recurrent state from input to output.
+- mask_math: Mul/Sub/Add/Div that sit on an input -> output path made only of arithmetic and layout ops
+  (the complex mask applied to the noisy spectrum at the end of an SE model).
+- depthwise_conv: a grouped Conv with one group per output channel.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable, Iterable, Mapping
+
+import onnx
+
+from quant.build.graph import LAYOUT_OPS, GraphIndex, state_pairs
+
+ARITHMETIC_OPS = frozenset({"Mul", "Sub", "Add", "Div", "Neg"})
+
+
+def _consumer(index: GraphIndex, tensor: str, op_types: Iterable[str]) -> onnx.NodeProto | None:
+    wanted = set(op_types)
+    for node in index.consumers.get(tensor, ()):
+        if node.op_type in wanted:
+            return node
+    return None
+
+
+def _layernorm_at(index: GraphIndex, mean: onnx.NodeProto) -> list[onnx.NodeProto]:
+    x = mean.input[0]
+    sub = next((n for n in index.consumers.get(mean.output[0], ()) if n.op_type == "Sub" and n.input[0] == x), None)
+    if sub is None:
+        return []
+    centered = sub.output[0]
+    square = next(
+        (n for n in index.consumers.get(centered, ())
+         if n.op_type == "Pow" or (n.op_type == "Mul" and n.input[0] == n.input[1] == centered)),
+        None,
+    )
+    var = _consumer(index, square.output[0], ["ReduceMean"]) if square is not None else None
+    add_eps = _consumer(index, var.output[0], ["Add"]) if var is not None else None
+    sqrt = _consumer(index, add_eps.output[0], ["Sqrt"]) if add_eps is not None else None
+    div = _consumer(index, sqrt.output[0], ["Div"]) if sqrt is not None else None
+    if square is None or div is None or centered not in div.input:
+        return []
+    group = [mean, sub, square, var, add_eps, sqrt, div]  # type: ignore[list-item]
+    scale = _consumer(index, div.output[0], ["Mul"])
+    if scale is not None and any(index.is_constant(t) for t in scale.input):
+        group.append(scale)
+        shift = _consumer(index, scale.output[0], ["Add"])
+        if shift is not None and any(index.is_constant(t) for t in shift.input):
+            group.append(shift)
+    return group
+
+
+def find_layernorm(index: GraphIndex) -> set[str]:
+    found: set[str] = set()
+    for node in index.nodes:
+        if node.op_type == "ReduceMean":
+            found.update(n.name for n in _layernorm_at(index, node))
+    return found
+
+
+def _is_ancestor(index: GraphIndex, candidate: str, tensor: str) -> bool:
+    """True when `candidate` is used (transitively) to compute `tensor`."""
+    seen = {tensor}
+    queue = deque([tensor])
+    while queue:
+        producer = index.producers.get(queue.popleft())
+        if producer is None:
+            continue
+        for name in producer.input:
+            if name == candidate:
+                return True
+            if name and name not in seen and name not in index.constants:
+                seen.add(name)
+                queue.append(name)
+    return False
+
+
+def find_residual_add(index: GraphIndex) -> set[str]:
+    found = set()
+    for node in index.nodes:
+        if node.op_type != "Add" or len(node.input) != 2:
+            continue
+        a, b = node.input
+        if index.is_constant(a) or index.is_constant(b) or a == b:
+            continue
+        if _is_ancestor(index, a, b) or _is_ancestor(index, b, a):
+            found.add(node.name)
+    return found
+
+
+def _forward_closure(index: GraphIndex, start: Iterable[str], through: frozenset[str]) -> set[str]:
+    reached = set(start)
+    queue = deque(reached)
+    while queue:
+        for node in index.consumers.get(queue.popleft(), ()):
+            if node.op_type in through:
+                for out in node.output:
+                    if out not in reached:
+                        reached.add(out)
+                        queue.append(out)
+    return reached
+
+
+def _backward_closure(index: GraphIndex, start: Iterable[str], through: frozenset[str]) -> set[str]:
+    reached = set(start)
+    queue = deque(reached)
+    while queue:
+        node = index.producers.get(queue.popleft())
+        if node is not None and node.op_type in through:
+            for name in node.input:
+                if name and name not in reached:
+                    reached.add(name)
+                    queue.append(name)
+    return reached
+
+
+def find_state_io(index: GraphIndex, mapping: Mapping[str, str] | None = None) -> set[str]:
+    pairs = state_pairs(index.inputs, index.outputs, mapping)
+    if not pairs:
+        return set()
+    from_states = _forward_closure(index, pairs.keys(), LAYOUT_OPS)
+    to_states = _backward_closure(index, pairs.values(), LAYOUT_OPS)
+    found = set()
+    for node in index.nodes:
+        if node.op_type not in LAYOUT_OPS:
+            continue
+        if any(t in from_states for t in node.input) or any(t in to_states for t in node.output):
+            found.add(node.name)
+    return found
+
+
+def find_mask_math(index: GraphIndex) -> set[str]:
+    through = LAYOUT_OPS | ARITHMETIC_OPS
+    from_inputs = _forward_closure(index, index.inputs, through)
+    to_outputs = _backward_closure(index, index.outputs, through)
+    return {
+        node.name
+        for node in index.nodes
+        if node.op_type in ARITHMETIC_OPS
+        and any(t in from_inputs for t in node.input)
+        and any(t in to_outputs for t in node.output)
+    }
+
+
+def _initializer_shape(model: onnx.ModelProto, name: str) -> tuple[int, ...] | None:
+    for init in model.graph.initializer:
+        if init.name == name:
+            return tuple(init.dims)
+    return None
+
+
+def find_depthwise_conv(index: GraphIndex, model: onnx.ModelProto) -> set[str]:
+    found = set()
+    for node in index.nodes:
+        if node.op_type != "Conv":
+            continue
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        shape = _initializer_shape(model, node.input[1]) if len(node.input) > 1 else None
+        if group > 1 and shape is not None and shape[0] == group:
+            found.add(node.name)
+    return found
+
+
+PatternFinder = Callable[[GraphIndex, onnx.ModelProto, "Mapping[str, str] | None"], set[str]]
+PATTERNS: dict[str, PatternFinder] = {
+    "layernorm": lambda index, model, states: find_layernorm(index),
+    "residual_add": lambda index, model, states: find_residual_add(index),
+    "state_io": lambda index, model, states: find_state_io(index, states),
+    "mask_math": lambda index, model, states: find_mask_math(index),
+    "depthwise_conv": lambda index, model, states: find_depthwise_conv(index, model),
+}

@@ -1,0 +1,142 @@
+"""Explicit Q/DQ editing of ONNX graphs.
+
+- unwrap_float_nodes: after ONNX Runtime's quantizer, a float node sitting between quantized neighbours still reads
+  DequantizeLinear(QuantizeLinear(x)); rewire it to read x itself and drop Q/DQ pairs nobody reads any more.
+- insert_qdq: TensorRT explicit quantization: symmetric int8 (zero point 0) Q/DQ on exactly the given sites,
+  weights per-channel (float weight -> Q -> DQ, the layout TensorRT 8-10 parse).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Mapping
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from quant.build.calibration import INT8_MAX
+from quant.errors import CalibrationError
+from quant.precision import QdqSite
+
+log = logging.getLogger(__name__)
+
+MIN_AMAX = 1e-8
+
+
+def unwrap_float_nodes(model: onnx.ModelProto, protected: Iterable[str]) -> int:
+    """Rewire protected nodes' inputs past activation Q/DQ pairs, in place. Returns the number of inputs rewired."""
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    initializers = {i.name for i in graph.initializer}
+    wanted = set(protected)
+    rewired = 0
+    for node in graph.node:
+        if node.name not in wanted:
+            continue
+        for position, tensor in enumerate(node.input):
+            source = _quantized_source(tensor, producers, initializers)
+            if source is not None:
+                node.input[position] = source
+                rewired += 1
+    _prune_dead(graph, ("DequantizeLinear", "QuantizeLinear"))
+    return rewired
+
+
+def _quantized_source(tensor: str, producers: Mapping[str, onnx.NodeProto], initializers: set[str]) -> str | None:
+    dq = producers.get(tensor)
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return None
+    q = producers.get(dq.input[0])
+    if q is None or q.op_type != "QuantizeLinear" or q.input[0] in initializers:
+        return None
+    return str(q.input[0])
+
+
+def _prune_dead(graph: onnx.GraphProto, op_types: tuple[str, ...]) -> None:
+    """Remove nodes of op_types whose outputs nobody reads (repeat until stable), and their orphaned initializers."""
+    while True:
+        read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if n.op_type in op_types and not any(out in read for out in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for init in [i for i in graph.initializer if i.name not in read]:
+        graph.initializer.remove(init)
+
+
+def insert_qdq(model: onnx.ModelProto, sites: Iterable[QdqSite], amax: Mapping[str, float]) -> onnx.ModelProto:
+    """A copy of `model` with symmetric int8 Q/DQ at `sites`. Activation thresholds come from `amax`."""
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    graph = result.graph
+    weights = {i.name: i for i in graph.initializer}
+    if _default_opset(result) < 13:
+        raise CalibrationError(f"per-channel Q/DQ needs opset >= 13, the model has {_default_opset(result)}; re-export it")
+    site_list = [s for s in sites if not s.is_weight or s.tensor in weights]
+    missing = [s.tensor for s in site_list if not s.is_weight and not amax.get(s.tensor)]
+    if missing:
+        raise CalibrationError(f"no calibrated range for {len(missing)} tensors that int8 nodes read, e.g. "
+                               f"{missing[:5]}; the cache must come from this exact export (`quant calibrate`)")
+    new_nodes: list[onnx.NodeProto] = []
+    for site in site_list:
+        if site.is_weight:
+            scale = _weight_scale(numpy_helper.to_array(weights[site.tensor]), site.axis or 0)
+        else:
+            scale = np.array(max(float(amax[site.tensor]), MIN_AMAX) / INT8_MAX, dtype=np.float32)
+        new_nodes += _qdq_pair(graph, site, scale)
+    _rewire(graph, site_list)
+    _insert_before_consumers(graph, new_nodes)
+    return result
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _weight_scale(weight: np.ndarray, axis: int) -> np.ndarray:
+    reduce_axes = tuple(a for a in range(weight.ndim) if a != axis)
+    channel_amax = np.abs(weight).max(axis=reduce_axes) if reduce_axes else np.abs(weight)
+    return (np.maximum(channel_amax, MIN_AMAX) / INT8_MAX).astype(np.float32)
+
+
+def _qdq_pair(graph: onnx.GraphProto, site: QdqSite, scale: np.ndarray) -> list[onnx.NodeProto]:
+    base = site.tensor
+    scale_name, zero_name = f"{base}_qdq_scale", f"{base}_qdq_zero_point"
+    graph.initializer.append(numpy_helper.from_array(scale, scale_name))
+    graph.initializer.append(numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), zero_name))
+    axis = {"axis": site.axis} if site.is_weight and scale.ndim == 1 else {}
+    quant = helper.make_node("QuantizeLinear", [base, scale_name, zero_name], [f"{base}_quantized"],
+                             name=f"{base}_QuantizeLinear", **axis)
+    dequant = helper.make_node("DequantizeLinear", [f"{base}_quantized", scale_name, zero_name],
+                               [f"{base}_dequantized"], name=f"{base}_DequantizeLinear", **axis)
+    return [quant, dequant]
+
+
+def _rewire(graph: onnx.GraphProto, sites: list[QdqSite]) -> None:
+    by_tensor = {s.tensor: set(s.consumers) for s in sites}
+    for node in graph.node:
+        for position, tensor in enumerate(node.input):
+            if tensor in by_tensor and node.name in by_tensor[tensor] and node.op_type not in (
+                "QuantizeLinear", "DequantizeLinear"):
+                node.input[position] = f"{tensor}_dequantized"
+
+
+def _insert_before_consumers(graph: onnx.GraphProto, new_nodes: list[onnx.NodeProto]) -> None:
+    """Keep the node list topologically sorted: each Q/DQ pair goes right before the first node reading it."""
+    nodes = list(graph.node)
+    pending = {n.output[0]: n for n in new_nodes if n.op_type == "DequantizeLinear"}
+    quant_of = {n.output[0]: n for n in new_nodes if n.op_type == "QuantizeLinear"}
+    ordered: list[onnx.NodeProto] = []
+    for node in nodes:
+        for tensor in node.input:
+            dq = pending.pop(tensor, None)
+            if dq is not None:
+                ordered += [quant_of[dq.input[0]], dq]
+        ordered.append(node)
+    for dq in pending.values():
+        ordered += [quant_of[dq.input[0]], dq]
+    del graph.node[:]
+    graph.node.extend(ordered)
