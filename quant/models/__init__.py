@@ -1,0 +1,1 @@
+"""Plain PyTorch models (DPCRN, WeNet-style conformer) and their checked ONNX export (quant.models.export)."""
