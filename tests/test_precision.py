@@ -32,7 +32,7 @@ def make(nodes, inputs, outputs, inits, opset: int = 17) -> onnx.ModelProto:
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
     onnx.checker.check_model(model)
     return model
 

@@ -16,11 +16,11 @@ import numpy as np
 import onnx
 
 from quant import __version__
-from quant.build.calibration import TensorRange, ranges_from_amax, read_cache_amax
+from quant.build.calibration import TensorRange, ranges_from_cache
 from quant.build.ort_build import (
     build_fp16, build_fp32, build_int8_ort, build_int8_trt_qdq, check_int8_kernels, kernel_report, streaming_states,
 )
-from quant.errors import BackendUnavailable, BuildError, CacheMismatch, ModelError
+from quant.errors import BackendUnavailable, BuildError, ModelError
 from quant.fileio import atomic_write_json, sha256_bytes, sha256_file
 from quant.paths import engines_dir
 from quant.precision import DEFAULT_RULES_PATH, PrecisionPlan, load_rules, plan, trt_layer_precisions
@@ -132,43 +132,36 @@ def _build_int8(name: str, source: Path, model: onnx.ModelProto, rules: Any, opt
 
 
 def load_ranges(name: str, source: Path, cache: Path | None) -> tuple[dict[str, TensorRange], dict[str, Any]]:
-    """Ranges from a calibration cache (checked against its sidecar key when there is one) or, without a cache,
-    from a fresh entropy calibration on the model's committed calibration set."""
-    if cache is None:
-        return _calibrate_now(name, source)
-    key = _sidecar_key(cache)
-    model_sha = sha256_file(source)
-    cached_sha = key.get("model_sha256") if key else None
-    if cached_sha and cached_sha != model_sha:
-        raise CacheMismatch(f"{cache}: made for model sha256 {cached_sha[:12]}..., but {source} is {model_sha[:12]}...; "
-                            f"recalibrate with `quant calibrate`")
-    return ranges_from_amax(read_cache_amax(cache)), {"path": str(cache), "sha256": sha256_file(cache), "key": key}
+    """Ranges from the given calibration cache (its key must name this model file), or, without one, from the cache
+    store under engines/cache/ (calibrating with entropy on the committed calibration set on a miss)."""
+    if cache is not None:
+        return ranges_from_cache(cache, source)
+    return _calibrate_or_reuse(name, source)
 
 
-def _sidecar_key(cache: Path) -> dict[str, Any] | None:
-    import json
-
-    for candidate in (cache.with_name(cache.name + ".json"), cache.with_suffix(".json")):
-        if candidate.is_file() and candidate != cache:
-            document = json.loads(candidate.read_text(encoding="utf-8"))
-            key = document.get("key", document)
-            return key if isinstance(key, dict) else None
-    return None
-
-
-def _calibrate_now(name: str, source: Path) -> tuple[dict[str, TensorRange], dict[str, Any]]:
+def _calibrate_or_reuse(name: str, source: Path) -> tuple[dict[str, TensorRange], dict[str, Any]]:
     try:
-        from quant.calib.ranges import collect_ranges
+        from quant.calib import cache as cache_store
+        from quant.calib.ranges import RangeOptions, collect_ranges, method_params
+        from quant.data.manifest import manifest_sha256
     except ImportError as error:
-        raise BuildError(f"no --cache given and quant.calib.ranges is not available ({error}); "
+        raise BuildError(f"no --cache given and calibration is not available here ({error}); "
                          f"pass --cache CACHE from `quant calibrate`") from None
-    from quant.build.calibration import ranges_from_result
     from quant.calib.readers import default_manifest, reader_for
 
     manifest = default_manifest(name)
-    feeds = reader_for(name, source, manifest)
-    result = collect_ranges(source, feeds, method="entropy")
-    return ranges_from_result(result), {"path": None, "computed": "entropy", "manifest": str(manifest)}
+    options = RangeOptions(progress=False)
+    key = cache_store.CacheKey.create(sha256_file(source), manifest_sha256(manifest), "entropy",
+                                      method_params("entropy", options))
+    store = engines_dir() / "cache"
+    found = cache_store.lookup(store, key)
+    if found.hit and found.entry is not None:
+        log.info("reusing calibration cache %s", found.entry.path)
+        return ranges_from_cache(found.entry.path, source)
+    log.info("calibrating %s (entropy) on %s: %s", name, manifest, found.reason)
+    result = collect_ranges(source, reader_for(name, source, manifest), "entropy", options)
+    entry = cache_store.write_entry(cache_store.store_path(store, key, name), key, result, {"manifest": str(manifest)})
+    return ranges_from_cache(entry.path, source)
 
 
 def _base_meta(name: str, source: Path, opts: BuildOptions, rules_sha: str) -> dict[str, Any]:

@@ -1,0 +1,390 @@
+"""Calibration feed sources: re-iterable objects whose iteration yields `{input_name: np.ndarray}` for one ONNX model.
+
+Every source starts over on each `iter()`, so the range collector can make two passes (min/max, then histograms).
+The same source drives ONNX Runtime's CalibrationDataReader protocol (OrtCalibrationDataReader), the TensorRT
+calibrator (TrtFeedSource) and quant.calib.ranges.
+
+- OfflineSegmentReader: 9 s STFT segments of real speech, the tail zero-padded exactly as at inference, in batches.
+- StreamingStateReader: any ONNX model whose recurrent states come back as outputs (`name` -> `name_out`, or an
+  explicit mapping). It rolls the FP32 model frame by frame over each whole utterance, starting from zero states
+  and resetting them at each utterance start, and yields (frame, the states the model really had at that frame).
+  Zero states alone are WRONG for calibration: after the first frames a streaming model never sees zero states, so
+  ranges from zero-state feeds miss the state tensors' real distribution and every layer reading them.
+  `every=k` keeps every k-th frame (the roll itself still runs every frame) to bound the cost.
+- FbankBatchReader: WeNet encoder feeds, Kaldi fbank batches padded to the longest utterance + int32 lengths.
+- DecoderNbestReader: WeNet rescoring decoder feeds: the encoder's outputs plus the n-best of CTC prefix beam search
+  on the same calibration audio, in the decoder's input layout.
+- GenericReader: a third-party speech model: manifest audio, a feature choice (stft | fbank | waveform), an input name.
+
+SE calibration uses the NOISY mixtures (what the model sees at inference); ASR uses the speech itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from quant import features
+from quant.errors import CalibrationError, ModelError
+
+log = logging.getLogger(__name__)
+
+Feed = dict[str, np.ndarray]
+FEATURES = ("stft", "fbank", "waveform")
+SE_MODELS = ("dpcrn", "dpcrn-stream")
+ASR_MODELS = ("wenet-encoder", "wenet-decoder")
+
+
+# ------------------------------------------------------------------------------------------------ audio
+
+
+@dataclass(frozen=True)
+class AudioSet:
+    """A re-iterable list of utterances, loaded one at a time (never all in memory)."""
+
+    items: tuple[Any, ...]
+    load: Callable[[Any], np.ndarray]
+    name: str = "audio"
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for item in self.items:
+            yield self.load(item)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @classmethod
+    def from_files(cls, paths: Iterable[str | Path]) -> "AudioSet":
+        from quant.data.audio import load_audio
+
+        files = tuple(Path(p) for p in paths)
+        return cls(files, load_audio, name=", ".join(p.name for p in files[:3]))
+
+    @classmethod
+    def from_manifest(cls, manifest: str | Path, noisy: bool = False, limit: int | None = None) -> "AudioSet":
+        """Utterances of a manifest: the noisy mixtures of an SE set (noisy=True) or the speech itself."""
+        from quant.data import manifest as manifests
+
+        utterances = tuple(manifests.read_manifest(manifest))[:limit]
+        if not utterances:
+            raise CalibrationError(f"{manifest}: manifest lists no utterances")
+        loader = _noisy_loader if noisy else manifests.load_speech
+        return cls(utterances, loader, name=str(manifest))
+
+
+def _noisy_loader(utterance: Any) -> np.ndarray:
+    from quant.data.manifest import load_noisy_clean
+
+    noisy, _clean = load_noisy_clean(utterance)
+    return np.asarray(noisy, dtype=np.float32)
+
+
+def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# ------------------------------------------------------------------------------------------------ offline SE
+
+
+def segments(audio: np.ndarray, segment_samples: int = features.SEGMENT_SAMPLES) -> list[np.ndarray]:
+    """Cut into fixed-length segments, the last one zero-padded (as offline inference does)."""
+    count = max(1, -(-len(audio) // segment_samples))
+    padded = np.zeros(count * segment_samples, dtype=np.float32)
+    padded[: len(audio)] = audio
+    return list(padded.reshape(count, segment_samples))
+
+
+@dataclass(frozen=True)
+class OfflineSegmentReader:
+    audio: AudioSet
+    input_name: str = "mix"
+    batch_size: int = 4
+    segment_samples: int = features.SEGMENT_SAMPLES
+
+    def __iter__(self) -> Iterator[Feed]:
+        pieces = (seg for clip in self.audio for seg in segments(clip, self.segment_samples))
+        for batch in _batched(pieces, self.batch_size):
+            yield {self.input_name: features.stft(np.stack(batch))}
+
+
+# ------------------------------------------------------------------------------------------------ streaming
+
+
+@dataclass(frozen=True)
+class StreamingStateReader:
+    """Roll the FP32 streaming model over whole utterances and yield the feeds it really saw (see module doc)."""
+
+    onnx_path: Path
+    audio: AudioSet
+    states: tuple[tuple[str, str], ...] = ()  # (input, output) pairs; empty: name -> name_out by convention
+    every: int = 1
+    threads: int = 1
+
+    def __iter__(self) -> Iterator[Feed]:
+        from quant.backends.ort import OrtRunner
+        from quant.build.graph import state_pairs
+
+        runner = OrtRunner(self.onnx_path, threads=self.threads)
+        pairs = state_pairs(runner.input_names, runner.output_names, dict(self.states) if self.states else None)
+        frame_input = _frame_input(self.onnx_path, runner.input_names, pairs)
+        zero_states = _zero_states(self.onnx_path, runner.input_specs, pairs)
+        for clip in self.audio:
+            yield from self._roll(runner, frame_input, pairs, dict(zero_states), features.stft(clip))
+
+    def _roll(self, runner: Any, frame_input: str, pairs: Mapping[str, str], states: Feed,
+              spec: np.ndarray) -> Iterator[Feed]:
+        for t in range(spec.shape[1]):
+            feed = {frame_input: np.ascontiguousarray(spec[None, :, t : t + 1, :]), **states}
+            if t % self.every == 0:
+                yield dict(feed)
+            outputs = runner.run(feed, outputs=list(pairs.values()))
+            states = {name: outputs[out] for name, out in pairs.items()}
+
+
+def _frame_input(path: Path, inputs: Sequence[str], pairs: Mapping[str, str]) -> str:
+    frames = [name for name in inputs if name not in pairs]
+    if not pairs or len(frames) != 1:
+        raise ModelError(f"{path}: a streaming model needs state inputs paired with outputs (name -> name_out) and "
+                         f"exactly one frame input; found states {dict(pairs)} and other inputs {frames}")
+    return frames[0]
+
+
+def _zero_states(path: Path, specs: Sequence[Any], pairs: Mapping[str, str]) -> Feed:
+    zeros = {}
+    for spec in specs:
+        if spec.name in pairs:
+            if not all(isinstance(d, int) and d > 0 for d in spec.shape):
+                raise ModelError(f"{path}: state {spec.name!r} has a non-fixed shape {list(spec.shape)}; "
+                                 "export the streaming model with fixed state shapes")
+            zeros[spec.name] = np.zeros(spec.shape, dtype=spec.dtype)
+    return zeros
+
+
+# ------------------------------------------------------------------------------------------------ ASR
+
+
+@dataclass(frozen=True)
+class FbankBatchReader:
+    audio: AudioSet
+    batch_size: int = 4
+    feature_name: str = "speech"
+    length_name: str = "speech_lengths"
+
+    def __iter__(self) -> Iterator[Feed]:
+        for batch in _batched(self.audio, self.batch_size):
+            speech, lengths = features.batch_fbank(batch)
+            yield {self.feature_name: speech, self.length_name: lengths.astype(np.int32)}
+
+
+@dataclass(frozen=True)
+class DecoderNbestReader:
+    """Decoder feeds from the FP32 encoder run on the calibration audio and CTC prefix beam search."""
+
+    encoder_path: Path
+    decoder_inputs: tuple[str, ...]
+    audio: AudioSet
+    batch_size: int = 4
+    beam: int = 10
+    threads: int = 1
+
+    def __iter__(self) -> Iterator[Feed]:
+        from quant.backends.ort import OrtRunner
+
+        encoder = OrtRunner(self.encoder_path, threads=self.threads)
+        for feed in FbankBatchReader(self.audio, self.batch_size):
+            encoded = encoder.run(feed)
+            yield self._decoder_feed(encoded)
+
+    def _decoder_feed(self, encoded: Mapping[str, np.ndarray]) -> Feed:
+        from quant.decoding import ctc_prefix_beam_search, hyps_to_decoder_inputs
+
+        log_probs, lengths = encoded["ctc_log_probs"], encoded["encoder_out_lens"]
+        nbests = [ctc_prefix_beam_search(log_probs[b], int(lengths[b]), self.beam) for b in range(len(lengths))]
+        sos_eos = log_probs.shape[-1] - 1
+        feed = {"encoder_out": encoded["encoder_out"], "encoder_out_lens": lengths.astype(np.int32),
+                **hyps_to_decoder_inputs(nbests, sos_eos, self.beam).feeds()}
+        missing = [name for name in self.decoder_inputs if name not in feed]
+        if missing:
+            raise ModelError(f"decoder inputs {missing} cannot be built from the encoder outputs and the n-best "
+                             f"(available: {sorted(feed)})")
+        return {name: feed[name] for name in self.decoder_inputs}
+
+
+# ------------------------------------------------------------------------------------------------ generic
+
+
+@dataclass(frozen=True)
+class GenericReader:
+    """Feeds for any speech model taking one feature tensor: stft (B,257,T,2), fbank (B,T,80) or waveform
+    (B,samples); utterances in a batch are zero-padded to the longest, and cut to `max_samples` when given."""
+
+    audio: AudioSet
+    input_name: str
+    feature: str = "waveform"
+    batch_size: int = 1
+    length_name: str | None = None
+    max_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.feature not in FEATURES:
+            raise CalibrationError(f"feature {self.feature!r} is not one of {FEATURES}")
+
+    def __iter__(self) -> Iterator[Feed]:
+        for batch in _batched((clip[: self.max_samples] for clip in self.audio), self.batch_size):
+            yield self._feed(batch)
+
+    def _feed(self, batch: list[np.ndarray]) -> Feed:
+        if self.feature == "fbank":
+            values, lengths = features.batch_fbank(batch)
+        else:
+            values, lengths = features.pad_features([clip[:, None] for clip in batch])
+            values = values[..., 0]
+            if self.feature == "stft":
+                values = features.stft(values)
+                lengths = np.array([features.frames_for(int(n)) for n in lengths], dtype=np.int32)
+        feed = {self.input_name: np.ascontiguousarray(values, dtype=np.float32)}
+        if self.length_name:
+            feed[self.length_name] = lengths.astype(np.int32)
+        return feed
+
+
+# ------------------------------------------------------------------------------------------------ adapters
+
+
+class OrtCalibrationDataReader:
+    """ONNX Runtime's CalibrationDataReader protocol (get_next() -> dict | None) over any feed source."""
+
+    def __init__(self, source: Iterable[Feed]) -> None:
+        self._source = source
+        self._iterator: Iterator[Feed] | None = None
+
+    def get_next(self) -> Feed | None:
+        if self._iterator is None:
+            self._iterator = iter(self._source)
+        return next(self._iterator, None)
+
+    def rewind(self) -> None:
+        self._iterator = None
+
+    def __iter__(self) -> Iterator[Feed]:
+        return iter(self._source)
+
+
+@dataclass(frozen=True)
+class TrtFeedSource:
+    """What a TensorRT calibrator needs: a fixed batch size and, per batch, one contiguous array per input in the
+    engine's input order. Feeds are regrouped along axis 0 into exactly `batch_size` rows; a remainder is dropped
+    (TensorRT calibrates at one shape). No tensorrt import here."""
+
+    source: Iterable[Feed]
+    input_order: tuple[str, ...]
+    batch_size: int = 1
+
+    def batches(self) -> Iterator[list[np.ndarray]]:
+        pending: dict[str, list[np.ndarray]] = {name: [] for name in self.input_order}
+        rows = 0
+        for feed in self.source:
+            self._check(feed)
+            for name in self.input_order:
+                pending[name].append(feed[name])
+            rows += len(feed[self.input_order[0]])
+            while rows >= self.batch_size:
+                yield self._take(pending)
+                rows -= self.batch_size
+        if rows:
+            log.info("TensorRT calibration: %d rows left over after full batches of %d were dropped", rows,
+                     self.batch_size)
+
+    def _check(self, feed: Mapping[str, np.ndarray]) -> None:
+        missing = [name for name in self.input_order if name not in feed]
+        if missing:
+            raise CalibrationError(f"calibration feed lacks engine inputs {missing}; it has {sorted(feed)}")
+
+    def _take(self, pending: dict[str, list[np.ndarray]]) -> list[np.ndarray]:
+        batch = []
+        for name in self.input_order:
+            joined = np.concatenate(pending[name], axis=0)
+            batch.append(np.ascontiguousarray(joined[: self.batch_size]))
+            pending[name] = [joined[self.batch_size :]] if len(joined) > self.batch_size else []
+        return batch
+
+
+# ------------------------------------------------------------------------------------------------ choice
+
+
+def default_manifest(model: str) -> Path:
+    """The committed calibration set of a known model (se_calib for SE, asr_calib for ASR)."""
+    from quant.paths import calib_data_dir
+
+    set_name = "se_calib" if model in SE_MODELS else "asr_calib" if model in ASR_MODELS else None
+    if set_name is None:
+        raise CalibrationError(f"no default calibration set for {model!r}; pass a manifest")
+    return calib_data_dir() / set_name / "manifest.jsonl"
+
+
+@dataclass(frozen=True)
+class ReaderOptions:
+    batch_size: int = 4
+    every: int = 4  # streaming: keep every k-th frame
+    limit: int | None = None  # first N utterances of the manifest
+    feature: str | None = None  # generic models
+    input_name: str | None = None
+    length_name: str | None = None
+    states: tuple[tuple[str, str], ...] = ()
+
+
+def reader_for(model: str, onnx_path: str | Path, manifest: str | Path,
+               options: ReaderOptions | None = None) -> Iterable[Feed]:
+    """The feed source for a known model name, a streaming ONNX (states paired with outputs) or, given
+    options.feature and options.input_name, any other ONNX speech model."""
+    opts = options or ReaderOptions()
+    path = Path(onnx_path)
+    if model == "dpcrn":
+        return OfflineSegmentReader(AudioSet.from_manifest(manifest, True, opts.limit), batch_size=opts.batch_size)
+    if model == "dpcrn-stream":
+        return StreamingStateReader(path, AudioSet.from_manifest(manifest, True, opts.limit), opts.states, opts.every)
+    if model == "wenet-encoder":
+        return FbankBatchReader(AudioSet.from_manifest(manifest, False, opts.limit), opts.batch_size)
+    if model == "wenet-decoder":
+        return DecoderNbestReader(path.with_name("encoder.onnx"), _input_names(path),
+                                  AudioSet.from_manifest(manifest, False, opts.limit), opts.batch_size)
+    return _generic_reader(path, manifest, opts)
+
+
+def _generic_reader(path: Path, manifest: str | Path, opts: ReaderOptions) -> Iterable[Feed]:
+    if opts.feature is not None and opts.input_name is not None:
+        audio = AudioSet.from_manifest(manifest, False, opts.limit)
+        return GenericReader(audio, opts.input_name, opts.feature, opts.batch_size, opts.length_name)
+    from quant.build.graph import state_pairs
+
+    inputs = _input_names(path)
+    outputs = _output_names(path)
+    if state_pairs(inputs, outputs, dict(opts.states) if opts.states else None):
+        return StreamingStateReader(path, AudioSet.from_manifest(manifest, False, opts.limit), opts.states, opts.every)
+    raise CalibrationError(f"{path}: not a known model and not a streaming model; give a feature "
+                           f"({', '.join(FEATURES)}) and an input name (inputs: {inputs})")
+
+
+def _input_names(path: Path) -> tuple[str, ...]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    constants = {init.name for init in model.graph.initializer}
+    return tuple(i.name for i in model.graph.input if i.name not in constants)
+
+
+def _output_names(path: Path) -> tuple[str, ...]:
+    import onnx
+
+    return tuple(o.name for o in onnx.load(str(path), load_external_data=False).graph.output)
