@@ -88,3 +88,25 @@ def save_audio(path: str | os.PathLike[str], samples: np.ndarray, sample_rate: i
     buffer = io.BytesIO()
     sf.write(buffer, np.clip(samples, -1.0, 1.0), sample_rate, format=fmt, subtype="PCM_16")
     return atomic_write_bytes(target, buffer.getvalue())
+
+
+def trim_silence(
+    samples: np.ndarray, sample_rate: int = SAMPLE_RATE, floor_db: float = -40.0, margin_ms: float = 100.0
+) -> np.ndarray:
+    """Cut leading/trailing stretches whose 20 ms frame energy is `floor_db` below the loudest frame.
+
+    Keeps `margin_ms` of context either side; an all-silent input comes back empty.
+    """
+    frame = max(1, sample_rate // 50)
+    count = len(samples) // frame
+    if count == 0:
+        return samples[:0]
+    energy = np.square(samples[: count * frame].astype(np.float64)).reshape(count, frame).mean(axis=1)
+    peak = energy.max()
+    if peak <= 0.0:
+        return samples[:0]
+    loud = np.flatnonzero(10.0 * np.log10(np.maximum(energy / peak, 1e-20)) > floor_db)
+    margin = int(sample_rate * margin_ms / 1000.0)
+    start = max(0, int(loud[0]) * frame - margin)
+    stop = min(len(samples), (int(loud[-1]) + 1) * frame + margin)
+    return samples[start:stop]

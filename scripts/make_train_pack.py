@@ -1,0 +1,217 @@
+#!/usr/bin/env python3
+"""Pack training corpora for the GPU machine (no network, no soundfile there).
+
+  python scripts/make_train_pack.py se -o .carry/se_pack.npz
+      One .npz readable with numpy alone: `speech` int16 16 kHz clips concatenated with `speech_offsets` int64
+      (N+1 boundaries), `noise`/`noise_offsets` likewise, `val_speech`/`val_noise` (+ offsets) from held-out
+      speakers and held-out noise recordings, `*_names` (source of each clip) and `meta` (JSON string).
+  python scripts/make_train_pack.py asr -o .carry/asr_pack/
+      The .debs for espeak-ng and flite, sentences.txt (train sentences), and the real asterisk training prompts
+      (16 kHz int16 WAV + manifest.jsonl); run `prepare_data.py asr-synth` on the GPU machine with it.
+
+Packages are fetched with `apt-get download` into data/debs/ and unpacked into data/pkgs/ (both skipped when present).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import random
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import prepare_data as prep  # noqa: E402
+
+from quant.data.audio import SAMPLE_RATE, load_audio, trim_silence  # noqa: E402
+from quant.errors import AudioError  # noqa: E402
+from quant.fileio import atomic_write_bytes  # noqa: E402
+
+log = logging.getLogger("make_train_pack")
+MIN_CLIP_S = 1.0
+MAX_CLIP_S = 12.0
+PEAK = 0.9
+
+
+@dataclass(frozen=True)
+class SeBudget:
+    """Seconds of audio taken from each source (after trimming)."""
+
+    fillets_s: float = 500.0
+    tuxpaint_s: float = 520.0
+    gcin_s: float = 100.0
+    noise_tuxpaint_s: float = 100.0
+    noise_fillets_s: float = 90.0
+    noise_sonic_s: float = 70.0
+    val_speech_s: float = 90.0
+    val_noise_s: float = 30.0
+
+
+def clip_from(path: Path, min_s: float = MIN_CLIP_S) -> np.ndarray | None:
+    """Load, trim silence, cap length, peak-normalize; None if unreadable or shorter than min_s."""
+    try:
+        audio = trim_silence(load_audio(path))
+    except AudioError as error:
+        log.warning("skip %s", error)
+        return None
+    if len(audio) < min_s * SAMPLE_RATE:
+        return None
+    audio = audio[: int(MAX_CLIP_S * SAMPLE_RATE)]
+    peak = float(np.abs(audio).max())
+    return (audio * (PEAK / peak)).astype(np.float32) if peak > 0 else None
+
+
+def take(paths: list[Path], budget_s: float, rng: random.Random, min_s: float = MIN_CLIP_S) -> list[tuple[str, np.ndarray]]:
+    """Clips from a shuffled copy of `paths` until `budget_s` seconds are gathered."""
+    order = list(paths)
+    rng.shuffle(order)
+    taken: list[tuple[str, np.ndarray]] = []
+    total = 0
+    for path in order:
+        if total >= budget_s * SAMPLE_RATE:
+            break
+        clip = clip_from(path, min_s)
+        if clip is not None:
+            taken.append((str(path), clip))
+            total += len(clip)
+    return taken
+
+
+def take_spread(groups: dict[str, list[Path]], budget_s: float, rng: random.Random) -> list[tuple[str, np.ndarray]]:
+    """Round-robin over groups (speakers/languages), one usable clip each turn, so no single voice dominates."""
+    queues = {name: rng.sample(paths, len(paths)) for name, paths in sorted(groups.items())}
+    out: list[tuple[str, np.ndarray]] = []
+    total = 0
+    while queues and total < budget_s * SAMPLE_RATE:
+        for name in list(queues):
+            clip = None
+            while clip is None and queues[name]:
+                path = queues[name].pop()
+                clip = clip_from(path)
+            if clip is None:
+                del queues[name]
+                continue
+            out.append((str(path), clip))
+            total += len(clip)
+    return out
+
+
+def gcin_phrases(groups: dict[str, list[Path]], budget_s: float, rng: random.Random) -> list[tuple[str, np.ndarray]]:
+    """Isolated syllables are < 1 s: join 6-10 syllables of one speaker with 60-150 ms pauses into phrases."""
+    out: list[tuple[str, np.ndarray]] = []
+    per_speaker = budget_s / max(1, len(groups))
+    for speaker in sorted(groups):
+        pool = list(groups[speaker])
+        rng.shuffle(pool)
+        total = 0
+        while pool and total < per_speaker * SAMPLE_RATE:
+            parts: list[np.ndarray] = []
+            for path in pool[-rng.randint(6, 10):]:
+                syllable = clip_from(path, min_s=0.05)
+                if syllable is not None:
+                    parts += [syllable, np.zeros(int(SAMPLE_RATE * rng.uniform(0.06, 0.15)), np.float32)]
+            del pool[-10:]
+            if parts:
+                phrase = np.concatenate(parts[:-1])
+                out.append((f"gcin-voice speaker {speaker}", phrase))
+                total += len(phrase)
+    return out
+
+
+def concat(clips: list[tuple[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """int16 samples, int64 offsets (N+1), names."""
+    lengths = [len(c) for _, c in clips]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    samples = np.concatenate([c for _, c in clips]) if clips else np.zeros(0, np.float32)
+    pcm = np.round(np.clip(samples, -1.0, 1.0) * 32767.0).astype(np.int16)
+    return pcm, offsets, np.array([n for n, _ in clips])
+
+
+def build_se(out: Path, debs_dir: Path, pkgs_dir: Path, seed: int, budget: SeBudget, limit_mb: float) -> dict:
+    names = sorted(set(prep.SE_TRAIN_SPEECH_PACKAGES + prep.SE_TRAIN_NOISE_PACKAGES))
+    prep.fetch_and_unpack(names, debs_dir, pkgs_dir)
+    rng = random.Random(seed)
+    fillets = {k: v for k, v in prep.fillets_speech(pkgs_dir).items() if k != "x"}  # x: sound effects
+    tux = prep.tuxpaint_speech(pkgs_dir)
+    val_groups = {k: tux.pop(k) for k in prep.VAL_TUXPAINT_LANGS}
+    tux = {k: v for k, v in tux.items() if len(v) >= 50}
+    speech = take_spread(fillets, budget.fillets_s, rng) + take_spread(tux, budget.tuxpaint_s, rng)
+    speech += gcin_phrases(prep.gcin_syllables(pkgs_dir), budget.gcin_s, rng)
+    speech += [(str(p), c) for p in prep.codec2_speech(pkgs_dir) if (c := clip_from(p)) is not None]
+    val_speech = take_spread(val_groups, budget.val_speech_s, rng)
+
+    noise_pool = {"tuxpaint": prep.tuxpaint_noise(pkgs_dir), "fillets": prep.fillets_effects(pkgs_dir)}
+    val_noise_paths: list[Path] = []
+    for key, paths in noise_pool.items():  # hold out every 8th recording (seeded) for validation
+        paths = list(paths)
+        rng.shuffle(paths)
+        val_noise_paths += paths[: len(paths) // 8]
+        noise_pool[key] = paths[len(paths) // 8:]
+    noise = take(noise_pool["tuxpaint"], budget.noise_tuxpaint_s, rng)
+    noise += take(noise_pool["fillets"], budget.noise_fillets_s, rng)
+    noise += take(prep.sonic_samples(pkgs_dir, prep.SONIC_TRAIN), budget.noise_sonic_s, rng)
+    val_noise = take(val_noise_paths, budget.val_noise_s, rng)
+    return write_pack(out, {"speech": speech, "noise": noise, "val_speech": val_speech, "val_noise": val_noise},
+                      seed, budget, limit_mb)
+
+
+def write_pack(out: Path, parts: dict[str, list[tuple[str, np.ndarray]]], seed: int, budget: SeBudget,
+               limit_mb: float) -> dict:
+    arrays: dict[str, np.ndarray] = {}
+    summary: dict[str, dict] = {}
+    for key, clips in parts.items():
+        pcm, offsets, names = concat(clips)
+        arrays[key], arrays[f"{key}_offsets"], arrays[f"{key}_names"] = pcm, offsets, names
+        summary[key] = {"clips": len(clips), "seconds": round(len(pcm) / SAMPLE_RATE, 1)}
+    meta = {"sample_rate": SAMPLE_RATE, "seed": seed, "budget_s": budget.__dict__, "summary": summary,
+            "licenses": "GPL-2+ / GPL-2 / LGPL / CC-BY-3 / CC0 (training only; never committed)",
+            "val": f"speech: tuxpaint narrators {list(prep.VAL_TUXPAINT_LANGS)}; noise: 1/8 of tuxpaint+fillets "
+                   "noise recordings held out"}
+    arrays["meta"] = np.array(json.dumps(meta))
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    size_mb = buffer.tell() / 1e6
+    if size_mb > limit_mb:
+        raise SystemExit(f"{out}: pack would be {size_mb:.1f} MB > {limit_mb} MB; lower the budgets")
+    atomic_write_bytes(out, buffer.getvalue())
+    meta["size_mb"] = round(size_mb, 2)
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="pack", required=True)
+    se = sub.add_parser("se", help="speech-enhancement training pack (.npz)")
+    se.add_argument("-o", "--out", type=Path, default=Path(".carry/se_pack.npz"))
+    se.add_argument("--limit-mb", type=float, default=45.0)
+    asr = sub.add_parser("asr", help="ASR synthesis pack (folder)")
+    asr.add_argument("-o", "--out", type=Path, default=Path(".carry/asr_pack"))
+    asr.add_argument("--limit-mb", type=float, default=55.0)
+    for p in (se, asr):
+        p.add_argument("--debs", type=Path, default=Path("data/debs"))
+        p.add_argument("--pkgs", type=Path, default=Path("data/pkgs"))
+        p.add_argument("--seed", type=int, default=1234)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        if args.pack == "se":
+            meta = build_se(args.out, args.debs, args.pkgs, args.seed, SeBudget(), args.limit_mb)
+        else:
+            meta = build_asr(args.out, args.debs, args.pkgs, args.seed, args.limit_mb)
+    except prep.PackageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(meta, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
