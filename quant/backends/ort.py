@@ -192,7 +192,9 @@ def quantize_dynamic_nodes(
 def convert_fp16(
     model: onnx.ModelProto, op_block_list: Sequence[str], node_block_list: Sequence[str]
 ) -> onnx.ModelProto:
-    """FP16 weights and activations, float32 graph inputs/outputs, the blocked ops kept in float32."""
+    """FP16 weights and activations, the blocked ops kept in float32, and every graph input/output in its original
+    type (keep_io_types, plus a fix for the converter casting a blocked node's graph output to float16: a
+    streaming model's state output must keep the dtype of its input to be fed back)."""
     from onnxconverter_common import float16
 
     try:
@@ -202,4 +204,36 @@ def convert_fp16(
         )
     except Exception as error:
         raise BuildError(f"FP16 conversion failed: {error}") from error
+    restore_output_types(converted, model)
     return converted
+
+
+def restore_output_types(converted: onnx.ModelProto, original: onnx.ModelProto) -> list[str]:
+    """Give every graph output its original element type again, in place; returns the outputs fixed.
+
+    A Cast producing the output gets its `to` changed (no float16 round trip); otherwise a Cast is appended."""
+    wanted = {o.name: o.type.tensor_type.elem_type for o in original.graph.output}
+    producers = {out: node for node in converted.graph.node for out in node.output}
+    fixed = []
+    for output in converted.graph.output:
+        elem = wanted.get(output.name)
+        if elem is None or output.type.tensor_type.elem_type == elem:
+            continue
+        producer = producers.get(output.name)
+        if producer is not None and producer.op_type == "Cast":
+            for attribute in producer.attribute:
+                if attribute.name == "to":
+                    attribute.i = elem
+        else:
+            _append_cast(converted.graph, output.name, elem)
+        output.type.tensor_type.elem_type = elem
+        fixed.append(output.name)
+    return fixed
+
+
+def _append_cast(graph: onnx.GraphProto, name: str, elem_type: int) -> None:
+    inner = f"{name}_before_cast"
+    for node in graph.node:
+        node.output[:] = [inner if t == name else t for t in node.output]
+        node.input[:] = [inner if t == name else t for t in node.input]
+    graph.node.append(onnx.helper.make_node("Cast", [inner], [name], name=f"{name}_cast_back", to=elem_type))

@@ -22,9 +22,6 @@ from quant.precision import PrecisionPlan, fp16_block_lists, ort_quant_spec, qdq
 
 log = logging.getLogger(__name__)
 
-ELEM_FLOAT = onnx.TensorProto.FLOAT
-
-
 def save_model(model: onnx.ModelProto, path: Path) -> Path:
     """Atomic save of a model that fits in one protobuf (< 2 GB: all of ours)."""
     return atomic_write_bytes(path, model.SerializeToString())
@@ -43,42 +40,23 @@ def build_fp32(source: Path, target: Path, optimize: bool = False) -> dict[str, 
 
 def build_fp16(model: onnx.ModelProto, plan: PrecisionPlan, target: Path) -> dict[str, Any]:
     op_blocks, node_blocks = fp16_block_lists(plan)
-    converted = ort_backend.convert_fp16(ensure_node_names(model), op_blocks, node_blocks)
-    fixed = restore_output_types(converted, model)
+    named = ensure_node_names(model)
+    converted = ort_backend.convert_fp16(named, op_blocks, node_blocks)
     save_model(converted, target)
-    return {"op_block_list": op_blocks, "nodes_kept_fp32": len(node_blocks), "outputs_cast_back": fixed}
-
-
-def restore_output_types(converted: onnx.ModelProto, original: onnx.ModelProto) -> list[str]:
-    """Give every graph output its original element type again (Cast at the end), in place.
-
-    keep_io_types can leave a streaming model's state outputs in float16; fed back as the next frame's float32 state
-    input, they would break the loop."""
-    wanted = {o.name: o.type.tensor_type.elem_type for o in original.graph.output}
-    fixed = []
-    for output in converted.graph.output:
-        elem = output.type.tensor_type.elem_type
-        if output.name in wanted and elem != wanted[output.name]:
-            _cast_output(converted.graph, output, wanted[output.name])
-            fixed.append(output.name)
-    return fixed
-
-
-def _cast_output(graph: onnx.GraphProto, output: onnx.ValueInfoProto, elem_type: int) -> None:
-    inner = f"{output.name}_before_cast"
-    for node in graph.node:
-        node.output[:] = [inner if name == output.name else name for name in node.output]
-        node.input[:] = [inner if name == output.name else name for name in node.input]
-    graph.node.append(onnx.helper.make_node("Cast", [inner], [output.name], name=f"{output.name}_cast_back",
-                                            to=elem_type))
-    output.type.tensor_type.elem_type = elem_type
+    changed = [o.name for o, c in zip(named.graph.output, converted.graph.output) if o.type != c.type]
+    if changed:
+        raise BuildError(f"FP16 conversion changed the type of outputs {changed}")
+    return {"op_block_list": op_blocks, "nodes_kept_fp32": len(node_blocks)}
 
 
 def build_int8_ort(
     model: onnx.ModelProto, plan: PrecisionPlan, ranges: Mapping[str, TensorRange], target: Path,
-    activation_uint8: bool = True, per_channel: bool = True,
+    activation_uint8: bool = True, per_channel: bool = True, unwrap_kernel_outputs: bool = False,
 ) -> dict[str, Any]:
-    """Static Q/DQ on the plan's int8 nodes with our ranges, float nodes unwrapped, then LSTM dynamic."""
+    """Static Q/DQ on the plan's int8 nodes with our ranges, float nodes unwrapped, then LSTM dynamic.
+
+    unwrap_kernel_outputs=False keeps the output Q of an int8 node read by a protected float node (ORT needs it
+    to fuse an integer kernel); True gives protected nodes the float tensor at the cost of that fusion."""
     named = ensure_node_names(model)
     spec = ort_quant_spec(plan)
     _require_ranges(named, spec.nodes_to_quantize, ranges)
@@ -88,7 +66,8 @@ def build_int8_ort(
     if spec.nodes_to_quantize:
         quantized = ort_backend.quantize_qdq(named, tensors_range, spec.nodes_to_quantize, spec.op_types_to_quantize,
                                              activation_uint8, per_channel)
-        rewired = unwrap_float_nodes(quantized, spec.protected_nodes)
+        kept = () if unwrap_kernel_outputs else spec.nodes_to_quantize
+        rewired = unwrap_float_nodes(quantized, spec.protected_nodes, kept)
     if spec.dynamic_nodes:
         with tempfile.TemporaryDirectory(dir=target.parent) as work:
             static_path = save_model(quantized, Path(work) / "static.onnx")
@@ -98,7 +77,8 @@ def build_int8_ort(
     save_model(quantized, target)
     return {"activation_type": "uint8" if activation_uint8 else "int8", "weight_type": "int8",
             "per_channel": per_channel, "static_nodes": len(spec.nodes_to_quantize),
-            "dynamic_nodes": len(spec.dynamic_nodes), "float_inputs_unwrapped": rewired}
+            "dynamic_nodes": len(spec.dynamic_nodes), "float_inputs_unwrapped": rewired,
+            "unwrap_kernel_outputs": unwrap_kernel_outputs}
 
 
 def _require_ranges(model: onnx.ModelProto, nodes: tuple[str, ...], ranges: Mapping[str, TensorRange]) -> None:

@@ -24,19 +24,23 @@ log = logging.getLogger(__name__)
 MIN_AMAX = 1e-8
 
 
-def unwrap_float_nodes(model: onnx.ModelProto, protected: Iterable[str]) -> int:
-    """Rewire protected nodes' inputs past activation Q/DQ pairs, in place. Returns the number of inputs rewired."""
+def unwrap_float_nodes(model: onnx.ModelProto, protected: Iterable[str], keep_outputs_of: Iterable[str] = ()) -> int:
+    """Rewire protected nodes' inputs past activation Q/DQ pairs, in place. Returns the number of inputs rewired.
+
+    Outputs of the nodes in `keep_outputs_of` (int8 kernels) stay quantized: ORT fuses DQ -> Conv -> Q into
+    QLinearConv only with that Q, and a float consumer then reads the kernel's real (dequantized) int8 output."""
     graph = model.graph
     producers = {out: node for node in graph.node for out in node.output}
     initializers = {i.name for i in graph.initializer}
-    wanted = set(protected)
+    wanted, kept = set(protected), set(keep_outputs_of)
     rewired = 0
     for node in graph.node:
         if node.name not in wanted:
             continue
         for position, tensor in enumerate(node.input):
             source = _quantized_source(tensor, producers, initializers)
-            if source is not None:
+            origin = producers.get(source) if source is not None else None
+            if source is not None and (origin is None or origin.name not in kept):
                 node.input[position] = source
                 rewired += 1
     _prune_dead(graph, ("DequantizeLinear", "QuantizeLinear"))

@@ -1,0 +1,157 @@
+"""ONNX Runtime backend: sessions, name-bound runner with clear errors, conversion helpers, on tiny graphs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from quant.backends import ort as ort_backend
+from quant.backends.ort import OrtRunner, make_session
+from quant.errors import ModelError
+
+RNG = np.random.default_rng(0)
+
+
+def weights(name: str, *shape: int) -> onnx.TensorProto:
+    return numpy_helper.from_array((RNG.standard_normal(shape) * 0.3).astype(np.float32), name)
+
+
+def save(nodes, inputs, outputs, inits, path: Path, opset: int = 17) -> Path:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def two_input_model(path: Path) -> Path:
+    """y = a @ w + b (b broadcast); a is float (B, 4), b is int64 (3,) cast to float."""
+    nodes = [helper.make_node("MatMul", ["a", "w"], ["m"]), helper.make_node("Cast", ["b"], ["bf"], to=1),
+             helper.make_node("Add", ["m", "bf"], ["y"])]
+    return save(nodes, [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["B", 4]),
+                        helper.make_tensor_value_info("b", TensorProto.INT64, [3])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 3])], [weights("w", 4, 3)], path)
+
+
+def conv_model(path: Path) -> Path:
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    return save(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 8, 8])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])],
+                [weights("w1", 4, 2, 3, 3), weights("b1", 4), weights("w2", 3, 4, 3, 3), weights("b2", 3)], path)
+
+
+def test_make_session_errors(tmp_path: Path):
+    with pytest.raises(ModelError, match="no such ONNX model"):
+        make_session(tmp_path / "missing.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a protobuf at all")
+    with pytest.raises(ModelError, match="junk.onnx"):
+        make_session(junk)
+
+
+def test_session_options(tmp_path: Path):
+    session = make_session(two_input_model(tmp_path / "m.onnx"), threads=1, optimization="basic")
+    options = session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.execution_mode.name == "ORT_SEQUENTIAL"
+    assert options.graph_optimization_level.name == "ORT_ENABLE_BASIC"
+
+
+def test_runner_binds_by_name(tmp_path: Path):
+    runner = OrtRunner(two_input_model(tmp_path / "m.onnx"))
+    assert runner.input_names == ("a", "b") and runner.output_names == ("y",)
+    assert runner.input_specs[1].dtype == np.int64 and runner.input_specs[0].shape == ("B", 4)
+    a = RNG.standard_normal((2, 4)).astype(np.float32)
+    b = np.array([1, 2, 3], dtype=np.int64)
+    first = runner.run({"a": a, "b": b})["y"]
+    second = runner.run({"b": b, "a": a})["y"]  # order of the dict does not matter
+    np.testing.assert_array_equal(first, second)
+    w = numpy_helper.to_array(onnx.load(str(tmp_path / "m.onnx")).graph.initializer[0])
+    np.testing.assert_allclose(first, a @ w + b, rtol=1e-5)
+
+
+def test_runner_errors_name_the_tensor(tmp_path: Path):
+    runner = OrtRunner(two_input_model(tmp_path / "m.onnx"))
+    a = np.zeros((2, 4), np.float32)
+    b = np.zeros(3, np.int64)
+    with pytest.raises(ModelError, match=r"missing \['b'\]"):
+        runner.run({"a": a})
+    with pytest.raises(ModelError, match=r"unexpected \['c'\]"):
+        runner.run({"a": a, "b": b, "c": b})
+    with pytest.raises(ModelError, match="'b' must be int64, got int32"):
+        runner.run({"a": a, "b": b.astype(np.int32)})
+    with pytest.raises(ModelError, match="'a' must have rank 2"):
+        runner.run({"a": a[None], "b": b})
+    with pytest.raises(ModelError, match="'a' axis 1 must be 4"):
+        runner.run({"a": np.zeros((2, 5), np.float32), "b": b})
+
+
+def test_quantize_qdq_fuses_integer_kernels(tmp_path: Path):
+    path = conv_model(tmp_path / "conv.onnx")
+    x = RNG.standard_normal((1, 2, 8, 8)).astype(np.float32)
+    reference = OrtRunner(path).run({"x": x})
+    augmented_ranges = _minmax(path, x)
+    quantized = ort_backend.quantize_qdq(onnx.load(str(path)), augmented_ranges, ["conv1", "conv2"], ["Conv"],
+                                         activation_uint8=True)
+    out = tmp_path / "q.onnx"
+    onnx.save(quantized, str(out))
+    kernels = ort_backend.integer_kernel_counts(ort_backend.optimized_graph(out, tmp_path))
+    assert kernels == {"QLinearConv": 2}
+    got = OrtRunner(out).run({"x": x})["y"]
+    want = reference["y"]
+    snr_db = 10 * np.log10((want ** 2).sum() / ((want - got) ** 2).sum())
+    assert snr_db > 18  # a wrong scale or zero point gives < 5 dB
+    assert not list(tmp_path.glob("*.ort_optimized*"))  # optimized_graph cleans up after itself
+
+
+def _minmax(path: Path, x: np.ndarray) -> dict[str, tuple[float, float]]:
+    model = onnx.load(str(path))
+    names = ["x"] + [o for n in model.graph.node for o in n.output]
+    del model.graph.output[:]
+    model.graph.output.extend([helper.make_empty_tensor_value_info(n) for n in names])
+    values = _run_bytes(model, names, x)
+    return {n: (float(v.min()), float(v.max())) for n, v in zip(names, values)}
+
+
+def _run_bytes(model: onnx.ModelProto, names: list[str], x: np.ndarray) -> list[np.ndarray]:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return list(session.run(names, {"x": x}))
+
+
+def test_quantize_dynamic_lstm(tmp_path: Path):
+    hidden = 8
+    nodes = [helper.make_node("LSTM", ["x", "W", "R", "B"], ["Y"], name="lstm", hidden_size=hidden)]
+    path = save(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, 16])],
+                [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [5, 1, 1, hidden])],
+                [weights("W", 1, 4 * hidden, 16), weights("R", 1, 4 * hidden, hidden), weights("B", 1, 8 * hidden)],
+                tmp_path / "lstm.onnx")
+    out = tmp_path / "dyn.onnx"
+    ort_backend.quantize_dynamic_nodes(path, out, ["lstm"], ["LSTM"])
+    assert ort_backend.op_counts(onnx.load(str(out))) == {"DynamicQuantizeLSTM": 1}
+    x = RNG.standard_normal((5, 1, 16)).astype(np.float32)
+    want, got = OrtRunner(path).run({"x": x})["Y"], OrtRunner(out).run({"x": x})["Y"]
+    assert 10 * np.log10((want ** 2).sum() / ((want - got) ** 2).sum()) > 30
+
+
+def test_convert_fp16_keeps_io_and_blocks(tmp_path: Path):
+    path = conv_model(tmp_path / "conv.onnx")
+    converted = ort_backend.convert_fp16(onnx.load(str(path)), [], ["conv2"])
+    assert converted.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert converted.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    by_name = {i.name: i.data_type for i in converted.graph.initializer}
+    assert by_name["w1"] == TensorProto.FLOAT16 and by_name["w2"] == TensorProto.FLOAT
+    out = tmp_path / "fp16.onnx"
+    onnx.save(converted, str(out))
+    x = RNG.standard_normal((1, 2, 8, 8)).astype(np.float32)
+    want, got = OrtRunner(path).run({"x": x})["y"], OrtRunner(out).run({"x": x})["y"]
+    np.testing.assert_allclose(got, want, atol=1e-2 * np.abs(want).max())
+    producer = next(n for n in converted.graph.node if "y" in n.output)
+    assert producer.op_type == "Cast" and producer.attribute[0].i == TensorProto.FLOAT  # no float16 round trip
