@@ -1,0 +1,214 @@
+"""Speed: latency distribution after warm-up, real-time factor and throughput by batch, for any Runner.
+
+RTF = processing time / audio duration (the seed tables' definition): 0.1 means ten times faster than real time.
+Timing uses time.perf_counter around `runner.run` only; feeds are prepared before the clock starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from quant.backends import Runner
+
+logger = logging.getLogger(__name__)
+
+Feeds = Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """How many timed runs each measurement gets. `quick` is for CI smoke runs, not for reported numbers."""
+
+    runs: int = 200
+    stream_runs: int = 1000
+    warmup: int = 10
+    throughput_runs: int = 20
+    batches: tuple[int, ...] = (1, 4, 8, 16)
+    threads: tuple[int, ...] = (1, 2)
+
+    @classmethod
+    def quick(cls) -> BenchOptions:
+        return cls(runs=20, stream_runs=100, warmup=3, throughput_runs=5, batches=(1, 8), threads=(1, 2))
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    runs: int
+    min_ms: float
+    mean_ms: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {key: float(value) for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, float]) -> LatencyStats:
+        return cls(**{key: (int(values[key]) if key == "runs" else float(values[key])) for key in cls.__dataclass_fields__})
+
+
+def latency_stats(seconds: Sequence[float]) -> LatencyStats:
+    """Summary of per-run times (seconds in, milliseconds out); percentiles by linear interpolation."""
+    if not len(seconds):
+        raise ValueError("latency_stats needs at least one timed run")
+    ms = np.asarray(seconds, dtype=np.float64) * 1000.0
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return LatencyStats(len(ms), float(ms.min()), float(ms.mean()), float(p50), float(p90), float(p99), float(ms.max()))
+
+
+def time_calls(call: Callable[[], object], runs: int, warmup: int) -> LatencyStats:
+    """Run `call` warmup times untimed, then `runs` times timed one by one."""
+    for _ in range(warmup):
+        call()
+    seconds = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - start)
+    return latency_stats(seconds)
+
+
+def bench_runner(runner: Runner, feeds: Feeds, runs: int, warmup: int) -> LatencyStats:
+    """Latency of one graph on fixed feeds."""
+    prepared = dict(feeds)
+    return time_calls(lambda: runner.run(prepared), runs, warmup)
+
+
+def bench_stateful(
+    runner: Runner, frames: Sequence[np.ndarray], states: Mapping[str, np.ndarray], runs: int, warmup: int,
+    frame_input: str = "mix", state_suffix: str = "_out",
+) -> LatencyStats:
+    """Per-frame latency of a streaming graph, looping over real frames with its states carried by name
+    (`x` <- `x_out`), as a streaming application runs it. Only runner.run is timed."""
+    current = dict(states)
+    cycle = _cycle(frames)
+    seconds = []
+    for step in range(warmup + runs):
+        feeds = {frame_input: next(cycle), **current}
+        start = time.perf_counter()
+        outputs = runner.run(feeds)
+        elapsed = time.perf_counter() - start
+        current = {name: outputs[name + state_suffix] for name in current}
+        if step >= warmup:
+            seconds.append(elapsed)
+    return latency_stats(seconds)
+
+
+def _cycle(frames: Sequence[np.ndarray]) -> Iterator[np.ndarray]:
+    if not len(frames):
+        raise ValueError("bench_stateful needs at least one frame")
+    while True:
+        yield from frames
+
+
+def rtf(latency_ms: float, audio_seconds: float) -> float:
+    """Real-time factor: processing time / audio duration."""
+    return (latency_ms / 1000.0) / audio_seconds
+
+
+@dataclass(frozen=True)
+class Throughput:
+    batch: int
+    latency: LatencyStats
+    audio_seconds: float  # audio in one batch
+
+    @property
+    def items_per_s(self) -> float:
+        return self.batch / (self.latency.mean_ms / 1000.0)
+
+    @property
+    def rtf(self) -> float:
+        return rtf(self.latency.mean_ms, self.audio_seconds)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "batch": self.batch,
+            "latency_ms": self.latency.to_dict(),
+            "items_per_s": self.items_per_s,
+            "audio_seconds": self.audio_seconds,
+            "rtf": self.rtf,
+        }
+
+
+def bench_batches(
+    runner: Runner,
+    feeds_for_batch: Callable[[int], Feeds],
+    audio_seconds_per_item: float,
+    batches: Sequence[int],
+    runs: int,
+    warmup: int,
+) -> list[Throughput]:
+    """Throughput at each batch size; feeds_for_batch(b) builds the batch before timing starts."""
+    out = []
+    for batch in batches:
+        feeds = feeds_for_batch(batch)
+        stats = bench_runner(runner, feeds, runs, warmup)
+        out.append(Throughput(batch, stats, batch * audio_seconds_per_item))
+        logger.debug("batch %d: mean %.2f ms", batch, stats.mean_ms)
+    return out
+
+
+def tile_batch(feeds: Feeds, batch: int) -> dict[str, np.ndarray]:
+    """Repeat batch-1 feeds along axis 0 (every input of a batch-first graph)."""
+    return {name: np.ascontiguousarray(np.repeat(value, batch, axis=0)) for name, value in feeds.items()}
+
+
+# ------------------------------------------------------------------------------------------- per-graph workloads
+
+
+@dataclass(frozen=True)
+class GraphWorkload:
+    """What one graph is timed on: real batch-1 feeds (stateless graphs) or real frames plus zero states
+    (streaming graphs); `sweep_batches` adds the throughput sweep over BenchOptions.batches."""
+
+    graph: str  # the ONNX file stem: dpcrn, dpcrn_stream, encoder, decoder
+    unit: str  # what one run processes, for the report ("9 s segment", "16 ms frame", "4.2 s utterance")
+    audio_seconds: float  # audio processed by one batch-1 run
+    feeds: Mapping[str, np.ndarray] | None = None
+    frames: tuple[np.ndarray, ...] = ()
+    states: Mapping[str, np.ndarray] | None = None
+    sweep_batches: bool = False
+
+    @property
+    def streaming(self) -> bool:
+        return self.states is not None
+
+
+def measure_graph(
+    workload: GraphWorkload, make_runner: Callable[[int], Runner], options: BenchOptions,
+    threads: Sequence[int] | None = None,
+) -> dict[str, object]:
+    """Latency + RTF for each thread count (a fresh runner per count), and the batch sweep at the first count."""
+    by_threads: dict[str, object] = {}
+    sweep: dict[str, object] = {}
+    for index, count in enumerate(threads if threads is not None else options.threads):
+        runner = make_runner(count)
+        stats = _latency(runner, workload, options)
+        by_threads[str(count)] = {"latency_ms": stats.to_dict(), "rtf": rtf(stats.mean_ms, workload.audio_seconds)}
+        if index == 0 and workload.sweep_batches and workload.feeds is not None:
+            feeds = workload.feeds
+            results = bench_batches(
+                runner, lambda b: tile_batch(feeds, b), workload.audio_seconds, options.batches,
+                options.throughput_runs, max(1, options.warmup // 2),
+            )
+            sweep = {str(t.batch): t.to_dict() for t in results}
+    out: dict[str, object] = {"unit": workload.unit, "audio_seconds": workload.audio_seconds, "threads": by_threads}
+    if sweep:
+        out["batches"] = sweep
+    return out
+
+
+def _latency(runner: Runner, workload: GraphWorkload, options: BenchOptions) -> LatencyStats:
+    if workload.streaming:
+        assert workload.states is not None
+        return bench_stateful(runner, workload.frames, workload.states, options.stream_runs, options.warmup)
+    if workload.feeds is None:
+        raise ValueError(f"workload {workload.graph} has neither feeds nor streaming frames")
+    return bench_runner(runner, workload.feeds, options.runs, options.warmup)

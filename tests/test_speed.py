@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import pytest
+
+from quant.eval import speed
+
+
+def test_latency_stats_of_known_samples() -> None:
+    stats = speed.latency_stats([0.001 * v for v in range(1, 101)])  # 1..100 ms
+    assert stats.runs == 100
+    assert (stats.min_ms, stats.max_ms) == pytest.approx((1.0, 100.0))
+    assert stats.mean_ms == pytest.approx(50.5)
+    assert stats.p50_ms == pytest.approx(50.5)
+    assert stats.p90_ms == pytest.approx(90.1)
+    assert stats.p99_ms == pytest.approx(99.01)
+    assert speed.LatencyStats.from_dict(stats.to_dict()) == stats
+    with pytest.raises(ValueError):
+        speed.latency_stats([])
+
+
+def test_time_calls_counts_warmup_and_runs() -> None:
+    calls: list[int] = []
+    stats = speed.time_calls(lambda: calls.append(1), runs=7, warmup=3)
+    assert len(calls) == 10 and stats.runs == 7
+    assert 0.0 <= stats.min_ms <= stats.p50_ms <= stats.max_ms
+
+
+def test_rtf_and_throughput() -> None:
+    assert speed.rtf(90.0, 9.0) == pytest.approx(0.01)
+    stats = speed.latency_stats([0.1, 0.1])
+    tp = speed.Throughput(batch=8, latency=stats, audio_seconds=8 * 4.0)
+    assert tp.items_per_s == pytest.approx(80.0)
+    assert tp.rtf == pytest.approx(0.1 / 32.0)
+
+
+class CountingStream:
+    input_names = ["mix", "h"]
+    output_names = ["enh", "h_out"]
+
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.seen.append(float(feeds["h"][0]))
+        return {"enh": feeds["mix"], "h_out": feeds["h"] + 1}
+
+
+def test_bench_stateful_carries_states_and_cycles_frames() -> None:
+    runner = CountingStream()
+    frames = [np.full(2, i, np.float32) for i in range(3)]
+    stats = speed.bench_stateful(runner, frames, {"h": np.zeros(1, np.float32)}, runs=10, warmup=2)
+    assert stats.runs == 10
+    assert runner.seen == list(range(12))
+
+
+def test_tile_batch_repeats_batch_axis() -> None:
+    feeds = {"speech": np.ones((1, 5, 80), np.float32), "speech_lengths": np.array([5], np.int32)}
+    tiled = speed.tile_batch(feeds, 4)
+    assert tiled["speech"].shape == (4, 5, 80)
+    assert tiled["speech_lengths"].tolist() == [5, 5, 5, 5]
+    assert tiled["speech_lengths"].dtype == np.int32
+
+
+class BatchEcho:
+    input_names = ["x"]
+    output_names = ["y"]
+
+    def __init__(self, threads: int, log: list[tuple[int, int]]) -> None:
+        self.threads, self.log = threads, log
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.log.append((self.threads, feeds["x"].shape[0]))
+        return {"y": feeds["x"]}
+
+
+def test_measure_graph_covers_threads_and_batches() -> None:
+    log: list[tuple[int, int]] = []
+    workload = speed.GraphWorkload(
+        graph="encoder", unit="2 s utterance", audio_seconds=2.0, feeds={"x": np.zeros((1, 3), np.float32)},
+        sweep_batches=True,
+    )
+    options = speed.BenchOptions(runs=4, warmup=2, throughput_runs=3, batches=(1, 4), threads=(1, 2))
+    result = speed.measure_graph(workload, lambda t: BatchEcho(t, log), options)
+    threads = result["threads"]
+    assert isinstance(threads, dict) and set(threads) == {"1", "2"}
+    assert threads["1"]["latency_ms"]["runs"] == 4
+    batches = result["batches"]
+    assert isinstance(batches, dict) and set(batches) == {"1", "4"}
+    assert batches["4"]["audio_seconds"] == 8.0
+    # the batch sweep runs with the first thread count only
+    assert {t for t, b in log if b == 4} == {1}
+    assert sum(1 for t, b in log if t == 2) == 6
