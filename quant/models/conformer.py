@@ -85,6 +85,9 @@ def sinusoid_table(length: int, dim: int) -> Tensor:
 
 
 class GlobalCMVN(nn.Module):
+    mean: Tensor
+    istd: Tensor
+
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))
@@ -213,6 +216,8 @@ class ConformerBlock(nn.Module):
 
 
 class ConformerEncoder(nn.Module):
+    pos_table: Tensor
+
     def __init__(self, config: ConformerConfig) -> None:
         super().__init__()
         self.global_cmvn = GlobalCMVN(config.input_dim)
@@ -258,6 +263,8 @@ class DecoderBlock(nn.Module):
 class TransformerDecoder(nn.Module):
     """Left-to-right attention decoder: tokens [sos, y1..yn] -> logits for [y1..yn, eos]."""
 
+    pos_table: Tensor
+
     def __init__(self, config: ConformerConfig) -> None:
         super().__init__()
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
@@ -271,7 +278,8 @@ class TransformerDecoder(nn.Module):
     def forward(self, memory: Tensor, memory_lens: Tensor, tokens: Tensor, token_lens: Tensor) -> Tensor:
         """memory (N, T, d), memory_lens (N,), tokens (N, L) valid ids, token_lens (N,) -> logits (N, L, V)."""
         length = tokens.size(1)
-        causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=tokens.device))
+        steps = torch.arange(length, device=tokens.device)
+        causal = steps.unsqueeze(0) <= steps.unsqueeze(1)  # (L, L) lower triangle; tril needs opset 14
         tgt_mask = padding_mask(token_lens, length).unsqueeze(1) & causal.unsqueeze(0)
         memory_mask = padding_mask(memory_lens, memory.size(1)).unsqueeze(1)
         x = self.dropout(self.embed(tokens) * self.xscale + self.pos_table[:, :length])
