@@ -46,7 +46,6 @@ PRECISIONS = ("fp32", "fp16", "int8")
 MODES = ("implicit", "explicit")
 CONSTRAINTS = ("obey", "prefer")
 ENGINE_FILE = "model.engine"
-META_FILE = "meta.json"
 DEFAULT_WORKSPACE_BYTES = 4 << 30
 
 Feed = Mapping[str, np.ndarray]
@@ -346,7 +345,7 @@ def make_calibrator(feeds: Iterable[Feed], cache_io: CalibrationCacheIO | None =
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """Everything that decides how an engine is built (recorded in meta.json)."""
+    """Everything that decides how an engine is built (recorded beside it)."""
 
     precision: str = "fp32"
     mode: str = "implicit"
@@ -379,15 +378,17 @@ def make_spec(
     profiles: Sequence[ProfileSpec] = (),
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
 ) -> EngineSpec:
+    """An EngineSpec; rule decisions other than fp32/fp16 (int8: TensorRT chooses) are left unconstrained."""
     frozen_profiles = tuple(
         tuple((name, (tuple(lo), tuple(opt), tuple(hi))) for name, (lo, opt, hi) in profile.items())
         for profile in profiles
     )
+    pinned = {node: p for node, p in (layer_precisions or {}).items() if p in ("fp32", "fp16")}
     return EngineSpec(
         precision=precision,
         mode=mode,
         constraints=constraints,
-        layer_precisions=tuple(sorted((layer_precisions or {}).items())),
+        layer_precisions=tuple(sorted(pinned.items())),
         profiles=frozen_profiles,
         workspace_bytes=workspace_bytes,
     )
@@ -431,8 +432,9 @@ def _set_precision_flags(config: trt.IBuilderConfig, caps: Capabilities, spec: E
     if spec.precision == "int8":
         config.set_flag(trt.BuilderFlag.INT8)
     if spec.applies_layer_precisions:
-        flag = "OBEY" if spec.constraints == "obey" else "PREFER"
-        config.set_flag(getattr(trt.BuilderFlag, f"{flag}_PRECISION_CONSTRAINTS"))
+        obey = spec.constraints == "obey"
+        flag = trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS if obey else trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS
+        config.set_flag(flag)
 
 
 def _make_profile(builder: trt.Builder, shapes: Iterable[tuple[str, tuple[Shape, Shape, Shape]]]) -> Any:
@@ -597,24 +599,70 @@ def _attach_calibrator(
 
 def build_engine(
     onnx_path: Path,
-    out_dir: Path,
-    spec: EngineSpec,
-    feeds: Iterable[Feed] | None = None,
+    out_dir: Path | None = None,
+    precision: str = "fp32",
+    mode: str = "implicit",
+    *,
+    engine_path: Path | None = None,
+    feeds: Iterable[Feed] | Any = None,
+    cache_key: Any = None,
+    calibration_cache: Path | None = None,
     cache_io: CalibrationCacheIO | None = None,
+    layer_precisions: Mapping[str, str] | Sequence[tuple[str, str]] | Path | None = None,
+    constraints: str = "obey",
+    profiles: Sequence[ProfileSpec] | None = None,
     timing_cache_path: Path | None = None,
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
     meta: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Build `out_dir/model.engine` (+ meta.json) from `onnx_path` as described by `spec`.
+    """Build `out_dir/model.engine` (or `engine_path`) from `onnx_path`, with `<engine>.json` beside it.
 
-    `feeds` (implicit INT8 only) is an iterable of {input name: array} with fixed shapes; `cache_io` reads/writes
-    the calibration cache under its key. `meta` adds entries (model, rules, cache key) to meta.json.
+    precision fp32 | fp16 | int8; mode implicit (TensorRT <= 10: builder flags, calibrator, layer precision) or
+    explicit (the ONNX carries the precisions: Q/DQ or FP16 ONNX; strongly typed on >= 10).
+    Implicit INT8 calibration: `feeds` (iterable of {input: array} with fixed shapes, or a TrtFeedSource) and a
+    cache: `calibration_cache` (a file whose key must name this ONNX), `cache_key` (quant's store under
+    engines/cache: read on an exact hit, written after calibrating) or a ready `cache_io`.
+    `layer_precisions`: ONNX node -> fp32 | fp16 (quant.precision's TensorRT list, or a JSON file of it).
+    `profiles`: [{input: (min, opt, max)}]; default: the known models' profiles (quant.build.trt_build).
     """
+    from quant.build import trt_build
+
+    version = str(require_tensorrt().__version__)
+    onnx_path = Path(onnx_path)
+    engine_path = _engine_path(out_dir, engine_path)
+    rules = trt_build.load_layer_precisions(layer_precisions)
+    check_mode(capabilities(version), precision, mode, any(p in ("fp32", "fp16") for p in rules.values()))
+    trt_build.check_onnx_for_mode(onnx_path, precision, mode)
+    if cache_io is None and precision == "int8" and mode == "implicit":
+        cache_io = trt_build.cache_io_for(onnx_path, cache_key, calibration_cache, version)
+    spec = make_spec(precision, mode, rules, constraints, profiles or (), workspace_bytes)
+    extra = {**dict(meta or {}), "cache_key": cache_key.to_dict() if hasattr(cache_key, "to_dict") else cache_key}
+    return _build(onnx_path, engine_path, spec, trt_build.as_feed_dicts(feeds), cache_io, timing_cache_path, extra)
+
+
+def _engine_path(out_dir: Path | None, engine_path: Path | None) -> Path:
+    if engine_path is not None:
+        return Path(engine_path)
+    if out_dir is None:
+        raise BuildError("build_engine needs out_dir or engine_path")
+    return Path(out_dir) / ENGINE_FILE
+
+
+def _build(
+    onnx_path: Path,
+    engine_path: Path,
+    spec: EngineSpec,
+    feeds: Iterable[Feed] | None,
+    cache_io: CalibrationCacheIO | None,
+    timing_cache_path: Path | None,
+    meta: Mapping[str, Any],
+) -> Path:
     caps = capabilities(str(trt.__version__))
-    check_mode(caps, spec.precision, spec.mode, bool(spec.layer_precisions) and spec.precision != "fp32")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = parse_onnx(builder, logger, Path(onnx_path), _network_flags(caps, spec))
+    network = parse_onnx(builder, logger, onnx_path, _network_flags(caps, spec))
     inputs = network_inputs(network)
+    spec = _with_default_profiles(spec, inputs)
     config = _build_config(builder, caps, spec, timing_cache_path)
     add_profiles(builder, config, spec, inputs)
     if spec.applies_layer_precisions:
@@ -624,33 +672,47 @@ def build_engine(
         engine_bytes = _serialize(builder, network, config)
     finally:
         if calibrator is not None:
-            calibrator.raise_pending()
             calibrator.close()
+            calibrator.raise_pending()
     save_timing_cache(config, timing_cache_path)
-    return write_engine(Path(out_dir), engine_bytes, caps, spec, meta, calibrator)
+    return write_engine(engine_path, engine_bytes, caps, spec, meta, calibrator)
+
+
+def _with_default_profiles(spec: EngineSpec, inputs: Mapping[str, Shape]) -> EngineSpec:
+    if spec.profiles:
+        return spec
+    from quant.build.trt_build import default_profiles
+
+    profiles = default_profiles(inputs)
+    return make_spec(spec.precision, spec.mode, dict(spec.layer_precisions), spec.constraints, profiles,
+                     spec.workspace_bytes)
+
+
+def meta_path_of(engine_path: Path) -> Path:
+    """`model.engine` -> `model.engine.json`: the engine's own record (the artifact folder's meta.json is the build's)."""
+    return Path(engine_path).with_name(Path(engine_path).name + ".json")
 
 
 def write_engine(
-    out_dir: Path, engine_bytes: bytes, caps: Capabilities, spec: EngineSpec, extra: Mapping[str, Any] | None, calibrator: Any
+    engine_path: Path, engine_bytes: bytes, caps: Capabilities, spec: EngineSpec, extra: Mapping[str, Any], calibrator: Any
 ) -> Path:
-    engine_path = atomic_write_bytes(out_dir / ENGINE_FILE, engine_bytes)
+    atomic_write_bytes(engine_path, engine_bytes)
     meta = {
         "backend": "tensorrt",
         "tensorrt_version": caps.version,
         **gpu_info(),
         "precision": spec.precision,
         "mode": spec.mode,
+        "strongly_typed": caps.strongly_typed_required or (caps.strongly_typed and spec.mode == "explicit"),
         "constraints": spec.constraints if spec.applies_layer_precisions else None,
         "layer_precisions": dict(spec.layer_precisions),
         "profiles": [{name: shapes for name, shapes in profile} for profile in spec.profiles],
-        "calibration": None
-        if calibrator is None
-        else {"cache_hit": calibrator.cache_hit, "batches": calibrator.cursor.count},
-        **dict(extra or {}),
+        "calibration": None if calibrator is None else {"cache_hit": calibrator.cache_hit, "batches": calibrator.cursor.count},
+        **dict(extra),
     }
-    atomic_write_json(out_dir / META_FILE, meta)
+    atomic_write_json(meta_path_of(engine_path), meta)
     log.info("wrote %s (%d bytes)", engine_path, len(engine_bytes))
-    return engine_path
+    return Path(engine_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -658,7 +720,7 @@ def write_engine(
 
 
 def read_meta(engine_path: Path) -> dict[str, Any]:
-    meta_path = Path(engine_path).with_name(META_FILE)
+    meta_path = meta_path_of(engine_path)
     if not meta_path.is_file():
         raise ModelError(
             f"{meta_path} is missing: quant only runs engines it built (quant build MODEL --backend trt), "

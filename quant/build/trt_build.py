@@ -263,9 +263,8 @@ def load_layer_precisions(source: Mapping[str, str] | Sequence[tuple[str, str]] 
     """ONNX node -> precision, from a mapping, (node, precision) pairs or a JSON file of either."""
     if source is None:
         return {}
-    if isinstance(source, (str, Path)):
-        source = json.loads(Path(source).read_text())
-    pairs = source.items() if isinstance(source, Mapping) else source
+    loaded: Any = json.loads(Path(source).read_text()) if isinstance(source, (str, Path)) else source
+    pairs = loaded.items() if isinstance(loaded, Mapping) else loaded
     return {str(node): str(precision) for node, precision in pairs}
 
 
@@ -344,8 +343,9 @@ def _tensorrt_calibration(model: str, onnx_path: Path, manifest: Path, options: 
     from quant.calib.calibrate import data_sha256
     from quant.calib.readers import TrtFeedSource, reader_for
 
+    version = str(backend.require_tensorrt().__version__)
     key = CacheKey.create(sha256_file(onnx_path), data_sha256(manifest, None), TRT_CALIBRATION_METHOD,
-                          {"batch_size": options.batch_size, "tensorrt": str(backend.trt.__version__)})
-    cache_io = cache_io_for(onnx_path, key, trt_version=str(backend.trt.__version__))
+                          {"batch_size": options.batch_size, "tensorrt": version})
+    cache_io = cache_io_for(onnx_path, key, trt_version=version)
     source = TrtFeedSource(reader_for(model, onnx_path, manifest), onnx_input_names(onnx_path), options.batch_size)
     return cache_io, as_feed_dicts(source)
