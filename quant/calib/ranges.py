@@ -255,11 +255,11 @@ def _split(feed: Feed, max_batch: int | None) -> Iterator[Feed]:
     if max_batch is None:
         yield feed
         return
-    sizes = {value.shape[0] if value.ndim else None for value in feed.values()}
-    if len(sizes) != 1 or None in sizes:
-        raise CalibrationError(f"max_batch needs every input to share its first dimension, got shapes "
-                               f"{ {name: value.shape for name, value in feed.items()} }")
-    size = int(sizes.pop())
+    sizes = {int(value.shape[0]) if value.ndim else -1 for value in feed.values()}
+    if len(sizes) != 1 or -1 in sizes:
+        shapes = {name: value.shape for name, value in feed.items()}
+        raise CalibrationError(f"max_batch needs every input to share its first dimension, got shapes {shapes}")
+    size = sizes.pop()
     for start in range(0, size, max_batch):
         yield {name: value[start : start + max_batch] for name, value in feed.items()}
 

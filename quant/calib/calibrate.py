@@ -1,0 +1,199 @@
+"""calibrate(): model + calibration set -> ranges -> TensorRT cache with keyed sidecar, reusing a matching cache.
+
+The key of a calibration is (model sha256, calibration-set sha256, method + parameters, tool versions). The
+calibration-set sha256 is quant.data.manifest.manifest_sha256 of the manifest (manifest lines and the referenced
+files' sha256); when there is no manifest module or no manifest (feeds passed in directly, or the reader's default
+set), it is the sha256 of the feeds themselves (names, dtypes, shapes and bytes, in order), which costs one pass over
+the feeds without inference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any
+import numpy as np
+
+from quant.calib.cache import CacheEntry, CacheKey, check_entry, read_entry, sidecar_path, store_path, write_entry
+from quant.calib.ranges import FeedSource, RangeOptions, collect_ranges, method_params
+from quant.errors import CacheMismatch, CalibrationError
+from quant.fileio import sha256_file
+from quant.paths import engines_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CalibrateOptions:
+    ranges: RangeOptions = field(default_factory=RangeOptions)
+    force: bool = False  # overwrite a cache at the output path whose key differs
+    trt_version: str | None = None  # header version digits; default: installed TensorRT or cache.DEFAULT_TRT_VERSION
+    reader: Any = None  # quant.calib.readers.ReaderOptions (batch size, frame stride, limit...); part of the key
+
+
+def default_store() -> Path:
+    """The cache store: engines/cache/ (QUANT_ENGINES moves engines/)."""
+    return engines_dir() / "cache"
+
+
+def calibrate(
+    onnx_path: str | Path,
+    model_kind: str | None = None,
+    manifest: str | Path | None = None,
+    method: str = "entropy",
+    out_cache: str | Path | None = None,
+    options: CalibrateOptions | None = None,
+    feeds: FeedSource | None = None,
+) -> CacheEntry:
+    """Calibrate `onnx_path` and write its cache (default: the store, named by model, method and key digest).
+
+    Feeds come from `feeds` when given, else from quant.calib.readers.reader_for(model_kind, ...) over `manifest`.
+    A cache at the output path with the same key is reused; one with another key is refused unless options.force.
+    """
+    options = options or CalibrateOptions()
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise CalibrationError(f"ONNX model {onnx_path} not found: export it first (quant export) or pass an .onnx")
+    if feeds is None:
+        manifest = resolved_manifest(model_kind, manifest)
+        source = reader(model_kind, onnx_path, manifest, options.reader)
+        key = make_key(onnx_path, method, options.ranges, manifest, source, reader_params(options.reader))
+    else:
+        source = feeds
+        key = make_key(onnx_path, method, options.ranges, manifest, source)
+    target = Path(out_cache) if out_cache is not None else store_path(default_store(), key, onnx_path.stem)
+    reused = _reuse(target, key, options.force)
+    if reused is not None:
+        return reused
+    log.info("calibrating %s with %s on %s", onnx_path, method, manifest or "the reader's default set")
+    result = collect_ranges(onnx_path, source, method, options.ranges)
+    info = {"model": str(onnx_path), "model_kind": model_kind, "manifest": str(manifest) if manifest else None}
+    return write_entry(target, key, result, info, options.trt_version)
+
+
+def make_key(onnx_path: str | Path, method: str, options: RangeOptions, manifest: str | Path | None = None,
+             feeds: FeedSource | None = None, reader: dict[str, Any] | None = None) -> CacheKey:
+    """The key a calibration of this model on this data with this method (and reader settings) would have."""
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise CalibrationError(f"ONNX model {path} not found: export it first (quant export) or pass an existing .onnx")
+    params = method_params(method, options)
+    if reader is not None:
+        params["reader"] = reader
+    return CacheKey.create(sha256_file(path), data_sha256(manifest, feeds), method, params)
+
+
+def verify(cache_path: str | Path, onnx_path: str | Path, model_kind: str | None = None,
+           manifest: str | Path | None = None) -> list[str]:
+    """Why the cache at `cache_path` is not valid for this model and data today (empty list: a hit).
+
+    The cache's own method, parameters and reader settings are kept; model sha256, calibration-set sha256 and tool
+    versions are recomputed."""
+    entry = read_entry(cache_path)
+    onnx_path = Path(onnx_path)
+    params = json.loads(entry.key.params)
+    manifest = resolved_manifest(model_kind, manifest)
+    data_hash = _manifest_sha256(manifest) if manifest is not None else None
+    if data_hash is None:
+        data_hash = feeds_sha256(reader(model_kind, onnx_path, manifest, _reader_options(params.get("reader"))))
+    if not onnx_path.is_file():
+        raise CalibrationError(f"ONNX model {onnx_path} not found")
+    wanted = CacheKey.create(sha256_file(onnx_path), data_hash, entry.key.method, params)
+    return entry.key.differences(wanted)
+
+
+def _reader_options(recorded: dict[str, Any] | None) -> Any:
+    if recorded is None:
+        return None
+    from quant.calib.readers import ReaderOptions
+
+    recorded = dict(recorded, states=tuple(tuple(pair) for pair in recorded.get("states", ())))
+    return ReaderOptions(**recorded)
+
+
+def reader_params(reader_options: Any) -> dict[str, Any]:
+    """Reader settings that change the feeds (batch size pads WeNet batches, frame stride, limit): part of the key."""
+    if reader_options is None:
+        try:
+            from quant.calib.readers import ReaderOptions
+        except ImportError:
+            return {}
+        reader_options = ReaderOptions()
+    if is_dataclass(reader_options) and not isinstance(reader_options, type):
+        return dict(json.loads(json.dumps(asdict(reader_options))))
+    return dict(json.loads(json.dumps(dict(reader_options))))
+
+
+def data_sha256(manifest: str | Path | None, feeds: FeedSource | None) -> str:
+    if manifest is not None:
+        manifest_hash = _manifest_sha256(Path(manifest))
+        if manifest_hash is not None:
+            return manifest_hash
+    if feeds is None:
+        raise CalibrationError("cannot key the calibration set: no manifest and no feeds")
+    return feeds_sha256(feeds)
+
+
+def _manifest_sha256(manifest: Path) -> str | None:
+    if not manifest.is_file():
+        raise CalibrationError(f"calibration manifest {manifest} not found")
+    try:
+        from quant.data.manifest import manifest_sha256
+    except ImportError:
+        log.warning("quant.data.manifest is not available: keying the calibration set by its feeds' bytes")
+        return None
+    return str(manifest_sha256(manifest))
+
+
+def feeds_sha256(feeds: FeedSource) -> str:
+    """sha256 over every feed's input names, dtypes, shapes and bytes, in iteration order."""
+    digest = hashlib.sha256()
+    for feed in feeds() if callable(feeds) else feeds:
+        for name in sorted(feed):
+            value = np.ascontiguousarray(feed[name])
+            digest.update(f"{name}|{value.dtype.str}|{value.shape}|".encode())
+            digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def reader(model_kind: str | None, onnx_path: Path, manifest: str | Path | None,
+           reader_options: Any = None) -> FeedSource:
+    """The feed source of quant.calib.readers for this model (imported lazily); manifest None means the model's
+    committed calibration set."""
+    try:
+        from quant.calib.readers import default_manifest, reader_for
+    except ImportError as error:
+        raise CalibrationError(f"no calibration reader available ({error}); pass feeds explicitly") from None
+    kind = model_kind or str(onnx_path)
+    if manifest is None:
+        manifest = default_manifest(kind)
+    source: FeedSource = reader_for(kind, onnx_path, manifest, reader_options)
+    return source
+
+
+def resolved_manifest(model_kind: str | None, manifest: str | Path | None) -> Path | None:
+    """The manifest a reader will use: the given one, or the committed set of a known model (None if unknown)."""
+    if manifest is not None:
+        return Path(manifest)
+    try:
+        from quant.calib.readers import default_manifest
+        return default_manifest(model_kind) if model_kind else None
+    except (ImportError, CalibrationError):
+        return None
+
+
+def _reuse(target: Path, key: CacheKey, force: bool) -> CacheEntry | None:
+    if not target.exists() and not sidecar_path(target).exists():
+        return None
+    try:
+        entry = check_entry(target, key)
+    except (CacheMismatch, CalibrationError) as error:
+        if force:
+            log.warning("overwriting %s (--force): %s", target, error)
+            return None
+        raise CacheMismatch(f"{error} (refusing to overwrite {target}; pass --force or choose another -o)") from None
+    log.info("reusing %s: key matches (model, data, method, versions)", target)
+    return entry

@@ -1,0 +1,57 @@
+"""`quant calibrate MODEL --method entropy|minmax|percentile [--data MANIFEST] [-o CACHE] [--force]`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+MODEL_HELP = ("an ONNX file, or a model name (dpcrn, dpcrn-stream, wenet-encoder, wenet-decoder) meaning its export "
+              "under engines/export/ (exported on demand)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "calibrate", help="collect activation ranges and write a TensorRT calibration cache + keyed sidecar",
+        description="Run the FP32 model over real-speech calibration feeds, compute amax per activation tensor and "
+        "write TensorRT's cache format plus a JSON sidecar with the key (model, data, method, versions). A cache "
+        "with the same key is reused; one with another key is refused unless --force.",
+    )
+    parser.add_argument("model", help=MODEL_HELP)
+    parser.add_argument("--method", choices=("entropy", "minmax", "percentile"), default="entropy")
+    parser.add_argument("--percentile", type=float, default=99.99, help="for --method percentile (default 99.99)")
+    parser.add_argument("--data", type=Path, help="calibration manifest (default: the model's committed set)")
+    parser.add_argument("-o", "--output", type=Path,
+                        help="cache file (default: engines/cache/<model>-<method>-<key>.cache)")
+    parser.add_argument("--force", action="store_true", help="overwrite a cache at -o whose key differs")
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
+    parser.add_argument("--max-batch", type=int, help="split feed batches along axis 0 to bound memory")
+    parser.add_argument("--trt-version", help="version digits of the cache header, e.g. 8601 (default: installed "
+                        "TensorRT, else the library default)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(handler=run)
+
+
+def resolve_model(model: str) -> tuple[str | None, Path]:
+    """(model kind or None, ONNX path) for a model name or a path."""
+    path = Path(model)
+    if path.suffix == ".onnx":
+        return None, path
+    from quant.build.artifact import resolve_model as resolve_known
+
+    _, onnx_path = resolve_known(model)
+    return model, onnx_path
+
+
+def run(args: argparse.Namespace) -> int:
+    from quant.calib.calibrate import CalibrateOptions, calibrate
+    from quant.calib.ranges import RangeOptions
+
+    kind, onnx_path = resolve_model(args.model)
+    ranges = RangeOptions(percentile=args.percentile, threads=args.threads, max_batch=args.max_batch,
+                          progress=not args.no_progress)
+    options = CalibrateOptions(ranges=ranges, force=args.force, trt_version=args.trt_version)
+    entry = calibrate(onnx_path, kind, args.data, args.method, args.output, options)
+    zero = sum(1 for item in entry.ranges.values() if item.amax == 0)
+    print(f"{entry.path}: {entry.cache.header}, {len(entry.cache.scale_bits)} tensors ({zero} with amax 0), "
+          f"method {entry.key.method}, key {entry.key.digest()[:12]}, created {entry.created}")
+    return 0

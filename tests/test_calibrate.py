@@ -1,0 +1,139 @@
+"""calibrate(): keyed reuse, refusal of mismatching caches, the store; the calibrate/cache CLI handlers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from quant.calib import cache as cc
+from quant.calib import calibrate as cal
+from quant.calib.ranges import RangeOptions
+from quant.cli import cache as cli_cache
+from quant.cli import calibrate as cli_calibrate
+from quant.errors import CacheMismatch, CalibrationError
+
+OPTIONS = cal.CalibrateOptions(ranges=RangeOptions(progress=False), trt_version="8601")
+
+
+def tiny_model(path: Path, weight: float = 0.5) -> Path:
+    nodes = [helper.make_node("Mul", ["x", "w"], ["h"]), helper.make_node("Tanh", ["h"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 4])],
+                              [numpy_helper.from_array(np.array(weight, np.float32), "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(path))
+    return path
+
+
+def feeds(seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(scale=2, size=(2, 4)).astype(np.float32)} for _ in range(4)]
+
+
+def test_calibrate_writes_cache_and_reuses_on_same_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_model(tmp_path / "m.onnx")
+    out = tmp_path / "m.cache"
+    entry = cal.calibrate(model, None, None, "minmax", out, OPTIONS, feeds=feeds())
+    x = np.concatenate([feed["x"] for feed in feeds()])
+    assert entry.ranges["x"].amax == float(np.abs(x).max())
+    assert set(entry.cache.scale_bits) == {"x", "h", "y"}
+    assert out.read_bytes().startswith(b"TRT-8601-EntropyCalibration2\n")
+    assert entry.key.data_sha256 == cal.feeds_sha256(feeds())
+    monkeypatch.setattr(cal, "collect_ranges", lambda *args: pytest.fail("a matching cache must be reused"))
+    again = cal.calibrate(model, None, None, "minmax", out, OPTIONS, feeds=feeds())
+    assert again.key == entry.key and again.cache == entry.cache
+
+
+def test_mismatching_cache_is_refused_unless_forced(tmp_path: Path) -> None:
+    model = tiny_model(tmp_path / "m.onnx")
+    out = tmp_path / "m.cache"
+    cal.calibrate(model, None, None, "minmax", out, OPTIONS, feeds=feeds())
+    with pytest.raises(CacheMismatch, match="calibration-set sha256 differs.*--force"):
+        cal.calibrate(model, None, None, "minmax", out, OPTIONS, feeds=feeds(seed=1))
+    with pytest.raises(CacheMismatch, match="method differs: cache minmax, requested entropy"):
+        cal.calibrate(model, None, None, "entropy", out, OPTIONS, feeds=feeds())
+    other_model = tiny_model(tmp_path / "m2.onnx", weight=0.25)
+    with pytest.raises(CacheMismatch, match="model sha256 differs"):
+        cal.calibrate(other_model, None, None, "minmax", out, OPTIONS, feeds=feeds())
+    forced = cal.calibrate(model, None, None, "entropy", out, cal.CalibrateOptions(
+        ranges=RangeOptions(progress=False), force=True), feeds=feeds())
+    assert cc.read_entry(out).key == forced.key and forced.key.method == "entropy"
+
+
+def test_default_output_goes_to_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
+    model = tiny_model(tmp_path / "m.onnx")
+    entry = cal.calibrate(model, None, None, "percentile", None, OPTIONS, feeds=feeds())
+    assert entry.path.parent == tmp_path / "engines" / "cache" and entry.path.name.startswith("m-percentile-")
+    assert json.loads(entry.key.params) == {"num_bins": 2048, "percentile": 99.99}
+    assert cc.lookup(cal.default_store(), entry.key).hit
+
+
+def test_missing_model_and_missing_manifest_are_user_errors(tmp_path: Path) -> None:
+    with pytest.raises(CalibrationError, match="not found"):
+        cal.calibrate(tmp_path / "none.onnx", None, None, "minmax", None, OPTIONS, feeds=feeds())
+    model = tiny_model(tmp_path / "m.onnx")
+    with pytest.raises(CalibrationError, match="manifest .* not found"):
+        cal.calibrate(model, None, tmp_path / "none.jsonl", "minmax", None, OPTIONS, feeds=feeds())
+
+
+# ---- CLI handlers (parsers built from our register functions only) ----------------------------------------------
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="quant")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    cli_calibrate.register(subparsers)
+    cli_cache.register(subparsers)
+    return parser.parse_args(argv)
+
+
+def test_cache_cli_list_show_diff_export_rm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
+    model = tiny_model(tmp_path / "m.onnx")
+    first = cal.calibrate(model, None, None, "minmax", None, OPTIONS, feeds=feeds())
+    second = cal.calibrate(model, None, None, "entropy", None, OPTIONS, feeds=feeds())
+
+    def run(argv: list[str]) -> str:
+        args = parse(argv)
+        assert args.handler(args) == 0
+        return capsys.readouterr().out
+
+    listing = run(["cache", "list"])
+    assert first.path.name in listing and second.path.name in listing and first.key.model_sha256[:12] in listing
+    shown = run(["cache", "show", str(first.path), "--tensors"])
+    assert "TRT-8601-EntropyCalibration2, 3 tensors" in shown and '"method": "minmax"' in shown
+    diffed = run(["cache", "diff", str(first.path), str(second.path)])
+    assert "3 tensors" in diffed and "ratio over 3 shared non-zero tensors" in diffed
+    run(["cache", "export", str(first.path), "--format", "qdq", "--encoding", "uint8", "-o", str(tmp_path / "q.json")])
+    qdq = json.loads((tmp_path / "q.json").read_text())
+    assert qdq["encoding"] == "uint8" and set(qdq["tensors"]) == {"x", "h", "y"}
+    run(["cache", "export", str(first.path), "--format", "ort-json", "-o", str(tmp_path / "ort.json")])
+    assert json.loads((tmp_path / "ort.json").read_text())["CLS"] == "TensorsData"
+    run(["cache", "rm", str(first.path)])
+    assert not first.path.exists()
+    assert first.path.name not in run(["cache", "list"])
+
+
+def test_cache_cli_show_accepts_tensorrt_cache_without_sidecar(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "trt.cache"
+    path.write_bytes(b"TRT-8401-EntropyCalibration2\ninput: 3caa54fc\nmask: 0\n")
+    args = parse(["cache", "show", str(path)])
+    assert args.handler(args) == 0
+    out = capsys.readouterr().out
+    assert "2 tensors" in out and "1 zero" in out and "no sidecar" in out
+
+
+def test_calibrate_cli_parses_options() -> None:
+    args = parse(["calibrate", "m.onnx", "--method", "percentile", "--percentile", "99.9", "-o", "c.cache",
+                  "--force", "--max-batch", "2"])
+    assert (args.method, args.percentile, args.output, args.force, args.max_batch) == (
+        "percentile", 99.9, Path("c.cache"), True, 2)
+    assert cli_calibrate.resolve_model("some/where.onnx") == (None, Path("some/where.onnx"))
