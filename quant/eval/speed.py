@@ -51,7 +51,9 @@ class LatencyStats:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, float]) -> LatencyStats:
-        return cls(**{key: (int(values[key]) if key == "runs" else float(values[key])) for key in cls.__dataclass_fields__})
+        return cls(
+            int(values["runs"]), *(float(values[key]) for key in ("min_ms", "mean_ms", "p50_ms", "p90_ms", "p99_ms", "max_ms"))
+        )
 
 
 def latency_stats(seconds: Sequence[float]) -> LatencyStats:
