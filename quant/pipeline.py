@@ -1,0 +1,612 @@
+"""The main job (`quant run`): export -> calibrate -> build fp32/fp16/int8 -> evaluate accuracy and speed -> report.
+
+Every step is skipped when its inputs' hashes match what the last run recorded (engines/.pipeline/*.json), so a
+second run reuses exports, calibration caches, builds and accuracy results; speed is measured fresh every run.
+A failing step marks its rows failed (with the error) and the run goes on; run_all reports the failures and the
+CLI exits non-zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from quant import __version__
+from quant.backends import Runner, open_runner
+from quant.errors import BackendUnavailable, QuantError
+from quant.eval.speed import BenchOptions
+from quant.fileio import atomic_write_json, sha256_bytes, sha256_file
+from quant.paths import ASSETS_DIR, PACKAGE_DIR, calib_data_dir, engines_dir
+
+logger = logging.getLogger(__name__)
+
+MODELS = ("dpcrn", "dpcrn-stream", "wenet")
+PRECISIONS = ("fp32", "fp16", "int8")
+# model -> graphs as quant.build names them, and the ONNX file each graph is exported to
+GRAPHS: dict[str, tuple[str, ...]] = {
+    "dpcrn": ("dpcrn",), "dpcrn-stream": ("dpcrn-stream",), "wenet": ("wenet-encoder", "wenet-decoder"),
+}
+GRAPH_FILES = {"dpcrn": "dpcrn.onnx", "dpcrn-stream": "dpcrn_stream.onnx", "wenet-encoder": "encoder.onnx",
+               "wenet-decoder": "decoder.onnx"}
+WEIGHTS = {"dpcrn": "dpcrn.pt", "dpcrn-stream": "dpcrn.pt", "wenet": "conformer.pt"}
+TEST_SETS = {"dpcrn": "se_test", "dpcrn-stream": "se_test", "wenet": "asr_test"}
+STAMP_DIR = ".pipeline"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    models: tuple[str, ...] = MODELS
+    backends: tuple[str, ...] | None = None  # None: ort, plus trt when TensorRT is usable here
+    precisions: tuple[str, ...] = PRECISIONS
+    eager: bool = True  # PyTorch eager rows alongside
+    se_utterances: int | None = None  # None: the whole se_test set
+    asr_utterances: int | None = None  # None: the whole asr_test set
+    bench: BenchOptions = field(default_factory=BenchOptions)
+    eval_threads: int = 2  # accuracy runs (speed uses bench.threads)
+    out_dir: Path | None = None  # default engines_dir()
+    force: bool = False  # ignore stamps: re-export, rebuild, re-evaluate
+    accuracy: bool = True  # False: speed only (quant bench)
+    report_dir: Path | None = None  # default: the engines folder
+    progress: bool = True
+    command: str = "quant run"
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> RunOptions:
+        """CI smoke settings: a few utterances and short timing loops (numbers not for reporting)."""
+        base = cls(se_utterances=3, asr_utterances=6, bench=BenchOptions.quick(), command="quant run --quick")
+        return replace(base, **overrides)
+
+
+@dataclass
+class RunResult:
+    results: dict[str, Any]
+    paths: dict[str, Path]
+    failures: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+# ------------------------------------------------------------------------------------------------ stamps
+
+
+def _stamp_path(root: Path, name: str) -> Path:
+    return root / STAMP_DIR / f"{name}.json"
+
+
+def is_fresh(root: Path, name: str, key: Mapping[str, Any], outputs: Iterable[Path]) -> bool:
+    """True when the stamp `name` recorded exactly `key` and every output still exists."""
+    import json
+
+    path = _stamp_path(root, name)
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return recorded.get("key") == _jsonable(key) and all(Path(p).exists() for p in outputs)
+
+
+def write_stamp(root: Path, name: str, key: Mapping[str, Any], payload: Any = None) -> None:
+    atomic_write_json(_stamp_path(root, name), {"key": _jsonable(key), "payload": payload})
+
+
+def read_stamp_payload(root: Path, name: str) -> Any:
+    import json
+
+    try:
+        return json.loads(_stamp_path(root, name).read_text()).get("payload")
+    except (OSError, ValueError):
+        return None
+
+
+def _jsonable(value: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(value, default=str, sort_keys=True))
+
+
+def _file_sha(path: Path) -> str | None:
+    return sha256_file(path) if path.is_file() else None
+
+
+def _sources_sha(*relative: str) -> str:
+    """sha256 over quant's own source files that shape a step's output (code changes invalidate stamps)."""
+    digest = "".join(sha256_file(PACKAGE_DIR / rel) for rel in relative if (PACKAGE_DIR / rel).is_file())
+    return sha256_bytes(digest.encode())
+
+
+# ------------------------------------------------------------------------------------------------ steps
+
+
+class Steps:
+    """The per-model steps, each a small function returning paths; `root` is the engines folder."""
+
+    def __init__(self, root: Path, options: RunOptions) -> None:
+        self.root = root
+        self.options = options
+
+    def export(self, model: str) -> dict[str, Path]:
+        """ONNX files of the model's graphs under engines/export/<model>/ (skipped when weights and code match)."""
+        folder = self.root / "export" / model
+        paths = {graph: folder / GRAPH_FILES[graph] for graph in GRAPHS[model]}
+        key = {"weights": _file_sha(ASSETS_DIR / WEIGHTS[model]), "quant": __version__,
+               "code": _sources_sha("models/dpcrn.py", "models/conformer.py", "models/export.py",
+                                    "models/wenet_export.py")}
+        if not self.options.force and is_fresh(self.root, f"export-{model}", key, paths.values()):
+            logger.info("export %s: up to date (%s)", model, folder)
+            return paths
+        from quant.models.export import export_model
+
+        logger.info("export %s -> %s", model, folder)
+        export_model(model, folder)
+        missing = [str(p) for p in paths.values() if not p.is_file()]
+        if missing:
+            raise QuantError(f"export of {model} did not write {missing}")
+        write_stamp(self.root, f"export-{model}", key)
+        return paths
+
+    def calibrate(self, graph: str, onnx_path: Path) -> Path:
+        """Entropy calibration cache of one graph (quant.calib reuses a cache whose key matches)."""
+        from quant.calib.calibrate import calibrate
+
+        entry = calibrate(onnx_path, model_kind=graph, method="entropy")
+        return Path(entry.path)
+
+    def build(self, graph: str, precision: str, backend: str, source: Path, cache: Path | None) -> Path:
+        """The artifact file (ORT: model.onnx, TensorRT: model.engine) of one graph at one precision."""
+        from quant.build import build_artifact
+
+        folder = self.root / graph / (precision if backend == "ort" else f"{precision}-{backend}")
+        artifact = folder / ("model.onnx" if backend == "ort" else "model.engine")
+        key = {"source": _file_sha(source), "cache": _file_sha(cache) if cache else None, "quant": __version__,
+               "code": _sources_sha("build/artifact.py", "build/ort_build.py", "build/qdq.py", "precision.py",
+                                    "precision_default.toml", "backends/ort.py", "backends/trt.py")}
+        name = f"build-{graph}-{precision}-{backend}"
+        if not self.options.force and is_fresh(self.root, name, key, [artifact]):
+            logger.info("build %s %s %s: up to date", graph, precision, backend)
+            return artifact
+        options: dict[str, Any] = {"out_dir": folder}
+        if precision == "int8" and cache is not None:
+            options["cache"] = cache
+        build_artifact(graph, precision, backend, **options)
+        if not artifact.is_file():
+            raise QuantError(f"build of {graph} {precision} ({backend}) wrote no {artifact}")
+        write_stamp(self.root, name, key)
+        return artifact
+
+
+# ------------------------------------------------------------------------------------------------ rows
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    model: str
+    backend: str
+    precision: str
+    artifacts: Mapping[str, Path]  # graph stem (dpcrn, dpcrn_stream, encoder, decoder) -> file
+
+    def open(self, stem: str, threads: int) -> Runner:
+        return open_runner(self.artifacts[stem], self.backend, threads)
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} {self.backend} {self.precision}"
+
+
+def stem(graph: str) -> str:
+    return Path(GRAPH_FILES[graph]).stem
+
+
+def failed_row(model: str, backend: str, precision: str, error: BaseException | str) -> dict[str, Any]:
+    message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return {"model": model, "backend": backend, "precision": precision, "status": "failed", "error": message}
+
+
+# ------------------------------------------------------------------------------------------------ environment
+
+
+def environment() -> dict[str, Any]:
+    import onnxruntime
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    env = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "quant": __version__,
+           "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
+    try:
+        from quant.backends.trt import require_tensorrt
+
+        env["tensorrt"] = str(require_tensorrt().__version__)
+    except (QuantError, ImportError, AttributeError):
+        pass
+    return env
+
+
+def resolve_backends(requested: Sequence[str] | None) -> tuple[str, ...]:
+    """ort always; trt when asked for (an error if unusable) or, by default, when TensorRT imports here."""
+    from quant.backends.trt import require_tensorrt
+
+    if requested is not None:
+        unknown = [b for b in requested if b not in ("ort", "trt")]
+        if unknown:
+            raise BackendUnavailable(f"unknown backends {unknown}; expected ort and/or trt")
+        if "trt" in requested:
+            require_tensorrt()
+        return tuple(requested)
+    try:
+        require_tensorrt()
+    except BackendUnavailable as error:
+        logger.info("TensorRT rows skipped: %s", error)
+        return ("ort",)
+    return ("ort", "trt")
+
+
+# ------------------------------------------------------------------------------------------------ test data
+
+
+@dataclass
+class TestData:
+    """One model family's test set, loaded once and shared by every row."""
+
+    manifest: Path
+    limit: int | None
+    se_pairs: list[tuple[str, np.ndarray, np.ndarray]] = field(default_factory=list)
+    asr_samples: list[Any] = field(default_factory=list)
+    noisy_scores: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> dict[str, Any]:
+        return {"manifest": _file_sha(self.manifest), "limit": self.limit}
+
+
+def load_test_data(model: str, options: RunOptions) -> TestData:
+    manifest = calib_data_dir() / TEST_SETS[model] / "manifest.jsonl"
+    if model == "wenet":
+        from quant.eval.asr import load_samples
+
+        data = TestData(manifest, options.asr_utterances)
+        data.asr_samples = load_samples(str(manifest), options.asr_utterances)
+        return data
+    from quant.eval.se import load_pairs
+
+    data = TestData(manifest, options.se_utterances)
+    data.se_pairs = load_pairs(str(manifest), options.se_utterances)
+    return data
+
+
+def representative(durations: Sequence[float]) -> int:
+    """Index of the utterance closest to the median duration (the speed workload)."""
+    median = float(np.median(durations))
+    return int(np.argmin([abs(d - median) for d in durations]))
+
+
+# ------------------------------------------------------------------------------------------------ accuracy
+
+
+def _progress(items: Sequence[Any], label: str, enabled: bool) -> Iterable[Any]:
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=label, unit="utt", leave=False)
+
+
+def evaluate_task(spec: RowSpec, data: TestData, options: RunOptions) -> dict[str, Any]:
+    """Task metrics of one row on its test set."""
+    if spec.model == "wenet":
+        return _evaluate_asr(spec, data, options)
+    return _evaluate_se(spec, data, options)
+
+
+def _evaluate_asr(spec: RowSpec, data: TestData, options: RunOptions) -> dict[str, Any]:
+    from quant.eval.asr import evaluate_asr
+
+    threads = options.eval_threads
+    samples = list(_progress(data.asr_samples, spec.label, options.progress))
+    return evaluate_asr(spec.open("encoder", threads), spec.open("decoder", threads), samples).to_dict()
+
+
+def _evaluate_se(spec: RowSpec, data: TestData, options: RunOptions) -> dict[str, Any]:
+    from quant.eval import se
+
+    runner = spec.open(stem(GRAPHS[spec.model][0]), options.eval_threads)
+
+    def enhance(audio: np.ndarray) -> np.ndarray:
+        if spec.model == "dpcrn":
+            return se.enhance_offline(runner, audio)
+        return se.enhance_streaming(runner, audio)
+
+    pairs = list(_progress(data.se_pairs, spec.label, options.progress))
+    result = se.evaluate_se(enhance, pairs, data.noisy_scores or None)
+    if not data.noisy_scores:
+        data.noisy_scores.update({name: before for name, before, _ in result.per_utterance})
+    task: dict[str, Any] = {**result.enhanced.to_dict(), "utterances": result.utterances}
+    task.update({f"noisy_{key}": value for key, value in result.noisy.to_dict().items()})
+    return task
+
+
+# ------------------------------------------------------------------------------------------------ error vs FP32
+
+
+FeedList = list[dict[str, np.ndarray]]
+
+
+def comparison_feeds(model: str, data: TestData, reference: RowSpec) -> dict[str, FeedList]:
+    """Fixed real feeds per graph on which every row's outputs are compared with the FP32 ORT reference."""
+    if model == "wenet":
+        from quant.eval.asr import encoder_feeds
+
+        audios = [s.audio for s in data.asr_samples[:4]]
+        enc_feeds = encoder_feeds(audios)
+        return {"encoder": [enc_feeds], "decoder": [decoder_feeds(reference.open("encoder", 1), enc_feeds)]}
+    from quant.eval import se
+
+    noisy = data.se_pairs[0][1]
+    if model == "dpcrn":
+        return {"dpcrn": [{"mix": se.stft(se.segment(noisy)[:1]).astype(np.float32)}]}
+    runner = reference.open("dpcrn_stream", 1)
+    spec = se.stft(se.stream_padded(noisy))[:, :300]
+    return {"dpcrn_stream": [feeds for feeds, _ in se.stream_frames(runner, spec, se.zero_states(runner))]}
+
+
+def decoder_feeds(encoder: Runner, enc_feeds: Mapping[str, np.ndarray], beam: int = 10) -> dict[str, np.ndarray]:
+    """Rescoring-decoder feeds from an encoder pass and CTC prefix beam search (what the ASR runner feeds)."""
+    from quant.decoding import ctc_prefix_beam_search, hyps_to_decoder_inputs
+    from quant.models.tokenizer import CharTokenizer
+
+    out = encoder.run(dict(enc_feeds))
+    lengths = out["encoder_out_lens"].reshape(-1)
+    nbests = [ctc_prefix_beam_search(out["ctc_log_probs"][i], int(lengths[i]), beam) for i in range(len(lengths))]
+    inputs = hyps_to_decoder_inputs(nbests, CharTokenizer().sos_eos, beam)
+    return {"encoder_out": out["encoder_out"], "encoder_out_lens": lengths.astype(np.int32), **inputs.feeds()}
+
+
+def run_all_feeds(runner: Runner, feeds: FeedList) -> dict[str, np.ndarray]:
+    """Outputs over a feed list, each output flattened and concatenated (float outputs only)."""
+    collected: dict[str, list[np.ndarray]] = {}
+    for feed in feeds:
+        for name, value in runner.run({k: feed[k] for k in runner.input_names}).items():
+            if np.issubdtype(np.asarray(value).dtype, np.floating):
+                collected.setdefault(name, []).append(np.asarray(value, dtype=np.float32).reshape(-1))
+    return {name: np.concatenate(parts) for name, parts in collected.items()}
+
+
+def error_vs_reference(
+    spec: RowSpec, feeds: Mapping[str, FeedList], reference_outputs: Mapping[str, Mapping[str, np.ndarray]]
+) -> dict[str, dict[str, dict[str, float]]]:
+    from quant.eval.metrics import compare_outputs
+
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for graph_stem, feed_list in feeds.items():
+        outputs = run_all_feeds(spec.open(graph_stem, 1), feed_list)
+        reference = reference_outputs[graph_stem]
+        names = [n for n in reference if n in outputs]
+        out[graph_stem] = {n: e.to_dict() for n, e in compare_outputs(reference, outputs, names).items()}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ speed
+
+
+def workloads(model: str, data: TestData, reference: RowSpec) -> list[Any]:
+    """Speed workloads from real test audio (the median-length utterance)."""
+    from quant.eval import se
+    from quant.eval.speed import GraphWorkload
+    from quant.features import HOP, SAMPLE_RATE, SEGMENT_SAMPLES
+
+    if model == "wenet":
+        from quant.eval.asr import encoder_feeds
+
+        index = representative([s.audio.size / SAMPLE_RATE for s in data.asr_samples])
+        audio = data.asr_samples[index].audio
+        seconds = audio.size / SAMPLE_RATE
+        enc = encoder_feeds([audio])
+        dec = decoder_feeds(reference.open("encoder", 1), enc)
+        unit = f"{seconds:.2f} s utterance"
+        return [GraphWorkload("encoder", unit, seconds, feeds=enc, sweep_batches=True),
+                GraphWorkload("decoder", unit + " (n-best 10)", seconds, feeds=dec, sweep_batches=True)]
+    index = representative([noisy.size / SAMPLE_RATE for _, noisy, _ in data.se_pairs])
+    noisy = data.se_pairs[index][1]
+    if model == "dpcrn":
+        mix = se.stft(se.segment(noisy)[:1]).astype(np.float32)
+        return [GraphWorkload("dpcrn", "9 s segment", SEGMENT_SAMPLES / SAMPLE_RATE, feeds={"mix": mix})]
+    spec = se.stft(se.stream_padded(noisy)).astype(np.float32)
+    frames = tuple(np.ascontiguousarray(spec[None, :, t : t + 1, :]) for t in range(spec.shape[1]))
+    states = se.zero_states(reference.open("dpcrn_stream", 1))
+    return [GraphWorkload("dpcrn_stream", "16 ms frame", HOP / SAMPLE_RATE, frames=frames, states=states)]
+
+
+def measure_speed(spec: RowSpec, loads: Sequence[Any], bench: BenchOptions) -> dict[str, Any]:
+    from quant.eval.speed import measure_graph
+
+    threads = bench.threads if spec.backend in ("ort", "torch") else (1,)
+    return {load.graph: measure_graph(load, _opener(spec, load.graph), bench, threads) for load in loads}
+
+
+def _opener(spec: RowSpec, graph_stem: str) -> Callable[[int], Runner]:
+    return lambda threads: spec.open(graph_stem, threads)
+
+
+def primary_numbers(model: str, speed: Mapping[str, Any]) -> tuple[dict[str, float] | None, float | None]:
+    """(latency stats of the primary graph at 1 thread, RTF of the whole task per audio second)."""
+    graphs = ("encoder", "decoder") if model == "wenet" else (stem(GRAPHS[model][0]),)
+    entries = [speed.get(g, {}).get("threads", {}).get("1") for g in graphs]
+    if any(entry is None for entry in entries):
+        return None, None
+    first = entries[0]
+    assert first is not None
+    return first["latency_ms"], float(sum(entry["rtf"] for entry in entries if entry is not None))
+
+
+# ------------------------------------------------------------------------------------------------ orchestration
+
+
+def _eval_code_sha() -> str:
+    return _sources_sha("eval/se.py", "eval/asr.py", "eval/metrics.py", "features.py", "decoding.py",
+                        "backends/torch.py")
+
+
+class ModelRun:
+    """Everything `quant run` does for one model: export, calibrate, build, then evaluate each row."""
+
+    def __init__(self, model: str, backends: Sequence[str], steps: Steps, options: RunOptions) -> None:
+        self.model, self.backends, self.steps, self.options = model, tuple(backends), steps, options
+        self.rows: list[dict[str, Any]] = []
+        self.failures: list[str] = []
+
+    def _fail(self, backend: str, precision: str, error: BaseException) -> None:
+        row = failed_row(self.model, backend, precision, error)
+        self.rows.append(row)
+        self.failures.append(f"{self.model} {backend} {precision}: {row['error']}")
+        logger.error("%s %s %s failed: %s", self.model, backend, precision, row["error"])
+        logger.debug("traceback", exc_info=error)
+
+    def _combos(self) -> list[tuple[str, str]]:
+        combos = [("torch", "fp32")] if self.options.eager else []
+        return combos + [(b, p) for b in self.backends for p in self.options.precisions]
+
+    def run(self) -> list[dict[str, Any]]:
+        try:
+            exported = self.steps.export(self.model)
+        except Exception as error:  # noqa: BLE001 - one failing model must not stop the others
+            for backend, precision in self._combos():
+                self._fail(backend, precision, error)
+            return self.rows
+        specs = self._build_all(exported)
+        self._evaluate_all(specs)
+        return self.rows
+
+    def _build_all(self, exported: Mapping[str, Path]) -> list[RowSpec]:
+        specs = []
+        if self.options.eager:
+            specs.append(RowSpec(self.model, "torch", "fp32", {stem(g): exported[g] for g in GRAPHS[self.model]}))
+        caches: dict[str, Path] = {}
+        for backend in self.backends:
+            for precision in self.options.precisions:
+                try:
+                    specs.append(self._build_row(backend, precision, exported, caches))
+                except Exception as error:  # noqa: BLE001
+                    self._fail(backend, precision, error)
+        return specs
+
+    def _build_row(self, backend: str, precision: str, exported: Mapping[str, Path],
+                   caches: dict[str, Path]) -> RowSpec:
+        artifacts = {}
+        for graph in GRAPHS[self.model]:
+            cache = None
+            if precision == "int8":
+                if graph not in caches:
+                    caches[graph] = self.steps.calibrate(graph, exported[graph])
+                cache = caches[graph]
+            artifacts[stem(graph)] = self.steps.build(graph, precision, backend, exported[graph], cache)
+        return RowSpec(self.model, backend, precision, artifacts)
+
+    def _evaluate_all(self, specs: Sequence[RowSpec]) -> None:
+        reference = next((s for s in specs if (s.backend, s.precision) == ("ort", "fp32")), None)
+        reference = reference or next((s for s in specs if s.backend == "torch"), None)
+        if reference is None:
+            return
+        try:
+            data = load_test_data(self.model, self.options)
+            feeds = comparison_feeds(self.model, data, reference) if self.options.accuracy else {}
+            ref_outputs = {g: run_all_feeds(reference.open(g, 1), f) for g, f in feeds.items()}
+            loads = workloads(self.model, data, reference)
+        except Exception as error:  # noqa: BLE001
+            for spec in specs:
+                self._fail(spec.backend, spec.precision, error)
+            return
+        context = EvalContext(data, feeds, ref_outputs, loads, _artifact_key(reference))
+        for spec in sorted(specs, key=lambda s: s is not reference):
+            try:
+                self.rows.append(evaluate_row(spec, context, self.steps.root, self.options))
+            except Exception as error:  # noqa: BLE001
+                self._fail(spec.backend, spec.precision, error)
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    data: TestData
+    feeds: Mapping[str, FeedList]
+    reference_outputs: Mapping[str, Mapping[str, np.ndarray]]
+    loads: Sequence[Any]
+    reference_key: Mapping[str, Any]
+
+
+def _artifact_key(spec: RowSpec) -> dict[str, Any]:
+    key: dict[str, Any] = {g: _file_sha(p) for g, p in sorted(spec.artifacts.items())}
+    if spec.backend == "torch":
+        key["weights"] = _file_sha(ASSETS_DIR / WEIGHTS[spec.model])
+    return key
+
+
+def evaluate_row(spec: RowSpec, context: EvalContext, root: Path, options: RunOptions) -> dict[str, Any]:
+    """Accuracy (cached by artifact + data hashes) and speed (measured every run) of one row."""
+    key = {"artifacts": _artifact_key(spec), "data": context.data.key, "reference": context.reference_key,
+           "code": _eval_code_sha()}
+    name = f"eval-{spec.model}-{spec.backend}-{spec.precision}"
+    cached = read_stamp_payload(root, name)
+    if not options.accuracy:
+        accuracy: dict[str, Any] = {"task": {}, "error_vs_fp32": {}}
+    elif not options.force and cached and is_fresh(root, name, key, spec.artifacts.values()):
+        logger.info("%s: accuracy up to date (cached)", spec.label)
+        accuracy = cached
+    else:
+        logger.info("%s: evaluating accuracy", spec.label)
+        start = time.perf_counter()
+        accuracy = {"task": evaluate_task(spec, context.data, options),
+                    "error_vs_fp32": error_vs_reference(spec, context.feeds, context.reference_outputs)}
+        accuracy["eval_seconds"] = time.perf_counter() - start
+        write_stamp(root, name, key, accuracy)
+    logger.info("%s: measuring speed", spec.label)
+    speed = measure_speed(spec, context.loads, options.bench)
+    latency, rtf = primary_numbers(spec.model, speed)
+    return {
+        "model": spec.model, "backend": spec.backend, "precision": spec.precision, "status": "ok", "error": None,
+        "artifacts": {g: str(p) for g, p in spec.artifacts.items()},
+        "task": accuracy["task"], "error_vs_fp32": accuracy["error_vs_fp32"],
+        "speed": speed, "latency_ms": latency, "rtf": rtf,
+    }
+
+
+def run_all(options: RunOptions = RunOptions()) -> RunResult:
+    """The main job; returns the results, the written report files and the failures (empty when all passed)."""
+    from quant.report import write_results
+
+    unknown = [m for m in options.models if m not in MODELS]
+    if unknown:
+        raise QuantError(f"unknown models {unknown}; expected some of {', '.join(MODELS)}")
+    root = options.out_dir or engines_dir()
+    backends = resolve_backends(options.backends)
+    steps = Steps(root, options)
+    started = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    failures: list[str] = []
+    for model in options.models:
+        logger.info("== %s ==", model)
+        model_run = ModelRun(model, backends, steps, options)
+        rows += model_run.run()
+        failures += model_run.failures
+    results = {
+        "schema": 1, "command": options.command, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "environment": environment(), "backends": list(backends), "wall_seconds": time.perf_counter() - started,
+        "options": _jsonable({"models": options.models, "precisions": options.precisions,
+                              "se_utterances": options.se_utterances, "asr_utterances": options.asr_utterances,
+                              "bench": asdict(options.bench), "eval_threads": options.eval_threads}),
+        "rows": rows,
+    }
+    paths = write_results(results, options.report_dir or root)
+    return RunResult(results, paths, failures)
