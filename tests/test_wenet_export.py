@@ -65,7 +65,8 @@ def test_files_are_self_contained_at_the_asked_opset_and_meta_describes_them(exp
     assert "LayerNormalization" in {n.op_type for n in model.graph.node}
     assert "BatchNormalization" not in {n.op_type for n in model.graph.node}  # folded into the depthwise Conv
     meta = json.loads((exported / "meta.json").read_text())
-    assert meta["model"] == "wenet" and meta["opset"] == 17 and meta["sos"] == meta["eos"] == 29
+    assert meta["model"] == "wenet" and meta["opset"] == 17
+    assert meta["decoding"]["sos"] == meta["decoding"]["eos"] == 29 and meta["decoding"]["beam"] == 10
     assert meta["config"]["d_model"] == 144
     enc_inputs = meta["files"]["encoder.onnx"]["inputs"]
     assert [(i["name"], i["dtype"]) for i in enc_inputs] == [("speech", "float32"), ("speech_lengths", "int32")]

@@ -15,6 +15,7 @@ log-probs, and best_index equal wherever the two best scores differ by more than
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -74,13 +75,20 @@ def export_wenet(
     out = Path(out_dir)
     model = load_conformer(weights)
     encoder_path, decoder_path = out / "encoder.onnx", out / "decoder.onnx"
-    _export(WenetEncoder(model, BEAM).eval(), _encoder_dummy(model), encoder_path, opset, ENCODER_INPUTS,
-            ENCODER_OUTPUTS, ENCODER_AXES)
-    _export(WenetDecoder(model).eval(), _decoder_dummy(model), decoder_path, opset, DECODER_INPUTS,
-            DECODER_OUTPUTS, DECODER_AXES)
-    for path in (encoder_path, decoder_path):
-        check_onnx_file(path, opset)
-    verify_wenet(model, encoder_path, decoder_path, _verification_audio(verify_audio))
+    encoder_tmp, decoder_tmp = temp_path_beside(encoder_path), temp_path_beside(decoder_path)
+    try:
+        _export(WenetEncoder(model, BEAM).eval(), _encoder_dummy(model), encoder_tmp, opset, ENCODER_INPUTS,
+                ENCODER_OUTPUTS, ENCODER_AXES)
+        _export(WenetDecoder(model).eval(), _decoder_dummy(model), decoder_tmp, opset, DECODER_INPUTS,
+                DECODER_OUTPUTS, DECODER_AXES)
+        for path in (encoder_tmp, decoder_tmp):
+            check_onnx_file(path, opset)
+        verify_wenet(model, encoder_tmp, decoder_tmp, _verification_audio(verify_audio))
+        os.replace(encoder_tmp, encoder_path)
+        os.replace(decoder_tmp, decoder_path)
+    finally:
+        encoder_tmp.unlink(missing_ok=True)
+        decoder_tmp.unlink(missing_ok=True)
     meta = _write_meta(out, model, _weights_sha256(weights), opset, [encoder_path, decoder_path])
     logger.info("exported %s and %s (opset %d), verified with ONNX Runtime", encoder_path, decoder_path, opset)
     return [encoder_path, decoder_path, meta]
@@ -105,17 +113,12 @@ def _export(
     module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, opset: int, inputs: list[str],
     outputs: list[str], axes: dict[str, dict[int, str]],
 ) -> None:
-    tmp = temp_path_beside(path)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter is chosen on purpose
-            torch.onnx.export(
-                module, args, str(tmp), input_names=inputs, output_names=outputs, dynamic_axes=axes,
-                opset_version=opset, do_constant_folding=True, dynamo=False,
-            )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter is chosen on purpose
+        torch.onnx.export(
+            module, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
+            opset_version=opset, do_constant_folding=True, dynamo=False,
+        )
 
 
 def check_onnx_file(path: Path, opset: int) -> None:
@@ -156,15 +159,9 @@ def verify_wenet(model: Conformer, encoder_path: Path, decoder_path: Path, audio
 
 
 def _session(path: Path) -> Any:
-    try:
-        from quant.backends.ort import make_session
-    except ImportError:
-        import onnxruntime as ort
+    from quant.backends.ort import make_session
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return make_session(path, threads=1)
+    return make_session(path, threads=1, providers=["CPUExecutionProvider"])
 
 
 def _run_torch(module: torch.nn.Module, names: list[str], *arrays: np.ndarray) -> dict[str, np.ndarray]:
@@ -214,40 +211,26 @@ def _compare_decoder(path: Path, ours: dict[str, np.ndarray], theirs: dict[str, 
                          f"{ours['best_index']}")
 
 
-def _weights_sha256(weights: str | os.PathLike[str] | None) -> str:
+def _weights_sha256(weights: str | os.PathLike[str] | None) -> str | None:
     path = Path(weights) if weights is not None else WEIGHTS_PATH
-    return sha256_file(path) if path.is_file() else "random-init"
+    return sha256_file(path) if path.is_file() else None
 
 
-def _io_description(path: Path) -> dict[str, Any]:
-    graph = onnx.load(str(path), load_external_data=False).graph
-    initializers = {init.name for init in graph.initializer}
+def _write_meta(out: Path, model: Conformer, weights_sha256: str | None, opset: int, paths: list[Path]) -> Path:
+    """meta.json through quant.models.export.write_export_meta, plus the facts a WeNet runtime needs to decode."""
+    from quant.models.export import write_export_meta
 
-    def describe(value: onnx.ValueInfoProto) -> dict[str, Any]:
-        tensor = value.type.tensor_type
-        shape = [dim.dim_param or dim.dim_value for dim in tensor.shape.dim]
-        return {"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name,
-                "shape": shape}
-
-    return {
-        "inputs": [describe(v) for v in graph.input if v.name not in initializers],
-        "outputs": [describe(v) for v in graph.output],
-    }
-
-
-def _write_meta(out: Path, model: Conformer, weights_sha256: str, opset: int, paths: list[Path]) -> Path:
-    meta = {
-        "model": "wenet",
-        "config": model.config.to_dict(),
-        "weights_sha256": weights_sha256,
-        "opset": opset,
+    meta_path = write_export_meta(out, "wenet", model.config.to_dict(), weights_sha256, opset, paths)
+    meta = json.loads(meta_path.read_text())
+    meta["decoding"] = {
         "beam": BEAM,
         "sos": model.sos_eos,
         "eos": model.sos_eos,
         "blank": 0,
         "ctc_weight": model.config.ctc_weight,
         "subsampling": 4,
-        "verified": {"atol": ATOL, "rtol": RTOL, "batches": [1, 3]},
-        "files": {path.name: {"sha256": sha256_file(path), **_io_description(path)} for path in paths},
+        "hyps_pad": "eos (negative ids are also accepted and treated as eos)",
+        "units": "quant/assets/units.txt",
     }
-    return atomic_write_json(out / "meta.json", meta)
+    meta["verified"] = {"atol": ATOL, "rtol": RTOL, "batches": [1, 3], "audio": "real speech (LibriVox)"}
+    return atomic_write_json(meta_path, meta)
