@@ -76,6 +76,15 @@ def test_gaussian_with_rare_outliers_is_well_below_max() -> None:
     assert 2.5 <= amax < 0.15 * histogram.amax
 
 
+def test_zero_spike_does_not_collapse_the_search_to_the_first_candidate() -> None:
+    rng = np.random.default_rng(6)  # 90 % exact zeros (ReLU / silence) plus a Laplacian body
+    values = np.concatenate([np.zeros(2_000_000), rng.laplace(size=200_000)]).astype(np.float32)
+    histogram = histogram_of(values)
+    first_candidate = hist.START_BIN * histogram.bin_width
+    assert hist.entropy_amax(histogram, suppress_zero_bin=False) == pytest.approx(first_candidate)
+    assert hist.entropy_amax(histogram) > 4 * first_candidate
+
+
 def test_percentile_from_histogram() -> None:
     values = np.arange(1, 10001, dtype=np.float32)  # |x| uniform on 1..10000
     histogram = histogram_of(values, num_bins=10000)

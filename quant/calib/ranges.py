@@ -43,6 +43,7 @@ class RangeOptions:
     num_bins: int = hist.NUM_BINS
     num_levels: int = hist.NUM_LEVELS
     start_bin: int = hist.START_BIN
+    suppress_zero_bin: bool = True  # entropy: bin 0 counted as bin 1 (pytorch-quantization; see histogram.py)
     percentile: float = hist.DEFAULT_PERCENTILE
     threads: int = 1
     max_batch: int | None = None  # split feeds along axis 0 into chunks of this size (all inputs must share dim 0)
@@ -87,7 +88,8 @@ def method_params(method: str, options: RangeOptions) -> dict[str, Any]:
     if method == "percentile":
         return {"num_bins": options.num_bins, "percentile": options.percentile}
     if method == "entropy":
-        return {"num_bins": options.num_bins, "num_levels": options.num_levels, "start_bin": options.start_bin}
+        return {"num_bins": options.num_bins, "num_levels": options.num_levels, "start_bin": options.start_bin,
+                "suppress_zero_bin": options.suppress_zero_bin}
     raise CalibrationError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
 
 
@@ -276,7 +278,7 @@ def _tensor_range(name: str, stats: TensorStats, method: str, options: RangeOpti
     elif method == "percentile":
         amax = hist.percentile_amax(stats.histogram, options.percentile)
     else:
-        amax = hist.entropy_amax(stats.histogram, options.num_levels, options.start_bin)
+        amax = hist.entropy_amax(stats.histogram, options.num_levels, options.start_bin, options.suppress_zero_bin)
     if minmax.nonfinite:
         log.info("tensor %s: ignored %d non-finite values", name, minmax.nonfinite)
     minimum = minmax.minimum if minmax.count else 0.0
