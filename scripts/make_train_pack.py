@@ -19,8 +19,8 @@ import io
 import json
 import logging
 import random
+import shutil
 import sys
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,6 +184,54 @@ def write_pack(out: Path, parts: dict[str, list[tuple[str, np.ndarray]]], seed: 
     atomic_write_bytes(out, buffer.getvalue())
     meta["size_mb"] = round(size_mb, 2)
     return meta
+
+
+ASR_TEXT_PACKAGES = ["fortunes", "fortunes-min", "wordnet-base", "asterisk-core-sounds-en",
+                     "asterisk-core-sounds-en-g722"]
+
+
+def build_asr(out: Path, debs_dir: Path, pkgs_dir: Path, seed: int, limit_mb: float) -> dict:
+    """debs/ (+ prebuilt libpcaudio stand-in), sentences.txt, prompts/*.wav + prompts/manifest.jsonl, README.txt."""
+    prep.fetch_and_unpack(ASR_TEXT_PACKAGES, debs_dir, pkgs_dir)
+    debs = prep.fetch(prep.SYNTH_PACKAGES, debs_dir)
+    (out / "debs").mkdir(parents=True, exist_ok=True)
+    for deb in debs.values():
+        shutil.copy(deb, out / "debs" / deb.name)
+    stub = prep.prepare_synth(debs_dir, pkgs_dir / ".synth-prefix").stub_dir
+    if stub is not None:
+        shutil.copy(stub / prep.STUB_NAME, out / "debs" / prep.STUB_NAME)
+    splits = prep.asr_text_splits(pkgs_dir, seed)
+    atomic_write_bytes(out / "sentences.txt", ("\n".join(splits["train"]) + "\n").encode())
+    train_prompts, _ = prep.split_prompts(prep.asterisk_prompts(pkgs_dir), prep.ASTERISK_TEST_TEXTS, seed)
+    rows = [prompt_row(pkgs_dir, name, text, out / "prompts") for name, text in train_prompts]
+    atomic_write_bytes(out / "prompts/manifest.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+    atomic_write_bytes(out / "README.txt", ASR_README.encode())
+    size_mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
+    if size_mb > limit_mb:
+        raise SystemExit(f"{out}: pack is {size_mb:.1f} MB > {limit_mb} MB")
+    return {"train_sentences": len(splits["train"]), "prompts": len(rows),
+            "prompt_seconds": round(sum(float(r["duration"]) for r in rows), 1), "debs": sorted(debs),
+            "stub": stub is not None, "size_mb": round(size_mb, 2)}
+
+
+def prompt_row(pkgs_dir: Path, name: str, text: str, folder: Path) -> dict[str, object]:
+    """Decode one asterisk prompt (G.722, 16 kHz), trim silence, write it as int16 WAV; its manifest row."""
+    samples = trim_silence(prep.decode_g722(prep.asterisk_audio(pkgs_dir, name)))
+    data = prep.write_wav(folder / f"{name}.wav", samples)
+    return {"path": f"{name}.wav", "duration": round(len(samples) / SAMPLE_RATE, 3), "sha256": prep.sha256_bytes(data),
+            "text": text, "source": "asterisk-core-sounds-en-g722 (Allison, en-US female)",
+            "license": "CC-BY-SA-3.0 (Digium/Sangoma, asterisk core sounds)"}
+
+
+ASR_README = """ASR training pack (built by scripts/make_train_pack.py asr).
+  debs/            espeak-ng + flite .debs (+ libpcaudio.so.0 stand-in, built from prepare_data.PCAUDIO_STUB_C)
+  sentences.txt    training sentences (held-out calib/test sentences and asterisk test prompt texts removed)
+  prompts/         real recorded asterisk prompts whose text is not in the test split, 16 kHz int16 WAV + manifest
+Synthesize on the training machine (no network, no soundfile needed):
+  python scripts/prepare_data.py asr-synth --debs .carry/asr_pack/debs --sentences .carry/asr_pack/sentences.txt \\
+      -o data/asr_synth --per-sentence 3 --workers 16
+flite slt is never used for training (held out for calib_data/asr_test).
+"""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,18 +1,41 @@
-"""Debian package fetching and unpacking for the corpus scripts (no system-wide install).
+#!/usr/bin/env python3
+"""Corpus preparation: fetch Debian packages, list speech/noise sources, synthesize ASR speech.
 
-`fetch` runs `apt-get download` into a cache folder and skips packages already there; `unpack` extracts a .deb into
-a folder with `dpkg-deb -x` when that tool exists, else with a pure-Python ar + tar reader (the GPU machine may lack
-dpkg). Both fail with a message that names the package and the fix.
+  python scripts/prepare_data.py asr-synth --debs DIR --sentences FILE -o OUTDIR
+      Synthesizes every sentence with several training voices (espeak-ng en-us/en-gb variants, flite kal16/awb/rms/kal;
+      flite slt is held out) from .debs unpacked into OUTDIR/.prefix (no system install; no soundfile needed),
+      writes 16 kHz mono int16 WAVs and OUTDIR/manifest.jsonl.
+
+Packages are fetched with `apt-get download` (skipped when the .deb is already there) and unpacked with `dpkg-deb -x`
+or, where dpkg is absent, a pure-Python .deb reader.
 """
 
 from __future__ import annotations
 
+import argparse
+import gzip
 import io
+import json
+import multiprocessing
+import os
+import random
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
+import tempfile
+import time
+import wave
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from quant.data.audio import SAMPLE_RATE, resample, trim_silence  # noqa: E402
+from quant.fileio import atomic_write_bytes, atomic_write_text, sha256_bytes  # noqa: E402
 
 
 class PackageError(RuntimeError):
@@ -181,3 +204,356 @@ def sonic_samples(root: Path, names: tuple[str, ...]) -> list[Path]:
     if missing:
         raise PackageError(f"{folder}: expected sonic-pi samples {missing}")
     return [folder / f"{n}.flac" for n in names]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ASR text: Debian fortunes sentences and the asterisk prompts' transcripts.
+
+FORTUNE_SKIP = {"off", "ethnic", "men-women", "drugs", "ascii-art", "translate-me"}  # offensive-leaning or not prose
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_ALLOWED = re.compile(r"^[a-z' ]+$")
+
+
+def normalize_text(text: str) -> str:
+    """Lowercase letters, apostrophes and single spaces (same rule as the conformer tokenizer)."""
+    text = text.lower().replace("\u2019", "'").replace("-", " ")
+    text = re.sub(r"[^a-z0-9' ]+", " ", text)
+    text = re.sub(r"(^| )'+|'+( |$)", " ", text)  # quotes, not apostrophes inside words
+    return " ".join(text.split())
+
+
+def fortune_sentences(root: Path, min_words: int = 4, max_words: int = 20) -> list[str]:
+    """Distinct normalized sentences from the non-offensive fortune sets; sentences with digits are dropped."""
+    seen: set[str] = set()
+    out: list[str] = []
+    for folder in sorted(root.glob("fortunes*/usr/share/games/fortunes")):
+        for path in sorted(folder.iterdir()):
+            if path.suffix or not path.is_file() or path.name in FORTUNE_SKIP:
+                continue
+            for sentence in _sentences(path.read_text(encoding="utf-8", errors="replace")):
+                if sentence not in seen and min_words <= len(sentence.split()) <= max_words:
+                    seen.add(sentence)
+                    out.append(sentence)
+    return out
+
+
+def _sentences(text: str) -> list[str]:
+    out = []
+    for fortune in text.split("\n%\n"):
+        body = " ".join(line.strip() for line in fortune.splitlines() if not line.strip().startswith("--"))
+        if "\t" in fortune or "|" in fortune or "{" in fortune:
+            continue  # tables, code, ASCII layout
+        for piece in _SENTENCE_END.split(body):
+            norm = normalize_text(piece)
+            if norm and _ALLOWED.match(norm) and piece.isascii() and not any(ch.isdigit() for ch in piece):
+                out.append(norm)
+    return out
+
+
+def wordnet_examples(root: Path, min_words: int = 4, max_words: int = 20) -> list[str]:
+    """Distinct normalized example sentences quoted in WordNet's data files (Debian wordnet-base)."""
+    seen: set[str] = set()
+    out: list[str] = []
+    for path in sorted((root / "wordnet-base/usr/share/wordnet").glob("data.*")):
+        for quoted in re.findall(r'"([^"]+)"', path.read_text(encoding="utf-8", errors="replace")):
+            norm = normalize_text(quoted)
+            if (quoted.isascii() and not any(ch.isdigit() for ch in quoted) and _ALLOWED.match(norm or "-")
+                    and min_words <= len(norm.split()) <= max_words and norm not in seen):
+                seen.add(norm)
+                out.append(norm)
+    return out
+
+
+def split_sentences(sentences: list[str], held_out: int, seed: int) -> tuple[list[str], list[str]]:
+    """(train, held_out) by a seeded shuffle; held-out sentences never appear in training."""
+    order = sorted(sentences)
+    random.Random(seed).shuffle(order)
+    return order[held_out:], order[:held_out]
+
+
+ASR_TEST_SENTENCES = 66  # spoken by the held-out voice in asr_test
+ASR_CALIB_SENTENCES = 72  # spoken by training voices in asr_calib
+ASTERISK_TEST_TEXTS = 40  # prompt texts reserved for asr_test
+
+
+def asr_text_splits(root: Path, seed: int) -> dict[str, list[str]]:
+    """train / calib / test sentences. calib and test are fortunes of 6-16 words; train is every other fortune plus
+    the WordNet examples, with calib, test and the asterisk test prompt texts removed."""
+    fortunes = fortune_sentences(root)
+    medium = [s for s in fortunes if 6 <= len(s.split()) <= 16]
+    _, held = split_sentences(medium, ASR_TEST_SENTENCES + ASR_CALIB_SENTENCES, seed)
+    test, calib = held[:ASR_TEST_SENTENCES], held[ASR_TEST_SENTENCES:]
+    _, asterisk_test = split_prompts(asterisk_prompts(root), ASTERISK_TEST_TEXTS, seed)
+    blocked = set(held) | {text for _, text in asterisk_test}
+    train = [s for s in dict.fromkeys(fortunes + wordnet_examples(root)) if s not in blocked]
+    return {"train": train, "calib": calib, "test": test}
+
+
+def asterisk_prompts(root: Path) -> list[tuple[str, str]]:
+    """(prompt name, normalized text) for spoken prompts; bracketed tones and prompts with digits are skipped."""
+    listing = root / "asterisk-core-sounds-en/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz"
+    if not listing.is_file():
+        raise PackageError(f"{listing}: missing; fetch the asterisk-core-sounds-en package")
+    out = []
+    for line in gzip.open(listing, "rt", encoding="utf-8", errors="replace"):
+        if line.startswith(";") or ":" not in line:
+            continue
+        name, text = line.split(":", 1)
+        if "[" in text or any(ch.isdigit() for ch in text):
+            continue
+        norm = normalize_text(text)
+        if norm and _ALLOWED.match(norm) and asterisk_audio(root, name.strip()).is_file():
+            out.append((name.strip(), norm))
+    return out
+
+
+def split_prompts(prompts: list[tuple[str, str]], test_count: int, seed: int) -> tuple[list, list]:
+    """(train, test) split by prompt TEXT: no test text is ever spoken in a training prompt."""
+    texts = sorted({text for _, text in prompts})
+    random.Random(seed).shuffle(texts)
+    test_texts = set(texts[:test_count])
+    return ([p for p in prompts if p[1] not in test_texts], [p for p in prompts if p[1] in test_texts])
+
+
+def asterisk_audio(root: Path, name: str) -> Path:
+    """The 16 kHz G.722 recording of a prompt (decoded with ffmpeg) or else its 8 kHz WAV."""
+    base = "usr/share/asterisk/sounds/en_US_f_Allison"
+    g722 = root / "asterisk-core-sounds-en-g722" / base / f"{name}.g722"
+    return g722 if g722.is_file() else root / "asterisk-core-sounds-en-wav" / base / f"{name}.wav"
+
+
+def decode_g722(path: Path) -> np.ndarray:
+    """float32 16 kHz mono from a raw G.722 file (ffmpeg; `apt-get install ffmpeg`)."""
+    if shutil.which("ffmpeg") is None:
+        raise PackageError(f"{path}: decoding G.722 needs ffmpeg (apt-get install -y ffmpeg)")
+    proc = subprocess.run(["ffmpeg", "-v", "error", "-f", "g722", "-i", str(path), "-f", "s16le", "-ac", "1",
+                           "-ar", str(SAMPLE_RATE), "-"], capture_output=True)
+    if proc.returncode != 0 or not proc.stdout:
+        raise PackageError(f"{path}: ffmpeg could not decode G.722: {proc.stderr.decode()[-300:]}")
+    return np.frombuffer(proc.stdout, np.int16).astype(np.float32) / 32768.0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Speech synthesis from unpacked .debs (espeak-ng, flite), no system install, no soundfile.
+
+SYNTH_PACKAGES = ["espeak-ng", "libespeak-ng1", "espeak-ng-data", "libpcaudio0", "libsonic0", "flite", "libflite1",
+                  "libasound2", "libasound2-data"]
+ESPEAK_VARIANTS = [f"m{i}" for i in range(1, 8)] + [f"f{i}" for i in range(1, 6)]
+TRAIN_FLITE_VOICES = ("kal16", "awb", "rms", "kal")
+HELD_OUT_VOICE = "slt"  # flite slt never appears in training
+SYNTH_LICENSE = "CC0 (synthetic speech generated by quant; text from Debian fortunes or WordNet examples)"
+PCAUDIO_STUB_C = r"""
+/* Stand-in for libpcaudio.so.0 (audio playback), so espeak-ng runs where PulseAudio is absent; -w never plays. */
+#include <stddef.h>
+struct audio_object;
+struct audio_object *create_audio_device_object(const char *d, const char *a, const char *n) { return NULL; }
+int audio_object_open(struct audio_object *o, int f, unsigned r, unsigned char c) { return -1; }
+void audio_object_close(struct audio_object *o) {}
+void audio_object_destroy(struct audio_object *o) {}
+int audio_object_write(struct audio_object *o, const void *d, size_t b) { return -1; }
+int audio_object_drain(struct audio_object *o) { return 0; }
+int audio_object_flush(struct audio_object *o) { return 0; }
+const char *audio_object_strerror(struct audio_object *o, int e) { return "no audio device (quant stub)"; }
+"""
+STUB_NAME = "libpcaudio.so.0"
+
+
+@dataclass(frozen=True)
+class Voice:
+    engine: str  # "espeak-ng" | "flite"
+    name: str  # espeak voice (en-us+m3) or flite voice (kal16)
+    speed: float = 1.0  # espeak words/min factor of 175, flite duration stretch inverse
+    pitch: int = 50  # espeak 0..99; flite F0 mean = 60 + pitch
+
+    @property
+    def label(self) -> str:
+        return f"{self.engine} {self.name} speed={self.speed:.2f} pitch={self.pitch}"
+
+
+@dataclass(frozen=True)
+class Synth:
+    """Paths inside an unpacked prefix."""
+
+    prefix: Path
+    stub_dir: Path | None
+
+    @property
+    def lib_dir(self) -> Path:
+        return self.prefix / "usr/lib/x86_64-linux-gnu"
+
+    def env(self) -> dict[str, str]:
+        paths = ([str(self.stub_dir)] if self.stub_dir else []) + [str(self.lib_dir)]
+        old = os.environ.get("LD_LIBRARY_PATH")
+        return {**os.environ, "LD_LIBRARY_PATH": ":".join(paths + ([old] if old else [])),
+                "ESPEAK_DATA_PATH": str(self.lib_dir / "espeak-ng-data")}
+
+    def command(self, voice: Voice, text: str, out: Path) -> list[str]:
+        if voice.engine == "espeak-ng":
+            return [str(self.prefix / "usr/bin/espeak-ng"), "--path", str(self.lib_dir), "-v", voice.name,
+                    "-s", str(int(175 * voice.speed)), "-p", str(voice.pitch), "-w", str(out), text]
+        return [str(self.prefix / "usr/bin/flite"), "-voice", voice.name, "--setf",
+                f"duration_stretch={1.0 / voice.speed:.3f}", "--setf", f"int_f0_target_mean={60 + voice.pitch}",
+                "-t", text, "-o", str(out)]
+
+
+def prepare_synth(debs_dir: Path, prefix: Path) -> Synth:
+    """Unpack the synthesis .debs found in debs_dir into prefix (once) and provide the libpcaudio stand-in."""
+    missing = [n for n in SYNTH_PACKAGES if deb_for(n, debs_dir) is None]
+    if missing:
+        raise PackageError(f"{debs_dir}: missing .debs for {missing}; run `make_train_pack.py asr` or "
+                           f"`apt-get download {' '.join(missing)}` there")
+    marker = prefix / ".unpacked"
+    if not marker.is_file():
+        unpack_prefix([deb_for(n, debs_dir) for n in SYNTH_PACKAGES], prefix)  # type: ignore[misc]
+        marker.write_text("ok\n")
+    return Synth(prefix, _stub_dir(debs_dir, prefix))
+
+
+def _stub_dir(debs_dir: Path, prefix: Path) -> Path | None:
+    """A folder holding the libpcaudio stand-in: prebuilt beside the .debs, or compiled here with cc."""
+    folder = prefix / "stub"
+    if (folder / STUB_NAME).is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    if (debs_dir / STUB_NAME).is_file():
+        shutil.copy(debs_dir / STUB_NAME, folder / STUB_NAME)
+        return folder
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None  # fall back to the real libpcaudio (needs libpulse0 on the system)
+    source = folder / "pcaudio_stub.c"
+    source.write_text(PCAUDIO_STUB_C)
+    proc = subprocess.run([compiler, "-shared", "-fPIC", "-O1", f"-Wl,-soname,{STUB_NAME}", "-o",
+                           str(folder / STUB_NAME), str(source)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise PackageError(f"{source}: could not build the libpcaudio stand-in: {proc.stderr[-300:]}")
+    return folder
+
+
+def read_wav(path: Path) -> tuple[np.ndarray, int]:
+    """float32 mono samples and rate from a 16-bit PCM WAV, with Python's wave module."""
+    with wave.open(str(path), "rb") as handle:
+        if handle.getsampwidth() != 2:
+            raise PackageError(f"{path}: expected 16-bit PCM WAV, got {8 * handle.getsampwidth()}-bit")
+        rate, channels = handle.getframerate(), handle.getnchannels()
+        pcm = np.frombuffer(handle.readframes(handle.getnframes()), np.int16)
+    return pcm.reshape(-1, channels).mean(axis=1).astype(np.float32) / 32768.0, rate
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
+    """16-bit mono WAV written atomically with the wave module; returns the file's bytes."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as handle:
+        handle.setnchannels(1)
+        handle.setsampwidth(2)
+        handle.setframerate(rate)
+        handle.writeframes(np.round(np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes())
+    data = buffer.getvalue()
+    atomic_write_bytes(path, data)
+    return data
+
+
+def synthesize(synth: Synth, voice: Voice, text: str, out: Path) -> np.ndarray:
+    """Run the engine into a temp WAV, resample to 16 kHz, trim silence, peak to -1 dBFS; float32."""
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "out.wav"
+        proc = subprocess.run(synth.command(voice, text, raw), env=synth.env(), capture_output=True, text=True)
+        if proc.returncode != 0 or not raw.is_file():
+            raise PackageError(f"{voice.label}: synthesis failed for {text!r}: {proc.stderr.strip()[-300:]}")
+        samples, rate = read_wav(raw)
+    samples = trim_silence(resample(samples, rate, SAMPLE_RATE))
+    peak = float(np.abs(samples).max()) if len(samples) else 0.0
+    if peak == 0.0:
+        raise PackageError(f"{voice.label}: silent output for {text!r}")
+    return samples * (0.89 / peak)
+
+
+def train_voices(rng: random.Random) -> Voice:
+    """A random training voice: espeak-ng en-us/en-gb variant or a flite training voice, random speed/pitch."""
+    if rng.random() < 0.6:
+        name = f"{rng.choice(['en-us', 'en-gb'])}+{rng.choice(ESPEAK_VARIANTS)}"
+        return Voice("espeak-ng", name, round(rng.uniform(0.75, 1.2), 2), rng.randint(25, 75))
+    return Voice("flite", rng.choice(TRAIN_FLITE_VOICES), round(rng.uniform(0.85, 1.15), 2), rng.randint(30, 70))
+
+
+@dataclass(frozen=True)
+class SynthJob:
+    voice: Voice
+    text: str
+    rel_path: str
+
+
+def run_job(args: tuple[Synth, SynthJob, Path]) -> dict[str, object]:
+    synth, job, out_dir = args
+    target = out_dir / job.rel_path
+    samples = synthesize(synth, job.voice, job.text, target)
+    data = write_wav(target, samples)
+    return {"path": job.rel_path, "duration": round(len(samples) / SAMPLE_RATE, 3), "sha256": sha256_bytes(data),
+            "text": job.text, "source": job.voice.label, "license": SYNTH_LICENSE}
+
+
+def synthesize_corpus(synth: Synth, jobs: list[SynthJob], out_dir: Path, workers: int) -> Path:
+    """Synthesize all jobs in parallel processes into out_dir; writes out_dir/manifest.jsonl (sorted by path)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tasks = [(synth, job, out_dir) for job in jobs]
+    with multiprocessing.Pool(workers) as pool:
+        rows = list(pool.imap_unordered(run_job, tasks, chunksize=16))
+    rows.sort(key=lambda r: str(r["path"]))
+    manifest = out_dir / "manifest.jsonl"
+    atomic_write_text(manifest, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    return manifest
+
+
+def asr_synth_jobs(sentences: list[str], per_sentence: int, seed: int) -> list[SynthJob]:
+    """per_sentence distinct random training voices for every sentence."""
+    rng = random.Random(seed)
+    jobs = []
+    for index, text in enumerate(sentences):
+        voices: list[Voice] = []
+        while len(voices) < per_sentence:
+            voice = train_voices(rng)
+            if all(v.name != voice.name for v in voices):
+                voices.append(voice)
+        jobs += [SynthJob(v, text, f"wav/{index // 1000:03d}/{index:06d}_{k}.wav") for k, v in enumerate(voices)]
+    return jobs
+
+
+def cmd_asr_synth(args: argparse.Namespace) -> int:
+    sentences = [s.strip() for s in args.sentences.read_text().splitlines() if s.strip()]
+    if args.limit:
+        sentences = sentences[: args.limit]
+    synth = prepare_synth(args.debs, args.out / ".prefix")
+    jobs = asr_synth_jobs(sentences, args.per_sentence, args.seed)
+    started = time.time()
+    manifest = synthesize_corpus(synth, jobs, args.out, args.workers)
+    hours = sum(json.loads(line)["duration"] for line in manifest.read_text().splitlines()) / 3600
+    print(f"{manifest}: {len(jobs)} utterances, {hours:.2f} h of audio in {time.time() - started:.0f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    synth = sub.add_parser("asr-synth", help="synthesize training sentences with espeak-ng and flite from .debs")
+    synth.add_argument("--debs", type=Path, required=True, help="folder with the synthesis .debs")
+    synth.add_argument("--sentences", type=Path, required=True, help="one normalized sentence per line")
+    synth.add_argument("-o", "--out", type=Path, required=True)
+    synth.add_argument("--per-sentence", type=int, default=3, help="voices per sentence")
+    synth.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    synth.add_argument("--limit", type=int, default=0, help="only the first N sentences (0: all)")
+    synth.add_argument("--seed", type=int, default=1234)
+    synth.set_defaults(handler=cmd_asr_synth)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except PackageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,7 +11,6 @@ from math import gcd
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 from scipy.signal import resample_poly
 
 from quant.errors import AudioError
@@ -37,6 +36,8 @@ def load_audio(path: str | os.PathLike[str], sample_rate: int = SAMPLE_RATE) -> 
 
 
 def _read(file: Path) -> tuple[np.ndarray, int]:
+    import soundfile as sf  # lazy: corpus scripts use resample/trim_silence on machines without soundfile
+
     try:
         with sf.SoundFile(file) as handle:
             declared_frames = handle.frames
@@ -83,6 +84,8 @@ def resample(samples: np.ndarray, from_rate: int, to_rate: int = SAMPLE_RATE) ->
 
 def save_audio(path: str | os.PathLike[str], samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
     """Write 16-bit PCM WAV or FLAC (by suffix) atomically; samples are clipped to [-1, 1]."""
+    import soundfile as sf
+
     target = Path(path)
     fmt = "FLAC" if target.suffix.lower() == ".flac" else "WAV"
     buffer = io.BytesIO()
