@@ -490,13 +490,11 @@ def add_profiles(builder: trt.Builder, config: trt.IBuilderConfig, spec: EngineS
 
 
 def set_calibration_profile(
-    builder: trt.Builder, config: trt.IBuilderConfig, inputs: Mapping[str, Shape], first_feed: Feed | None
+    builder: trt.Builder, config: trt.IBuilderConfig, inputs: Mapping[str, Shape], first_feed: Feed
 ) -> None:
     """TensorRT calibrates dynamic-shape networks at one shape: the calibration feeds' (OPT = MIN = MAX)."""
     if not any(dim < 0 for shape in inputs.values() for dim in shape):
         return
-    if first_feed is None:
-        raise CalibrationError("the calibration feed source is empty: give calibration audio (a manifest)")
     shapes = []
     for name in inputs:
         if name not in first_feed:
@@ -592,8 +590,11 @@ def _attach_calibrator(
         raise CalibrationError("implicit INT8 needs calibration feeds or a matching calibration cache")
     calibrator = make_calibrator(feeds if feeds is not None else (), cache_io)
     config.int8_calibrator = calibrator
-    if cached is None:
-        set_calibration_profile(builder, config, inputs, calibrator.cursor.peek())
+    first_feed = calibrator.cursor.peek()
+    if first_feed is None and cached is None:
+        raise CalibrationError("the calibration feed source is empty: give calibration audio (a manifest)")
+    if first_feed is not None:  # also with a cache: TensorRT may find it incompatible and calibrate after all
+        set_calibration_profile(builder, config, inputs, first_feed)
     return calibrator
 
 
