@@ -129,3 +129,16 @@ def test_masked_frames_never_produce_nan_even_for_length_one_rows() -> None:
         out, lens = model.encode(torch.randn(2, 40, 80), torch.tensor([40, 7]))
     assert lens.tolist() == [9, 1]
     assert np.isfinite(out.numpy()).all()
+
+
+def test_decoder_with_an_empty_encoder_output_stays_finite() -> None:
+    torch.manual_seed(0)
+    model = Conformer(TINY).eval()
+    sos = model.sos_eos
+    hyps = torch.tensor([[[sos, 5, sos], [sos, sos, sos]]])
+    with torch.no_grad():
+        best, score = WenetDecoder(model)(
+            torch.randn(1, 3, 32), torch.tensor([0], dtype=torch.int32), hyps,
+            torch.tensor([[2, 1]], dtype=torch.int32), torch.tensor([[-1.0, -2.0]]),
+        )
+    assert torch.isfinite(score).all()

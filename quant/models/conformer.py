@@ -8,9 +8,11 @@ FFN (half step), LayerNorm] -> LayerNorm. Pre-norm everywhere.
 BatchNorm in the convolution module: at export (eval mode) it folds into the depthwise Conv, leaving one Conv node
 that quantizes per channel, instead of a Transpose-LayerNorm-Transpose group that INT8 must avoid.
 
-Masking: padded frames are zeroed before the depthwise convolution, attention scores of padded keys are filled
-with a large finite negative (never -inf, so no NaN and no infinite ranges), and Conv2dSubsampling4 has no padding,
-so the real frames of a padded batch equal those of the same utterance run alone.
+Masking: padded frames are zeroed before the depthwise convolution; attention scores of padded keys are filled with
+-inf before the softmax and the probabilities of padded keys are set to 0 after it (WeNet's scheme: a row with no
+valid key, whose softmax is NaN, becomes all zeros, so no NaN leaves an attention layer; range collection skips the
+non-finite masked scores instead of stretching a range to a large finite fill value); Conv2dSubsampling4 has no
+padding, so the real frames of a padded batch equal those of the same utterance run alone.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from quant.paths import ASSETS_DIR
 logger = logging.getLogger(__name__)
 
 WEIGHTS_PATH = ASSETS_DIR / "conformer.pt"
-MASK_FILL = -1.0e4  # finite and FP16-safe; exp(-1e4) underflows to exactly 0 after softmax
+MASK_FILL = float("-inf")  # masked scores; probabilities of masked keys are zeroed after the softmax
 MAX_FRAMES = 5000  # positional table length after subsampling (200 s of audio)
 MAX_TOKENS = 512  # decoder positional table length
 
