@@ -436,7 +436,8 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
         if handle.getsampwidth() != 2:
             raise PackageError(f"{path}: expected 16-bit PCM WAV, got {8 * handle.getsampwidth()}-bit")
         rate, channels = handle.getframerate(), handle.getnchannels()
-        pcm = np.frombuffer(handle.readframes(handle.getnframes()), np.int16)
+        raw = handle.readframes(handle.getnframes())
+        pcm = np.frombuffer(raw[: len(raw) - len(raw) % (2 * channels)], np.int16)
     return pcm.reshape(-1, channels).mean(axis=1).astype(np.float32) / 32768.0, rate
 
 
@@ -531,6 +532,202 @@ def cmd_asr_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Committed calibration/test sets (calib_data/). Audio is CC0 (ours, synthetic; sonic-pi), CC-BY / CC-BY-SA
+# (openttd-opensfx, asterisk prompts) or public domain (LibriVox); see calib_data/ATTRIBUTION.
+
+CALIB_PACKAGES = ["asterisk-core-sounds-en", "asterisk-core-sounds-en-g722", "openttd-opensfx", "sonic-pi-samples",
+                  "fortunes", "fortunes-min", "wordnet-base"]
+OPENTTD_TEST_NOISES = {40: "sawmill", 33: "jackhammer", 24: "helicopter", 56: "chainsaw", 52: "wind",
+                       29: "applause", 27: "bus", 36: "sheep-field"}
+SNR_LEVELS = (-5.0, 0.0, 5.0, 10.0, 15.0, 20.0)
+NOISE_MAX_S = 6.0
+LIBRIVOX_LICENSE = "public domain (LibriVox recording)"
+ASTERISK_SOURCE = "asterisk-core-sounds-en-g722 (Allison, en-US female)"
+ASTERISK_LICENSE = "CC-BY-SA-3.0 (Digium/Sangoma, asterisk core sounds)"
+SONIC_LICENSE = "CC0-1.0 (sonic-pi samples)"
+
+
+def openttd_clips(root: Path) -> dict[int, tuple[str, np.ndarray, int]]:
+    """Entries of opensfx.cat: index -> (attribution name, float32 samples, rate)."""
+    cat = root / "openttd-opensfx/usr/share/games/openttd/baseset/opensfx/opensfx.cat"
+    data = cat.read_bytes()
+    count = (int.from_bytes(data[0:4], "little") & 0x7FFFFFFF) // 8
+    clips = {}
+    for index in range(count):
+        offset = int.from_bytes(data[8 * index:8 * index + 4], "little") & 0x7FFFFFFF
+        size = int.from_bytes(data[8 * index + 4:8 * index + 8], "little")
+        name_len = data[offset]
+        name = data[offset + 1:offset + 1 + name_len].decode("latin-1").rstrip("\x00")
+        riff = data[offset + 1 + name_len:offset + size]
+        if riff[:4] == b"RIFF":
+            with tempfile.NamedTemporaryFile(suffix=".wav") as tmp:
+                tmp.write(riff)
+                tmp.flush()
+                samples, rate = read_wav(Path(tmp.name))
+            clips[index] = (name, samples, rate)
+    return clips
+
+
+def _row(folder: Path, file: Path, samples: np.ndarray, **fields: object) -> dict[str, object]:
+    from quant.fileio import sha256_file
+
+    return {"path": file.relative_to(folder).as_posix(), "duration": round(len(samples) / SAMPLE_RATE, 3),
+            "sha256": sha256_file(file), **fields}
+
+
+def _save(folder: Path, rel: str, samples: np.ndarray) -> Path:
+    from quant.data.audio import save_audio
+
+    return save_audio(folder / rel, samples)
+
+
+def _peak(samples: np.ndarray, level: float = 0.5) -> np.ndarray:
+    return samples * (level / max(float(np.abs(samples).max()), 1e-9))
+
+
+def _noise_files(folder: Path, named: list[tuple[str, np.ndarray, str, str]]) -> list[tuple[Path, str, str]]:
+    """Save each (stem, samples@16k, source, license) cut to NOISE_MAX_S; returns (path, source, license)."""
+    out = []
+    for stem, samples, source, license_ in named:
+        clip = _peak(trim_silence(samples)[: int(NOISE_MAX_S * SAMPLE_RATE)])
+        out.append((_save(folder, f"noise/{stem}.flac", clip), source, license_))
+    return out
+
+
+def _write_manifest(folder: Path, rows: list[dict[str, object]]) -> Path:
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+    return atomic_write_text(folder / "manifest.jsonl", text)
+
+
+def build_se_calib(root: Path, out: Path, seed: int, count: int = 100) -> Path:
+    """Asterisk training-split prompts (joined to >= 2.5 s) x sonic-pi SONIC_CALIB noises, SNR -5..20 dB."""
+    rng = random.Random(seed)
+    folder = out / "se_calib"
+    noises = _noise_files(folder, [(p.stem, load_audio_any(p), f"sonic-pi-samples {p.stem}", SONIC_LICENSE)
+                                   for p in sonic_samples(root, SONIC_CALIB)])
+    train, _ = split_prompts(asterisk_prompts(root), ASTERISK_TEST_TEXTS, seed)
+    pool = rng.sample(train, len(train))
+    rows = []
+    while len(rows) < count and pool:
+        parts: list[np.ndarray] = []
+        names = []
+        while pool and sum(map(len, parts)) < 2.5 * SAMPLE_RATE:
+            name, _text = pool.pop()
+            parts += [trim_silence(decode_g722(asterisk_audio(root, name))), np.zeros(SAMPLE_RATE // 4, np.float32)]
+            names.append(name)
+        clean = np.concatenate(parts[:-1])
+        file = _save(folder, f"speech/{len(rows):03d}_{names[0]}.flac", clean)
+        noise, noise_source, noise_license = noises[len(rows) % len(noises)]
+        rows.append(_row(folder, file, clean, source=f"{ASTERISK_SOURCE}: {'+'.join(names)}; noise {noise_source}",
+                         license=f"{ASTERISK_LICENSE}; noise {noise_license}", text=None,
+                         noise=noise.relative_to(folder).as_posix(), noise_sha256=_sha(noise),
+                         snr_db=round(rng.uniform(-5.0, 20.0), 1), noise_offset=rng.randrange(SAMPLE_RATE * 4)))
+    return _write_manifest(folder, rows)
+
+
+def build_se_test(root: Path, out: Path, librivox: Path, seed: int) -> Path:
+    """The 5 LibriVox sentences x 8 openttd-opensfx noises at SNRs cycling over -5..20 dB: 40 mixtures."""
+    rng = random.Random(seed + 1)
+    folder = out / "se_test"
+    clips = openttd_clips(root)
+    noises = _noise_files(folder, [(f"openttd_{i:02d}_{stem}", resample(clips[i][1], clips[i][2]),
+                                    f"openttd-opensfx: {clips[i][0]}", _cc_license(clips[i][0]))
+                                   for i, stem in OPENTTD_TEST_NOISES.items()])
+    speech = _copy_librivox(librivox, folder)
+    rows = []
+    for i, (file, meta) in enumerate(speech):
+        clean = load_audio_any(file)
+        for j, (noise, noise_source, noise_license) in enumerate(noises):
+            rows.append(_row(folder, file, clean, source=f"{meta['source']}; noise {noise_source}",
+                             license=f"{LIBRIVOX_LICENSE}; noise {noise_license}", text=meta["text"],
+                             noise=noise.relative_to(folder).as_posix(), noise_sha256=_sha(noise),
+                             snr_db=SNR_LEVELS[(i + j) % len(SNR_LEVELS)], noise_offset=rng.randrange(SAMPLE_RATE * 4)))
+    return _write_manifest(folder, rows)
+
+
+def _cc_license(attribution: str) -> str:
+    return attribution.split("License:", 1)[1].strip().rstrip(".") if "License:" in attribution else "see ATTRIBUTION"
+
+
+def _sha(file: Path) -> str:
+    from quant.fileio import sha256_file
+
+    return sha256_file(file)
+
+
+def load_audio_any(path: Path) -> np.ndarray:
+    from quant.data.audio import load_audio
+
+    return load_audio(path)
+
+
+def _copy_librivox(librivox: Path, folder: Path) -> list[tuple[Path, dict[str, str]]]:
+    """Copy tests/data/librivox_*.flac (public domain) into folder/speech; (file, manifest row) each."""
+    rows = [json.loads(line) for line in (librivox / "librivox.jsonl").read_text().splitlines() if line.strip()]
+    out = []
+    for row in rows:
+        target = folder / "speech" / row["path"]
+        atomic_write_bytes(target, (librivox / row["path"]).read_bytes())
+        out.append((target, row))
+    return out
+
+
+def build_asr_sets(root: Path, out: Path, librivox: Path, synth: Synth, seed: int) -> tuple[Path, Path]:
+    """asr_test: held-out voice (flite slt) on test sentences + asterisk test prompts + LibriVox;
+    asr_calib: random training voices on calib sentences + 40 asterisk training prompts."""
+    rng = random.Random(seed + 2)
+    splits = asr_text_splits(root, seed)
+    train_prompts, test_prompts = split_prompts(asterisk_prompts(root), ASTERISK_TEST_TEXTS, seed)
+    test_dir, calib_dir = out / "asr_test", out / "asr_calib"
+    held_out = Voice("flite", HELD_OUT_VOICE)
+    test_rows = [_synth_row(synth, held_out, text, test_dir, f"synth/{k:03d}_slt.flac")
+                 for k, text in enumerate(splits["test"])]
+    test_rows += [_prompt_row(root, name, text, test_dir) for name, text in test_prompts]
+    for file, meta in _copy_librivox(librivox, test_dir):
+        test_rows.append(_row(test_dir, file, load_audio_any(file), text=meta["text"], source=meta["source"],
+                              license=meta["license"]))
+    calib_rows = [_synth_row(synth, train_voices(rng), text, calib_dir, f"synth/{k:03d}.flac")
+                  for k, text in enumerate(splits["calib"])]
+    calib_rows += [_prompt_row(root, name, text, calib_dir) for name, text in rng.sample(train_prompts, 40)]
+    return _write_manifest(test_dir, test_rows), _write_manifest(calib_dir, calib_rows)
+
+
+def _synth_row(synth: Synth, voice: Voice, text: str, folder: Path, rel: str) -> dict[str, object]:
+    with tempfile.TemporaryDirectory() as tmp:
+        samples = synthesize(synth, voice, text, Path(tmp) / "x.wav")
+    file = _save(folder, rel, samples)
+    return _row(folder, file, samples, text=text, source=f"synthetic {voice.label}", license=SYNTH_LICENSE)
+
+
+def _prompt_row(root: Path, name: str, text: str, folder: Path) -> dict[str, object]:
+    samples = trim_silence(decode_g722(asterisk_audio(root, name)))
+    file = _save(folder, f"asterisk/{name}.flac", samples)
+    return _row(folder, file, samples, text=text, source=f"{ASTERISK_SOURCE}: {name}", license=ASTERISK_LICENSE)
+
+
+def cmd_calib_sets(args: argparse.Namespace) -> int:
+    folders = fetch_and_unpack(CALIB_PACKAGES, args.debs, args.pkgs)
+    del folders
+    synth = prepare_synth(args.debs, args.pkgs / ".synth-prefix") if not args.skip_asr else None
+    wanted = set(args.sets)
+    for name in ("se_calib", "se_test", "asr_calib", "asr_test"):
+        if name in wanted:
+            shutil.rmtree(args.out / name, ignore_errors=True)
+    made = []
+    if "se_calib" in wanted:
+        made.append(build_se_calib(args.pkgs, args.out, args.seed))
+    if "se_test" in wanted:
+        made.append(build_se_test(args.pkgs, args.out, args.librivox, args.seed))
+    if wanted & {"asr_calib", "asr_test"} and synth is not None:
+        made += list(build_asr_sets(args.pkgs, args.out, args.librivox, synth, args.seed))
+    for manifest in made:
+        lines = manifest.read_text().splitlines()
+        size = sum(f.stat().st_size for f in manifest.parent.rglob("*") if f.is_file())
+        print(f"{manifest}: {len(lines)} utterances, {size / 1e6:.2f} MB")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -543,6 +740,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--limit", type=int, default=0, help="only the first N sentences (0: all)")
     synth.add_argument("--seed", type=int, default=1234)
     synth.set_defaults(handler=cmd_asr_synth)
+    calib = sub.add_parser("calib-sets", help="build the committed calib_data/ sets (needs soundfile and ffmpeg)")
+    calib.add_argument("-o", "--out", type=Path, default=Path("calib_data"))
+    calib.add_argument("--sets", nargs="+", default=["se_calib", "se_test", "asr_calib", "asr_test"])
+    calib.add_argument("--debs", type=Path, default=Path("data/debs"))
+    calib.add_argument("--pkgs", type=Path, default=Path("data/pkgs"))
+    calib.add_argument("--librivox", type=Path, default=Path("tests/data"))
+    calib.add_argument("--skip-asr", action="store_true")
+    calib.add_argument("--seed", type=int, default=1234)
+    calib.set_defaults(handler=cmd_calib_sets)
     return parser
 
 
