@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -51,7 +51,13 @@ from quant.decoding import (  # noqa: E402
 )
 from quant.features import SAMPLE_RATE, fbank  # noqa: E402
 from quant.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
-from quant.models.conformer import Conformer, ConformerConfig, WenetDecoder, checkpoint_dict  # noqa: E402
+from quant.models.conformer import (  # noqa: E402
+    Conformer,
+    ConformerConfig,
+    WenetDecoder,
+    checkpoint_dict,
+    load_conformer,
+)
 from quant.models.tokenizer import CharTokenizer  # noqa: E402
 
 log = logging.getLogger("train_conformer")
@@ -172,7 +178,7 @@ def build_examples(
     for utt, copies in zip(utts, features):
         tokens = np.array(tokenizer.encode(utt.text), dtype=np.int64)
         frames = min(c.shape[0] for c in copies)
-        if len(tokens) == 0 or frames < 7 or (frames - 1) // 4 < len(tokens):
+        if len(tokens) == 0 or frames < 7 or ((frames - 1) // 2 - 1) // 2 < len(tokens):
             continue  # too short for 4x subsampling or more characters than output frames: CTC cannot align
         examples.append(Example(copies, tokens, utt.text))
     log.info("%d of %d utterances usable (%d copies each)", len(examples), len(utts), len(speeds))
@@ -397,7 +403,9 @@ def train_epoch(model: Conformer, optimizer: torch.optim.Optimizer, examples: Se
 
 
 def train(model: Conformer, train_set: Sequence[Example], dev_set: Sequence[Example], tokenizer: CharTokenizer,
-          opts: TrainOptions, device: torch.device) -> tuple[TrainState, list[dict[str, float]]]:
+          opts: TrainOptions, device: torch.device, on_best: Callable[[TrainState, list[dict]], None] | None = None,
+          ) -> tuple[TrainState, list[dict[str, float]]]:
+    """Epochs until opts.minutes of wall clock or opts.max_epochs; `on_best` runs whenever dev CER improves."""
     optimizer = torch.optim.Adam(model.parameters(), lr=opts.peak_lr, betas=(0.9, 0.98), eps=1e-9)
     rng, gen = random.Random(opts.seed), torch.Generator().manual_seed(opts.seed)
     state, history = TrainState(), []
@@ -415,6 +423,8 @@ def train(model: Conformer, train_set: Sequence[Example], dev_set: Sequence[Exam
         if dev_cer < state.best_cer:
             state.best_cer, state.best_epoch = dev_cer, state.epoch
             state.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            if on_best is not None:
+                on_best(state, history)
     return state, history
 
 
@@ -475,7 +485,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--noise", type=Path, help="noise .npz (int16 `noise`, `noise_offsets`)")
     parser.add_argument("--noise-prob", type=float, default=0.5)
     parser.add_argument("--speeds", default="0.9,1.0,1.1")
-    parser.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget of the training loop")
+    parser.add_argument("--minutes", type=float, default=8.0,
+                        help="wall-clock budget of the whole run (featurization, training, final scoring)")
+    parser.add_argument("--reserve-s", type=float, default=60.0, help="seconds kept for final scoring + saving")
     parser.add_argument("--batch-frames", type=int, default=TrainOptions.batch_frames)
     parser.add_argument("--lr", type=float, default=TrainOptions.peak_lr)
     parser.add_argument("--warmup", type=int, default=TrainOptions.warmup_steps)
@@ -495,6 +507,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    run_started = time.monotonic()
     args = parse_args(argv)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -509,52 +522,66 @@ def main(argv: Sequence[str] | None = None) -> int:
                        peak_lr=3e-3, warmup_steps=3, spec_freq_masks=0, spec_time_masks=0)
         config = SMOKE_CONFIG
     speeds = (1.0,) if args.smoke else tuple(float(s) for s in args.speeds.split(","))
+    clean_copy = speeds.index(1.0) if 1.0 in speeds else 0
     tokenizer = CharTokenizer()
     load_noise(args.noise)
 
-    t0 = time.monotonic()
     train_utts = [u for d in args.train for u in read_manifest(d)]
     train_set = build_examples(train_utts, tokenizer, speeds, args.noise_prob, args.workers, args.seed)
     dev_set = build_examples(read_manifest(args.dev), tokenizer, (1.0,), 0.0, args.workers, args.seed + 1)
-    featurize_s = time.monotonic() - t0
+    test_sets = {str(t): build_examples(read_manifest(t), tokenizer, (1.0,), 0.0, args.workers, args.seed + 2)
+                 for t in args.test}
+    featurize_s = time.monotonic() - run_started
     log.info("featurized %d train + %d dev utterances in %.0f s", len(train_set), len(dev_set), featurize_s)
 
     model = Conformer(config)
     if args.init:
-        from quant.models.conformer import load_conformer
-
         model = load_conformer(args.init)
         config = model.config
     else:
-        model.set_cmvn(*cmvn_stats(train_set, speeds.index(1.0) if 1.0 in speeds else 0))
+        model.set_cmvn(*cmvn_stats(train_set, clean_copy))
     model.to(device)
     log.info("model: %d parameters on %s", model.parameter_count(), hardware(device))
 
-    state, history = train(model, train_set, dev_set, tokenizer, opts, device)
+    train_minutes = (args.minutes * 60.0 - (time.monotonic() - run_started) - args.reserve_s) / 60.0
+    if train_minutes <= 0:
+        raise SystemExit(f"--minutes {args.minutes} leaves no time to train after featurization ({featurize_s:.0f} s)")
+    opts = replace(opts, minutes=train_minutes)
+    log.info("training for %.1f min", train_minutes)
+    facts = {
+        "command": "python scripts/train_conformer.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "train_utterances": len(train_set),
+        "train_hours": sum(e.copies[clean_copy].shape[0] for e in train_set) / 100 / 3600,
+        "speeds": list(speeds), "noise": str(args.noise) if args.noise else None,
+        "noise_prob": args.noise_prob if args.noise else 0.0,
+        "train_sources": sorted({u.source.split(" speed=")[0] for u in train_utts}),
+        "dev": str(args.dev), "dev_utterances": len(dev_set), "parameters": model.parameter_count(),
+        "config": config.to_dict(), "options": opts.__dict__, "featurize_s": featurize_s,
+        "hardware": hardware(device), "torch": torch.__version__,
+    }
+
+    def save_best(state: TrainState, history: list[dict]) -> None:
+        snapshot = Conformer(config)
+        snapshot.load_state_dict(state.best_state or {})
+        save(snapshot, tokenizer, {**facts, **progress(state, history), "final_eval": {}}, args.out)
+
+    state, history = train(model, train_set, dev_set, tokenizer, opts, device, save_best)
     if state.best_state is not None:
         model.load_state_dict(state.best_state)
     final_eval = {"dev": rescoring_cer(model, dev_set[: args.final_eval_max], tokenizer, device, opts.batch_frames)}
-    for test in args.test:
-        test_set = build_examples(read_manifest(test), tokenizer, (1.0,), 0.0, args.workers, args.seed + 2)
-        final_eval[str(test)] = rescoring_cer(model, test_set[: args.final_eval_max], tokenizer, device,
-                                              opts.batch_frames)
+    for name, test_set in test_sets.items():
+        final_eval[name] = rescoring_cer(model, test_set[: args.final_eval_max], tokenizer, device, opts.batch_frames)
     for name, result in final_eval.items():
         log.info("final %s: %s", name, json.dumps(result))
-
-    train_seconds = sum(u_feats.copies[speeds.index(1.0) if 1.0 in speeds else 0].shape[0] for u_feats in train_set)
-    metrics = {
-        "command": "python scripts/train_conformer.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "train_utterances": len(train_set), "train_hours": train_seconds / 100 / 3600, "speeds": list(speeds),
-        "noise": str(args.noise) if args.noise else None, "noise_prob": args.noise_prob if args.noise else 0.0,
-        "train_sources": sorted({u.source.split(" speed=")[0] for u in train_utts}),
-        "dev": str(args.dev), "dev_utterances": len(dev_set), "parameters": model.parameter_count(),
-        "config": config.to_dict(), "options": opts.__dict__, "epochs": state.epoch, "steps": state.step,
-        "best_epoch": state.best_epoch, "best_dev_cer_greedy": state.best_cer,
-        "train_minutes": history[-1]["elapsed_s"] / 60 if history else 0.0, "featurize_s": featurize_s,
-        "hardware": hardware(device), "torch": torch.__version__, "history": history, "final_eval": final_eval,
-    }
-    save(model.cpu(), tokenizer, metrics, args.out)
+    save(model.cpu(), tokenizer, {**facts, **progress(state, history), "final_eval": final_eval}, args.out)
+    log.info("run took %.1f min", (time.monotonic() - run_started) / 60)
     return 0
+
+
+def progress(state: TrainState, history: list[dict]) -> dict:
+    return {"epochs": state.epoch, "steps": state.step, "best_epoch": state.best_epoch,
+            "best_dev_cer_greedy": state.best_cer, "history": list(history),
+            "train_minutes": history[-1]["elapsed_s"] / 60 if history else 0.0}
 
 
 def save(model: Conformer, tokenizer: CharTokenizer, metrics: dict, out: Path) -> None:
