@@ -155,3 +155,21 @@ def test_convert_fp16_keeps_io_and_blocks(tmp_path: Path):
     np.testing.assert_allclose(got, want, atol=1e-2 * np.abs(want).max())
     producer = next(n for n in converted.graph.node if "y" in n.output)
     assert producer.op_type == "Cast" and producer.attribute[0].i == TensorProto.FLOAT  # no float16 round trip
+
+
+def test_float16_transpose_matmul_loads(tmp_path: Path):
+    """ORT 1.31 crashed (SIGSEGV) optimizing this graph; make_session must turn the fusion off for FP16 models."""
+    import subprocess
+    import sys
+
+    path = save([helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2]),
+                 helper.make_node("MatMul", ["t", "w"], ["y"])],
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [4, 3, 8])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [3, 4, 8])],
+                [numpy_helper.from_array(np.eye(8, dtype=np.float16), "w")], tmp_path / "t16.onnx")
+    code = ("import numpy as np; from quant.backends.ort import OrtRunner; "
+            f"r = OrtRunner({str(path)!r}); x = np.arange(96, dtype=np.float16).reshape(4, 3, 8); "
+            "assert (r.run({'x': x})['y'] == x.transpose(1, 0, 2)).all()")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stderr[-500:]

@@ -15,6 +15,8 @@ from quant.precision import (
 )
 
 RNG = np.random.default_rng(0)
+# The tiny graphs start with the op under test right at the graph input; the input-layer rule has its own test.
+RULES = tuple(r for r in load_rules() if r.name != "input-layer")
 
 
 def init(name: str, *shape: int) -> onnx.TensorProto:
@@ -37,7 +39,7 @@ def make(nodes, inputs, outputs, inits, opset: int = 17) -> onnx.ModelProto:
     return model
 
 
-def decisions(model, precision="int8", backend="ort", rules=None) -> dict[str, tuple[str, str]]:
+def decisions(model, precision="int8", backend="ort", rules=RULES) -> dict[str, tuple[str, str]]:
     return {d.node: (d.precision, d.rule) for d in plan(model, rules, precision, backend).decisions}
 
 
@@ -165,7 +167,7 @@ def test_residual_add_is_kept_but_a_branch_add_is_not():
     got = decisions(model, "int8")
     assert got["residual"] == ("fp32", "residual-add")
     assert got["branches"] == ("fp32", "default")
-    add_int8 = load_rules() + (Rule(name="adds", precision="int8", op_types=("Add",), builds=("int8",)),)
+    add_int8 = RULES + (Rule(name="adds", precision="int8", op_types=("Add",), builds=("int8",)),)
     custom = decisions(model, "int8", rules=add_int8)
     assert custom["residual"] == ("fp32", "residual-add")
     assert custom["branches"] == ("int8", "adds")
@@ -187,7 +189,7 @@ def test_state_pattern_with_explicit_mapping():
     model.graph.output[1].name = "next_cache"
     model.graph.node[2].output[0] = "next_cache"
     assert decisions(model, "int8")["cache_concat"][1] != "state-plumbing"
-    mapped = plan(model, None, "int8", "ort", states={"cache": "next_cache"})
+    mapped = plan(model, RULES, "int8", "ort", states={"cache": "next_cache"})
     assert mapped.decision("cache_concat").rule == "state-plumbing"
 
 
@@ -222,7 +224,7 @@ def test_depthwise_and_convtranspose():
 
 
 def test_name_regex_rule_and_first_match_wins():
-    rules = (Rule(name="keep-first", precision="fp32", name_regex="^mm1$", builds=("int8",)),) + load_rules()
+    rules = (Rule(name="keep-first", precision="fp32", name_regex="^mm1$", builds=("int8",)),) + RULES
     got = decisions(softmax_model(), "int8", rules=rules)
     assert got["mm1"] == ("fp32", "keep-first")
     assert got["mm2"] == ("int8", "int8-compute")
@@ -232,7 +234,7 @@ def test_unnamed_nodes_get_stable_names():
     model = softmax_model()
     for node in model.graph.node:
         node.name = ""
-    names = [d.node for d in plan(model, None, "int8").decisions]
+    names = [d.node for d in plan(model, RULES, "int8").decisions]
     assert names == ["MatMul_0", "Softmax_1", "MatMul_2"]
 
 
@@ -263,7 +265,7 @@ def test_load_rules_file(tmp_path: Path):
 
 
 def test_plan_summary_says_why():
-    summary = plan(softmax_model(), None, "int8").summary()
+    summary = plan(softmax_model(), RULES, "int8").summary()
     assert summary == {"MatMul": {"int8 (int8-compute)": 2}, "Softmax": {"fp32 (softmax)": 1}}
 
 
@@ -271,16 +273,16 @@ def test_plan_summary_says_why():
 
 
 def test_ort_quant_spec():
-    spec = ort_quant_spec(plan(layernorm_model(), None, "int8"))
+    spec = ort_quant_spec(plan(layernorm_model(), RULES, "int8"))
     assert spec.op_types_to_quantize == ("MatMul",)
     assert spec.nodes_to_quantize == ("mm1", "mm2")
     assert "ln_sub" in spec.nodes_to_exclude and "ln_sub" in spec.protected_nodes
-    lstm = ort_quant_spec(plan(lstm_model(), None, "int8"))
+    lstm = ort_quant_spec(plan(lstm_model(), RULES, "int8"))
     assert lstm.dynamic_nodes == ("lstm",) and lstm.dynamic_op_types == ("LSTM",)
 
 
 def test_fp16_block_lists_keep_converter_defaults():
-    op_blocks, node_blocks = fp16_block_lists(plan(layernorm_model(), None, "fp16"))
+    op_blocks, node_blocks = fp16_block_lists(plan(layernorm_model(), RULES, "fp16"))
     assert "Resize" in op_blocks and "TopK" in op_blocks
     assert set(node_blocks) == {f"ln_{s}" for s in ("mean", "sub", "pow", "var", "add_eps", "sqrt", "div", "gamma",
                                                       "beta")}
@@ -288,7 +290,7 @@ def test_fp16_block_lists_keep_converter_defaults():
 
 def test_qdq_sites_only_on_int8_inputs():
     model = layernorm_model()
-    sites = {s.tensor: s for s in qdq_sites(model, plan(model, None, "int8", "trt"))}
+    sites = {s.tensor: s for s in qdq_sites(model, plan(model, RULES, "int8", "trt"))}
     assert set(sites) == {"x", "w1", "ln_out", "w2"}
     assert sites["ln_out"].consumers == ("mm2",)
     assert sites["w1"].is_weight and sites["w1"].axis == 1
@@ -297,12 +299,33 @@ def test_qdq_sites_only_on_int8_inputs():
 
 def test_qdq_sites_weight_axes():
     model = conv_model()
-    sites = {s.tensor: s for s in qdq_sites(model, plan(model, None, "int8", "trt"))}
+    sites = {s.tensor: s for s in qdq_sites(model, plan(model, RULES, "int8", "trt"))}
     assert sites["w_full"].axis == 0
     assert sites["w_tr"].axis == 1
     assert "w_dw" not in sites
 
 
 def test_trt_layer_precisions():
-    layers = dict(trt_layer_precisions(plan(lstm_model(), None, "int8", "ort")))
+    layers = dict(trt_layer_precisions(plan(lstm_model(), RULES, "int8", "ort")))
     assert layers == {"lstm": "fp32"}
+
+
+def test_input_layer_reads_the_raw_feature_but_not_states():
+    nodes = [
+        helper.make_node("Pad", ["x", "pads"], ["padded"], name="pad"),
+        helper.make_node("Concat", ["cache", "padded"], ["cat"], name="cache_concat", axis=1),
+        helper.make_node("MatMul", ["cat", "w1"], ["h"], name="first"),
+        helper.make_node("MatMul", ["h", "w2"], ["y"], name="second"),
+        helper.make_node("MatMul", ["cache", "w3"], ["state_only"], name="state_reader"),
+        helper.make_node("Add", ["state_only", "y"], ["z"], name="add"),
+        helper.make_node("Slice", ["cat", "starts", "ends", "axes"], ["cache_out"], name="cache_slice"),
+    ]
+    inits = [numpy_helper.from_array(np.array([0, 0, 0, 0], np.int64), "pads"), init("w1", 8, 4), init("w2", 4, 4),
+             init("w3", 4, 4), numpy_helper.from_array(np.array([4], np.int64), "starts"),
+             numpy_helper.from_array(np.array([8], np.int64), "ends"),
+             numpy_helper.from_array(np.array([1], np.int64), "axes")]
+    model = make(nodes, [("x", [1, 4]), ("cache", [1, 4])], [("z", [1, 4]), ("cache_out", [1, 4])], inits)
+    got = decisions(model, "int8", rules=None)
+    assert got["first"] == ("fp32", "input-layer")
+    assert got["second"] == ("int8", "int8-compute")
+    assert got["state_reader"] == ("int8", "int8-compute")  # reads only a recurrent state

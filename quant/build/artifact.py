@@ -50,6 +50,7 @@ class BuildOptions:
     activation_uint8: bool = True
     per_channel: bool = True
     unwrap_kernel_outputs: bool = False  # ORT: True gives protected float nodes un-quantized inputs, fewer fusions
+    reduce_range: bool | None = None  # ORT: 7-bit weights; None = when the CPU lacks VNNI
 
 
 def resolve_model(model: str | Path, export: bool = True) -> tuple[str, Path]:
@@ -123,7 +124,7 @@ def _build_int8(name: str, source: Path, model: onnx.ModelProto, rules: Any, opt
     trt_plan = plan(model, rules, "int8", "trt", states)
     meta: dict[str, Any] = {"cache": cache_meta, "plan": ort_plan.summary(), "plan_trt": trt_plan.summary()}
     meta["ort_int8"] = build_int8_ort(model, ort_plan, ranges, out_dir / MODEL_FILE, opts.activation_uint8,
-                                      opts.per_channel, opts.unwrap_kernel_outputs)
+                                      opts.per_channel, opts.unwrap_kernel_outputs, opts.reduce_range)
     report = kernel_report(out_dir / MODEL_FILE)
     check_int8_kernels(report, ort_plan)
     meta.update(report)

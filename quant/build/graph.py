@@ -102,3 +102,26 @@ def state_pairs(
                 pairs[name] = name + suffix
                 break
     return pairs
+
+
+def remove_identities(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy without Identity nodes (consumers read the Identity's input), except Identities producing a graph
+    output. The FP16 converter mistypes an Identity between an initializer and a node it keeps in float32."""
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    graph = result.graph
+    outputs = {o.name for o in graph.output}
+    alias = {}
+    for node in graph.node:
+        if node.op_type == "Identity" and node.output[0] not in outputs:
+            alias[node.output[0]] = alias.get(node.input[0], node.input[0])
+    kept = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for node in kept:
+        node.input[:] = [alias.get(name, name) for name in node.input]
+    del graph.node[:]
+    graph.node.extend(kept)
+    dropped = set(alias)
+    kept_info = [v for v in graph.value_info if v.name not in dropped]
+    del graph.value_info[:]
+    graph.value_info.extend(kept_info)
+    return result

@@ -14,7 +14,7 @@ import onnx
 
 from quant.backends import ort as ort_backend
 from quant.build.calibration import TensorRange
-from quant.build.graph import ensure_node_names, index_graph, state_pairs
+from quant.build.graph import ensure_node_names, index_graph, remove_identities, state_pairs
 from quant.build.qdq import insert_qdq, unwrap_float_nodes
 from quant.errors import BuildError, CalibrationError
 from quant.fileio import atomic_write_bytes, temp_path_beside
@@ -40,7 +40,7 @@ def build_fp32(source: Path, target: Path, optimize: bool = False) -> dict[str, 
 
 def build_fp16(model: onnx.ModelProto, plan: PrecisionPlan, target: Path) -> dict[str, Any]:
     op_blocks, node_blocks = fp16_block_lists(plan)
-    named = ensure_node_names(model)
+    named = remove_identities(ensure_node_names(model))
     converted = ort_backend.convert_fp16(named, op_blocks, node_blocks)
     save_model(converted, target)
     changed = [o.name for o, c in zip(named.graph.output, converted.graph.output) if o.type != c.type]
@@ -52,11 +52,15 @@ def build_fp16(model: onnx.ModelProto, plan: PrecisionPlan, target: Path) -> dic
 def build_int8_ort(
     model: onnx.ModelProto, plan: PrecisionPlan, ranges: Mapping[str, TensorRange], target: Path,
     activation_uint8: bool = True, per_channel: bool = True, unwrap_kernel_outputs: bool = False,
+    reduce_range: bool | None = None,
 ) -> dict[str, Any]:
     """Static Q/DQ on the plan's int8 nodes with our ranges, float nodes unwrapped, then LSTM dynamic.
 
     unwrap_kernel_outputs=False keeps the output Q of an int8 node read by a protected float node (ORT needs it
-    to fuse an integer kernel); True gives protected nodes the float tensor at the cost of that fusion."""
+    to fuse an integer kernel); True gives protected nodes the float tensor at the cost of that fusion.
+    reduce_range None: 7-bit weights exactly when the CPU lacks VNNI (u8 x s8 products saturate in int16 there)."""
+    if reduce_range is None:
+        reduce_range = activation_uint8 and not ort_backend.cpu_has_vnni()
     named = ensure_node_names(model)
     spec = ort_quant_spec(plan)
     _require_ranges(named, spec.nodes_to_quantize, ranges)
@@ -65,7 +69,7 @@ def build_int8_ort(
     rewired = 0
     if spec.nodes_to_quantize:
         quantized = ort_backend.quantize_qdq(named, tensors_range, spec.nodes_to_quantize, spec.op_types_to_quantize,
-                                             activation_uint8, per_channel)
+                                             activation_uint8, per_channel, reduce_range=reduce_range)
         kept = () if unwrap_kernel_outputs else spec.nodes_to_quantize
         rewired = unwrap_float_nodes(quantized, spec.protected_nodes, kept)
     if spec.dynamic_nodes:
@@ -78,7 +82,7 @@ def build_int8_ort(
     return {"activation_type": "uint8" if activation_uint8 else "int8", "weight_type": "int8",
             "per_channel": per_channel, "static_nodes": len(spec.nodes_to_quantize),
             "dynamic_nodes": len(spec.dynamic_nodes), "float_inputs_unwrapped": rewired,
-            "unwrap_kernel_outputs": unwrap_kernel_outputs}
+            "unwrap_kernel_outputs": unwrap_kernel_outputs, "reduce_range": reduce_range}
 
 
 def _require_ranges(model: onnx.ModelProto, nodes: tuple[str, ...], ranges: Mapping[str, TensorRange]) -> None:

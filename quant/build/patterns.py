@@ -6,6 +6,9 @@
 - mask_math: Mul/Sub/Add/Div that sit on an input -> output path made only of arithmetic and layout ops
   (the complex mask applied to the noisy spectrum at the end of an SE model).
 - depthwise_conv: a grouped Conv with one group per output channel.
+- input_layer: the compute ops (Conv/ConvTranspose/MatMul/Gemm) that read a float graph input (not a recurrent
+  state) through layout, padding and arithmetic ops only: the layer that sees the raw feature (an STFT spans far
+  more than 8 bits of dynamic range).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import onnx
 from quant.build.graph import LAYOUT_OPS, GraphIndex, state_pairs
 
 ARITHMETIC_OPS = frozenset({"Mul", "Sub", "Add", "Div", "Neg"})
+COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE})
 
 
 def _consumer(index: GraphIndex, tensor: str, op_types: Iterable[str]) -> onnx.NodeProto | None:
@@ -166,6 +171,15 @@ def find_depthwise_conv(index: GraphIndex, model: onnx.ModelProto) -> set[str]:
     return found
 
 
+def find_input_layer(index: GraphIndex, model: onnx.ModelProto, mapping: Mapping[str, str] | None = None) -> set[str]:
+    states = state_pairs(index.inputs, index.outputs, mapping)
+    float_inputs = {i.name for i in model.graph.input if i.type.tensor_type.elem_type in FLOAT_TYPES}
+    sources = [name for name in index.inputs if name in float_inputs and name not in states]
+    reached = _forward_closure(index, sources, LAYOUT_OPS | ARITHMETIC_OPS | {"Pad"})
+    return {node.name for node in index.nodes
+            if node.op_type in COMPUTE_OPS and any(t in reached for t in index.activation_inputs(node))}
+
+
 PatternFinder = Callable[[GraphIndex, onnx.ModelProto, "Mapping[str, str] | None"], set[str]]
 PATTERNS: dict[str, PatternFinder] = {
     "layernorm": lambda index, model, states: find_layernorm(index),
@@ -173,4 +187,5 @@ PATTERNS: dict[str, PatternFinder] = {
     "state_io": lambda index, model, states: find_state_io(index, states),
     "mask_math": lambda index, model, states: find_mask_math(index),
     "depthwise_conv": lambda index, model, states: find_depthwise_conv(index, model),
+    "input_layer": find_input_layer,
 }
