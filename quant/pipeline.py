@@ -433,8 +433,21 @@ def workloads(model: str, data: TestData, reference: RowSpec) -> list[Any]:
 def measure_speed(spec: RowSpec, loads: Sequence[Any], bench: BenchOptions) -> dict[str, Any]:
     from quant.eval.speed import measure_graph
 
-    threads = bench.threads if spec.backend in ("ort", "torch") else (1,)
-    return {load.graph: measure_graph(load, _opener(spec, load.graph), bench, threads) for load in loads}
+    threads = thread_counts(spec.backend, bench)
+    out = {}
+    for load in loads:
+        logger.info("%s: timing %s (%s; threads %s)", spec.label, load.graph, load.unit, list(threads))
+        out[load.graph] = measure_graph(load, _opener(spec, load.graph), bench, threads)
+    return out
+
+
+def thread_counts(backend: str, bench: BenchOptions) -> tuple[int, ...]:
+    """ORT at every configured count; PyTorch eager at the first (the baseline the ratios use); TensorRT once."""
+    if backend == "ort":
+        return bench.threads
+    if backend == "torch":
+        return bench.threads[:1]
+    return (1,)
 
 
 def _opener(spec: RowSpec, graph_stem: str) -> Callable[[int], Runner]:

@@ -154,3 +154,21 @@ def test_torch_streaming_matches_offline(speech: np.ndarray) -> None:
     streaming = se.enhance_streaming(torch_runner("dpcrn_stream"), audio)
     assert streaming.shape == offline.shape == audio.shape
     assert np.max(np.abs(streaming - offline)) < 1e-4 * max(1.0, float(np.max(np.abs(offline))))
+
+
+def test_torch_runner_takes_names_from_the_onnx_export(tmp_path: Path) -> None:
+    from quant.backends import open_runner
+    from quant.errors import BackendUnavailable
+
+    path = tmp_path / "dpcrn.onnx"
+    onnx.save(identity_mask_model(SEGMENT_FRAMES), str(path))
+    runner = open_runner(path, "torch", threads=1)
+    assert list(runner.input_names) == ["mix"] and list(runner.output_names) == ["enh"]
+    spec = np.zeros((1, FREQ_BINS, SEGMENT_FRAMES, 2), np.float32)
+    assert runner.run({"mix": spec})["enh"].shape == spec.shape
+    with pytest.raises(ModelError, match="mix"):
+        runner.run({"wrong": spec})
+    with pytest.raises(ModelError, match="no PyTorch module"):
+        open_runner(tmp_path / "other.onnx", "torch")
+    with pytest.raises(BackendUnavailable, match="unknown backend"):
+        open_runner(path, "tflite")
