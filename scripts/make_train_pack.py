@@ -23,6 +23,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -177,11 +178,12 @@ def write_pack(out: Path, parts: dict[str, list[tuple[str, np.ndarray]]], seed: 
                    "noise recordings held out"}
     arrays["meta"] = np.array(json.dumps(meta))
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
+    np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
     size_mb = buffer.tell() / 1e6
     if size_mb > limit_mb:
         raise SystemExit(f"{out}: pack would be {size_mb:.1f} MB > {limit_mb} MB; lower the budgets")
     atomic_write_bytes(out, buffer.getvalue())
+    out.chmod(0o644)
     meta["size_mb"] = round(size_mb, 2)
     return meta
 
@@ -206,7 +208,10 @@ def build_asr(out: Path, debs_dir: Path, pkgs_dir: Path, seed: int, limit_mb: fl
     rows = [prompt_row(pkgs_dir, name, text, out / "prompts") for name, text in train_prompts]
     atomic_write_bytes(out / "prompts/manifest.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
     atomic_write_bytes(out / "README.txt", ASR_README.encode())
-    size_mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
+    files = [f for f in out.rglob("*") if f.is_file()]
+    for file in files:
+        file.chmod(0o644)
+    size_mb = sum(f.stat().st_size for f in files) / 1e6
     if size_mb > limit_mb:
         raise SystemExit(f"{out}: pack is {size_mb:.1f} MB > {limit_mb} MB")
     return {"train_sentences": len(splits["train"]), "prompts": len(rows),
@@ -214,7 +219,7 @@ def build_asr(out: Path, debs_dir: Path, pkgs_dir: Path, seed: int, limit_mb: fl
             "stub": stub is not None, "size_mb": round(size_mb, 2)}
 
 
-def prompt_row(pkgs_dir: Path, name: str, text: str, folder: Path) -> dict[str, object]:
+def prompt_row(pkgs_dir: Path, name: str, text: str, folder: Path) -> dict[str, Any]:
     """Decode one asterisk prompt (G.722, 16 kHz), trim silence, write it as int16 WAV; its manifest row."""
     samples = trim_silence(prep.decode_g722(prep.asterisk_audio(pkgs_dir, name)))
     data = prep.write_wav(folder / f"{name}.wav", samples)

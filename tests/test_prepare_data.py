@@ -1,0 +1,132 @@
+"""Corpus scripts: text normalization, splits, .deb unpacking, synthesis from an unpacked prefix, and the committed
+calib_data/ sets (checksums, counts, size, licenses, disjointness)."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quant.data.manifest import read_manifest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+import make_train_pack  # noqa: E402
+import prepare_data  # noqa: E402
+
+CALIB = REPO / "calib_data"
+SETS = {"se_calib": 100, "se_test": 40, "asr_calib": 100, "asr_test": 100}
+ALLOWED_LICENSES = ("public domain", "CC0", "CC-BY", "Creative Commons Attribution", "Creative Commons Zero")
+
+
+def test_normalize_text() -> None:
+    assert prepare_data.normalize_text("Don't PANIC -- it's 'only' a test!") == "don't panic it's only a test"
+    assert prepare_data.normalize_text("  Rock\u2019n roll,   baby. ") == "rock'n roll baby"
+
+
+def test_prompt_split_is_by_text() -> None:
+    prompts = [(f"p{i}", f"text {i % 7}") for i in range(30)]
+    train, test = prepare_data.split_prompts(prompts, 2, seed=1)
+    assert {t for _, t in train}.isdisjoint({t for _, t in test})
+    assert len({t for _, t in test}) == 2 and len(train) + len(test) == 30
+
+
+def _tiny_deb(path: Path) -> Path:
+    payload = io.BytesIO()
+    with tarfile.open(fileobj=payload, mode="w:xz") as tar:
+        data = b"hello\n"
+        info = tarfile.TarInfo("./usr/share/demo/hello.txt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    members = [("debian-binary", b"2.0\n"), ("control.tar.xz", b""), ("data.tar.xz", payload.getvalue())]
+    blob = b"!<arch>\n"
+    for name, content in members:
+        header = f"{name + '/':<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(content):<10}`\n".encode()
+        blob += header + content + (b"\n" if len(content) % 2 else b"")
+    path.write_bytes(blob)
+    return path
+
+
+def test_pure_python_deb_unpack(tmp_path: Path) -> None:
+    deb = _tiny_deb(tmp_path / "demo_1.0_all.deb")
+    prepare_data._unpack_python(deb, tmp_path / "out")
+    assert (tmp_path / "out/usr/share/demo/hello.txt").read_text() == "hello\n"
+    (tmp_path / "bad.deb").write_bytes(b"not an archive")
+    with pytest.raises(prepare_data.PackageError, match="bad.deb: not an ar archive"):
+        prepare_data._unpack_python(tmp_path / "bad.deb", tmp_path / "out2")
+
+
+def test_missing_synth_debs_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(prepare_data.PackageError, match="missing .debs for"):
+        prepare_data.prepare_synth(tmp_path, tmp_path / "prefix")
+
+
+DEBS = REPO / "data" / "debs"
+HAVE_DEBS = all(prepare_data.deb_for(n, DEBS) for n in prepare_data.SYNTH_PACKAGES) if DEBS.is_dir() else False
+
+
+@pytest.mark.skipif(not HAVE_DEBS, reason="synthesis .debs not in data/debs (run scripts/make_train_pack.py asr)")
+def test_synthesis_from_unpacked_prefix(tmp_path: Path) -> None:
+    synth = prepare_data.prepare_synth(DEBS, tmp_path / "prefix")
+    for voice in (prepare_data.Voice("espeak-ng", "en-us+f2", 1.1, 60), prepare_data.Voice("flite", "kal16")):
+        samples = prepare_data.synthesize(synth, voice, "the seals were basking in the sun", tmp_path / "x.wav")
+        assert 0.8 < len(samples) / 16000 < 4.0, voice.label
+        data = prepare_data.write_wav(tmp_path / "y.wav", samples)
+        back, rate = prepare_data.read_wav(tmp_path / "y.wav")
+        assert rate == 16000 and len(data) > 44 and np.max(np.abs(back - samples)) < 1e-4
+
+
+def test_pack_concat_offsets() -> None:
+    clips = [("a", np.full(3, 0.5, np.float32)), ("b", np.full(2, -0.25, np.float32))]
+    pcm, offsets, names = make_train_pack.concat(clips)
+    assert offsets.tolist() == [0, 3, 5] and names.tolist() == ["a", "b"] and pcm.dtype == np.int16
+    assert pcm[offsets[1]:offsets[2]].tolist() == [-8192, -8192]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# committed sets
+
+
+@pytest.mark.parametrize("name, minimum", sorted(SETS.items()))
+def test_committed_set_verifies_and_is_large_enough(name: str, minimum: int) -> None:
+    utterances = read_manifest(CALIB / name / "manifest.jsonl", verify=True)
+    assert len(utterances) >= minimum
+    for utt in utterances:
+        assert any(allowed in utt.license for allowed in ALLOWED_LICENSES), utt.license
+        assert "GPL" not in utt.license
+        if name.startswith("asr"):
+            assert utt.text and utt.text == prepare_data.normalize_text(utt.text)
+        else:
+            assert utt.is_mixture and -5.0 <= float(utt.snr_db or 0) <= 20.0
+
+
+def test_calib_data_size_and_docs() -> None:
+    total = sum(f.stat().st_size for f in CALIB.rglob("*") if f.is_file())
+    assert total <= 25 * 1024 * 1024
+    assert (CALIB / "ATTRIBUTION").is_file() and (CALIB / "README.md").is_file()
+    readme = (CALIB / "README.md").read_text()
+    assert all(name in readme for name in SETS) and "prepare_data.py calib-sets" in readme
+
+
+def test_se_sets_are_disjoint_in_speakers_and_noises() -> None:
+    calib = read_manifest(CALIB / "se_calib/manifest.jsonl")
+    test = read_manifest(CALIB / "se_test/manifest.jsonl")
+    assert {u.noise_sha256 for u in calib}.isdisjoint({u.noise_sha256 for u in test})
+    assert all("asterisk" in u.source for u in calib) and all("LibriVox" in u.source for u in test)
+    assert len({u.noise for u in test}) >= 5 and len({u.snr_db for u in test}) >= 5
+
+
+def test_asr_test_holds_out_voice_and_sentences() -> None:
+    calib = read_manifest(CALIB / "asr_calib/manifest.jsonl")
+    test = read_manifest(CALIB / "asr_test/manifest.jsonl")
+    assert not any(f"flite {prepare_data.HELD_OUT_VOICE} " in u.source for u in calib)
+    held_out = [u for u in test if f"flite {prepare_data.HELD_OUT_VOICE} " in u.source]
+    real = [u for u in test if "synthetic" not in u.source]
+    assert len(held_out) >= 60 and len(real) >= 40
+    assert {u.text for u in test}.isdisjoint({u.text for u in calib})
