@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -51,6 +51,13 @@ class BuildOptions:
     per_channel: bool = True
     unwrap_kernel_outputs: bool = False  # ORT: True gives protected float nodes un-quantized inputs, fewer fusions
     reduce_range: bool | None = None  # ORT: 7-bit weights; None = when the CPU lacks VNNI
+
+    def __post_init__(self) -> None:
+        for label, value, allowed in (("precision", self.precision, ("fp32", "fp16", "int8")),
+                                      ("backend", self.backend, ("ort", "trt")),
+                                      ("mode", self.mode, ("explicit", "implicit"))):
+            if value not in allowed:
+                raise BuildError(f"{label} {value!r} is not one of {', '.join(allowed)}")
 
 
 def resolve_model(model: str | Path, export: bool = True) -> tuple[str, Path]:
@@ -94,12 +101,12 @@ def build_artifact(model: str | Path, precision: str, backend: str = "ort", **op
         fp16_plan = plan(onnx_model, rules, "fp16", backend, streaming_states(onnx_model))
         meta["plan"] = fp16_plan.summary()
         meta["fp16"] = build_fp16(onnx_model, fp16_plan, out_dir / MODEL_FILE)
-    elif precision == "int8":
-        meta.update(_build_int8(name, source, onnx_model, rules, opts, out_dir))
     else:
-        raise BuildError(f"precision {precision!r} is not one of fp32, fp16, int8")
+        meta.update(_build_int8(name, source, onnx_model, rules, opts, out_dir))
     if backend == "trt":
-        meta["trt"] = _build_trt(out_dir, opts, meta)
+        used_cache = (meta.get("cache") or {}).get("path")
+        trt_opts = replace(opts, cache=opts.cache or (Path(used_cache) if used_cache else None))
+        meta["trt"] = _build_trt(name, out_dir, trt_opts, source)
     atomic_write_json(out_dir / "meta.json", meta)
     log.info("built %s %s (%s) in %s", name, precision, backend, out_dir)
     return out_dir
@@ -186,24 +193,30 @@ def _base_meta(name: str, source: Path, opts: BuildOptions, rules_sha: str) -> d
     }
 
 
-def _build_trt(out_dir: Path, opts: BuildOptions, meta: Mapping[str, Any]) -> dict[str, Any]:
-    """Hand an ONNX file to the TensorRT backend (imported lazily: tensorrt is optional). Explicit INT8 gets the
-    symmetric Q/DQ model; everything else gets the FP32 source plus the rule plan as a layer-precision list."""
+def _build_trt(name: str, out_dir: Path, opts: BuildOptions, source: Path) -> dict[str, Any]:
+    """Hand an ONNX file to the TensorRT backend (imported lazily: tensorrt is optional).
+
+    explicit: the ONNX carries the precisions (int8: model_trt_qdq.onnx; fp16: the FP16 model.onnx);
+    implicit (TensorRT <= 10): the FP32 source, builder flags, the rule plan as layer precisions and, for INT8,
+    the calibration cache (or calibration feeds when no cache was given)."""
     try:
         from quant.backends.trt import build_engine
     except ImportError as error:
         raise BackendUnavailable(f"TensorRT backend is not available: {error}") from None
-    explicit = opts.precision == "int8" and opts.mode == "explicit"
-    onnx_path = out_dir / TRT_QDQ_FILE if explicit else Path(str(meta["source"]))
+    explicit = opts.mode == "explicit" and opts.precision != "fp32"
+    onnx_path = out_dir / (TRT_QDQ_FILE if opts.precision == "int8" else MODEL_FILE) if explicit else source
     layer_precisions = None
-    if opts.precision != "fp32" and not explicit:
-        source_model = _load(onnx_path)
+    feeds = None
+    if not explicit and opts.precision != "fp32":
+        source_model = _load(source)
         trt_plan = plan(source_model, load_rules(opts.rules), opts.precision, "trt", streaming_states(source_model))
         layer_precisions = atomic_write_json(out_dir / "trt_layer_precision.json",
                                              dict(trt_layer_precisions(trt_plan)))
+        if opts.precision == "int8" and opts.cache is None:
+            from quant.calib.readers import default_manifest, reader_for
+
+            feeds = reader_for(name, source, default_manifest(name))
     engine = build_engine(onnx_path=onnx_path, engine_path=out_dir / "model.engine", precision=opts.precision,
-                          mode=opts.mode, calibration_cache=opts.cache, layer_precisions=layer_precisions)
+                          mode=opts.mode, calibration_cache=opts.cache, layer_precisions=layer_precisions,
+                          feeds=feeds)
     return {"engine": str(engine), "onnx": str(onnx_path), "mode": opts.mode}
-
-
-

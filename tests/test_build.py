@@ -1,0 +1,249 @@
+"""Builds on a tiny streaming SE-like graph: FP32 copy, FP16 with rules and state dtypes, INT8 for ORT (integer kernels,
+rules honoured) and for TensorRT (int8 symmetric Q/DQ), meta.json, cache checks, the CLI. Real-model builds are slow."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from quant.backends.ort import OrtRunner
+from quant.build import build_artifact
+from quant.build.artifact import KNOWN_MODELS, resolve_model
+from quant.errors import BackendUnavailable, BuildError, CacheMismatch, CalibrationError, ModelError, QuantError
+from quant.fileio import sha256_file
+
+RNG = np.random.default_rng(0)
+FRAME = [1, 2, 8, 8]
+STATE = [1, 4, 8, 8]
+
+
+def weights(name: str, *shape: int) -> onnx.TensorProto:
+    return numpy_helper.from_array((RNG.standard_normal(shape) * 0.4).astype(np.float32), name)
+
+
+def tiny_streaming_model(path: Path) -> Path:
+    """mix -> conv_in -> Relu -> (+cache) -> conv_mid -> LayerNorm(decomposed, last axis) -> conv_out -> Sigmoid mask
+    -> Mul(mix); the Relu output is the next state (cache_out)."""
+    nodes = [
+        helper.make_node("Conv", ["mix", "w_in", "b_in"], ["c_in"], name="conv_in", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c_in"], ["cache_out"], name="relu_in"),
+        helper.make_node("Concat", ["cache", "cache_out"], ["cat"], name="cache_concat", axis=1),
+        helper.make_node("Conv", ["cat", "w_mid", "b_mid"], ["c_mid"], name="conv_mid", pads=[1, 1, 1, 1]),
+        helper.make_node("ReduceMean", ["c_mid"], ["mean"], name="ln_mean", axes=[-1]),
+        helper.make_node("Sub", ["c_mid", "mean"], ["centered"], name="ln_sub"),
+        helper.make_node("Pow", ["centered", "two"], ["sq"], name="ln_pow"),
+        helper.make_node("ReduceMean", ["sq"], ["var"], name="ln_var", axes=[-1]),
+        helper.make_node("Add", ["var", "eps"], ["var_eps"], name="ln_add_eps"),
+        helper.make_node("Sqrt", ["var_eps"], ["std"], name="ln_sqrt"),
+        helper.make_node("Div", ["centered", "std"], ["normed"], name="ln_div"),
+        helper.make_node("Conv", ["normed", "w_out", "b_out"], ["c_out"], name="conv_out", pads=[1, 1, 1, 1]),
+        helper.make_node("Softmax", ["c_out"], ["mask"], name="softmax", axis=1),
+        helper.make_node("Mul", ["mix", "mask"], ["enh"], name="apply_mask"),
+    ]
+    inits = [weights("w_in", 4, 2, 3, 3), weights("b_in", 4), weights("w_mid", 4, 8, 3, 3), weights("b_mid", 4),
+             weights("w_out", 2, 4, 3, 3), weights("b_out", 2),
+             numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+             numpy_helper.from_array(np.array(1e-5, np.float32), "eps")]
+    graph = helper.make_graph(
+        nodes, "tiny_stream",
+        [helper.make_tensor_value_info("mix", TensorProto.FLOAT, FRAME),
+         helper.make_tensor_value_info("cache", TensorProto.FLOAT, STATE)],
+        [helper.make_tensor_value_info("enh", TensorProto.FLOAT, FRAME),
+         helper.make_tensor_value_info("cache_out", TensorProto.FLOAT, STATE)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def feeds(count: int = 6) -> list[dict[str, np.ndarray]]:
+    return [{"mix": RNG.standard_normal(FRAME).astype(np.float32),
+             "cache": np.abs(RNG.standard_normal(STATE)).astype(np.float32)} for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def model_and_cache(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from quant.calib import cache
+    from quant.calib.ranges import RangeOptions, collect_ranges
+
+    folder = tmp_path_factory.mktemp("tiny")
+    path = tiny_streaming_model(folder / "tiny_stream.onnx")
+    result = collect_ranges(path, feeds(), "minmax", RangeOptions(progress=False))
+    key = cache.CacheKey.create(sha256_file(path), "0" * 64, "minmax", {})
+    entry = cache.write_entry(folder / "tiny.cache", key, result)
+    return path, entry.path
+
+
+def snr_db(reference: np.ndarray, test: np.ndarray) -> float:
+    return float(10 * np.log10((reference ** 2).sum() / ((reference - test) ** 2).sum()))
+
+
+def test_fp32_copy_and_meta(model_and_cache: tuple[Path, Path], tmp_path: Path):
+    source, _ = model_and_cache
+    out = build_artifact(source, "fp32", out_dir=tmp_path / "fp32")
+    assert sha256_file(out / "model.onnx") == sha256_file(source)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["source_sha256"] == sha256_file(source) and meta["precision"] == "fp32"
+    assert {"onnx", "onnxruntime", "quant"} <= set(meta["versions"]) and len(meta["cache_key"]) == 64
+    assert meta["rules"]["sha256"] == sha256_file(Path(meta["rules"]["path"]))
+
+
+def test_fp16_keeps_rules_and_state_dtype(model_and_cache: tuple[Path, Path], tmp_path: Path):
+    source, _ = model_and_cache
+    out = build_artifact(source, "fp16", out_dir=tmp_path / "fp16")
+    model = onnx.load(str(out / "model.onnx"))
+    assert [o.type.tensor_type.elem_type for o in model.graph.output] == [TensorProto.FLOAT, TensorProto.FLOAT]
+    weights_fp16 = {i.name for i in model.graph.initializer if i.data_type == TensorProto.FLOAT16}
+    assert "w_mid" in weights_fp16 and "eps" not in weights_fp16  # LayerNorm constants stay FP32
+    runner, reference = OrtRunner(out / "model.onnx"), OrtRunner(source)
+    feed = feeds(1)[0]
+    got, want = runner.run(feed), reference.run(feed)
+    assert got["cache_out"].dtype == np.float32  # can be fed back as the next state
+    assert snr_db(want["enh"], got["enh"]) > 40
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["plan"]["Softmax"] == {"fp32 (softmax)": 1}
+
+
+def test_int8_ort_artifact(model_and_cache: tuple[Path, Path], tmp_path: Path):
+    source, cache = model_and_cache
+    out = build_artifact(source, "int8", cache=cache, out_dir=tmp_path / "int8")
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["integer_kernels"].get("QLinearConv", 0) >= 1
+    assert meta["cache"]["key"]["model_sha256"] == sha256_file(source)
+    assert meta["plan"]["Conv"] == {"fp32 (input-layer)": 1, "int8 (int8-compute)": 2}
+    model = onnx.load(str(out / "model.onnx"))
+    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    by_name = {n.name: n for n in model.graph.node}
+    for name in ("ln_pow", "ln_var", "ln_sqrt", "apply_mask", "cache_concat", "conv_in"):
+        assert not set(by_name[name].input) & dequantized, name  # rule-protected nodes read float tensors
+    assert by_name["conv_mid"].input[0] in dequantized and by_name["conv_mid"].input[1] in dequantized
+    runner, reference = OrtRunner(out / "model.onnx"), OrtRunner(source)
+    values = [snr_db(reference.run(f)["enh"], runner.run(f)["enh"]) for f in feeds(3)]
+    assert min(values) > 15, values
+
+
+def test_int8_trt_qdq_is_symmetric_per_channel(model_and_cache: tuple[Path, Path], tmp_path: Path):
+    source, cache = model_and_cache
+    out = build_artifact(source, "int8", cache=cache, out_dir=tmp_path / "int8")
+    model = onnx.load(str(out / "model_trt_qdq.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq and all(inits[n.input[2]].dtype == np.int8 and not inits[n.input[2]].any() for n in qdq)
+    weight_dq = [n for n in qdq if n.op_type == "DequantizeLinear" and n.input[0] == "w_mid_quantized"]
+    assert len(weight_dq) == 1 and weight_dq[0].attribute[0].i == 0 and inits["w_mid_qdq_scale"].shape == (4,)
+    dequantized = {o for n in qdq if n.op_type == "DequantizeLinear" for o in n.output}
+    by_name = {n.name: n for n in model.graph.node}
+    assert not set(by_name["softmax"].input) & dequantized and not set(by_name["ln_sub"].input) & dequantized
+    order = [o for n in model.graph.node for o in n.output]
+    assert all(order.index(i) < order.index(o) for n in model.graph.node for i in n.input if i in order
+               for o in n.output)  # topologically sorted
+    runner, reference = OrtRunner(out / "model_trt_qdq.onnx"), OrtRunner(source)
+    feed = feeds(1)[0]
+    assert snr_db(reference.run(feed)["enh"], runner.run(feed)["enh"]) > 15
+
+
+def test_cache_of_another_model_is_refused(model_and_cache: tuple[Path, Path], tmp_path: Path):
+    _, cache = model_and_cache
+    other = tiny_streaming_model(tmp_path / "other.onnx")  # new random weights: another sha256
+    with pytest.raises(CacheMismatch, match="re-run `quant calibrate`"):
+        build_artifact(other, "int8", cache=cache, out_dir=tmp_path / "x")
+
+
+def test_missing_ranges_are_named(model_and_cache: tuple[Path, Path], tmp_path: Path):
+    from quant.calib import cache
+    from quant.calib.ranges import RangeOptions, RangeResult, collect_ranges
+
+    source, _ = model_and_cache
+    full = collect_ranges(source, feeds(2), "minmax", RangeOptions(progress=False))
+    partial = RangeResult(full.method, full.params, {k: v for k, v in full.tensors.items() if k != "normed"})
+    key = cache.CacheKey.create(sha256_file(source), "1" * 64, "minmax", {})
+    entry = cache.write_entry(tmp_path / "partial.cache", key, partial)
+    with pytest.raises(CalibrationError, match="normed"):
+        build_artifact(source, "int8", cache=entry.path, out_dir=tmp_path / "y")
+
+
+def test_bad_options_and_models(tmp_path: Path):
+    with pytest.raises(BuildError, match="precision"):
+        build_artifact("whatever.onnx", "int4")
+    with pytest.raises(ModelError, match="neither a known model"):
+        resolve_model(str(tmp_path / "missing.onnx"))
+    assert set(KNOWN_MODELS) == {"dpcrn", "dpcrn-stream", "wenet-encoder", "wenet-decoder"}
+
+
+def test_trt_backend_reports_unavailable(model_and_cache: tuple[Path, Path], tmp_path: Path):
+    trt_backend = pytest.importorskip("quant.backends.trt")
+    try:
+        trt_backend.require_tensorrt()
+        pytest.skip("a usable TensorRT is installed here; the unavailable path cannot be shown")
+    except BackendUnavailable:
+        pass
+    source, _ = model_and_cache
+    with pytest.raises(BackendUnavailable, match="TensorRT"):
+        build_artifact(source, "fp32", "trt", out_dir=tmp_path / "trt")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from quant.cli import build as build_cli
+    from quant.cli import inspect as inspect_cli
+
+    parser = argparse.ArgumentParser()
+    commands = parser.add_subparsers(dest="command")
+    build_cli.register(commands)
+    inspect_cli.register(commands)
+    return parser
+
+
+def test_cli_build_and_inspect(model_and_cache: tuple[Path, Path], tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]):
+    source, cache = model_and_cache
+    args = _parser().parse_args(["build", str(source), "--precision", "int8", "--cache", str(cache),
+                                 "-o", str(tmp_path / "cli")])
+    assert args.handler(args) == 0
+    assert "integer kernels" in capsys.readouterr().out
+    args = _parser().parse_args(["inspect", str(tmp_path / "cli" / "model.onnx")])
+    assert args.handler(args) == 0
+    out = capsys.readouterr().out
+    assert "Softmax" in out and "fp32 (softmax)" in out and "QLinearConv" in out
+    args = _parser().parse_args(["inspect", str(source), "--precision", "fp16"])
+    args.handler(args)
+    assert "fp32 (layernorm-decomposed)" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ real models
+
+
+def _export_or_skip(name: str) -> Path:
+    from quant.paths import engines_dir
+
+    _, folder, file_name = KNOWN_MODELS[name]
+    path = engines_dir() / "export" / folder / file_name
+    if not path.is_file():
+        pytest.skip(f"{path} not exported (run `quant export`)")
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(KNOWN_MODELS))
+def test_real_model_builds_three_precisions(name: str, tmp_path: Path):
+    from quant.build.artifact import load_ranges
+
+    source = _export_or_skip(name)
+    try:
+        load_ranges(name, source, None)
+    except QuantError as error:
+        pytest.skip(f"no calibration for {name}: {error}")
+    for precision in ("fp32", "fp16", "int8"):
+        out = build_artifact(name, precision, out_dir=tmp_path / precision)
+        OrtRunner(out / "model.onnx")
+    meta = json.loads((tmp_path / "int8" / "meta.json").read_text())
+    assert meta["integer_kernels"], meta["optimized_op_counts"]
+    assert os.path.isfile(tmp_path / "int8" / "model_trt_qdq.onnx")
