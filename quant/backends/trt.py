@@ -209,13 +209,15 @@ class CalibrationCacheIO(Protocol):
 
 
 class _FeedCursor:
-    """Pulls feeds one at a time, validating names and shapes against the first feed."""
+    """Pulls feeds one at a time. TensorRT calibrates at one shape (the first feed's): a feed of another shape (a
+    short last batch, a longer utterance) is skipped with a warning and counted, never passed on."""
 
     def __init__(self, feeds: Iterable[Feed]) -> None:
         self._iterator: Iterator[Feed] = iter(feeds)
         self._peeked: Feed | None = None
         self.first_shapes: dict[str, Shape] | None = None
         self.count = 0
+        self.skipped = 0
 
     def peek(self) -> Feed | None:
         if self._peeked is None:
@@ -223,25 +225,27 @@ class _FeedCursor:
         return self._peeked
 
     def next(self) -> Feed | None:
-        feed = self.peek()
-        self._peeked = None
-        if feed is not None:
-            self._check_shapes(feed)
-            self.count += 1
-        return feed
+        while (feed := self.peek()) is not None:
+            self._peeked = None
+            mismatch = self._mismatch(feed)
+            if mismatch is None:
+                self.count += 1
+                return feed
+            self.skipped += 1
+            log.warning("calibration: skipping a batch: %s; TensorRT calibrates at the first batch's shape "
+                        "(quant.calib.readers.TrtFeedSource regroups feeds into fixed batches)", mismatch)
+        return None
 
-    def _check_shapes(self, feed: Feed) -> None:
+    def _mismatch(self, feed: Feed) -> str | None:
         shapes = {name: tuple(np.shape(value)) for name, value in feed.items()}
         if self.first_shapes is None:
             self.first_shapes = shapes
-            return
+            return None
         for name, shape in shapes.items():
             expected = self.first_shapes.get(name)
             if expected is not None and expected != shape:
-                raise CalibrationError(
-                    f"calibration batch {self.count + 1}: input {name!r} has shape {shape}, the first batch had "
-                    f"{expected}; TensorRT calibrates at one shape, so the feed source must yield fixed shapes"
-                )
+                return f"input {name!r} has shape {shape}, the first batch had {expected}"
+        return None
 
 
 def batch_size_of(feed: Feed | None) -> int:
@@ -303,7 +307,7 @@ def make_calibrator(feeds: Iterable[Feed], cache_io: CalibrationCacheIO | None =
         def _next_pointers(self, names: Sequence[str]) -> list[int] | None:
             feed = self.cursor.next()
             if feed is None:
-                log.info("calibration: %d batches fed", self.cursor.count)
+                log.info("calibration: %d batches fed, %d skipped", self.cursor.count, self.cursor.skipped)
                 return None
             missing = [name for name in names if name not in feed]
             if missing:
@@ -689,6 +693,11 @@ def _with_default_profiles(spec: EngineSpec, inputs: Mapping[str, Shape]) -> Eng
                      spec.workspace_bytes)
 
 
+def _calibration_record(calibrator: Any) -> dict[str, Any]:
+    cursor = calibrator.cursor
+    return {"cache_hit": calibrator.cache_hit, "batches": cursor.count, "skipped_batches": cursor.skipped}
+
+
 def meta_path_of(engine_path: Path) -> Path:
     """`model.engine` -> `model.engine.json`: the engine's own record (the artifact folder's meta.json is the build's)."""
     return Path(engine_path).with_name(Path(engine_path).name + ".json")
@@ -708,7 +717,7 @@ def write_engine(
         "constraints": spec.constraints if spec.applies_layer_precisions else None,
         "layer_precisions": dict(spec.layer_precisions),
         "profiles": [{name: shapes for name, shapes in profile} for profile in spec.profiles],
-        "calibration": None if calibrator is None else {"cache_hit": calibrator.cache_hit, "batches": calibrator.cursor.count},
+        "calibration": None if calibrator is None else _calibration_record(calibrator),
         **dict(extra),
     }
     atomic_write_json(meta_path_of(engine_path), meta)
