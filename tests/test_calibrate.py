@@ -137,3 +137,29 @@ def test_calibrate_cli_parses_options() -> None:
     assert (args.method, args.percentile, args.output, args.force, args.max_batch) == (
         "percentile", 99.9, Path("c.cache"), True, 2)
     assert cli_calibrate.resolve_model("some/where.onnx") == (None, Path("some/where.onnx"))
+
+
+def test_reader_path_keys_reader_settings_and_verify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    readers = pytest.importorskip("quant.calib.readers")
+    calls: list[tuple] = []
+
+    def fake_reader_for(model: str, onnx_path: Path, manifest: Path, options: object = None) -> list:
+        calls.append((model, Path(onnx_path), Path(manifest)))
+        return feeds(seed=0 if "a" in Path(manifest).stem else 1)
+
+    monkeypatch.setattr(readers, "reader_for", fake_reader_for)
+    model = tiny_model(tmp_path / "m.onnx")
+    lines = (Path(__file__).parent / "data" / "librivox.jsonl").read_text().splitlines()
+    data_dir = str((Path(__file__).parent / "data").resolve())
+    absolute = [json.dumps(dict(json.loads(line), path=f"{data_dir}/{json.loads(line)['path']}")) for line in lines]
+    manifest_a, manifest_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    manifest_a.write_text(absolute[0] + "\n")
+    manifest_b.write_text(absolute[0] + "\n" + absolute[1] + "\n")
+    entry = cal.calibrate(model, "tiny", manifest_a, "minmax", tmp_path / "m.cache", OPTIONS)
+    assert calls[0] == ("tiny", model, manifest_a)
+    assert json.loads(entry.key.params)["reader"]["batch_size"] == readers.ReaderOptions().batch_size
+    assert cal.verify(entry.path, model, "tiny", manifest_a) == []
+    reasons = cal.verify(entry.path, model, "tiny", manifest_b)
+    assert len(reasons) == 1 and reasons[0].startswith("calibration-set sha256 differs")
+    args = parse(["cache", "verify", str(entry.path), str(model), "--data", str(manifest_b)])
+    assert args.handler(args) == 1

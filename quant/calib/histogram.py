@@ -24,6 +24,7 @@ The KL of all candidates is computed at once from prefix sums (no Python loop ov
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +35,7 @@ NUM_BINS = 2048
 NUM_LEVELS = 128
 START_BIN = 128
 DEFAULT_PERCENTILE = 99.99
-_CHUNK_ELEMENTS = 1 << 22  # histogram update works on views of at most 4 Mi elements (bounded temporaries)
+_CHUNK_ELEMENTS = 1 << 20  # histogram updates work on chunks of 1 Mi elements in reused buffers
 
 
 @dataclass
@@ -98,17 +99,32 @@ class AbsHistogram:
         if self.amax == 0:
             return
         flat = values.reshape(-1)
+        scaled_buffer, index_buffer = _scratch(self._dtype)
         for start in range(0, flat.size, _CHUNK_ELEMENTS):
-            self._add_chunk(flat[start : start + _CHUNK_ELEMENTS])
+            chunk = flat[start : start + _CHUNK_ELEMENTS]
+            self._add_chunk(chunk, scaled_buffer[: chunk.size], index_buffer[: chunk.size])
 
-    def _add_chunk(self, chunk: np.ndarray) -> None:
-        scaled = np.abs(chunk).astype(self._dtype, copy=False)
+    def _add_chunk(self, chunk: np.ndarray, scaled: np.ndarray, index: np.ndarray) -> None:
+        np.abs(chunk, out=scaled, casting="unsafe")  # float16/bfloat16 widen, float64 narrows (bins are coarse)
         scaled *= self._bins_per_unit
         if not np.isfinite(scaled.max(initial=0.0)):  # NaN or inf present (max propagates NaN)
             scaled = scaled[np.isfinite(scaled)]
-        index = scaled.astype(np.int32)
+            index = index[: scaled.size]
+        np.copyto(index, scaled, casting="unsafe")  # truncation = floor for values >= 0
         np.minimum(index, self.num_bins - 1, out=index)
         self.counts += np.bincount(index, minlength=self.num_bins)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    """Per-thread reusable buffers for one chunk: no allocation (and page faults) per tensor and batch."""
+    buffers = getattr(_SCRATCH, "buffers", {})
+    if dtype not in buffers:
+        buffers[dtype] = (np.empty(_CHUNK_ELEMENTS, dtype), np.empty(_CHUNK_ELEMENTS, np.intp))
+        _SCRATCH.buffers = buffers
+    return buffers[dtype]
 
 
 def entropy_kl(counts: np.ndarray, num_levels: int = NUM_LEVELS, start_bin: int = START_BIN) -> np.ndarray:
