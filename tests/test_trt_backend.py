@@ -349,3 +349,75 @@ def test_cli_build_without_tensorrt_exits_2(monkeypatch: pytest.MonkeyPatch, two
     code = cli.main(["build", str(two_inputs), "--backend", "trt", "--precision", "fp32"])
     assert code == 2
     assert "pip install 'quant[trt]'" in capsys.readouterr().err
+
+
+# ---- orchestration: quant.build.trt_build.build_trt --------------------------------------------------------------
+
+
+def _store_cache_for(onnx_path: Path, store: Path) -> Path:
+    from quant.calib.cache import CacheKey
+    from quant.fileio import sha256_file
+
+    key = CacheKey.create(sha256_file(onnx_path), "e" * 64, "entropy", {}, versions={"quant": "test"})
+    cache = b"TRT-101300-EntropyCalibration2\nzeta: 3c010204\nalpha: 3c010204\n"
+    trt_build.StoreCacheIO(store, key, "two").write(cache)
+    return next(store.glob("*.cache"))
+
+
+def test_build_trt_implicit_int8_with_quant_cache_and_rules(double: trt_double.Double, two_inputs: Path,
+                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("quant.precision")
+    import onnx
+
+    from quant.build.ort_build import streaming_states
+    from quant.precision import load_rules, plan, trt_layer_precisions
+
+    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
+    cache = _store_cache_for(two_inputs, tmp_path / "store")
+    options = trt_build.TrtBuildOptions(precision="int8", mode="implicit", cache=cache)
+    engine = trt_build.build_trt("two", two_inputs, tmp_path / "engines" / "two" / "int8", options)
+    assert double.state.calibrator_calls == ["read_calibration_cache"]  # quant's ranges: TensorRT does not calibrate
+    model = onnx.load(str(two_inputs))
+    planned = dict(trt_layer_precisions(plan(model, load_rules(None), "int8", "trt", streaming_states(model))))
+    pinned = {node for node, precision in planned.items() if precision in ("fp32", "fp16")}
+    build = double.state.builds[-1]
+    assert set(build["layers"]) == pinned and "OBEY_PRECISION_CONSTRAINTS" in build["flags"]
+    assert (tmp_path / "engines" / "timing.cache").is_file()
+    meta = _meta(engine)
+    assert meta["model"] == "two" and meta["calibration"]["cache_hit"] is True
+
+
+def test_build_trt_explicit_needs_the_ort_build_first(double: trt_double.Double, two_inputs: Path,
+                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
+    out_dir = tmp_path / "engines" / "two" / "int8"
+    options = trt_build.TrtBuildOptions(precision="int8", mode="explicit")
+    with pytest.raises(BuildError, match=r"model_trt_qdq.onnx is missing: run quant build MODEL --precision int8"):
+        trt_build.build_trt("two", two_inputs, out_dir, options)
+    out_dir.mkdir(parents=True)
+    graphs.qdq_model(out_dir / "model_trt_qdq.onnx")
+    trt_build.build_trt("two", two_inputs, out_dir, options)
+    assert double.state.builds[-1]["onnx_path"].endswith("model_trt_qdq.onnx")
+    assert double.state.builds[-1]["strongly_typed"]
+
+
+def test_build_trt_without_tensorrt_fails_first(monkeypatch: pytest.MonkeyPatch, two_inputs: Path,
+                                                tmp_path: Path) -> None:
+    trt_double.hide_tensorrt(monkeypatch)
+    with pytest.raises(BackendUnavailable, match="TensorRT is not installed"):
+        trt_build.build_trt("two", two_inputs, tmp_path / "two" / "int8", trt_build.TrtBuildOptions("int8"))
+
+
+def test_shape_layers_are_never_pinned(double: trt_double.Double, tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    nodes = [helper.make_node("Shape", ["x"], ["s"], name="shape"),
+             helper.make_node("Reshape", ["x", "s"], ["y"], name="reshape")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "shape.onnx"
+    __import__("onnx").save(model, str(path))
+    backend.build_engine(path, tmp_path / "out", "fp16", layer_precisions={"shape": "fp32", "reshape": "fp32"})
+    assert list(double.state.builds[-1]["layers"]) == ["reshape"]

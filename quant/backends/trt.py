@@ -534,11 +534,13 @@ def apply_layer_precisions(network: trt.INetworkDefinition, layer_precisions: Ma
         node = onnx_node_of(layer.name, getattr(layer, "metadata", ""), node_names)
         if node is None:
             continue
+        float_outputs = [i for i in range(layer.num_outputs) if layer.get_output(i).dtype in float_types]
+        if not float_outputs:
+            continue  # shape/index arithmetic: pinning it to a float precision cannot be obeyed
         dtype = dtypes[layer_precisions[node]]
         layer.precision = dtype
-        for output in range(layer.num_outputs):
-            if layer.get_output(output).dtype in float_types:
-                layer.set_output_type(output, dtype)
+        for output in float_outputs:
+            layer.set_output_type(output, dtype)
         changed.append(layer.name)
     unmatched = sorted(set(node_names) - {onnx_node_of(name, "", node_names) for name in changed})
     log.info("layer precision: %d layers pinned from %d rule nodes", len(changed), len(node_names))
