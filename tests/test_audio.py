@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 import wave
 from pathlib import Path
 
@@ -116,3 +117,21 @@ def test_trim_silence_keeps_margin_and_speech() -> None:
     trimmed = trim_silence(np.concatenate([silence, tone, silence]), rate, margin_ms=100)
     assert abs(len(trimmed) - (rate + 2 * rate // 10)) <= rate // 50
     assert len(trim_silence(np.zeros(rate, np.float32))) == 0
+
+
+def test_wave_fallback_without_soundfile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU training machine has no soundfile: 16-bit WAV still loads, FLAC fails clearly."""
+    tone = _tone(440, 0.5, 8000)
+    wav = tmp_path / "t.wav"
+    wav.write_bytes(_wav_bytes(tone, rate=8000))
+    with_sf = load_audio(wav)
+    monkeypatch.setitem(sys.modules, "soundfile", None)
+    assert np.array_equal(load_audio(wav), with_sf)
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(wav.read_bytes()[:3000])
+    with pytest.raises(AudioError, match="truncated"):
+        load_audio(cut)
+    with pytest.raises(AudioError, match="needs the soundfile package"):
+        load_audio(DATA / "librivox_0880.flac")
+    written = save_audio(tmp_path / "w.wav", with_sf)
+    assert np.max(np.abs(load_audio(written) - with_sf)) < 1e-4

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import wave
 from math import gcd
 from pathlib import Path
 
@@ -36,8 +37,10 @@ def load_audio(path: str | os.PathLike[str], sample_rate: int = SAMPLE_RATE) -> 
 
 
 def _read(file: Path) -> tuple[np.ndarray, int]:
-    import soundfile as sf  # lazy: corpus scripts use resample/trim_silence on machines without soundfile
-
+    try:
+        import soundfile as sf  # lazy: training machines may lack it; 16-bit WAV is then read with `wave`
+    except ImportError:
+        return _read_wave(file)
     try:
         with sf.SoundFile(file) as handle:
             declared_frames = handle.frames
@@ -52,6 +55,27 @@ def _read(file: Path) -> tuple[np.ndarray, int]:
     if _wav_data_is_short(file, declared_frames, handle.channels, handle.subtype):
         raise AudioError(f"{file}: truncated: the WAV data chunk is shorter than its header says")
     return samples, file_rate
+
+
+def _read_wave(file: Path) -> tuple[np.ndarray, int]:
+    """16-bit PCM WAV with Python's wave module (used only where the soundfile package is missing)."""
+    if file.suffix.lower() != ".wav":
+        raise AudioError(f"{file}: reading {file.suffix or 'this'} audio needs the soundfile package; "
+                         f"install it or convert the file to 16-bit WAV")
+    try:
+        with wave.open(str(file), "rb") as handle:
+            width, channels, rate = handle.getsampwidth(), handle.getnchannels(), handle.getframerate()
+            declared = handle.getnframes()
+            raw = handle.readframes(declared)
+    except (wave.Error, EOFError) as error:
+        raise AudioError(f"{file}: not a readable WAV file: {error}") from None
+    if width != 2:
+        raise AudioError(f"{file}: {8 * width}-bit WAV needs the soundfile package; expected 16-bit PCM")
+    if len(raw) < declared * 2 * channels:
+        raise AudioError(f"{file}: truncated: header declares {declared} frames but only "
+                         f"{len(raw) // (2 * channels)} could be read")
+    pcm = np.frombuffer(raw, "<i2").reshape(-1, channels)
+    return pcm.astype(np.float32) / 32768.0, rate
 
 
 def _wav_data_is_short(file: Path, frames: int, channels: int, subtype: str) -> bool:
@@ -84,12 +108,22 @@ def resample(samples: np.ndarray, from_rate: int, to_rate: int = SAMPLE_RATE) ->
 
 def save_audio(path: str | os.PathLike[str], samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
     """Write 16-bit PCM WAV or FLAC (by suffix) atomically; samples are clipped to [-1, 1]."""
-    import soundfile as sf
-
     target = Path(path)
-    fmt = "FLAC" if target.suffix.lower() == ".flac" else "WAV"
+    clipped = np.clip(samples, -1.0, 1.0)
     buffer = io.BytesIO()
-    sf.write(buffer, np.clip(samples, -1.0, 1.0), sample_rate, format=fmt, subtype="PCM_16")
+    try:
+        import soundfile as sf
+    except ImportError:
+        if target.suffix.lower() == ".flac":
+            raise AudioError(f"{target}: writing FLAC needs the soundfile package; write .wav instead") from None
+        with wave.open(buffer, "wb") as handle:
+            handle.setnchannels(1)
+            handle.setsampwidth(2)
+            handle.setframerate(sample_rate)
+            handle.writeframes(np.round(clipped * 32767.0).astype("<i2").tobytes())
+        return atomic_write_bytes(target, buffer.getvalue())
+    fmt = "FLAC" if target.suffix.lower() == ".flac" else "WAV"
+    sf.write(buffer, clipped, sample_rate, format=fmt, subtype="PCM_16")
     return atomic_write_bytes(target, buffer.getvalue())
 
 
