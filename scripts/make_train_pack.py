@@ -6,8 +6,8 @@
       (N+1 boundaries), `noise`/`noise_offsets` likewise, `val_speech`/`val_noise` (+ offsets) from held-out
       speakers and held-out noise recordings, `*_names` (source of each clip) and `meta` (JSON string).
   python scripts/make_train_pack.py asr -o .carry/asr_pack/
-      The .debs for espeak-ng and flite, sentences.txt (train sentences), and the real asterisk training prompts
-      (16 kHz int16 WAV + manifest.jsonl); run `prepare_data.py asr-synth` on the GPU machine with it.
+      The .debs for espeak-ng and flite, sentences.txt (train sentences), the real asterisk training prompts
+      (16 kHz int16 WAV + manifest.jsonl) and soundfile wheels; run `prepare_data.py asr-synth` on the GPU machine.
 
 Packages are fetched with `apt-get download` into data/debs/ and unpacked into data/pkgs/ (both skipped when present).
 """
@@ -20,6 +20,7 @@ import json
 import logging
 import random
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import prepare_data as prep  # noqa: E402
 
-from quant.data.audio import SAMPLE_RATE, load_audio, trim_silence  # noqa: E402
+from quant.data.audio import SAMPLE_RATE, load_audio, save_audio, trim_silence  # noqa: E402
 from quant.errors import AudioError  # noqa: E402
 from quant.fileio import atomic_write_bytes  # noqa: E402
 
@@ -192,7 +193,7 @@ ASR_TEXT_PACKAGES = ["fortunes", "fortunes-min", "wordnet-base", "asterisk-core-
                      "asterisk-core-sounds-en-g722"]
 
 
-def build_asr(out: Path, debs_dir: Path, pkgs_dir: Path, seed: int, limit_mb: float) -> dict:
+def build_asr(out: Path, debs_dir: Path, pkgs_dir: Path, seed: int, limit_mb: float, prompt_format: str = "wav") -> dict:
     """debs/ (+ prebuilt libpcaudio stand-in), sentences.txt, prompts/*.wav + prompts/manifest.jsonl, README.txt."""
     prep.fetch_and_unpack(ASR_TEXT_PACKAGES, debs_dir, pkgs_dir)
     debs = prep.fetch(prep.SYNTH_PACKAGES, debs_dir)
@@ -202,10 +203,11 @@ def build_asr(out: Path, debs_dir: Path, pkgs_dir: Path, seed: int, limit_mb: fl
     stub = prep.prepare_synth(debs_dir, pkgs_dir / ".synth-prefix").stub_dir
     if stub is not None:
         shutil.copy(stub / prep.STUB_NAME, out / "debs" / prep.STUB_NAME)
+    copy_wheels(debs_dir.parent / "wheels", out / "wheels")
     splits = prep.asr_text_splits(pkgs_dir, seed)
     atomic_write_bytes(out / "sentences.txt", ("\n".join(splits["train"]) + "\n").encode())
     train_prompts, _ = prep.split_prompts(prep.asterisk_prompts(pkgs_dir), prep.ASTERISK_TEST_TEXTS, seed)
-    rows = [prompt_row(pkgs_dir, name, text, out / "prompts") for name, text in train_prompts]
+    rows = [prompt_row(pkgs_dir, name, text, out / "prompts", prompt_format) for name, text in train_prompts]
     atomic_write_bytes(out / "prompts/manifest.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
     atomic_write_bytes(out / "README.txt", ASR_README.encode())
     files = [f for f in out.rglob("*") if f.is_file()]
@@ -219,11 +221,33 @@ def build_asr(out: Path, debs_dir: Path, pkgs_dir: Path, seed: int, limit_mb: fl
             "stub": stub is not None, "size_mb": round(size_mb, 2)}
 
 
-def prompt_row(pkgs_dir: Path, name: str, text: str, folder: Path) -> dict[str, Any]:
-    """Decode one asterisk prompt (G.722, 16 kHz), trim silence, write it as int16 WAV; its manifest row."""
+SOUNDFILE_WHEELS = ["soundfile", "cffi", "pycparser", "typing_extensions"]
+
+
+def copy_wheels(cache: Path, dest: Path) -> None:
+    """soundfile and its pure dependencies as Python 3.12 manylinux wheels (FLAC sets on the training machine):
+    `pip install --no-index --no-deps wheels/*.whl` there. Downloaded once into `cache` with pip."""
+    if not all(list(cache.glob(f"{name}-*.whl")) for name in SOUNDFILE_WHEELS):
+        cache.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
+                   "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64", "--platform",
+                   "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64", "-d", str(cache), *SOUNDFILE_WHEELS]
+        if subprocess.run(command, capture_output=True).returncode != 0:
+            raise prep.PackageError(f"{cache}: could not download {SOUNDFILE_WHEELS} with pip; put the wheels there")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in SOUNDFILE_WHEELS:
+        wheel = sorted(cache.glob(f"{name}-*.whl"))[-1]
+        shutil.copy(wheel, dest / wheel.name)
+
+
+def prompt_row(pkgs_dir: Path, name: str, text: str, folder: Path, prompt_format: str = "wav") -> dict[str, Any]:
+    """Decode one asterisk prompt (G.722, 16 kHz), trim silence, write it as 16-bit WAV or FLAC; its manifest row."""
     samples = trim_silence(prep.decode_g722(prep.asterisk_audio(pkgs_dir, name)))
-    data = prep.write_wav(folder / f"{name}.wav", samples)
-    return {"path": f"{name}.wav", "duration": round(len(samples) / SAMPLE_RATE, 3), "sha256": prep.sha256_bytes(data),
+    if prompt_format == "flac":
+        data = save_audio(folder / f"{name}.flac", samples).read_bytes()
+    else:
+        data = prep.write_wav(folder / f"{name}.wav", samples)
+    return {"path": f"{name}.{prompt_format}", "duration": round(len(samples) / SAMPLE_RATE, 3), "sha256": prep.sha256_bytes(data),
             "text": text, "source": "asterisk-core-sounds-en-g722 (Allison, en-US female)",
             "license": "CC-BY-SA-3.0 (Digium/Sangoma, asterisk core sounds)"}
 
@@ -236,6 +260,8 @@ Synthesize on the training machine (no network, no soundfile needed):
   python scripts/prepare_data.py asr-synth --debs .carry/asr_pack/debs --sentences .carry/asr_pack/sentences.txt \\
       -o data/asr_synth --per-sentence 3 --workers 16
 flite slt is never used for training (held out for calib_data/asr_test).
+  wheels/          soundfile + cffi + pycparser + typing_extensions for Python 3.12 (reads the FLAC calib_data sets):
+  pip install --no-index --no-deps .carry/asr_pack/wheels/*.whl
 """
 
 
@@ -248,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     asr = sub.add_parser("asr", help="ASR synthesis pack (folder)")
     asr.add_argument("-o", "--out", type=Path, default=Path(".carry/asr_pack"))
     asr.add_argument("--limit-mb", type=float, default=55.0)
+    asr.add_argument("--prompts-format", choices=["wav", "flac"], default="wav",
+                     help="flac halves the prompts' size; reading it needs soundfile (wheels/ in the pack)")
     for p in (se, asr):
         p.add_argument("--debs", type=Path, default=Path("data/debs"))
         p.add_argument("--pkgs", type=Path, default=Path("data/pkgs"))
@@ -258,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.pack == "se":
             meta = build_se(args.out, args.debs, args.pkgs, args.seed, SeBudget(), args.limit_mb)
         else:
-            meta = build_asr(args.out, args.debs, args.pkgs, args.seed, args.limit_mb)
+            meta = build_asr(args.out, args.debs, args.pkgs, args.seed, args.limit_mb, args.prompts_format)
     except prep.PackageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
