@@ -110,6 +110,7 @@ def test_streaming_matches_offline_with_non_trivial_batch_norm() -> None:
     model = DPCRN()
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
+            assert module.running_mean is not None and module.running_var is not None
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
         if isinstance(module, torch.nn.PReLU):

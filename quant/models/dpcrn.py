@@ -3,7 +3,8 @@
 Layout: input and output (B, 257, T, 2) = real/imag of an STFT (quant.features). The network predicts a complex
 ratio mask M and returns M * X (complex product).
 
-- Encoder: 5 x [causal pad (1 past frame, symmetric in F) -> Conv2d -> BatchNorm2d -> PReLU], F 257->129->65->33->33->33.
+- Encoder: 5 x [causal pad (1 past frame, symmetric in F) -> Conv2d -> BatchNorm2d -> PReLU],
+  F 257->129->65->33->33->33.
 - 2 DPRNN blocks: intra BiLSTM over the 33 bins of a frame, inter LSTM over time per bin (Linear, LayerNorm, residual).
 - Decoder: ConvTranspose2d mirrors with skip concatenation. A time kernel of 2 at stride 1 makes T+1 output frames;
   keeping the first T makes output frame t = W0 x[t] + W1 x[t-1]: causal. The streaming step feeds [x[t-1], x[t]]
@@ -25,7 +26,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -67,7 +68,7 @@ class DPCRNConfig:
         unknown = set(values) - known
         if unknown:
             raise ModelError(f"DPCRN config has unknown keys {sorted(unknown)}; expected a subset of {sorted(known)}")
-        fixed = {key: tuple(value) if isinstance(value, list) else value for key, value in values.items()}
+        fixed: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         return cls(**fixed)
 
 
@@ -114,7 +115,9 @@ class CausalDeconvBlock(nn.Module):
 
 
 class DPRNN(nn.Module):
-    """Dual-path RNN block on (B, C, T, F): intra BiLSTM over F, inter LSTM over T; each with Linear, LayerNorm, residual."""
+    """Dual-path RNN block on (B, C, T, F): intra BiLSTM over F, inter LSTM over T.
+
+    Each path: RNN -> Linear -> LayerNorm((F, C)) -> residual add."""
 
     def __init__(self, units: int, freq_bins: int, eps: float) -> None:
         super().__init__()
@@ -143,7 +146,7 @@ class DPRNN(nn.Module):
         out = self._inter(self._intra(x.permute(0, 2, 3, 1)), None)[0]
         return out.permute(0, 3, 1, 2)
 
-    def step(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def step(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out, h_out, c_out = self._inter(self._intra(x.permute(0, 2, 3, 1)), (h, c))
         return out.permute(0, 3, 1, 2), h_out, c_out
 
@@ -170,30 +173,44 @@ class DPCRN(nn.Module):
         bottleneck_bins = config.freq_sizes()[-1]
         units = config.rnn_units
         if units != config.channels[-1]:
-            raise ModelError(f"DPCRN config: rnn_units {units} must equal the last encoder channels {config.channels[-1]}")
-        self.dprnn = nn.ModuleList(DPRNN(units, bottleneck_bins, config.layer_norm_eps) for _ in range(config.dprnn_blocks))
+            raise ModelError(
+                f"DPCRN config: rnn_units {units} must equal the last encoder channels {config.channels[-1]}"
+            )
+        eps = config.layer_norm_eps
+        self.dprnn = nn.ModuleList(DPRNN(units, bottleneck_bins, eps) for _ in range(config.dprnn_blocks))
         self.decoder = nn.ModuleList(self._decoder_blocks(config))
         self._init_mask_head()
 
     def _init_mask_head(self, scale: float = 0.1) -> None:
         """Start the mask head small, so an untrained model's mask is O(1) like a trained one's, not O(10)."""
-        head = self.decoder[-1].deconv
+        head = self.decoder_blocks()[-1].deconv
         with torch.no_grad():
             head.weight.mul_(scale)
-            head.bias.zero_()
+            if head.bias is not None:
+                head.bias.zero_()
 
     @staticmethod
     def _decoder_blocks(config: DPCRNConfig) -> list[CausalDeconvBlock]:
         out_channels = (2, *config.channels[:-1])
-        blocks = []
-        for layer in reversed(range(len(config.channels))):
-            last = layer == 0
-            blocks.append(
-                CausalDeconvBlock(
-                    2 * config.channels[layer], out_channels[layer], config.freq_kernels[layer], config.freq_strides[layer], last
-                )
+        return [
+            CausalDeconvBlock(
+                2 * config.channels[layer],
+                out_channels[layer],
+                config.freq_kernels[layer],
+                config.freq_strides[layer],
+                last=layer == 0,
             )
-        return blocks
+            for layer in reversed(range(len(config.channels)))
+        ]
+
+    def encoder_blocks(self) -> list[CausalConvBlock]:
+        return [cast(CausalConvBlock, block) for block in self.encoder]
+
+    def dprnn_blocks(self) -> list[DPRNN]:
+        return [cast(DPRNN, block) for block in self.dprnn]
+
+    def decoder_blocks(self) -> list[CausalDeconvBlock]:
+        return [cast(CausalDeconvBlock, block) for block in self.decoder]
 
     def forward(self, mix: torch.Tensor) -> torch.Tensor:
         x = mix.permute(0, 3, 2, 1)  # (B, 2, T, F)
@@ -212,7 +229,9 @@ def stream_states(config: DPCRNConfig = DPCRNConfig()) -> list[tuple[str, tuple[
     """(name, shape) of every streaming state, in REFERENCE order: en_cache1..5, rnn_cache1..4, de_cache1..5."""
     sizes = config.freq_sizes()
     in_channels = (2, *config.channels[:-1])
-    states = [(f"en_cache{i + 1}", (1, in_channels[i], 1, sizes[i])) for i in range(len(config.channels))]
+    states: list[tuple[str, tuple[int, ...]]] = [
+        (f"en_cache{i + 1}", (1, in_channels[i], 1, sizes[i])) for i in range(len(config.channels))
+    ]
     rnn_shape = (1, sizes[-1], config.rnn_units)
     for block in range(config.dprnn_blocks):
         states += [(f"rnn_cache{2 * block + 1}", rnn_shape), (f"rnn_cache{2 * block + 2}", rnn_shape)]
@@ -255,16 +274,19 @@ class StreamingDPCRN(nn.Module):
             raise ModelError(f"StreamingDPCRN expects {len(self.state_specs)} states, got {len(states)}")
         en_caches, rnn_caches, de_caches = states[:depth], states[depth:-depth], states[-depth:]
         x = mix.permute(0, 3, 2, 1)
-        skips, en_out, rnn_out, de_out = [], [], [], []
-        for block, cache in zip(net.encoder, en_caches):
+        skips: list[torch.Tensor] = []
+        en_out: list[torch.Tensor] = []
+        rnn_out: list[torch.Tensor] = []
+        de_out: list[torch.Tensor] = []
+        for block, cache in zip(net.encoder_blocks(), en_caches):
             x, new_cache = block.step(x, cache)
             skips.append(x)
             en_out.append(new_cache)
-        for i, rnn in enumerate(net.dprnn):
+        for i, rnn in enumerate(net.dprnn_blocks()):
             x, h, c = rnn.step(x, rnn_caches[2 * i], rnn_caches[2 * i + 1])
             rnn_out += [h, c]
-        for block, skip, cache in zip(net.decoder, reversed(skips), de_caches):
-            x, new_cache = block.step(torch.cat([x, skip], dim=1), cache)
+        for deconv, skip, cache in zip(net.decoder_blocks(), reversed(skips), de_caches):
+            x, new_cache = deconv.step(torch.cat([x, skip], dim=1), cache)
             de_out.append(new_cache)
         return (apply_complex_mask(mix, x), *en_out, *rnn_out, *de_out)
 
