@@ -137,7 +137,7 @@ def _rule_from_table(source: Path, position: int, table: dict[str, Any]) -> Rule
         raise BuildError(f"{source}: rule #{position} has unknown keys {unknown}; allowed: {sorted(known)}")
     if "name" not in table or "precision" not in table:
         raise BuildError(f"{source}: rule #{position} needs 'name' and 'precision'")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
+    values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
     return Rule(**values)
 
 

@@ -111,7 +111,7 @@ def remove_identities(model: onnx.ModelProto) -> onnx.ModelProto:
     result.CopyFrom(model)
     graph = result.graph
     outputs = {o.name for o in graph.output}
-    alias = {}
+    alias: dict[str, str] = {}
     for node in graph.node:
         if node.op_type == "Identity" and node.output[0] not in outputs:
             alias[node.output[0]] = alias.get(node.input[0], node.input[0])

@@ -48,9 +48,9 @@ def _layernorm_at(index: GraphIndex, mean: onnx.NodeProto) -> list[onnx.NodeProt
     add_eps = _consumer(index, var.output[0], ["Add"]) if var is not None else None
     sqrt = _consumer(index, add_eps.output[0], ["Sqrt"]) if add_eps is not None else None
     div = _consumer(index, sqrt.output[0], ["Div"]) if sqrt is not None else None
-    if square is None or div is None or centered not in div.input:
+    if square is None or var is None or add_eps is None or sqrt is None or div is None or centered not in div.input:
         return []
-    group = [mean, sub, square, var, add_eps, sqrt, div]  # type: ignore[list-item]
+    group = [mean, sub, square, var, add_eps, sqrt, div]
     scale = _consumer(index, div.output[0], ["Mul"])
     if scale is not None and any(index.is_constant(t) for t in scale.input):
         group.append(scale)

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -111,7 +111,7 @@ def _qdq_pair(graph: onnx.GraphProto, site: QdqSite, scale: np.ndarray) -> list[
     scale_name, zero_name = f"{base}_qdq_scale", f"{base}_qdq_zero_point"
     graph.initializer.append(numpy_helper.from_array(scale, scale_name))
     graph.initializer.append(numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), zero_name))
-    axis = {"axis": site.axis} if site.is_weight and scale.ndim == 1 else {}
+    axis: dict[str, Any] = {"axis": site.axis} if site.is_weight and scale.ndim == 1 else {}
     quant = helper.make_node("QuantizeLinear", [base, scale_name, zero_name], [f"{base}_quantized"],
                              name=f"{base}_QuantizeLinear", **axis)
     dequant = helper.make_node("DequantizeLinear", [f"{base}_quantized", scale_name, zero_name],
