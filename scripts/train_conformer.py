@@ -9,7 +9,7 @@ Each --train DIR holds manifest.jsonl (path relative to the manifest, duration, 
 Features: quant.features.fbank (the one implementation) computed once in a process pool and cached in memory as
 float16, one copy per speed factor (0.9/1.0/1.1 by resampling); each copy gets additive noise from --noise
 (an .npz with int16 `noise` + `noise_offsets`, the SE training pack layout) with probability --noise-prob at a
-random SNR. Each epoch picks one cached copy per utterance; SpecAugment (2 frequency masks F <= 27, 2 time masks)
+random SNR (5-25 dB), and a random level change (--gain-db). Each epoch picks one cached copy per utterance; SpecAugment (2 frequency masks F <= 27, 2 time masks)
 runs on the device. Global CMVN comes from the clean speed-1.0 training features.
 Loss: 0.3 * CTC + 0.7 * attention cross-entropy (label smoothing 0.1); Adam with linear warmup then a cosine decay
 over the wall-clock budget; batches by total frames; bf16 autocast on CUDA (CTC computed in float32).
@@ -151,24 +151,30 @@ def speed_perturb(audio: np.ndarray, speed: float) -> np.ndarray:
     return resample(audio, int(round(SAMPLE_RATE * speed)), SAMPLE_RATE)
 
 
-def featurize(job: tuple[str, tuple[float, ...], float, int]) -> list[np.ndarray]:
-    path, speeds, noise_prob, seed = job
+@dataclass(frozen=True)
+class Augment:
+    speeds: tuple[float, ...] = (1.0,)
+    noise_prob: float = 0.0
+    gain_db: tuple[float, float] = (0.0, 0.0)  # uniform random level change per copy
+
+
+def featurize(job: tuple[str, Augment, int]) -> list[np.ndarray]:
+    path, augment, seed = job
     rng = np.random.default_rng(seed)
     audio = load_audio(path)
     copies = []
-    for speed in speeds:
-        wave = speed_perturb(audio, speed)
-        if _NOISE is not None and rng.random() < noise_prob:
+    for speed in augment.speeds:
+        wave = speed_perturb(audio, speed) * 10 ** (rng.uniform(*augment.gain_db) / 20)
+        if _NOISE is not None and rng.random() < augment.noise_prob:
             wave = add_noise(wave, rng)
-        copies.append(fbank(wave).astype(np.float16))
+        copies.append(fbank(np.clip(wave, -1.0, 1.0)).astype(np.float16))
     return copies
 
 
 def build_examples(
-    utts: Sequence[Utt], tokenizer: CharTokenizer, speeds: tuple[float, ...], noise_prob: float, workers: int,
-    seed: int,
+    utts: Sequence[Utt], tokenizer: CharTokenizer, augment: Augment, workers: int, seed: int
 ) -> list[Example]:
-    jobs = [(str(u.path), speeds, noise_prob, seed * 1_000_003 + i) for i, u in enumerate(utts)]
+    jobs = [(str(u.path), augment, seed * 1_000_003 + i) for i, u in enumerate(utts)]
     if workers > 1:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             features = pool.map(featurize, jobs, chunksize=32)
@@ -181,7 +187,7 @@ def build_examples(
         if len(tokens) == 0 or frames < 7 or ((frames - 1) // 2 - 1) // 2 < len(tokens):
             continue  # too short for 4x subsampling or more characters than output frames: CTC cannot align
         examples.append(Example(copies, tokens, utt.text))
-    log.info("%d of %d utterances usable (%d copies each)", len(examples), len(utts), len(speeds))
+    log.info("%d of %d utterances usable (%d copies each)", len(examples), len(utts), len(augment.speeds))
     return examples
 
 
@@ -485,6 +491,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--noise", type=Path, help="noise .npz (int16 `noise`, `noise_offsets`)")
     parser.add_argument("--noise-prob", type=float, default=0.5)
     parser.add_argument("--speeds", default="0.9,1.0,1.1")
+    parser.add_argument("--gain-db", default="-20,0", help="random level change range per training copy (dB)")
     parser.add_argument("--minutes", type=float, default=8.0,
                         help="wall-clock budget of the whole run (featurization, training, final scoring)")
     parser.add_argument("--reserve-s", type=float, default=60.0, help="seconds kept for final scoring + saving")
@@ -527,9 +534,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_noise(args.noise)
 
     train_utts = [u for d in args.train for u in read_manifest(d)]
-    train_set = build_examples(train_utts, tokenizer, speeds, args.noise_prob, args.workers, args.seed)
-    dev_set = build_examples(read_manifest(args.dev), tokenizer, (1.0,), 0.0, args.workers, args.seed + 1)
-    test_sets = {str(t): build_examples(read_manifest(t), tokenizer, (1.0,), 0.0, args.workers, args.seed + 2)
+    gain_db = (0.0, 0.0) if args.smoke else tuple(float(g) for g in args.gain_db.split(","))
+    augment = Augment(speeds, args.noise_prob, (gain_db[0], gain_db[1]))
+    train_set = build_examples(train_utts, tokenizer, augment, args.workers, args.seed)
+    dev_set = build_examples(read_manifest(args.dev), tokenizer, Augment(), args.workers, args.seed + 1)
+    test_sets = {str(t): build_examples(read_manifest(t), tokenizer, Augment(), args.workers, args.seed + 2)
                  for t in args.test}
     featurize_s = time.monotonic() - run_started
     log.info("featurized %d train + %d dev utterances in %.0f s", len(train_set), len(dev_set), featurize_s)
@@ -552,7 +561,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": "python scripts/train_conformer.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "train_utterances": len(train_set),
         "train_hours": sum(e.copies[clean_copy].shape[0] for e in train_set) / 100 / 3600,
-        "speeds": list(speeds), "noise": str(args.noise) if args.noise else None,
+        "speeds": list(speeds), "gain_db": list(gain_db), "noise": str(args.noise) if args.noise else None,
         "noise_prob": args.noise_prob if args.noise else 0.0,
         "train_sources": sorted({u.source.split(" speed=")[0] for u in train_utts}),
         "dev": str(args.dev), "dev_utterances": len(dev_set), "parameters": model.parameter_count(),

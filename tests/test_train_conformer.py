@@ -88,3 +88,29 @@ def test_noise_is_mixed_at_the_requested_snr(train_mod, tmp_path: Path) -> None:
 def test_cer_counts_character_edits(train_mod) -> None:  # type: ignore[no-untyped-def]
     assert train_mod.cer(["abc d"], ["abd d"]) == pytest.approx(1 / 5)
     assert train_mod.cer(["ab"], [""]) == 1.0
+
+
+def test_loss_runs_under_bf16_autocast_as_on_the_gpu(train_mod) -> None:  # type: ignore[no-untyped-def]
+    from quant.models.conformer import Conformer
+
+    torch.manual_seed(0)
+    model = Conformer(train_mod.SMOKE_CONFIG)
+    rng = np.random.default_rng(0)
+    feats = [rng.normal(size=(n, 80)).astype(np.float16) for n in (120, 90)]
+    tokens = [np.array([3, 4, 1, 5], dtype=np.int64), np.array([6, 7], dtype=np.int64)]
+    batch = train_mod.collate(feats, tokens)
+    batch["speech"] = batch["speech"].float()
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        losses = train_mod.compute_loss(model, batch, train_mod.TrainOptions())
+    losses["loss"].backward()
+    assert losses["loss"].dtype == torch.float32 and torch.isfinite(losses["loss"])
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_featurize_applies_speed_copies_and_gain(train_mod, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = str(Path(__file__).parent / "data" / "librivox_0880.flac")
+    plain = train_mod.featurize((path, train_mod.Augment(), 0))
+    copies = train_mod.featurize((path, train_mod.Augment((0.9, 1.0, 1.1), 0.0, (-12.0, -12.0)), 0))
+    assert [c.shape[0] for c in copies][0] > plain[0].shape[0] > copies[2].shape[0]
+    shift = float(np.median(copies[1].astype(np.float32) - plain[0].astype(np.float32)))
+    assert shift == pytest.approx(2 * np.log(10 ** (-12 / 20)), abs=0.1)  # log-mel power moves by 2 ln(gain)
