@@ -142,3 +142,12 @@ def test_decoder_with_an_empty_encoder_output_stays_finite() -> None:
             torch.tensor([[2, 1]], dtype=torch.int32), torch.tensor([[-1.0, -2.0]]),
         )
     assert torch.isfinite(score).all()
+
+
+def test_output_lengths_match_the_subsampling_convolutions() -> None:
+    from quant.models.conformer import Conv2dSubsampling4
+
+    embed = Conv2dSubsampling4(80, 8)
+    for frames in range(0, 40):
+        produced = embed(torch.randn(1, frames, 80)).shape[1] if frames >= 7 else 0
+        assert int(Conv2dSubsampling4.output_lengths(torch.tensor([frames]))) == produced

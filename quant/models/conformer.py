@@ -117,7 +117,9 @@ class Conv2dSubsampling4(nn.Module):
 
     @staticmethod
     def output_lengths(lengths: Tensor) -> Tensor:
-        return torch.div(torch.div(lengths - 1, 2, rounding_mode="floor") - 1, 2, rounding_mode="floor")
+        """Frames left after the two convs; integer division of non-negative values exports as a plain Div."""
+        halved = torch.div(torch.clamp(lengths - 1, min=0), 2, rounding_mode="trunc")
+        return torch.div(torch.clamp(halved - 1, min=0), 2, rounding_mode="trunc")
 
 
 class FeedForward(nn.Module):
