@@ -40,3 +40,32 @@ def test_trt_backend_type_checks_against_the_stubs(tmp_path: Path) -> None:
     ours = [line for line in errors if not line.startswith(str(mutant))]
     assert ours == [], result.stdout
     assert any('"type[BuilderFlag]" has no attribute "NOT_A_FLAG"' in line for line in errors), result.stdout + result.stderr
+
+
+def _setup_script() -> object:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("setup_trt_stubs", REPO / "scripts" / "setup_trt_stubs.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stub_fixes_are_exact_and_idempotent() -> None:
+    script = _setup_script()
+    broken = (
+        "class IPluginV3:\r\n"
+        "    def get_workspace_size(self, in: list[int], out: list[int]) -> int:\r\n"
+        "        \"\"\"\r\n            :arg in: The input tensors.\r\n        \"\"\"\r\n"
+        "    def add_scale_nd(self, input: ITensor, mode: ScaleMode, shift: Weights = None, scale: Weights = None, "
+        "power: Weights = None, channel_axis: int) -> IScaleLayer:\r\n"
+    )
+    fixed = script.fix_bindings_text(broken)  # type: ignore[attr-defined]
+    assert "def get_workspace_size(self, in_: list[int], out: list[int])" in fixed
+    assert ":arg in: The input tensors." in fixed  # docstrings untouched
+    assert "channel_axis: int = ...) -> IScaleLayer" in fixed
+    assert fixed.count("\r\n") == broken.count("\r\n")  # line endings kept
+    assert script.fix_bindings_text(fixed) == fixed  # type: ignore[attr-defined]
+    compile(fixed.replace("\r\n", "\n").replace("ITensor", "int").replace("ScaleMode", "int")
+            .replace("Weights", "int").replace("IScaleLayer", "int") + "        ...\n", "stub", "exec")

@@ -550,9 +550,14 @@ def apply_layer_precisions(network: trt.INetworkDefinition, layer_precisions: Ma
 
 
 def load_timing_cache(config: trt.IBuilderConfig, path: Path | None) -> None:
+    """Reuse the timing cache at `path` when it belongs to this GPU and TensorRT; otherwise start an empty one."""
     data = path.read_bytes() if path is not None and path.is_file() else b""
-    cache = config.create_timing_cache(data)
-    if not config.set_timing_cache(cache, False):
+    try:
+        usable = config.set_timing_cache(config.create_timing_cache(data), False)
+    except Exception as error:  # TensorRT raises on a blob it cannot deserialize
+        log.debug("timing cache %s: %s", path, error)
+        usable = False
+    if not usable:
         log.warning("timing cache %s does not match this GPU/TensorRT; starting an empty one", path)
         config.set_timing_cache(config.create_timing_cache(b""), False)
 
