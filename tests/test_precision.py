@@ -329,3 +329,27 @@ def test_input_layer_reads_the_raw_feature_but_not_states():
     assert got["first"] == ("fp32", "input-layer")
     assert got["second"] == ("int8", "int8-compute")
     assert got["state_reader"] == ("int8", "int8-compute")  # reads only a recurrent state
+
+
+def test_skip_concat_but_not_state_concat():
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["enc"], name="encoder"),
+        helper.make_node("MatMul", ["enc", "w1"], ["mid"], name="middle"),
+        helper.make_node("Concat", ["enc", "mid"], ["skip"], name="skip_join", axis=1),
+        helper.make_node("Concat", ["cache", "skip"], ["cat"], name="cache_join", axis=1),
+        helper.make_node("Transpose", ["cat"], ["cat_t"], name="layout", perm=[0, 1]),
+        helper.make_node("MatMul", ["cat_t", "w2"], ["y"], name="decoder"),
+        helper.make_node("Concat", ["cache", "mid"], ["state_cat"], name="state_join", axis=1),
+        helper.make_node("MatMul", ["state_cat", "w3"], ["z"], name="state_reader"),
+        helper.make_node("Slice", ["cat", "starts", "ends", "axes"], ["cache_out"], name="cache_slice"),
+    ]
+    inits = [init("w0", 4, 4), init("w1", 4, 4), init("w2", 12, 4), init("w3", 8, 4),
+             numpy_helper.from_array(np.array([8], np.int64), "starts"),
+             numpy_helper.from_array(np.array([12], np.int64), "ends"),
+             numpy_helper.from_array(np.array([1], np.int64), "axes")]
+    model = make(nodes, [("x", [1, 4]), ("cache", [1, 4])],
+                 [("y", [1, 4]), ("z", [1, 4]), ("cache_out", [1, 4])], inits)
+    got = decisions(model, "int8", "trt")
+    assert got["decoder"] == ("fp32", "skip-concat")
+    assert got["state_reader"] == ("int8", "int8-compute")
+    assert got["middle"] == ("int8", "int8-compute")

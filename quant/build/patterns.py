@@ -6,6 +6,8 @@
 - mask_math: Mul/Sub/Add/Div that sit on an input -> output path made only of arithmetic and layout ops
   (the complex mask applied to the noisy spectrum at the end of an SE model).
 - depthwise_conv: a grouped Conv with one group per output channel.
+- skip_concat: compute ops reading (through layout ops) a Concat of two or more activations that are not recurrent
+  states: a U-Net skip joined to the decoder path, two distributions forced under one INT8 scale.
 - input_layer: the compute ops (Conv/ConvTranspose/MatMul/Gemm) that read a float graph input (not a recurrent
   state) through layout, padding and arithmetic ops only: the layer that sees the raw feature (an STFT spans far
   more than 8 bits of dynamic range).
@@ -180,6 +182,29 @@ def find_input_layer(index: GraphIndex, model: onnx.ModelProto, mapping: Mapping
             if node.op_type in COMPUTE_OPS and any(t in reached for t in index.activation_inputs(node))}
 
 
+def _concats_behind(index: GraphIndex, tensor: str) -> list[onnx.NodeProto]:
+    """Concat nodes reachable backwards from `tensor` through layout ops only."""
+    found = []
+    for name in _backward_closure(index, [tensor], LAYOUT_OPS):
+        node = index.producers.get(name)
+        if node is not None and node.op_type == "Concat":
+            found.append(node)
+    return found
+
+
+def find_skip_concat(index: GraphIndex, mapping: Mapping[str, str] | None = None) -> set[str]:
+    states = set(state_pairs(index.inputs, index.outputs, mapping))
+    found = set()
+    for node in index.nodes:
+        if node.op_type not in COMPUTE_OPS or not node.input:
+            continue
+        for concat in _concats_behind(index, node.input[0]):
+            joined = [t for t in index.activation_inputs(concat) if t not in states]
+            if len(joined) >= 2:
+                found.add(node.name)
+    return found
+
+
 PatternFinder = Callable[[GraphIndex, onnx.ModelProto, "Mapping[str, str] | None"], set[str]]
 PATTERNS: dict[str, PatternFinder] = {
     "layernorm": lambda index, model, states: find_layernorm(index),
@@ -188,4 +213,5 @@ PATTERNS: dict[str, PatternFinder] = {
     "mask_math": lambda index, model, states: find_mask_math(index),
     "depthwise_conv": lambda index, model, states: find_depthwise_conv(index, model),
     "input_layer": find_input_layer,
+    "skip_concat": lambda index, model, states: find_skip_concat(index, states),
 }
