@@ -327,6 +327,25 @@ def test_streaming_reset_and_explicit_states(double: trt_double.Double, tmp_path
         runner.run({})
 
 
+def test_streaming_states_with_a_dynamic_batch(double: trt_double.Double, tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    frame = helper.make_tensor_value_info("mix", TensorProto.FLOAT, ["B", 4])
+    state = helper.make_tensor_value_info("cache", TensorProto.FLOAT, ["B", 4])
+    out = helper.make_tensor_value_info("enh", TensorProto.FLOAT, ["B", 4])
+    state_out = helper.make_tensor_value_info("cache_out", TensorProto.FLOAT, ["B", 4])
+    nodes = [helper.make_node("Add", ["mix", "cache"], ["enh"], name="emit"),
+             helper.make_node("Identity", ["mix"], ["cache_out"], name="keep")]
+    model = helper.make_model(helper.make_graph(nodes, "s", [frame, state], [out, state_out]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    __import__("onnx").save(model, str(tmp_path / "s.onnx"))
+    runner = backend.runner_for(backend.build_engine(tmp_path / "s.onnx", tmp_path / "out"))  # profile: batch 1
+    ones = np.ones((1, 4), np.float32)
+    np.testing.assert_allclose(runner.run({"mix": ones})["enh"], ones)  # zero state of shape (1, 4)
+    np.testing.assert_allclose(runner.run({"mix": 2 * ones})["enh"], 3 * ones)  # the previous frame as state
+
+
 def test_runner_for_plain_engine(double: trt_double.Double, two_inputs: Path, tmp_path: Path) -> None:
     runner = backend.runner_for(backend.build_engine(two_inputs, tmp_path / "out"))
     assert type(runner) is backend.TrtRunner

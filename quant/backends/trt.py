@@ -100,7 +100,8 @@ if not TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What the installed TensorRT version can do (REFERENCE section 3)."""
+    """What the installed TensorRT version can do: implicit INT8 and precision flags were deprecated in 10.1 and
+    10.12 and removed in 11.0, where every network is strongly typed."""
 
     version: str
     implicit_int8: bool  # IInt8EntropyCalibrator2 + INT8 flag: < 11 (deprecated since 10.1)
@@ -855,14 +856,19 @@ class StreamingTrtRunner(TrtRunner):
         self._needs_reset = True
 
     def reset(self) -> None:
+        """Zero every state on the device (one small upload per state): call it at each utterance start."""
         for name in self.states:
-            shape = dims_tuple(self.engine.get_tensor_shape(name))
-            if any(dim < 0 for dim in shape):
-                raise ModelError(f"state {name!r} has a dynamic shape {shape}: streaming engines need fixed states")
-            zeros = np.zeros(shape, dtype=self.dtypes[name])
+            zeros = np.zeros(self._state_shape(name), dtype=self.dtypes[name])
             self.context.set_input_shape(name, zeros.shape)
             cuda.memcpy_htod_async(self.buffers.ensure(name, zeros.nbytes), zeros, self.stream)
         self._needs_reset = False
+
+    def _state_shape(self, name: str) -> Shape:
+        """The state's static shape, or for a dynamic one the OPT shape of profile 0 (batch 1 for streaming)."""
+        shape = dims_tuple(self.engine.get_tensor_shape(name))
+        if all(dim >= 0 for dim in shape):
+            return shape
+        return dims_tuple(self.engine.get_tensor_profile_shape(name, 0)[1])
 
     def run(self, feeds: Feed) -> dict[str, np.ndarray]:
         self._check_feed_names(feeds, self.frame_inputs)

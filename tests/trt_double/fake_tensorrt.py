@@ -698,6 +698,15 @@ def _add_runtime(module: types.ModuleType, state: TrtState, device: DeviceState)
         def get_tensor_shape(self, name: str) -> Dims:
             return Dims(self.by_name[name][0]["shape"])
 
+        def get_tensor_profile_shape(self, name: str, profile_index: int) -> list[Dims]:
+            tensor, mode = self.by_name[name]
+            profiles = self.record["profiles"]
+            if mode != "INPUT" or not 0 <= profile_index < len(profiles):
+                raise ValueError(f"no profile {profile_index} shapes for {name!r}")
+            if name not in profiles[profile_index]:
+                return [Dims(tensor["shape"])] * 3
+            return [Dims(shape) for shape in profiles[profile_index][name]]
+
         def create_execution_context(self) -> Any:
             return IExecutionContext(self)
 
