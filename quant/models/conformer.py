@@ -117,9 +117,11 @@ class Conv2dSubsampling4(nn.Module):
 
     @staticmethod
     def output_lengths(lengths: Tensor) -> Tensor:
-        """Frames left after the two convs; integer division of non-negative values exports as a plain Div."""
-        halved = torch.div(torch.clamp(lengths - 1, min=0), 2, rounding_mode="trunc")
-        return torch.div(torch.clamp(halved - 1, min=0), 2, rounding_mode="trunc")
+        """Frames left after the two convs, in the lengths' own integer type. Division of non-negative values
+        exports as a plain integer Div, and Max (not Clip, which TensorRT only runs on floats) keeps them >= 0."""
+        zero = torch.zeros_like(lengths)
+        halved = torch.div(torch.maximum(lengths - 1, zero), 2, rounding_mode="trunc")
+        return torch.div(torch.maximum(halved - 1, zero), 2, rounding_mode="trunc")
 
 
 class FeedForward(nn.Module):
@@ -330,7 +332,7 @@ class WenetEncoder(nn.Module):
         self.model, self.beam = model, beam
 
     def forward(self, speech: Tensor, speech_lengths: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        encoder_out, out_lens = self.model.encode(speech, speech_lengths.long())
+        encoder_out, out_lens = self.model.encode(speech, speech_lengths)
         log_probs = self.model.ctc_log_probs(encoder_out)
         beam_log_probs, beam_idx = torch.topk(log_probs, self.beam, dim=2)
         return encoder_out, out_lens.int(), log_probs, beam_log_probs, beam_idx
@@ -356,10 +358,10 @@ class WenetDecoder(nn.Module):
         batch, frames, dim = encoder_out.shape
         beam, steps = hyps_pad_sos_eos.size(1), hyps_pad_sos_eos.size(2) - 1
         memory = encoder_out.unsqueeze(1).expand(batch, beam, frames, dim).reshape(batch * beam, frames, dim)
-        memory_lens = encoder_out_lens.long().unsqueeze(1).expand(batch, beam).reshape(batch * beam)
+        memory_lens = encoder_out_lens.unsqueeze(1).expand(batch, beam).reshape(batch * beam)
         hyps = hyps_pad_sos_eos.reshape(batch * beam, steps + 1)
         hyps = torch.where(hyps < 0, torch.full_like(hyps, self.model.sos_eos), hyps)
-        hyp_lens = hyps_lens_sos.long().reshape(batch * beam)
+        hyp_lens = hyps_lens_sos.reshape(batch * beam)
         logits = self.model.decoder(memory, memory_lens, hyps[:, :-1], hyp_lens)
         log_probs = torch.log_softmax(logits, dim=-1)
         token_scores = log_probs.gather(2, hyps[:, 1:].unsqueeze(2)).squeeze(2)
