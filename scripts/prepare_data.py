@@ -4,7 +4,8 @@
   python scripts/prepare_data.py asr-synth --debs DIR --sentences FILE -o OUTDIR
       Synthesizes every sentence with several training voices (espeak-ng en-us/en-gb variants, flite kal16/awb/rms/kal;
       flite slt is held out) from .debs unpacked into OUTDIR/.prefix (no system install; no soundfile needed),
-      writes 16 kHz mono int16 WAVs and OUTDIR/manifest.jsonl.
+      writes 16 kHz mono int16 WAVs and OUTDIR/manifest.jsonl. Resumable: a rerun keeps the WAVs already written
+      (same seed and sentences give the same jobs), so a long run can be split over several calls.
 
 Packages are fetched with `apt-get download` (skipped when the .deb is already there) and unpacked with `dpkg-deb -x`
 or, where dpkg is absent, a pure-Python .deb reader.
@@ -487,8 +488,12 @@ class SynthJob:
 def run_job(args: tuple[Synth, SynthJob, Path]) -> dict[str, object]:
     synth, job, out_dir = args
     target = out_dir / job.rel_path
-    samples = synthesize(synth, job.voice, job.text, target)
-    data = write_wav(target, samples)
+    if target.is_file():  # resume: files are written atomically, so an existing one is complete
+        samples, _rate = read_wav(target)
+        data = target.read_bytes()
+    else:
+        samples = synthesize(synth, job.voice, job.text, target)
+        data = write_wav(target, samples)
     return {"path": job.rel_path, "duration": round(len(samples) / SAMPLE_RATE, 3), "sha256": sha256_bytes(data),
             "text": job.text, "source": job.voice.label, "license": SYNTH_LICENSE}
 

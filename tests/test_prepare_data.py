@@ -130,3 +130,26 @@ def test_asr_test_holds_out_voice_and_sentences() -> None:
     real = [u for u in test if "synthetic" not in u.source]
     assert len(held_out) >= 60 and len(real) >= 40
     assert {u.text for u in test}.isdisjoint({u.text for u in calib})
+
+
+def test_training_jobs_never_use_the_held_out_voice_and_are_deterministic() -> None:
+    sentences = [f"sentence number {w}" for w in ("one", "two", "three", "four", "five")] * 40
+    jobs = prepare_data.asr_synth_jobs(sentences, per_sentence=3, seed=7)
+    assert jobs == prepare_data.asr_synth_jobs(sentences, per_sentence=3, seed=7)
+    assert len(jobs) == 600 and len({j.rel_path for j in jobs}) == 600
+    assert not any(j.voice.name == prepare_data.HELD_OUT_VOICE for j in jobs)
+    assert {j.voice.engine for j in jobs} == {"espeak-ng", "flite"}
+
+
+@pytest.mark.skipif(not HAVE_DEBS, reason="synthesis .debs not in data/debs (run scripts/make_train_pack.py asr)")
+def test_asr_synth_command_writes_manifest_and_resumes(tmp_path: Path) -> None:
+    sentences = tmp_path / "s.txt"
+    sentences.write_text("the seals were basking in the sun\nonce we are home we can rest\n")
+    argv = ["asr-synth", "--debs", str(DEBS), "--sentences", str(sentences), "-o", str(tmp_path / "out"),
+            "--per-sentence", "2", "--workers", "2"]
+    assert prepare_data.main(argv) == 0
+    first = (tmp_path / "out/manifest.jsonl").read_text()
+    utts = read_manifest(tmp_path / "out/manifest.jsonl", verify=True)
+    assert len(utts) == 4 and all(u.text and u.source for u in utts)
+    assert prepare_data.main(argv) == 0  # resume: same files, same manifest
+    assert (tmp_path / "out/manifest.jsonl").read_text() == first
