@@ -74,41 +74,78 @@ def ctc_prefix_beam_search_topk(
     return _prefix_search(values, np.asarray(beam_log_probs_idx)[: values.shape[0]], beam)
 
 
+class _PrefixTree:
+    """Prefixes as nodes of a tree (node 0 = empty prefix), so extending one by a token costs O(1)."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = [-1]
+        self.token: list[int] = [-1]
+        self.children: dict[tuple[int, int], int] = {}
+
+    def child(self, node: int, token: int) -> int:
+        key = (node, token)
+        found = self.children.get(key)
+        if found is None:
+            found = self.children[key] = len(self.parent)
+            self.parent.append(node)
+            self.token.append(token)
+        return found
+
+    def tokens(self, node: int) -> tuple[int, ...]:
+        out = []
+        while node > 0:
+            out.append(self.token[node])
+            node = self.parent[node]
+        return tuple(reversed(out))
+
+
 def _prefix_search(values: np.ndarray, indices: np.ndarray, beam: int) -> list[Hypothesis]:
-    # prefix -> (log P ending in blank, log P ending in its last token)
-    hyps: dict[tuple[int, ...], tuple[float, float]] = {(): (0.0, NEG_INF)}
+    tree = _PrefixTree()
+    # node -> (log P ending in blank, log P ending in its last token)
+    hyps: dict[int, tuple[float, float]] = {0: (0.0, NEG_INF)}
     for frame_vals, frame_idx in zip(values.tolist(), indices.tolist()):
-        hyps = _prune(_extend(hyps, frame_vals, frame_idx), beam)
+        hyps = _prune(_extend(tree, hyps, frame_vals, frame_idx), beam)
     ranked = sorted(hyps.items(), key=lambda item: -_logaddexp(*item[1]))
-    return [(prefix, float(_logaddexp(*scores))) for prefix, scores in ranked]
+    return [(tree.tokens(node), _logaddexp(*scores)) for node, scores in ranked]
 
 
 def _extend(
-    hyps: dict[tuple[int, ...], tuple[float, float]], values: list[float], indices: list[int]
-) -> dict[tuple[int, ...], tuple[float, float]]:
-    new: dict[tuple[int, ...], list[float]] = {}
-
-    def add(prefix: tuple[int, ...], slot: int, score: float) -> None:
-        if score == NEG_INF:  # e.g. a repeat with no blank-ending path: impossible, not a hypothesis
-            return
-        entry = new.setdefault(prefix, [NEG_INF, NEG_INF])
-        entry[slot] = _logaddexp(entry[slot], score)
-
-    for prefix, (p_blank, p_token) in hyps.items():
-        total = _logaddexp(p_blank, p_token)
-        last = prefix[-1] if prefix else None
-        for log_p, token in zip(values, indices):
+    tree: _PrefixTree, hyps: dict[int, tuple[float, float]], values: list[float], indices: list[int]
+) -> dict[int, tuple[float, float]]:
+    """One frame of prefix extension. Sums run in the linear domain relative to the best prefix (`ref`), so each
+    addition is a multiply-add instead of a log-add-exp; only paths > 700 nats below the best underflow (dropped)."""
+    ref = max(_logaddexp(p_blank, p_token) for p_blank, p_token in hyps.values())
+    probs = [math.exp(v) for v in values]
+    new: dict[int, list[float]] = {}
+    for node, (p_blank, p_token) in hyps.items():
+        blank, token_end = math.exp(p_blank - ref), math.exp(p_token - ref)
+        total = blank + token_end
+        last = tree.token[node]
+        for prob, token in zip(probs, indices):
             if token == BLANK:
-                add(prefix, 0, total + log_p)
+                _accumulate(new, node, 0, total * prob)
             elif token == last:
-                add(prefix, 1, p_token + log_p)  # repeat collapses into the same prefix
-                add(prefix + (token,), 1, p_blank + log_p)  # a blank separated the repeat
+                _accumulate(new, node, 1, token_end * prob)  # repeat collapses into the same prefix
+                _accumulate(new, tree.child(node, token), 1, blank * prob)  # a blank separated the repeat
             else:
-                add(prefix + (token,), 1, total + log_p)
-    return {prefix: (scores[0], scores[1]) for prefix, scores in new.items()}
+                _accumulate(new, tree.child(node, token), 1, total * prob)
+    return {node: (_log(b) + ref, _log(t) + ref) for node, (b, t) in new.items() if b > 0.0 or t > 0.0}
 
 
-def _prune(hyps: dict[tuple[int, ...], tuple[float, float]], beam: int) -> dict[tuple[int, ...], tuple[float, float]]:
+def _accumulate(table: dict[int, list[float]], node: int, slot: int, value: float) -> None:
+    entry = table.get(node)
+    if entry is None:
+        entry = table[node] = [0.0, 0.0]
+    entry[slot] += value
+
+
+def _log(value: float) -> float:
+    return math.log(value) if value > 0.0 else NEG_INF
+
+
+def _prune(hyps: dict[int, tuple[float, float]], beam: int) -> dict[int, tuple[float, float]]:
+    if len(hyps) <= beam:
+        return hyps
     ranked = sorted(hyps.items(), key=lambda item: -_logaddexp(*item[1]))
     return dict(ranked[:beam])
 
