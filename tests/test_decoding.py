@@ -118,3 +118,17 @@ def test_attention_rescoring_trades_attention_against_ctc() -> None:
     nbests = [[((1,), -1.0), ((2,), -5.0)]]
     assert best_hypotheses(nbests, np.array([1])) == [[2]]
     assert best_hypotheses(nbests, np.array([5])) == [[]]
+
+
+def test_long_peaky_utterance_beam_top_equals_greedy_and_zero_probabilities_are_safe() -> None:
+    rng = np.random.default_rng(3)
+    path = rng.integers(0, 6, size=400)
+    probs = np.full((400, 6), 0.002)
+    probs[np.arange(400), path] = 0.99
+    log_probs = np.log(probs / probs.sum(axis=1, keepdims=True))
+    nbest = ctc_prefix_beam_search(log_probs, beam=10)
+    assert list(nbest[0][0]) == ctc_greedy(log_probs)
+    assert all(np.isfinite(score) for _, score in nbest)
+    with np.errstate(divide="ignore"):
+        hard = np.log(np.eye(3)[[1, 1, 0, 2]])  # exact zeros -> -inf log-probs
+    assert ctc_prefix_beam_search(hard, beam=5) == [((1, 2), 0.0)]
