@@ -153,3 +153,22 @@ def test_asr_synth_command_writes_manifest_and_resumes(tmp_path: Path) -> None:
     assert len(utts) == 4 and all(u.text and u.source for u in utts)
     assert prepare_data.main(argv) == 0  # resume: same files, same manifest
     assert (tmp_path / "out/manifest.jsonl").read_text() == first
+
+
+SE_PACK = REPO / ".carry" / "se_pack.npz"
+
+
+@pytest.mark.skipif(not SE_PACK.is_file(), reason="no SE pack (python scripts/make_train_pack.py se -o .carry/se_pack.npz)")
+def test_se_pack_layout_readable_with_numpy_alone() -> None:
+    assert SE_PACK.stat().st_size <= 45_000_000
+    with np.load(SE_PACK, allow_pickle=False) as pack:
+        meta = json.loads(str(pack["meta"]))
+        assert meta["sample_rate"] == 16000
+        for key in ("speech", "noise", "val_speech", "val_noise"):
+            samples, offsets = pack[key], pack[f"{key}_offsets"]
+            assert samples.dtype == np.int16 and offsets.dtype == np.int64
+            assert offsets[0] == 0 and offsets[-1] == len(samples) and np.all(np.diff(offsets) >= 16000)
+            assert len(pack[f"{key}_names"]) == len(offsets) - 1
+        train_names, val_names = set(pack["speech_names"]), set(pack["val_speech_names"])
+        assert train_names.isdisjoint(val_names)
+        assert not any(f"_desc_{lang}." in n for n in train_names for lang in prepare_data.VAL_TUXPAINT_LANGS)
