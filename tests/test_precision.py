@@ -353,3 +353,28 @@ def test_skip_concat_but_not_state_concat():
     assert got["decoder"] == ("fp32", "skip-concat")
     assert got["state_reader"] == ("int8", "int8-compute")
     assert got["middle"] == ("int8", "int8-compute")
+
+
+def test_reshape_by_a_computed_shape_is_not_a_skip_concat():
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["h"], name="first"),
+        helper.make_node("Shape", ["h"], ["shape"], name="shape"),
+        helper.make_node("Gather", ["shape", "zero"], ["dim0"], name="gather", axis=0),
+        helper.make_node("Unsqueeze", ["dim0", "axes0"], ["dim0_1d"], name="unsqueeze"),
+        helper.make_node("Concat", ["dim0_1d", "four"], ["new_shape"], name="shape_concat", axis=0),
+        helper.make_node("Reshape", ["h", "new_shape"], ["h2"], name="reshape"),
+        helper.make_node("MatMul", ["h2", "w1"], ["y"], name="second"),
+    ]
+    inits = [init("w0", 4, 4), init("w1", 4, 4), numpy_helper.from_array(np.array(0, np.int64), "zero"),
+             numpy_helper.from_array(np.array([0], np.int64), "axes0"),
+             numpy_helper.from_array(np.array([4], np.int64), "four")]
+    model = make(nodes, [("x", [2, 4])], [("y", [2, 4])], inits)
+    assert decisions(model, "int8")["second"] == ("int8", "int8-compute")
+
+
+def test_fp16_unsupported_ops_are_planned_fp32():
+    nodes = [helper.make_node("TopK", ["x", "k"], ["values", "indices"], name="topk", axis=-1)]
+    model = make(nodes, [("x", [2, 4])], [("values", [2, 2])],
+                 [numpy_helper.from_array(np.array([2], np.int64), "k")])
+    model.graph.output.append(helper.make_tensor_value_info("indices", TensorProto.INT64, [2, 2]))
+    assert decisions(model, "fp16")["topk"] == ("fp32", "fp16-unsupported")

@@ -51,11 +51,13 @@ class BuildOptions:
     per_channel: bool = True
     unwrap_kernel_outputs: bool = False  # ORT: True gives protected float nodes un-quantized inputs, fewer fusions
     reduce_range: bool | None = None  # ORT: 7-bit weights; None = when the CPU lacks VNNI
+    method: str = "entropy"  # calibration method when no cache is given
 
     def __post_init__(self) -> None:
         for label, value, allowed in (("precision", self.precision, ("fp32", "fp16", "int8")),
                                       ("backend", self.backend, ("ort", "trt")),
-                                      ("mode", self.mode, ("explicit", "implicit"))):
+                                      ("mode", self.mode, ("explicit", "implicit")),
+                                      ("method", self.method, ("entropy", "minmax", "percentile"))):
             if value not in allowed:
                 raise BuildError(f"{label} {value!r} is not one of {', '.join(allowed)}")
 
@@ -125,7 +127,7 @@ def rules_text_sha(rules: Path | None) -> str:
 
 def _build_int8(name: str, source: Path, model: onnx.ModelProto, rules: Any, opts: BuildOptions,
                 out_dir: Path) -> dict[str, Any]:
-    ranges, cache_meta = load_ranges(name, source, opts.cache)
+    ranges, cache_meta = load_ranges(name, source, opts.cache, opts.method)
     states = streaming_states(model)
     ort_plan = plan(model, rules, "int8", "ort", states)
     trt_plan = plan(model, rules, "int8", "trt", states)
@@ -140,36 +142,23 @@ def _build_int8(name: str, source: Path, model: onnx.ModelProto, rules: Any, opt
     return meta
 
 
-def load_ranges(name: str, source: Path, cache: Path | None) -> tuple[dict[str, TensorRange], dict[str, Any]]:
+def load_ranges(name: str, source: Path, cache: Path | None, method: str = "entropy"
+                ) -> tuple[dict[str, TensorRange], dict[str, Any]]:
     """Ranges from the given calibration cache (its key must name this model file), or, without one, from the cache
-    store under engines/cache/ (calibrating with entropy on the committed calibration set on a miss)."""
+    store under engines/cache/ via quant.calib.calibrate (reused on an exact key hit, else calibrated on the model's
+    committed calibration set)."""
     if cache is not None:
         return ranges_from_cache(cache, source)
-    return _calibrate_or_reuse(name, source)
-
-
-def _calibrate_or_reuse(name: str, source: Path) -> tuple[dict[str, TensorRange], dict[str, Any]]:
     try:
-        from quant.calib import cache as cache_store
-        from quant.calib.ranges import RangeOptions, collect_ranges, method_params
-        from quant.data.manifest import manifest_sha256
+        from quant.calib.calibrate import calibrate
     except ImportError as error:
         raise BuildError(f"no --cache given and calibration is not available here ({error}); "
                          f"pass --cache CACHE from `quant calibrate`") from None
-    from quant.calib.readers import default_manifest, reader_for
-
-    manifest = default_manifest(name)
-    options = RangeOptions(progress=False)
-    key = cache_store.CacheKey.create(sha256_file(source), manifest_sha256(manifest), "entropy",
-                                      method_params("entropy", options))
-    store = engines_dir() / "cache"
-    found = cache_store.lookup(store, key)
-    if found.hit and found.entry is not None:
-        log.info("reusing calibration cache %s", found.entry.path)
-        return ranges_from_cache(found.entry.path, source)
-    log.info("calibrating %s (entropy) on %s: %s", name, manifest, found.reason)
-    result = collect_ranges(source, reader_for(name, source, manifest), "entropy", options)
-    entry = cache_store.write_entry(cache_store.store_path(store, key, name), key, result, {"manifest": str(manifest)})
+    kind = name if name in KNOWN_MODELS else None
+    if kind is None:
+        raise BuildError(f"{source}: INT8 of a model quant does not know needs --cache from `quant calibrate "
+                         f"{source} --data MANIFEST`")
+    entry = calibrate(source, kind, None, method)
     return ranges_from_cache(entry.path, source)
 
 

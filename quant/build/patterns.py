@@ -183,12 +183,21 @@ def find_input_layer(index: GraphIndex, model: onnx.ModelProto, mapping: Mapping
 
 
 def _concats_behind(index: GraphIndex, tensor: str) -> list[onnx.NodeProto]:
-    """Concat nodes reachable backwards from `tensor` through layout ops only."""
-    found = []
-    for name in _backward_closure(index, [tensor], LAYOUT_OPS):
+    """Concat nodes reachable backwards from `tensor` along the data path: the first input of layout ops (never
+    their shape inputs) and every input of a Concat (nested joins)."""
+    found: list[onnx.NodeProto] = []
+    queue, seen = [tensor], set()
+    while queue:
+        name = queue.pop()
         node = index.producers.get(name)
-        if node is not None and node.op_type == "Concat":
+        if node is None or name in seen:
+            continue
+        seen.add(name)
+        if node.op_type == "Concat":
             found.append(node)
+            queue.extend(node.input)
+        elif node.op_type in LAYOUT_OPS and node.input:
+            queue.append(node.input[0])
     return found
 
 
