@@ -137,6 +137,10 @@ def test_calibrate_cli_parses_options() -> None:
     assert (args.method, args.percentile, args.output, args.force, args.max_batch) == (
         "percentile", 99.9, Path("c.cache"), True, 2)
     assert cli_calibrate.resolve_model("some/where.onnx") == (None, Path("some/where.onnx"))
+    assert cli_calibrate.reader_options(args) is None
+    readers = pytest.importorskip("quant.calib.readers")
+    limited = cli_calibrate.reader_options(parse(["calibrate", "m.onnx", "--limit", "3", "--every", "2"]))
+    assert limited == readers.ReaderOptions(limit=3, every=2)
 
 
 def test_reader_path_keys_reader_settings_and_verify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -104,6 +104,16 @@ def test_nonfinite_values_are_counted_and_ignored() -> None:
     assert histogram.counts.sum() == 3
 
 
+def test_float16_and_float64_tensors_share_the_float32_histogram() -> None:
+    values = np.random.default_rng(7).normal(size=5000).astype(np.float16)
+    reference = hist.AbsHistogram(4.0, 64)
+    reference.add(values.astype(np.float32))
+    for dtype in (np.float16, np.float64):
+        histogram = hist.AbsHistogram(4.0, 64)
+        histogram.add(values.astype(dtype))
+        np.testing.assert_array_equal(histogram.counts, reference.counts)
+
+
 def test_all_zero_and_empty_tensors_give_zero() -> None:
     histogram = histogram_of(np.zeros(100, dtype=np.float32))
     assert histogram.amax == 0.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 MODEL_HELP = ("an ONNX file, or a model name (dpcrn, dpcrn-stream, wenet-encoder, wenet-decoder) meaning its export "
               "under engines/export/ (exported on demand)")
@@ -23,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--output", type=Path,
                         help="cache file (default: engines/cache/<model>-<method>-<key>.cache)")
     parser.add_argument("--force", action="store_true", help="overwrite a cache at -o whose key differs")
+    parser.add_argument("--limit", type=int, help="use only the first N utterances of the manifest")
+    parser.add_argument("--batch-size", type=int, help="utterances/segments per feed (reader default 4)")
+    parser.add_argument("--every", type=int, help="streaming models: keep every k-th frame (reader default 4)")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
     parser.add_argument("--max-batch", type=int, help="split feed batches along axis 0 to bound memory")
     parser.add_argument("--trt-version", help="version digits of the cache header, e.g. 8601 (default: installed "
@@ -42,6 +46,16 @@ def resolve_model(model: str) -> tuple[str | None, Path]:
     return model, onnx_path
 
 
+def reader_options(args: argparse.Namespace) -> Any:
+    """quant.calib.readers.ReaderOptions from the flags given (None: the reader's defaults)."""
+    changes = {name: getattr(args, name) for name in ("limit", "batch_size", "every") if getattr(args, name)}
+    if not changes:
+        return None
+    from quant.calib.readers import ReaderOptions
+
+    return ReaderOptions(**changes)
+
+
 def run(args: argparse.Namespace) -> int:
     from quant.calib.calibrate import CalibrateOptions, calibrate
     from quant.calib.ranges import RangeOptions
@@ -49,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     kind, onnx_path = resolve_model(args.model)
     ranges = RangeOptions(percentile=args.percentile, threads=args.threads, max_batch=args.max_batch,
                           progress=not args.no_progress)
-    options = CalibrateOptions(ranges=ranges, force=args.force, trt_version=args.trt_version)
+    options = CalibrateOptions(ranges=ranges, force=args.force, trt_version=args.trt_version,
+                               reader=reader_options(args))
     entry = calibrate(onnx_path, kind, args.data, args.method, args.output, options)
     zero = sum(1 for item in entry.ranges.values() if item.amax == 0)
     print(f"{entry.path}: {entry.cache.header}, {len(entry.cache.scale_bits)} tensors ({zero} with amax 0), "
