@@ -121,6 +121,9 @@ def test_missing_or_broken_weights_fail_clearly(tmp_path: Path) -> None:
         load_conformer(tmp_path / "absent.pt")
     with pytest.raises(ModelError, match="not a conformer checkpoint"):
         conformer_from_checkpoint({"state_dict": {}}, "x.pt")
+    model = Conformer(replace(TINY, encoder_blocks=1))
+    with pytest.raises(ModelError, match="differ from quant/assets/units.txt"):
+        conformer_from_checkpoint(checkpoint_dict(model, ["<blank>", "x", "<sos/eos>"]), "y.pt")
 
 
 def test_masked_frames_never_produce_nan_even_for_length_one_rows() -> None:

@@ -389,9 +389,19 @@ def conformer_from_checkpoint(checkpoint: dict[str, Any], source: Path | str = "
         model.load_state_dict(checkpoint["state_dict"])
     except (KeyError, RuntimeError, TypeError) as error:
         raise ModelError(f"{source}: not a conformer checkpoint with config + state_dict: {error}") from None
+    _check_vocab(checkpoint.get("vocab"), source)
     if "cmvn_mean" in checkpoint:
         model.set_cmvn(torch.as_tensor(checkpoint["cmvn_mean"]), torch.as_tensor(checkpoint["cmvn_istd"]))
     return model
+
+
+def _check_vocab(vocab: Any, source: Path | str) -> None:
+    """A checkpoint trained on other units than quant/assets/units.txt would decode to wrong characters."""
+    from quant.models.tokenizer import read_units
+
+    if vocab is not None and list(vocab) != read_units():
+        raise ModelError(f"{source}: trained on units {list(vocab)[:6]}... which differ from quant/assets/units.txt; "
+                         "ship the matching units.txt or retrain")
 
 
 def checkpoint_dict(model: Conformer, vocab: list[str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
