@@ -440,3 +440,34 @@ def test_shape_layers_are_never_pinned(double: trt_double.Double, tmp_path: Path
     __import__("onnx").save(model, str(path))
     backend.build_engine(path, tmp_path / "out", "fp16", layer_precisions={"shape": "fp32", "reshape": "fp32"})
     assert list(double.state.builds[-1]["layers"]) == ["reshape"]
+
+
+def test_build_trt_tensorrt_calibrator_on_real_speech(double: trt_double.Double, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """TensorRT's own calibrator fed by quant's DPCRN reader (9 s STFT segments of the committed noisy speech),
+    in fixed batches; its cache lands in the store and the next build reuses it without calibrating."""
+    from onnx import TensorProto, helper
+
+    from quant.paths import calib_data_dir
+
+    manifest = calib_data_dir() / "se_calib" / "manifest.jsonl"
+    if not manifest.is_file():
+        pytest.skip(f"{manifest} is missing")
+    mix = helper.make_tensor_value_info("mix", TensorProto.FLOAT, ["B", 257, 563, 2])
+    enh = helper.make_tensor_value_info("enh", TensorProto.FLOAT, ["B", 257, 563, 2])
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["mix"], ["enh"], name="mask")],
+                                                "toy_dpcrn", [mix], [enh]), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    source = tmp_path / "dpcrn.onnx"
+    __import__("onnx").save(model, str(source))
+    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
+    options = trt_build.TrtBuildOptions("int8", "implicit", calibrator="tensorrt", manifest=manifest, batch_size=2)
+    trt_build.build_trt("dpcrn", source, tmp_path / "engines" / "dpcrn" / "int8", options)
+    batches = double.state.calibration_batches
+    assert batches and all(batch["mix"].shape == (2, 257, 563, 2) for batch in batches)
+    assert float(np.abs(batches[0]["mix"]).max()) > 0  # real spectra, not zeros
+    stored = list((tmp_path / "engines" / "cache").glob("dpcrn-tensorrt-entropy2-*.cache"))
+    assert len(stored) == 1
+    calls = len(double.state.calibrator_calls)
+    trt_build.build_trt("dpcrn", source, tmp_path / "engines" / "dpcrn" / "int8", options)
+    assert double.state.calibrator_calls[calls:] == ["read_calibration_cache"]
