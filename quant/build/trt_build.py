@@ -30,7 +30,7 @@ TRT_CALIBRATION_METHOD = "tensorrt-entropy2"  # cache key method of caches that 
 TIMING_CACHE_FILE = "timing.cache"
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
-# Realistic ranges (REFERENCE sections 1-2): batches of 1..16 utterances; 10 ms fbank frames from 0.16 s to 30 s,
+# Realistic ranges: batches of 1..16 utterances; 10 ms fbank frames from 0.16 s to 30 s,
 # opt 8 s; after 4x subsampling 4..750 frames; n-best of 10 hypotheses of up to 600 characters (plus sos/eos).
 BATCH = (1, 8, 16)
 FBANK_FRAMES = (16, 800, 3000)
