@@ -225,7 +225,7 @@ def environment() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    env = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "quant": __version__,
+    env = {"cpu": cpu, "cores": os.cpu_count(), "load_average_at_start": _load_average(), "python": platform.python_version(), "quant": __version__,
            "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
     try:
         from quant.backends.trt import require_tensorrt
@@ -234,6 +234,14 @@ def environment() -> dict[str, Any]:
     except (QuantError, ImportError, AttributeError):
         pass
     return env
+
+
+def _load_average() -> float | None:
+    """1-minute load average: other work on the machine inflates every latency, so the report states it."""
+    try:
+        return float(os.getloadavg()[0])
+    except (OSError, AttributeError):
+        return None
 
 
 def resolve_backends(requested: Sequence[str] | None) -> tuple[str, ...]:

@@ -280,7 +280,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     lines = ["# quant results", ""]
     env = results.get("environment") or {}
     if env:
-        lines.append("Measured in one run on " + ", ".join(f"{k} {v}" for k, v in sorted(env.items())) + ".")
+        lines.append(_environment_line(env))
     if results.get("command"):
         lines.append(f"Command: `{results['command']}`.")
     lines.append("Latency: one batch-1 run of the unit below after warm-up, 1 thread unless noted; "
@@ -302,6 +302,15 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         met = "n/a" if goal.met is None else ("yes" if goal.met else "NO")
         lines.append(f"| {goal.name} | {_fmt(goal.measured, '.3f')} | {goal.target} | {met} |")
     return "\n".join(lines) + "\n"
+
+
+def _environment_line(env: Mapping[str, Any]) -> str:
+    machine = f"{env.get('cpu', 'unknown CPU')} ({env.get('cores', '?')} cores)"
+    if env.get("load_average_at_start") is not None:
+        machine += f", 1-minute load average {env['load_average_at_start']:.2f} at the start"
+    tools = ", ".join(f"{k} {v}" for k, v in sorted(env.items())
+                      if k not in ("cpu", "cores", "load_average_at_start"))
+    return f"Measured in one run on {machine}; {tools}."
 
 
 def _unit_line(rows: Sequence[Row], model: str) -> str:
