@@ -231,6 +231,8 @@ def test_missing_model_and_missing_input_are_user_errors(tmp_path: Path) -> None
     path = scale_relu_model(tmp_path / "m.onnx")
     with pytest.raises(CalibrationError, match="lacks model input"):
         collect_ranges(path, [{"z": np.zeros((1, 8), np.float32)}], "minmax", QUIET)
+    with pytest.raises(CalibrationError, match="ONNX Runtime rejected a calibration feed.*'x': \\(2, 5\\)"):
+        collect_ranges(path, [{"x": np.zeros((2, 5), np.float32)}], "minmax", QUIET)
     with pytest.raises(CalibrationError, match="yielded nothing"):
         collect_ranges(path, [], "minmax", QUIET)
     with pytest.raises(CalibrationError, match="unknown calibration method"):

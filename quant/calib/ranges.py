@@ -245,12 +245,22 @@ def _run_pass(
             missing = [name for name in input_names if name not in part]
             if missing:
                 raise CalibrationError(f"calibration feed lacks model input(s) {missing}; it has {sorted(part)}")
-            outputs = session.run(names, {name: part[name] for name in input_names})
+            outputs = _run(session, names, {name: part[name] for name in input_names})
             for name, value in zip(names, outputs):
                 update(name, value)
             del outputs
             batches += 1
     return batches
+
+
+def _run(session: Any, names: list[str], feed: Feed) -> list[np.ndarray]:
+    try:
+        return list(session.run(names, feed))
+    except Exception as error:  # noqa: BLE001 - ORT raises its own types (InvalidArgument, Fail, ...)
+        expected = {item.name: item.shape for item in session.get_inputs()}
+        got = {name: tuple(value.shape) for name, value in feed.items()}
+        raise CalibrationError(f"ONNX Runtime rejected a calibration feed: inputs {got}, model expects {expected}: "
+                               f"{str(error).splitlines()[0]}") from None
 
 
 def _split(feed: Feed, max_batch: int | None) -> Iterator[Feed]:

@@ -24,6 +24,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--output", type=Path,
                         help="cache file (default: engines/cache/<model>-<method>-<key>.cache)")
     parser.add_argument("--force", action="store_true", help="overwrite a cache at -o whose key differs")
+    parser.add_argument("--kind", choices=("dpcrn", "dpcrn-stream", "wenet-encoder", "wenet-decoder"),
+                        help="with an ONNX path: which known model's reader to use")
+    parser.add_argument("--feature", choices=("stft", "fbank", "waveform"),
+                        help="third-party model: the feature its input takes (with --input-name)")
+    parser.add_argument("--input-name", help="third-party model: the input that takes the feature")
     parser.add_argument("--limit", type=int, help="use only the first N utterances of the manifest")
     parser.add_argument("--batch-size", type=int, help="utterances/segments per feed (reader default 4)")
     parser.add_argument("--every", type=int, help="streaming models: keep every k-th frame (reader default 4)")
@@ -48,7 +53,8 @@ def resolve_model(model: str) -> tuple[str | None, Path]:
 
 def reader_options(args: argparse.Namespace) -> Any:
     """quant.calib.readers.ReaderOptions from the flags given (None: the reader's defaults)."""
-    changes = {name: getattr(args, name) for name in ("limit", "batch_size", "every") if getattr(args, name)}
+    changes = {name: getattr(args, name) for name in ("limit", "batch_size", "every", "feature", "input_name")
+               if getattr(args, name, None)}
     if not changes:
         return None
     from quant.calib.readers import ReaderOptions
@@ -61,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from quant.calib.ranges import RangeOptions
 
     kind, onnx_path = resolve_model(args.model)
+    kind = args.kind or kind
     ranges = RangeOptions(percentile=args.percentile, threads=args.threads, max_batch=args.max_batch,
                           progress=not args.no_progress)
     options = CalibrateOptions(ranges=ranges, force=args.force, trt_version=args.trt_version,
