@@ -165,13 +165,34 @@ def build_se(out: Path, debs_dir: Path, pkgs_dir: Path, seed: int, budget: SeBud
                       seed, budget, limit_mb)
 
 
+PACKAGE_LICENSES = {
+    "fillets-ng-data-cs": "GPL-2+", "fillets-ng-data": "GPL-2+", "tuxpaint-stamps-default": "GPL-2",
+    "gcin-voice": "GPL/LGPL-3 and CC-BY-3", "codec2-examples": "LGPL-2.1", "sonic-pi-samples": "CC0",
+}
+
+
+def clip_rows(key: str, clips: list[tuple[str, np.ndarray]], pcm: np.ndarray, offsets: np.ndarray) -> list[dict]:
+    """One manifest row per packed clip: where it came from, its license, and the sha256 of its int16 samples."""
+    rows = []
+    for index, (name, _clip) in enumerate(clips):
+        package = next((p for p in PACKAGE_LICENSES if f"/{p}/" in name or name.startswith(p)), "unknown")
+        samples = pcm[offsets[index]:offsets[index + 1]]
+        rows.append({"array": key, "index": index, "path": name, "duration": round(len(samples) / SAMPLE_RATE, 3),
+                     "sha256": prep.sha256_bytes(samples.tobytes()), "source": package,
+                     "license": PACKAGE_LICENSES.get(package, "unknown"), "text": None})
+    return rows
+
+
 def write_pack(out: Path, parts: dict[str, list[tuple[str, np.ndarray]]], seed: int, budget: SeBudget,
                limit_mb: float) -> dict:
+    """The .npz plus a sidecar <out>.jsonl manifest (one row per clip: origin, license, sha256 of its samples)."""
     arrays: dict[str, np.ndarray] = {}
+    rows: list[dict] = []
     summary: dict[str, dict] = {}
     for key, clips in parts.items():
         pcm, offsets, names = concat(clips)
         arrays[key], arrays[f"{key}_offsets"], arrays[f"{key}_names"] = pcm, offsets, names
+        rows += clip_rows(key, clips, pcm, offsets)
         summary[key] = {"clips": len(clips), "seconds": round(len(pcm) / SAMPLE_RATE, 1)}
     meta = {"sample_rate": SAMPLE_RATE, "seed": seed, "budget_s": budget.__dict__, "summary": summary,
             "licenses": "GPL-2+ / GPL-2 / LGPL / CC-BY-3 / CC0 (training only; never committed)",
@@ -184,7 +205,9 @@ def write_pack(out: Path, parts: dict[str, list[tuple[str, np.ndarray]]], seed: 
     if size_mb > limit_mb:
         raise SystemExit(f"{out}: pack would be {size_mb:.1f} MB > {limit_mb} MB; lower the budgets")
     atomic_write_bytes(out, buffer.getvalue())
-    out.chmod(0o644)
+    sidecar = atomic_write_bytes(out.with_suffix(".jsonl"), "".join(json.dumps(r) + "\n" for r in rows).encode())
+    for file in (out, sidecar):
+        file.chmod(0o644)
     meta["size_mb"] = round(size_mb, 2)
     return meta
 

@@ -169,6 +169,11 @@ def test_se_pack_layout_readable_with_numpy_alone() -> None:
             assert samples.dtype == np.int16 and offsets.dtype == np.int64
             assert offsets[0] == 0 and offsets[-1] == len(samples) and np.all(np.diff(offsets) >= 16000)
             assert len(pack[f"{key}_names"]) == len(offsets) - 1
+        sidecar = SE_PACK.with_suffix(".jsonl")
+        if sidecar.is_file():  # one manifest row per packed clip, licenses known
+            rows = [json.loads(line) for line in sidecar.read_text().splitlines()]
+            assert len(rows) == sum(len(pack[f"{k}_offsets"]) - 1 for k in ("speech", "noise", "val_speech", "val_noise"))
+            assert all(row["license"] != "unknown" for row in rows)
         train_names, val_names = set(pack["speech_names"]), set(pack["val_speech_names"])
         assert train_names.isdisjoint(val_names)
         assert not any(f"_desc_{lang}." in n for n in train_names for lang in prepare_data.VAL_TUXPAINT_LANGS)
