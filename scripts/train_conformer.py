@@ -29,6 +29,7 @@ import multiprocessing
 import os
 import platform
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -418,7 +419,11 @@ def train(model: Conformer, train_set: Sequence[Example], dev_set: Sequence[Exam
     started, budget_s = time.monotonic(), opts.minutes * 60.0
     while state.epoch < opts.max_epochs and time.monotonic() - started < budget_s:
         epoch_start = time.monotonic()
-        stats = train_epoch(model, optimizer, train_set, opts, state, device, started, budget_s, rng, gen)
+        try:
+            stats = train_epoch(model, optimizer, train_set, opts, state, device, started, budget_s, rng, gen)
+        except KeyboardInterrupt:  # SIGINT, or SIGTERM via main's handler: keep the best model, score and save it
+            log.warning("interrupted in epoch %d; stopping with the best model so far", state.epoch + 1)
+            break
         dev_cer = greedy_cer(model, dev_set, tokenizer, device, opts.batch_frames)
         state.epoch += 1
         record = {"epoch": state.epoch, "step": state.step, **stats, "dev_cer_greedy": dev_cer,
@@ -516,6 +521,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     run_started = time.monotonic()
     args = parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return run(args, argv, run_started)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(args: argparse.Namespace, argv: Sequence[str] | None, run_started: float) -> int:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -585,6 +598,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     save(model.cpu(), tokenizer, {**facts, **progress(state, history), "final_eval": final_eval}, args.out)
     log.info("run took %.1f min", (time.monotonic() - run_started) / 60)
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def progress(state: TrainState, history: list[dict]) -> dict:
