@@ -403,8 +403,9 @@ def _network_flags(caps: Capabilities, spec: EngineSpec) -> int:
     flags = 0
     if caps.explicit_batch_flag:
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    if caps.strongly_typed_required or (caps.strongly_typed and spec.mode == "explicit"):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # may go once implied (11)
+    if strongly_typed is not None and (caps.strongly_typed_required or (caps.strongly_typed and spec.mode == "explicit")):
+        flags |= 1 << int(strongly_typed)
     return flags
 
 
