@@ -471,3 +471,26 @@ def test_build_trt_tensorrt_calibrator_on_real_speech(double: trt_double.Double,
     calls = len(double.state.calibrator_calls)
     trt_build.build_trt("dpcrn", source, tmp_path / "engines" / "dpcrn" / "int8", options)
     assert double.state.calibrator_calls[calls:] == ["read_calibration_cache"]
+
+
+def test_quant_build_artifact_hands_off_to_the_backend(double: trt_double.Double, two_inputs: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """quant.build.build_artifact(..., backend="trt") with a `quant calibrate` cache: implicit INT8 uses quant's
+    ranges (TensorRT does not calibrate), explicit FP16 builds strongly typed from the ORT build's FP16 ONNX."""
+    artifact = pytest.importorskip("quant.build")
+    calibrate = pytest.importorskip("quant.calib.calibrate")
+    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
+    rng = np.random.default_rng(0)
+    feeds = [{name: rng.standard_normal((4, 3)).astype(np.float32) for name in ("zeta", "alpha")} for _ in range(3)]
+    options = calibrate.CalibrateOptions(trt_version="101300")
+    entry = calibrate.calibrate(two_inputs, feeds=feeds, out_cache=tmp_path / "two.cache", options=options)
+
+    out = artifact.build_artifact(two_inputs, "int8", "trt", mode="implicit", cache=entry.path,
+                                  out_dir=tmp_path / "int8")
+    assert double.state.calibrator_calls == ["read_calibration_cache"]
+    assert {"FP16", "INT8"} <= set(double.state.builds[-1]["flags"])
+    assert _meta(out / "model.engine")["calibration"]["cache_hit"] is True
+
+    artifact.build_artifact(two_inputs, "fp16", "trt", mode="explicit", out_dir=tmp_path / "fp16")
+    build = double.state.builds[-1]
+    assert build["onnx_path"] == str(tmp_path / "fp16" / "model.onnx") and build["strongly_typed"]
