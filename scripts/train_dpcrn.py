@@ -14,7 +14,8 @@ Loss (as in DPCRN's public training recipes): power-law compressed spectra (|X|^
 Adam (lr 1e-3), cosine decay over the run (epochs or the --minutes budget, whichever ends first), gradient
 clipping at 5, seeded. Each epoch logs the train loss and the validation SI-SDR improvement on fixed held-out
 mixtures; the checkpoint with the best validation SI-SDRi is written atomically to --out (state_dict, config,
-summary) with the measured numbers in <out stem>_train.json beside it.
+summary) with the measured numbers in <out stem>_train.json beside it, after every improving epoch (so a killed
+run leaves its best so far). SIGTERM/SIGINT end the epoch early, score it, save and exit 0.
 
 Runs where only numpy and torch exist (the GPU machine): it imports quant.models.dpcrn and quant.fileio, and
 quant.features only if that imports (it needs kaldi_native_fbank); otherwise an identical local STFT is used.
@@ -27,6 +28,7 @@ import io
 import json
 import logging
 import math
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -303,6 +305,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # every batch has the same shape
     pack = load_pack(opts.pack, device)
     generator = torch.Generator(device=device).manual_seed(opts.seed)
     val_generator = torch.Generator(device=device).manual_seed(opts.seed + 1)
@@ -313,6 +316,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     best: dict[str, Any] | None = None
     start = time.monotonic()
     step = 0
+    stop = _stop_on_signals()
     for epoch in range(1, opts.epochs + 1):
         losses = []
         for _ in range(opts.steps_per_epoch):
@@ -320,6 +324,8 @@ def train(opts: TrainOptions) -> dict[str, Any]:
             batch = Batch(*mixtures(pack.speech, pack.noise, opts.batch, opts, generator))
             losses.append(trainer.step(batch, lr))
             step += 1
+            if stop:
+                break
         record = {"epoch": epoch, "step": step, "lr": lr, "train_loss": float(np.nanmean(losses))}
         record |= trainer.evaluate(val)
         record["elapsed_s"] = time.monotonic() - start
@@ -331,9 +337,25 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         if opts.minutes > 0 and time.monotonic() - start >= opts.minutes * 60.0:
             log.info("wall-clock budget of %.1f min reached after epoch %d", opts.minutes, epoch)
             break
+        if stop:
+            log.info("stopping on %s after epoch %d (step %d)", stop[0], epoch, step)
+            break
     assert best is not None
     summary["skipped_steps"] = trainer.skipped_steps
     return _save(opts, model, best["state"], summary, best["record"])
+
+
+def _stop_on_signals() -> list[str]:
+    """SIGTERM/SIGINT end the current epoch early; training then scores, saves and exits cleanly.
+    The returned list is empty until a signal arrives (then it holds the signal's name)."""
+    received: list[str] = []
+
+    def handler(signum: int, _frame: Any) -> None:
+        received.append(signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
+    return received
 
 
 def _log_epoch(record: dict[str, Any]) -> None:
