@@ -63,6 +63,7 @@ from quant.models.tokenizer import CharTokenizer  # noqa: E402
 
 log = logging.getLogger("train_conformer")
 IGNORE_ID = -1
+RESCORE_BEAM = 10
 SMOKE_CONFIG = ConformerConfig(d_model=32, heads=2, ffn_dim=64, encoder_blocks=2, decoder_blocks=1,
                                decoder_ffn_dim=64, dropout=0.0)
 
@@ -342,28 +343,39 @@ def greedy_cer(model: Conformer, examples: Sequence[Example], tokenizer: CharTok
     return cer([e.text for e in examples], hyps)
 
 
+def _beam_search(log_probs: np.ndarray) -> list[tuple[tuple[int, ...], float]]:
+    return ctc_prefix_beam_search(log_probs, beam=RESCORE_BEAM)
+
+
 @torch.no_grad()
 def rescoring_cer(model: Conformer, examples: Sequence[Example], tokenizer: CharTokenizer, device: torch.device,
-                  batch_frames: int, beam: int = 10) -> dict[str, float]:
-    """CER of CTC greedy, CTC prefix beam search (top hyp) and attention rescoring (WenetDecoder)."""
+                  batch_frames: int, workers: int = 1, chunk: int = 64) -> dict[str, float]:
+    """CER of CTC greedy, CTC prefix beam search (top hyp) and attention rescoring (WenetDecoder, beam 10).
+    Beam searches run in a process pool; the rescoring decoder runs on `chunk` utterances at a time."""
     encoded = encode_all(model, examples, device, batch_frames)
+    log_probs = [encoded[i][0] for i in range(len(examples))]
+    if workers > 1 and len(examples) > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            nbests = pool.map(_beam_search, log_probs, chunksize=4)
+    else:
+        nbests = [_beam_search(lp) for lp in log_probs]
     rescorer = WenetDecoder(model).eval()
+    chosen: list[list[int]] = []
+    for start in range(0, len(examples), chunk):
+        indices = list(range(start, min(start + chunk, len(examples))))
+        enc = [torch.from_numpy(encoded[i][1]) for i in indices]
+        memory = torch.nn.utils.rnn.pad_sequence(enc, batch_first=True).to(device)
+        lens = torch.tensor([e.shape[0] for e in enc], dtype=torch.int32, device=device)
+        inputs = hyps_to_decoder_inputs([nbests[i] for i in indices], tokenizer.sos_eos, RESCORE_BEAM)
+        best, _ = rescorer(memory, lens, torch.from_numpy(inputs.hyps_pad_sos_eos).to(device),
+                           torch.from_numpy(inputs.hyps_lens_sos).to(device), torch.from_numpy(inputs.ctc_score).to(device))
+        chosen += best_hypotheses([nbests[i] for i in indices], best.cpu().numpy())
     refs = [tokenizer.decode(e.tokens.tolist()) for e in examples]
-    greedy, prefix, rescored = [], [], []
-    for i in range(len(examples)):
-        log_probs, enc = encoded[i]
-        nbest = ctc_prefix_beam_search(log_probs, beam=beam)
-        inputs = hyps_to_decoder_inputs([nbest], tokenizer.sos_eos, beam)
-        best, _ = rescorer(
-            torch.from_numpy(enc[None]).to(device), torch.tensor([enc.shape[0]], dtype=torch.int32, device=device),
-            torch.from_numpy(inputs.hyps_pad_sos_eos).to(device), torch.from_numpy(inputs.hyps_lens_sos).to(device),
-            torch.from_numpy(inputs.ctc_score).to(device),
-        )
-        greedy.append(tokenizer.decode(ctc_greedy(log_probs)))
-        prefix.append(tokenizer.decode(nbest[0][0]))
-        rescored.append(tokenizer.decode(best_hypotheses([nbest], best.cpu().numpy())[0]))
-    return {"ctc_greedy": cer(refs, greedy), "ctc_prefix_beam": cer(refs, prefix), "attention_rescoring":
-            cer(refs, rescored), "utterances": len(examples)}
+    greedy = [tokenizer.decode(ctc_greedy(lp)) for lp in log_probs]
+    prefix = [tokenizer.decode(nbest[0][0]) for nbest in nbests]
+    rescored = [tokenizer.decode(tokens) for tokens in chosen]
+    return {"ctc_greedy": cer(refs, greedy), "ctc_prefix_beam": cer(refs, prefix),
+            "attention_rescoring": cer(refs, rescored), "utterances": len(examples)}
 
 
 # -------------------------------------------------------------------------------------------------------- training
@@ -590,9 +602,9 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None, run_started: float
     state, history = train(model, train_set, dev_set, tokenizer, opts, device, save_best)
     if state.best_state is not None:
         model.load_state_dict(state.best_state)
-    final_eval = {"dev": rescoring_cer(model, dev_set[: args.final_eval_max], tokenizer, device, opts.batch_frames)}
-    for name, test_set in test_sets.items():
-        final_eval[name] = rescoring_cer(model, test_set[: args.final_eval_max], tokenizer, device, opts.batch_frames)
+    final_eval = {name: rescoring_cer(model, examples[: args.final_eval_max], tokenizer, device, opts.batch_frames,
+                                      args.workers)
+                  for name, examples in {"dev": dev_set, **test_sets}.items()}
     for name, result in final_eval.items():
         log.info("final %s: %s", name, json.dumps(result))
     save(model.cpu(), tokenizer, {**facts, **progress(state, history), "final_eval": final_eval}, args.out)

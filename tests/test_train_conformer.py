@@ -114,3 +114,19 @@ def test_featurize_applies_speed_copies_and_gain(train_mod, tmp_path: Path) -> N
     assert [c.shape[0] for c in copies][0] > plain[0].shape[0] > copies[2].shape[0]
     shift = float(np.median(copies[1].astype(np.float32) - plain[0].astype(np.float32)))
     assert shift == pytest.approx(2 * np.log(10 ** (-12 / 20)), abs=0.1)  # log-mel power moves by 2 ln(gain)
+
+
+def test_rescoring_cer_is_the_same_batched_pooled_or_one_by_one(train_mod) -> None:  # type: ignore[no-untyped-def]
+    from quant.models.conformer import Conformer
+    from quant.models.tokenizer import CharTokenizer
+
+    torch.manual_seed(0)
+    model = Conformer(train_mod.SMOKE_CONFIG).eval()
+    tokenizer = CharTokenizer()
+    utts = train_mod.read_manifest(Path(__file__).parent / "data" / "librivox.jsonl")[:3]
+    examples = train_mod.build_examples(utts, tokenizer, train_mod.Augment(), 1, 0)
+    cpu = torch.device("cpu")
+    one_by_one = train_mod.rescoring_cer(model, examples, tokenizer, cpu, 40000, workers=1, chunk=1)
+    batched = train_mod.rescoring_cer(model, examples, tokenizer, cpu, 40000, workers=2, chunk=3)
+    assert one_by_one == batched
+    assert one_by_one["utterances"] == 3 and 0.0 < one_by_one["ctc_prefix_beam"] <= 1.5
