@@ -4,13 +4,15 @@
   python scripts/train_conformer.py --train DIR [DIR ...] --dev DEV/manifest.jsonl [--test M ...] \
       [--noise se_pack.npz] --minutes 8 -o quant/assets/conformer.pt
   python scripts/train_conformer.py --smoke -o /tmp/smoke.pt      # tiny CPU run on tests/data (seconds)
+  python scripts/train_conformer.py --smoke --device cuda -o /tmp/smoke.pt   # the same through CUDA + bf16
 
 Each --train DIR holds manifest.jsonl (path relative to the manifest, duration, text, source) and 16 kHz audio.
 Features: quant.features.fbank (the one implementation) computed once in a process pool and cached in memory as
 float16, one copy per speed factor (0.9/1.0/1.1 by resampling); each copy gets additive noise from --noise
 (an .npz with int16 `noise` + `noise_offsets`, the SE training pack layout) with probability --noise-prob at a
-random SNR (5-25 dB), and a random level change (--gain-db). Each epoch picks one cached copy per utterance; SpecAugment (2 frequency masks F <= 27, 2 time masks)
-runs on the device. Global CMVN comes from the clean speed-1.0 training features.
+random SNR (5-25 dB), and a random level change (--gain-db). Each epoch picks one cached copy per utterance;
+SpecAugment (2 frequency masks F <= 27, 2 time masks) runs on the device. Global CMVN comes from the speed-1.0
+training copies. --minutes bounds the whole run: training stops --reserve-s before it for final scoring + saving.
 Loss: 0.3 * CTC + 0.7 * attention cross-entropy (label smoothing 0.1); Adam with linear warmup then a cosine decay
 over the wall-clock budget; batches by total frames; bf16 autocast on CUDA (CTC computed in float32).
 Every epoch logs the train loss and the dev CER of CTC greedy decoding; the best-by-dev model is kept and saved
@@ -547,7 +549,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None, run_started: float
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = torch.device("cpu") if args.smoke else pick_device(args.device)
+    # --smoke runs on the CPU unless a device is named (`--smoke --device cuda` checks the GPU path in seconds)
+    device = torch.device("cpu") if args.smoke and args.device == "auto" else pick_device(args.device)
     opts = TrainOptions(minutes=args.minutes, max_epochs=args.max_epochs, batch_frames=args.batch_frames,
                         peak_lr=args.lr, warmup_steps=args.warmup, seed=args.seed)
     config = ConformerConfig()
