@@ -4,8 +4,9 @@
   python scripts/train_dpcrn.py --pack .carry/se_pack.npz --minutes 20 --device cuda
   python scripts/train_dpcrn.py --pack tiny.npz --smoke --out /tmp/dpcrn.pt      # a few CPU steps (tests)
 
-Data: a numpy-only pack (scripts/make_train_pack.py se): int16 16 kHz `speech`/`noise` clips concatenated with
-`*_offsets` boundaries, and held-out `val_speech`/`val_noise`. Each step draws random crops (they may run across
+Data: a pack (scripts/make_train_pack.py se): int16 16 kHz `speech`/`noise` clips concatenated with `*_offsets`
+(N+1 sample boundaries), and held-out `val_speech`/`val_noise`; an array stored instead as `<name>_ogg` (one Ogg
+Vorbis stream of the same samples) is decoded with soundfile, imported only then. Each step draws random crops (they may run across
 clip boundaries: every crop is real speech), sets the speech to a random level (-35..-15 dBFS RMS) and adds noise
 at a random SNR (-5..20 dB), all on the training device.
 
@@ -128,12 +129,37 @@ def load_pack(path: Path, device: torch.device) -> Pack:
     if not path.is_file():
         raise SystemExit(f"{path}: no such pack; build it with scripts/make_train_pack.py se -o {path}")
     with np.load(path, allow_pickle=False) as data:
-        missing = [name for base in PACK_ARRAYS for name in (base, f"{base}_offsets") if name not in data.files]
+        missing = [
+            name
+            for base in PACK_ARRAYS
+            for name in (base, f"{base}_offsets")
+            if name not in data.files and not (name == base and f"{base}_ogg" in data.files)
+        ]
         if missing:
             raise SystemExit(f"{path}: missing arrays {missing}; expected {PACK_ARRAYS} and their *_offsets")
-        arrays = {name: _checked_audio(path, name, data[name], data[f"{name}_offsets"]) for name in PACK_ARRAYS}
+        arrays = {
+            name: _checked_audio(path, name, _pack_audio(path, data, name), data[f"{name}_offsets"])
+            for name in PACK_ARRAYS
+        }
         meta = json.loads(str(data["meta"])) if "meta" in data.files else {}
     return Pack(**{name: torch.from_numpy(array).to(device) for name, array in arrays.items()}, meta=meta)
+
+
+def _pack_audio(path: Path, data: Any, name: str) -> np.ndarray:
+    """`name` as int16 samples: stored as is, or as `<name>_ogg` (one Ogg Vorbis stream, decoded by soundfile)."""
+    if name in data.files:
+        return np.asarray(data[name])
+    try:
+        import soundfile
+    except ImportError:
+        raise SystemExit(
+            f"{path}: `{name}_ogg` is Ogg Vorbis and decoding it needs soundfile (pip install the soundfile wheel "
+            "shipped with the pack), or rebuild the pack with int16 arrays"
+        ) from None
+    samples, rate = soundfile.read(io.BytesIO(data[f"{name}_ogg"].tobytes()), dtype="int16")
+    if rate != SAMPLE_RATE or samples.ndim != 1:
+        raise SystemExit(f"{path}: `{name}_ogg` decodes to {rate} Hz {samples.shape}; expected 16 kHz mono")
+    return np.asarray(samples)
 
 
 def _checked_audio(path: Path, name: str, audio: np.ndarray, offsets: np.ndarray) -> np.ndarray:

@@ -102,6 +102,21 @@ def test_pack_errors_name_the_problem(train_dpcrn: ModuleType, tmp_path: Path) -
         train_dpcrn.load_pack(bad, torch.device("cpu"))
 
 
+def test_pack_arrays_may_be_stored_as_ogg_vorbis(train_dpcrn: ModuleType, tmp_path: Path) -> None:
+    import io
+
+    import soundfile
+
+    arrays = dict(np.load(write_tiny_pack(tmp_path / "tiny.npz")))
+    buffer = io.BytesIO()
+    soundfile.write(buffer, arrays.pop("speech"), 16000, format="OGG", subtype="VORBIS")
+    arrays["speech_ogg"] = np.frombuffer(buffer.getvalue(), dtype=np.uint8)
+    np.savez(tmp_path / "ogg.npz", **arrays)  # type: ignore[arg-type]
+    pack = train_dpcrn.load_pack(tmp_path / "ogg.npz", torch.device("cpu"))
+    assert pack.speech.dtype == torch.int16 and pack.speech.numel() == arrays["speech_offsets"][-1]
+    assert torch.equal(pack.noise, torch.from_numpy(arrays["noise"]))
+
+
 def test_training_steps_reduce_the_loss_on_a_fixed_batch(train_dpcrn: ModuleType, tmp_path: Path) -> None:
     torch.manual_seed(0)
     opts = train_dpcrn.TrainOptions(crop_seconds=0.25, batch=2, device="cpu")
