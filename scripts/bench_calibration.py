@@ -169,9 +169,11 @@ def run_benchmark(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         stats, _, _ = collect_statistics(model_path, feeds, True, RangeOptions(progress=False))
         print(f"histogram collection (2 passes, {len(stats)} tensors): {time.perf_counter() - start:.1f} s")
-        usable = [name for name, item in stats.items() if item.histogram is not None and item.histogram.amax > 0]
-        picked = [usable[int(i)] for i in np.linspace(0, len(usable) - 1, min(args.max_tensors, len(usable)))]
-        ours_hist = {name: stats[name].histogram for name in picked}
+        usable = {name: item.histogram for name, item in stats.items()
+                  if item.histogram is not None and item.histogram.amax > 0}
+        names = list(usable)
+        picked = [names[int(i)] for i in np.linspace(0, len(names) - 1, min(args.max_tensors, len(names)))]
+        ours_hist = {name: usable[name] for name in picked}
         ort_hist = ort_histograms(model_path, feeds, picked)
 
     ours, ours_s = timed(lambda name: hist.entropy_amax(ours_hist[name]), picked)

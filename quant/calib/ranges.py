@@ -4,6 +4,7 @@ Phases (as ONNX Runtime's calibrators: augment -> collect -> compute, but stream
 1. augment: a copy of the model exposes every float activation (graph inputs and main-graph node outputs, never
    initializers or Constant outputs) as a graph output; types come from ONNX shape inference, then ONNX Runtime's
    symbolic shape inference when some are still unknown; tensors whose type stays unknown are skipped (listed).
+   Tensors inside control-flow subgraphs (If/Loop/Scan bodies) are not exposed: TensorRT names none of them either.
 2. collect: pass 1 keeps running min/max per tensor (non-finite values counted and ignored); for entropy and
    percentile, pass 2 re-runs the feeds and counts |x| into 2048 bins over the fixed [0, amax] of pass 1, the way
    TensorRT calibrates. Nothing but these statistics is kept between batches, so memory is one batch's activations.
