@@ -98,6 +98,13 @@ def test_ort_matches_pytorch_on_real_speech_with_a_new_batch_size(exported: Path
         ref_best, ref_score = WenetDecoder(model)(*[torch.from_numpy(feeds[k]) for k in feeds])
     assert np.allclose(score, ref_score.numpy(), atol=1e-3, rtol=1e-3)
     assert best.tolist() == ref_best.tolist()
+    # WeNet pads with ignore_id (-1) instead of eos: same scores
+    padded = feeds["hyps_pad_sos_eos"].copy()
+    steps = np.arange(padded.shape[2])[None, None, :]
+    padded[steps > feeds["hyps_lens_sos"][:, :, None]] = -1
+    assert (padded == -1).any()
+    _, score_ignore = dec.run(["best_index", "score"], {**feeds, "hyps_pad_sos_eos": padded})
+    assert np.allclose(score_ignore, score, atol=1e-5)
 
 
 def test_opset_13_decomposes_layer_norm(tmp_path: Path) -> None:
