@@ -247,3 +247,10 @@ def test_real_model_builds_three_precisions(name: str, tmp_path: Path):
     meta = json.loads((tmp_path / "int8" / "meta.json").read_text())
     assert meta["integer_kernels"], meta["optimized_op_counts"]
     assert os.path.isfile(tmp_path / "int8" / "model_trt_qdq.onnx")
+
+
+def test_int8_meta_lists_planned_nodes_left_float(model_and_cache: tuple[Path, Path], tmp_path: Path):
+    source, cache = model_and_cache
+    meta = json.loads((build_artifact(source, "int8", cache=cache, out_dir=tmp_path / "q") / "meta.json").read_text())
+    assert meta["ort_int8"]["planned_int8_not_quantized"] == []
+    assert meta["ort_int8"]["static_nodes"] == 2

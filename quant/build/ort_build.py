@@ -72,6 +72,10 @@ def build_int8_ort(
                                              activation_uint8, per_channel, reduce_range=reduce_range)
         kept = () if unwrap_kernel_outputs else spec.nodes_to_quantize
         rewired = unwrap_float_nodes(quantized, spec.protected_nodes, kept)
+    missed = unquantized_nodes(quantized, spec.nodes_to_quantize)
+    if missed:
+        log.warning("%d of %d int8 nodes got no Q/DQ input (unknown tensor type or range?), e.g. %s", len(missed),
+                    len(spec.nodes_to_quantize), missed[:5])
     if spec.dynamic_nodes:
         with tempfile.TemporaryDirectory(dir=target.parent) as work:
             static_path = save_model(quantized, Path(work) / "static.onnx")
@@ -82,7 +86,15 @@ def build_int8_ort(
     return {"activation_type": "uint8" if activation_uint8 else "int8", "weight_type": "int8",
             "per_channel": per_channel, "static_nodes": len(spec.nodes_to_quantize),
             "dynamic_nodes": len(spec.dynamic_nodes), "float_inputs_unwrapped": rewired,
-            "unwrap_kernel_outputs": unwrap_kernel_outputs, "reduce_range": reduce_range}
+            "unwrap_kernel_outputs": unwrap_kernel_outputs, "reduce_range": reduce_range,
+            "planned_int8_not_quantized": missed}
+
+
+def unquantized_nodes(model: onnx.ModelProto, nodes: tuple[str, ...]) -> list[str]:
+    """Planned int8 nodes that read no DequantizeLinear output after quantization."""
+    dequantized = {out for n in model.graph.node if n.op_type == "DequantizeLinear" for out in n.output}
+    by_name = {n.name: n for n in model.graph.node}
+    return [name for name in nodes if name in by_name and not any(t in dequantized for t in by_name[name].input)]
 
 
 def _require_ranges(model: onnx.ModelProto, nodes: tuple[str, ...], ranges: Mapping[str, TensorRange]) -> None:
