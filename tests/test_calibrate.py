@@ -74,6 +74,14 @@ def test_default_output_goes_to_the_store(tmp_path: Path, monkeypatch: pytest.Mo
     assert cc.lookup(cal.default_store(), entry.key).hit
 
 
+def test_batch_major_known_models_run_one_item_at_a_time(tmp_path: Path) -> None:
+    model = tiny_model(tmp_path / "m.onnx")
+    whole = cal.calibrate(model, None, None, "minmax", tmp_path / "a.cache", OPTIONS, feeds=feeds())
+    split = cal.calibrate(model, "wenet-encoder", None, "minmax", tmp_path / "b.cache", OPTIONS, feeds=feeds())
+    assert (whole.info["batches"], split.info["batches"]) == (4, 8)  # 4 feeds of batch 2
+    assert split.cache == whole.cache
+
+
 def test_missing_model_and_missing_manifest_are_user_errors(tmp_path: Path) -> None:
     with pytest.raises(CalibrationError, match="not found"):
         cal.calibrate(tmp_path / "none.onnx", None, None, "minmax", None, OPTIONS, feeds=feeds())

@@ -267,7 +267,8 @@ def write_entry(cache_path: str | Path, key: CacheKey, result: RangeResult, info
         atomic_write_bytes(path, data)
         atomic_write_json(sidecar_path(path), sidecar)
     log.info("wrote %s (%d tensors, %s) and its sidecar", path, len(cache.scale_bits), key.method)
-    return CacheEntry(path, key, cache, dict(result.tensors), created, dict(info or {}))
+    entry_info = dict(info or {}, batches=result.batches, skipped=list(result.skipped))
+    return CacheEntry(path, key, cache, dict(result.tensors), created, entry_info)
 
 
 def read_entry(cache_path: str | Path) -> CacheEntry:
