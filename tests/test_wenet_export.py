@@ -131,3 +131,12 @@ def test_verification_fails_loudly_when_the_graph_differs(exported: Path) -> Non
 def test_unsupported_opset_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="opset 11"):
         export_wenet(tmp_path, opset=11)
+
+
+def test_onnx_runtime_symbolic_shape_inference_handles_both_graphs(exported: Path) -> None:
+    """quant_pre_process (ORT quantization) runs this; the encoder needs auto_merge (REFERENCE section 6)."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    for name in ("encoder.onnx", "decoder.onnx"):
+        inferred = SymbolicShapeInference.infer_shapes(onnx.load(str(exported / name)), auto_merge=True)
+        assert inferred is not None and len(inferred.graph.value_info) > 100

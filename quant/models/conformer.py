@@ -86,6 +86,12 @@ def sinusoid_table(length: int, dim: int) -> Tensor:
     return table.unsqueeze(0)
 
 
+def positions(table: Tensor, length: int) -> Tensor:
+    """The first `length` rows of a (1, N, d) positional table, as a Gather over arange(length): ONNX Runtime's
+    symbolic shape inference (quant_pre_process) cannot bound a Slice whose end is the subsampled length."""
+    return table.index_select(1, torch.arange(length, device=table.device))
+
+
 class GlobalCMVN(nn.Module):
     mean: Tensor
     istd: Tensor
@@ -241,7 +247,7 @@ class ConformerEncoder(nn.Module):
         frames = x.size(1)
         valid = padding_mask(out_lens, frames)  # (B, T')
         att_mask, frame_mask = valid.unsqueeze(1), valid.unsqueeze(1).to(x.dtype)
-        pos_emb = self.dropout(self.pos_table[:, :frames])
+        pos_emb = self.dropout(positions(self.pos_table, frames))
         x = self.dropout(x * self.xscale)
         for block in self.blocks:
             x = block(x, pos_emb, att_mask, frame_mask)
@@ -288,7 +294,7 @@ class TransformerDecoder(nn.Module):
         causal = steps.unsqueeze(0) <= steps.unsqueeze(1)  # (L, L) lower triangle; tril needs opset 14
         tgt_mask = padding_mask(token_lens, length).unsqueeze(1) & causal.unsqueeze(0)
         memory_mask = padding_mask(memory_lens, memory.size(1)).unsqueeze(1)
-        x = self.dropout(self.embed(tokens) * self.xscale + self.pos_table[:, :length])
+        x = self.dropout(self.embed(tokens) * self.xscale + positions(self.pos_table, length))
         for block in self.blocks:
             x = block(x, tgt_mask, memory, memory_mask)
         return self.output_layer(self.after_norm(x))
