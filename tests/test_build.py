@@ -254,3 +254,21 @@ def test_int8_meta_lists_planned_nodes_left_float(model_and_cache: tuple[Path, P
     meta = json.loads((build_artifact(source, "int8", cache=cache, out_dir=tmp_path / "q") / "meta.json").read_text())
     assert meta["ort_int8"]["planned_int8_not_quantized"] == []
     assert meta["ort_int8"]["static_nodes"] == 2
+
+
+def test_fp16_output_also_read_inside_the_graph(tmp_path: Path):
+    """Like WeNet's encoder_out feeding the CTC projection: a graph output that nodes also read."""
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["hidden"], name="mm1"),
+             helper.make_node("MatMul", ["hidden", "w2"], ["logits"], name="mm2")]
+    graph = helper.make_graph(
+        nodes, "shared_output", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [2, 4]),
+         helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 3])],
+        [weights("w1", 4, 4), weights("w2", 4, 3)])
+    path = tmp_path / "shared.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), str(path))
+    out = build_artifact(path, "fp16", out_dir=tmp_path / "fp16")
+    feed = {"x": RNG.standard_normal((2, 4)).astype(np.float32)}
+    got, want = OrtRunner(out / "model.onnx").run(feed), OrtRunner(path).run(feed)
+    assert got["hidden"].dtype == np.float32
+    np.testing.assert_allclose(got["logits"], want["logits"], atol=2e-2)

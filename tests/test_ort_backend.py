@@ -173,3 +173,21 @@ def test_float16_transpose_matmul_loads(tmp_path: Path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             cwd=Path(__file__).parent.parent)
     assert result.returncode == 0, result.stderr[-500:]
+
+
+def test_convert_fp16_retypes_exported_casts(tmp_path: Path):
+    """Cast(int mask -> float) feeding float16 math: the converter retypes the value but not the Cast's `to`."""
+    nodes = [helper.make_node("Cast", ["mask"], ["mask_f"], name="mask_cast", to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["x", "mask_f"], ["masked"], name="apply"),
+             helper.make_node("MatMul", ["masked", "w"], ["y"], name="mm")]
+    path = save(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
+                        helper.make_tensor_value_info("mask", TensorProto.INT64, [2, 4])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], [weights("w", 4, 3)],
+                tmp_path / "mask.onnx")
+    converted = ort_backend.convert_fp16(onnx.shape_inference.infer_shapes(onnx.load(str(path))), [], [])
+    cast = next(n for n in converted.graph.node if n.name == "mask_cast")
+    assert cast.attribute[0].i == TensorProto.FLOAT16
+    out = tmp_path / "fp16.onnx"
+    onnx.save(converted, str(out))
+    feed = {"x": RNG.standard_normal((2, 4)).astype(np.float32), "mask": np.array([[1, 1, 0, 0]] * 2, np.int64)}
+    np.testing.assert_allclose(OrtRunner(out).run(feed)["y"], OrtRunner(path).run(feed)["y"], atol=2e-2)

@@ -227,8 +227,28 @@ def convert_fp16(
         )
     except Exception as error:
         raise BuildError(f"FP16 conversion failed: {error}") from error
+    align_cast_targets(converted)
     restore_output_types(converted, model)
     return converted
+
+
+def align_cast_targets(model: onnx.ModelProto) -> list[str]:
+    """Make each Cast between float types cast to the type the converted graph declares for its output, in place.
+
+    The converter retypes the value_info of an exported Cast(to=float) feeding float16 nodes (e.g. WeNet's padding
+    mask) but leaves its `to` attribute, which ONNX Runtime rejects."""
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    declared = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
+    fixed = []
+    for node in model.graph.node:
+        if node.op_type != "Cast" or node.output[0] not in declared:
+            continue
+        for attribute in node.attribute:
+            wanted = declared[node.output[0]]
+            if attribute.name == "to" and attribute.i in floats and wanted in floats and attribute.i != wanted:
+                attribute.i = wanted
+                fixed.append(node.name)
+    return fixed
 
 
 def restore_output_types(converted: onnx.ModelProto, original: onnx.ModelProto) -> list[str]:

@@ -50,7 +50,7 @@ class BuildOptions:
     activation_uint8: bool = True
     per_channel: bool = True
     unwrap_kernel_outputs: bool = False  # ORT: True gives protected float nodes un-quantized inputs, fewer fusions
-    reduce_range: bool | None = None  # ORT: 7-bit weights; None = when the CPU lacks VNNI
+    reduce_range: bool | None = None  # ORT: 7-bit weights; None = exactly when this CPU lacks VNNI
     method: str = "entropy"  # calibration method when no cache is given
 
     def __post_init__(self) -> None:

@@ -125,3 +125,21 @@ def remove_identities(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.value_info[:]
     graph.value_info.extend(kept_info)
     return result
+
+
+def detach_graph_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy in which every graph output that nodes also read is produced by its own Identity: nodes read
+    `<name>_inner`. The FP16 converter keeps graph outputs float32 (keep_io_types) and would otherwise hand that
+    float32 tensor to float16 consumers (WeNet's encoder_out feeding the CTC MatMul)."""
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    graph = result.graph
+    read = {name for node in graph.node for name in node.input}
+    shared = [o.name for o in graph.output if o.name in read]
+    for name in shared:
+        inner = f"{name}_inner"
+        for node in graph.node:
+            node.output[:] = [inner if t == name else t for t in node.output]
+            node.input[:] = [inner if t == name else t for t in node.input]
+        graph.node.append(onnx.helper.make_node("Identity", [inner], [name], name=f"{name}_output"))
+    return result
