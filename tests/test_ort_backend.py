@@ -191,3 +191,15 @@ def test_convert_fp16_retypes_exported_casts(tmp_path: Path):
     onnx.save(converted, str(out))
     feed = {"x": RNG.standard_normal((2, 4)).astype(np.float32), "mask": np.array([[1, 1, 0, 0]] * 2, np.int64)}
     np.testing.assert_allclose(OrtRunner(out).run(feed)["y"], OrtRunner(path).run(feed)["y"], atol=2e-2)
+
+
+def test_untyped_inputs_get_symbolic_types():
+    """A graph whose intermediate value_info is absent: ONNX inference types it, so nothing is untyped; stripping
+    the types shows the detector works and the symbolic pass restores them."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm1"),
+             helper.make_node("MatMul", ["h", "w"], ["y"], name="mm2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 4])], [weights("w", 4, 4)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    assert ort_backend._untyped_inputs(model, ["mm2"]) == ["h"]
+    assert ort_backend._untyped_inputs(ort_backend._symbolic_types(model), ["mm2"]) == []

@@ -174,7 +174,10 @@ def quantize_qdq(
     from onnxruntime.quantization.quant_utils import save_and_reload_model_with_shape_infer, update_opset_version
 
     activation_type = QuantType.QUInt8 if activation_uint8 else QuantType.QInt8
-    model = update_opset_version(save_and_reload_model_with_shape_infer(model), QuantType.QInt8, activation_type)
+    typed = save_and_reload_model_with_shape_infer(model)
+    if _untyped_inputs(typed, nodes_to_quantize):
+        typed = _symbolic_types(typed)
+    model = update_opset_version(typed, QuantType.QInt8, activation_type)
     ranges = TensorsData(CalibrationMethod.MinMax, {
         name: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for name, (lo, hi) in tensors_range.items()
     })
@@ -187,6 +190,28 @@ def quantize_qdq(
         raise BuildError(f"ONNX Runtime Q/DQ quantization failed: {error}") from error
     result: onnx.ModelProto = quantizer.model.model
     return result
+
+
+def _untyped_inputs(model: onnx.ModelProto, nodes: Sequence[str]) -> list[str]:
+    """Inputs of `nodes` whose element type shape inference left unknown (ORT's quantizer skips those)."""
+    typed = {v.name for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
+             if v.type.tensor_type.elem_type}
+    typed |= {i.name for i in model.graph.initializer}
+    wanted = set(nodes)
+    return [t for n in model.graph.node if n.name in wanted for t in n.input if t and t not in typed]
+
+
+def _symbolic_types(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX Runtime's symbolic shape inference with auto_merge, in memory (no temp files), as quant_pre_process
+    does for transformer graphs whose dynamic shapes plain ONNX inference cannot follow."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        inferred: onnx.ModelProto = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception as error:
+        log.warning("symbolic shape inference failed (%s); tensors without a type stay unquantized", error)
+        return model
+    return inferred
 
 
 def cpu_has_vnni() -> bool:
