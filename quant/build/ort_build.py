@@ -22,6 +22,7 @@ from quant.precision import PrecisionPlan, fp16_block_lists, ort_quant_spec, qdq
 
 log = logging.getLogger(__name__)
 
+
 def save_model(model: onnx.ModelProto, path: Path) -> Path:
     """Atomic save of a model that fits in one protobuf (< 2 GB: all of ours)."""
     return atomic_write_bytes(path, model.SerializeToString())
@@ -42,10 +43,11 @@ def build_fp16(model: onnx.ModelProto, plan: PrecisionPlan, target: Path) -> dic
     op_blocks, node_blocks = fp16_block_lists(plan)
     named = detach_graph_outputs(remove_identities(ensure_node_names(model)))
     converted = ort_backend.convert_fp16(named, op_blocks, node_blocks)
-    save_model(converted, target)
-    changed = [o.name for o, c in zip(named.graph.output, converted.graph.output) if o.type != c.type]
+    changed = [o.name for o, c in zip(named.graph.output, converted.graph.output)
+               if o.type.tensor_type.elem_type != c.type.tensor_type.elem_type]
     if changed:
-        raise BuildError(f"FP16 conversion changed the type of outputs {changed}")
+        raise BuildError(f"FP16 conversion changed the element type of outputs {changed}")
+    save_model(converted, target)
     return {"op_block_list": op_blocks, "nodes_kept_fp32": len(node_blocks)}
 
 
