@@ -155,9 +155,11 @@ class Steps:
 
     def calibrate(self, graph: str, onnx_path: Path) -> Path:
         """Entropy calibration cache of one graph (quant.calib reuses a cache whose key matches)."""
-        from quant.calib.calibrate import calibrate
+        from quant.calib.calibrate import CalibrateOptions, calibrate
+        from quant.calib.ranges import RangeOptions
 
-        entry = calibrate(onnx_path, model_kind=graph, method="entropy")
+        ranges = RangeOptions(progress=self.options.progress, threads=self.options.eval_threads)
+        entry = calibrate(onnx_path, model_kind=graph, method="entropy", options=CalibrateOptions(ranges=ranges))
         return Path(entry.path)
 
     def build(self, graph: str, precision: str, backend: str, source: Path, cache: Path | None) -> Path:
@@ -313,6 +315,15 @@ def _progress(items: Sequence[Any], label: str, enabled: bool) -> Iterable[Any]:
     return tqdm(items, desc=label, unit="utt", leave=False)
 
 
+def eval_threads(spec: RowSpec, options: RunOptions) -> int:
+    """Threads for accuracy runs: one for PyTorch eager and for per-frame streaming (a second intra-op thread only
+    adds synchronisation to tiny ops and, on a busy machine, made eager streaming ten times slower); else
+    options.eval_threads."""
+    if spec.backend == "torch" or spec.model == "dpcrn-stream":
+        return 1
+    return options.eval_threads
+
+
 def evaluate_task(spec: RowSpec, data: TestData, options: RunOptions) -> dict[str, Any]:
     """Task metrics of one row on its test set."""
     if spec.model == "wenet":
@@ -323,7 +334,7 @@ def evaluate_task(spec: RowSpec, data: TestData, options: RunOptions) -> dict[st
 def _evaluate_asr(spec: RowSpec, data: TestData, options: RunOptions) -> dict[str, Any]:
     from quant.eval.asr import evaluate_asr
 
-    threads = options.eval_threads
+    threads = eval_threads(spec, options)
     samples = list(_progress(data.asr_samples, spec.label, options.progress))
     return evaluate_asr(spec.open("encoder", threads), spec.open("decoder", threads), samples).to_dict()
 
@@ -331,7 +342,7 @@ def _evaluate_asr(spec: RowSpec, data: TestData, options: RunOptions) -> dict[st
 def _evaluate_se(spec: RowSpec, data: TestData, options: RunOptions) -> dict[str, Any]:
     from quant.eval import se
 
-    runner = spec.open(stem(GRAPHS[spec.model][0]), options.eval_threads)
+    runner = spec.open(stem(GRAPHS[spec.model][0]), eval_threads(spec, options))
 
     def enhance(audio: np.ndarray) -> np.ndarray:
         if spec.model == "dpcrn":

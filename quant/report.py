@@ -167,8 +167,13 @@ def _ratio_goal(name: str, value: float | None, limit: float) -> Goal:
     return Goal(name, value, f"<= {limit:g}x", None if value is None else value <= limit)
 
 
-def _delta_goal(name: str, value: float | None, limit: float, unit: str) -> Goal:
-    return Goal(name, value, f"|delta| <= {limit:g}{unit}", None if value is None else abs(value) <= limit + 1e-12)
+def _delta_goal(name: str, value: float | None, limit: float, unit: str, higher_is_better: bool) -> Goal:
+    """A quantized model may lose at most `limit` against FP32 (value = quantized - FP32, signed)."""
+    if higher_is_better:
+        target, met = f"drop <= {limit:g}{unit}", None if value is None else value >= -limit - 1e-12
+    else:
+        target, met = f"rise <= {limit:g}{unit}", None if value is None else value <= limit + 1e-12
+    return Goal(name, value, target, met)
 
 
 def goals(results: Mapping[str, Any]) -> list[Goal]:
@@ -200,7 +205,7 @@ def _accuracy_goals(rows: Sequence[Row]) -> list[Goal]:
     limits = {("dpcrn", "int8"): 0.05, ("dpcrn", "fp16"): 0.01, ("dpcrn-stream", "int8"): 0.05,
               ("dpcrn-stream", "fp16"): 0.01, ("wenet", "int8"): 0.3, ("wenet", "fp16"): 0.05}
     for (model, precision), limit in limits.items():
-        _, metric, _, label = MODELS[model]
+        _, metric, higher, label = MODELS[model]
         for backend in ("ort", "trt"):
             ref, row = find_row(rows, model, backend, "fp32"), find_row(rows, model, backend, precision)
             if backend == "trt" and row is None:
@@ -210,7 +215,7 @@ def _accuracy_goals(rows: Sequence[Row]) -> list[Goal]:
                 delta = float(task_value(row, metric)) - float(task_value(ref, metric))  # type: ignore[arg-type]
                 delta = delta * 100 if metric == "cer" else delta
             unit = " CER points" if metric == "cer" else ""
-            out.append(_delta_goal(f"{model} {backend.upper()} {precision} {label} vs FP32", delta, limit, unit))
+            out.append(_delta_goal(f"{model} {backend.upper()} {precision} {label} vs FP32", delta, limit, unit, higher))
     return out
 
 

@@ -77,6 +77,16 @@ def test_goals_are_derived_from_rows(results: dict) -> None:
     assert cer.measured == pytest.approx(0.2) and cer.met is True
 
 
+def test_accuracy_goals_are_one_sided(results: dict) -> None:
+    worse = se_row("ort", "int8", 2.90, 100.0)  # drops 0.10 PESQ-WB: fails the 0.05 budget
+    better = asr_row("int8", 0.01, {1: 12.0, 8: 40.0})  # 4 CER points better than FP32: no loss, met
+    rows = [r for r in results["rows"] if r.get("precision") != "int8"] + [worse, better]
+    by_name = {g.name: g for g in report.goals({"rows": rows})}
+    assert by_name["dpcrn ORT int8 PESQ-WB vs FP32"].met is False
+    assert by_name["wenet ORT int8 CER vs FP32"].measured == pytest.approx(-4.0)
+    assert by_name["wenet ORT int8 CER vs FP32"].met is True
+
+
 def test_write_results_renders_consistent_outputs(results: dict, tmp_path: Path) -> None:
     paths = report.write_results(results, tmp_path)
     stored = json.loads(paths["json"].read_text())
