@@ -48,6 +48,7 @@ class RunOptions:
     eager: bool = True  # PyTorch eager rows alongside
     se_utterances: int | None = None  # None: the whole se_test set
     asr_utterances: int | None = None  # None: the whole asr_test set
+    calib_utterances: int | None = None  # None: the whole calibration set (part of the calibration cache key)
     bench: BenchOptions = field(default_factory=BenchOptions)
     eval_threads: int = 2  # accuracy runs (speed uses bench.threads)
     out_dir: Path | None = None  # default engines_dir()
@@ -60,7 +61,8 @@ class RunOptions:
     @classmethod
     def quick(cls, **overrides: Any) -> RunOptions:
         """CI smoke settings: a few utterances and short timing loops (numbers not for reporting)."""
-        base = cls(se_utterances=3, asr_utterances=6, bench=BenchOptions.quick(), command="quant run --quick")
+        base = cls(se_utterances=3, asr_utterances=6, calib_utterances=8, bench=BenchOptions.quick(),
+                   command="quant run --quick")
         return replace(base, **overrides)
 
 
@@ -157,9 +159,12 @@ class Steps:
         """Entropy calibration cache of one graph (quant.calib reuses a cache whose key matches)."""
         from quant.calib.calibrate import CalibrateOptions, calibrate
         from quant.calib.ranges import RangeOptions
+        from quant.calib.readers import ReaderOptions
 
         ranges = RangeOptions(progress=self.options.progress, threads=self.options.eval_threads)
-        entry = calibrate(onnx_path, model_kind=graph, method="entropy", options=CalibrateOptions(ranges=ranges))
+        reader = ReaderOptions(limit=self.options.calib_utterances)
+        entry = calibrate(onnx_path, model_kind=graph, method="entropy",
+                          options=CalibrateOptions(ranges=ranges, reader=reader))
         return Path(entry.path)
 
     def build(self, graph: str, precision: str, backend: str, source: Path, cache: Path | None) -> Path:
@@ -637,6 +642,7 @@ def run_all(options: RunOptions = RunOptions()) -> RunResult:
         "environment": environment(), "backends": list(backends), "wall_seconds": time.perf_counter() - started,
         "options": _jsonable({"models": options.models, "precisions": options.precisions,
                               "se_utterances": options.se_utterances, "asr_utterances": options.asr_utterances,
+                              "calib_utterances": options.calib_utterances,
                               "bench": asdict(options.bench), "eval_threads": options.eval_threads}),
         "rows": rows,
     }

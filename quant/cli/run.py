@@ -39,6 +39,8 @@ def register(subparsers: Any) -> None:
     add_selection(parser)
     parser.add_argument("--se-utterances", type=int, help="first N utterances of se_test (default all)")
     parser.add_argument("--asr-utterances", type=int, help="first N utterances of asr_test (default all)")
+    parser.add_argument("--calib-utterances", type=int, help="first N utterances of each calibration set "
+                        "(default all; --quick 8)")
     parser.set_defaults(handler=run)
 
 
@@ -69,7 +71,7 @@ def options_from(args: argparse.Namespace, command: str) -> Any:
         changes["precisions"] = args.precisions
     if args.output:
         changes["out_dir"] = args.output
-    for name in ("se_utterances", "asr_utterances"):
+    for name in ("se_utterances", "asr_utterances", "calib_utterances"):
         if getattr(args, name, None):
             changes[name] = getattr(args, name)
     assert isinstance(bench, BenchOptions)
