@@ -227,7 +227,8 @@ def test_name_regex_rule_and_first_match_wins():
     rules = (Rule(name="keep-first", precision="fp32", name_regex="^mm1$", builds=("int8",)),) + RULES
     got = decisions(softmax_model(), "int8", rules=rules)
     assert got["mm1"] == ("fp32", "keep-first")
-    assert got["mm2"] == ("int8", "int8-compute")
+    assert got["mm2"] == ("fp32", "attention-probs")
+    assert decisions(softmax_model(), "int8")["mm1"] == ("int8", "int8-compute")
 
 
 def test_unnamed_nodes_get_stable_names():
@@ -266,7 +267,8 @@ def test_load_rules_file(tmp_path: Path):
 
 def test_plan_summary_says_why():
     summary = plan(softmax_model(), RULES, "int8").summary()
-    assert summary == {"MatMul": {"int8 (int8-compute)": 2}, "Softmax": {"fp32 (softmax)": 1}}
+    assert summary == {"MatMul": {"fp32 (attention-probs)": 1, "int8 (int8-compute)": 1},
+                       "Softmax": {"fp32 (softmax)": 1}}
 
 
 # ------------------------------------------------------------------------------------------ translations
@@ -378,3 +380,23 @@ def test_fp16_unsupported_ops_are_planned_fp32():
                  [numpy_helper.from_array(np.array([2], np.int64), "k")])
     model.graph.output.append(helper.make_tensor_value_info("indices", TensorProto.INT64, [2, 2]))
     assert decisions(model, "fp16")["topk"] == ("fp32", "fp16-unsupported")
+
+
+def test_attention_probabilities_times_values():
+    nodes = [
+        helper.make_node("MatMul", ["q", "k_t"], ["scores"], name="qk"),
+        helper.make_node("Softmax", ["scores"], ["probs"], name="softmax", axis=-1),
+        helper.make_node("Where", ["mask", "zero", "probs"], ["masked"], name="mask_probs"),
+        helper.make_node("MatMul", ["masked", "v"], ["context"], name="attn_v"),
+        helper.make_node("MatMul", ["context", "w"], ["y"], name="out_proj"),
+    ]
+    graph = helper.make_graph(
+        nodes, "attn",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 4]) for n in ("q", "k_t", "v")]
+        + [helper.make_tensor_value_info("mask", TensorProto.BOOL, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [init("w", 4, 4), scalar("zero", 0.0)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    got = decisions(model, "int8")
+    assert got["attn_v"] == ("fp32", "attention-probs")
+    assert got["qk"] == ("int8", "int8-compute") and got["out_proj"] == ("int8", "int8-compute")

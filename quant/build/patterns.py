@@ -8,6 +8,8 @@
 - depthwise_conv: a grouped Conv with one group per output channel.
 - skip_concat: compute ops reading (through layout ops) a Concat of two or more activations that are not recurrent
   states: a U-Net skip joined to the decoder path, two distributions forced under one INT8 scale.
+- attention_probs: compute ops reading a Softmax output through layout ops and masking (Where/Mul): the
+  attention-probability x V product, whose near-uniform probabilities calibration clips.
 - input_layer: the compute ops (Conv/ConvTranspose/MatMul/Gemm) that read a float graph input (not a recurrent
   state) through layout, padding and arithmetic ops only: the layer that sees the raw feature (an STFT spans far
   more than 8 bits of dynamic range).
@@ -214,6 +216,29 @@ def find_skip_concat(index: GraphIndex, mapping: Mapping[str, str] | None = None
     return found
 
 
+def _reads_softmax(index: GraphIndex, tensor: str) -> bool:
+    through = LAYOUT_OPS | {"Where", "Mul", "Dropout"}
+    queue, seen = [tensor], set()
+    while queue:
+        name = queue.pop()
+        node = index.producers.get(name)
+        if node is None or name in seen:
+            continue
+        seen.add(name)
+        if node.op_type == "Softmax":
+            return True
+        if node.op_type in through:
+            data = node.input[1:] if node.op_type == "Where" else node.input[:1] if node.op_type in LAYOUT_OPS \
+                else node.input
+            queue.extend(t for t in data if t and not index.is_constant(t))
+    return False
+
+
+def find_attention_probs(index: GraphIndex) -> set[str]:
+    return {node.name for node in index.nodes
+            if node.op_type in COMPUTE_OPS and any(_reads_softmax(index, t) for t in index.activation_inputs(node))}
+
+
 PatternFinder = Callable[[GraphIndex, onnx.ModelProto, "Mapping[str, str] | None"], set[str]]
 PATTERNS: dict[str, PatternFinder] = {
     "layernorm": lambda index, model, states: find_layernorm(index),
@@ -223,4 +248,5 @@ PATTERNS: dict[str, PatternFinder] = {
     "depthwise_conv": lambda index, model, states: find_depthwise_conv(index, model),
     "input_layer": find_input_layer,
     "skip_concat": lambda index, model, states: find_skip_concat(index, states),
+    "attention_probs": lambda index, model, states: find_attention_probs(index),
 }
