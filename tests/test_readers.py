@@ -175,6 +175,9 @@ def test_trt_feed_source_regroups_batches():
     assert [x.shape for x in batches[0]] == [(4,), (4, 2)]
     np.testing.assert_array_equal(batches[1][0], [1, 1, 2, 2])
     assert all(x.flags["C_CONTIGUOUS"] for batch in batches for x in batch)
+    as_feeds = list(TrtFeedSource(feeds, ("b", "a"), batch_size=4))
+    assert [list(f) for f in as_feeds] == [["b", "a"], ["b", "a"]]
+    np.testing.assert_array_equal(as_feeds[1]["a"], batches[1][1])
     with pytest.raises(CalibrationError, match="lacks"):
         list(TrtFeedSource(feeds, ("c",), 1).batches())
 

@@ -285,11 +285,16 @@ class OrtCalibrationDataReader:
 class TrtFeedSource:
     """What a TensorRT calibrator needs: a fixed batch size and, per batch, one contiguous array per input in the
     engine's input order. Feeds are regrouped along axis 0 into exactly `batch_size` rows; a remainder is dropped
-    (TensorRT calibrates at one shape). No tensorrt import here."""
+    (TensorRT calibrates at one shape). Iterating yields the same batches as {input: array} feeds, which is what
+    quant.backends.trt's calibrator takes. No tensorrt import here."""
 
     source: Iterable[Feed]
     input_order: tuple[str, ...]
     batch_size: int = 1
+
+    def __iter__(self) -> Iterator[Feed]:
+        for batch in self.batches():
+            yield dict(zip(self.input_order, batch))
 
     def batches(self) -> Iterator[list[np.ndarray]]:
         pending: dict[str, list[np.ndarray]] = {name: [] for name in self.input_order}
