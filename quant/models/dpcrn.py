@@ -182,12 +182,13 @@ class DPCRN(nn.Module):
         self._init_mask_head()
 
     def _init_mask_head(self, scale: float = 0.1) -> None:
-        """Start the mask head small, so an untrained model's mask is O(1) like a trained one's, not O(10)."""
+        """Start near the identity mask (1 + 0j, small random weights): an untrained model passes its input through
+        with a little change, its output has the input's magnitude, and training starts from the noisy signal."""
         head = self.decoder_blocks()[-1].deconv
         with torch.no_grad():
             head.weight.mul_(scale)
             if head.bias is not None:
-                head.bias.zero_()
+                head.bias.copy_(torch.tensor([1.0, 0.0]))
 
     @staticmethod
     def _decoder_blocks(config: DPCRNConfig) -> list[CausalDeconvBlock]:
