@@ -7,9 +7,10 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -185,7 +186,8 @@ def quantize_qdq(
     quantizer = QDQQuantizer(model, per_channel, reduce_range, QuantType.QInt8, activation_type, ranges,
                              list(nodes_to_quantize), [], list(op_types), options)
     try:
-        quantizer.quantize_model()
+        with _quiet_ort_advice():
+            quantizer.quantize_model()
     except Exception as error:
         raise BuildError(f"ONNX Runtime Q/DQ quantization failed: {error}") from error
     result: onnx.ModelProto = quantizer.model.model
@@ -224,6 +226,33 @@ def cpu_has_vnni() -> bool:
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
+class _QuietOrtAdvice(logging.Filter):
+    """ORT's quantizer logs advice on the root logger that does not apply here: we run shape inference ourselves,
+    and the dynamic pass runs on a model that already holds our static Q/DQ on purpose."""
+
+    ADVICE = ("Please consider to run pre-processing", "Please consider pre-processing",
+              "Please check if the model is already quantized")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.ADVICE)
+
+
+@contextmanager
+def _quiet_ort_advice() -> Iterator[None]:
+    quiet = _QuietOrtAdvice()
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    root.addFilter(quiet)
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+        for handler in handlers:
+            handler.removeFilter(quiet)
+
+
 def quantize_dynamic_nodes(
     model_path: Path, output_path: Path, nodes: Sequence[str], op_types: Sequence[str]
 ) -> None:
@@ -231,8 +260,9 @@ def quantize_dynamic_nodes(
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     try:
-        quantize_dynamic(model_path, output_path, op_types_to_quantize=list(op_types), nodes_to_quantize=list(nodes),
-                         weight_type=QuantType.QInt8, per_channel=False)
+        with _quiet_ort_advice():
+            quantize_dynamic(model_path, output_path, op_types_to_quantize=list(op_types),
+                             nodes_to_quantize=list(nodes), weight_type=QuantType.QInt8, per_channel=False)
     except Exception as error:
         raise BuildError(f"{model_path}: dynamic quantization of {list(nodes)} failed: {error}") from error
 
