@@ -389,14 +389,11 @@ def comparison_feeds(model: str, data: TestData, reference: RowSpec) -> dict[str
 
 def decoder_feeds(encoder: Runner, enc_feeds: Mapping[str, np.ndarray], beam: int = 10) -> dict[str, np.ndarray]:
     """Rescoring-decoder feeds from an encoder pass and CTC prefix beam search (what the ASR runner feeds)."""
-    from quant.decoding import ctc_prefix_beam_search, hyps_to_decoder_inputs
+    from quant.eval.asr import prefix_beam_search, rescoring_feeds
     from quant.models.tokenizer import CharTokenizer
 
-    out = encoder.run(dict(enc_feeds))
-    lengths = out["encoder_out_lens"].reshape(-1)
-    nbests = [ctc_prefix_beam_search(out["ctc_log_probs"][i], int(lengths[i]), beam) for i in range(len(lengths))]
-    inputs = hyps_to_decoder_inputs(nbests, CharTokenizer().sos_eos, beam)
-    return {"encoder_out": out["encoder_out"], "encoder_out_lens": lengths.astype(np.int32), **inputs.feeds()}
+    enc = encoder.run(dict(enc_feeds))
+    return rescoring_feeds(enc, prefix_beam_search(enc, beam), CharTokenizer().sos_eos, beam)
 
 
 def run_all_feeds(runner: Runner, feeds: FeedList) -> dict[str, np.ndarray]:

@@ -60,6 +60,28 @@ def _select(runner: Runner, feeds: Mapping[str, np.ndarray], graph: str) -> dict
     return {name: feeds[name] for name in runner.input_names}
 
 
+def prefix_beam_search(enc: Mapping[str, np.ndarray], beam: int = BEAM) -> list[list[tuple[tuple[int, ...], float]]]:
+    """CTC prefix beam search (n-best of `beam`) of every utterance of an encoder output batch."""
+    from quant.decoding import ctc_prefix_beam_search
+
+    log_probs = _require(enc, "ctc_log_probs", "encoder")
+    lengths = _require(enc, "encoder_out_lens", "encoder").reshape(-1)
+    return [ctc_prefix_beam_search(log_probs[i], int(lengths[i]), beam=beam) for i in range(lengths.size)]
+
+
+def rescoring_feeds(
+    enc: Mapping[str, np.ndarray], nbests: Sequence[Sequence[tuple[tuple[int, ...], float]]], sos_eos: int,
+    beam: int = BEAM,
+) -> dict[str, np.ndarray]:
+    """The rescoring decoder's feeds: encoder_out, encoder_out_lens and the padded n-best (WeNet layout)."""
+    from quant.decoding import hyps_to_decoder_inputs
+
+    lengths = _require(enc, "encoder_out_lens", "encoder").reshape(-1).astype(np.int32)
+    feeds = {"encoder_out": _require(enc, "encoder_out", "encoder"), "encoder_out_lens": lengths}
+    feeds.update(hyps_to_decoder_inputs(nbests, sos_eos, beam).feeds())
+    return feeds
+
+
 def transcribe_batch(
     encoder: Runner,
     decoder: Runner | None,
@@ -68,19 +90,17 @@ def transcribe_batch(
     beam: int = BEAM,
 ) -> list[Transcript]:
     """Transcribe one batch of utterances; decoder=None skips attention rescoring (beam-search best is used)."""
-    from quant.decoding import best_hypotheses, ctc_greedy, ctc_prefix_beam_search, hyps_to_decoder_inputs
+    from quant.decoding import best_hypotheses, ctc_greedy
 
     enc = encoder.run(_select(encoder, encoder_feeds(audios), "encoder"))
     log_probs = _require(enc, "ctc_log_probs", "encoder")
     lengths = _require(enc, "encoder_out_lens", "encoder").reshape(-1)
     greedy = [tokenizer.decode(ctc_greedy(log_probs[i], int(lengths[i]))) for i in range(len(audios))]
-    nbests = [ctc_prefix_beam_search(log_probs[i], int(lengths[i]), beam=beam) for i in range(len(audios))]
+    nbests = prefix_beam_search(enc, beam)
     if decoder is None:
         chosen = [list(nbest[0][0]) if nbest else [] for nbest in nbests]
     else:
-        inputs = hyps_to_decoder_inputs(nbests, tokenizer.sos_eos, beam)
-        feeds = {"encoder_out": _require(enc, "encoder_out", "encoder"), "encoder_out_lens": lengths.astype(np.int32)}
-        feeds.update(inputs.feeds())
+        feeds = rescoring_feeds(enc, nbests, tokenizer.sos_eos, beam)
         best = _require(decoder.run(_select(decoder, feeds, "decoder")), "best_index", "decoder")
         chosen = best_hypotheses(nbests, best)
     return [Transcript(g, tokenizer.decode(tokens)) for g, tokens in zip(greedy, chosen)]
