@@ -455,6 +455,8 @@ def measure_speed(spec: RowSpec, loads: Sequence[Any], bench: BenchOptions) -> d
     from quant.eval.speed import measure_graph
 
     threads = thread_counts(spec.backend, bench)
+    if spec.backend == "torch":
+        bench = replace(bench, runs=bench.secondary_runs)
     out = {}
     for load in loads:
         logger.info("%s: timing %s (%s; threads %s)", spec.label, load.graph, load.unit, list(threads))

@@ -239,7 +239,7 @@ def task_kind(model: str) -> str:
 def _model_table(model: str, rows: Sequence[Row], all_rows: Sequence[Row]) -> list[str]:
     columns = TASK_COLUMNS[task_kind(model)]
     graph = MODELS.get(model, (model,))[0]
-    header = ["backend", "precision", *[c[1] for c in columns], "p50 ms", "p90 ms", "p99 ms", "mean ms",
+    header = ["backend", "precision", *[c[1] for c in columns], "runs", "p50 ms", "p90 ms", "p99 ms", "mean ms",
               "mean ms (2 thr)", "RTF", "vs FP32 ORT", "vs eager", "min SNR vs FP32 dB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     fp32 = find_row(all_rows, model, "ort", "fp32")
@@ -251,6 +251,7 @@ def _model_table(model: str, rows: Sequence[Row], all_rows: Sequence[Row]) -> li
             continue
         mean = primary_latency(row)
         cells = [row["backend"], row["precision"], *[_fmt(task_value(row, key), fmt) for key, _, fmt in columns],
+                 _fmt(primary_latency(row, "runs"), ".0f"),
                  *[_fmt(primary_latency(row, s), ".3f") for s in ("p50_ms", "p90_ms", "p99_ms", "mean_ms")],
                  _fmt(graph_latency(row, graph, "2"), ".3f"), _fmt(row.get("rtf"), ".4f"),
                  _fmt(ratio(mean, primary_latency(fp32) if fp32 else None), "x"),

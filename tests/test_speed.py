@@ -82,14 +82,16 @@ def test_measure_graph_covers_threads_and_batches() -> None:
         graph="encoder", unit="2 s utterance", audio_seconds=2.0, feeds={"x": np.zeros((1, 3), np.float32)},
         sweep_batches=True,
     )
-    options = speed.BenchOptions(runs=4, warmup=2, throughput_runs=3, batches=(1, 4), threads=(1, 2))
+    options = speed.BenchOptions(runs=4, secondary_runs=2, warmup=2, throughput_runs=3, batches=(1, 4),
+                                 threads=(1, 2))
     result = speed.measure_graph(workload, lambda t: BatchEcho(t, log), options)
     threads = result["threads"]
     assert isinstance(threads, dict) and set(threads) == {"1", "2"}
     assert threads["1"]["latency_ms"]["runs"] == 4
+    assert threads["2"]["latency_ms"]["runs"] == 2  # further thread counts get secondary_runs
     batches = result["batches"]
     assert isinstance(batches, dict) and set(batches) == {"1", "4"}
     assert batches["4"]["audio_seconds"] == 8.0
     # the batch sweep runs with the first thread count only
     assert {t for t, b in log if b == 4} == {1}
-    assert sum(1 for t, b in log if t == 2) == 6
+    assert sum(1 for t, b in log if t == 2) == 4  # 2 warm-up + 2 timed
