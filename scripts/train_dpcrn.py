@@ -76,6 +76,7 @@ class TrainOptions:
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     amp: bool = False  # bf16 autocast on CUDA
+    init: Path | None = None  # continue from this checkpoint's weights (fresh optimizer and schedule)
 
 
 SMOKE = dict(epochs=2, steps_per_epoch=2, batch=2, crop_seconds=0.5, val_items=4, device="cpu")
@@ -337,6 +338,9 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     val_generator = torch.Generator(device=device).manual_seed(opts.seed + 1)
     val = Batch(*mixtures(pack.val_speech, pack.val_noise, opts.val_items, opts, val_generator))
     model = DPCRN().to(device)
+    if opts.init is not None:
+        model.load_state_dict(torch.load(opts.init, map_location=device, weights_only=False)["state_dict"])
+        log.info("initialized from %s", opts.init)
     trainer = Trainer(model, opts)
     summary = _summary_head(opts, pack, model)
     best: dict[str, Any] | None = None
@@ -437,6 +441,7 @@ def parse_options(argv: list[str] | None = None) -> TrainOptions:
     defaults = TrainOptions()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pack", type=Path, default=defaults.pack)
+    parser.add_argument("--init", type=Path, default=None, help="start from this checkpoint's weights")
     parser.add_argument("--out", type=Path, default=defaults.out, help="checkpoint (default quant/assets/dpcrn.pt)")
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--minutes", type=float, default=defaults.minutes, help="wall-clock budget (0: none)")
@@ -454,7 +459,7 @@ def parse_options(argv: list[str] | None = None) -> TrainOptions:
     opts = TrainOptions(
         pack=args.pack, out=args.out, epochs=args.epochs, minutes=args.minutes, steps_per_epoch=args.steps_per_epoch,
         batch=args.batch, crop_seconds=args.crop_seconds, lr=args.lr, sisnr_weight=args.sisnr_weight,
-        val_items=args.val_items, seed=args.seed, amp=args.amp,
+        val_items=args.val_items, seed=args.seed, amp=args.amp, init=args.init,
     )
     if args.smoke:
         opts = replace(opts, **SMOKE)  # type: ignore[arg-type]
