@@ -32,7 +32,7 @@ def frames_for(samples: int) -> int:
     return samples // HOP + 1
 
 
-def _window(device: torch.device) -> torch.Tensor:
+def _window(device: torch.device | str) -> torch.Tensor:
     return torch.hann_window(N_FFT, periodic=True, device=device).sqrt()
 
 
@@ -43,7 +43,7 @@ def stft(audio: torch.Tensor) -> torch.Tensor: ...
 def stft(audio: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     """(samples,) or (B, samples) -> (257, T, 2) or (B, 257, T, 2), float32, same library as the input."""
     as_numpy = isinstance(audio, np.ndarray)
-    wave = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)) if as_numpy else audio
+    wave = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)) if isinstance(audio, np.ndarray) else audio
     spec = torch.stft(
         wave, N_FFT, HOP, N_FFT, window=_window(wave.device), center=True, pad_mode="constant", return_complex=True
     )
@@ -58,7 +58,7 @@ def istft(spec: torch.Tensor, length: int) -> torch.Tensor: ...
 def istft(spec: np.ndarray | torch.Tensor, length: int) -> np.ndarray | torch.Tensor:
     """Inverse of stft: (..., 257, T, 2) -> (..., length) samples."""
     as_numpy = isinstance(spec, np.ndarray)
-    tensor = torch.from_numpy(np.ascontiguousarray(spec, dtype=np.float32)) if as_numpy else spec
+    tensor = torch.from_numpy(np.ascontiguousarray(spec, dtype=np.float32)) if isinstance(spec, np.ndarray) else spec
     complex_spec = torch.view_as_complex(tensor.contiguous())
     wave = torch.istft(complex_spec, N_FFT, HOP, N_FFT, window=_window(tensor.device), center=True, length=length)
     return wave.numpy() if as_numpy else wave
