@@ -40,7 +40,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--se-utterances", type=int, help="first N utterances of se_test (default all)")
     parser.add_argument("--asr-utterances", type=int, help="first N utterances of asr_test (default all)")
     parser.add_argument("--calib-utterances", type=int, help="first N utterances of each calibration set "
-                        "(default all; --quick 8)")
+                        "(default 32; --quick 8)")
     parser.set_defaults(handler=run)
 
 
