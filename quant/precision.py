@@ -284,5 +284,9 @@ def _float_tensors(model: onnx.ModelProto) -> set[str]:
 
 def trt_layer_precisions(plan_: PrecisionPlan) -> list[tuple[str, str]]:
     """(ONNX node name, precision) for TensorRT <= 10 layer.precision; the TRT backend maps names to layers.
-    int8-dynamic has no TensorRT meaning and is reported as fp32."""
-    return [(d.node, "fp32" if d.precision == "int8-dynamic" else d.precision) for d in plan_.decisions]
+
+    Only decisions a rule made are listed: a node no rule matched carries the build's default, which means "let
+    TensorRT choose" (pinning it would force hundreds of layers to FP32 under OBEY_PRECISION_CONSTRAINTS and undo the
+    INT8/FP16 build). int8-dynamic has no TensorRT meaning and is reported as fp32."""
+    return [(d.node, "fp32" if d.precision == "int8-dynamic" else d.precision)
+            for d in plan_.decisions if d.rule != DEFAULT_REASON]

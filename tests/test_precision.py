@@ -312,6 +312,19 @@ def test_trt_layer_precisions():
     assert layers == {"lstm": "fp32"}
 
 
+def test_trt_layer_precisions_leave_unruled_nodes_to_tensorrt():
+    """Only rule decisions are pinned: the Relu (no rule, default fp32 in an INT8 build; default fp16 in an FP16
+    build) must not be forced to a precision under OBEY_PRECISION_CONSTRAINTS."""
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"], name="mm1"),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Softmax", ["r"], ["y"], name="sm", axis=-1)]
+    model = make(nodes, [("x", [2, 4])], [("y", [2, 4])], [init("w1", 4, 4)])
+    int8_plan = plan(model, RULES, "int8", "trt")
+    assert int8_plan.decision("relu").precision == "fp32"  # the default, not a rule
+    assert dict(trt_layer_precisions(int8_plan)) == {"mm1": "int8", "sm": "fp32"}
+    assert dict(trt_layer_precisions(plan(model, RULES, "fp16", "trt"))) == {"sm": "fp32"}
+
+
 def test_input_layer_reads_the_raw_feature_but_not_states():
     nodes = [
         helper.make_node("Pad", ["x", "pads"], ["padded"], name="pad"),
