@@ -161,12 +161,12 @@ class Steps:
         """Entropy calibration cache of one graph (quant.calib reuses a cache whose key matches)."""
         from quant.calib.calibrate import CalibrateOptions, calibrate
         from quant.calib.ranges import RangeOptions
-        from quant.calib.readers import ReaderOptions
+        from quant.calib.readers import default_manifest
 
         ranges = RangeOptions(progress=self.options.progress, threads=self.options.eval_threads)
-        reader = ReaderOptions(limit=self.options.calib_utterances)
-        entry = calibrate(onnx_path, model_kind=graph, method="entropy",
-                          options=CalibrateOptions(ranges=ranges, reader=reader))
+        manifest = spread_subset(default_manifest(graph), self.options.calib_utterances, self.root / "calib_subsets")
+        entry = calibrate(onnx_path, model_kind=graph, manifest=manifest, method="entropy",
+                          options=CalibrateOptions(ranges=ranges))
         return Path(entry.path)
 
     def build(self, graph: str, precision: str, backend: str, source: Path, cache: Path | None) -> Path:
@@ -190,6 +190,32 @@ class Steps:
             raise QuantError(f"build of {graph} {precision} ({backend}) wrote no {artifact}")
         write_stamp(self.root, name, key)
         return artifact
+
+
+def spread_subset(manifest: Path, count: int | None, out_dir: Path) -> Path:
+    """A manifest of `count` lines spread evenly over `manifest` (every source and noise of a set ordered by
+    source gets its share, unlike the first N lines); the manifest itself when count is None or covers it all."""
+    import json
+    import os
+
+    lines = [line for line in manifest.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if count is None or count >= len(lines):
+        return manifest
+    target = out_dir / f"{manifest.parent.name}-{count}of{len(lines)}.jsonl"
+    picked = []
+    for index in range(count):
+        row = json.loads(lines[index * len(lines) // count])
+        for key in ("path", "noise"):
+            if row.get(key):
+                source = (manifest.parent / row[key]).resolve()
+                row[key] = os.path.relpath(source, out_dir.resolve())
+        picked.append(json.dumps(row, sort_keys=True))
+    text = "\n".join(picked) + "\n"
+    if not target.is_file() or target.read_text(encoding="utf-8") != text:
+        from quant.fileio import atomic_write_text
+
+        atomic_write_text(target, text)
+    return target
 
 
 # ------------------------------------------------------------------------------------------------ rows

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -158,3 +159,24 @@ def test_unknown_model_is_an_error(tmp_path: Path) -> None:
 
 def test_representative_is_the_median_length() -> None:
     assert pipeline.representative([1.0, 9.0, 4.0, 5.0, 3.0]) == 2
+
+
+def test_spread_subset_covers_the_whole_manifest(tmp_path: Path) -> None:
+    from quant.data.manifest import read_manifest
+
+    src = tmp_path / "set"
+    src.mkdir()
+    audio = DATA / "librivox_0880.flac"
+    lines = [json.dumps({"path": os.path.relpath(audio.resolve(), src), "duration": 3.0, "sha256": "x",
+                         "source": "real" if i < 6 else "synthetic", "license": "pd", "text": f"u{i}"})
+             for i in range(10)]
+    manifest = src / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    subset = pipeline.spread_subset(manifest, 4, tmp_path / "subsets")
+    rows = read_manifest(subset)
+    assert [r.text for r in rows] == ["u0", "u2", "u5", "u7"]
+    assert {r.source for r in rows} == {"real", "synthetic"}
+    assert rows[0].path == audio.resolve()
+    assert pipeline.spread_subset(manifest, None, tmp_path) == manifest
+    assert pipeline.spread_subset(manifest, 10, tmp_path) == manifest
+    assert pipeline.spread_subset(manifest, 4, tmp_path / "subsets") == subset
