@@ -5,6 +5,9 @@
       One .npz readable with numpy alone: `speech` int16 16 kHz clips concatenated with `speech_offsets` int64
       (N+1 boundaries), `noise`/`noise_offsets` likewise, `val_speech`/`val_noise` (+ offsets) from held-out
       speakers and held-out noise recordings, `*_names` (source of each clip) and `meta` (JSON string).
+  python scripts/make_train_pack.py se --budget large --codec vorbis --limit-mb 40 -o .carry/se_pack_v2.npz
+      The 2.1 h pack the shipped DPCRN was trained on, stored as Ogg Vorbis `<key>_ogg` arrays so it fits the GPU
+      machine's 64 MiB carry limit (scripts/train_dpcrn.py decodes it with soundfile).
   python scripts/make_train_pack.py asr -o .carry/asr_pack/
       The .debs for espeak-ng and flite, sentences.txt (train sentences), the real asterisk training prompts
       (16 kHz int16 WAV + manifest.jsonl) and soundfile wheels; run `prepare_data.py asr-synth` on the GPU machine.
@@ -137,7 +140,31 @@ def concat(clips: list[tuple[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray,
     return pcm, offsets, np.array([n for n, _ in clips])
 
 
-def build_se(out: Path, debs_dir: Path, pkgs_dir: Path, seed: int, budget: SeBudget, limit_mb: float) -> dict:
+# "large" is the pack the shipped DPCRN was trained on (2.1 h of speech): it fits the GPU machine's carry limit only
+# as Ogg Vorbis (--codec vorbis); the raw int16 "default" pack holds 19.5 min.
+SE_BUDGETS = {
+    "default": SeBudget(),
+    "large": SeBudget(fillets_s=4800, tuxpaint_s=2600, gcin_s=240, noise_tuxpaint_s=400, noise_fillets_s=330,
+                      noise_sonic_s=120, val_speech_s=120, val_noise_s=60),
+}
+VORBIS_QUALITY = {"speech": 0.72}  # libsndfile compression level (0 best .. 1 smallest); other parts use 0.6
+VORBIS_BLOCK = 4 * SAMPLE_RATE  # libsndfile's Vorbis encoder crashes on very large single writes
+
+
+def encode_vorbis(pcm: np.ndarray, compression_level: float) -> np.ndarray:
+    """int16 samples -> Ogg Vorbis bytes as a uint8 array (train_dpcrn.py decodes `<key>_ogg` with soundfile)."""
+    import soundfile as sf
+
+    buffer = io.BytesIO()
+    with sf.SoundFile(buffer, "w", SAMPLE_RATE, 1, format="OGG", subtype="VORBIS",
+                      compression_level=compression_level) as handle:
+        for start in range(0, len(pcm), VORBIS_BLOCK):
+            handle.write(pcm[start:start + VORBIS_BLOCK])
+    return np.frombuffer(buffer.getvalue(), dtype=np.uint8)
+
+
+def build_se(out: Path, debs_dir: Path, pkgs_dir: Path, seed: int, budget: SeBudget, limit_mb: float,
+             codec: str = "pcm") -> dict:
     names = sorted(set(prep.SE_TRAIN_SPEECH_PACKAGES + prep.SE_TRAIN_NOISE_PACKAGES))
     prep.fetch_and_unpack(names, debs_dir, pkgs_dir)
     rng = random.Random(seed)
@@ -162,7 +189,7 @@ def build_se(out: Path, debs_dir: Path, pkgs_dir: Path, seed: int, budget: SeBud
     noise += take(prep.sonic_samples(pkgs_dir, prep.SONIC_TRAIN), budget.noise_sonic_s, rng)
     val_noise = take(val_noise_paths, budget.val_noise_s, rng)
     return write_pack(out, {"speech": speech, "noise": noise, "val_speech": val_speech, "val_noise": val_noise},
-                      seed, budget, limit_mb)
+                      seed, budget, limit_mb, codec)
 
 
 PACKAGE_LICENSES = {
@@ -184,17 +211,21 @@ def clip_rows(key: str, clips: list[tuple[str, np.ndarray]], pcm: np.ndarray, of
 
 
 def write_pack(out: Path, parts: dict[str, list[tuple[str, np.ndarray]]], seed: int, budget: SeBudget,
-               limit_mb: float) -> dict:
+               limit_mb: float, codec: str = "pcm") -> dict:
     """The .npz plus a sidecar <out>.jsonl manifest (one row per clip: origin, license, sha256 of its samples)."""
     arrays: dict[str, np.ndarray] = {}
     rows: list[dict] = []
     summary: dict[str, dict] = {}
     for key, clips in parts.items():
         pcm, offsets, names = concat(clips)
-        arrays[key], arrays[f"{key}_offsets"], arrays[f"{key}_names"] = pcm, offsets, names
+        arrays[f"{key}_offsets"], arrays[f"{key}_names"] = offsets, names
+        if codec == "vorbis":
+            arrays[f"{key}_ogg"] = encode_vorbis(pcm, VORBIS_QUALITY.get(key, 0.6))
+        else:
+            arrays[key] = pcm
         rows += clip_rows(key, clips, pcm, offsets)
         summary[key] = {"clips": len(clips), "seconds": round(len(pcm) / SAMPLE_RATE, 1)}
-    meta = {"sample_rate": SAMPLE_RATE, "seed": seed, "budget_s": budget.__dict__, "summary": summary,
+    meta = {"sample_rate": SAMPLE_RATE, "seed": seed, "budget_s": budget.__dict__, "summary": summary, "codec": codec,
             "licenses": "GPL-2+ / GPL-2 / LGPL / CC-BY-3 / CC0 (training only; never committed)",
             "val": f"speech: tuxpaint narrators {list(prep.VAL_TUXPAINT_LANGS)}; noise: 1/8 of tuxpaint+fillets "
                    "noise recordings held out"}
@@ -294,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     se = sub.add_parser("se", help="speech-enhancement training pack (.npz)")
     se.add_argument("-o", "--out", type=Path, default=Path(".carry/se_pack.npz"))
     se.add_argument("--limit-mb", type=float, default=45.0)
+    se.add_argument("--budget", choices=sorted(SE_BUDGETS), default="default", help="seconds taken per source")
+    se.add_argument("--codec", choices=["pcm", "vorbis"], default="pcm",
+                    help="vorbis: store `<key>_ogg` (about 7x smaller; decoding needs soundfile)")
     asr = sub.add_parser("asr", help="ASR synthesis pack (folder)")
     asr.add_argument("-o", "--out", type=Path, default=Path(".carry/asr_pack"))
     asr.add_argument("--limit-mb", type=float, default=55.0)
@@ -307,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         if args.pack == "se":
-            meta = build_se(args.out, args.debs, args.pkgs, args.seed, SeBudget(), args.limit_mb)
+            meta = build_se(args.out, args.debs, args.pkgs, args.seed, SE_BUDGETS[args.budget], args.limit_mb,
+                            args.codec)
         else:
             meta = build_asr(args.out, args.debs, args.pkgs, args.seed, args.limit_mb, args.prompts_format)
     except prep.PackageError as error:
