@@ -191,3 +191,49 @@ def test_reader_for_generic_choices(tmp_path: Path):
     assert isinstance(mapped, StreamingStateReader)
     generic = reader_for("x", path, DATA / "librivox.jsonl", ReaderOptions(feature="stft", input_name="mix"))
     assert isinstance(generic, GenericReader)
+
+
+def test_generic_stft_pads_and_cuts_to_a_fixed_time():
+    audio = short_audio(seconds=0.1)  # 7 frames per clip
+    padded = next(iter(GenericReader(audio, "mix", "stft", batch_size=2, length_name="n", time_steps=10)))
+    assert padded["mix"].shape == (2, 257, 10, 2) and padded["n"].tolist() == [7, 7]
+    assert np.abs(padded["mix"][:, :, :7]).max() > 0 and not padded["mix"][:, :, 7:].any()
+    free = next(iter(GenericReader(audio, "mix", "stft", batch_size=2)))
+    cut = next(iter(GenericReader(audio, "mix", "stft", batch_size=2, length_name="n", time_steps=5)))
+    assert cut["mix"].shape == (2, 257, 5, 2) and cut["n"].tolist() == [5, 5]
+    np.testing.assert_array_equal(cut["mix"], free["mix"][:, :, :5])
+
+
+def fixed_time_model(path: Path, frames: int = features.SEGMENT_FRAMES) -> Path:
+    """A third-party offline SE-like model whose single input has a fixed T (like the offline DPCRN's 563)."""
+    shape = ["B", features.FREQ_BINS, frames, 2]
+    nodes = [helper.make_node("Mul", ["mix", "gain"], ["scaled"]), helper.make_node("Tanh", ["scaled"], ["enh"])]
+    graph = helper.make_graph(nodes, "fixed_t", [helper.make_tensor_value_info("mix", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("enh", TensorProto.FLOAT, shape)],
+                              [numpy_helper.from_array(np.array(0.5, np.float32), "gain")])
+    return save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), path)
+
+
+def test_reader_for_generic_stft_fits_the_models_fixed_time(tmp_path: Path):
+    pytest.importorskip("quant.data.manifest")
+    path = fixed_time_model(tmp_path / "offline_se.onnx")
+    source = reader_for(str(path), path, DATA / "librivox.jsonl", ReaderOptions(feature="stft", limit=2))
+    feed = next(iter(source))  # no input name: the model's only input
+    assert list(feed) == ["mix"] and feed["mix"].shape[2] == features.SEGMENT_FRAMES
+    with pytest.raises(CalibrationError, match="rank"):
+        next(iter(reader_for("x", path, DATA / "librivox.jsonl", ReaderOptions(feature="fbank", limit=1))))
+
+
+def test_calibrate_cli_on_a_fixed_time_stft_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]):
+    pytest.importorskip("quant.data.manifest")
+    from quant.calib.cache import read_entry
+    from quant.cli import main
+
+    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
+    path = fixed_time_model(tmp_path / "offline_se.onnx")
+    code = main(["calibrate", str(path), "--feature", "stft", "--method", "minmax", "--limit", "2",
+                 "--data", str(DATA / "librivox.jsonl"), "-o", str(tmp_path / "se.cache"), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    entry = read_entry(tmp_path / "se.cache")
+    assert entry.ranges["mix"].amax > 0 and entry.ranges["enh"].amax > 0

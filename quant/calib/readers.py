@@ -224,10 +224,16 @@ class DecoderNbestReader:
 # ------------------------------------------------------------------------------------------------ generic
 
 
+TIME_AXIS = {"stft": 2, "fbank": 1, "waveform": 1}  # where T (frames or samples) sits in each feature's layout
+FEATURE_RANK = {"stft": 4, "fbank": 3, "waveform": 2}
+
+
 @dataclass(frozen=True)
 class GenericReader:
     """Feeds for any speech model taking one feature tensor: stft (B,257,T,2), fbank (B,T,80) or waveform
-    (B,samples); utterances in a batch are zero-padded to the longest, and cut to `max_samples` when given."""
+    (B,samples); utterances in a batch are zero-padded to the longest, and cut to `max_samples` when given.
+    `time_steps`: a model input with a fixed T (e.g. the offline DPCRN's 563 frames) gets every feed zero-padded or
+    cut to exactly that many steps; lengths are capped at it."""
 
     audio: AudioSet
     input_name: str
@@ -235,6 +241,7 @@ class GenericReader:
     batch_size: int = 1
     length_name: str | None = None
     max_samples: int | None = None
+    time_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.feature not in FEATURES:
@@ -253,10 +260,23 @@ class GenericReader:
             if self.feature == "stft":
                 values = features.stft(values)
                 lengths = np.array([features.frames_for(int(n)) for n in lengths], dtype=np.int32)
+        if self.time_steps is not None:
+            values = fit_time(values, TIME_AXIS[self.feature], self.time_steps)
+            lengths = np.minimum(lengths, self.time_steps)
         feed = {self.input_name: np.ascontiguousarray(values, dtype=np.float32)}
         if self.length_name:
             feed[self.length_name] = lengths.astype(np.int32)
         return feed
+
+
+def fit_time(values: np.ndarray, axis: int, steps: int) -> np.ndarray:
+    """Zero-pad or cut `values` along `axis` to exactly `steps` (as offline inference pads its fixed segment)."""
+    have = values.shape[axis]
+    if have >= steps:
+        return np.take(values, np.arange(steps), axis=axis)
+    padding = [(0, 0)] * values.ndim
+    padding[axis] = (0, steps - have)
+    return np.pad(values, padding)
 
 
 # ------------------------------------------------------------------------------------------------ adapters
@@ -368,17 +388,46 @@ def reader_for(model: str, onnx_path: str | Path, manifest: str | Path,
 
 
 def _generic_reader(path: Path, manifest: str | Path, opts: ReaderOptions) -> Iterable[Feed]:
-    if opts.feature is not None and opts.input_name is not None:
+    inputs = _input_names(path)
+    if opts.feature is not None:
+        input_name = opts.input_name or _only_input(path, inputs, opts.length_name)
         audio = AudioSet.from_manifest(manifest, False, opts.limit)
-        return GenericReader(audio, opts.input_name, opts.feature, opts.batch_size, opts.length_name)
+        steps = fixed_time_steps(path, input_name, opts.feature)
+        return GenericReader(audio, input_name, opts.feature, opts.batch_size, opts.length_name, time_steps=steps)
     from quant.build.graph import state_pairs
 
-    inputs = _input_names(path)
     outputs = _output_names(path)
     if state_pairs(inputs, outputs, dict(opts.states) if opts.states else None):
         return StreamingStateReader(path, AudioSet.from_manifest(manifest, False, opts.limit), opts.states, opts.every)
     raise CalibrationError(f"{path}: not a known model and not a streaming model; give a feature "
                            f"({', '.join(FEATURES)}) and an input name (inputs: {inputs})")
+
+
+def _only_input(path: Path, inputs: Sequence[str], length_name: str | None) -> str:
+    candidates = [name for name in inputs if name != length_name]
+    if len(candidates) != 1:
+        raise CalibrationError(f"{path}: which input takes the feature? give --input-name (inputs: {list(inputs)})")
+    return candidates[0]
+
+
+def fixed_time_steps(path: Path, input_name: str, feature: str) -> int | None:
+    """The fixed T of `input_name` in `feature`'s layout (None when that dimension is dynamic)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    value = next((v for v in graph.input if v.name == input_name), None)
+    if value is None:
+        raise CalibrationError(f"{path}: no input {input_name!r}; inputs: {list(_input_names(path))}")
+    dims = value.type.tensor_type.shape.dim
+    if not value.type.tensor_type.HasField("shape"):
+        return None
+    if len(dims) != FEATURE_RANK[feature]:
+        raise CalibrationError(f"{path}: input {input_name!r} has rank {len(dims)}, but feature {feature!r} feeds "
+                               f"rank {FEATURE_RANK[feature]} (stft (B,257,T,2), fbank (B,T,80), waveform "
+                               "(B,samples)); choose the feature that matches the model")
+    axis = TIME_AXIS[feature]
+    steps = dims[axis].dim_value if dims[axis].HasField("dim_value") else 0
+    return int(steps) if steps > 0 else None
 
 
 def _input_names(path: Path) -> tuple[str, ...]:
