@@ -259,3 +259,104 @@ def test_real_model_builds_three_precisions(name: str, tmp_path: Path):
         got = OrtRunner(tmp_path / precision / "model.onnx").run(feed)
         output = next(n for n in reference if reference[n].dtype == np.float32)
         assert snr_db(reference[output], got[output]) > floor_db, (precision, output)
+
+
+# ---- ranges: the sidecar's observed min/max; calibration through the keyed store ------------------------------------
+
+
+def test_uint8_activations_get_the_sidecars_observed_min_max(model_and_cache: tuple[Path, Path], tmp_path: Path):
+    """`cat` (Concat of |cache| and a Relu output) is never negative: its uint8 encoding spends no code on negatives
+    (zero point 0, scale max/255), which only the sidecar's min/max can give; c_mid's zero point follows its min."""
+    from quant.build.artifact import load_ranges
+    from quant.calib.cache import read_entry
+
+    source, cache = model_and_cache
+    observed = read_entry(cache).ranges
+    ranges, meta = load_ranges("tiny", source, cache)
+    assert meta["path"] == str(cache)
+    assert ranges["cat"].minimum == observed["cat"].minimum == 0.0
+    assert ranges["c_mid"].ort_range(True) == (observed["c_mid"].minimum, observed["c_mid"].maximum)
+    out = build_artifact(source, "int8", cache=cache, out_dir=tmp_path / "int8")
+    model = onnx.load(str(out / "model.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    quantize = {n.input[0]: n for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    assert int(inits[quantize["cat"].input[2]]) == 0
+    assert float(inits[quantize["cat"].input[1]]) == pytest.approx(observed["cat"].maximum / 255, rel=1e-5)
+    c_mid_scale = float(inits[quantize["c_mid"].input[1]])
+    assert int(inits[quantize["c_mid"].input[2]]) == round(-observed["c_mid"].minimum / c_mid_scale)
+
+
+def _store_calibration(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
+    """The tiny model as the `dpcrn-stream` export, its reader replaced by the tiny feeds; returns the methods that
+    really ran a range collection."""
+    from quant.calib import calibrate as calibrate_module
+    from quant.calib import readers
+
+    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
+    export = tmp_path / "engines" / "export" / "dpcrn-stream"
+    export.mkdir(parents=True)
+    tiny_streaming_model(export / "dpcrn_stream.onnx")
+    data = feeds(4)
+    manifest = Path(__file__).parent / "data" / "librivox.jsonl"
+    monkeypatch.setattr(readers, "default_manifest", lambda model: manifest)
+    monkeypatch.setattr(readers, "reader_for", lambda model, path, manifest, options=None: data)
+    ran: list[str] = []
+    collect = calibrate_module.collect_ranges
+
+    def counting(onnx_path: Path, source: object, method: str, options: object) -> object:
+        ran.append(method)
+        return collect(onnx_path, source, method, options)
+
+    monkeypatch.setattr(calibrate_module, "collect_ranges", counting)
+    return ran
+
+
+def test_int8_without_cache_calibrates_into_the_store_and_reuses_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    pytest.importorskip("quant.data.manifest")
+    from quant.calib.calibrate import default_method
+
+    ran = _store_calibration(monkeypatch, tmp_path)
+    first = build_artifact("dpcrn-stream", "int8", out_dir=tmp_path / "a")
+    second = build_artifact("dpcrn-stream", "int8", out_dir=tmp_path / "b")
+    cache_a = json.loads((first / "meta.json").read_text())["cache"]
+    cache_b = json.loads((second / "meta.json").read_text())["cache"]
+    assert ran == [default_method("dpcrn-stream")]  # the second build reused the stored cache
+    assert Path(cache_a["path"]).parent == tmp_path / "engines" / "cache" and cache_a == cache_b
+    assert cache_a["key"]["method"] == default_method("dpcrn-stream")
+    build_artifact("dpcrn-stream", "int8", out_dir=tmp_path / "c", method="percentile")
+    assert ran[-1] == "percentile" and len(list((tmp_path / "engines" / "cache").glob("*.cache"))) == 2
+
+
+# ---- TensorRT hand-off (quant.build.trt_build.build_trt, against the TensorRT test double) --------------------------
+
+
+def test_missing_tensorrt_fails_before_export_or_calibration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import trt_double
+
+    from quant.build import artifact
+
+    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
+    trt_double.hide_tensorrt(monkeypatch)
+    monkeypatch.setattr(artifact, "_export", lambda *args: pytest.fail("exported although TensorRT is missing"))
+    with pytest.raises(BackendUnavailable, match="pip install 'quant\\[trt\\]'"):
+        build_artifact("dpcrn", "int8", "trt")
+    assert not (tmp_path / "engines").exists()
+
+
+def test_trt_implicit_int8_uses_this_builds_ranges_and_pins_only_rule_nodes(
+        model_and_cache: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import trt_double
+
+    double = trt_double.install(monkeypatch, "10.13.0.35")
+    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
+    source, cache = model_and_cache
+    out = build_artifact(source, "int8", "trt", mode="implicit", cache=cache, out_dir=tmp_path / "int8")
+    assert double.state.calibrator_calls == ["read_calibration_cache"]  # quant's ranges: TensorRT does not calibrate
+    build = double.state.builds[-1]
+    assert build["onnx_path"] == str(source) and "OBEY_PRECISION_CONSTRAINTS" in build["flags"]
+    pinned = set(build["layers"])
+    assert "relu_in" not in pinned and {"softmax", "ln_pow", "apply_mask"} <= pinned  # default vs rule nodes
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["trt"]["engine"] == str(out / "model.engine") and meta["trt"]["mode"] == "implicit"
+    explicit = build_artifact(source, "int8", "trt", cache=cache, out_dir=tmp_path / "custom_dir")
+    assert double.state.builds[-1]["onnx_path"] == str(explicit / "model_trt_qdq.onnx")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,10 @@ from quant.build.calibration import TensorRange, ranges_from_cache
 from quant.build.ort_build import (
     build_fp16, build_fp32, build_int8_ort, build_int8_trt_qdq, check_int8_kernels, kernel_report, streaming_states,
 )
-from quant.errors import BackendUnavailable, BuildError, ModelError
+from quant.errors import BuildError, ModelError
 from quant.fileio import atomic_write_json, sha256_bytes, sha256_file
 from quant.paths import engines_dir
-from quant.precision import DEFAULT_RULES_PATH, PrecisionPlan, load_rules, plan, trt_layer_precisions
+from quant.precision import DEFAULT_RULES_PATH, load_rules, plan
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,15 @@ class BuildOptions:
     per_channel: bool = True
     unwrap_kernel_outputs: bool = False  # ORT: True gives protected float nodes un-quantized inputs, fewer fusions
     reduce_range: bool | None = None  # ORT: 7-bit weights; None = exactly when this CPU lacks VNNI
-    method: str = "entropy"  # calibration method when no cache is given
+    method: str | None = None  # calibration method when no cache is given; None: the model's default
+    constraints: str = "obey"  # TensorRT implicit: obey | prefer the rule layer precisions
 
     def __post_init__(self) -> None:
         for label, value, allowed in (("precision", self.precision, ("fp32", "fp16", "int8")),
                                       ("backend", self.backend, ("ort", "trt")),
                                       ("mode", self.mode, ("explicit", "implicit")),
-                                      ("method", self.method, ("entropy", "minmax", "percentile"))):
+                                      ("method", self.method or "entropy", ("entropy", "minmax", "percentile")),
+                                      ("constraints", self.constraints, ("obey", "prefer"))):
             if value not in allowed:
                 raise BuildError(f"{label} {value!r} is not one of {', '.join(allowed)}")
 
@@ -91,6 +93,10 @@ def _export(export_name: str, out_dir: Path) -> None:
 def build_artifact(model: str | Path, precision: str, backend: str = "ort", **options: Any) -> Path:
     """Build one artifact; returns its folder. Options are BuildOptions fields."""
     opts = BuildOptions(precision=precision, backend=backend, **options)
+    if backend == "trt":
+        from quant.backends.trt import require_tensorrt
+
+        require_tensorrt()  # a missing TensorRT fails before any export, calibration or ORT build
     name, source = resolve_model(model)
     out_dir = opts.out_dir or engines_dir() / name / precision
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -107,8 +113,7 @@ def build_artifact(model: str | Path, precision: str, backend: str = "ort", **op
         meta.update(_build_int8(name, source, onnx_model, rules, opts, out_dir))
     if backend == "trt":
         used_cache = (meta.get("cache") or {}).get("path")
-        trt_opts = replace(opts, cache=opts.cache or (Path(used_cache) if used_cache else None))
-        meta["trt"] = _build_trt(name, out_dir, trt_opts, source)
+        meta["trt"] = _build_trt(name, source, out_dir, opts, Path(used_cache) if used_cache else opts.cache)
     atomic_write_json(out_dir / "meta.json", meta)
     log.info("built %s %s (%s) in %s", name, precision, backend, out_dir)
     return out_dir
@@ -142,11 +147,12 @@ def _build_int8(name: str, source: Path, model: onnx.ModelProto, rules: Any, opt
     return meta
 
 
-def load_ranges(name: str, source: Path, cache: Path | None, method: str = "entropy"
+def load_ranges(name: str, source: Path, cache: Path | None, method: str | None = None
                 ) -> tuple[dict[str, TensorRange], dict[str, Any]]:
-    """Ranges from the given calibration cache (its key must name this model file), or, without one, from the cache
-    store under engines/cache/ via quant.calib.calibrate (reused on an exact key hit, else calibrated on the model's
-    committed calibration set)."""
+    """Ranges (amax with the observed min/max of the cache's sidecar) from the given calibration cache (its key must
+    name this model file), or, without one, from the cache store under engines/cache/ via quant.calib.calibrate
+    (reused on an exact key hit, else calibrated on the model's committed calibration set with `method`, default the
+    model's quant.calib.calibrate.default_method)."""
     if cache is not None:
         return ranges_from_cache(cache, source)
     try:
@@ -182,30 +188,16 @@ def _base_meta(name: str, source: Path, opts: BuildOptions, rules_sha: str) -> d
     }
 
 
-def _build_trt(name: str, out_dir: Path, opts: BuildOptions, source: Path) -> dict[str, Any]:
-    """Hand an ONNX file to the TensorRT backend (imported lazily: tensorrt is optional).
+def _build_trt(name: str, source: Path, out_dir: Path, opts: BuildOptions, cache: Path | None) -> dict[str, Any]:
+    """Hand the artifact to quant.build.trt_build.build_trt (TensorRT imported lazily, in quant.backends.trt).
 
-    explicit: the ONNX carries the precisions (int8: model_trt_qdq.onnx; fp16: the FP16 model.onnx);
-    implicit (TensorRT <= 10): the FP32 source, builder flags, the rule plan as layer precisions and, for INT8,
-    the calibration cache (or calibration feeds when no cache was given)."""
-    try:
-        from quant.backends.trt import build_engine
-    except ImportError as error:
-        raise BackendUnavailable(f"TensorRT backend is not available: {error}") from None
-    explicit = opts.mode == "explicit" and opts.precision != "fp32"
-    onnx_path = out_dir / (TRT_QDQ_FILE if opts.precision == "int8" else MODEL_FILE) if explicit else source
-    layer_precisions = None
-    feeds = None
-    if not explicit and opts.precision != "fp32":
-        source_model = _load(source)
-        trt_plan = plan(source_model, load_rules(opts.rules), opts.precision, "trt", streaming_states(source_model))
-        layer_precisions = atomic_write_json(out_dir / "trt_layer_precision.json",
-                                             dict(trt_layer_precisions(trt_plan)))
-        if opts.precision == "int8" and opts.cache is None:
-            from quant.calib.readers import default_manifest, reader_for
+    explicit: the ONNX carries the precisions (int8: model_trt_qdq.onnx; fp16: the FP16 model.onnx just written);
+    implicit (TensorRT <= 10): the FP32 source, builder flags, the rules' layer precisions and, for INT8, the
+    calibration cache this build's ranges came from (quant's ranges, so TensorRT does not calibrate again)."""
+    from quant.build.trt_build import TrtBuildOptions, build_trt, engine_onnx
 
-            feeds = reader_for(name, source, default_manifest(name))
-    engine = build_engine(onnx_path=onnx_path, engine_path=out_dir / "model.engine", precision=opts.precision,
-                          mode=opts.mode, calibration_cache=opts.cache, layer_precisions=layer_precisions,
-                          feeds=feeds)
+    trt_opts = TrtBuildOptions(precision=opts.precision, mode=opts.mode, constraints=opts.constraints, cache=cache,
+                               rules=opts.rules, method=opts.method)
+    engine = build_trt(name, source, out_dir, trt_opts)
+    onnx_path = engine_onnx(out_dir, source, opts.precision, opts.mode)
     return {"engine": str(engine), "onnx": str(onnx_path), "mode": opts.mode}

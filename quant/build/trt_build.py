@@ -248,12 +248,13 @@ def check_onnx_for_mode(onnx_path: Path, precision: str, mode: str) -> None:
         )
 
 
-def engine_onnx(model_dir: Path, source: Path, precision: str, mode: str) -> Path:
-    """The ONNX to hand TensorRT: the FP32 source for implicit/fp32 builds, else the ORT build's FP16 or Q/DQ ONNX."""
+def engine_onnx(artifact_dir: Path, source: Path, precision: str, mode: str) -> Path:
+    """The ONNX to hand TensorRT: the FP32 source for implicit/fp32 builds, else the FP16 or Q/DQ ONNX that the
+    ONNX Runtime build wrote into the same artifact folder (engines/<model>/<precision>/ or build's -o)."""
     if mode == "implicit" or precision == "fp32":
         return source
     name = "model_trt_qdq.onnx" if precision == "int8" else "model.onnx"
-    path = model_dir / precision / name
+    path = Path(artifact_dir) / name
     if not path.is_file():
         raise BuildError(f"{path} is missing: run quant build MODEL --precision {precision} (ONNX Runtime) first")
     return path
@@ -282,6 +283,7 @@ class TrtBuildOptions:
     manifest: Path | None = None  # calibration audio (default: the model's committed calibration set)
     rules: Path | None = None
     batch_size: int = 4  # calibration batch (TensorRT calibrates at this one shape)
+    method: str | None = None  # calibrator "quant": range method; None: quant.calib.calibrate.default_method(model)
 
 
 def timing_cache_path() -> Path:
@@ -293,7 +295,7 @@ def build_trt(model: str, source: Path, out_dir: Path, options: TrtBuildOptions)
     from quant.backends import trt as backend
 
     backend.require_tensorrt()  # fail before any slow work when TensorRT is missing
-    onnx_path = engine_onnx(Path(out_dir).parent, source, options.precision, options.mode)
+    onnx_path = engine_onnx(Path(out_dir), source, options.precision, options.mode)
     layer_precisions = _layer_precisions(onnx_path, options)
     cache_io, feeds = _calibration(model, onnx_path, options) if _implicit_int8(options) else (None, None)
     return backend.build_engine(
@@ -321,7 +323,7 @@ def _layer_precisions(onnx_path: Path, options: TrtBuildOptions) -> dict[str, st
 
 
 def _calibration(model: str, onnx_path: Path, options: TrtBuildOptions) -> tuple[Any, Iterable[Feed] | None]:
-    """(cache IO, feeds): a named cache; quant's entropy ranges (store, calibrating on a miss); or TensorRT's own."""
+    """(cache IO, feeds): a named cache; quant's ranges (store, calibrating on a miss); or TensorRT's own."""
     if options.cache is not None:
         return FileCacheIO(options.cache, onnx_path), None
     from quant.calib.readers import default_manifest
@@ -330,7 +332,7 @@ def _calibration(model: str, onnx_path: Path, options: TrtBuildOptions) -> tuple
     if options.calibrator == "quant":
         from quant.calib.calibrate import calibrate
 
-        entry = calibrate(onnx_path, model, manifest, "entropy")
+        entry = calibrate(onnx_path, model, manifest, options.method)
         return FileCacheIO(entry.path, onnx_path), None
     if options.calibrator != "tensorrt":
         raise BuildError(f"unknown calibrator {options.calibrator!r}: choose quant or tensorrt")

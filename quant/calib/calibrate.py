@@ -14,7 +14,8 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
+
 import numpy as np
 
 from quant.calib.cache import CacheEntry, CacheKey, check_entry, read_entry, sidecar_path, store_path, write_entry
@@ -24,6 +25,21 @@ from quant.fileio import sha256_file
 from quant.paths import engines_dir
 
 log = logging.getLogger(__name__)
+
+METHODS = ("entropy", "minmax", "percentile")
+FALLBACK_METHOD = "entropy"  # models not in DEFAULT_METHODS (third-party ONNX): TensorRT's own choice
+# The calibration method used when none is asked for (quant calibrate, quant build, TensorRT implicit INT8).
+DEFAULT_METHODS: Mapping[str, str] = {
+    "dpcrn": "entropy",
+    "dpcrn-stream": "entropy",
+    "wenet-encoder": "entropy",
+    "wenet-decoder": "entropy",
+}
+
+
+def default_method(model_kind: str | None) -> str:
+    """The calibration method of a known model (DEFAULT_METHODS), else FALLBACK_METHOD."""
+    return DEFAULT_METHODS.get(model_kind or "", FALLBACK_METHOD)
 
 
 @dataclass(frozen=True)
@@ -43,7 +59,7 @@ def calibrate(
     onnx_path: str | Path,
     model_kind: str | None = None,
     manifest: str | Path | None = None,
-    method: str = "entropy",
+    method: str | None = None,
     out_cache: str | Path | None = None,
     options: CalibrateOptions | None = None,
     feeds: FeedSource | None = None,
@@ -52,8 +68,10 @@ def calibrate(
 
     Feeds come from `feeds` when given, else from quant.calib.readers.reader_for(model_kind, ...) over `manifest`.
     A cache at the output path with the same key is reused; one with another key is refused unless options.force.
+    `method` None: default_method(model_kind).
     """
     options = options or CalibrateOptions()
+    method = method or default_method(model_kind)
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise CalibrationError(f"ONNX model {onnx_path} not found: export it first (quant export) or pass an .onnx")

@@ -23,8 +23,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--mode", choices=("implicit", "explicit"), default="explicit",
                         help="TensorRT INT8: explicit Q/DQ (default) or implicit calibration cache (TensorRT <= 10)")
     parser.add_argument("--cache", type=Path, help="calibration cache from `quant calibrate` (INT8)")
-    parser.add_argument("--method", choices=("entropy", "minmax", "percentile"), default="entropy",
-                        help="INT8 without --cache: calibration method of the cache made or reused (default entropy)")
+    parser.add_argument("--method", choices=("entropy", "minmax", "percentile"),
+                        help="INT8 without --cache: calibration method of the cache made or reused (default: the "
+                        "model's measured best, quant.calib.calibrate.DEFAULT_METHODS; entropy for other models)")
+    parser.add_argument("--constraints", choices=("obey", "prefer"), default="obey",
+                        help="TensorRT implicit mode: obey (fail if impossible) or prefer the rules' layer precisions")
     parser.add_argument("--rules", type=Path, help="precision rules TOML (default: shipped rules)")
     parser.add_argument("-o", "--output", type=Path, help="artifact folder (default engines/<model>/<precision>)")
     parser.add_argument("--optimize", action="store_true", help="FP32: store ORT's optimized graph instead of a copy")
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir = build_artifact(
         args.model, args.precision, args.backend, mode=args.mode, cache=args.cache, rules=args.rules,
         out_dir=args.output, optimize_fp32=args.optimize, activation_uint8=not args.int8_activations,
-        unwrap_kernel_outputs=args.unwrap_kernel_outputs, method=args.method,
+        unwrap_kernel_outputs=args.unwrap_kernel_outputs, method=args.method, constraints=args.constraints,
     )
     meta = json.loads((out_dir / "meta.json").read_text())
     kernels = meta.get("integer_kernels")
