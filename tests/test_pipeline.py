@@ -180,3 +180,16 @@ def test_spread_subset_covers_the_whole_manifest(tmp_path: Path) -> None:
     assert pipeline.spread_subset(manifest, None, tmp_path) == manifest
     assert pipeline.spread_subset(manifest, 10, tmp_path) == manifest
     assert pipeline.spread_subset(manifest, 4, tmp_path / "subsets") == subset
+
+
+def test_speed_only_run_skips_accuracy(fake_run: pipeline.RunOptions, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_accuracy(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        raise AssertionError("accuracy must not be evaluated in a speed-only run")
+
+    monkeypatch.setattr(pipeline, "evaluate_task", no_accuracy)
+    options = pipeline.RunOptions(**{**fake_run.__dict__, "accuracy": False, "report_dir": tmp_path / "bench"})
+    result = pipeline.run_all(options)
+    assert result.ok, result.failures
+    assert all(row["task"] == {} and row["speed"]["dpcrn"]["threads"] for row in result.results["rows"])
+    assert (tmp_path / "bench" / "results.md").is_file()
