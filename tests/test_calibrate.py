@@ -175,3 +175,20 @@ def test_reader_path_keys_reader_settings_and_verify(tmp_path: Path, monkeypatch
     assert len(reasons) == 1 and reasons[0].startswith("calibration-set sha256 differs")
     args = parse(["cache", "verify", str(entry.path), str(model), "--data", str(manifest_b)])
     assert args.handler(args) == 1
+
+
+def test_method_defaults_per_model_when_not_given(tmp_path: Path) -> None:
+    model = tiny_model(tmp_path / "m.onnx")
+    for kind, name in (("wenet-encoder", "enc"), (None, "other")):
+        entry = cal.calibrate(model, kind, None, None, tmp_path / f"{name}.cache", OPTIONS, feeds=feeds())
+        assert entry.key.method == cal.default_method(kind)
+    assert cal.default_method("wenet-encoder") == cal.DEFAULT_METHODS["wenet-encoder"]
+    assert cal.default_method(None) == cal.default_method("third-party") == cal.FALLBACK_METHOD
+    assert set(cal.DEFAULT_METHODS) == {"dpcrn", "dpcrn-stream", "wenet-encoder", "wenet-decoder"}
+    assert set(cal.DEFAULT_METHODS.values()) | {cal.FALLBACK_METHOD} <= set(cal.METHODS)
+    assert parse(["calibrate", "m.onnx"]).method is None  # the CLI leaves the choice to default_method
+    from quant.cli import build as cli_build
+
+    parser = argparse.ArgumentParser()
+    cli_build.register(parser.add_subparsers())
+    assert parser.parse_args(["build", "dpcrn", "--precision", "int8"]).method is None
