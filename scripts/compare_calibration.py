@@ -25,7 +25,7 @@ from quant.paths import calib_data_dir
 OUTPUT = {"dpcrn": "enh", "dpcrn-stream": "enh", "wenet-encoder": "encoder_out", "wenet-decoder": "score"}
 
 
-def test_audio(model: str, limit: int) -> AudioSet:
+def held_out_audio(model: str, limit: int) -> AudioSet:
     se = model.startswith("dpcrn")
     manifest = calib_data_dir() / ("se_test" if se else "asr_test") / "manifest.jsonl"
     return AudioSet.from_manifest(manifest, noisy=se, limit=limit)
@@ -65,7 +65,7 @@ def snr_db(reference: np.ndarray, test: np.ndarray) -> float:
 
 
 def compare(model: str, fp32: Path, int8: Path, limit: int) -> str:
-    audio = test_audio(model, limit)
+    audio = held_out_audio(model, limit)
     name = OUTPUT[model]
     refs = list(outputs(model, fp32, OrtRunner(fp32), audio))
     gots = list(outputs(model, fp32, OrtRunner(int8), audio))
