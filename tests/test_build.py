@@ -243,7 +243,7 @@ def test_real_model_builds_three_precisions(name: str, tmp_path: Path):
     source = _export_or_skip(name)
     reader = ReaderOptions(limit=3, batch_size=1, every=8)
     options = CalibrateOptions(ranges=RangeOptions(progress=False), reader=reader)
-    entry = calibrate(source, name, None, "entropy", tmp_path / "calib.cache", options)
+    entry = calibrate(source, name, None, None, tmp_path / "calib.cache", options)  # the model's default method
     for precision in ("fp32", "fp16", "int8"):
         build_artifact(name, precision, cache=entry.path if precision == "int8" else None,
                        out_dir=tmp_path / precision)

@@ -25,7 +25,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--cache", type=Path, help="calibration cache from `quant calibrate` (INT8)")
     parser.add_argument("--method", choices=("entropy", "minmax", "percentile"),
                         help="INT8 without --cache: calibration method of the cache made or reused (default: the "
-                        "model's measured best, quant.calib.calibrate.DEFAULT_METHODS; entropy for other models)")
+                        "model's measured best, quant.calib.calibrate.DEFAULT_METHODS; percentile for other models)")
     parser.add_argument("--constraints", choices=("obey", "prefer"), default="obey",
                         help="TensorRT implicit mode: obey (fail if impossible) or prefer the rules' layer precisions")
     parser.add_argument("--rules", type=Path, help="precision rules TOML (default: shipped rules)")

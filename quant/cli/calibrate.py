@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model", help=MODEL_HELP)
     parser.add_argument("--method", choices=("entropy", "minmax", "percentile"),
                         help="range method (default: the model's measured best, quant.calib.calibrate."
-                        "DEFAULT_METHODS; entropy for other models)")
+                        "DEFAULT_METHODS; percentile for other models)")
     parser.add_argument("--percentile", type=float, default=99.99, help="for --method percentile (default 99.99)")
     parser.add_argument("--data", type=Path, help="calibration manifest (default: the model's committed set)")
     parser.add_argument("-o", "--output", type=Path,
