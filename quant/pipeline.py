@@ -23,7 +23,7 @@ from quant.backends import Runner, open_runner
 from quant.errors import BackendUnavailable, QuantError
 from quant.eval.speed import BenchOptions
 from quant.fileio import atomic_write_json, sha256_bytes, sha256_file
-from quant.paths import ASSETS_DIR, PACKAGE_DIR, calib_data_dir, engines_dir
+from quant.paths import ASSETS_DIR, PACKAGE_DIR, calib_data_dir, engines_dir, engines_root
 
 logger = logging.getLogger(__name__)
 
@@ -158,14 +158,15 @@ class Steps:
         return paths
 
     def calibrate(self, graph: str, onnx_path: Path) -> Path:
-        """Entropy calibration cache of one graph (quant.calib reuses a cache whose key matches)."""
+        """Calibration cache of one graph with the model's default method (quant.calib.calibrate.DEFAULT_METHODS);
+        quant.calib reuses a cache whose key matches."""
         from quant.calib.calibrate import CalibrateOptions, calibrate
         from quant.calib.ranges import RangeOptions
         from quant.calib.readers import default_manifest
 
         ranges = RangeOptions(progress=self.options.progress, threads=self.options.eval_threads)
         manifest = spread_subset(default_manifest(graph), self.options.calib_utterances, self.root / "calib_subsets")
-        entry = calibrate(onnx_path, model_kind=graph, manifest=manifest, method="entropy",
+        entry = calibrate(onnx_path, model_kind=graph, manifest=manifest, method=None,
                           options=CalibrateOptions(ranges=ranges))
         return Path(entry.path)
 
@@ -648,12 +649,17 @@ def evaluate_row(spec: RowSpec, context: EvalContext, root: Path, options: RunOp
 
 def run_all(options: RunOptions = RunOptions()) -> RunResult:
     """The main job; returns the results, the written report files and the failures (empty when all passed)."""
-    from quant.report import write_results
-
     unknown = [m for m in options.models if m not in MODELS]
     if unknown:
         raise QuantError(f"unknown models {unknown}; expected some of {', '.join(MODELS)}")
     root = options.out_dir or engines_dir()
+    with engines_root(root):  # exports, the cache store and builds all live under --output
+        return _run_models(options, root)
+
+
+def _run_models(options: RunOptions, root: Path) -> RunResult:
+    from quant.report import write_results
+
     backends = resolve_backends(options.backends)
     steps = Steps(root, options)
     started = time.perf_counter()
