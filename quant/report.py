@@ -170,9 +170,9 @@ def _ratio_goal(name: str, value: float | None, limit: float) -> Goal:
 def _delta_goal(name: str, value: float | None, limit: float, unit: str, higher_is_better: bool) -> Goal:
     """A quantized model may lose at most `limit` against FP32 (value = quantized - FP32, signed)."""
     if higher_is_better:
-        target, met = f"drop <= {limit:g}{unit}", None if value is None else value >= -limit - 1e-12
+        target, met = f">= -{limit:g}{unit} (drop at most {limit:g})", None if value is None else value >= -limit - 1e-12
     else:
-        target, met = f"rise <= {limit:g}{unit}", None if value is None else value <= limit + 1e-12
+        target, met = f"<= +{limit:g}{unit} (rise at most {limit:g})", None if value is None else value <= limit + 1e-12
     return Goal(name, value, target, met)
 
 
@@ -215,7 +215,8 @@ def _accuracy_goals(rows: Sequence[Row]) -> list[Goal]:
                 delta = float(task_value(row, metric)) - float(task_value(ref, metric))  # type: ignore[arg-type]
                 delta = delta * 100 if metric == "cer" else delta
             unit = " CER points" if metric == "cer" else ""
-            out.append(_delta_goal(f"{model} {backend.upper()} {precision} {label} vs FP32", delta, limit, unit, higher))
+            name = f"{model} {backend.upper()} {precision} {label} change vs FP32 ({precision} - fp32)"
+            out.append(_delta_goal(name, delta, limit, unit, higher))
     return out
 
 

@@ -70,10 +70,10 @@ def test_goals_are_derived_from_rows(results: dict) -> None:
     assert by_name["WeNet encoder INT8 / FP32 at batch 1 (ORT)"].met is False  # 12/20 = 0.6
     assert by_name["WeNet encoder INT8 / FP32 at batch 8 (ORT)"].measured == pytest.approx(0.4)
     assert by_name["dpcrn ORT fp32 speed-up vs PyTorch eager"].measured == pytest.approx(2.5)
-    pesq = by_name["dpcrn ORT int8 PESQ-WB vs FP32"]
+    pesq = by_name["dpcrn ORT int8 PESQ-WB change vs FP32 (int8 - fp32)"]
     assert pesq.measured == pytest.approx(-0.04) and pesq.met is True
-    assert by_name["dpcrn ORT fp16 PESQ-WB vs FP32"].met is True  # -0.005
-    cer = by_name["wenet ORT int8 CER vs FP32"]
+    assert by_name["dpcrn ORT fp16 PESQ-WB change vs FP32 (fp16 - fp32)"].met is True  # -0.005
+    cer = by_name["wenet ORT int8 CER change vs FP32 (int8 - fp32)"]
     assert cer.measured == pytest.approx(0.2) and cer.met is True
 
 
@@ -82,9 +82,9 @@ def test_accuracy_goals_are_one_sided(results: dict) -> None:
     better = asr_row("int8", 0.01, {1: 12.0, 8: 40.0})  # 4 CER points better than FP32: no loss, met
     rows = [r for r in results["rows"] if r.get("precision") != "int8"] + [worse, better]
     by_name = {g.name: g for g in report.goals({"rows": rows})}
-    assert by_name["dpcrn ORT int8 PESQ-WB vs FP32"].met is False
-    assert by_name["wenet ORT int8 CER vs FP32"].measured == pytest.approx(-4.0)
-    assert by_name["wenet ORT int8 CER vs FP32"].met is True
+    assert by_name["dpcrn ORT int8 PESQ-WB change vs FP32 (int8 - fp32)"].met is False
+    assert by_name["wenet ORT int8 CER change vs FP32 (int8 - fp32)"].measured == pytest.approx(-4.0)
+    assert by_name["wenet ORT int8 CER change vs FP32 (int8 - fp32)"].met is True
 
 
 def test_write_results_renders_consistent_outputs(results: dict, tmp_path: Path) -> None:
