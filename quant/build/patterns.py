@@ -18,7 +18,7 @@
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import onnx
 
@@ -184,10 +184,10 @@ def find_input_layer(index: GraphIndex, model: onnx.ModelProto, mapping: Mapping
             if node.op_type in COMPUTE_OPS and any(t in reached for t in index.activation_inputs(node))}
 
 
-def _concats_behind(index: GraphIndex, tensor: str) -> list[onnx.NodeProto]:
-    """Concat nodes reachable backwards from `tensor` along the data path: the first input of layout ops (never
-    their shape inputs) and every input of a Concat (nested joins)."""
-    found: list[onnx.NodeProto] = []
+def _walk_back(
+    index: GraphIndex, tensor: str, follow: Callable[[onnx.NodeProto], Iterable[str]]
+) -> Iterator[onnx.NodeProto]:
+    """Producer nodes reachable backwards from `tensor`, each once; `follow(node)` names the inputs to go on through."""
     queue, seen = [tensor], set()
     while queue:
         name = queue.pop()
@@ -195,12 +195,20 @@ def _concats_behind(index: GraphIndex, tensor: str) -> list[onnx.NodeProto]:
         if node is None or name in seen:
             continue
         seen.add(name)
+        yield node
+        queue.extend(follow(node))
+
+
+def _concats_behind(index: GraphIndex, tensor: str) -> list[onnx.NodeProto]:
+    """Concat nodes reachable backwards from `tensor` along the data path: the first input of layout ops (never
+    their shape inputs) and every input of a Concat (nested joins)."""
+
+    def follow(node: onnx.NodeProto) -> Iterable[str]:
         if node.op_type == "Concat":
-            found.append(node)
-            queue.extend(node.input)
-        elif node.op_type in LAYOUT_OPS and node.input:
-            queue.append(node.input[0])
-    return found
+            return node.input
+        return node.input[:1] if node.op_type in LAYOUT_OPS else ()
+
+    return [node for node in _walk_back(index, tensor, follow) if node.op_type == "Concat"]
 
 
 def find_skip_concat(index: GraphIndex, mapping: Mapping[str, str] | None = None) -> set[str]:
@@ -218,20 +226,15 @@ def find_skip_concat(index: GraphIndex, mapping: Mapping[str, str] | None = None
 
 def _reads_softmax(index: GraphIndex, tensor: str) -> bool:
     through = LAYOUT_OPS | {"Where", "Mul", "Dropout"}
-    queue, seen = [tensor], set()
-    while queue:
-        name = queue.pop()
-        node = index.producers.get(name)
-        if node is None or name in seen:
-            continue
-        seen.add(name)
-        if node.op_type == "Softmax":
-            return True
-        if node.op_type in through:
-            data = node.input[1:] if node.op_type == "Where" else node.input[:1] if node.op_type in LAYOUT_OPS \
-                else node.input
-            queue.extend(t for t in data if t and not index.is_constant(t))
-    return False
+
+    def follow(node: onnx.NodeProto) -> Iterable[str]:
+        if node.op_type not in through:
+            return ()
+        data = node.input[1:] if node.op_type == "Where" else node.input[:1] if node.op_type in LAYOUT_OPS \
+            else node.input
+        return [t for t in data if t and not index.is_constant(t)]
+
+    return any(node.op_type == "Softmax" for node in _walk_back(index, tensor, follow))
 
 
 def find_attention_probs(index: GraphIndex) -> set[str]:
