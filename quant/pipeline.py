@@ -177,7 +177,8 @@ class Steps:
         folder = self.root / graph / (precision if backend == "ort" else f"{precision}-{backend}")
         artifact = folder / ("model.onnx" if backend == "ort" else "model.engine")
         key = {"source": _file_sha(source), "cache": _file_sha(cache) if cache else None, "quant": __version__,
-               "code": _sources_sha("build/artifact.py", "build/ort_build.py", "build/qdq.py", "precision.py",
+               "code": _sources_sha("build/artifact.py", "build/ort_build.py", "build/qdq.py", "build/graph.py",
+                                    "build/patterns.py", "build/calibration.py", "build/trt_build.py", "precision.py",
                                     "precision_default.toml", "backends/ort.py", "backends/trt.py")}
         name = f"build-{graph}-{precision}-{backend}"
         if not self.options.force and is_fresh(self.root, name, key, [artifact]):
