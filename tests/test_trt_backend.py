@@ -17,16 +17,7 @@ from quant.backends import trt as backend
 from quant.build import trt_build
 from quant.errors import BackendUnavailable, BuildError, ModelError
 from trt_double import graphs
-
-
-@pytest.fixture
-def double(monkeypatch: pytest.MonkeyPatch) -> trt_double.Double:
-    return trt_double.install(monkeypatch, "10.13.0.35")
-
-
-@pytest.fixture
-def two_inputs(tmp_path: Path) -> Path:
-    return graphs.two_input_model(tmp_path / "two.onnx")
+from trt_double.fixtures import double, two_inputs  # noqa: F401  (pytest fixtures)
 
 
 def _meta(engine: Path) -> dict:

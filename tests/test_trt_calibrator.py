@@ -15,6 +15,7 @@ from quant.backends import trt as backend
 from quant.build import trt_build
 from quant.errors import CacheMismatch, CalibrationError
 from trt_double import graphs
+from trt_double.fixtures import double, two_inputs  # noqa: F401  (pytest fixtures)
 
 
 class MemoryCache:
@@ -29,16 +30,6 @@ class MemoryCache:
 
     def write(self, data: bytes) -> None:
         self.writes.append(data)
-
-
-@pytest.fixture
-def double(monkeypatch: pytest.MonkeyPatch) -> trt_double.Double:
-    return trt_double.install(monkeypatch, "10.13.0.35")
-
-
-@pytest.fixture
-def two_inputs(tmp_path: Path) -> Path:
-    return graphs.two_input_model(tmp_path / "two.onnx")
 
 
 def _feeds(count: int, batch: int = 4) -> list[dict[str, np.ndarray]]:

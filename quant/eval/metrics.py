@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -126,22 +126,22 @@ def character_errors(references: Sequence[str], hypotheses: Sequence[str]) -> Er
     """Character edit errors on normalized text (spaces between words count as characters)."""
     import jiwer
 
-    refs, hyps = _normalized_pairs(references, hypotheses)
-    if not refs:
-        return ErrorRate(0, 0)
-    out = jiwer.process_characters(refs, hyps)
-    errors = out.substitutions + out.deletions + out.insertions
-    return ErrorRate(int(errors), int(out.substitutions + out.deletions + out.hits))
+    return _edit_errors(jiwer.process_characters, references, hypotheses)
 
 
 def word_errors(references: Sequence[str], hypotheses: Sequence[str]) -> ErrorRate:
     """Word edit errors on normalized text."""
     import jiwer
 
+    return _edit_errors(jiwer.process_words, references, hypotheses)
+
+
+def _edit_errors(align: Callable[..., Any], references: Sequence[str], hypotheses: Sequence[str]) -> ErrorRate:
+    """Corpus edit errors from a jiwer alignment (process_characters / process_words) of normalized texts."""
     refs, hyps = _normalized_pairs(references, hypotheses)
     if not refs:
         return ErrorRate(0, 0)
-    out = jiwer.process_words(refs, hyps)
+    out = align(refs, hyps)
     errors = out.substitutions + out.deletions + out.insertions
     return ErrorRate(int(errors), int(out.substitutions + out.deletions + out.hits))
 
