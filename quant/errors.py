@@ -34,3 +34,7 @@ class BackendUnavailable(QuantError):
 
 class BuildError(QuantError):
     """Building an artifact (quantized ONNX, FP16 ONNX, TensorRT engine) failed."""
+
+
+class ReportError(QuantError):
+    """results.json is missing or malformed."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from quant.errors import QuantError
+from quant.errors import ReportError
 from quant.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -41,10 +41,6 @@ TASK_COLUMNS: dict[str, tuple[tuple[str, str, str], ...]] = {  # key, header, fo
 }
 PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
 BACKEND_ORDER = {"torch": 0, "ort": 1, "trt": 2}
-
-
-class ReportError(QuantError):
-    """results.json is missing or malformed."""
 
 
 # ------------------------------------------------------------------------------------------------ read / write
