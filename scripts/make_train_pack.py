@@ -146,6 +146,9 @@ SE_BUDGETS = {
     "default": SeBudget(),
     "large": SeBudget(fillets_s=4800, tuxpaint_s=2600, gcin_s=240, noise_tuxpaint_s=400, noise_fillets_s=330,
                       noise_sonic_s=120, val_speech_s=120, val_noise_s=60),
+    # issue 15: many more narrators (all Tux Paint languages but the held-out ones) and less of one game's cast
+    "xl": SeBudget(fillets_s=1800, tuxpaint_s=7000, gcin_s=240, noise_tuxpaint_s=400, noise_fillets_s=330,
+                   noise_sonic_s=120, val_speech_s=240, val_noise_s=60),
 }
 VORBIS_QUALITY = {"speech": 0.72}  # libsndfile compression level (0 best .. 1 smallest); other parts use 0.6
 VORBIS_BLOCK = 4 * SAMPLE_RATE  # libsndfile's Vorbis encoder crashes on very large single writes
