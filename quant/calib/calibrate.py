@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from quant.calib.cache import CacheEntry, CacheKey, check_entry, read_entry, sidecar_path, store_path, write_entry
+from quant.calib.cache import CacheEntry, CacheKey, check_entry, entry_exists, read_entry, store_path, write_entry
 from quant.calib.ranges import FeedSource, RangeOptions, collect_ranges, method_params
 from quant.errors import CacheMismatch, CalibrationError
 from quant.fileio import sha256_file
@@ -232,7 +232,7 @@ def resolved_manifest(model_kind: str | None, manifest: str | Path | None) -> Pa
 
 
 def _reuse(target: Path, key: CacheKey, force: bool) -> CacheEntry | None:
-    if not target.exists() and not sidecar_path(target).exists():
+    if not entry_exists(target):  # a stray uncommitted `.<name>.new` of a killed first write counts as nothing
         return None
     try:
         entry = check_entry(target, key)
