@@ -108,7 +108,7 @@ def run_diff(args: argparse.Namespace) -> int:
     infinite = sum(1 for _, a, b in rows if a is not None and b is not None and not math.isfinite(a * b))
     if both:
         ratios = np.array([b / a for a, b in both])
-        print(f"ratio over {len(both)} shared non-zero finite tensors: min {ratios.min():.4g}, "
+        print(f"ratio over {len(both)} shared non-zero tensors: min {ratios.min():.4g}, "
               f"median {np.median(ratios):.4g}, max {ratios.max():.4g}")
     if infinite:
         print(f"{infinite} shared tensors with an infinite scale left out of the ratio statistics")
