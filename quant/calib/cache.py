@@ -142,12 +142,14 @@ def format_cache(cache: CalibrationCache) -> bytes:
                                "(e.g. 8401, 101300) and the algorithm a word (e.g. EntropyCalibration2)")
     lines = [cache.header] + [f"{name}: {bits:x}" for name, bits in cache.scale_bits.items()]
     data = ("\n".join(lines) + "\n").encode("utf-8")
-    parsed = _parse(data, "<cache being written>", warn=False)
-    if (parsed.version, parsed.algorithm, dict(parsed.scale_bits)) != (cache.version, cache.algorithm,
-                                                                         dict(cache.scale_bits)):
-        unreadable = [name for name in cache.scale_bits if parsed.scale_bits.get(name) != cache.scale_bits[name]]
-        raise CalibrationError(f"cannot write a cache quant could not read back (header {cache.header!r}, tensors "
-                               f"{unreadable[:3]!r}): names must be one non-empty line each")
+    try:
+        parsed = _parse(data, "the cache being written", warn=False)
+    except CalibrationError as error:
+        raise CalibrationError(f"cannot write a cache quant could not read back: {error}") from None
+    unreadable = [name for name in cache.scale_bits if parsed.scale_bits.get(name) != cache.scale_bits[name]]
+    if unreadable or len(parsed.scale_bits) != len(cache.scale_bits):
+        raise CalibrationError(f"cannot write a cache quant could not read back: tensor names {unreadable[:3]!r} "
+                               "must be one non-empty line each")
     return data
 
 
