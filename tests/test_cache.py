@@ -482,3 +482,160 @@ def test_header_that_cannot_be_read_back_is_not_written(tmp_path: Path, version:
 def test_tensor_name_that_cannot_be_read_back_is_not_written(name: str) -> None:
     with pytest.raises(CalibrationError, match="read back"):
         cc.format_cache(cc.cache_from_amax({name: 1.0}, "8401"))
+
+
+# ---- read-only stores: reading never writes ------------------------------------------------------------------------
+
+
+def make_read_only(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """chmod 0o555; as root (where chmod does not stop writes) also make every write call under `folder` fail as a
+    read-only folder would, so the tests mean the same for every user."""
+    import builtins
+    import errno
+    import io
+    import os
+
+    folder.chmod(0o555)
+    if os.geteuid() != 0:
+        return
+    inside = str(folder.resolve())
+
+    def under(path: object) -> bool:
+        return isinstance(path, (str, os.PathLike)) and os.path.abspath(os.fspath(path)).startswith(inside)
+
+    def refuse(path: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    real_open, real_os_open, real_mkdir = builtins.open, os.open, os.mkdir
+
+    def fake_open(file, mode="r", *args, **kwargs):  # type: ignore[no-untyped-def]
+        if under(file) and any(flag in mode for flag in "wax+"):
+            refuse(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def fake_os_open(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if under(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            refuse(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def fake_mkdir(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if under(path):
+            if os.path.exists(path):
+                raise FileExistsError(errno.EEXIST, "File exists", str(path))
+            refuse(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    def guard(real):  # type: ignore[no-untyped-def]
+        def call(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if under(path):
+                refuse(path)
+            return real(path, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(io, "open", fake_open)
+    monkeypatch.setattr(os, "open", fake_os_open)
+    monkeypatch.setattr(os, "mkdir", fake_mkdir)
+    for name in ("replace", "rename", "unlink", "remove"):
+        monkeypatch.setattr(os, name, guard(getattr(os, name)))
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {item.name: (item.stat().st_mtime_ns, item.stat().st_size) for item in folder.iterdir()}
+
+
+@pytest.fixture()
+def read_only_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    store = tmp_path / "store"
+    cc.write_entry(cc.store_path(store, key_of()), key_of(), result_of({"x": 1.0}))
+    (store / "trt.cache").write_bytes(TRT_WRITTEN)
+    for item in store.iterdir():
+        if item.name.endswith(".lock"):
+            item.unlink()  # a store copied without lock files (e.g. shipped read-only)
+    before = snapshot(store)
+    make_read_only(store, monkeypatch)
+    yield store
+    monkeypatch.undo()
+    store.chmod(0o755)
+    assert snapshot(store) == before  # nothing created, changed or removed
+
+
+def test_reads_of_a_read_only_store_write_nothing(read_only_store: Path) -> None:
+    path = cc.store_path(read_only_store, key_of())
+    assert cc.read_entry(path).ranges["x"].amax == 1.0
+    assert cc.check_entry(path, key_of()).path == path
+    assert cc.read_cache(read_only_store / "trt.cache").header == "TRT-8401-EntropyCalibration2"
+    assert [entry.path for entry in cc.list_entries(read_only_store)] == [path]
+    assert cc.lookup(read_only_store, key_of()).hit
+
+
+def test_writes_to_a_read_only_store_fail_in_one_line(read_only_store: Path) -> None:
+    path = cc.store_path(read_only_store, key_of())
+    for action in (lambda: cc.write_entry(path, key_of(), result_of({"x": 2.0})),
+                   lambda: cc.write_entry(read_only_store / "new.cache", key_of(), result_of({"x": 2.0})),
+                   lambda: cc.remove_entry(path)):
+        with pytest.raises(CalibrationError) as error:
+            action()
+        assert "Permission denied" in str(error.value) and "\n" not in str(error.value)
+    assert cc.read_entry(path).ranges["x"].amax == 1.0
+
+
+# ---- through the CLI: one line, exit 2 -----------------------------------------------------------------------------
+
+
+def quant_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    from quant.cli import main
+
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_build_refuses_a_sidecar_that_disagrees_with_its_cache(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    from quant.fileio import sha256_file
+
+    model = tmp_path / "relu.onnx"
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    path = tmp_path / "relu.cache"
+    cc.write_entry(path, cc.CacheKey.create(sha256_file(model), "0" * 64, "entropy", {}),
+                   result_of({"x": 1.0, "y": 1.0}))
+    tamper(path, lambda m: m["tensors"]["y"].update(amax=0.5))
+    code, _, err = quant_cli(["build", str(model), "--precision", "int8", "--cache", str(path),
+                              "-o", str(tmp_path / "out")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "tensor 'y' has amax 0.5" in err
+    assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+def test_cli_list_names_bad_entries_and_rm_refuses_other_files(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    good, bad = tmp_path / "good.cache", tmp_path / "bad.cache"
+    for path in (good, bad):
+        cc.write_entry(path, key_of(), result_of({"x": 1.0}))
+    cc.sidecar_path(bad).write_text("[]")
+    code, out, _ = quant_cli(["cache", "list", "--store", str(tmp_path)], capsys)
+    assert code == 0 and "good.cache" in out and "skipped bad.cache: sidecar" in out
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me\n")
+    code, _, err = quant_cli(["cache", "rm", str(notes)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "refusing to remove" in err and notes.exists()
+    code, _, err = quant_cli(["cache", "rm", str(tmp_path / "gone" / "x.cache")], capsys)
+    assert code == 2 and "not found" in err and not (tmp_path / "gone").exists()
+
+
+def test_cli_diff_and_show_of_caches_with_infinite_scales_print_no_nan(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    first, second = tmp_path / "a.cache", tmp_path / "b.cache"
+    first.write_bytes(b"TRT-8401-EntropyCalibration2\nx: 3c010a14\ny: 7f800000\nz: 3c010a14\n")
+    second.write_bytes(b"TRT-8401-EntropyCalibration2\nx: 3c810a14\ny: 7f800000\nz: 7f800000\n")
+    code, out, _ = quant_cli(["cache", "diff", str(first), str(second)], capsys)
+    assert code == 0 and "nan" not in out.lower()
+    assert "ratio over 1 shared non-zero tensors" in out and "2 shared tensors with an infinite scale" in out
+    code, out, _ = quant_cli(["cache", "show", str(second)], capsys)
+    assert code == 0 and "nan" not in out.lower() and "2 tensors with an infinite scale" in out
