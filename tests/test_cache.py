@@ -412,7 +412,7 @@ def test_remove_refuses_anything_but_a_cache_with_its_own_sidecar(tmp_path: Path
     folder.mkdir()
     before = sorted(item.name for item in tmp_path.iterdir())
     for path in (text, trt_only, foreign, folder, cc.sidecar_path(tmp_path / "other.cache")):
-        with pytest.raises(CalibrationError, match="refusing to remove|not found"):
+        with pytest.raises(CalibrationError, match="refusing to remove|not found|is a folder"):
             cc.remove_entry(path)
     assert sorted(item.name for item in tmp_path.iterdir()) == before
 

@@ -534,11 +534,26 @@ def remove_entry(cache_path: str | Path) -> None:
     path = Path(cache_path)
     if not entry_exists(path):
         raise CalibrationError(f"calibration cache {path} not found")
-    try:
-        read_entry(path)
-    except (CacheMismatch, CalibrationError) as error:
-        raise CalibrationError(f"refusing to remove {path}: {error} (quant cache rm removes only a calibration cache "
-                               "with its own sidecar; delete other files yourself)") from None
+    with _shared_lock(path):
+        pair = _resolve(path)
+    why = ""
+    if pair.data is None:
+        why = "there is no cache file, only a sidecar"
+    else:
+        try:
+            parse_cache(pair.data, str(path))
+        except CalibrationError as error:
+            why = f"it is not a TensorRT calibration cache ({error})"
+    if not why and pair.sidecar is None:
+        why = f"it has no sidecar {sidecar_path(path).name}, so quant did not write it"
+    if not why:
+        try:
+            read_entry(path)
+        except (CacheMismatch, CalibrationError) as error:
+            why = f"its sidecar is not its own ({error})"
+    if why:
+        raise CalibrationError(f"refusing to remove {path}: {why}; quant cache rm removes only a calibration cache "
+                               "with its own sidecar (delete other files yourself)")
     try:
         with _exclusive_lock(path):
             # sidecars first: a cache left without its sidecar is never reused
