@@ -325,6 +325,18 @@ def entry_exists(cache_path: str | Path) -> bool:
     return os.path.lexists(cache_path) or has_sidecar(cache_path)
 
 
+def ensure_writable(cache_path: str | Path) -> None:
+    """Fail early, in one line, when the entry at `cache_path` could not be written (read-only store, no folder
+    permission): before minutes of calibration rather than after. Creates the folder and the lock file only."""
+    path = Path(cache_path)
+    try:
+        with _exclusive_lock(path):
+            pass
+    except OSError as error:
+        raise CalibrationError(f"cannot write calibration cache {path}: {error.strerror or error} -> choose a "
+                               "writable -o/--store") from None
+
+
 @contextlib.contextmanager
 def _exclusive_lock(path: Path) -> Iterator[None]:
     """Writers: fcntl lock on `.<name>.lock` beside the cache (the lock file is kept: deleting it would race)."""
@@ -410,7 +422,10 @@ def write_entry(cache_path: str | Path, key: CacheKey, result: RangeResult, info
         raise CalibrationError(f"key method {key.method} does not match the ranges' method {result.method}")
     # quant writes nothing it would refuse to read: the same checks as read_entry, before touching the disk
     tensors = {name: _range_to_dict(item) for name, item in result.tensors.items()}
-    ranges = _ranges_of({"tensors": tensors}, sidecar_path(path))
+    try:
+        ranges = _ranges_of({"tensors": tensors}, sidecar_path(path))
+    except QuantError as error:
+        raise CalibrationError(f"not writing {path}: its sidecar would be refused when read: {error}") from None
     cache = cache_from_amax(result.amax, version)
     data = format_cache(cache)
     _check_binding(cache, ranges, path, sidecar_path(path))
