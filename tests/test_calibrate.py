@@ -192,3 +192,19 @@ def test_method_defaults_per_model_when_not_given(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     cli_build.register(parser.add_subparsers())
     assert parser.parse_args(["build", "dpcrn", "--precision", "int8"]).method is None
+
+
+def test_calibrate_into_an_unwritable_store_fails_before_calibrating(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import fcntl
+
+    model = tiny_model(tmp_path / "m.onnx")
+    monkeypatch.setattr(cal, "collect_ranges", lambda *args: pytest.fail("must fail before calibrating"))
+
+    def read_only(*args: object) -> None:
+        raise PermissionError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(fcntl, "flock", read_only)  # the first write step, as a read-only store refuses it
+    with pytest.raises(CalibrationError, match="cannot write calibration cache .*Read-only file system"):
+        cal.calibrate(model, None, None, "minmax", tmp_path / "ro" / "m.cache", OPTIONS, feeds=feeds())

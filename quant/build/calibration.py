@@ -53,7 +53,10 @@ def ranges_from_amax(amax: Mapping[str, float]) -> dict[str, TensorRange]:
 
 
 def ranges_from_cache(cache: Path, model_path: Path) -> tuple[dict[str, TensorRange], dict[str, Any]]:
-    """Ranges of a cache made for exactly this model file (its sidecar key's model sha256), else CacheMismatch."""
+    """Ranges of a cache made for exactly this model file (its sidecar key's model sha256), else CacheMismatch.
+
+    read_entry refuses (QuantError, one line) a sidecar that is not quant's, whose ranges are not the cache's scales
+    or hold NaN/inf/negative values; it only reads, so a read-only store builds."""
     from quant.calib.cache import read_entry
 
     entry = read_entry(cache)
@@ -64,6 +67,6 @@ def ranges_from_cache(cache: Path, model_path: Path) -> tuple[dict[str, TensorRa
     ranges = ranges_from_tensors(entry.ranges)
     if not ranges:
         raise CalibrationError(f"{cache}: holds no usable (finite, non-zero) range")
-    meta = {"path": str(cache), "sha256": sha256_file(cache), "key": entry.key.to_dict(),
+    meta = {"path": str(cache), "sha256": entry.cache_sha256, "key": entry.key.to_dict(),
             "key_digest": entry.key.digest()}
     return ranges, meta

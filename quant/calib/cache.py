@@ -3,7 +3,11 @@
 Cache file (exactly TensorRT's): line 1 `TRT-<version digits>-<algorithm>`, then one `name: hex` line per tensor,
 hex = the big-endian float32 bit pattern of scale = amax / 127, lowercase, no 0x and no leading zeros (a zero scale is
 `0`), every line ending in a newline. Files written by TensorRT are read as they are, and reading then writing gives
-the same bytes.
+the same bytes; so are TensorRT 4's, whose first line is just `1` (no version, no algorithm). A tensor named twice,
+a NaN or negative scale, or a header version that is not ASCII digits is an error naming the line; an infinite scale
+(an activation that overflowed during TensorRT's calibration) reads with a warning, so `quant cache show|diff` can
+inspect such a cache, but no build uses it (its sidecar would need an infinite amax, which is refused). format_cache
+refuses to write what parse_cache could not read back (e.g. a version with spaces, a tensor name with a newline).
 
 Header decision: we always write `EntropyCalibration2`, whatever method produced the ranges. TensorRT (<= 10) only
 reuses a cache whose algorithm matches the calibrator that loads it, and the project's TensorRT backend loads caches
@@ -16,17 +20,37 @@ from what it was made, the sha256 of the cache file it belongs to, and the full 
 nothing is lost to the division by 127. A cache is reused only when every key field matches; otherwise the miss says
 which field differs and how to fix it.
 
-Concurrency: writers hold an exclusive fcntl lock on `.<cache name>.lock` beside the cache while they replace the cache
-and then the sidecar (each atomically: temp file + rename); readers hold the shared lock. The sidecar records the cache
-sha256, so a pair from two different runs can never pass as one entry.
+Pairs, replaced as one (kill -9, a full disk, a failing rename): a cache and its sidecar are two files and no rename
+replaces two files at once, so a writer switches the pair through two fixed pending names beside the cache, under an
+exclusive fcntl lock on `.<name>.lock`:
+  1. the new cache bytes go to `.<name>.new` (temp file, fsync, rename; quant.fileio.atomic_write_bytes);
+  2. the new sidecar, which records the sha256 of those bytes, goes to `.<name>.json.new` the same way. This rename is
+     the commit point: before it the entry is the old pair, after it the new pair;
+  3. `.<name>.new` is renamed over `<name>`, then `.<name>.json.new` over `<name>.json`.
+Readers resolve an entry by one rule (_resolve): a pending sidecar together with a cache file (final or pending) whose
+sha256 it records is the entry; otherwise `<name>` with `<name>.json`, which must match each other. So a failure
+before step 2 leaves the old pair (a stray `.<name>.new` is no entry: a failed first write blocks nothing), a failure
+in step 3 leaves the committed new pair, which readers already see; the next writer, holding the lock, first finishes
+a committed pair and deletes everything uncommitted (pending files, temp files of killed writers).
+
+Reading never writes: readers take the shared lock only when the lock file already exists, and otherwise read
+unlocked and re-read under the lock if a writer appeared meanwhile, so a read-only store can be listed, shown,
+verified and built from.
+
+The sidecar is bound to its cache in both directions: its cache_sha256 must be the cache bytes' sha256, it must list
+exactly the cache's tensors, and each tensor's float32(amax / 127) must equal the cache's scale to within one float32
+step; every amax, min and max is finite (amax >= 0). quant checks what it writes by the same rules it reads with.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
+import math
+import os
 import re
 import struct
 from dataclasses import dataclass, field
@@ -37,8 +61,8 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from quant.calib.ranges import RangeResult, TensorRange
-from quant.errors import CacheMismatch, CalibrationError
-from quant.fileio import atomic_write_bytes, atomic_write_json, sha256_bytes
+from quant.errors import CacheMismatch, CalibrationError, QuantError
+from quant.fileio import atomic_write_bytes, sha256_bytes
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +70,11 @@ ALGORITHM = "EntropyCalibration2"
 DEFAULT_TRT_VERSION = "101300"  # TensorRT 10.13.0, the last line of releases with implicit INT8 calibration
 INT8_MAX = 127
 SIDECAR_FORMAT = "quant-calibration-cache/1"
-_HEADER = re.compile(r"^TRT-(\d+)-(\w+)$")
+LEGACY_HEADER = "1"  # TensorRT 4: the first line is only this; such a cache has algorithm ""
+_HEADER = re.compile(r"TRT-([0-9]+)-([A-Za-z0-9_]+)", re.ASCII)  # ASCII only: \d would accept e.g. Arabic digits
+_VERSION = re.compile(r"[0-9]+", re.ASCII)
+_HEX = re.compile(r"[0-9a-fA-F]{1,8}", re.ASCII)
+_SIGN_BIT = 0x80000000
 
 
 # ---- TensorRT cache format -----------------------------------------------------------------------------------------
@@ -56,13 +84,13 @@ _HEADER = re.compile(r"^TRT-(\d+)-(\w+)$")
 class CalibrationCache:
     """A TensorRT calibration cache: header and, per tensor in file order, the float32 bits of its scale."""
 
-    version: str
-    algorithm: str
+    version: str  # TensorRT's version digits ("1" for a TensorRT 4 cache)
+    algorithm: str  # "" for a TensorRT 4 cache (header `1`)
     scale_bits: Mapping[str, int]
 
     @property
     def header(self) -> str:
-        return f"TRT-{self.version}-{self.algorithm}"
+        return LEGACY_HEADER if not self.algorithm else f"TRT-{self.version}-{self.algorithm}"
 
     def scales(self) -> dict[str, float]:
         return {name: bits_to_float(bits) for name, bits in self.scale_bits.items()}
@@ -80,8 +108,9 @@ def bits_to_float(bits: int) -> float:
 
 
 def scale_of(amax: float) -> float:
-    """float32(amax / 127): the scale TensorRT stores."""
-    return float(np.float32(amax / INT8_MAX))
+    """float32(amax / 127): the scale TensorRT stores (inf when amax / 127 exceeds float32)."""
+    with np.errstate(over="ignore"):
+        return float(np.float32(amax / INT8_MAX))
 
 
 def trt_version_digits(version: str) -> str:
@@ -107,42 +136,79 @@ def cache_from_amax(amax: Mapping[str, float], version: str | None = None, algor
 
 
 def format_cache(cache: CalibrationCache) -> bytes:
+    """The cache file's bytes; CalibrationError if parse_cache would not read exactly this cache back."""
+    if cache.algorithm and not (_VERSION.fullmatch(cache.version) and _HEADER.fullmatch(cache.header)):
+        raise CalibrationError(f"cannot write cache header {cache.header!r}: the TensorRT version must be ASCII digits "
+                               "(e.g. 8401, 101300) and the algorithm a word (e.g. EntropyCalibration2)")
     lines = [cache.header] + [f"{name}: {bits:x}" for name, bits in cache.scale_bits.items()]
-    return ("\n".join(lines) + "\n").encode("utf-8")
+    data = ("\n".join(lines) + "\n").encode("utf-8")
+    try:
+        parsed = _parse(data, "the cache being written", warn=False)
+    except CalibrationError as error:
+        raise CalibrationError(f"cannot write a cache quant could not read back: {error}") from None
+    unreadable = [name for name in cache.scale_bits if parsed.scale_bits.get(name) != cache.scale_bits[name]]
+    if unreadable or len(parsed.scale_bits) != len(cache.scale_bits):
+        raise CalibrationError(f"cannot write a cache quant could not read back: tensor names {unreadable[:3]!r} "
+                               "must be one non-empty line each")
+    return data
 
 
 def parse_cache(data: bytes, source: str = "<bytes>") -> CalibrationCache:
+    """Read a TensorRT calibration cache; CalibrationError naming the line for anything TensorRT would not write."""
+    return _parse(data, source, warn=True)
+
+
+def _parse(data: bytes, source: str, warn: bool) -> CalibrationCache:
     try:
         lines = data.decode("utf-8").splitlines()
     except UnicodeDecodeError as error:
         raise CalibrationError(f"{source} is not a TensorRT calibration cache (not text): {error}") from error
-    match = _HEADER.match(lines[0].strip()) if lines else None
-    if match is None:
-        raise CalibrationError(f"{source}: first line {lines[0][:60] if lines else ''!r} is not a TensorRT cache "
-                               "header like TRT-8401-EntropyCalibration2")
+    first = lines[0].strip() if lines else ""
+    match = _HEADER.fullmatch(first)
+    if match is not None:
+        version, algorithm = match.group(1), match.group(2)
+    elif first == LEGACY_HEADER:
+        version, algorithm = LEGACY_HEADER, ""
+    else:
+        raise CalibrationError(f"{source}:1: {first[:60]!r} is not a TensorRT cache header like "
+                               "TRT-8401-EntropyCalibration2 (version in ASCII digits)")
     bits: dict[str, int] = {}
+    lines_of: dict[str, int] = {}
     for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
         name, sep, value = line.rpartition(": ")
         parsed = _parse_hex(value.strip()) if sep and name else None
         if parsed is None:
-            raise CalibrationError(f"{source}:{number}: expected 'tensor_name: <hex float32 scale>', got {line!r}")
+            raise CalibrationError(f"{source}:{number}: expected 'tensor_name: <hex float32 scale>', got {line[:80]!r}")
+        if name in lines_of:
+            raise CalibrationError(f"{source}:{number}: tensor {name!r} appears again (first on line "
+                                   f"{lines_of[name]}); a cache holds one scale per tensor")
+        scale = bits_to_float(parsed)
+        if math.isnan(scale) or parsed & _SIGN_BIT:
+            raise CalibrationError(f"{source}:{number}: tensor {name!r} has scale {scale} (bits {value.strip()}); a "
+                                   "scale must be a number >= 0")
+        if math.isinf(scale) and warn:
+            log.warning("%s:%d: tensor %r has an infinite scale: it cannot be quantized", source, number, name)
         bits[name] = parsed
-    return CalibrationCache(match.group(1), match.group(2), bits)
+        lines_of[name] = number
+    return CalibrationCache(version, algorithm, bits)
 
 
 def _parse_hex(text: str) -> int | None:
-    if not re.fullmatch(r"[0-9a-fA-F]{1,8}", text):
+    if not _HEX.fullmatch(text):
         return None
     return int(text, 16)
 
 
 def read_cache(path: str | Path) -> CalibrationCache:
+    """The cache at `path` (as quant's store resolves it: a committed pending pair counts)."""
     path = Path(path)
-    if not path.is_file():
+    with _shared_lock(path):
+        data = _resolve(path).data
+    if data is None:
         raise CalibrationError(f"calibration cache {path} not found")
-    return parse_cache(path.read_bytes(), str(path))
+    return parse_cache(data, str(path))
 
 
 # ---- key and sidecar -----------------------------------------------------------------------------------------------
@@ -224,6 +290,7 @@ class CacheEntry:
     ranges: Mapping[str, TensorRange]
     created: str
     info: Mapping[str, Any] = field(default_factory=dict)
+    cache_sha256: str = ""  # sha256 of the cache file's bytes (the sidecar's record, checked on read)
 
     @property
     def sidecar(self) -> Path:
@@ -235,63 +302,236 @@ def sidecar_path(cache_path: str | Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-@contextlib.contextmanager
-def locked(cache_path: str | Path, exclusive: bool = True) -> Iterator[None]:
-    """fcntl lock on `.<name>.lock` beside the cache (the lock file is kept: deleting it would race)."""
+def _pending_cache(path: Path) -> Path:
+    return path.with_name(f".{path.name}.new")
+
+
+def _pending_sidecar(path: Path) -> Path:
+    return path.with_name(f".{path.name}.json.new")
+
+
+def _lock_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.lock")
+
+
+def has_sidecar(cache_path: str | Path) -> bool:
+    """Is there a sidecar (in place or committed pending) for the cache at `cache_path`?"""
     path = Path(cache_path)
+    return os.path.lexists(sidecar_path(path)) or os.path.lexists(_pending_sidecar(path))
+
+
+def entry_exists(cache_path: str | Path) -> bool:
+    """Is there anything at `cache_path` that reads as (part of) an entry? A stray uncommitted `.<name>.new` is not."""
+    return os.path.lexists(cache_path) or has_sidecar(cache_path)
+
+
+def ensure_writable(cache_path: str | Path) -> None:
+    """Fail early, in one line, when the entry at `cache_path` could not be written (read-only store, no folder
+    permission): before minutes of calibration rather than after. Creates the folder and the lock file only."""
+    path = Path(cache_path)
+    try:
+        with _exclusive_lock(path):
+            pass
+    except OSError as error:
+        raise CalibrationError(f"cannot write calibration cache {path}: {error.strerror or error} -> choose a "
+                               "writable -o/--store") from None
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """Writers: fcntl lock on `.<name>.lock` beside the cache (the lock file is kept: deleting it would race)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    with open(_lock_path(path), "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _shared_lock(path: Path) -> Iterator[bool]:
+    """Readers: the shared lock if the lock file exists (opened read-only: never created); yields whether it is held."""
+    try:
+        handle = open(_lock_path(path), "rb")
+    except OSError:  # no writer has been here (or the lock is unreadable): read unlocked, read_entry re-checks
+        yield False
+        return
+    with handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_SH)
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise CalibrationError(f"{path} is a folder, not a calibration cache file") from None
+    except OSError as error:
+        raise CalibrationError(f"cannot read {path}: {error.strerror or error}") from None
+
+
+@dataclass(frozen=True)
+class _Pair:
+    """What the files beside `path` say the entry is (see the module docstring's rule)."""
+
+    cache_file: Path
+    data: bytes | None
+    sidecar_file: Path
+    sidecar: bytes | None
+
+    @property
+    def pending(self) -> bool:
+        return self.sidecar_file.name.endswith(".json.new")
+
+
+def _recorded_sha(sidecar: bytes) -> str | None:
+    try:
+        meta = json.loads(sidecar)
+    except (ValueError, RecursionError):
+        return None
+    value = meta.get("cache_sha256") if isinstance(meta, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _resolve(path: Path) -> _Pair:
+    """The entry at `path`: a committed pending pair if there is one, else the cache file with its sidecar."""
+    pending = _read_bytes(_pending_sidecar(path))
+    wanted = _recorded_sha(pending) if pending is not None else None
+    if wanted is not None:
+        for candidate in (path, _pending_cache(path)):
+            data = _read_bytes(candidate)
+            if data is not None and sha256_bytes(data) == wanted:
+                return _Pair(candidate, data, _pending_sidecar(path), pending)
+    side = sidecar_path(path)
+    return _Pair(path, _read_bytes(path), side, _read_bytes(side))
+
+
 def write_entry(cache_path: str | Path, key: CacheKey, result: RangeResult, info: Mapping[str, Any] | None = None,
                 version: str | None = None) -> CacheEntry:
-    """Write the TensorRT cache and then its sidecar, atomically and under the lock."""
+    """Replace the entry at `cache_path` with this cache and sidecar as one pair (module docstring), under the lock.
+
+    CalibrationError (one line) when the store cannot be written (read-only, full disk); the previous pair stays."""
     path = Path(cache_path)
     if key.method != result.method:
         raise CalibrationError(f"key method {key.method} does not match the ranges' method {result.method}")
+    # quant writes nothing it would refuse to read: the same checks as read_entry, before touching the disk
+    tensors = {name: _range_to_dict(item) for name, item in result.tensors.items()}
+    try:
+        ranges = _ranges_of({"tensors": tensors}, sidecar_path(path))
+    except QuantError as error:
+        raise CalibrationError(f"not writing {path}: its sidecar would be refused when read: {error}") from None
     cache = cache_from_amax(result.amax, version)
     data = format_cache(cache)
+    _check_binding(cache, ranges, path, sidecar_path(path))
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     sidecar = {
         "format": SIDECAR_FORMAT, "key": key.to_dict(), "created": created, "cache_file": path.name,
-        "cache_sha256": sha256_bytes(data), "header": cache.header, "batches": result.batches,
-        "skipped": list(result.skipped), "info": dict(info or {}),
-        "tensors": {name: _range_to_dict(item) for name, item in result.tensors.items()},
+        "cache_sha256": sha256_bytes(data), "header": cache.header, "batches": int(result.batches),
+        "skipped": list(result.skipped), "info": dict(info or {}), "tensors": tensors,
     }
-    with locked(path):
-        atomic_write_bytes(path, data)
-        atomic_write_json(sidecar_path(path), sidecar)
+    side_bytes = (json.dumps(sidecar, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+    try:
+        with _exclusive_lock(path):
+            _recover(path)
+            _commit(path, data, side_bytes)
+            try:
+                _finish(path)
+            except OSError as error:  # committed: readers already see the new pair; the next writer finishes it
+                log.warning("%s: new cache committed but not yet renamed into place (%s)", path, error)
+    except OSError as error:
+        raise CalibrationError(f"cannot write calibration cache {path}: {error.strerror or error} -> free space or "
+                               "choose a writable -o/--store (any previous cache there is unchanged)") from None
     log.info("wrote %s (%d tensors, %s) and its sidecar", path, len(cache.scale_bits), key.method)
     entry_info = dict(info or {}, batches=result.batches, skipped=list(result.skipped))
-    return CacheEntry(path, key, cache, dict(result.tensors), created, entry_info)
+    return CacheEntry(path, key, cache, dict(result.tensors), created, entry_info, sha256_bytes(data))
+
+
+def _commit(path: Path, data: bytes, sidecar: bytes) -> None:
+    """Steps 1 and 2: the pending cache, then the pending sidecar (the commit point). On failure nothing is left."""
+    try:
+        atomic_write_bytes(_pending_cache(path), data)
+        atomic_write_bytes(_pending_sidecar(path), sidecar)
+    except BaseException:
+        _pending_sidecar(path).unlink(missing_ok=True)
+        _pending_cache(path).unlink(missing_ok=True)
+        raise
+
+
+def _finish(path: Path) -> None:
+    """Step 3: move a committed pending pair into place, cache first (the pending sidecar still binds it)."""
+    if _pending_cache(path).exists():
+        os.replace(_pending_cache(path), path)
+    os.replace(_pending_sidecar(path), sidecar_path(path))
+    _fsync_dir(path.parent)
+
+
+def _recover(path: Path) -> None:
+    """Under the exclusive lock: finish a committed pair a killed writer left, delete everything uncommitted."""
+    if _resolve(path).pending:
+        _finish(path)
+    _pending_sidecar(path).unlink(missing_ok=True)
+    _pending_cache(path).unlink(missing_ok=True)
+    names = (path.name, sidecar_path(path).name, _pending_cache(path).name, _pending_sidecar(path).name)
+    # quant.fileio temp files are `.<target>.<8 random chars>.tmp`; only writers of this entry (we hold its lock) make them
+    temp = re.compile("|".join(re.escape(f".{name}.") + r"[a-z0-9_]{8}\.tmp" for name in names))
+    for item in path.parent.iterdir():
+        if temp.fullmatch(item.name):
+            item.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames durable across a power cut (a kill needs no fsync: the kernel keeps the renames)."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.EBADF):  # some file systems cannot fsync a folder
+            raise
+    finally:
+        os.close(handle)
 
 
 def read_entry(cache_path: str | Path) -> CacheEntry:
-    """Read a cache and its sidecar; they must belong together."""
+    """Read a cache and its sidecar; they must belong together (module docstring). Never writes anything."""
     path = Path(cache_path)
-    with locked(path, exclusive=False):
-        if not path.is_file():
-            raise CalibrationError(f"calibration cache {path} not found")
-        data = path.read_bytes()
-        side = sidecar_path(path)
-        if not side.is_file():
-            raise CacheMismatch(f"{path} has no sidecar {side.name}: its key (model, data, method) is unknown, so "
-                                "it cannot be reused safely -> re-run quant calibrate")
-        meta = json.loads(side.read_text())
-    if meta.get("format") != SIDECAR_FORMAT:
-        raise CacheMismatch(f"{side}: unknown sidecar format {meta.get('format')!r}, expected {SIDECAR_FORMAT}")
-    if meta.get("cache_sha256") != sha256_bytes(data):
+    with _shared_lock(path) as held:
+        pair = _resolve(path)
+    if not held and os.path.exists(_lock_path(path)) and not _binds(pair):
+        with _shared_lock(path):  # a writer started while we read unlocked: read again under its lock
+            pair = _resolve(path)
+    return _entry_of(path, pair)
+
+
+def _binds(pair: _Pair) -> bool:
+    return pair.data is not None and pair.sidecar is not None and _recorded_sha(pair.sidecar) == sha256_bytes(pair.data)
+
+
+def _entry_of(path: Path, pair: _Pair) -> CacheEntry:
+    if pair.data is None:
+        raise CalibrationError(f"calibration cache {path} not found")
+    side = sidecar_path(path)
+    if pair.sidecar is None:
+        raise CacheMismatch(f"{path} has no sidecar {side.name}: its key (model, data, method) is unknown, so "
+                            "it cannot be reused safely -> re-run quant calibrate")
+    meta = _load_sidecar(pair.sidecar, pair.sidecar_file)
+    if meta["cache_sha256"] != sha256_bytes(pair.data):
         raise CacheMismatch(f"{path} does not match its sidecar {side.name} (cache sha256 differs): the pair was "
                             "not written by one run -> re-run quant calibrate --force")
-    ranges = {name: _range_from_dict(name, item) for name, item in meta["tensors"].items()}
-    info = dict(meta.get("info", {}), batches=meta.get("batches", 0), skipped=meta.get("skipped", []))
-    return CacheEntry(path, CacheKey.from_dict(meta["key"]), parse_cache(data, str(path)), ranges,
-                      str(meta.get("created", "")), info)
+    cache = parse_cache(pair.data, str(path))
+    ranges = _ranges_of(meta, pair.sidecar_file)
+    _check_binding(cache, ranges, path, pair.sidecar_file)
+    key = _key_of(meta, pair.sidecar_file)
+    info = dict(meta["info"], batches=meta["batches"], skipped=meta["skipped"])
+    return CacheEntry(path, key, cache, ranges, meta["created"], info, meta["cache_sha256"])
 
 
 def check_entry(cache_path: str | Path, key: CacheKey) -> CacheEntry:
@@ -304,22 +544,119 @@ def check_entry(cache_path: str | Path, key: CacheKey) -> CacheEntry:
 
 
 def remove_entry(cache_path: str | Path) -> None:
+    """Remove a calibration cache with its own sidecar; anything else (another file, a cache whose sidecar is
+    missing or not its own) is refused. A missing path is an error that creates nothing (no lock file, no folder)."""
     path = Path(cache_path)
-    with locked(path):
-        if not path.exists() and not sidecar_path(path).exists():
-            raise CalibrationError(f"calibration cache {path} not found")
-        sidecar_path(path).unlink(missing_ok=True)  # sidecar first: a cache without sidecar is never reused
-        path.unlink(missing_ok=True)
+    if not entry_exists(path):
+        raise CalibrationError(f"calibration cache {path} not found")
+    with _shared_lock(path):
+        pair = _resolve(path)
+    why = ""
+    if pair.data is None:
+        why = "there is no cache file, only a sidecar"
+    else:
+        try:
+            parse_cache(pair.data, str(path))
+        except CalibrationError as error:
+            why = f"it is not a TensorRT calibration cache ({error})"
+    if not why and pair.sidecar is None:
+        why = f"it has no sidecar {sidecar_path(path).name}, so quant did not write it"
+    if not why:
+        try:
+            read_entry(path)
+        except (CacheMismatch, CalibrationError) as error:
+            why = f"its sidecar is not its own ({error})"
+    if why:
+        raise CalibrationError(f"refusing to remove {path}: {why}; quant cache rm removes only a calibration cache "
+                               "with its own sidecar (delete other files yourself)")
+    try:
+        with _exclusive_lock(path):
+            # sidecars first: a cache left without its sidecar is never reused
+            for item in (_pending_sidecar(path), sidecar_path(path), _pending_cache(path), path):
+                item.unlink(missing_ok=True)
+    except OSError as error:
+        raise CalibrationError(f"cannot remove calibration cache {path}: {error.strerror or error}") from None
+
+
+# ---- sidecar checks (what quant writes; read_entry and write_entry both apply them) ---------------------------------
+
+
+def _bad_sidecar(side: Path, what: str) -> CalibrationError:
+    return CalibrationError(f"sidecar {side}: {what}; it is not the sidecar quant writes -> re-run quant calibrate "
+                            "--force")
+
+
+def _load_sidecar(data: bytes, side: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(data)
+    except (ValueError, RecursionError) as error:
+        raise _bad_sidecar(side, f"not JSON ({str(error)[:80]})") from None
+    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise _bad_sidecar(side, f"format {str(found)[:40]!r}, expected a JSON object of format {SIDECAR_FORMAT}")
+    for name, kind in (("cache_sha256", str), ("created", str), ("key", dict), ("tensors", dict), ("info", dict),
+                       ("skipped", list)):
+        if not isinstance(meta.get(name), kind):
+            raise _bad_sidecar(side, f"field {name!r} is missing or not a {kind.__name__}")
+    if not _is_count(meta.get("batches")):
+        raise _bad_sidecar(side, "field 'batches' is missing or not a count")
+    return meta
+
+
+def _key_of(meta: Mapping[str, Any], side: Path) -> CacheKey:
+    key = meta["key"]
+    for name, kind in (("model_sha256", str), ("data_sha256", str), ("method", str), ("params", dict),
+                       ("versions", dict)):
+        if not isinstance(key.get(name), kind):
+            raise _bad_sidecar(side, f"key field {name!r} is missing or not a {kind.__name__}")
+    return CacheKey.from_dict(key)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _ranges_of(meta: Mapping[str, Any], side: Path) -> dict[str, TensorRange]:
+    ranges = {}
+    for name, item in meta["tensors"].items():
+        if not isinstance(item, dict):
+            raise _bad_sidecar(side, f"tensor {name!r} is not an object")
+        values = {field_: item.get(field_) for field_ in ("amax", "min", "max")}
+        if not all(_is_number(value) for value in values.values()):
+            raise _bad_sidecar(side, f"tensor {name!r}: amax, min and max must be numbers, got {values}")
+        amax, low, high = (float(item[field_]) for field_ in ("amax", "min", "max"))
+        if not all(math.isfinite(value) for value in (amax, low, high)) or amax < 0 or math.isinf(scale_of(amax)):
+            raise CacheMismatch(f"sidecar {side}: tensor {name!r} has amax {amax}, min {low}, max {high}; each must "
+                                "be finite and amax >= 0 (a float32 scale) -> re-run quant calibrate --force")
+        if not (_is_count(item.get("count")) and _is_count(item.get("nonfinite"))):
+            raise _bad_sidecar(side, f"tensor {name!r}: count and nonfinite must be counts")
+        ranges[name] = TensorRange(name, amax, low, high, int(item["count"]), int(item["nonfinite"]))
+    return ranges
+
+
+def _check_binding(cache: CalibrationCache, ranges: Mapping[str, TensorRange], path: Path, side: Path) -> None:
+    """The sidecar's ranges are the cache's scales: same tensors, float32(amax / 127) within one float32 step."""
+    if set(cache.scale_bits) != set(ranges):
+        only_cache = sorted(set(cache.scale_bits) - set(ranges))[:3]
+        only_side = sorted(set(ranges) - set(cache.scale_bits))[:3]
+        raise CacheMismatch(f"{path} and its sidecar {side.name} list different tensors (only in the cache: "
+                            f"{only_cache}, only in the sidecar: {only_side}) -> re-run quant calibrate --force")
+    for name, item in ranges.items():
+        bits = cache.scale_bits[name]
+        # both scales are >= 0, and the bit patterns of non-negative floats are ordered like their values
+        if abs(float_to_bits(scale_of(item.amax)) - bits) > 1:
+            raise CacheMismatch(f"sidecar {side}: tensor {name!r} has amax {item.amax:.9g}, so scale "
+                                f"{scale_of(item.amax):.9g}, but {path} holds scale {bits_to_float(bits):.9g} "
+                                "(amax / 127 must agree) -> re-run quant calibrate --force")
 
 
 def _range_to_dict(item: TensorRange) -> dict[str, Any]:
-    return {"amax": item.amax, "min": item.minimum, "max": item.maximum, "count": item.count,
-            "nonfinite": item.nonfinite}
-
-
-def _range_from_dict(name: str, item: Mapping[str, Any]) -> TensorRange:
-    return TensorRange(name, float(item["amax"]), float(item["min"]), float(item["max"]), int(item["count"]),
-                       int(item["nonfinite"]))
+    return {"amax": float(item.amax), "min": float(item.minimum), "max": float(item.maximum), "count": int(item.count),
+            "nonfinite": int(item.nonfinite)}
 
 
 # ---- the store -----------------------------------------------------------------------------------------------------
@@ -340,17 +677,35 @@ def store_path(store_dir: str | Path, key: CacheKey, name: str = "calib") -> Pat
     return Path(store_dir) / f"{name}-{key.method}-{key.digest()[:12]}.cache"
 
 
-def list_entries(store_dir: str | Path) -> list[CacheEntry]:
-    entries = []
-    for side in sorted(Path(store_dir).glob("*.json")):
-        cache = side.with_name(side.name[: -len(".json")])
-        if not cache.is_file():
-            continue
+@dataclass(frozen=True)
+class StoreListing:
+    entries: tuple[CacheEntry, ...]
+    bad: tuple[tuple[Path, str], ...]  # (cache path, why it is skipped)
+
+
+def scan_store(store_dir: str | Path) -> StoreListing:
+    """Every entry of the store (a cache with a sidecar, or a committed pending pair); bad ones named, not raised."""
+    store = Path(store_dir)
+    names = {side.name[: -len(".json")] for side in store.glob("*.json")}
+    names |= {side.name[1: -len(".json.new")] for side in store.glob(".*.json.new")}
+    entries, bad = [], []
+    for name in sorted(names):
+        cache = store / name
+        if not (os.path.lexists(cache) or os.path.lexists(_pending_sidecar(cache))):
+            continue  # a JSON file that is no sidecar of a cache here
         try:
             entries.append(read_entry(cache))
-        except (CacheMismatch, CalibrationError, ValueError, KeyError) as error:
-            log.warning("skipping %s: %s", cache, error)
-    return entries
+        except QuantError as error:
+            bad.append((cache, str(error)))
+    return StoreListing(tuple(entries), tuple(bad))
+
+
+def list_entries(store_dir: str | Path) -> list[CacheEntry]:
+    """The good entries of the store; each bad one is skipped with a warning naming it."""
+    listing = scan_store(store_dir)
+    for cache, reason in listing.bad:
+        log.warning("skipping %s: %s", cache, reason)
+    return list(listing.entries)
 
 
 def lookup(store_dir: str | Path, key: CacheKey) -> Lookup:

@@ -18,7 +18,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from quant.calib.cache import CacheEntry, CacheKey, check_entry, read_entry, sidecar_path, store_path, write_entry
+from quant.calib.cache import (CacheEntry, CacheKey, check_entry, ensure_writable, entry_exists, read_entry, store_path,
+                               write_entry)
 from quant.calib.ranges import FeedSource, RangeOptions, collect_ranges, method_params
 from quant.errors import CacheMismatch, CalibrationError
 from quant.fileio import sha256_file
@@ -102,6 +103,7 @@ def calibrate(
     reused = _reuse(target, key, options.force)
     if reused is not None:
         return reused
+    ensure_writable(target)  # a read-only store fails now, not after the calibration
     log.info("calibrating %s with %s on %s", onnx_path, method, manifest or "the reader's default set")
     result = collect_ranges(onnx_path, source, method, _bounded(options.ranges, model_kind))
     info = {"model": str(onnx_path), "model_kind": model_kind, "manifest": str(manifest) if manifest else None}
@@ -232,7 +234,7 @@ def resolved_manifest(model_kind: str | None, manifest: str | Path | None) -> Pa
 
 
 def _reuse(target: Path, key: CacheKey, force: bool) -> CacheEntry | None:
-    if not target.exists() and not sidecar_path(target).exists():
+    if not entry_exists(target):  # a stray uncommitted `.<name>.new` of a killed first write counts as nothing
         return None
     try:
         entry = check_entry(target, key)

@@ -51,32 +51,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from quant.calib.cache import list_entries
+    from quant.calib.cache import scan_store
     from quant.calib.calibrate import default_store
 
     store = args.store or default_store()
-    entries = list_entries(store)
-    if not entries:
+    listing = scan_store(store)
+    if not listing.entries:
         print(f"no calibration caches in {store}")
-        return 0
-    print(f"{'cache':<44} {'method':<10} {'model':<12} {'data':<12} {'tensors':>7}  created")
-    for entry in entries:
+    else:
+        print(f"{'cache':<44} {'method':<10} {'model':<12} {'data':<12} {'tensors':>7}  created")
+    for entry in listing.entries:
         key = entry.key
         print(f"{entry.path.name:<44} {key.method:<10} {key.model_sha256[:12]:<12} {key.data_sha256[:12]:<12} "
               f"{len(entry.cache.scale_bits):>7}  {entry.created}")
+    for path, reason in listing.bad:
+        print(f"skipped {path.name}: {reason}")
     return 0
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from quant.calib.cache import read_cache, read_entry, sidecar_path
+    from quant.calib.cache import has_sidecar, read_cache, read_entry
 
     cache = read_cache(args.cache)
-    amax = np.array(list(cache.amax().values()), dtype=np.float64)
-    print(f"{args.cache}: {cache.header}, {amax.size} tensors")
+    every = np.array(list(cache.amax().values()), dtype=np.float64)
+    amax = every[np.isfinite(every)]
+    print(f"{args.cache}: {cache.header}, {every.size} tensors")
     if amax.size:
         print(f"amax: min {amax.min():.6g}, median {np.median(amax):.6g}, max {amax.max():.6g}; "
               f"{int((amax == 0).sum())} zero")
-    if sidecar_path(args.cache).is_file():
+    if amax.size < every.size:
+        print(f"{every.size - amax.size} tensors with an infinite scale (not quantizable)")
+    if has_sidecar(args.cache):
         entry = read_entry(args.cache)
         print(json.dumps({"key": entry.key.to_dict(), "created": entry.created, "info": entry.info}, indent=2))
         nonfinite = {name: item.nonfinite for name, item in entry.ranges.items() if item.nonfinite}
@@ -99,11 +104,14 @@ def run_diff(args: argparse.Namespace) -> int:
     print(f"{len(rows)} tensors; ratio = scale in {args.second.name} / scale in {args.first.name}")
     for name, first, second in shown:
         print(f"  {name}: {_fmt(first)} -> {_fmt(second)}  ratio {_ratio(first, second)}")
-    both = [(a, b) for _, a, b in rows if a and b]
+    both = [(a, b) for _, a, b in rows if a and b and math.isfinite(a) and math.isfinite(b)]
+    infinite = sum(1 for _, a, b in rows if a is not None and b is not None and not math.isfinite(a * b))
     if both:
         ratios = np.array([b / a for a, b in both])
         print(f"ratio over {len(both)} shared non-zero tensors: min {ratios.min():.4g}, "
               f"median {np.median(ratios):.4g}, max {ratios.max():.4g}")
+    if infinite:
+        print(f"{infinite} shared tensors with an infinite scale left out of the ratio statistics")
     return 0
 
 
@@ -146,7 +154,8 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def _log_ratio(first: float | None, second: float | None) -> float:
-    if not first or not second:
+    """|log(second / first)|; inf (listed first) where a scale is absent, zero or infinite: never NaN."""
+    if not first or not second or not math.isfinite(first * second):
         return math.inf
     return abs(math.log(second / first))
 
@@ -154,6 +163,8 @@ def _log_ratio(first: float | None, second: float | None) -> float:
 def _ratio(first: float | None, second: float | None) -> str:
     if first is None or second is None:
         return "(only in one cache)"
+    if not math.isfinite(first * second):
+        return "1 (both infinite)" if first == second else "n/a (infinite scale)"
     if first == 0:
         return "inf" if second else "1"
     return f"{second / first:.4g}"
