@@ -324,6 +324,15 @@ class AsrTaskSpec:
         if any(i is not None and i < 0 for i in (self.blank, self.sos, self.eos)):
             raise SchemaError("blank", "unit ids must be >= 0")
 
+    def token_ids(self, vocab_size: int) -> tuple[int, int, int]:
+        """(blank, sos, eos) for a units file of `vocab_size` units (sos/eos default: the last id)."""
+        ids = (self.blank, self.sos if self.sos is not None else vocab_size - 1,
+               self.eos if self.eos is not None else vocab_size - 1)
+        if max(ids) >= vocab_size:
+            raise SpecError(f"{self.units}: {vocab_size} units, but task ids (blank, sos, eos) = {ids}; "
+                            "fix [task] blank/sos/eos or the units file")
+        return ids
+
 
 @dataclass(frozen=True)
 class DefaultsSpec:
@@ -387,6 +396,7 @@ class ModelSpec:
         if len(set(roles)) != len(roles):
             raise SchemaError("graphs", f"roles must be distinct, got {roles}")
         self._check_feeds(roles)
+        self._check_names()
         if self.frontend is None and self.feeds is None:
             raise SchemaError("frontend", "a spec needs a [frontend] table (or a [feeds] escape hatch)")
         self._check_task(roles)
@@ -401,6 +411,24 @@ class ModelSpec:
                                       f"earlier graph's role (earlier: {roles[:index] or 'none'})")
                 if feed.source.startswith("nbest:") and self.model.task != "asr":
                     raise SchemaError(f"graphs[{index + 1}].feeds", "n-best feeds exist only for task 'asr'")
+
+    def _check_names(self) -> None:
+        """Names the spec uses must be among a graph's declared inputs/outputs (when it declares them)."""
+        declared = {g.role: g for g in self.graphs}
+        for index, graph in enumerate(self.graphs, start=1):
+            for feed in graph.feeds:
+                _declared(graph.inputs, feed.input, f"graphs[{index}].feeds", "inputs")
+                if feed.graph is not None:
+                    _declared(declared[feed.graph].outputs, feed.tensor, f"graphs[{index}].feeds", "outputs")
+        if self.output is not None:
+            _declared(self.output_graph().outputs, self.output.name, "output.name", "outputs")
+        streaming = self.streaming
+        if streaming is not None:
+            graph = next((g for g in self.graphs if streaming.frame_input in g.inputs), self.graphs[0])
+            _declared(graph.inputs, streaming.frame_input, "streaming.frame_input", "inputs")
+            for state in streaming.states:
+                _declared(graph.inputs, state.input, "streaming.states", "inputs")
+                _declared(graph.outputs, state.output_name, "streaming.states", "outputs")
 
     def _check_task(self, roles: list[str]) -> None:
         expected = AsrTaskSpec if self.model.task == "asr" else SeTaskSpec
@@ -425,7 +453,7 @@ class ModelSpec:
     def output_graph(self) -> GraphSpec:
         """The graph whose output the task reads (output.graph, default the last)."""
         role = self.output.graph if self.output and self.output.graph else self.graphs[-1].role
-        return self.graph(role)
+        return next((g for g in self.graphs if g.role == role), self.graphs[-1])
 
     def method(self, graph: GraphSpec) -> str:
         return graph.calibration_method or self.defaults.calibration_method
@@ -433,6 +461,11 @@ class ModelSpec:
     def to_table(self) -> dict[str, Any]:
         """Plain values (TOML/JSON) of the whole spec; the content key for stamps and caches."""
         return to_table(self)  # type: ignore[no-any-return]
+
+
+def _declared(names: tuple[str, ...], name: str, where: str, kind: str) -> None:
+    if names and name not in names:
+        raise SchemaError(where, f"{name!r} is not among the graph's declared {kind} ({', '.join(names)})")
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -484,8 +517,11 @@ def parse_spec(document: Mapping[str, Any], path: Path) -> ModelSpec:
 def _build(document: Mapping[str, Any]) -> ModelSpec:
     # [task]'s keys depend on model.task, so it is converted on its own, after everything else
     rest = from_table(_Document, document, "")
-    task_type = AsrTaskSpec if rest.model.task == "asr" else SeTaskSpec
-    task = from_table(task_type, document.get("task", {}), "task")
+    task: SeTaskSpec | AsrTaskSpec
+    if rest.model.task == "asr":
+        task = from_table(AsrTaskSpec, document.get("task", {}), "task")
+    else:
+        task = from_table(SeTaskSpec, document.get("task", {}), "task")
     return ModelSpec(model=rest.model, graphs=rest.graphs, task=task, frontend=rest.frontend,
                      streaming=rest.streaming, output=rest.output, defaults=rest.defaults, feeds=rest.feeds)
 

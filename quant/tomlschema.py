@@ -39,14 +39,14 @@ def allowed_keys(cls: type) -> list[str]:
 
 
 def join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
+    return f"{where}.{key}" if where and key else where or key
 
 
 def from_table(cls: type[T], table: Any, where: str = "") -> T:
     """Build dataclass `cls` from `table` (a dict from tomllib), rejecting unknown keys and wrong types."""
     if not isinstance(table, Mapping):
         raise SchemaError(where, f"expected a table, got {_describe(table)}")
-    fields = {key: f for f in dataclasses.fields(cls) if (key := toml_key(f)) in allowed_keys(cls)}
+    fields = {key: f for f in dataclasses.fields(cls) if (key := toml_key(f)) in allowed_keys(cls)}  # type: ignore[arg-type]
     for key in table:
         if key not in fields:
             raise SchemaError(join(where, key), f"unknown key{_suggest(key, fields)}; allowed in "
@@ -76,6 +76,8 @@ def convert(hint: Any, value: Any, where: str) -> Any:
             try:
                 return convert(option, value, where)
             except SchemaError as error:
+                if error.where != where:  # the value had the option's shape; a key inside it is wrong
+                    raise
                 errors.append(error.message)
         raise SchemaError(where, " or ".join(errors))
     if origin is typing.Literal:

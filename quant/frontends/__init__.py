@@ -24,10 +24,12 @@ from quant.spec import FrontendSpec
 
 
 class Frontend(Protocol):
-    spec: FrontendSpec
+    @property
+    def spec(self) -> FrontendSpec: ...
 
     @property
-    def natural(self) -> str: ...
+    def natural(self) -> str:
+        """The transform's own axis order (letters as in a layout) before the spec's layout is applied."""
 
     def frames(self, samples: int) -> int: ...
 

@@ -45,11 +45,11 @@ def overlap_add(frames: np.ndarray, window_values: np.ndarray, hop: int, center:
     tail past the last uncentred frame, a Hann window's zero at the very start) come back as zeros."""
     batch, count, size = frames.shape
     total = size + hop * (count - 1)
-    starts = hop * np.arange(count)[:, None] + np.arange(size)[None, :]
     signal = np.zeros((batch, total))
-    np.add.at(signal, (slice(None), starts), frames)
     weight = np.zeros(total)
-    np.add.at(weight, starts, np.broadcast_to(window_values**2, (count, size)))
+    for index in range(count):
+        signal[:, index * hop : index * hop + size] += frames[:, index]
+        weight[index * hop : index * hop + size] += window_values**2
     covered = weight > 1e-10
     if not np.all(covered[size:-size]):  # away from the ends every sample must be covered (NOLA)
         raise ModelError(f"overlap-add cannot invert these frames: windows of {size} samples every {hop} leave "

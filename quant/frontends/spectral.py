@@ -82,9 +82,14 @@ class SpectralFrontend:
             return natural[..., 0] + 1j * natural[..., 1]
         if phase is None:
             raise ModelError(f"{self.spec.transform} features have no phase; invert them with a reference phase")
-        magnitude = {"magnitude": lambda v: v, "power": np.sqrt,
-                     "log10_power": lambda v: np.sqrt(np.maximum(10.0**v - self.spec.log_floor, 0.0))}
-        return magnitude[self.spec.transform](natural) * np.exp(1j * phase)
+        return self._magnitude(natural) * np.exp(1j * phase)
+
+    def _magnitude(self, values: np.ndarray) -> np.ndarray:
+        if self.spec.transform == "power":
+            return np.sqrt(values)
+        if self.spec.transform == "log10_power":
+            return np.sqrt(np.maximum(10.0**values - self.spec.log_floor, 0.0))
+        return values
 
     def inverse(self, values: np.ndarray, length: int, phase: np.ndarray | None = None) -> np.ndarray:
         """Features (the spec's layout) -> (B, length) float32 waveform."""
