@@ -214,3 +214,44 @@ def test_pad_batch_keeps_each_utterance_independent(speech_pair: list[np.ndarray
     assert padded.shape == (2, int(lengths.max()), 161)
     np.testing.assert_array_equal(padded[1, : lengths[1]], fe.features(speech_pair[1])[0])
     assert not padded[1, lengths[1]:].any()
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+@pytest.mark.parametrize("transform, kind, layout, identity", [
+    ("stft", "spectrum", None, "features"),
+    ("stft", "mask_magnitude", None, "ones"),
+    ("stft", "mask_complex", "B C T F", "complex_one"),
+    ("magnitude", "mask_magnitude", "B T F", "ones"),
+    ("log10_power", "spectrum", None, "features"),
+    ("waveform_frames", "time_frames", None, "features"),
+])
+def test_identity_outputs_give_back_the_noisy_input(transform: str, kind: str, layout: str | None, identity: str,
+                                                    speech: np.ndarray) -> None:
+    """A model that changes nothing (mask 1, spectrum = its input) must return the noisy waveform."""
+    from quant.frontends.output import output_axes, to_waveform
+    from quant.spec import OutputSpec
+
+    spec = FrontendSpec(transform=transform, frame=512, hop=128, window="none", center=True)  # type: ignore[arg-type]
+    fe = frontend(spec)
+    output = OutputSpec(name="out", kind=kind, layout=layout)  # type: ignore[arg-type]
+    features_ = fe.features(speech)
+    if identity == "features":
+        values = features_
+    elif identity == "ones":
+        values = np.ones([features_.shape[spec.axes.index(a)] for a in output_axes(output, fe)], np.float32)
+    else:  # a complex mask 1 + 0j, (B, 2, T, F)
+        values = np.zeros((1, 2, features_.shape[2], features_.shape[1]), np.float32)
+        values[:, 0] = 1.0
+    assert snr_db(speech, to_waveform(output, fe, values, speech)[0]) > 60
+
+
+def test_a_half_magnitude_mask_halves_the_waveform(speech: np.ndarray) -> None:
+    from quant.frontends.output import to_waveform
+    from quant.spec import OutputSpec
+
+    fe = frontend(FrontendSpec(transform="magnitude", frame=320, hop=160, window="sqrt_hann", layout="B T F"))
+    mask = np.full(fe.features(speech).shape, 0.5, np.float32)
+    enhanced = to_waveform(OutputSpec(name="mask", kind="mask_magnitude"), fe, mask, speech)[0]
+    assert snr_db(0.5 * speech, enhanced) > 60
