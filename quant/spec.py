@@ -66,10 +66,10 @@ class SpecError(ModelError):
     """A model spec file is missing, not TOML, or has a key, type or value quant does not accept."""
 
 
-def _positive(where: str, **values: int | None) -> None:
+def _positive(**values: int | None) -> None:
     for key, value in values.items():
         if value is not None and value <= 0:
-            raise SchemaError(key, f"must be positive, got {value}{where}")
+            raise SchemaError(key, f"must be positive, got {value}")
 
 
 # ------------------------------------------------------------------------------------------------ sections
@@ -163,7 +163,7 @@ class FbankSpec:
     snip_edges: bool = True
 
     def __post_init__(self) -> None:
-        _positive("", bins=self.bins)
+        _positive(bins=self.bins)
         if self.frame_ms <= 0 or self.shift_ms <= 0 or self.shift_ms > self.frame_ms:
             raise SchemaError("shift_ms", f"need 0 < shift_ms <= frame_ms, got {self.shift_ms} / {self.frame_ms}")
 
@@ -188,7 +188,7 @@ class FrontendSpec:
     fbank: FbankSpec = field(default_factory=FbankSpec)
 
     def __post_init__(self) -> None:
-        _positive("", sample_rate=self.sample_rate, frame=self.frame, hop=self.hop, n_fft=self.n_fft,
+        _positive(sample_rate=self.sample_rate, frame=self.frame, hop=self.hop, n_fft=self.n_fft,
                   fixed_frames=self.fixed_frames, segment_samples=self.segment_samples)
         if self.fft_size < self.frame:
             raise SchemaError("n_fft", f"must be at least frame ({self.frame}), got {self.fft_size}")
@@ -268,7 +268,7 @@ class StreamingSpec:
     reset_per_utterance: bool = True
 
     def __post_init__(self) -> None:
-        _positive("", frames_per_step=self.frames_per_step)
+        _positive(frames_per_step=self.frames_per_step)
         names = [s.input for s in self.states]
         if len(set(names)) != len(names) or self.frame_input in names:
             raise SchemaError("states", f"state inputs must be distinct and differ from frame_input; got {names}")
@@ -318,7 +318,7 @@ class AsrTaskSpec:
     text_normalization: TextNormalization = "none"  # "english": quant.models.tokenizer.normalize_text on both sides
 
     def __post_init__(self) -> None:
-        _positive("", beam=self.beam)
+        _positive(beam=self.beam)
         if not 0.0 <= self.reverse_weight <= 1.0:
             raise SchemaError("reverse_weight", f"must be in [0, 1], got {self.reverse_weight}")
         if any(i is not None and i < 0 for i in (self.blank, self.sos, self.eos)):
@@ -345,7 +345,7 @@ class DefaultsSpec:
     frame_stride: int = 4  # streaming calibration keeps every k-th frame (the roll runs every frame)
 
     def __post_init__(self) -> None:
-        _positive("", batch_size=self.batch_size, frame_stride=self.frame_stride)
+        _positive(batch_size=self.batch_size, frame_stride=self.frame_stride)
 
 
 @dataclass(frozen=True)

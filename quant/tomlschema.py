@@ -46,7 +46,8 @@ def from_table(cls: type[T], table: Any, where: str = "") -> T:
     """Build dataclass `cls` from `table` (a dict from tomllib), rejecting unknown keys and wrong types."""
     if not isinstance(table, Mapping):
         raise SchemaError(where, f"expected a table, got {_describe(table)}")
-    fields = {key: f for f in dataclasses.fields(cls) if (key := toml_key(f)) in allowed_keys(cls)}  # type: ignore[arg-type]
+    keys = allowed_keys(cls)
+    fields = {key: f for f in dataclasses.fields(cls) if (key := toml_key(f)) in keys}  # type: ignore[arg-type]
     for key in table:
         if key not in fields:
             raise SchemaError(join(where, key), f"unknown key{_suggest(key, fields)}; allowed in "

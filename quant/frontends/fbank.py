@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from quant.errors import ModelError
-from quant.frontends.framing import as_batch, from_layout, to_layout
+from quant.frontends.framing import as_batch, to_layout
 from quant.spec import FrontendSpec
 
 
@@ -50,6 +50,3 @@ class FbankFrontend:
 
     def inverse(self, values: np.ndarray, length: int, phase: np.ndarray | None = None) -> np.ndarray:
         raise ModelError("Kaldi fbank features cannot be turned back into a waveform")
-
-    def unlayout(self, values: np.ndarray) -> np.ndarray:
-        return from_layout(values, self.natural, self.spec.axes)
