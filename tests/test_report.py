@@ -6,9 +6,33 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from quant import report
+from quant.eval import stats
+
+SE_IDS = [f"{i}:se_{i:02d}.wav" for i in range(40)]
+ASR_IDS = [f"{i}:asr_{i:02d}.wav" for i in range(20)]
+ASR_LENGTH = 50  # characters per reference transcript: 20 utterances, 1000 characters
+
+
+def se_columns(pesq: float, spread: np.ndarray | None = None) -> dict[str, list]:
+    """Per-utterance PESQ-WB whose mean is `pesq`: a fixed zero-mean pattern around it (plus `spread`)."""
+    values = pesq + np.linspace(-0.5, 0.5, len(SE_IDS)) + (0.0 if spread is None else spread)
+    return {"ids": SE_IDS, "pesq_wb": [float(v) for v in values], "pesq_nb": [float(v) + 0.3 for v in values],
+            "stoi": [0.9] * len(SE_IDS), "si_sdr": [12.0] * len(SE_IDS)}
+
+
+def asr_columns(cer: float) -> dict[str, list]:
+    """round(cer * 1000) edits spread over the 20 utterances, one more on each of the first ones."""
+    total = round(cer * len(ASR_IDS) * ASR_LENGTH)
+    errors = [total // len(ASR_IDS) + (1 if i < total % len(ASR_IDS) else 0) for i in range(len(ASR_IDS))]
+    columns: dict[str, list] = {"ids": ASR_IDS}
+    for rate in ("cer", "wer", "cer_greedy"):
+        columns[f"{rate}_errors"] = errors
+        columns[f"{rate}_length"] = [ASR_LENGTH] * len(ASR_IDS)
+    return columns
 
 
 def speed(graph: str, mean: float, unit: str = "9 s segment", batches: dict[int, float] | None = None) -> dict:
@@ -27,7 +51,8 @@ def speed(graph: str, mean: float, unit: str = "9 s segment", batches: dict[int,
 
 def se_row(backend: str, precision: str, pesq: float, mean: float, snr: float | None = None) -> dict:
     row = {"model": "dpcrn", "backend": backend, "precision": precision, "status": "ok", "error": None,
-           "task": {"pesq_wb": pesq, "pesq_nb": pesq + 0.3, "stoi": 0.9, "si_sdr": 12.0},
+           "task": {"pesq_wb": pesq, "pesq_nb": pesq + 0.3, "stoi": 0.9, "si_sdr": 12.0, "noisy_pesq_wb": 1.9},
+           "per_utterance": se_columns(pesq),
            "speed": speed("dpcrn", mean), "rtf": mean / 9000,
            "error_vs_fp32": {"dpcrn": {"enh": {"snr_db": snr}}} if snr is not None else {}}
     row["latency_ms"] = row["speed"]["dpcrn"]["threads"]["1"]["latency_ms"]  # type: ignore[index]
@@ -39,6 +64,7 @@ def asr_row(precision: str, cer: float, enc: dict[int, float]) -> dict:
     sp.update(speed("decoder", 2.0, "4.0 s utterance"))
     return {"model": "wenet", "backend": "ort", "precision": precision, "status": "ok",
             "task": {"cer": cer, "wer": cer * 2, "cer_greedy": cer + 0.01, "cer_real": cer, "cer_synthetic": cer},
+            "per_utterance": asr_columns(cer),
             "speed": sp, "rtf": 0.01, "error_vs_fp32": {}}
 
 
@@ -71,10 +97,16 @@ def test_goals_are_derived_from_rows(results: dict) -> None:
     assert by_name["WeNet encoder INT8 / FP32 at batch 8 (ORT)"].measured == pytest.approx(0.4)
     assert by_name["dpcrn ORT fp32 speed-up vs PyTorch eager"].measured == pytest.approx(2.5)
     pesq = by_name["dpcrn ORT int8 PESQ-WB change vs FP32 (int8 - fp32)"]
-    assert pesq.measured == pytest.approx(-0.04) and pesq.met is True
+    # every utterance loses exactly 0.04: the interval is that point, inside the 0.05 budget
+    assert pesq.measured == pytest.approx(-0.04) and pesq.met is True and pesq.verdict == stats.WITHIN
+    assert pesq.interval == "-0.040 [-0.040, -0.040] n=40, 100 % worse"
     assert by_name["dpcrn ORT fp16 PESQ-WB change vs FP32 (fp16 - fp32)"].met is True  # -0.005
     cer = by_name["wenet ORT int8 CER change vs FP32 (int8 - fp32)"]
-    assert cer.measured == pytest.approx(0.2) and cer.met is True
+    # 2 more edits on 2 of 20 utterances: a resample draws k ~ Binomial(20, 0.1) of them, so the change is k/10
+    # points; its 2.5 % / 97.5 % quantiles are k = 0 and 5: [0, 0.5] straddles the 0.3-point budget
+    assert cer.measured == pytest.approx(0.2) and cer.met is None
+    assert cer.interval == "+0.20 [+0.00, +0.50] n=20, 10 % worse"
+    assert cer.verdict.startswith("cannot tell at n=20; about ") and cer.met_text == cer.verdict
 
 
 def test_accuracy_goals_are_one_sided(results: dict) -> None:
