@@ -645,8 +645,8 @@ def metric_limits(points: Sequence[PlotPoint], references: Sequence[float], erro
         return 0.0, 1.0
     low, high = min(values), max(values)
     span = max(high - low, 0.1 * abs(high), 1e-6)
-    pad = 0.08 * span
-    return (0.0 if error_rate else low - pad), high + pad
+    widen = (span - (high - low)) / 2 + 0.08 * span  # to the minimum span, centred, plus a margin
+    return (0.0 if error_rate else low - widen), high + widen
 
 
 def place_labels(ax: Any, points: Sequence[PlotPoint]) -> list[Any]:
