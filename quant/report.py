@@ -206,7 +206,7 @@ class Comparison:
 
     def to_dict(self) -> dict[str, Any]:
         metrics: dict[str, Any] = {}
-        for key, change in self.changes.items():
+        for key, change in self.changes.items():  # the verdict was judged on the primary metric's change object
             judged = self.verdict if self.verdict and self.verdict.change is change else None
             metrics[key] = judged.to_dict() if judged else {**change.to_dict(), "budget": None, "verdict": None,
                                                              "n_to_tell": None}
@@ -363,7 +363,8 @@ def _change_goal(name: str, metric: str, row: Row | None, rows: Sequence[Row], c
     if row is None or reference is None or task_value(row, metric) is None or task_value(reference, metric) is None:
         return Goal(name, None, target, None)
     delta = scale * (float(task_value(row, metric)) - float(task_value(reference, metric)))  # type: ignore[arg-type]
-    return Goal(name, delta, target, None, verdict="no per-utterance results to judge on; run `quant run` again")
+    return Goal(name, delta, target, None,
+                verdict="not judged: no paired per-utterance results (see the log); run `quant run` again")
 
 
 # ------------------------------------------------------------------------------------------------ markdown / csv
