@@ -360,7 +360,8 @@ def eval_threads(spec: RowSpec, options: RunOptions) -> int:
 
 
 def evaluate_task(spec: RowSpec, data: TestData, options: RunOptions) -> dict[str, Any]:
-    """Task metrics of one row on its test set."""
+    """{"task": mean metrics, "per_utterance": columns} of one row on its test set; the per-utterance columns let
+    the report compare any two rows pairwise (quant.eval.stats)."""
     if spec.model == "wenet":
         return _evaluate_asr(spec, data, options)
     return _evaluate_se(spec, data, options)
@@ -371,7 +372,8 @@ def _evaluate_asr(spec: RowSpec, data: TestData, options: RunOptions) -> dict[st
 
     threads = eval_threads(spec, options)
     samples = list(_progress(data.asr_samples, spec.label, options.progress))
-    return evaluate_asr(spec.open("encoder", threads), spec.open("decoder", threads), samples).to_dict()
+    result = evaluate_asr(spec.open("encoder", threads), spec.open("decoder", threads), samples)
+    return {"task": result.to_dict(), "per_utterance": result.per_utterance_columns()}
 
 
 def _evaluate_se(spec: RowSpec, data: TestData, options: RunOptions) -> dict[str, Any]:
@@ -390,7 +392,7 @@ def _evaluate_se(spec: RowSpec, data: TestData, options: RunOptions) -> dict[str
         data.noisy_scores.update({name: before for name, before, _ in result.per_utterance})
     task: dict[str, Any] = {**result.enhanced.to_dict(), "utterances": result.utterances}
     task.update({f"noisy_{key}": value for key, value in result.noisy.to_dict().items()})
-    return task
+    return {"task": task, "per_utterance": result.per_utterance_columns()}
 
 
 # ------------------------------------------------------------------------------------------------ error vs FP32
@@ -619,6 +621,11 @@ def _artifact_key(spec: RowSpec) -> dict[str, Any]:
     return key
 
 
+def _has_per_utterance(cached: Any) -> bool:
+    """A stored accuracy payload is reusable only with per-utterance results (older payloads lack them)."""
+    return isinstance(cached, Mapping) and bool(cached.get("per_utterance"))
+
+
 def evaluate_row(spec: RowSpec, context: EvalContext, root: Path, options: RunOptions) -> dict[str, Any]:
     """Accuracy (cached by artifact + data hashes) and speed (measured every run) of one row."""
     key = {"artifacts": _artifact_key(spec), "data": context.data.key, "reference": context.reference_key,
@@ -627,13 +634,13 @@ def evaluate_row(spec: RowSpec, context: EvalContext, root: Path, options: RunOp
     cached = read_stamp_payload(root, name)
     if not options.accuracy:
         accuracy: dict[str, Any] = {"task": {}, "error_vs_fp32": {}}
-    elif not options.force and cached and is_fresh(root, name, key, spec.artifacts.values()):
+    elif not options.force and _has_per_utterance(cached) and is_fresh(root, name, key, spec.artifacts.values()):
         logger.info("%s: accuracy up to date (cached)", spec.label)
         accuracy = cached
     else:
         logger.info("%s: evaluating accuracy", spec.label)
         start = time.perf_counter()
-        accuracy = {"task": evaluate_task(spec, context.data, options),
+        accuracy = {**evaluate_task(spec, context.data, options),
                     "error_vs_fp32": error_vs_reference(spec, context.feeds, context.reference_outputs)}
         accuracy["eval_seconds"] = time.perf_counter() - start
         write_stamp(root, name, key, accuracy)
@@ -643,7 +650,8 @@ def evaluate_row(spec: RowSpec, context: EvalContext, root: Path, options: RunOp
     return {
         "model": spec.model, "backend": spec.backend, "precision": spec.precision, "status": "ok", "error": None,
         "artifacts": {g: str(p) for g, p in spec.artifacts.items()},
-        "task": accuracy["task"], "error_vs_fp32": accuracy["error_vs_fp32"],
+        "task": accuracy["task"], "per_utterance": accuracy.get("per_utterance", {}),
+        "error_vs_fp32": accuracy["error_vs_fp32"],
         "speed": speed, "latency_ms": latency, "rtf": rtf,
     }
 

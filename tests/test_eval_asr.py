@@ -129,6 +129,21 @@ def test_scores_split_by_source() -> None:
     assert flat["cer_real"] == 0.0 and flat["utterances_synthetic"] == 1
 
 
+def test_per_utterance_edit_counts_sum_to_the_corpus_rates() -> None:
+    samples = [asr.AsrSample("a", np.zeros(1), "hello world", "real"),
+               asr.AsrSample("b", np.zeros(1), "good day to you", "real")]
+    transcripts = [asr.Transcript("hello word", "hello world"), asr.Transcript("good day", "good bay to you")]
+    result = asr.score_transcripts(samples, transcripts)
+    columns = result.per_utterance_columns()
+    assert columns["ids"] == ["a", "b"]
+    assert columns["cer_errors"] == [0, 1] and columns["cer_length"] == [11, 15]
+    assert columns["wer_errors"] == [0, 1] and columns["wer_length"] == [2, 4]
+    assert columns["cer_greedy_errors"] == [1, 7]  # "good day" drops " to you"
+    for rate in asr.RATES:
+        corpus = sum(columns[f"{rate}_errors"]) / sum(columns[f"{rate}_length"])  # type: ignore[arg-type]
+        assert corpus == pytest.approx(getattr(result.overall, rate))
+
+
 def test_balanced_subset_takes_every_group() -> None:
     items = ["r1", "r2", "r3", "s1", "s2"]
     subset = asr.balanced_subset(items, 3, lambda item: item[0])

@@ -146,6 +146,20 @@ def test_evaluate_se_scores_noisy_and_enhanced(speech: np.ndarray) -> None:
     assert result.to_dict()["pesq_wb"] == result.enhanced.pesq_wb
 
 
+def test_per_utterance_columns_keep_every_utterance(speech: np.ndarray) -> None:
+    rng = np.random.default_rng(0)
+    half = speech.size // 2
+    pairs = [(name, clip + 0.3 * np.std(clip) * rng.standard_normal(clip.size).astype(np.float32), clip)
+             for name, clip in (("u1", speech[:half]), ("u2", speech[half:]))]
+    result = se.evaluate_se(lambda x: x, pairs)
+    columns = result.per_utterance_columns()
+    assert columns["ids"] == ["u1", "u2"]
+    assert set(columns) == {"ids", "pesq_wb", "pesq_nb", "stoi", "si_sdr"}
+    for key in ("pesq_wb", "pesq_nb", "stoi", "si_sdr"):
+        assert len(columns[key]) == 2
+        assert np.mean(columns[key]) == pytest.approx(getattr(result.enhanced, key))  # the row's mean, unrounded
+
+
 def test_torch_streaming_matches_offline(speech: np.ndarray) -> None:
     from quant.backends.torch import torch_runner
 

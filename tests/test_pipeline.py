@@ -120,6 +120,37 @@ def test_second_run_reuses_accuracy(fake_run: pipeline.RunOptions, tmp_path: Pat
     assert len(calls) == 3
 
 
+def test_rows_keep_per_utterance_scores_through_the_stamps(fake_run: pipeline.RunOptions, tmp_path: Path) -> None:
+    first = pipeline.run_all(fake_run)
+    again = pipeline.run_all(fake_run)  # accuracy reused from the stamps
+    for result in (first, again):
+        rows = {row["precision"]: row for row in result.results["rows"]}
+        columns = rows["int8"]["per_utterance"]
+        assert columns["ids"] == ["0:librivox_0880.flac"]
+        assert columns["pesq_wb"] == [pytest.approx(rows["int8"]["task"]["pesq_wb"])]
+    assert first.results["rows"][0]["per_utterance"] == again.results["rows"][0]["per_utterance"]
+
+
+def test_stored_accuracy_without_per_utterance_scores_is_recomputed(fake_run: pipeline.RunOptions, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    pipeline.run_all(fake_run)
+    for stamp in (tmp_path / pipeline.STAMP_DIR).glob("eval-*.json"):  # as an earlier quant version wrote them
+        recorded = json.loads(stamp.read_text())
+        del recorded["payload"]["per_utterance"]
+        stamp.write_text(json.dumps(recorded))
+    calls: list[str] = []
+    original = pipeline.evaluate_task
+
+    def counting(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        calls.append("eval")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "evaluate_task", counting)
+    result = pipeline.run_all(fake_run)
+    assert len(calls) == 3
+    assert all(row["per_utterance"]["ids"] for row in result.results["rows"])
+
+
 def test_failed_build_fails_the_run_but_keeps_other_rows(fake_run: pipeline.RunOptions, tmp_path: Path) -> None:
     FakeSteps.fail_int8 = True
     result = pipeline.run_all(fake_run)

@@ -6,9 +6,33 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from quant import report
+from quant.eval import stats
+
+SE_IDS = [f"{i}:se_{i:02d}.wav" for i in range(40)]
+ASR_IDS = [f"{i}:asr_{i:02d}.wav" for i in range(20)]
+ASR_LENGTH = 50  # characters per reference transcript: 20 utterances, 1000 characters
+
+
+def se_columns(pesq: float, spread: np.ndarray | None = None) -> dict[str, list]:
+    """Per-utterance PESQ-WB whose mean is `pesq`: a fixed zero-mean pattern around it (plus `spread`)."""
+    values = pesq + np.linspace(-0.5, 0.5, len(SE_IDS)) + (0.0 if spread is None else spread)
+    return {"ids": SE_IDS, "pesq_wb": [float(v) for v in values], "pesq_nb": [float(v) + 0.3 for v in values],
+            "stoi": [0.9] * len(SE_IDS), "si_sdr": [12.0] * len(SE_IDS)}
+
+
+def asr_columns(cer: float) -> dict[str, list]:
+    """round(cer * 1000) edits spread over the 20 utterances, one more on each of the first ones."""
+    total = round(cer * len(ASR_IDS) * ASR_LENGTH)
+    errors = [total // len(ASR_IDS) + (1 if i < total % len(ASR_IDS) else 0) for i in range(len(ASR_IDS))]
+    columns: dict[str, list] = {"ids": ASR_IDS}
+    for rate in ("cer", "wer", "cer_greedy"):
+        columns[f"{rate}_errors"] = errors
+        columns[f"{rate}_length"] = [ASR_LENGTH] * len(ASR_IDS)
+    return columns
 
 
 def speed(graph: str, mean: float, unit: str = "9 s segment", batches: dict[int, float] | None = None) -> dict:
@@ -27,7 +51,8 @@ def speed(graph: str, mean: float, unit: str = "9 s segment", batches: dict[int,
 
 def se_row(backend: str, precision: str, pesq: float, mean: float, snr: float | None = None) -> dict:
     row = {"model": "dpcrn", "backend": backend, "precision": precision, "status": "ok", "error": None,
-           "task": {"pesq_wb": pesq, "pesq_nb": pesq + 0.3, "stoi": 0.9, "si_sdr": 12.0},
+           "task": {"pesq_wb": pesq, "pesq_nb": pesq + 0.3, "stoi": 0.9, "si_sdr": 12.0, "noisy_pesq_wb": 1.9},
+           "per_utterance": se_columns(pesq),
            "speed": speed("dpcrn", mean), "rtf": mean / 9000,
            "error_vs_fp32": {"dpcrn": {"enh": {"snr_db": snr}}} if snr is not None else {}}
     row["latency_ms"] = row["speed"]["dpcrn"]["threads"]["1"]["latency_ms"]  # type: ignore[index]
@@ -39,6 +64,7 @@ def asr_row(precision: str, cer: float, enc: dict[int, float]) -> dict:
     sp.update(speed("decoder", 2.0, "4.0 s utterance"))
     return {"model": "wenet", "backend": "ort", "precision": precision, "status": "ok",
             "task": {"cer": cer, "wer": cer * 2, "cer_greedy": cer + 0.01, "cer_real": cer, "cer_synthetic": cer},
+            "per_utterance": asr_columns(cer),
             "speed": sp, "rtf": 0.01, "error_vs_fp32": {}}
 
 
@@ -71,10 +97,16 @@ def test_goals_are_derived_from_rows(results: dict) -> None:
     assert by_name["WeNet encoder INT8 / FP32 at batch 8 (ORT)"].measured == pytest.approx(0.4)
     assert by_name["dpcrn ORT fp32 speed-up vs PyTorch eager"].measured == pytest.approx(2.5)
     pesq = by_name["dpcrn ORT int8 PESQ-WB change vs FP32 (int8 - fp32)"]
-    assert pesq.measured == pytest.approx(-0.04) and pesq.met is True
+    # every utterance loses exactly 0.04: the interval is that point, inside the 0.05 budget
+    assert pesq.measured == pytest.approx(-0.04) and pesq.met is True and pesq.verdict == stats.WITHIN
+    assert pesq.interval == "-0.040 [-0.040, -0.040] n=40, 100 % worse"
     assert by_name["dpcrn ORT fp16 PESQ-WB change vs FP32 (fp16 - fp32)"].met is True  # -0.005
     cer = by_name["wenet ORT int8 CER change vs FP32 (int8 - fp32)"]
-    assert cer.measured == pytest.approx(0.2) and cer.met is True
+    # 2 more edits on 2 of 20 utterances: a resample draws k ~ Binomial(20, 0.1) of them, so the change is k/10
+    # points; its 2.5 % / 97.5 % quantiles are k = 0 and 5: [0, 0.5] straddles the 0.3-point budget
+    assert cer.measured == pytest.approx(0.2) and cer.met is None
+    assert cer.interval == "+0.20 [+0.00, +0.50] n=20, 10 % worse"
+    assert cer.verdict.startswith("cannot tell at n=20; about ") and cer.met_text == cer.verdict
 
 
 def test_accuracy_goals_are_one_sided(results: dict) -> None:
@@ -133,3 +165,91 @@ def test_summary_lines_cover_every_row(results: dict) -> None:
     lines = report.summary_lines(results)
     assert sum(1 for line in lines if line.startswith(("dpcrn", "wenet"))) == len(results["rows"])
     assert any("NOT met" in line for line in lines)
+
+
+def test_results_carry_the_paired_change_of_every_compared_row(results: dict, tmp_path: Path) -> None:
+    paths = report.write_results(results, tmp_path)
+    stored = {(r["model"], r["backend"], r["precision"]): r for r in json.loads(paths["json"].read_text())["rows"]}
+    assert "vs_fp32" not in stored[("dpcrn", "ort", "fp32")]  # the reference itself
+    assert "vs_fp32" not in stored[("dpcrn", "torch", "fp32")]
+    int8 = stored[("dpcrn", "ort", "int8")]["vs_fp32"]
+    assert int8["reference"] == "ort fp32"
+    pesq = int8["metrics"]["pesq_wb"]
+    assert pesq["delta"] == pytest.approx(-0.04) and pesq["ci_low"] == pytest.approx(-0.04)
+    assert pesq["ci_high"] == pytest.approx(-0.04) and pesq["n"] == 40 and pesq["share_worse"] == 1.0
+    assert pesq["budget"] == -0.05 and pesq["verdict"] == stats.WITHIN and pesq["n_to_tell"] is None
+    assert int8["metrics"]["stoi"]["verdict"] is None  # no budget on secondary metrics
+    cer = stored[("wenet", "ort", "int8")]["vs_fp32"]["metrics"]["cer"]
+    assert cer["verdict"] == stats.CANNOT_TELL and cer["n_to_tell"] > 20
+    assert cer["budget"] == pytest.approx(0.003)  # stored units: CER as a fraction, like the task metric
+
+    md = paths["md"].read_text()
+    line = next(row for row in md.splitlines() if row.startswith("| ort | int8 | ort fp32 | -0.040"))
+    assert "-0.040 [-0.040, -0.040] n=40, 100 % worse" in line and line.endswith("| -0.05 | within budget |")
+    assert "+0.20 [+0.00, +0.50] n=20, 10 % worse" in md and "utterances would tell" in md
+
+    csv_rows = {(r["model"], r["backend"], r["precision"]): r
+                for r in csv.DictReader(io.StringIO(paths["csv"].read_text()))}
+    int8_csv = csv_rows[("dpcrn", "ort", "int8")]
+    assert int8_csv["compared_with"] == "ort fp32" and int8_csv["change_metric"] == "pesq_wb"
+    assert float(int8_csv["delta"]) == pytest.approx(-0.04) and float(int8_csv["ci_low"]) == pytest.approx(-0.04)
+    assert int8_csv["n"] == "40" and float(int8_csv["share_worse"]) == 1.0 and int8_csv["verdict"] == stats.WITHIN
+    assert csv_rows[("wenet", "ort", "int8")]["verdict"] == stats.CANNOT_TELL
+    assert csv_rows[("dpcrn", "ort", "fp32")]["delta"] == ""
+
+
+def test_rows_without_per_utterance_results_are_not_judged(results: dict) -> None:
+    for row in results["rows"]:
+        row.pop("per_utterance", None)  # a results.json written before per-utterance results were kept
+    by_name = {g.name: g for g in report.goals(results)}
+    pesq = by_name["dpcrn ORT int8 PESQ-WB change vs FP32 (int8 - fp32)"]
+    assert pesq.measured == pytest.approx(-0.04) and pesq.met is None and "quant run" in pesq.verdict
+    assert report.comparisons(results) == {}
+
+
+def test_each_row_is_compared_with_its_own_backends_fp32_else_ort(results: dict) -> None:
+    rows = results["rows"] + [se_row("trt", "fp32", 3.1, 50.0), se_row("trt", "int8", 3.0, 30.0),
+                              se_row("trt-sim", "int8", 2.9, 0.0)]
+    found = report.comparisons({"rows": rows})
+    trt = found[("dpcrn", "trt", "int8")]
+    assert trt.reference["backend"] == "trt" and trt.changes["pesq_wb"].delta == pytest.approx(-0.1)
+    sim = found[("dpcrn", "trt-sim", "int8")]  # a backend without FP32 rows: compared with ONNX Runtime FP32
+    assert sim.reference["backend"] == "ort" and sim.verdict is not None and sim.verdict.verdict == stats.OVER
+    names = [g.name for g in report.goals({"rows": rows})]
+    assert "dpcrn TRT-SIM int8 PESQ-WB change vs FP32 (int8 - fp32)" in names
+
+
+def test_rows_on_other_utterances_are_left_uncompared(results: dict) -> None:
+    int8 = next(r for r in results["rows"] if (r["model"], r["precision"]) == ("dpcrn", "int8"))
+    int8["per_utterance"] = {**int8["per_utterance"], "ids": [f"other{i}" for i in range(40)]}
+    assert ("dpcrn", "ort", "int8") not in report.comparisons(results)
+    assert ("dpcrn", "ort", "fp16") in report.comparisons(results)
+
+
+def test_metric_axis_spans_the_reference_lines_and_intervals() -> None:
+    points = [report.PlotPoint(1.0, 3.0, 3.0, 3.0, "ort fp32", "o", "b"),
+              report.PlotPoint(2.0, 2.95, 2.90, 3.01, "ort int8", "o", "r")]
+    low, high = report.metric_limits(points, [3.0, 1.9], error_rate=False)  # FP32 and noisy PESQ
+    assert low < 1.9 and high > 3.01
+    low, high = report.metric_limits(points[:1], [], error_rate=False)  # one point: not zoomed onto it
+    assert high - low >= 0.3
+    assert report.metric_limits([report.PlotPoint(1.0, 5.2, 5.0, 5.5, "a", "o", "r")], [5.0], True)[0] == 0.0
+
+
+def test_labels_of_crowded_points_do_not_overlap() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    points = [report.PlotPoint(100.0 + i, 3.0 - 0.002 * i, 2.99, 3.01, f"backend{i} int8", "o", "r")
+              for i in range(5)]
+    ax.set_xlim(0, 300)
+    ax.set_ylim(1.5, 3.5)
+    fig.tight_layout()
+    renderer = fig.canvas.get_renderer()
+    boxes = [note.get_window_extent(renderer) for note in report.place_labels(ax, points)]
+    plt.close(fig)
+    assert len(boxes) == 5
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])

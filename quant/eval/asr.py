@@ -174,10 +174,46 @@ def _scores(refs: Sequence[str], transcripts: Sequence[Transcript]) -> AsrScores
 
 
 @dataclass(frozen=True)
+class UtteranceErrors:
+    """Edit counts of one utterance (rescored and greedy), so any two rows can be compared utterance by utterance
+    and corpus rates recomputed from sums of counts."""
+
+    name: str
+    cer: metrics.ErrorRate
+    wer: metrics.ErrorRate
+    cer_greedy: metrics.ErrorRate
+    wer_greedy: metrics.ErrorRate
+
+
+RATES = ("cer", "wer", "cer_greedy", "wer_greedy")
+
+
+def utterance_errors(name: str, reference: str, transcript: Transcript) -> UtteranceErrors:
+    return UtteranceErrors(
+        name,
+        cer=metrics.character_errors([reference], [transcript.rescored]),
+        wer=metrics.word_errors([reference], [transcript.rescored]),
+        cer_greedy=metrics.character_errors([reference], [transcript.greedy]),
+        wer_greedy=metrics.word_errors([reference], [transcript.greedy]),
+    )
+
+
+@dataclass(frozen=True)
 class AsrResult:
     overall: AsrScores
     by_source: dict[str, AsrScores]
     transcripts: tuple[tuple[str, str, Transcript], ...]  # (name, reference, transcript)
+    per_utterance: tuple[UtteranceErrors, ...] = ()
+
+    def per_utterance_columns(self) -> dict[str, list[str] | list[int]]:
+        """Edit counts per utterance as columns: `ids`, and `<rate>_errors` / `<rate>_length` for cer, wer,
+        cer_greedy, wer_greedy (the layout results.json stores; quant.eval.stats.from_columns reads it)."""
+        columns: dict[str, list[str] | list[int]] = {"ids": [u.name for u in self.per_utterance]}
+        for rate in RATES:
+            counts: list[metrics.ErrorRate] = [getattr(u, rate) for u in self.per_utterance]
+            columns[f"{rate}_errors"] = [c.errors for c in counts]
+            columns[f"{rate}_length"] = [c.reference_length for c in counts]
+        return columns
 
     def to_dict(self) -> dict[str, object]:
         flat: dict[str, object] = dict(self.overall.to_dict())
@@ -200,7 +236,9 @@ def score_transcripts(samples: Sequence[AsrSample], transcripts: Sequence[Transc
         group: _scores([refs[i] for i in idx], [transcripts[i] for i in idx]) for group, idx in groups.items()
     }
     rows = tuple((s.name, s.text, t) for s, t in zip(samples, transcripts))
-    return AsrResult(overall=_scores(refs, transcripts), by_source=by_source, transcripts=rows)
+    per_utterance = tuple(utterance_errors(s.name, s.text, t) for s, t in zip(samples, transcripts))
+    return AsrResult(overall=_scores(refs, transcripts), by_source=by_source, transcripts=rows,
+                     per_utterance=per_utterance)
 
 
 def evaluate_asr(

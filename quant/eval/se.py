@@ -163,6 +163,14 @@ class SeResult:
             **{key: value for key, value in self.enhanced.to_dict().items()},
         }
 
+    def per_utterance_columns(self) -> dict[str, list[str] | list[float]]:
+        """The enhanced scores per utterance as columns (`ids` plus one list per metric), the layout results.json
+        stores so two rows can be compared pairwise (quant.eval.stats.from_columns)."""
+        columns: dict[str, list[str] | list[float]] = {"ids": [name for name, _, _ in self.per_utterance]}
+        for key in SeScores.__dataclass_fields__:
+            columns[key] = [float(getattr(after, key)) for _, _, after in self.per_utterance]
+        return columns
+
 
 NoisyClean = tuple[str, np.ndarray, np.ndarray]
 
