@@ -360,4 +360,6 @@ def test_trt_implicit_int8_uses_this_builds_ranges_and_pins_only_rule_nodes(
     meta = json.loads((out / "meta.json").read_text())
     assert meta["trt"]["engine"] == str(out / "model.engine") and meta["trt"]["mode"] == "implicit"
     explicit = build_artifact(source, "int8", "trt", cache=cache, out_dir=tmp_path / "custom_dir")
-    assert double.state.builds[-1]["onnx_path"] == str(explicit / "model_trt_qdq.onnx")
+    built_from = Path(double.state.builds[-1]["onnx_path"])  # the Q/DQ ONNX of this build, in its temp folder
+    assert built_from.name == "model_trt_qdq.onnx" and built_from.parent.name.startswith(".custom_dir.")
+    assert json.loads((explicit / "meta.json").read_text())["trt"]["onnx"] == str(explicit / "model_trt_qdq.onnx")
