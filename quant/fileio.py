@@ -3,11 +3,14 @@
 Every temp item quant makes carries its owner's pid in its name (`.NAME.PID-RANDOM.tmp[.ext]`, or `PREFIXPID-RANDOM`
 for work folders in the system temp dir), so a later run removes what a killed run left behind without touching the
 temp items of a process that is still running. Folders are produced whole the same way (`atomic_folder`): built in a
-temp sibling, then renamed into place, the previous folder moved aside first and removed last.
+temp sibling, then swapped into place in one rename (see replace_folder), the previous folder removed after.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import hashlib
 import json
 import logging
@@ -98,8 +101,12 @@ def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def replace_folder(new: Path, target: Path) -> None:
-    """Rename `new` to `target`. An existing `target` is renamed aside first and removed after: a kill at any point
-    leaves the old folder (at `target` or aside, restored by recover_folder) or the new one, never a mix."""
+    """Rename `new` to `target`, replacing a `target` folder. Where Linux can, the two are swapped in one atomic step
+    (renameat2 RENAME_EXCHANGE) and the old folder, now at the temp name, is removed. Elsewhere the old folder is
+    renamed aside first and removed last: a kill in between leaves it aside, and recover_folder puts it back."""
+    if _exchange(new, target):
+        shutil.rmtree(new, ignore_errors=True)
+        return
     aside = target.with_name(f"{_temp_prefix(target.name)}{secrets.token_hex(4)}.old")
     try:
         os.rename(target, aside)
@@ -109,6 +116,30 @@ def replace_folder(new: Path, target: Path) -> None:
     os.rename(new, target)
     if moved_aside:
         shutil.rmtree(aside, ignore_errors=True)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two existing paths atomically; False when `second` is missing or the OS / filesystem cannot swap."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOENT, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:  # no C library to load (not a POSIX system)
+        return None
 
 
 def recover_folder(target: Path) -> None:

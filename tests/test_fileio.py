@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from quant import fileio
 from quant.fileio import (
     atomic_folder, atomic_write_bytes, atomic_write_json, private_temp_dir, recover_folder, sha256_bytes, sha256_file,
     temp_path_beside,
@@ -69,7 +70,11 @@ def test_temp_names_carry_the_owner_pid(tmp_path: Path) -> None:
     assert temp.exists()  # our own temp file is not anyone's leftover
 
 
-def test_atomic_folder_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
+@pytest.mark.parametrize("swap", ["exchange", "aside"])
+def test_atomic_folder_replaces_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    swap: str) -> None:
+    if swap == "aside":  # where renameat2 cannot swap (other OS or filesystem): the rename-aside protocol
+        monkeypatch.setattr(fileio, "_exchange", lambda first, second: False)
     target = tmp_path / "int8"
     with atomic_folder(target) as work:
         (work / "model.onnx").write_text("old")
