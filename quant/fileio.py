@@ -87,7 +87,7 @@ def _temp_prefix(name: str) -> str:
 def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield an empty temp folder beside `path`; when the block succeeds it replaces `path` whole, when it fails (or
     the process dies) `path` keeps its previous content, and the next call removes what was left behind."""
-    target = Path(path)
+    target = Path(os.path.realpath(path))  # a symlink keeps pointing at the folder; "." has a name to rename
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_folder(target)
     work = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name), suffix=".tmp", dir=target.parent))

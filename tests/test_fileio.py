@@ -116,3 +116,11 @@ def test_private_temp_dir_cleans_folders_of_dead_processes(tmp_path: Path, monke
     with private_temp_dir("quant-ranges-") as work:
         assert work.parent == tmp_path and work.name.startswith(f"quant-ranges-{os.getpid()}-")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"quant-ranges-{live}-abc", "quant-ranges-other"])
+
+
+def test_atomic_folder_through_a_symlink_replaces_the_folder_it_names(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with atomic_folder(tmp_path / "link") as work:
+        (work / "model.onnx").write_text("new")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "model.onnx").read_text() == "new"
