@@ -87,7 +87,8 @@ def _stamp_path(root: Path, name: str) -> Path:
 
 
 def is_fresh(root: Path, name: str, key: Mapping[str, Any], outputs: Iterable[Path]) -> bool:
-    """True when the stamp `name` recorded exactly `key` and every output still exists."""
+    """True when the stamp `name` recorded exactly `key` and exactly these outputs with the content they had when it
+    was written (sha256): an output replaced since (by a run killed before it could stamp) means not up to date."""
     import json
 
     path = _stamp_path(root, name)
@@ -95,11 +96,18 @@ def is_fresh(root: Path, name: str, key: Mapping[str, Any], outputs: Iterable[Pa
         recorded = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
-    return recorded.get("key") == _jsonable(key) and all(Path(p).exists() for p in outputs)
+    return (isinstance(recorded, dict) and recorded.get("key") == _jsonable(key)
+            and recorded.get("outputs") == _output_hashes(outputs))
 
 
-def write_stamp(root: Path, name: str, key: Mapping[str, Any], payload: Any = None) -> None:
-    atomic_write_json(_stamp_path(root, name), {"key": _jsonable(key), "payload": payload})
+def write_stamp(root: Path, name: str, key: Mapping[str, Any], outputs: Iterable[Path], payload: Any = None) -> None:
+    """Record that `outputs` (hashed now) were made from `key`; call it only after every output is in place."""
+    atomic_write_json(_stamp_path(root, name), {"key": _jsonable(key), "outputs": _output_hashes(outputs),
+                                                "payload": payload})
+
+
+def _output_hashes(outputs: Iterable[Path]) -> dict[str, str | None]:
+    return {str(path): _file_sha(Path(path)) for path in outputs}
 
 
 def read_stamp_payload(root: Path, name: str) -> Any:
@@ -154,7 +162,7 @@ class Steps:
         missing = [str(p) for p in paths.values() if not p.is_file()]
         if missing:
             raise QuantError(f"export of {model} did not write {missing}")
-        write_stamp(self.root, f"export-{model}", key)
+        write_stamp(self.root, f"export-{model}", key, paths.values())
         return paths
 
     def calibrate(self, graph: str, onnx_path: Path) -> Path:
@@ -173,6 +181,7 @@ class Steps:
     def build(self, graph: str, precision: str, backend: str, source: Path, cache: Path | None) -> Path:
         """The artifact file (ORT: model.onnx, TensorRT: model.engine) of one graph at one precision."""
         from quant.build import build_artifact
+        from quant.build.artifact import META_FILE
 
         folder = self.root / graph / (precision if backend == "ort" else f"{precision}-{backend}")
         artifact = folder / ("model.onnx" if backend == "ort" else "model.engine")
@@ -181,7 +190,8 @@ class Steps:
                                     "build/patterns.py", "build/calibration.py", "build/trt_build.py", "precision.py",
                                     "precision_default.toml", "backends/ort.py", "backends/trt.py")}
         name = f"build-{graph}-{precision}-{backend}"
-        if not self.options.force and is_fresh(self.root, name, key, [artifact]):
+        outputs = [artifact, folder / META_FILE]  # meta.json holds the sha256 of every other file of the folder
+        if not self.options.force and is_fresh(self.root, name, key, outputs) and _intact(folder):
             logger.info("build %s %s %s: up to date", graph, precision, backend)
             return artifact
         options: dict[str, Any] = {"out_dir": folder}
@@ -190,8 +200,20 @@ class Steps:
         build_artifact(graph, precision, backend, **options)
         if not artifact.is_file():
             raise QuantError(f"build of {graph} {precision} ({backend}) wrote no {artifact}")
-        write_stamp(self.root, name, key)
+        write_stamp(self.root, name, key, outputs)
         return artifact
+
+
+def _intact(folder: Path) -> bool:
+    """Whether an artifact folder still holds exactly the files its meta.json describes."""
+    from quant.build.artifact import verify_artifact
+
+    try:
+        verify_artifact(folder)
+    except QuantError as error:
+        logger.info("rebuilding: %s", error)
+        return False
+    return True
 
 
 def spread_subset(manifest: Path, count: int | None, out_dir: Path) -> Path:
@@ -643,7 +665,7 @@ def evaluate_row(spec: RowSpec, context: EvalContext, root: Path, options: RunOp
         accuracy = {**evaluate_task(spec, context.data, options),
                     "error_vs_fp32": error_vs_reference(spec, context.feeds, context.reference_outputs)}
         accuracy["eval_seconds"] = time.perf_counter() - start
-        write_stamp(root, name, key, accuracy)
+        write_stamp(root, name, key, spec.artifacts.values(), accuracy)
     logger.info("%s: measuring speed", spec.label)
     speed = measure_speed(spec, context.loads, options.bench)
     latency, rtf = primary_numbers(spec.model, speed)

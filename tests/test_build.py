@@ -360,4 +360,55 @@ def test_trt_implicit_int8_uses_this_builds_ranges_and_pins_only_rule_nodes(
     meta = json.loads((out / "meta.json").read_text())
     assert meta["trt"]["engine"] == str(out / "model.engine") and meta["trt"]["mode"] == "implicit"
     explicit = build_artifact(source, "int8", "trt", cache=cache, out_dir=tmp_path / "custom_dir")
-    assert double.state.builds[-1]["onnx_path"] == str(explicit / "model_trt_qdq.onnx")
+    built_from = Path(double.state.builds[-1]["onnx_path"])  # the Q/DQ ONNX of this build, in its temp folder
+    assert built_from.name == "model_trt_qdq.onnx" and built_from.parent.name.startswith(".custom_dir.")
+    assert json.loads((explicit / "meta.json").read_text())["trt"]["onnx"] == str(explicit / "model_trt_qdq.onnx")
+
+
+def test_meta_records_every_file_and_verify_catches_a_change(model_and_cache: tuple[Path, Path], tmp_path: Path):
+    from quant.build.artifact import verify_artifact
+
+    source, cache = model_and_cache
+    out = build_artifact(source, "int8", cache=cache, out_dir=tmp_path / "int8")
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["files"] == {name: sha256_file(out / name) for name in ("model.onnx", "model_trt_qdq.onnx", "plan.json")}
+    assert verify_artifact(out) == meta
+    (out / "model_trt_qdq.onnx").write_bytes((source).read_bytes())  # another model under a described name
+    with pytest.raises(ModelError, match="model_trt_qdq.onnx differ from what meta.json records"):
+        verify_artifact(out)
+    (out / "model_trt_qdq.onnx").unlink()
+    with pytest.raises(ModelError, match="model_trt_qdq.onnx differ"):
+        verify_artifact(out)
+
+
+def test_a_failed_build_leaves_the_previous_folder_whole(model_and_cache: tuple[Path, Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch):
+    from quant.build import artifact
+
+    source, cache = model_and_cache
+    out = build_artifact(source, "int8", cache=cache, out_dir=tmp_path / "int8")
+    before = {p.name: sha256_file(p) for p in out.iterdir()}
+
+    def trt_qdq_fails(*args: object) -> None:
+        raise BuildError("Q/DQ failed on purpose")  # after model.onnx and its kernel report were written
+
+    monkeypatch.setattr(artifact, "build_int8_trt_qdq", trt_qdq_fails)
+    with pytest.raises(BuildError, match="on purpose"):
+        build_artifact(source, "int8", cache=cache, out_dir=out, activation_uint8=False)
+    assert {p.name: sha256_file(p) for p in out.iterdir()} == before
+    assert artifact.verify_artifact(out)["ort_int8"]["activation_type"] == "uint8"
+    assert [p.name for p in tmp_path.iterdir()] == ["int8"]  # no temp folder left beside it
+
+
+def test_build_refuses_to_replace_a_folder_of_other_files(model_and_cache: tuple[Path, Path], tmp_path: Path):
+    source, _ = model_and_cache
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(BuildError, match="notes.txt.*give a new or empty folder"):
+        build_artifact(source, "fp32", out_dir=tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    legacy = tmp_path / "fp32"  # what killed builds of older versions left: replaced with the folder
+    (legacy / "tmpab_cd123").mkdir(parents=True)
+    (legacy / ".model.onnx.k2j4h5g6.tmp.onnx").write_text("partial")
+    out = build_artifact(source, "fp32", out_dir=legacy)
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "model.onnx"]

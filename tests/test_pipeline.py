@@ -175,12 +175,47 @@ def test_stamps(tmp_path: Path) -> None:
     out = tmp_path / "artifact"
     out.write_text("x")
     assert not pipeline.is_fresh(tmp_path, "step", {"a": 1}, [out])
-    pipeline.write_stamp(tmp_path, "step", {"a": 1}, {"value": 2})
+    pipeline.write_stamp(tmp_path, "step", {"a": 1}, [out], {"value": 2})
     assert pipeline.is_fresh(tmp_path, "step", {"a": 1}, [out])
     assert not pipeline.is_fresh(tmp_path, "step", {"a": 2}, [out])
+    assert not pipeline.is_fresh(tmp_path, "step", {"a": 1}, [out, tmp_path / "other"])  # other outputs
     assert pipeline.read_stamp_payload(tmp_path, "step") == {"value": 2}
+    out.write_text("y")  # same name, other content: what a killed run leaves after replacing an output
+    assert not pipeline.is_fresh(tmp_path, "step", {"a": 1}, [out])
+    out.write_text("x")
+    assert pipeline.is_fresh(tmp_path, "step", {"a": 1}, [out])
     out.unlink()
     assert not pipeline.is_fresh(tmp_path, "step", {"a": 1}, [out])
+
+
+def test_build_step_rebuilds_an_artifact_replaced_after_its_stamp(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`quant run` killed after a build replaced model.onnx but before it stamped it: the next run with the earlier
+    options must not call the other model "up to date"."""
+    import quant.build
+    from quant.fileio import sha256_file
+
+    real_build = quant.build.build_artifact
+    sources = {"a": identity_dpcrn(tmp_path / "a.onnx", gain=1.0), "b": identity_dpcrn(tmp_path / "b.onnx", gain=0.5)}
+    built: list[Path] = []
+
+    def build_from(source: Path) -> Any:
+        def build(graph: str, precision: str, backend: str, **options: Any) -> Path:
+            built.append(source)
+            return real_build(source, precision, backend, **options)
+        return build
+
+    root = tmp_path / "engines"
+    steps = pipeline.Steps(root, pipeline.RunOptions(progress=False))
+    monkeypatch.setattr(quant.build, "build_artifact", build_from(sources["a"]))
+    artifact = steps.build("dpcrn", "fp32", "ort", sources["a"], None)
+    assert steps.build("dpcrn", "fp32", "ort", sources["a"], None) == artifact and len(built) == 1  # reused
+    real_build(sources["b"], "fp32", out_dir=artifact.parent)  # the killed run's build, never stamped
+    assert steps.build("dpcrn", "fp32", "ort", sources["a"], None) == artifact and len(built) == 2  # rebuilt
+    assert sha256_file(artifact) == sha256_file(sources["a"])
+    (artifact.parent / "plan.json").write_text("{}")  # a file the stamp does not name: meta.json's hashes catch it
+    steps.build("dpcrn", "fp32", "ort", sources["a"], None)
+    assert len(built) == 3 and not (artifact.parent / "plan.json").exists()
 
 
 def test_unknown_model_is_an_error(tmp_path: Path) -> None:

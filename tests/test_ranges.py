@@ -237,3 +237,29 @@ def test_missing_model_and_missing_input_are_user_errors(tmp_path: Path) -> None
         collect_ranges(path, [], "minmax", QUIET)
     with pytest.raises(CalibrationError, match="unknown calibration method"):
         collect_ranges(path, batches(), "kl", QUIET)
+
+
+def test_no_temp_folder_outlives_the_session_and_dead_runs_folders_go(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill -9 during the (long) passes leaves nothing in the temp dir, and what an earlier kill left is removed."""
+    import subprocess
+    import sys
+    import tempfile
+
+    system_tmp = tmp_path / "system_tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # its pid now names a dead process, like a killed calibration's
+    left = system_tmp / f"quant-ranges-{child.pid}-k1ll3d"
+    left.mkdir()
+    (left / "augmented.onnx").write_bytes(b"partial")
+    path = scale_relu_model(tmp_path / "m.onnx")
+    seen_during_passes: list[list[str]] = []
+
+    def feeds() -> list[dict[str, np.ndarray]]:
+        seen_during_passes.append(sorted(p.name for p in system_tmp.iterdir()))
+        return batches()
+
+    collect_ranges(path, feeds, "entropy", QUIET)
+    assert seen_during_passes == [[], []] and not any(system_tmp.iterdir())

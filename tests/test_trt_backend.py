@@ -482,6 +482,8 @@ def test_quant_build_artifact_hands_off_to_the_backend(double: trt_double.Double
     assert {"FP16", "INT8"} <= set(double.state.builds[-1]["flags"])
     assert _meta(out / "model.engine")["calibration"]["cache_hit"] is True
 
-    artifact.build_artifact(two_inputs, "fp16", "trt", mode="explicit", out_dir=tmp_path / "fp16")
+    fp16 = artifact.build_artifact(two_inputs, "fp16", "trt", mode="explicit", out_dir=tmp_path / "fp16")
     build = double.state.builds[-1]
-    assert build["onnx_path"] == str(tmp_path / "fp16" / "model.onnx") and build["strongly_typed"]
+    built_from = Path(build["onnx_path"])  # the FP16 ONNX of this build, in its temp folder beside fp16/
+    assert built_from.name == "model.onnx" and built_from.parent.name.startswith(".fp16.") and build["strongly_typed"]
+    assert json.loads((fp16 / "meta.json").read_text())["trt"]["onnx"] == str(fp16 / "model.onnx")

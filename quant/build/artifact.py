@@ -1,12 +1,17 @@
 """build_artifact (the implementation behind quant.build.build_artifact): one model at one precision -> engines/<model>/<precision>/ with model.onnx and meta.json.
 
+The folder is replaced whole (quant.fileio.atomic_folder) and meta.json records the sha256 of every file beside it;
+verify_artifact checks a folder against it before quant reuses it.
+
 meta.json records what the artifact was built from (source sha256), with which rules (file, sha256, per-op summary),
 which ranges (cache file and its key), by which tool versions, and which integer kernels ORT really runs.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +26,7 @@ from quant.build.ort_build import (
     build_fp16, build_fp32, build_int8_ort, build_int8_trt_qdq, check_int8_kernels, kernel_report, streaming_states,
 )
 from quant.errors import BuildError, ModelError
-from quant.fileio import atomic_write_json, sha256_bytes, sha256_file
+from quant.fileio import atomic_folder, atomic_write_json, sha256_bytes, sha256_file
 from quant.paths import engines_dir
 from quant.precision import DEFAULT_RULES_PATH, load_rules, plan
 
@@ -36,6 +41,11 @@ KNOWN_MODELS = {
 }
 MODEL_FILE = "model.onnx"
 TRT_QDQ_FILE = "model_trt_qdq.onnx"
+META_FILE = "meta.json"
+# every file a build may write into its folder (TensorRT adds the engine and its own record)
+ARTIFACT_FILES = frozenset({MODEL_FILE, TRT_QDQ_FILE, META_FILE, "plan.json", "model.engine", "model.engine.json"})
+# what builds of older quant versions left in a folder when killed: ORT work folders and temp files
+_LEFTOVER = re.compile(r"^(tmp[A-Za-z0-9_]{8}|\..+\.tmp(\.[A-Za-z0-9_]+)?)$")
 
 
 @dataclass(frozen=True)
@@ -91,7 +101,10 @@ def _export(export_name: str, out_dir: Path) -> None:
 
 
 def build_artifact(model: str | Path, precision: str, backend: str = "ort", **options: Any) -> Path:
-    """Build one artifact; returns its folder. Options are BuildOptions fields."""
+    """Build one artifact; returns its folder. Options are BuildOptions fields.
+
+    The folder is produced whole or not at all: everything is built in a temp sibling that replaces the folder only
+    once meta.json (with the sha256 of every file) is written; a failed or killed build leaves the previous one."""
     opts = BuildOptions(precision=precision, backend=backend, **options)
     if backend == "trt":
         from quant.backends.trt import require_tensorrt
@@ -99,24 +112,78 @@ def build_artifact(model: str | Path, precision: str, backend: str = "ort", **op
         require_tensorrt()  # a missing TensorRT fails before any export, calibration or ORT build
     name, source = resolve_model(model)
     out_dir = opts.out_dir or engines_dir() / name / precision
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_replaceable(out_dir)
+    with atomic_folder(out_dir) as work:
+        meta = _build_into(work, name, source, opts)
+        if "trt" in meta:  # TensorRT recorded paths inside the temp folder: name them where they will live
+            meta["trt"] = {key: str(_relocated(Path(value), work, out_dir)) if key in ("engine", "onnx") else value
+                           for key, value in meta["trt"].items()}
+        meta["files"] = file_hashes(work)
+        atomic_write_json(work / META_FILE, meta)
+    log.info("built %s %s (%s) in %s", name, precision, backend, out_dir)
+    return out_dir
+
+
+def _build_into(work: Path, name: str, source: Path, opts: BuildOptions) -> dict[str, Any]:
     onnx_model = _load(source)
     rules = load_rules(opts.rules)
     meta = _base_meta(name, source, opts, rules_text_sha(opts.rules))
-    if precision == "fp32":
-        meta["fp32"] = build_fp32(source, out_dir / MODEL_FILE, opts.optimize_fp32)
-    elif precision == "fp16":
-        fp16_plan = plan(onnx_model, rules, "fp16", backend, streaming_states(onnx_model))
+    if opts.precision == "fp32":
+        meta["fp32"] = build_fp32(source, work / MODEL_FILE, opts.optimize_fp32)
+    elif opts.precision == "fp16":
+        fp16_plan = plan(onnx_model, rules, "fp16", opts.backend, streaming_states(onnx_model))
         meta["plan"] = fp16_plan.summary()
-        meta["fp16"] = build_fp16(onnx_model, fp16_plan, out_dir / MODEL_FILE)
+        meta["fp16"] = build_fp16(onnx_model, fp16_plan, work / MODEL_FILE)
     else:
-        meta.update(_build_int8(name, source, onnx_model, rules, opts, out_dir))
-    if backend == "trt":
+        meta.update(_build_int8(name, source, onnx_model, rules, opts, work))
+    if opts.backend == "trt":
         used_cache = (meta.get("cache") or {}).get("path")
-        meta["trt"] = _build_trt(name, source, out_dir, opts, Path(used_cache) if used_cache else opts.cache)
-    atomic_write_json(out_dir / "meta.json", meta)
-    log.info("built %s %s (%s) in %s", name, precision, backend, out_dir)
-    return out_dir
+        meta["trt"] = _build_trt(name, source, work, opts, Path(used_cache) if used_cache else opts.cache)
+    return meta
+
+
+def _relocated(path: Path, work: Path, out_dir: Path) -> Path:
+    return out_dir / path.relative_to(work) if path.is_relative_to(work) else path
+
+
+# ------------------------------------------------------------------------------------------------ folder integrity
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """A build replaces its whole folder, so the folder may hold only what builds write (and leftovers of killed
+    builds): anything else means -o names a folder of other files, which must not be deleted."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BuildError(f"{out_dir} is a file: give a folder for the artifact (-o DIR)")
+    if not out_dir.is_dir():
+        return
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in ARTIFACT_FILES and not _LEFTOVER.match(p.name))
+    if foreign:
+        raise BuildError(f"{out_dir} holds files a build did not write ({', '.join(foreign[:5])}): a build replaces "
+                         "its whole folder, so give a new or empty folder with -o")
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file of an artifact folder except meta.json (which records them)."""
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != META_FILE}
+
+
+def verify_artifact(folder: Path) -> dict[str, Any]:
+    """meta.json of an artifact folder, after checking that its files are exactly the ones it describes (same names,
+    same sha256): a folder changed after its build never passes for what meta.json says."""
+    meta_path = folder / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as error:
+        raise ModelError(f"{meta_path}: no readable meta.json ({error}); rebuild with `quant build`") from None
+    recorded = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(recorded, dict):
+        raise ModelError(f"{meta_path} records no file sha256 (built by an older quant); rebuild with `quant build`")
+    actual = file_hashes(folder)
+    changed = sorted(n for n in set(recorded) | set(actual) if recorded.get(n) != actual.get(n))
+    if changed:
+        raise ModelError(f"{folder}: {', '.join(changed)} differ from what {META_FILE} records (changed after the "
+                         "build); rebuild with `quant build`")
+    return meta
 
 
 def _load(source: Path) -> onnx.ModelProto:

@@ -18,7 +18,6 @@ accepted only for minmax.
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Union
@@ -28,12 +27,14 @@ import onnx
 
 from quant.calib import histogram as hist
 from quant.errors import CalibrationError, ModelError
+from quant.fileio import private_temp_dir
 
 log = logging.getLogger(__name__)
 
 Feed = Mapping[str, np.ndarray]
 FeedSource = Union[Callable[[], Iterable[Feed]], Iterable[Feed]]
 METHODS = ("entropy", "minmax", "percentile")
+TEMP_PREFIX = "quant-ranges-"  # work folders in the system temp dir: quant-ranges-<pid>-<random>/augmented.onnx
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 
 
@@ -112,18 +113,20 @@ def collect_statistics(
     options = options or RangeOptions()
     model = _load(onnx_path)
     augmented, names, skipped = augment_model(model)
-    with tempfile.TemporaryDirectory(prefix="quant-ranges-") as tmp:
-        session = _session(augmented, Path(tmp), options.threads)
-        stats = {name: TensorStats() for name in names}
-        batches = _run_pass(session, names, _open(feeds, first=True), options, "ranges pass 1/2" if histograms
-                            else "ranges", lambda name, value: stats[name].minmax.add(value))
-        if batches == 0:
-            raise CalibrationError(f"no calibration feeds for {onnx_path}: the feed source yielded nothing")
-        if histograms:
-            for item in stats.values():
-                item.histogram = hist.AbsHistogram(item.minmax.amax, options.num_bins)
-            _run_pass(session, names, _open(feeds, first=False), options, "ranges pass 2/2",
-                      lambda name, value: _histogram(stats[name]).add(value))
+    # the augmented model is only read while the session is made: its folder goes before the long passes, so a
+    # run killed during them leaves nothing in the temp dir (and one killed earlier is cleaned by the next run)
+    with private_temp_dir(TEMP_PREFIX) as tmp:
+        session = _session(augmented, tmp, options.threads)
+    stats = {name: TensorStats() for name in names}
+    batches = _run_pass(session, names, _open(feeds, first=True), options, "ranges pass 1/2" if histograms
+                        else "ranges", lambda name, value: stats[name].minmax.add(value))
+    if batches == 0:
+        raise CalibrationError(f"no calibration feeds for {onnx_path}: the feed source yielded nothing")
+    if histograms:
+        for item in stats.values():
+            item.histogram = hist.AbsHistogram(item.minmax.amax, options.num_bins)
+        _run_pass(session, names, _open(feeds, first=False), options, "ranges pass 2/2",
+                  lambda name, value: _histogram(stats[name]).add(value))
     return stats, skipped, batches
 
 
