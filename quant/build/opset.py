@@ -85,7 +85,7 @@ def ensure_opset(model_path: str | Path, min_opset: int = MIN_QDQ_OPSET, out_dir
         log.warning("%s: opset %d is below the %d that per-channel Q/DQ needs and the upgrade failed (%s); falling "
                     "back to per-tensor Q/DQ on the original graph", source, opset, min_opset, error)
         return UpgradeResult(source, source, opset, opset, fallback=str(error))
-    log.info("%s: opset %d -> %d in %s (max abs error %.3g vs the original on %s)", source, opset, min_opset,
+    log.info("%s: opset %d -> %d in %s (max abs error %.3g vs the original on %s)", source, opset, result.opset,
              result.path, result.max_abs_error, result.check_inputs)
     return result
 
@@ -212,5 +212,5 @@ def _reuse(source: Path, source_sha: str, target: Path, feeds: Iterable[Feed] | 
         error, inputs = check_equivalent(source, target, feeds)
         result = UpgradeResult(target, source, result.source_opset, result.opset, error, inputs)
         _write_record(result, source_sha)
-    log.debug("reusing %s (record names source sha256 %s)", target, source_sha[:12])
+    log.debug("reusing %s: its record names source sha256 %s", target, source_sha[:12])
     return result

@@ -14,7 +14,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -97,7 +97,7 @@ def calibrate(
         source = reader(model_kind, onnx_path, manifest, options.reader)
         key = make_key(onnx_path, method, options.ranges, manifest, source, reader_params(options.reader))
     else:
-        onnx_path = qdq_graph(onnx_path, feeds() if callable(feeds) else feeds)
+        onnx_path = qdq_graph(onnx_path, feeds)
         source = feeds
         key = make_key(onnx_path, method, options.ranges, manifest, source)
     target = Path(out_cache) if out_cache is not None else store_path(default_store(), key, onnx_path.stem)
@@ -110,12 +110,13 @@ def calibrate(
     return write_entry(target, key, result, info, options.trt_version)
 
 
-def qdq_graph(onnx_path: Path, check_feeds: Iterable[Mapping[str, np.ndarray]]) -> Path:
-    """The graph to calibrate: below opset 13 (no per-channel Q/DQ) the checked upgrade that quant.build.opset writes
-    beside it, which the build then quantizes, so the cache key names that file; else `onnx_path` itself."""
+def qdq_graph(onnx_path: Path, check_feeds: FeedSource) -> Path:
+    """The graph to calibrate: below opset 13 (no per-channel Q/DQ) the upgrade that quant.build.opset writes beside
+    it, checked on the first of `check_feeds`; the build quantizes that same file, so the cache key names it."""
     from quant.build.opset import MIN_QDQ_OPSET, ensure_opset
 
-    return ensure_opset(onnx_path, MIN_QDQ_OPSET, onnx_path.parent, check_feeds).path
+    feeds = check_feeds() if callable(check_feeds) else check_feeds
+    return ensure_opset(onnx_path, MIN_QDQ_OPSET, onnx_path.parent, feeds).path
 
 
 # Our exports of these models are batch-major in every input, so feeds may be run one item at a time. The offline
