@@ -206,6 +206,23 @@ def test_an_upgrade_that_changes_the_outputs_is_not_used(tmp_path: Path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wave.onnx"]  # no upgrade, no temp file left
 
 
+def test_an_upgrade_checked_on_random_inputs_is_checked_again_on_real_feeds(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    model = helper_waveform_model(tmp_path / "wave.onnx")
+    first = opset_mod.ensure_opset(model)
+    assert first.upgraded and first.check_inputs == opset_mod.RANDOM_INPUTS
+    feeds = [{"wav": speech(0.5)}]
+    again = opset_mod.ensure_opset(model, feeds=feeds)
+    assert again.path == first.path and again.check_inputs == opset_mod.CALIBRATION_FEEDS
+    record = json.loads(first.path.with_suffix(".json").read_text())
+    assert record["check_inputs"] == opset_mod.CALIBRATION_FEEDS
+    # a copy that fails on real inputs is not used, and its record goes: no later build reuses it
+    opset_mod._write_record(first, sha256_file(model))
+    monkeypatch.setattr(opset_mod, "RELATIVE_TOLERANCE", -1.0)
+    assert not opset_mod.ensure_opset(model, feeds=feeds).upgraded
+    assert not first.path.with_suffix(".json").exists()
+
+
 def test_graphs_at_opset_13_or_above_are_used_as_they_are(tmp_path: Path) -> None:
     model = helper_waveform_model(tmp_path / "wave.onnx")
     upgraded = opset_mod.ensure_opset(model)

@@ -209,7 +209,11 @@ def _reuse(source: Path, source_sha: str, target: Path, feeds: Iterable[Feed] | 
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # missing, unreadable or not quant's record
         return None
     if result.check_inputs == RANDOM_INPUTS and feeds is not None:
-        error, inputs = check_equivalent(source, target, feeds)
+        try:
+            error, inputs = check_equivalent(source, target, feeds)
+        except BuildError:
+            _record_path(target).unlink(missing_ok=True)  # failed on real inputs: no later build may reuse it
+            raise
         result = UpgradeResult(target, source, result.source_opset, result.opset, error, inputs)
         _write_record(result, source_sha)
     log.debug("reusing %s: its record names source sha256 %s", target, source_sha[:12])
