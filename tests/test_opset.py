@@ -223,6 +223,19 @@ def test_an_upgrade_checked_on_random_inputs_is_checked_again_on_real_feeds(tmp_
     assert not first.path.with_suffix(".json").exists()
 
 
+def test_a_check_onnx_runtime_cannot_run_falls_back_instead_of_raising(tmp_path: Path) -> None:
+    """Random inputs of the declared shapes that the graph rejects (it reshapes N samples to 5): per tensor."""
+    shape = numpy_helper.from_array(np.array([1, 5], np.int64), "shape")
+    graph = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "N"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])], [shape])
+    path = tmp_path / "reshape.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], ir_version=6), str(path))
+    result = opset_mod.ensure_opset(path)
+    assert result.path == path and "could not run the check" in str(result.fallback)
+    assert opset_mod.ensure_opset(path, feeds=[{"x": np.ones((1, 5), np.float32)}]).upgraded
+
+
 def test_graphs_at_opset_13_or_above_are_used_as_they_are(tmp_path: Path) -> None:
     model = helper_waveform_model(tmp_path / "wave.onnx")
     upgraded = opset_mod.ensure_opset(model)

@@ -134,20 +134,31 @@ def check_equivalent(original: Path, upgraded: Path, feeds: Iterable[Feed] | Non
     BuildError when an output differs by more than RELATIVE_TOLERANCE * max(1, max |original output|)."""
     from quant.backends.ort import make_session
 
-    reference, candidate = make_session(original, optimization="disable"), make_session(upgraded, optimization="disable")
-    names = [i.name for i in reference.get_inputs()]
+    reference = make_session(original, optimization="disable")
+    candidate = make_session(upgraded, optimization="disable")
     inputs, label = _check_inputs(reference, feeds)
     worst = 0.0
     for feed in inputs:
-        want = dict(zip([o.name for o in reference.get_outputs()], reference.run(None, {n: feed[n] for n in names})))
-        got = dict(zip([o.name for o in candidate.get_outputs()], candidate.run(None, {n: feed[n] for n in names})))
-        for name, value in want.items():
-            error = _abs_error(value, got.get(name))
-            if not error <= RELATIVE_TOLERANCE * max(1.0, float(np.nanmax(np.abs(value), initial=0.0))):
+        got = _run(candidate, feed)
+        for name, want in _run(reference, feed).items():
+            error = _abs_error(want, got.get(name))
+            if not error <= RELATIVE_TOLERANCE * max(1.0, float(np.nanmax(np.abs(want), initial=0.0))):
                 raise BuildError(f"{upgraded}: output {name!r} differs from the original graph's by {error:.3g} "
                                  f"on {label}")
             worst = max(worst, error)
     return worst, label
+
+
+def _run(session: Any, feed: Feed) -> dict[str, np.ndarray]:
+    names = [i.name for i in session.get_inputs()]
+    missing = [name for name in names if name not in feed]
+    if missing:
+        raise BuildError(f"the check feeds lack inputs {missing}")
+    try:
+        values = session.run(None, {name: feed[name] for name in names})
+    except Exception as error:  # ORT's own Fail/InvalidArgument/... (e.g. random inputs of a shape it rejects)
+        raise BuildError(f"ONNX Runtime could not run the check: {' '.join(str(error).split())[:300]}") from None
+    return dict(zip((o.name for o in session.get_outputs()), values))
 
 
 def _check_inputs(session: Any, feeds: Iterable[Feed] | None) -> tuple[list[Feed], str]:
