@@ -22,6 +22,7 @@ import onnx
 
 from quant import __version__
 from quant.build.calibration import TensorRange, ranges_from_cache
+from quant.build.opset import MIN_QDQ_OPSET, UpgradeResult, ensure_opset
 from quant.build.ort_build import (
     build_fp16, build_fp32, build_int8_ort, build_int8_trt_qdq, check_int8_kernels, kernel_report, streaming_states,
 )
@@ -135,7 +136,9 @@ def _build_into(work: Path, name: str, source: Path, opts: BuildOptions) -> dict
         meta["plan"] = fp16_plan.summary()
         meta["fp16"] = build_fp16(onnx_model, fp16_plan, work / MODEL_FILE)
     else:
-        meta.update(_build_int8(name, source, onnx_model, rules, opts, work))
+        upgrade = ensure_opset(source, MIN_QDQ_OPSET, source.parent)  # the graph calibration also saw
+        source = upgrade.path
+        meta.update(_build_int8(name, upgrade, onnx_model, rules, opts, work))
     if opts.backend == "trt":
         used_cache = (meta.get("cache") or {}).get("path")
         meta["trt"] = _build_trt(name, source, work, opts, Path(used_cache) if used_cache else opts.cache)
@@ -197,19 +200,23 @@ def rules_text_sha(rules: Path | None) -> str:
     return sha256_file(rules if rules is not None else DEFAULT_RULES_PATH)
 
 
-def _build_int8(name: str, source: Path, model: onnx.ModelProto, rules: Any, opts: BuildOptions,
+def _build_int8(name: str, upgrade: UpgradeResult, source_model: onnx.ModelProto, rules: Any, opts: BuildOptions,
                 out_dir: Path) -> dict[str, Any]:
-    ranges, cache_meta = load_ranges(name, source, opts.cache, opts.method)
+    """INT8 of `upgrade.path` (the source, or its opset upgrade); per-tensor weights where opset < 13."""
+    model = _load(upgrade.path) if upgrade.upgraded else source_model
+    per_channel = opts.per_channel and upgrade.per_channel
+    ranges, cache_meta = load_ranges(name, upgrade.path, opts.cache, opts.method)
     states = streaming_states(model)
     ort_plan = plan(model, rules, "int8", "ort", states)
     trt_plan = plan(model, rules, "int8", "trt", states)
-    meta: dict[str, Any] = {"cache": cache_meta, "plan": ort_plan.summary(), "plan_trt": trt_plan.summary()}
+    meta: dict[str, Any] = {"cache": cache_meta, "plan": ort_plan.summary(), "plan_trt": trt_plan.summary(),
+                            "opset_upgrade": upgrade.to_meta()}
     meta["ort_int8"] = build_int8_ort(model, ort_plan, ranges, out_dir / MODEL_FILE, opts.activation_uint8,
-                                      opts.per_channel, opts.unwrap_kernel_outputs, opts.reduce_range)
+                                      per_channel, opts.unwrap_kernel_outputs, opts.reduce_range)
     report = kernel_report(out_dir / MODEL_FILE)
     check_int8_kernels(report, ort_plan)
     meta.update(report)
-    meta["trt_qdq"] = build_int8_trt_qdq(model, trt_plan, ranges, out_dir / TRT_QDQ_FILE)
+    meta["trt_qdq"] = build_int8_trt_qdq(model, trt_plan, ranges, out_dir / TRT_QDQ_FILE, per_channel)
     atomic_write_json(out_dir / "plan.json", {"ort": ort_plan.to_json(), "trt": trt_plan.to_json()})
     return meta
 

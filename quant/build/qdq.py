@@ -3,12 +3,16 @@
 - unwrap_float_nodes: after ONNX Runtime's quantizer, a float node sitting between quantized neighbours still reads
   DequantizeLinear(QuantizeLinear(x)); rewire it to read x itself and drop Q/DQ pairs nobody reads any more.
 - insert_qdq: TensorRT explicit quantization: symmetric int8 (zero point 0) Q/DQ on exactly the given sites,
-  weights per-channel (float weight -> Q -> DQ, the layout TensorRT 8-10 parse).
+  weights per-channel (float weight -> Q -> DQ, the layout TensorRT 8-10 parse), per tensor below opset 13.
+- sort_topologically: ONNX Runtime's quantizer appends its Q/DQ after the nodes reading them; ORT sorts on load,
+  but onnx.checker (which every built model passes before it is written) and other tools do not.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
+from collections import defaultdict
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -16,7 +20,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from quant.build.calibration import INT8_MAX
-from quant.errors import CalibrationError
+from quant.build.opset import MIN_QDQ_OPSET, default_opset
+from quant.errors import BuildError, CalibrationError
 from quant.precision import QdqSite
 
 log = logging.getLogger(__name__)
@@ -71,14 +76,17 @@ def _prune_dead(graph: onnx.GraphProto, op_types: tuple[str, ...]) -> None:
         graph.initializer.remove(init)
 
 
-def insert_qdq(model: onnx.ModelProto, sites: Iterable[QdqSite], amax: Mapping[str, float]) -> onnx.ModelProto:
-    """A copy of `model` with symmetric int8 Q/DQ at `sites`. Activation thresholds come from `amax`."""
+def insert_qdq(model: onnx.ModelProto, sites: Iterable[QdqSite], amax: Mapping[str, float],
+               per_channel: bool = True) -> onnx.ModelProto:
+    """A copy of `model` with symmetric int8 Q/DQ at `sites`. Activation thresholds come from `amax`; weights get
+    one scale per output channel, or one per tensor when not `per_channel` (all that opset < 13 can express)."""
     result = onnx.ModelProto()
     result.CopyFrom(model)
     graph = result.graph
     weights = {i.name: i for i in graph.initializer}
-    if _default_opset(result) < 13:
-        raise CalibrationError(f"per-channel Q/DQ needs opset >= 13, the model has {_default_opset(result)}; re-export it")
+    if per_channel and default_opset(result) < MIN_QDQ_OPSET:
+        raise BuildError(f"per-channel Q/DQ needs opset >= {MIN_QDQ_OPSET}, the model has {default_opset(result)}; "
+                         f"upgrade it (quant.build.opset.ensure_opset) or quantize weights per tensor")
     site_list = [s for s in sites if not s.is_weight or s.tensor in weights]
     missing = [s.tensor for s in site_list if not s.is_weight and not amax.get(s.tensor)]
     if missing:
@@ -87,7 +95,7 @@ def insert_qdq(model: onnx.ModelProto, sites: Iterable[QdqSite], amax: Mapping[s
     new_nodes: list[onnx.NodeProto] = []
     for site in site_list:
         if site.is_weight:
-            scale = _weight_scale(numpy_helper.to_array(weights[site.tensor]), site.axis or 0)
+            scale = _weight_scale(numpy_helper.to_array(weights[site.tensor]), site.axis or 0, per_channel)
         else:
             scale = np.array(max(float(amax[site.tensor]), MIN_AMAX) / INT8_MAX, dtype=np.float32)
         new_nodes += _qdq_pair(graph, site, scale)
@@ -96,12 +104,8 @@ def insert_qdq(model: onnx.ModelProto, sites: Iterable[QdqSite], amax: Mapping[s
     return result
 
 
-def _default_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-def _weight_scale(weight: np.ndarray, axis: int) -> np.ndarray:
-    reduce_axes = tuple(a for a in range(weight.ndim) if a != axis)
+def _weight_scale(weight: np.ndarray, axis: int, per_channel: bool = True) -> np.ndarray:
+    reduce_axes = tuple(a for a in range(weight.ndim) if a != axis or not per_channel)
     channel_amax = np.abs(weight).max(axis=reduce_axes) if reduce_axes else np.abs(weight)
     return (np.maximum(channel_amax, MIN_AMAX) / INT8_MAX).astype(np.float32)
 
@@ -144,3 +148,39 @@ def _insert_before_consumers(graph: onnx.GraphProto, new_nodes: list[onnx.NodePr
         ordered += [quant_of[dq.input[0]], dq]
     del graph.node[:]
     graph.node.extend(ordered)
+
+
+def sort_topologically(graph: onnx.GraphProto) -> None:
+    """Reorder `graph`'s nodes, in place, so each follows the producers of what it reads (tensors its subgraphs read
+    from the outer graph included), keeping the given order wherever it is already valid."""
+    nodes = list(graph.node)
+    producer = {out: index for index, node in enumerate(nodes) for out in node.output if out}
+    needs = [{producer[t] for t in _reads(node) if t in producer} - {index} for index, node in enumerate(nodes)]
+    readers: dict[int, list[int]] = defaultdict(list)
+    for index, deps in enumerate(needs):
+        for dep in deps:
+            readers[dep].append(index)
+    waiting = [len(deps) for deps in needs]
+    ready = [index for index, count in enumerate(waiting) if count == 0]
+    order: list[int] = []
+    while ready:
+        index = heapq.heappop(ready)  # the earliest ready node first: the given order where it is valid
+        order.append(index)
+        for reader in readers[index]:
+            waiting[reader] -= 1
+            if waiting[reader] == 0:
+                heapq.heappush(ready, reader)
+    if len(order) != len(nodes):
+        stuck = [nodes[i].name for i in range(len(nodes)) if waiting[i]][:5]
+        raise BuildError(f"graph {graph.name!r} has a cycle through nodes {stuck}")
+    del graph.node[:]
+    graph.node.extend(nodes[index] for index in order)
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """Tensor names `node` reads, those read inside its subgraphs (If/Loop/Scan bodies) included."""
+    names = {t for t in node.input if t}
+    for attribute in node.attribute:
+        for body in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+            names.update(t for inner in body.node for t in _reads(inner))
+    return names

@@ -94,9 +94,11 @@ def calibrate(
         raise CalibrationError(f"ONNX model {onnx_path} not found: export it first (quant export) or pass an .onnx")
     if feeds is None:
         manifest = resolved_manifest(model_kind, manifest)
+        onnx_path = qdq_graph(onnx_path, reader(model_kind, onnx_path, manifest, options.reader))
         source = reader(model_kind, onnx_path, manifest, options.reader)
         key = make_key(onnx_path, method, options.ranges, manifest, source, reader_params(options.reader))
     else:
+        onnx_path = qdq_graph(onnx_path, feeds)
         source = feeds
         key = make_key(onnx_path, method, options.ranges, manifest, source)
     target = Path(out_cache) if out_cache is not None else store_path(default_store(), key, onnx_path.stem)
@@ -108,6 +110,15 @@ def calibrate(
     result = collect_ranges(onnx_path, source, method, _bounded(options.ranges, model_kind))
     info = {"model": str(onnx_path), "model_kind": model_kind, "manifest": str(manifest) if manifest else None}
     return write_entry(target, key, result, info, options.trt_version)
+
+
+def qdq_graph(onnx_path: Path, check_feeds: FeedSource) -> Path:
+    """The graph to calibrate: below opset 13 (no per-channel Q/DQ) the upgrade that quant.build.opset writes beside
+    it, checked on the first of `check_feeds`; the build quantizes that same file, so the cache key names it."""
+    from quant.build.opset import MIN_QDQ_OPSET, ensure_opset
+
+    feeds = check_feeds() if callable(check_feeds) else check_feeds
+    return ensure_opset(onnx_path, MIN_QDQ_OPSET, onnx_path.parent, feeds).path
 
 
 # Our exports of these models are batch-major in every input, so feeds may be run one item at a time. The offline
