@@ -40,7 +40,7 @@ TASK_COLUMNS: dict[str, tuple[tuple[str, str, str], ...]] = {  # key, header, fo
             ("cer_real", "CER real %", "pct"), ("cer_synthetic", "CER synth %", "pct")),
 }
 PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
-BACKEND_ORDER = {"torch": 0, "ort": 1, "trt": 2}
+BACKEND_ORDER = {"torch": 0, "ort": 1, "trt-sim": 2, "trt": 3}
 
 
 # ------------------------------------------------------------------------------------------------ read / write
@@ -295,16 +295,28 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         rows = [r for r in all_rows if r["model"] == model]
         lines += ["", f"## {model}", "", _unit_line(rows, model), ""]
         lines += _model_table(model, rows, all_rows)
+        if any(r["backend"] == "trt-sim" for r in rows):
+            lines += ["", f"trt-sim rows: {simulation_note('trt-sim')}."]
         lines += _noisy_line(rows)
         if model == "wenet":
-            lines += _throughput_table([r for r in rows if r.get("status") == "ok"], "encoder")
-            lines += _throughput_table([r for r in rows if r.get("status") == "ok"], "decoder")
-            lines += _decoder_latency_lines([r for r in rows if r.get("status") == "ok"])
+            timed = [r for r in rows if r.get("status") == "ok" and r.get("speed")]
+            lines += _throughput_table(timed, "encoder")
+            lines += _throughput_table(timed, "decoder")
+            lines += _decoder_latency_lines(timed)
     lines += ["", "## Goals", "", "| goal | measured | target | met |", "|---|---|---|---|"]
     for goal in goals(results):
         met = "n/a" if goal.met is None else ("yes" if goal.met else "NO")
         lines.append(f"| {goal.name} | {_fmt(goal.measured, '.3f')} | {goal.target} | {met} |")
     return "\n".join(lines) + "\n"
+
+
+def simulation_note(backend: str) -> str:
+    """What a simulated backend's numbers are (empty for measured backends): the label results.md and .csv carry."""
+    if backend != "trt-sim":
+        return ""
+    return ("a simulation of TensorRT's numerics, not a TensorRT measurement: ONNX Runtime on the CPU runs the ONNX "
+            "TensorRT's explicit mode builds from (int8: model_trt_qdq.onnx, symmetric int8 Q/DQ kept as fake "
+            "quantization; fp16: the FP16 model.onnx); accuracy and error vs FP32 only, no latency")
 
 
 def _environment_line(env: Mapping[str, Any]) -> str:
@@ -344,7 +356,8 @@ def _decoder_latency_lines(rows: Sequence[Row]) -> list[str]:
 CSV_FIELDS = ["model", "backend", "precision", "status", "pesq_wb", "pesq_nb", "stoi", "si_sdr", "cer", "wer",
               "cer_greedy", "wer_greedy", "cer_real", "cer_synthetic", "latency_min_ms", "latency_mean_ms",
               "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_max_ms", "latency_runs",
-              "latency_mean_ms_2_threads", "rtf", "ratio_vs_fp32_ort", "ratio_vs_eager", "min_snr_db_vs_fp32", "error"]
+              "latency_mean_ms_2_threads", "rtf", "ratio_vs_fp32_ort", "ratio_vs_eager", "min_snr_db_vs_fp32", "simulation",
+              "error"]
 
 
 def render_csv(results: Mapping[str, Any]) -> str:
@@ -360,6 +373,7 @@ def render_csv(results: Mapping[str, Any]) -> str:
 def _csv_row(row: Row, rows: Sequence[Row]) -> dict[str, Any]:
     out: dict[str, Any] = {key: row.get(key, "") for key in ("model", "backend", "precision", "status")}
     out["error"] = _one_line(row.get("error"))
+    out["simulation"] = simulation_note(str(row.get("backend")))
     if row.get("status") != "ok":
         return out
     for key in ("pesq_wb", "pesq_nb", "stoi", "si_sdr", "cer", "wer", "cer_greedy", "wer_greedy", "cer_real",
