@@ -38,12 +38,15 @@ GRAPH_FILES = {"dpcrn": "dpcrn.onnx", "dpcrn-stream": "dpcrn_stream.onnx", "wene
 WEIGHTS = {"dpcrn": "dpcrn.pt", "dpcrn-stream": "dpcrn.pt", "wenet": "conformer.pt"}
 TEST_SETS = {"dpcrn": "se_test", "dpcrn-stream": "se_test", "wenet": "asr_test"}
 STAMP_DIR = ".pipeline"
+# backends whose rows predict another runtime's numerics on the CPU: accuracy only, never timed, and only at the
+# precisions they simulate (trt-sim: TensorRT explicit mode from the fp16 / int8 ORT builds' ONNX)
+SIMULATED = {"trt-sim": ("fp16", "int8")}
 
 
 @dataclass(frozen=True)
 class RunOptions:
     models: tuple[str, ...] = MODELS
-    backends: tuple[str, ...] | None = None  # None: ort, plus trt when TensorRT is usable here
+    backends: tuple[str, ...] | None = None  # None: ort and trt-sim, plus trt when TensorRT is usable here
     precisions: tuple[str, ...] = PRECISIONS
     eager: bool = True  # PyTorch eager rows alongside
     se_utterances: int | None = None  # None: the whole se_test set
@@ -304,13 +307,13 @@ def _load_average() -> float | None:
 
 
 def resolve_backends(requested: Sequence[str] | None) -> tuple[str, ...]:
-    """ort always; trt when asked for (an error if unusable) or, by default, when TensorRT imports here."""
+    """ort and trt-sim always; trt when asked for (an error if unusable) or, by default, when TensorRT imports."""
     from quant.backends.trt import require_tensorrt
 
     if requested is not None:
-        unknown = [b for b in requested if b not in ("ort", "trt")]
+        unknown = [b for b in requested if b not in ("ort", "trt-sim", "trt")]
         if unknown:
-            raise BackendUnavailable(f"unknown backends {unknown}; expected ort and/or trt")
+            raise BackendUnavailable(f"unknown backends {unknown}; expected some of ort, trt-sim, trt")
         if "trt" in requested:
             require_tensorrt()
         return tuple(requested)
@@ -318,8 +321,8 @@ def resolve_backends(requested: Sequence[str] | None) -> tuple[str, ...]:
         require_tensorrt()
     except BackendUnavailable as error:
         logger.info("TensorRT rows skipped: %s", error)
-        return ("ort",)
-    return ("ort", "trt")
+        return ("ort", "trt-sim")
+    return ("ort", "trt-sim", "trt")
 
 
 # ------------------------------------------------------------------------------------------------ test data
@@ -567,7 +570,8 @@ class ModelRun:
 
     def _combos(self) -> list[tuple[str, str]]:
         combos = [("torch", "fp32")] if self.options.eager else []
-        return combos + [(b, p) for b in self.backends for p in self.options.precisions]
+        return combos + [(b, p) for b in self.backends for p in self.options.precisions
+                         if p in SIMULATED.get(b, PRECISIONS)]
 
     def run(self) -> list[dict[str, Any]]:
         try:
@@ -585,13 +589,27 @@ class ModelRun:
         if self.options.eager:
             specs.append(RowSpec(self.model, "torch", "fp32", {stem(g): exported[g] for g in GRAPHS[self.model]}))
         caches: dict[str, Path] = {}
-        for backend in self.backends:
-            for precision in self.options.precisions:
-                try:
+        for backend, precision in self._combos():
+            if backend == "torch":
+                continue
+            try:
+                if backend == "trt-sim":
+                    specs.append(trt_sim_spec(self._ort_spec(specs, precision, exported, caches), exported))
+                else:
                     specs.append(self._build_row(backend, precision, exported, caches))
-                except Exception as error:  # noqa: BLE001
-                    self._fail(backend, precision, error)
+            except Exception as error:  # noqa: BLE001
+                self._fail(backend, precision, error)
         return specs
+
+    def _ort_spec(self, specs: Sequence[RowSpec], precision: str, exported: Mapping[str, Path],
+                  caches: dict[str, Path]) -> RowSpec:
+        """The ORT build a trt-sim row reads (it writes what TensorRT builds from): this run's, else built now."""
+        built = next((s for s in specs if (s.backend, s.precision) == ("ort", precision)), None)
+        if built is not None:
+            return built
+        if any((row["backend"], row["precision"]) == ("ort", precision) for row in self.rows):  # failed already
+            raise QuantError(f"the ONNX Runtime {precision} build it reads failed (see the ort {precision} row)")
+        return self._build_row("ort", precision, exported, caches)
 
     def _build_row(self, backend: str, precision: str, exported: Mapping[str, Path],
                    caches: dict[str, Path]) -> RowSpec:
@@ -608,7 +626,10 @@ class ModelRun:
     def _evaluate_all(self, specs: Sequence[RowSpec]) -> None:
         reference = next((s for s in specs if (s.backend, s.precision) == ("ort", "fp32")), None)
         reference = reference or next((s for s in specs if s.backend == "torch"), None)
-        if reference is None:
+        if reference is None:  # nothing to compare with or to derive feeds from: say so rather than drop the rows
+            for spec in specs:
+                self._fail(spec.backend, spec.precision, QuantError(
+                    "no FP32 reference row (ort fp32 or PyTorch eager); add ort and fp32 or leave out --no-eager"))
             return
         try:
             data = load_test_data(self.model, self.options)
@@ -625,6 +646,17 @@ class ModelRun:
                 self.rows.append(evaluate_row(spec, context, self.steps.root, self.options))
             except Exception as error:  # noqa: BLE001
                 self._fail(spec.backend, spec.precision, error)
+
+
+def trt_sim_spec(ort_spec: RowSpec, exported: Mapping[str, Path]) -> RowSpec:
+    """The trt-sim row of an ORT fp16/int8 row: per graph, the ONNX TensorRT's explicit mode builds from (int8: the
+    symmetric Q/DQ model_trt_qdq.onnx beside ORT's model.onnx; fp16: the FP16 model.onnx itself)."""
+    from quant.build.trt_build import engine_onnx
+
+    sources = {stem(graph): exported[graph] for graph in GRAPHS[ort_spec.model]}
+    artifacts = {graph_stem: engine_onnx(path.parent, sources[graph_stem], ort_spec.precision, "explicit")
+                 for graph_stem, path in ort_spec.artifacts.items()}
+    return RowSpec(ort_spec.model, "trt-sim", ort_spec.precision, artifacts)
 
 
 @dataclass(frozen=True)
@@ -666,8 +698,9 @@ def evaluate_row(spec: RowSpec, context: EvalContext, root: Path, options: RunOp
                     "error_vs_fp32": error_vs_reference(spec, context.feeds, context.reference_outputs)}
         accuracy["eval_seconds"] = time.perf_counter() - start
         write_stamp(root, name, key, spec.artifacts.values(), accuracy)
-    logger.info("%s: measuring speed", spec.label)
-    speed = measure_speed(spec, context.loads, options.bench)
+    simulated = spec.backend in SIMULATED  # a CPU prediction of another runtime's numerics: its speed means nothing
+    logger.info("%s: %s", spec.label, "not timed (simulation)" if simulated else "measuring speed")
+    speed = {} if simulated else measure_speed(spec, context.loads, options.bench)
     latency, rtf = primary_numbers(spec.model, speed)
     return {
         "model": spec.model, "backend": spec.backend, "precision": spec.precision, "status": "ok", "error": None,
@@ -692,6 +725,8 @@ def _run_models(options: RunOptions, root: Path) -> RunResult:
     from quant.report import write_results
 
     backends = resolve_backends(options.backends)
+    if not options.accuracy:  # a speed-only run has nothing to show for simulated rows
+        backends = tuple(b for b in backends if b not in SIMULATED)
     steps = Steps(root, options)
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []

@@ -58,7 +58,7 @@ CHANGE_METRICS: dict[str, tuple[tuple[str, str, bool, str], ...]] = {  # key, la
             ("cer_greedy", "CER greedy pts", False, "+.2f")),
 }
 PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
-BACKEND_ORDER = {"torch": 0, "ort": 1, "trt": 2}
+BACKEND_ORDER = {"torch": 0, "ort": 1, "trt-sim": 2, "trt": 3}
 
 
 # ------------------------------------------------------------------------------------------------ read / write
@@ -447,12 +447,15 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         rows = [r for r in all_rows if r["model"] == model]
         lines += ["", f"## {model}", "", _unit_line(rows, model), ""]
         lines += _model_table(model, rows, all_rows)
+        if any(r["backend"] == "trt-sim" for r in rows):
+            lines += ["", f"trt-sim rows: {simulation_note('trt-sim')}."]
         lines += _noisy_line(rows)
         lines += _change_table(model, rows, changes)
         if model == "wenet":
-            lines += _throughput_table([r for r in rows if r.get("status") == "ok"], "encoder")
-            lines += _throughput_table([r for r in rows if r.get("status") == "ok"], "decoder")
-            lines += _decoder_latency_lines([r for r in rows if r.get("status") == "ok"])
+            timed = [r for r in rows if r.get("status") == "ok" and r.get("speed")]
+            lines += _throughput_table(timed, "encoder")
+            lines += _throughput_table(timed, "decoder")
+            lines += _decoder_latency_lines(timed)
     lines += ["", "## Goals", "", "Accuracy budgets are judged on the 95 % interval of the paired change: within "
               "budget when the whole interval is on the allowed side, over budget when it is wholly beyond it.", "",
               "| goal | measured | target | met |", "|---|---|---|---|"]
@@ -460,6 +463,15 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         lines.append(f"| {goal.name} | {goal.interval or _fmt(goal.measured, '.3f')} | {goal.target} "
                      f"| {goal.met_text} |")
     return "\n".join(lines) + "\n"
+
+
+def simulation_note(backend: str) -> str:
+    """What a simulated backend's numbers are (empty for measured backends): the label results.md and .csv carry."""
+    if backend != "trt-sim":
+        return ""
+    return ("a simulation of TensorRT's numerics, not a TensorRT measurement: ONNX Runtime on the CPU runs the ONNX "
+            "TensorRT's explicit mode builds from (int8: model_trt_qdq.onnx, symmetric int8 Q/DQ kept as fake "
+            "quantization; fp16: the FP16 model.onnx); accuracy and error vs FP32 only, no latency")
 
 
 def _environment_line(env: Mapping[str, Any]) -> str:
@@ -524,7 +536,7 @@ CSV_FIELDS = ["model", "backend", "precision", "status", "pesq_wb", "pesq_nb", "
               "latency_mean_ms_2_threads", "rtf", "ratio_vs_fp32_ort", "ratio_vs_eager", "min_snr_db_vs_fp32",
               # the primary metric's paired change vs the FP32 row `compared_with`, in the metric's stored units
               "compared_with", "change_metric", "delta", "ci_low", "ci_high", "n", "share_worse", "budget",
-              "verdict", "n_to_tell", "error"]
+              "verdict", "n_to_tell", "simulation", "error"]
 
 
 def render_csv(results: Mapping[str, Any]) -> str:
@@ -544,6 +556,7 @@ def render_csv(results: Mapping[str, Any]) -> str:
 def _csv_row(row: Row, rows: Sequence[Row]) -> dict[str, Any]:
     out: dict[str, Any] = {key: row.get(key, "") for key in ("model", "backend", "precision", "status")}
     out["error"] = _one_line(row.get("error"))
+    out["simulation"] = simulation_note(str(row.get("backend")))
     if row.get("status") != "ok":
         return out
     for key in ("pesq_wb", "pesq_nb", "stoi", "si_sdr", "cer", "wer", "cer_greedy", "wer_greedy", "cer_real",

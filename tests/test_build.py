@@ -151,6 +151,21 @@ def test_int8_trt_qdq_is_symmetric_per_channel(model_and_cache: tuple[Path, Path
     assert snr_db(reference.run(feed)["enh"], runner.run(feed)["enh"]) > 15
 
 
+def test_trt_sim_runs_the_tensorrt_qdq_model_not_orts(model_and_cache: tuple[Path, Path], tmp_path: Path):
+    from quant.backends import open_runner
+
+    source, cache = model_and_cache
+    out = build_artifact(source, "int8", cache=cache, out_dir=tmp_path / "int8")
+    feed = feeds(1)[0]
+    fp32 = open_runner(source, "ort").run(feed)["enh"]
+    ort_int8 = open_runner(out / "model.onnx", "ort").run(feed)["enh"]
+    simulated = open_runner(out / "model_trt_qdq.onnx", "trt-sim").run(feed)["enh"]
+    assert not np.allclose(simulated, fp32, rtol=0, atol=1e-6) and snr_db(fp32, simulated) > 15
+    assert not np.allclose(simulated, ort_int8, rtol=0, atol=1e-6)  # another model: int8 symmetric, 8-bit weights
+    with pytest.raises(ModelError, match=r"model\.onnx: .* is not symmetric int8.*model_trt_qdq\.onnx beside it"):
+        open_runner(out / "model.onnx", "trt-sim")  # ORT's uint8 model would make trt-sim measure ORT
+
+
 def test_cache_of_another_model_is_refused(model_and_cache: tuple[Path, Path], tmp_path: Path):
     _, cache = model_and_cache
     other = tiny_streaming_model(tmp_path / "other.onnx")  # new random weights: another sha256

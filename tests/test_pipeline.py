@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,21 @@ def identity_dpcrn(path: Path, gain: float = 1.0) -> Path:
     return path
 
 
+def symmetric_qdq_dpcrn(path: Path, scale: float) -> Path:
+    """An identity mask reading its input through symmetric int8 Q/DQ (what TensorRT's explicit mode builds from)."""
+    shape: list[Any] = ["B", FREQ_BINS, SEGMENT_FRAMES, 2]
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["mix", "scale", "zero"], ["mix_q"], name="mix_Q"),
+         helper.make_node("DequantizeLinear", ["mix_q", "scale", "zero"], ["enh"], name="mix_DQ")], "qdq_mask",
+        [helper.make_tensor_value_info("mix", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("enh", TensorProto.FLOAT, shape)],
+        [helper.make_tensor("scale", TensorProto.FLOAT, [], [scale]), helper.make_tensor("zero", TensorProto.INT8, [], [0])],
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
 class FakeSteps:
     """Export writes an identity mask model; int8 'builds' scale the mask slightly; calls are recorded."""
 
@@ -56,6 +73,7 @@ class FakeSteps:
             raise BuildError("int8 build failed on purpose")
         target = self.root / graph / precision / "model.onnx"
         if precision == "int8":
+            symmetric_qdq_dpcrn(target.with_name("model_trt_qdq.onnx"), scale=0.02)
             return identity_dpcrn(target, gain=0.99)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(source, target)
@@ -259,3 +277,28 @@ def test_speed_only_run_skips_accuracy(fake_run: pipeline.RunOptions, tmp_path: 
     assert result.ok, result.failures
     assert all(row["task"] == {} and row["speed"]["dpcrn"]["threads"] for row in result.results["rows"])
     assert (tmp_path / "bench" / "results.md").is_file()
+
+
+def test_trt_sim_rows_run_the_tensorrt_onnx_untimed(fake_run: pipeline.RunOptions, tmp_path: Path) -> None:
+    result = pipeline.run_all(replace(fake_run, backends=("ort", "trt-sim")))
+    assert result.ok, result.failures
+    rows = {(row["backend"], row["precision"]): row for row in result.results["rows"]}
+    assert set(rows) == {("ort", "fp32"), ("ort", "fp16"), ("ort", "int8"), ("trt-sim", "fp16"), ("trt-sim", "int8")}
+    assert FakeSteps.calls.count("build dpcrn int8 ort cache=True") == 1  # trt-sim reads the ORT build's folder
+    simulated, ort_int8 = rows["trt-sim", "int8"], rows["ort", "int8"]
+    assert simulated["artifacts"]["dpcrn"] == str(tmp_path / "dpcrn" / "int8" / "model_trt_qdq.onnx")
+    assert rows["trt-sim", "fp16"]["artifacts"] == rows["ort", "fp16"]["artifacts"]
+    snr_sim, snr_ort = (row["error_vs_fp32"]["dpcrn"]["enh"]["snr_db"] for row in (simulated, ort_int8))
+    assert snr_sim is not None and abs(snr_sim - snr_ort) > 1  # not FP32 and not ORT's int8 model
+    assert simulated["task"]["si_sdr"] != ort_int8["task"]["si_sdr"]
+    assert simulated["speed"] == {} and simulated["latency_ms"] is None and ort_int8["speed"]
+    assert "trt-sim rows: a simulation of TensorRT's numerics, not a TensorRT measurement" in (
+        tmp_path / "results.md").read_text()
+    csv_rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert {row["backend"]: bool(row["simulation"]) for row in csv_rows} == {"ort": False, "trt-sim": True}
+
+
+def test_rows_without_a_reference_fail_loudly(fake_run: pipeline.RunOptions) -> None:
+    result = pipeline.run_all(replace(fake_run, backends=("trt-sim",)))
+    assert not result.ok and len(result.failures) == 2
+    assert all("no FP32 reference row" in failure for failure in result.failures)

@@ -253,3 +253,16 @@ def test_labels_of_crowded_points_do_not_overlap() -> None:
     plt.close(fig)
     assert len(boxes) == 5
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+def test_trt_sim_rows_are_labelled_simulations_without_latency(results: dict, tmp_path: Path) -> None:
+    simulated = {**asr_row("int8", 0.051, {1: 1.0}), "backend": "trt-sim", "speed": {}, "rtf": None}
+    paths = report.write_results({**results, "rows": [*results["rows"], simulated]}, tmp_path)
+    md = paths["md"].read_text()
+    wenet = md[md.index("## wenet"):md.index("## Goals")]
+    sim_line = next(line for line in wenet.splitlines() if line.startswith("| trt-sim | int8 | 5.10"))
+    assert "| - | - |" in sim_line  # no latency
+    assert "trt-sim rows: a simulation of TensorRT's numerics, not a TensorRT measurement" in wenet
+    assert "trt-sim" not in md[md.index("## dpcrn"):md.index("## wenet")]  # labelled only where such rows are
+    assert "trt-sim int8" not in wenet[wenet.index("throughput"):]  # untimed rows stay out of the speed tables
+    rows = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))
+    assert {r["backend"]: r["simulation"].startswith("a simulation of TensorRT") for r in rows} == {
+        "ort": False, "torch": False, "trt-sim": True}

@@ -3,6 +3,8 @@
 - ort: `quant.backends.ort.OrtRunner` (ONNX Runtime sessions, made in one place)
 - trt: `quant.backends.trt.TrtRunner` (the only module importing tensorrt/pycuda)
 - torch: `quant.backends.torch.TorchRunner` (PyTorch eager baseline with the ONNX graphs' names)
+- trt-sim: `quant.backends.ort.trt_sim_runner` (TensorRT's numerics predicted on the CPU: ONNX Runtime running the
+  ONNX TensorRT's explicit mode builds from, Q/DQ kept as fake quantization; accuracy only, never timed)
 
 Backends are imported lazily, so `import quant.backends` works without any optional backend installed.
 """
@@ -20,7 +22,7 @@ from quant.errors import BackendUnavailable
 if TYPE_CHECKING:
     import torch
 
-BACKENDS = ("torch", "ort", "trt")
+BACKENDS = ("torch", "ort", "trt", "trt-sim")
 
 
 @runtime_checkable
@@ -39,7 +41,8 @@ class Runner(Protocol):
 def open_runner(
     path_or_model: str | os.PathLike[str] | "torch.nn.Module", backend: str = "ort", threads: int = 1
 ) -> Runner:
-    """A runner for an ONNX file (ort), an engine file (trt), or a graph for PyTorch eager (torch).
+    """A runner for an ONNX file (ort), an engine file (trt), a graph for PyTorch eager (torch), or the ONNX file
+    TensorRT's explicit mode builds from (trt-sim: int8 model_trt_qdq.onnx, or an FP16/FP32 model.onnx).
 
     For torch, `path_or_model` is an nn.Module, a graph name (dpcrn, dpcrn_stream, encoder, decoder) or the FP32
     ONNX export of that graph (its file stem names the graph and its I/O names are reused).
@@ -52,6 +55,10 @@ def open_runner(
         from quant.backends.trt import TrtRunner
 
         return TrtRunner(_as_path(path_or_model, backend))
+    if backend == "trt-sim":
+        from quant.backends.ort import trt_sim_runner
+
+        return trt_sim_runner(_as_path(path_or_model, backend), threads=threads)
     if backend == "torch":
         from quant.backends.torch import torch_runner
 

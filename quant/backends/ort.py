@@ -14,6 +14,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from quant.errors import BackendUnavailable, BuildError, ModelError
 
@@ -32,6 +33,11 @@ INTEGER_KERNELS = frozenset({
     "QAttention", "QLinearWhere",
 })
 OPT_LEVELS = ("disable", "basic", "extended", "all")
+# `trt-sim`: TensorRT's explicit-mode numerics on the CPU. At "basic" ORT folds constants (a weight's Q becomes an
+# int8 initializer) but fuses no DequantizeLinear -> op -> QuantizeLinear into its integer kernels (QLinearConv & co.
+# start at "extended"), so every Q/DQ pair stays fake quantization: values on the int8 grid, float arithmetic, which
+# equals int8 x int8 -> int32 accumulation rescaled by s_x * s_w up to float rounding (tests/test_trt_sim.py).
+TRT_SIM_OPTIMIZATION = "basic"
 # ONNX Runtime 1.31 CPU segfaults while optimizing a float16 Transpose -> MatMul (MatmulTransposeFusion together
 # with the NCHWc layout pass); measured on a 2-node graph. Float16 models are loaded with that fusion off.
 FP16_DISABLED_OPTIMIZERS = ("MatmulTransposeFusion",)
@@ -133,6 +139,41 @@ class OrtRunner:
                 if isinstance(want, int) and want > 0 and want != got_dim:
                     raise ModelError(f"{self.path.name}: input {spec.name!r} axis {axis} must be {want}, "
                                      f"got shape {list(value.shape)}")
+
+
+def trt_sim_runner(path: str | os.PathLike[str], threads: int = 1) -> OrtRunner:
+    """A runner that predicts TensorRT's numerics for an ONNX model TensorRT's explicit mode builds from (the
+    symmetric int8 Q/DQ model_trt_qdq.onnx, an FP16 or an FP32 model): ORT with Q/DQ kept as fake quantization."""
+    check_trt_qdq(Path(path))
+    return OrtRunner(path, threads, optimization=TRT_SIM_OPTIMIZATION)
+
+
+def check_trt_qdq(path: Path) -> None:
+    """Refuse what TensorRT would not build the same way: asymmetric or uint8 Q/DQ (ONNX Runtime's INT8 model) and
+    ONNX Runtime's own integer ops (dynamic LSTM, QLinear*), which would make trt-sim measure ORT, not TensorRT."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as error:
+        raise ModelError(f"{path}: not a readable ONNX model: {error}") from None
+    problem = _trt_qdq_problem(model)
+    if problem:
+        raise ModelError(f"{path}: {problem}; trt-sim simulates TensorRT, whose explicit INT8 takes symmetric int8 "
+                         f"Q/DQ only: give the model_trt_qdq.onnx beside it (written by every int8 build)")
+
+
+def _trt_qdq_problem(model: onnx.ModelProto) -> str | None:
+    ort_ops = sorted({n.op_type for n in model.graph.node if n.op_type in INTEGER_KERNELS
+                      or n.op_type == "DynamicQuantizeLinear" or n.domain not in ("", "ai.onnx")})
+    if ort_ops:
+        return f"it holds ONNX Runtime integer ops {ort_ops}"
+    zero_points = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        zero = zero_points.get(node.input[2]) if len(node.input) > 2 else None
+        if zero is None or zero.data_type != onnx.TensorProto.INT8 or numpy_helper.to_array(zero).any():
+            return f"{node.op_type} {node.name or node.output[0]!r} is not symmetric int8 (zero point 0 of type int8)"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ conversions

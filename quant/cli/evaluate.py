@@ -18,11 +18,13 @@ def register(subparsers: Any) -> None:
         description="Run MODEL's artifact(s) on a test manifest and print the task metrics. dpcrn / dpcrn-stream "
         "take one file (dpcrn.onnx / dpcrn_stream.onnx, a built model.onnx or an engine); wenet takes the encoder "
         "and the decoder. With --backend torch, give the FP32 ONNX export(s): the PyTorch modules of the same "
-        "graphs run eagerly with the shipped weights.",
+        "graphs run eagerly with the shipped weights. With --backend trt-sim, give what TensorRT's explicit mode "
+        "builds from (int8: model_trt_qdq.onnx of an int8 build; fp16: the FP16 model.onnx): ONNX Runtime runs it "
+        "with Q/DQ kept as fake quantization, a CPU prediction of TensorRT's accuracy, not a TensorRT measurement.",
     )
     parser.add_argument("model", choices=MODELS)
     parser.add_argument("artifacts", nargs="+", type=Path, help="model file (wenet: encoder then decoder)")
-    parser.add_argument("--backend", choices=("ort", "trt", "torch"), default="ort")
+    parser.add_argument("--backend", choices=("ort", "trt", "torch", "trt-sim"), default="ort")
     parser.add_argument("--manifest", type=Path, help="test manifest (default calib_data/se_test or asr_test)")
     parser.add_argument("--limit", type=int, help="first N utterances")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime / PyTorch threads (default 2)")

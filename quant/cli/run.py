@@ -17,7 +17,8 @@ def add_selection(parser: argparse.ArgumentParser) -> None:
     """Options shared by `quant run` and `quant bench`."""
     parser.add_argument("--quick", action="store_true", help="few utterances and short timing loops (CI smoke run)")
     parser.add_argument("--models", type=csv_list, help="comma list of dpcrn, dpcrn-stream, wenet (default all)")
-    parser.add_argument("--backends", type=csv_list, help="comma list of ort, trt (default ort, plus trt when present)")
+    parser.add_argument("--backends", type=csv_list, help="comma list of ort, trt-sim, trt (default ort and trt-sim, "
+                        "plus trt when present; trt-sim: TensorRT's fp16/int8 accuracy simulated on the CPU)")
     parser.add_argument("--precisions", type=csv_list, help="comma list of fp32, fp16, int8 (default all)")
     parser.add_argument("--no-eager", action="store_true", help="leave out the PyTorch eager rows")
     parser.add_argument("--threads", type=csv_list, help="ORT/PyTorch thread counts to time (default 1,2)")
