@@ -168,13 +168,11 @@ def verify(cache_path: str | Path, onnx_path: str | Path, model_kind: str | None
     manifest = resolved_manifest(model_kind, manifest)
     options = _reader_options(params.get("reader"))
     data_hash = _manifest_sha256(manifest, _allow_outside(options)) if manifest is not None else None
-    source = None
-    if data_hash is None or "feeds" in params:
+    if data_hash is None or "feeds" in params:  # the reader as it would be built today, from the recorded options
         source = reader(model_kind, onnx_path, manifest, options)
-    if data_hash is None:
-        data_hash = feeds_sha256(source)
-    if "feeds" in params:
-        params["feeds"] = feed_settings(source)
+        data_hash = data_hash or feeds_sha256(source)
+        if "feeds" in params:
+            params["feeds"] = feed_settings(source)
     wanted = CacheKey.create(sha256_file(onnx_path), data_hash, entry.key.method, params)
     return entry.key.differences(wanted)
 
