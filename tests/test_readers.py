@@ -329,3 +329,30 @@ def test_reader_key_settings_differ_exactly_when_feeds_differ(tmp_path: Path):
     again = reader_for("x", fixed, manifest, ReaderOptions(feature="stft"))
     assert again.key_settings() == sources["generic stft"].key_settings()
     assert sources["offline"].key_settings()["audio"] == {"signal": "model-input", "utterances": 1}
+
+
+def test_calibrate_cli_refuses_bad_manifests_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]):
+    import json
+
+    from quant.cli import main
+
+    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
+    model = fixed_time_model(tmp_path / "offline_se.onnx")
+    manifest = se_manifest(tmp_path / "set")
+    row = json.loads(manifest.read_text())
+    args = ["calibrate", str(model), "--feature", "stft", "--method", "minmax", "--no-progress"]
+
+    def run(rows: list[dict], *extra: str) -> tuple[int, str]:
+        bad = tmp_path / "set" / "bad.jsonl"
+        bad.write_text("".join(json.dumps(r) + "\n" for r in rows).replace('"snr_db": "NaN"', '"snr_db": NaN'))
+        code = main(args + ["--data", str(bad), "-o", str(tmp_path / f"{len(extra)}.cache"), *extra])
+        return code, capsys.readouterr().err
+
+    code, err = run([row, dict(row, snr_db="NaN")])
+    assert code == 2 and err.count("\n") == 1 and "bad.jsonl:2: field 'snr_db' must be a finite number" in err
+    outside = dict(row, path="../set/librivox_0880.flac")
+    code, err = run([outside])
+    assert code == 2 and err.count("\n") == 1 and "bad.jsonl:1: path '../set/librivox_0880.flac' leads outside" in err
+    code, err = run([outside], "--allow-outside-paths")
+    assert code == 0, err

@@ -4,7 +4,7 @@ Fields: path, duration (s), sha256, source, license, text (ASR sets; may be null
 the mixing recipe: noise (path), noise_sha256, snr_db, noise_offset (samples at 16 kHz into the looped noise clip).
 
 Trust rules, each failure a ManifestError naming file and line:
-- the file is UTF-8 JSONL; numbers are finite, snr_db within +-SNR_LIMIT_DB, durations positive, offsets whole >= 0;
+- the file is UTF-8 JSONL; texts are strings, numbers finite (JSON's NaN/Infinity extension is refused), snr_db within +-SNR_LIMIT_DB, durations positive, offsets whole >= 0;
 - referenced paths stay inside the manifest's folder (no absolute path, no `..` escape) unless the caller passes
   allow_outside=True; the check is on the path as written, so a symlink placed inside the folder is followed;
 - every referenced file carries a sha256, checked when its audio is loaded (once per file per process) and, with
@@ -93,10 +93,10 @@ def _read_text(manifest: Path) -> str:
 def _parse_line(manifest: Path, number: int, line: str, verify: bool, allow_outside: bool) -> Utterance:
     where = f"{manifest}:{number}"
     try:
-        row = json.loads(line, parse_constant=_reject_constant)
+        row = json.loads(line)
     except json.JSONDecodeError as error:
         raise ManifestError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-    except (ValueError, RecursionError) as error:  # NaN/Infinity (below), a 5000-digit integer, deep nesting
+    except (ValueError, RecursionError) as error:  # a 5000-digit integer, deep nesting
         raise ManifestError(f"{where}: not a usable JSON line ({str(error)[:80]})") from None
     if not isinstance(row, dict):
         raise ManifestError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -122,18 +122,15 @@ def _parse_line(manifest: Path, number: int, line: str, verify: bool, allow_outs
     if offset < 0 or offset != int(offset):
         raise ManifestError(f"{where}: noise_offset must be a whole number of samples >= 0, got {offset:g}")
     utt = Utterance(
-        path=audio, duration=duration, sha256=sha256, source=str(row["source"]), license=str(row["license"]),
-        text=None if row.get("text") is None else str(row["text"]), noise=noise, noise_sha256=noise_sha256,
+        path=audio, duration=duration, sha256=sha256, source=_text(where, row, "source"),
+        license=_text(where, row, "license"), text=None if row.get("text") is None else _text(where, row, "text"),
+        noise=noise, noise_sha256=noise_sha256,
         snr_db=snr, noise_offset=int(offset), origin=where,
     )
     if verify:
         for file, expected in _files(utt):
             _check_sha256(file, expected, where)
     return utt
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number quant accepts")
 
 
 def _number(where: str, row: dict[str, Any], key: str) -> float:
@@ -147,6 +144,13 @@ def _number(where: str, row: dict[str, Any], key: str) -> float:
     if not math.isfinite(number):
         raise ManifestError(f"{where}: field {key!r} must be a finite number, got {str(value)[:40]}")
     return number
+
+
+def _text(where: str, row: dict[str, Any], key: str) -> str:
+    value = row[key]
+    if not isinstance(value, str):
+        raise ManifestError(f"{where}: field {key!r} must be a string, got {str(value)[:40]!r}")
+    return value
 
 
 def _checksum(where: str, row: dict[str, Any], key: str) -> str:
