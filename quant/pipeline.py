@@ -173,12 +173,15 @@ class Steps:
         quant.calib reuses a cache whose key matches."""
         from quant.calib.calibrate import CalibrateOptions, calibrate
         from quant.calib.ranges import RangeOptions
-        from quant.calib.readers import default_manifest
+        from quant.calib.readers import ReaderOptions, default_manifest
 
         ranges = RangeOptions(progress=self.options.progress, threads=self.options.eval_threads)
-        manifest = spread_subset(default_manifest(graph), self.options.calib_utterances, self.root / "calib_subsets")
+        committed = default_manifest(graph)
+        manifest = spread_subset(committed, self.options.calib_utterances, self.root / "calib_subsets")
+        # a subset manifest lives under the run folder and points back into calib_data/
+        reader = ReaderOptions(allow_outside=True) if manifest != committed else None
         entry = calibrate(onnx_path, model_kind=graph, manifest=manifest, method=None,
-                          options=CalibrateOptions(ranges=ranges))
+                          options=CalibrateOptions(ranges=ranges, reader=reader))
         return Path(entry.path)
 
     def build(self, graph: str, precision: str, backend: str, source: Path, cache: Path | None) -> Path:

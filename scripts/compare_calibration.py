@@ -28,7 +28,7 @@ OUTPUT = {"dpcrn": "enh", "dpcrn-stream": "enh", "wenet-encoder": "encoder_out",
 def held_out_audio(model: str, limit: int) -> AudioSet:
     se = model.startswith("dpcrn")
     manifest = calib_data_dir() / ("se_test" if se else "asr_test") / "manifest.jsonl"
-    return AudioSet.from_manifest(manifest, noisy=se, limit=limit)
+    return AudioSet.from_manifest(manifest, limit=limit)
 
 
 def feeds(model: str, fp32: Path, audio: AudioSet) -> Iterable[dict[str, np.ndarray]]:

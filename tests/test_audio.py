@@ -135,3 +135,50 @@ def test_wave_fallback_without_soundfile(tmp_path: Path, monkeypatch: pytest.Mon
         load_audio(DATA / "librivox_0880.flac")
     written = save_audio(tmp_path / "w.wav", with_sf)
     assert np.max(np.abs(load_audio(written) - with_sf)) < 1e-4
+
+
+def test_wave_fallback_chunk_larger_than_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by the fuzz test below: Python's wave raised a bare RuntimeError for a chunk size past the end."""
+    path = tmp_path / "chunk.wav"
+    path.write_bytes(_wav_bytes(_tone(440, 0.05, 8000), rate=8000)[:36] + b"junk" + (1 << 24).to_bytes(4, "little"))
+    monkeypatch.setitem(sys.modules, "soundfile", None)
+    with pytest.raises(AudioError, match="chunk.wav: not a readable WAV file"):
+        load_audio(path)
+
+
+# ---- fuzz: nothing but AudioError escapes the loader -------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_SEEDS = {".wav": _wav_bytes(_tone(440, 0.05, 8000), rate=8000, channels=1),
+          ".flac": (DATA / "librivox_0880.flac").read_bytes()[:6000]}
+
+
+def _mutated(seed: bytes, data: st.DataObject) -> bytes:
+    """A real file with a few bytes overwritten (header fields included), then possibly cut or extended."""
+    blob = bytearray(seed)
+    for _ in range(data.draw(st.integers(0, 6))):
+        position = data.draw(st.integers(0, min(len(blob) - 1, 80)) | st.integers(0, len(blob) - 1))
+        blob[position] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(blob)))
+    return bytes(blob[:cut]) + data.draw(st.binary(max_size=16))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(suffix=st.sampled_from([".wav", ".flac", ".ogg", ".bin"]), soundfile=st.booleans(), data=st.data())
+def test_fuzz_audio_loader_raises_only_audio_errors(tmp_path: Path, suffix: str, soundfile: bool,
+                                                    data: st.DataObject) -> None:
+    from unittest import mock
+
+    seed = _SEEDS.get(suffix, _SEEDS[".wav"])
+    path = tmp_path / f"fuzz{suffix}"
+    path.write_bytes(data.draw(st.binary(max_size=300)) if data.draw(st.booleans()) else _mutated(seed, data))
+    try:
+        with mock.patch.dict(sys.modules, {} if soundfile else {"soundfile": None}):  # None: the wave fallback
+            samples = load_audio(path)
+    except AudioError as error:
+        assert str(path) in str(error) and "\n" not in str(error)
+    else:
+        assert samples.dtype == np.float32 and samples.ndim == 1 and len(samples) > 0
+        assert np.isfinite(samples).all()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from quant.calib import calibrate as cal
 from quant.calib.ranges import RangeOptions
 from quant.cli import cache as cli_cache
 from quant.cli import calibrate as cli_calibrate
-from quant.errors import CacheMismatch, CalibrationError
+from quant.errors import CacheMismatch, CalibrationError, ManifestError
 
 OPTIONS = cal.CalibrateOptions(ranges=RangeOptions(progress=False), trt_version="8601")
 
@@ -167,8 +168,11 @@ def test_reader_path_keys_reader_settings_and_verify(tmp_path: Path, monkeypatch
     manifest_a, manifest_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     manifest_a.write_text(absolute[0] + "\n")
     manifest_b.write_text(absolute[0] + "\n" + absolute[1] + "\n")
-    entry = cal.calibrate(model, "tiny", manifest_a, "minmax", tmp_path / "m.cache", OPTIONS)
-    assert calls[0] == ("tiny", model, manifest_a)
+    with pytest.raises(ManifestError, match=r"a\.jsonl:1: path .* leads outside"):
+        cal.calibrate(model, "tiny", manifest_a, "minmax", tmp_path / "m.cache", OPTIONS)
+    outside = replace(OPTIONS, reader=readers.ReaderOptions(allow_outside=True))  # absolute paths, allowed
+    entry = cal.calibrate(model, "tiny", manifest_a, "minmax", tmp_path / "m.cache", outside)
+    assert calls[-1] == ("tiny", model, manifest_a)
     assert json.loads(entry.key.params)["reader"]["batch_size"] == readers.ReaderOptions().batch_size
     assert cal.verify(entry.path, model, "tiny", manifest_a) == []
     reasons = cal.verify(entry.path, model, "tiny", manifest_b)
@@ -208,3 +212,39 @@ def test_calibrate_into_an_unwritable_store_fails_before_calibrating(tmp_path: P
     monkeypatch.setattr(fcntl, "flock", read_only)  # the first write step, as a read-only store refuses it
     with pytest.raises(CalibrationError, match="cannot write calibration cache .*Read-only file system"):
         cal.calibrate(model, None, None, "minmax", tmp_path / "ro" / "m.cache", OPTIONS, feeds=feeds())
+
+
+def test_key_covers_what_shapes_the_feeds(tmp_path: Path) -> None:
+    readers = pytest.importorskip("quant.calib.readers")
+    data = Path(__file__).parent / "data"
+    model = tiny_model(tmp_path / "m.onnx")
+    manifest = data / "librivox.jsonl"
+
+    def key(kind: str, options: object = None) -> cc.CacheKey:
+        source = cal.reader(kind, model, manifest, options)
+        return cal.make_key(model, "minmax", RangeOptions(), manifest, source, cal.reader_params(options))
+
+    offline, encoder = key("dpcrn"), key("wenet-encoder")
+    assert offline != encoder  # same model, data and options, other reader: other feeds
+    assert offline == key("dpcrn")
+    assert key("dpcrn", readers.ReaderOptions(limit=2)) != key("dpcrn", readers.ReaderOptions(limit=3))
+    assert json.loads(offline.params)["feeds"]["reader"] == "offline-segments"
+
+
+def test_verify_reports_changed_feed_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    readers = pytest.importorskip("quant.calib.readers")
+    data = tmp_path / "set"
+    data.mkdir()
+    for line in (Path(__file__).parent / "data" / "librivox.jsonl").read_text().splitlines()[:2]:
+        name = json.loads(line)["path"]
+        (data / name).write_bytes((Path(__file__).parent / "data" / name).read_bytes())
+        with open(data / "manifest.jsonl", "a") as handle:
+            handle.write(line + "\n")
+    model = tiny_model(tmp_path / "m.onnx")
+    source = readers.GenericReader(readers.AudioSet.from_manifest(data / "manifest.jsonl"), "x", "waveform")
+    key = cal.make_key(model, "minmax", RangeOptions(), data / "manifest.jsonl", source, cal.reader_params(None))
+    monkeypatch.setattr(cal, "reader", lambda *args: readers.GenericReader(source.audio, "x", "waveform", 2))
+    entry = cc.CacheEntry(tmp_path / "c.cache", key, cc.CalibrationCache("8601", "x", {}), {}, "now")
+    monkeypatch.setattr(cal, "read_entry", lambda path: entry)
+    reasons = cal.verify(tmp_path / "c.cache", model, None, data / "manifest.jsonl")
+    assert len(reasons) == 1 and reasons[0].startswith("method parameters differ")

@@ -237,3 +237,122 @@ def test_calibrate_cli_on_a_fixed_time_stft_model(tmp_path: Path, monkeypatch: p
     assert code == 0, capsys.readouterr().err
     entry = read_entry(tmp_path / "se.cache")
     assert entry.ranges["mix"].amax > 0 and entry.ranges["enh"].amax > 0
+
+
+# ------------------------------------------------------------------------------------------------ model input
+
+
+def se_manifest(folder: Path) -> Path:
+    """A one-line speech-enhancement manifest: real speech + real 'noise' (another reader's clip) at 0 dB."""
+    import json
+    import shutil
+
+    from quant.fileio import sha256_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("librivox_0880.flac", "librivox_0890.flac"):
+        shutil.copy(DATA / name, folder / name)
+    row = {"path": "librivox_0880.flac", "duration": 2.99, "sha256": sha256_file(folder / "librivox_0880.flac"),
+           "source": "librivox", "license": "public domain", "text": None, "noise": "librivox_0890.flac",
+           "noise_sha256": sha256_file(folder / "librivox_0890.flac"), "snr_db": 0.0, "noise_offset": 0}
+    (folder / "manifest.jsonl").write_text(json.dumps(row) + "\n")
+    return folder / "manifest.jsonl"
+
+
+def noisy_and_clean(manifest: Path) -> tuple[np.ndarray, np.ndarray]:
+    from quant.data.manifest import load_noisy_clean, read_manifest
+
+    return load_noisy_clean(read_manifest(manifest)[0])
+
+
+@pytest.mark.parametrize("kind", ["third-party", "dpcrn-stream"])
+def test_streaming_reader_feeds_the_noisy_mixture_of_an_se_manifest(tmp_path: Path, kind: str):
+    manifest = se_manifest(tmp_path / "set")
+    noisy, clean = noisy_and_clean(manifest)
+    source = reader_for(kind, accumulator_model(tmp_path / "s.onnx"), manifest, ReaderOptions(every=1))
+    assert isinstance(source, StreamingStateReader)
+    first = next(iter(source))["mix"]
+    np.testing.assert_allclose(first, features.stft(noisy)[None, :, :1], atol=1e-5)
+    assert not np.allclose(first, features.stft(clean)[None, :, :1], atol=1e-3)
+
+
+@pytest.mark.parametrize("kind,options", [("x", ReaderOptions(feature="stft", input_name="mix")),
+                                          ("x", ReaderOptions(feature="waveform", input_name="mix")),
+                                          ("dpcrn", ReaderOptions())])
+def test_every_reader_feeds_the_noisy_mixture_of_an_se_manifest(tmp_path: Path, kind: str, options: ReaderOptions):
+    manifest = se_manifest(tmp_path / "set")
+    noisy, clean = noisy_and_clean(manifest)
+    frames = features.frames_for(len(noisy))
+    if options.feature == "waveform":
+        graph = helper.make_graph([helper.make_node("Identity", ["mix"], ["y"])], "w",
+                                  [helper.make_tensor_value_info("mix", TensorProto.FLOAT, ["B", "S"])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S"])])
+        model = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10),
+                     tmp_path / "w.onnx")
+        expected, wrong = noisy[None], clean[None]
+    else:
+        model = fixed_time_model(tmp_path / "m.onnx")
+        expected, wrong = features.stft(noisy)[None], features.stft(clean)[None]
+    feed = next(iter(reader_for(kind, model, manifest, options)))["mix"]
+    cut = feed[..., :frames, :] if feed.ndim == 4 else feed
+    np.testing.assert_allclose(cut, expected, atol=1e-5)
+    assert not np.allclose(cut, wrong, atol=1e-3)
+
+
+def test_asr_readers_feed_the_model_input_too(tmp_path: Path):
+    manifest = se_manifest(tmp_path / "set")
+    noisy, _clean = noisy_and_clean(manifest)
+    feed = next(iter(reader_for("wenet-encoder", tmp_path / "unused.onnx", manifest)))
+    np.testing.assert_allclose(feed["speech"][0], features.fbank(noisy), atol=1e-4)
+
+
+def test_reader_key_settings_differ_exactly_when_feeds_differ(tmp_path: Path):
+    manifest = se_manifest(tmp_path / "set")
+    stream = accumulator_model(tmp_path / "s.onnx")
+    fixed = fixed_time_model(tmp_path / "f.onnx")
+    audio = AudioSet.from_manifest(manifest)
+    sources = {
+        "offline": reader_for("dpcrn", fixed, manifest),
+        "offline b2": reader_for("dpcrn", fixed, manifest, ReaderOptions(batch_size=2)),
+        "stream": reader_for("dpcrn-stream", stream, manifest),
+        "stream every 2": reader_for("dpcrn-stream", stream, manifest, ReaderOptions(every=2)),
+        "stream mapped": reader_for("dpcrn-stream", stream, manifest, ReaderOptions(states=(("acc", "acc_out"),))),
+        "fbank": reader_for("wenet-encoder", fixed, manifest),
+        "generic stft": reader_for("x", fixed, manifest, ReaderOptions(feature="stft")),
+        "generic stft b2": reader_for("x", fixed, manifest, ReaderOptions(feature="stft", batch_size=2)),
+        "generic stft T": GenericReader(audio, "mix", "stft", batch_size=4),
+        "generic fbank": GenericReader(audio, "mix", "fbank", batch_size=4),
+        "other audio": OfflineSegmentReader(AudioSet.from_files([DATA / "librivox_0880.flac"])),
+    }
+    settings = {name: repr(sorted(source.key_settings().items())) for name, source in sources.items()}
+    assert len(set(settings.values())) == len(settings)
+    again = reader_for("x", fixed, manifest, ReaderOptions(feature="stft"))
+    assert again.key_settings() == sources["generic stft"].key_settings()
+    assert sources["offline"].key_settings()["audio"] == {"signal": "model-input", "utterances": 1}
+
+
+def test_calibrate_cli_refuses_bad_manifests_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]):
+    import json
+
+    from quant.cli import main
+
+    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
+    model = fixed_time_model(tmp_path / "offline_se.onnx")
+    manifest = se_manifest(tmp_path / "set")
+    row = json.loads(manifest.read_text())
+    args = ["calibrate", str(model), "--feature", "stft", "--method", "minmax", "--no-progress"]
+
+    def run(rows: list[dict], *extra: str) -> tuple[int, str]:
+        bad = tmp_path / "set" / "bad.jsonl"
+        bad.write_text("".join(json.dumps(r) + "\n" for r in rows).replace('"snr_db": "NaN"', '"snr_db": NaN'))
+        code = main(args + ["--data", str(bad), "-o", str(tmp_path / f"{len(extra)}.cache"), *extra])
+        return code, capsys.readouterr().err
+
+    code, err = run([row, dict(row, snr_db="NaN")])
+    assert code == 2 and err.count("\n") == 1 and "bad.jsonl:2: field 'snr_db' must be a finite number" in err
+    outside = dict(row, path="../set/librivox_0880.flac")
+    code, err = run([outside])
+    assert code == 2 and err.count("\n") == 1 and "bad.jsonl:1: path '../set/librivox_0880.flac' leads outside" in err
+    code, err = run([outside], "--allow-outside-paths")
+    assert code == 0, err

@@ -5,6 +5,10 @@ calibration-set sha256 is quant.data.manifest.manifest_sha256 of the manifest (m
 files' sha256); when there is no manifest module or no manifest (feeds passed in directly, or the reader's default
 set), it is the sha256 of the feeds themselves (names, dtypes, shapes and bytes, in order), which costs one pass over
 the feeds without inference.
+
+The parameters also hold the reader's options (`reader`, from which `verify` rebuilds the reader) and what shapes the
+feeds (`feeds`: the reader's key_settings(): reader kind, front end, batch size, frame stride, state pairs, n-best
+settings, what audio of each line, how many lines), so two calibrations on different feeds never share a key.
 """
 
 from __future__ import annotations
@@ -96,7 +100,8 @@ def calibrate(
         manifest = resolved_manifest(model_kind, manifest)
         onnx_path = qdq_graph(onnx_path, reader(model_kind, onnx_path, manifest, options.reader))
         source = reader(model_kind, onnx_path, manifest, options.reader)
-        key = make_key(onnx_path, method, options.ranges, manifest, source, reader_params(options.reader))
+        key = make_key(onnx_path, method, options.ranges, manifest, source, reader_params(options.reader),
+                       allow_outside=_allow_outside(options.reader))
     else:
         onnx_path = qdq_graph(onnx_path, feeds)
         source = feeds
@@ -134,15 +139,32 @@ def _bounded(options: RangeOptions, model_kind: str | None) -> RangeOptions:
 
 
 def make_key(onnx_path: str | Path, method: str, options: RangeOptions, manifest: str | Path | None = None,
-             feeds: FeedSource | None = None, reader: dict[str, Any] | None = None) -> CacheKey:
-    """The key a calibration of this model on this data with this method (and reader settings) would have."""
+             feeds: FeedSource | None = None, reader: dict[str, Any] | None = None, allow_outside: bool = False
+             ) -> CacheKey:
+    """The key a calibration of this model on this data with this method (and reader settings) would have; a feed
+    source with key_settings() (every quant.calib.readers reader) adds what shapes its feeds."""
     path = Path(onnx_path)
     if not path.is_file():
         raise CalibrationError(f"ONNX model {path} not found: export it first (quant export) or pass an existing .onnx")
     params = method_params(method, options)
     if reader is not None:
         params["reader"] = reader
-    return CacheKey.create(sha256_file(path), data_sha256(manifest, feeds), method, params)
+    settings = feed_settings(feeds)
+    if settings is not None:
+        params["feeds"] = settings
+    return CacheKey.create(sha256_file(path), data_sha256(manifest, feeds, allow_outside), method, params)
+
+
+def feed_settings(feeds: FeedSource | None) -> dict[str, Any] | None:
+    """What shapes a reader's feeds (its key_settings(), as canonical JSON data); None for plain feed lists."""
+    key_settings = getattr(feeds, "key_settings", None)
+    if key_settings is None:
+        return None
+    return dict(json.loads(json.dumps(key_settings())))
+
+
+def _allow_outside(reader_options: Any) -> bool:
+    return bool(getattr(reader_options, "allow_outside", False))
 
 
 def verify(cache_path: str | Path, onnx_path: str | Path, model_kind: str | None = None,
@@ -153,13 +175,17 @@ def verify(cache_path: str | Path, onnx_path: str | Path, model_kind: str | None
     versions are recomputed."""
     entry = read_entry(cache_path)
     onnx_path = Path(onnx_path)
-    params = json.loads(entry.key.params)
-    manifest = resolved_manifest(model_kind, manifest)
-    data_hash = _manifest_sha256(manifest) if manifest is not None else None
-    if data_hash is None:
-        data_hash = feeds_sha256(reader(model_kind, onnx_path, manifest, _reader_options(params.get("reader"))))
     if not onnx_path.is_file():
         raise CalibrationError(f"ONNX model {onnx_path} not found")
+    params = json.loads(entry.key.params)
+    manifest = resolved_manifest(model_kind, manifest)
+    options = _reader_options(params.get("reader"))
+    data_hash = _manifest_sha256(manifest, _allow_outside(options)) if manifest is not None else None
+    if data_hash is None or "feeds" in params:  # the reader as it would be built today, from the recorded options
+        source = reader(model_kind, onnx_path, manifest, options)
+        data_hash = data_hash or feeds_sha256(source)
+        if "feeds" in params:
+            params["feeds"] = feed_settings(source)
     wanted = CacheKey.create(sha256_file(onnx_path), data_hash, entry.key.method, params)
     return entry.key.differences(wanted)
 
@@ -169,8 +195,12 @@ def _reader_options(recorded: dict[str, Any] | None) -> Any:
         return None
     from quant.calib.readers import ReaderOptions
 
-    recorded = dict(recorded, states=tuple(tuple(pair) for pair in recorded.get("states", ())))
-    return ReaderOptions(**recorded)
+    try:
+        recorded = dict(recorded, states=tuple(tuple(pair) for pair in recorded.get("states", ())))
+        return ReaderOptions(**recorded)
+    except (TypeError, ValueError) as error:
+        raise CalibrationError(f"the cache's reader settings {recorded} are not this quant's ReaderOptions ({error}); "
+                               "re-run quant calibrate") from None
 
 
 def reader_params(reader_options: Any) -> dict[str, Any]:
@@ -186,9 +216,9 @@ def reader_params(reader_options: Any) -> dict[str, Any]:
     return dict(json.loads(json.dumps(dict(reader_options))))
 
 
-def data_sha256(manifest: str | Path | None, feeds: FeedSource | None) -> str:
+def data_sha256(manifest: str | Path | None, feeds: FeedSource | None, allow_outside: bool = False) -> str:
     if manifest is not None:
-        manifest_hash = _manifest_sha256(Path(manifest))
+        manifest_hash = _manifest_sha256(Path(manifest), allow_outside)
         if manifest_hash is not None:
             return manifest_hash
     if feeds is None:
@@ -196,7 +226,7 @@ def data_sha256(manifest: str | Path | None, feeds: FeedSource | None) -> str:
     return feeds_sha256(feeds)
 
 
-def _manifest_sha256(manifest: Path) -> str | None:
+def _manifest_sha256(manifest: Path, allow_outside: bool = False) -> str | None:
     if not manifest.is_file():
         raise CalibrationError(f"calibration manifest {manifest} not found")
     try:
@@ -204,7 +234,7 @@ def _manifest_sha256(manifest: Path) -> str | None:
     except ImportError:
         log.warning("quant.data.manifest is not available: keying the calibration set by its feeds' bytes")
         return None
-    return str(manifest_sha256(manifest))
+    return str(manifest_sha256(manifest, allow_outside))
 
 
 def feeds_sha256(feeds: FeedSource) -> str:

@@ -16,7 +16,11 @@ calibrator (TrtFeedSource) and quant.calib.ranges.
   on the same calibration audio, in the decoder's input layout.
 - GenericReader: a third-party speech model: manifest audio, a feature choice (stft | fbank | waveform), an input name.
 
-SE calibration uses the NOISY mixtures (what the model sees at inference); ASR uses the speech itself.
+Every reader feeds what the model sees at inference: its audio comes from quant.data.manifest.model_input, the noisy
+mixture of a speech-enhancement line and the speech of any other line; no reader chooses clean or noisy itself.
+Every reader also states what shapes its feeds (key_settings(): reader kind, front end, batch size, frame stride,
+state pairs, n-best settings, utterance count), which quant.calib.calibrate puts into the cache key, so two
+calibrations on different feeds never share a key.
 """
 
 from __future__ import annotations
@@ -42,13 +46,24 @@ ASR_MODELS = ("wenet-encoder", "wenet-decoder")
 # ------------------------------------------------------------------------------------------------ audio
 
 
+STFT_FRONT_END = {"stft": {"sample_rate": features.SAMPLE_RATE, "n_fft": features.N_FFT, "hop": features.HOP,
+                            "window": "sqrt-hann", "center": True}}
+FBANK_FRONT_END = {"fbank": {"sample_rate": features.SAMPLE_RATE, "bins": features.FBANK_BINS,
+                             "frame_ms": features.FBANK_FRAME_MS, "shift_ms": features.FBANK_SHIFT_MS,
+                             "scale": features.FBANK_SCALE, "dither": 0.0, "snip_edges": True}}
+FRONT_ENDS: Mapping[str, Mapping[str, Any]] = {"stft": STFT_FRONT_END, "fbank": FBANK_FRONT_END,
+                                               "waveform": {"waveform": {"sample_rate": features.SAMPLE_RATE}}}
+
+
 @dataclass(frozen=True)
 class AudioSet:
-    """A re-iterable list of utterances, loaded one at a time (never all in memory)."""
+    """A re-iterable list of utterances, loaded one at a time (never all in memory). `signal` says what `load`
+    yields (part of the key): "model-input" for manifest sets (quant.data.manifest.model_input)."""
 
     items: tuple[Any, ...]
     load: Callable[[Any], np.ndarray]
     name: str = "audio"
+    signal: str = "custom"
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for item in self.items:
@@ -57,30 +72,27 @@ class AudioSet:
     def __len__(self) -> int:
         return len(self.items)
 
+    def key_settings(self) -> dict[str, Any]:
+        return {"signal": self.signal, "utterances": len(self.items)}
+
     @classmethod
     def from_files(cls, paths: Iterable[str | Path]) -> "AudioSet":
         from quant.data.audio import load_audio
 
         files = tuple(Path(p) for p in paths)
-        return cls(files, load_audio, name=", ".join(p.name for p in files[:3]))
+        return cls(files, load_audio, name=", ".join(p.name for p in files[:3]), signal="file")
 
     @classmethod
-    def from_manifest(cls, manifest: str | Path, noisy: bool = False, limit: int | None = None) -> "AudioSet":
-        """Utterances of a manifest: the noisy mixtures of an SE set (noisy=True) or the speech itself."""
+    def from_manifest(cls, manifest: str | Path, limit: int | None = None, allow_outside: bool = False
+                      ) -> "AudioSet":
+        """The first `limit` utterances of a manifest as the model sees them at inference (model_input: the noisy
+        mixture of an SE line, else the speech)."""
         from quant.data import manifest as manifests
 
-        utterances = tuple(manifests.read_manifest(manifest))[:limit]
+        utterances = tuple(manifests.read_manifest(manifest, allow_outside=allow_outside))[:limit]
         if not utterances:
             raise CalibrationError(f"{manifest}: manifest lists no utterances")
-        loader = _noisy_loader if noisy else manifests.load_speech
-        return cls(utterances, loader, name=str(manifest))
-
-
-def _noisy_loader(utterance: Any) -> np.ndarray:
-    from quant.data.manifest import load_noisy_clean
-
-    noisy, _clean = load_noisy_clean(utterance)
-    return np.asarray(noisy, dtype=np.float32)
+        return cls(utterances, manifests.model_input, name=str(manifest), signal="model-input")
 
 
 def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -117,6 +129,10 @@ class OfflineSegmentReader:
         for batch in _batched(pieces, self.batch_size):
             yield {self.input_name: features.stft(np.stack(batch))}
 
+    def key_settings(self) -> dict[str, Any]:
+        return {"reader": "offline-segments", "input": self.input_name, "batch_size": self.batch_size,
+                "segment_samples": self.segment_samples, **STFT_FRONT_END, "audio": self.audio.key_settings()}
+
 
 # ------------------------------------------------------------------------------------------------ streaming
 
@@ -141,6 +157,11 @@ class StreamingStateReader:
         zero_states = _zero_states(self.onnx_path, runner.input_specs, pairs)
         for clip in self.audio:
             yield from self._roll(runner, frame_input, pairs, dict(zero_states), features.stft(clip))
+
+    def key_settings(self) -> dict[str, Any]:
+        """Explicit state pairs as given (empty: the name -> name_out convention, fixed by the model's sha256)."""
+        return {"reader": "streaming-states", "states": [list(pair) for pair in self.states], "every": self.every,
+                **STFT_FRONT_END, "audio": self.audio.key_settings()}
 
     def _roll(self, runner: Any, frame_input: str, pairs: Mapping[str, str], states: Feed,
               spec: np.ndarray) -> Iterator[Feed]:
@@ -186,6 +207,10 @@ class FbankBatchReader:
             speech, lengths = features.batch_fbank(batch)
             yield {self.feature_name: speech, self.length_name: lengths.astype(np.int32)}
 
+    def key_settings(self) -> dict[str, Any]:
+        return {"reader": "fbank-batches", "inputs": [self.feature_name, self.length_name],
+                "batch_size": self.batch_size, **FBANK_FRONT_END, "audio": self.audio.key_settings()}
+
 
 @dataclass(frozen=True)
 class DecoderNbestReader:
@@ -205,6 +230,19 @@ class DecoderNbestReader:
         for feed in FbankBatchReader(self.audio, self.batch_size):
             encoded = encoder.run(feed)
             yield self._decoder_feed(encoded)
+
+    def key_settings(self) -> dict[str, Any]:
+        """The encoder's sha256 too: its outputs and vocabulary (sos/eos = its last id) are half of every feed."""
+        from quant.fileio import sha256_file
+
+        try:
+            encoder = sha256_file(self.encoder_path)
+        except OSError as error:
+            raise ModelError(f"{self.encoder_path}: cannot read the encoder the decoder is calibrated with: "
+                             f"{error.strerror}") from None
+        return {"reader": "decoder-nbest", "inputs": list(self.decoder_inputs), "batch_size": self.batch_size,
+                "beam": self.beam, "encoder_sha256": encoder, "sos_eos": "last vocabulary id", **FBANK_FRONT_END,
+                "audio": self.audio.key_settings()}
 
     def _decoder_feed(self, encoded: Mapping[str, np.ndarray]) -> Feed:
         from quant.decoding import ctc_prefix_beam_search, hyps_to_decoder_inputs
@@ -250,6 +288,11 @@ class GenericReader:
     def __iter__(self) -> Iterator[Feed]:
         for batch in _batched((clip[: self.max_samples] for clip in self.audio), self.batch_size):
             yield self._feed(batch)
+
+    def key_settings(self) -> dict[str, Any]:
+        return {"reader": "generic", "input": self.input_name, "feature": self.feature, **FRONT_ENDS[self.feature],
+                "batch_size": self.batch_size, "length_input": self.length_name, "max_samples": self.max_samples,
+                "time_steps": self.time_steps, "audio": self.audio.key_settings()}
 
     def _feed(self, batch: list[np.ndarray]) -> Feed:
         if self.feature == "fbank":
@@ -367,6 +410,7 @@ class ReaderOptions:
     input_name: str | None = None
     length_name: str | None = None
     states: tuple[tuple[str, str], ...] = ()
+    allow_outside: bool = False  # manifest paths may leave the manifest's folder (absolute, `..`)
 
 
 def reader_for(model: str, onnx_path: str | Path, manifest: str | Path,
@@ -376,29 +420,33 @@ def reader_for(model: str, onnx_path: str | Path, manifest: str | Path,
     opts = options or ReaderOptions()
     path = Path(onnx_path)
     if model == "dpcrn":
-        return OfflineSegmentReader(AudioSet.from_manifest(manifest, True, opts.limit), batch_size=opts.batch_size)
+        return OfflineSegmentReader(_audio(manifest, opts), batch_size=opts.batch_size)
     if model == "dpcrn-stream":
-        return StreamingStateReader(path, AudioSet.from_manifest(manifest, True, opts.limit), opts.states, opts.every)
+        return StreamingStateReader(path, _audio(manifest, opts), opts.states, opts.every)
     if model == "wenet-encoder":
-        return FbankBatchReader(AudioSet.from_manifest(manifest, False, opts.limit), opts.batch_size)
+        return FbankBatchReader(_audio(manifest, opts), opts.batch_size)
     if model == "wenet-decoder":
-        return DecoderNbestReader(path.with_name("encoder.onnx"), _input_names(path),
-                                  AudioSet.from_manifest(manifest, False, opts.limit), opts.batch_size)
+        return DecoderNbestReader(path.with_name("encoder.onnx"), _input_names(path), _audio(manifest, opts),
+                                  opts.batch_size)
     return _generic_reader(path, manifest, opts)
+
+
+def _audio(manifest: str | Path, opts: ReaderOptions) -> AudioSet:
+    return AudioSet.from_manifest(manifest, opts.limit, opts.allow_outside)
 
 
 def _generic_reader(path: Path, manifest: str | Path, opts: ReaderOptions) -> Iterable[Feed]:
     inputs = _input_names(path)
     if opts.feature is not None:
         input_name = opts.input_name or _only_input(path, inputs, opts.length_name)
-        audio = AudioSet.from_manifest(manifest, False, opts.limit)
         steps = fixed_time_steps(path, input_name, opts.feature)
-        return GenericReader(audio, input_name, opts.feature, opts.batch_size, opts.length_name, time_steps=steps)
+        return GenericReader(_audio(manifest, opts), input_name, opts.feature, opts.batch_size, opts.length_name,
+                             time_steps=steps)
     from quant.build.graph import state_pairs
 
     outputs = _output_names(path)
     if state_pairs(inputs, outputs, dict(opts.states) if opts.states else None):
-        return StreamingStateReader(path, AudioSet.from_manifest(manifest, False, opts.limit), opts.states, opts.every)
+        return StreamingStateReader(path, _audio(manifest, opts), opts.states, opts.every)
     raise CalibrationError(f"{path}: not a known model and not a streaming model; give a feature "
                            f"({', '.join(FEATURES)}) and an input name (inputs: {inputs})")
 

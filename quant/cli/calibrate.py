@@ -31,6 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--feature", choices=("stft", "fbank", "waveform"),
                         help="third-party model: the feature its input takes (with --input-name)")
     parser.add_argument("--input-name", help="third-party model: the input that takes the feature")
+    parser.add_argument("--allow-outside-paths", action="store_true",
+                        help="let manifest paths leave the manifest's folder (absolute paths, `..`); refused by default")
     parser.add_argument("--limit", type=int, help="use only the first N utterances of the manifest")
     parser.add_argument("--batch-size", type=int, help="utterances/segments per feed (reader default 4)")
     parser.add_argument("--every", type=int, help="streaming models: keep every k-th frame (reader default 4)")
@@ -57,6 +59,8 @@ def reader_options(args: argparse.Namespace) -> Any:
     """quant.calib.readers.ReaderOptions from the flags given (None: the reader's defaults)."""
     changes = {name: getattr(args, name) for name in ("limit", "batch_size", "every", "feature", "input_name")
                if getattr(args, name, None)}
+    if getattr(args, "allow_outside_paths", False):
+        changes["allow_outside"] = True
     if not changes:
         return None
     from quant.calib.readers import ReaderOptions

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import wave
 from math import gcd
 from pathlib import Path
@@ -67,8 +68,8 @@ def _read_wave(file: Path) -> tuple[np.ndarray, int]:
             width, channels, rate = handle.getsampwidth(), handle.getnchannels(), handle.getframerate()
             declared = handle.getnframes()
             raw = handle.readframes(declared)
-    except (wave.Error, EOFError) as error:
-        raise AudioError(f"{file}: not a readable WAV file: {error}") from None
+    except (wave.Error, EOFError, RuntimeError, struct.error) as error:  # wave raises bare RuntimeError on bad chunks
+        raise AudioError(f"{file}: not a readable WAV file: {error or type(error).__name__}") from None
     if width != 2:
         raise AudioError(f"{file}: {8 * width}-bit WAV needs the soundfile package; expected 16-bit PCM")
     if len(raw) < declared * 2 * channels:
