@@ -368,6 +368,12 @@ class ReaderOptions:
     length_name: str | None = None
     states: tuple[tuple[str, str], ...] = ()
 
+    def __post_init__(self) -> None:  # limit 0 must not mean "all" nor -1 "all but the last"
+        for name in ("batch_size", "every", "limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise CalibrationError(f"ReaderOptions: {name} must be at least 1, got {value}")
+
 
 def reader_for(model: str, onnx_path: str | Path, manifest: str | Path,
                options: ReaderOptions | None = None) -> Iterable[Feed]:
