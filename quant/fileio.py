@@ -21,7 +21,9 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Concatenate, Iterator, ParamSpec, TypeVar
+
+from quant.errors import FileAccessError
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,33 @@ log = logging.getLogger(__name__)
 _OWNED_ITEM = re.compile(r"^\.(?P<base>.+)\.(?P<pid>\d+)-(?P<rand>[A-Za-z0-9_]+)\.(?P<kind>tmp|old)(\.[A-Za-z0-9_]+)?$")
 
 
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+PathArg = str | os.PathLike[str]
+
+
+def _reports(action: str) -> Callable[[Callable[Concatenate[PathArg, _P], _R]], Callable[Concatenate[PathArg, _P], _R]]:
+    """Decorator: an OSError while `action`-ing the path given as first argument (read-only or full disk, a folder
+    where a file is expected, a missing file) becomes a one-line FileAccessError naming that path, not the temp
+    file's name the OSError carries."""
+
+    def decorate(function: Callable[Concatenate[PathArg, _P], _R]) -> Callable[Concatenate[PathArg, _P], _R]:
+        @functools.wraps(function)
+        def wrapper(path: PathArg, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+            try:
+                if action == "write" and Path(path).is_dir():  # before any work: os.replace would fail only at the end
+                    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+                return function(path, *args, **kwargs)
+            except OSError as error:
+                raise FileAccessError.from_os_error(error, action, path) from error
+
+        return wrapper
+
+    return decorate
+
+
+@_reports("write")
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -65,6 +94,7 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+@_reports("write")
 def temp_path_beside(path: str | os.PathLike[str]) -> Path:
     """A fresh temp file name next to `path`, for tools that insist on writing a file themselves (then os.replace)."""
     target = Path(path)
@@ -222,6 +252,7 @@ def _remove(entry: Path) -> None:
 # ------------------------------------------------------------------------------------------------ hashes
 
 
+@_reports("read")
 def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -69,6 +70,11 @@ class CalibrateOptions:
     force: bool = False  # overwrite a cache at the output path whose key differs
     trt_version: str | None = None  # header version digits; default: installed TensorRT or cache.DEFAULT_TRT_VERSION
     reader: Any = None  # quant.calib.readers.ReaderOptions (batch size, frame stride, limit...); part of the key
+
+    def __post_init__(self) -> None:  # anything else in the header makes a cache no reader (quant's, TensorRT's) reads
+        if self.trt_version is not None and not re.fullmatch(r"[0-9]+", self.trt_version):
+            raise CalibrationError(f"CalibrateOptions: trt_version must be ASCII digits (e.g. 8601), "
+                                   f"got {self.trt_version!r}")
 
 
 def default_store() -> Path:

@@ -51,6 +51,14 @@ class RangeOptions:
     max_batch: int | None = None  # split feeds along axis 0 into chunks of this size (all inputs must share dim 0)
     progress: bool = True
 
+    def __post_init__(self) -> None:  # checked up front, not after a first pass over the feeds
+        if not 0 < self.percentile <= 100:
+            raise CalibrationError(f"RangeOptions: percentile must be in (0, 100], got {self.percentile}")
+        for name in ("num_bins", "num_levels", "threads", "max_batch"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise CalibrationError(f"RangeOptions: {name} must be at least 1, got {value}")
+
 
 @dataclass(frozen=True)
 class TensorRange:

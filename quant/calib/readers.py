@@ -195,17 +195,43 @@ def _zero_states(path: Path, specs: Sequence[Any], pairs: Mapping[str, str]) -> 
 # ------------------------------------------------------------------------------------------------ ASR
 
 
+# The WeNet encoder's Conv2dSubsampling4 (two 3x3 stride-2 convs, no padding) needs 7 fbank frames (85 ms) for one
+# output frame; a shorter utterance alone in a batch makes ONNX Runtime fail inside the Conv.
+WENET_MIN_FRAMES = 7
+
+
 @dataclass(frozen=True)
 class FbankBatchReader:
+    """Utterances shorter than `min_frames` are skipped (a warning): the encoder gives them no frame to calibrate on."""
+
     audio: AudioSet
     batch_size: int = 4
     feature_name: str = "speech"
     length_name: str = "speech_lengths"
+    min_frames: int = WENET_MIN_FRAMES
 
     def __iter__(self) -> Iterator[Feed]:
-        for batch in _batched(self.audio, self.batch_size):
-            speech, lengths = features.batch_fbank(batch)
+        batches = 0
+        for batch in _batched(self._long_enough(), self.batch_size):
+            speech, lengths = features.pad_features(batch)
+            batches += 1
             yield {self.feature_name: speech, self.length_name: lengths.astype(np.int32)}
+        if batches == 0:
+            raise CalibrationError(f"{self.audio.name}: every utterance is shorter than {self.min_frames} fbank frames "
+                                   f"({features.FBANK_FRAME_MS + (self.min_frames - 1) * features.FBANK_SHIFT_MS:g} "
+                                   "ms), the least the encoder turns into one frame; calibrate on longer speech")
+
+    def _long_enough(self) -> Iterator[np.ndarray]:
+        skipped = 0
+        for clip in self.audio:
+            frames = features.fbank(clip)
+            if len(frames) >= self.min_frames:
+                yield frames
+            else:
+                skipped += 1
+        if skipped:
+            log.warning("%s: skipped %d of %d utterances shorter than %d fbank frames", self.audio.name, skipped,
+                        len(self.audio), self.min_frames)
 
     def key_settings(self) -> dict[str, Any]:
         return {"reader": "fbank-batches", "inputs": [self.feature_name, self.length_name],
@@ -411,6 +437,12 @@ class ReaderOptions:
     length_name: str | None = None
     states: tuple[tuple[str, str], ...] = ()
     allow_outside: bool = False  # manifest paths may leave the manifest's folder (absolute, `..`)
+
+    def __post_init__(self) -> None:  # limit 0 must not mean "all" nor -1 "all but the last"
+        for name in ("batch_size", "every", "limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise CalibrationError(f"ReaderOptions: {name} must be at least 1, got {value}")
 
 
 def reader_for(model: str, onnx_path: str | Path, manifest: str | Path,

@@ -14,7 +14,9 @@ import sys
 from typing import Sequence
 
 from quant import __version__
-from quant.errors import QuantError
+from quant.errors import FileAccessError, QuantError
+
+log = logging.getLogger(__name__)
 
 COMMAND_MODULES = ("export", "calibrate", "cache", "inspect", "build", "evaluate", "bench", "run")
 
@@ -41,11 +43,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except QuantError as error:
-        print(f"quant {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return _fail(args.command, str(error), error)
+    except OSError as error:
+        # Last resort for file errors the library did not convert where it knew the path: still one line naming the
+        # file (OSError carries it). Any other exception is a bug and keeps its traceback.
+        return _fail(args.command, str(FileAccessError.from_os_error(error, "use")), error)
     except KeyboardInterrupt:
         print(f"quant {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _fail(command: str, message: str, error: BaseException) -> int:
+    log.debug("traceback of the error below", exc_info=error)
+    one_line = " ".join(message.split())  # even when a wrapped library message (torch, onnx) spans several lines
+    print(f"quant {command}: error: {one_line}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

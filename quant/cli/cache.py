@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from quant.cli.options import non_negative_int
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("cache", help="list, show, diff, verify, remove and export calibration caches")
@@ -27,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     diff = actions.add_parser("diff", help="two caches tensor by tensor (ratio of scales)")
     diff.add_argument("first", type=Path)
     diff.add_argument("second", type=Path)
-    diff.add_argument("--top", type=int, default=20, help="rows to print, largest |log ratio| first (0: all)")
+    diff.add_argument("--top", type=non_negative_int, default=20, help="rows to print, largest |log ratio| first (0: all)")
     diff.set_defaults(handler=run_diff)
 
     verify = actions.add_parser("verify", help="is this cache valid for this model and data? (exit 1 if not)")

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from quant.cli.options import percentile, positive_int, version_digits
+
 MODEL_HELP = ("an ONNX file, or a model name (dpcrn, dpcrn-stream, wenet-encoder, wenet-decoder) meaning its export "
               "under engines/export/ (exported on demand)")
 
@@ -21,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--method", choices=("entropy", "minmax", "percentile"),
                         help="range method (default: the model's measured best, quant.calib.calibrate."
                         "DEFAULT_METHODS; percentile for other models)")
-    parser.add_argument("--percentile", type=float, default=99.99, help="for --method percentile (default 99.99)")
+    parser.add_argument("--percentile", type=percentile, default=99.99, help="for --method percentile, in (0, 100] (default 99.99)")
     parser.add_argument("--data", type=Path, help="calibration manifest (default: the model's committed set)")
     parser.add_argument("-o", "--output", type=Path,
                         help="cache file (default: engines/cache/<model>-<method>-<key>.cache)")
@@ -33,12 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--input-name", help="third-party model: the input that takes the feature")
     parser.add_argument("--allow-outside-paths", action="store_true",
                         help="let manifest paths leave the manifest's folder (absolute paths, `..`); refused by default")
-    parser.add_argument("--limit", type=int, help="use only the first N utterances of the manifest")
-    parser.add_argument("--batch-size", type=int, help="utterances/segments per feed (reader default 4)")
-    parser.add_argument("--every", type=int, help="streaming models: keep every k-th frame (reader default 4)")
-    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
-    parser.add_argument("--max-batch", type=int, help="split feed batches along axis 0 to bound memory")
-    parser.add_argument("--trt-version", help="version digits of the cache header, e.g. 8601 (default: installed "
+    parser.add_argument("--limit", type=positive_int, help="use only the first N utterances of the manifest")
+    parser.add_argument("--batch-size", type=positive_int, help="utterances/segments per feed (reader default 4)")
+    parser.add_argument("--every", type=positive_int, help="streaming models: keep every k-th frame (reader default 4)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="ONNX Runtime intra-op threads (default 1)")
+    parser.add_argument("--max-batch", type=positive_int, help="split feed batches along axis 0 to bound memory")
+    parser.add_argument("--trt-version", type=version_digits, help="version digits of the cache header, e.g. 8601 (default: installed "
                         "TensorRT, else the library default)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from quant.cli.options import positive_int
 from quant.errors import QuantError
 
 MODELS = ("dpcrn", "dpcrn-stream", "wenet")
@@ -26,8 +27,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("artifacts", nargs="+", type=Path, help="model file (wenet: encoder then decoder)")
     parser.add_argument("--backend", choices=("ort", "trt", "torch", "trt-sim"), default="ort")
     parser.add_argument("--manifest", type=Path, help="test manifest (default calib_data/se_test or asr_test)")
-    parser.add_argument("--limit", type=int, help="first N utterances")
-    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime / PyTorch threads (default 2)")
+    parser.add_argument("--limit", type=positive_int, help="first N utterances")
+    parser.add_argument("--threads", type=positive_int, default=2, help="ONNX Runtime / PyTorch threads (default 2)")
     parser.add_argument("--greedy", action="store_true", help="wenet: CTC greedy only, no attention rescoring")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     parser.set_defaults(handler=run)

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
+from quant.cli.options import positive_int, positive_int_list
 from quant.errors import QuantError
 
 
@@ -21,9 +22,9 @@ def add_selection(parser: argparse.ArgumentParser) -> None:
                         "plus trt when present; trt-sim: TensorRT's fp16/int8 accuracy simulated on the CPU)")
     parser.add_argument("--precisions", type=csv_list, help="comma list of fp32, fp16, int8 (default all)")
     parser.add_argument("--no-eager", action="store_true", help="leave out the PyTorch eager rows")
-    parser.add_argument("--threads", type=csv_list, help="ORT/PyTorch thread counts to time (default 1,2)")
-    parser.add_argument("--runs", type=int, help="timed runs per latency measurement (default 200; --quick 20)")
-    parser.add_argument("--stream-runs", type=int, help="timed streaming frames (default 1000; --quick 100)")
+    parser.add_argument("--threads", type=positive_int_list, help="ORT/PyTorch thread counts to time (default 1,2)")
+    parser.add_argument("--runs", type=positive_int, help="timed runs per latency measurement (default 200; --quick 20)")
+    parser.add_argument("--stream-runs", type=positive_int, help="timed streaming frames (default 1000; --quick 100)")
     parser.add_argument("--output", type=Path, help="engines folder (default ./engines or $QUANT_ENGINES)")
     parser.add_argument("--force", action="store_true", help="ignore up-to-date stamps: re-export, rebuild, re-evaluate")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -38,9 +39,9 @@ def register(subparsers: Any) -> None:
         "tradeoff.png. A second run reuses exports, caches, builds and accuracy results whose inputs are unchanged.",
     )
     add_selection(parser)
-    parser.add_argument("--se-utterances", type=int, help="first N utterances of se_test (default all)")
-    parser.add_argument("--asr-utterances", type=int, help="first N utterances of asr_test (default all)")
-    parser.add_argument("--calib-utterances", type=int, help="first N utterances of each calibration set "
+    parser.add_argument("--se-utterances", type=positive_int, help="first N utterances of se_test (default all)")
+    parser.add_argument("--asr-utterances", type=positive_int, help="first N utterances of asr_test (default all)")
+    parser.add_argument("--calib-utterances", type=positive_int, help="first N utterances of each calibration set "
                         "(default 32; --quick 8)")
     parser.set_defaults(handler=run)
 
@@ -54,11 +55,11 @@ def options_from(args: argparse.Namespace, command: str) -> Any:
     options = RunOptions.quick() if args.quick else RunOptions()
     bench = options.bench
     if args.threads:
-        bench = replace(bench, threads=tuple(_positive(t, "--threads") for t in args.threads))
+        bench = replace(bench, threads=args.threads)
     if args.runs:
-        bench = replace(bench, runs=_positive(str(args.runs), "--runs"))
+        bench = replace(bench, runs=args.runs)
     if args.stream_runs:
-        bench = replace(bench, stream_runs=_positive(str(args.stream_runs), "--stream-runs"))
+        bench = replace(bench, stream_runs=args.stream_runs)
     changes: dict[str, Any] = {"bench": bench, "eager": not args.no_eager, "force": args.force,
                                "progress": not args.no_progress, "command": command}
     if args.models:
@@ -77,16 +78,6 @@ def options_from(args: argparse.Namespace, command: str) -> Any:
             changes[name] = getattr(args, name)
     assert isinstance(bench, BenchOptions)
     return replace(options, **changes)
-
-
-def _positive(text: str, flag: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise QuantError(f"{flag}: {text!r} is not a whole number") from None
-    if value < 1:
-        raise QuantError(f"{flag}: {value} must be at least 1")
-    return value
 
 
 def print_outcome(result: Any) -> int:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from quant.errors import ModelError
+from quant.models.checkpoint import build_model, load_state, read_checkpoint
 from quant.paths import ASSETS_DIR
 
 logger = logging.getLogger(__name__)
@@ -379,22 +380,18 @@ class WenetDecoder(nn.Module):
 def load_conformer(weights: str | os.PathLike[str] | None = None) -> Conformer:
     """The shipped trained conformer (quant/assets/conformer.pt), or `weights`; random init with a warning if absent."""
     path = Path(weights) if weights is not None else WEIGHTS_PATH
-    if not path.is_file():
-        if weights is not None:
-            raise ModelError(f"{path}: no such conformer checkpoint (expected a file saved by train_conformer.py)")
+    if weights is None and not path.is_file():
         logger.warning("%s not found: using a randomly initialised conformer (outputs are meaningless)", path)
         torch.manual_seed(0)
         return Conformer().eval()
-    return conformer_from_checkpoint(torch.load(path, map_location="cpu", weights_only=True), path).eval()
+    return conformer_from_checkpoint(read_checkpoint(path, "conformer", "scripts/train_conformer.py"), path).eval()
 
 
 def conformer_from_checkpoint(checkpoint: dict[str, Any], source: Path | str = "checkpoint") -> Conformer:
-    try:
-        config = ConformerConfig.from_dict(dict(checkpoint["config"]))
-        model = Conformer(config)
-        model.load_state_dict(checkpoint["state_dict"])
-    except (KeyError, RuntimeError, TypeError) as error:
-        raise ModelError(f"{source}: not a conformer checkpoint with config + state_dict: {error}") from None
+    if "config" not in checkpoint or "state_dict" not in checkpoint:
+        raise ModelError(f"{source}: not a conformer checkpoint with config + state_dict (keys {sorted(checkpoint)})")
+    model = build_model(source, "conformer", lambda: Conformer(ConformerConfig.from_dict(dict(checkpoint["config"]))))
+    load_state(model, checkpoint["state_dict"], source, "conformer")
     _check_vocab(checkpoint.get("vocab"), source)
     if "cmvn_mean" in checkpoint:
         model.set_cmvn(torch.as_tensor(checkpoint["cmvn_mean"]), torch.as_tensor(checkpoint["cmvn_istd"]))

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from quant.errors import ModelError
+from quant.models.checkpoint import build_model, load_state, read_checkpoint
 from quant.paths import ASSETS_DIR
 
 log = logging.getLogger(__name__)
@@ -305,22 +306,7 @@ def load_dpcrn(weights: str | os.PathLike[str] | None = None) -> DPCRN:
         with torch.random.fork_rng():
             torch.manual_seed(0)
             return DPCRN().eval()
-    checkpoint = read_checkpoint(path)
-    model = DPCRN(DPCRNConfig.from_dict(checkpoint.get("config", {})))
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as error:
-        raise ModelError(f"{path}: weights do not fit the DPCRN of its config: {error}") from None
+    checkpoint = read_checkpoint(path, "DPCRN", "scripts/train_dpcrn.py")
+    model = build_model(path, "DPCRN", lambda: DPCRN(DPCRNConfig.from_dict(checkpoint.get("config", {}))))
+    load_state(model, checkpoint["state_dict"], path, "DPCRN")
     return model.eval()
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ModelError(f"{path}: no such DPCRN checkpoint; expected a .pt file written by scripts/train_dpcrn.py")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for unreadable files
-        raise ModelError(f"{path}: not a readable PyTorch checkpoint: {error}") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ModelError(f"{path}: expected a dict with 'state_dict' and 'config' (scripts/train_dpcrn.py format)")
-    return checkpoint
