@@ -212,7 +212,7 @@ def state_layout(streaming: StreamingSpec, inputs: Sequence[str], outputs: Seque
             raise ModelError(f"{where}: state {name!r} has no fixed shape (ONNX says {list(shape)}); give "
                              "[[streaming.states]] shape in the spec")
         dtype = np.dtype(state.dtype) if state else np.dtype(np.float32)
-        initial[name] = np.full(shape, state.init if state else 0.0, dtype=dtype)
+        initial[name] = np.full(tuple(int(d) for d in shape), state.init if state else 0.0, dtype=dtype)
     return StateLayout(streaming.frame_input, pairs, initial)
 
 
