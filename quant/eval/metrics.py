@@ -110,10 +110,15 @@ def _normalizer() -> Callable[[str], str]:
     return normalize_text
 
 
-def _normalized_pairs(references: Sequence[str], hypotheses: Sequence[str]) -> tuple[list[str], list[str]]:
+Normalizer = Callable[[str], str]
+
+
+def _normalized_pairs(
+    references: Sequence[str], hypotheses: Sequence[str], normalize: Normalizer | None = None
+) -> tuple[list[str], list[str]]:
     if len(references) != len(hypotheses):
         raise ModelError(f"{len(references)} reference texts but {len(hypotheses)} hypotheses; expected one each")
-    normalize = _normalizer()
+    normalize = normalize or _normalizer()
     refs = [normalize(text) for text in references]
     hyps = [normalize(text) for text in hypotheses]
     for index, ref in enumerate(refs):
@@ -122,23 +127,27 @@ def _normalized_pairs(references: Sequence[str], hypotheses: Sequence[str]) -> t
     return refs, hyps
 
 
-def character_errors(references: Sequence[str], hypotheses: Sequence[str]) -> ErrorRate:
-    """Character edit errors on normalized text (spaces between words count as characters)."""
+def character_errors(
+    references: Sequence[str], hypotheses: Sequence[str], normalize: Normalizer | None = None
+) -> ErrorRate:
+    """Character edit errors on normalized text (spaces between words count as characters); `normalize` defaults
+    to the English normalizer (quant.models.tokenizer.normalize_text)."""
     import jiwer
 
-    return _edit_errors(jiwer.process_characters, references, hypotheses)
+    return _edit_errors(jiwer.process_characters, references, hypotheses, normalize)
 
 
-def word_errors(references: Sequence[str], hypotheses: Sequence[str]) -> ErrorRate:
+def word_errors(references: Sequence[str], hypotheses: Sequence[str], normalize: Normalizer | None = None) -> ErrorRate:
     """Word edit errors on normalized text."""
     import jiwer
 
-    return _edit_errors(jiwer.process_words, references, hypotheses)
+    return _edit_errors(jiwer.process_words, references, hypotheses, normalize)
 
 
-def _edit_errors(align: Callable[..., Any], references: Sequence[str], hypotheses: Sequence[str]) -> ErrorRate:
+def _edit_errors(align: Callable[..., Any], references: Sequence[str], hypotheses: Sequence[str],
+                 normalize: Normalizer | None = None) -> ErrorRate:
     """Corpus edit errors from a jiwer alignment (process_characters / process_words) of normalized texts."""
-    refs, hyps = _normalized_pairs(references, hypotheses)
+    refs, hyps = _normalized_pairs(references, hypotheses, normalize)
     if not refs:
         return ErrorRate(0, 0)
     out = align(refs, hyps)

@@ -82,3 +82,39 @@ class CharTokenizer:
         chars = [self.units[i] for i in ids if 0 < int(i) < self.sos_eos]
         text = "".join(" " if char == SPACE else char for char in chars)
         return " ".join(text.split())
+
+
+UNK = "<unk>"
+
+
+def plain_text(text: str) -> str:
+    """Whitespace collapsed to single spaces, nothing else changed (a spec's text_normalization = "none")."""
+    return " ".join(text.split())
+
+
+class UnitsTokenizer:
+    """Ids -> text with any WeNet units.txt: characters (Chinese, English letters with "▁" as the space) or BPE pieces
+    ("▁" starts a word). `blank`, `sos` and `eos` come from the spec's [task]; they, and `<unk>`, never reach the
+    text. With quant's own units this decodes exactly as CharTokenizer does."""
+
+    def __init__(self, units: Sequence[str], blank: int = 0, sos: int | None = None, eos: int | None = None) -> None:
+        if not units:
+            raise ModelError("the units list is empty; expected a WeNet units.txt with one '<unit> <id>' per line")
+        self.units = list(units)
+        last = len(self.units) - 1
+        self._skipped = {blank, last if sos is None else sos, last if eos is None else eos}
+        self._skipped.update(i for i, unit in enumerate(self.units) if unit == UNK)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], blank: int = 0, sos: int | None = None,
+                  eos: int | None = None) -> "UnitsTokenizer":
+        return cls(read_units(path), blank, sos, eos)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.units)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Ids -> text; special ids are skipped, "▁" becomes a space, repeated spaces collapse."""
+        pieces = [self.units[int(i)] for i in ids if int(i) not in self._skipped and 0 <= int(i) < len(self.units)]
+        return plain_text("".join(pieces).replace(SPACE, " "))

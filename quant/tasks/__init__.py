@@ -1,0 +1,47 @@
+"""Tasks: what a model spec's graphs are fed and how they are judged, so every command works from a spec.
+
+    task = task_for(load_spec("dpcrn-stream"))
+    feeds = task.calibration_feeds("enhancer", manifest, FeedOptions(export_dir=exports))  # re-iterable feeds
+    result = task.evaluate({"enhancer": "int8.onnx"}, test_manifest, limit=10)          # SeResult / AsrResult
+    load = task.speed_workload("enhancer", test_manifest, FeedOptions(export_dir=exports)) # GraphWorkload
+
+A Task reads everything model-specific from the spec (front end, state pairs, chain wiring, output kind, token ids);
+quant.tasks.se covers speech enhancement (offline, streaming, chained graphs), quant.tasks.asr CTC + attention
+rescoring ASR. Graph runners come from quant.backends (sessions are made only there).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Protocol
+
+from quant.backends import Runner
+from quant.eval.speed import GraphWorkload
+from quant.spec import ModelSpec
+from quant.tasks.common import Artifact, Feed, FeedOptions
+
+
+class Task(Protocol):
+    spec: ModelSpec
+
+    def calibration_feeds(self, role: str, manifest: str | None = None,
+                          options: FeedOptions = FeedOptions()) -> Iterable[Feed]: ...
+
+    def evaluate(self, artifacts: Mapping[str, Artifact], manifest: str | None = None, limit: int | None = None,
+                 threads: int = 1) -> object: ...
+
+    def speed_workload(self, role: str, manifest: str | None = None,
+                       options: FeedOptions = FeedOptions()) -> GraphWorkload: ...
+
+
+def task_for(spec: ModelSpec) -> Task:
+    """The Task of a spec's [model] task (se or asr)."""
+    if spec.model.task == "asr":
+        from quant.tasks.asr import AsrTask
+
+        return AsrTask(spec)
+    from quant.tasks.se import SeTask
+
+    return SeTask(spec)
+
+
+__all__ = ["Artifact", "Feed", "FeedOptions", "Runner", "Task", "task_for"]
