@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -75,7 +76,9 @@ def export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, 
            outputs: Sequence[str], opset: int, dynamic_axes: dict[str, dict[int, str]] | None = None) -> Path:
     """TorchScript-based export (dynamo=False) to one self-contained file; the file's opset must be `opset`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
+    # the TorchScript exporter warns about its own deprecation and about traced RNN shapes; both are expected here
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", (DeprecationWarning, UserWarning, torch.jit.TracerWarning))
         torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset, input_names=list(inputs),
                           output_names=list(outputs), dynamic_axes=dynamic_axes, external_data=False,
                           do_constant_folding=True)
