@@ -8,6 +8,9 @@ Built once per session by the `third_party_model` fixture (conftest.py): about 3
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -15,9 +18,13 @@ import torch
 
 import quant
 from models import KINDS, OPSETS, common, u2pp
-from models.run import enhance, initial_states, model_output, run_offline, run_streaming, session
+from models.run import enhance, graph_feeds, initial_states, model_output, run_offline, run_streaming, session
+from quant.calib.cache import CacheKey, write_entry
+from quant.calib.ranges import RangeOptions, collect_ranges, method_params
+from quant.cli import main as cli_main
 from quant.data.manifest import load_speech, read_manifest
 from quant.eval.metrics import si_sdr
+from quant.fileio import sha256_file
 from quant.frontends import frontend, pad_batch
 from quant.paths import calib_data_dir
 
@@ -189,3 +196,62 @@ def test_u2pp_decoder_rescoring_is_deterministic(third_party_model, opset: int) 
     for b, k in np.ndindex(*lens.shape):
         n = int(lens[b, k])
         assert list(r_hyps[b, k, 1:n]) == list(hyps[b, k, 1:n][::-1]) and r_hyps[b, k, n] == u2pp.SOS_EOS
+
+
+# ------------------------------------------------------------------------------------------------ INT8 / FP16
+
+
+def _calibration_feeds(spec: quant.spec.ModelSpec) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Per graph role, one feed per training clip: front-end features, or the FP32 outputs of the earlier graph
+    (stage 2 is calibrated on what stage 1 gives it), streaming graphs from their initial states."""
+    fe = frontend(spec.frontend)
+    feeds: dict[str, list[dict[str, np.ndarray]]] = {graph.role: [] for graph in spec.graphs}
+    for clip in common.training_mixtures(count=6).noisy:
+        values = {"frontend": fe.features(clip)}
+        for graph in spec.graphs:
+            feeds[graph.role].append(graph_feeds(spec, graph, values))
+            values.update(run_offline_graph(graph, feeds[graph.role][-1]))
+    return feeds
+
+
+def run_offline_graph(graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    sess = session(graph)
+    names = [o.name for o in sess.get_outputs()]
+    return {f"{graph.role}:{name}": value for name, value in zip(names, sess.run(names, feeds))}
+
+
+def _built_spec(spec: quant.spec.ModelSpec, tmp_path: Path, precision: str) -> quant.spec.ModelSpec:
+    """The spec with each graph replaced by its `quant build` artifact (INT8 from a cache of frontend feeds)."""
+    folder = tmp_path / precision
+    shutil.copytree(spec.source.parent, folder)
+    feeds = _calibration_feeds(spec) if precision == "int8" else {}
+    for graph in spec.graphs:
+        source = graph.onnx_path()
+        args = ["build", str(source), "--precision", precision, "-o", str(tmp_path / f"{graph.role}-{precision}")]
+        if precision == "int8":
+            ranges = collect_ranges(source, feeds[graph.role], "percentile", RangeOptions(progress=False))
+            cache = tmp_path / f"{graph.role}.cache"
+            key = CacheKey.create(sha256_file(source), "tests:frontend-feeds", "percentile",
+                                  method_params("percentile", RangeOptions()))
+            write_entry(cache, key, ranges)
+            args += ["--cache", str(cache)]
+        assert cli_main(args) == 0
+        target = folder / source.relative_to(spec.source.parent)
+        shutil.copyfile(tmp_path / f"{graph.role}-{precision}" / "model.onnx", target)
+    return quant.load_spec(folder / spec.source.name)
+
+
+# FP16 of the RNN models is left out: `quant build --precision fp16` of gru-logpower keeps the GRU in FP32 between
+# Casts, and ONNX Runtime 1.32's graph optimizer then crashes (segfault) creating the session; it loads with
+# optimizations disabled. A segfault would take the whole pytest run down, so it is not an xfail here.
+@pytest.mark.parametrize(("kind", "precision"), [("gru-logpower", "int8"), ("two-stage", "int8"),
+                                                 ("lstm-mask", "int8"), ("two-stage", "fp16")])
+def test_built_precision_keeps_the_gain(third_party_model, kind: str, precision: str, tmp_path: Path) -> None:
+    spec = _spec(third_party_model, kind)
+    built = _built_spec(spec, tmp_path, precision)
+    for noisy, clean in common.held_out_mixtures():
+        if si_sdr(clean, noisy) >= LOW_SNR_DB:
+            continue
+        fp32, low = si_sdr(clean, enhance(spec, noisy)), si_sdr(clean, enhance(built, noisy))
+        print(f"{kind} {precision}: noisy {si_sdr(clean, noisy):.2f} fp32 {fp32:.2f} {precision} {low:.2f} dB")
+        assert abs(low - fp32) < 1.0

@@ -29,13 +29,19 @@ def run_offline(spec: ModelSpec, features: np.ndarray) -> dict[str, np.ndarray]:
     from their initial states. Returns `<role>:<output>` -> value."""
     values: dict[str, np.ndarray] = {"frontend": features}
     for graph in spec.graphs:
-        feeds = {feed.input: values[feed.source] for feed in graph.feeds}
-        if spec.streaming is not None:
-            feeds.update({name: value for name, value in initial_states(spec).items() if name in graph.inputs})
+        feeds = graph_feeds(spec, graph, values)
         sess = session(graph)
         names = [o.name for o in sess.get_outputs()]
         values.update({f"{graph.role}:{name}": value for name, value in zip(names, sess.run(names, feeds))})
     return values
+
+
+def graph_feeds(spec: ModelSpec, graph: GraphSpec, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A graph's feeds from the values so far (`frontend`, `<role>:<output>`) and, streaming, the initial states."""
+    feeds = {feed.input: values[feed.source] for feed in graph.feeds}
+    if spec.streaming is not None:
+        feeds.update({name: value for name, value in initial_states(spec).items() if name in graph.inputs})
+    return feeds
 
 
 def run_streaming(spec: ModelSpec, features: np.ndarray) -> np.ndarray:
