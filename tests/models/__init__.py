@@ -1,0 +1,150 @@
+"""Small third-party-style models the tests build themselves, each with its spec (docs/specs/<kind>.toml).
+
+    built = build("lstm-mask", tmp_path)      # trains (a few seconds) once, exports at opsets 11 and 13
+    spec = quant.load_spec(built.specs[13])   # docs/specs/lstm-mask.toml, copied beside models/*.onnx
+
+The docs' example specs are the source of truth: each graph is exported to the path its spec names (relative to the
+spec), with the input and output names the spec declares, so a spec that disagrees with a real export fails here.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+
+import quant
+from quant.frontends import frontend
+from quant.spec import GraphSpec, ModelSpec
+from models import common, se, u2pp
+
+DOCS_SPECS = Path(__file__).resolve().parents[2] / "docs" / "specs"
+OPSETS = (11, 13)
+KINDS = ("lstm-mask", "gru-logpower", "two-stage", "stft-gru-stream", "u2pp")
+# full-batch Adam steps on 16 x 2 s mixtures: a few seconds per model on one CPU core
+TRAINING_STEPS = {"lstm-mask": 100, "gru-logpower": 100, "two-stage": 60, "stft-gru-stream": 60}
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    kind: str
+    specs: Mapping[int, Path]  # opset -> the spec file, beside the exported graphs
+    modules: Mapping[str, torch.nn.Module]  # graph role -> the torch module exported (eval mode)
+    parameters: int  # trainable parameters of all graphs
+    losses: tuple[float, ...] = ()  # training loss before each step (SE)
+
+
+def docs_spec(kind: str) -> ModelSpec:
+    return quant.load_spec(DOCS_SPECS / f"{kind}.toml")
+
+
+def build(kind: str, root: Path, opsets: tuple[int, ...] = OPSETS) -> BuiltModel:
+    """Train (SE) and export `kind` once per opset under root/opset<N>/, with its spec copied there."""
+    spec = docs_spec(kind)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation (and the CI box is shared)
+    try:
+        modules, losses = TRAINERS[kind](spec)
+    finally:
+        torch.set_num_threads(threads)
+    specs = {}
+    for opset in opsets:
+        folder = root / f"opset{opset}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for graph in spec.graphs:
+            EXPORTERS[kind](modules[graph.role], graph, folder / _relative(graph), opset)
+        target = folder / f"{kind}.toml"
+        shutil.copyfile(DOCS_SPECS / f"{kind}.toml", target)
+        if kind == "u2pp":
+            u2pp.write_units(folder / spec.task.units.name)  # type: ignore[union-attr]
+        specs[opset] = target
+    parameters = sum(common.parameter_count(module) for module in modules.values())
+    return BuiltModel(kind, specs, modules, parameters, tuple(losses))
+
+
+def _relative(graph: GraphSpec) -> Path:
+    assert graph.path is not None
+    return graph.path.relative_to(DOCS_SPECS)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def _mixtures() -> common.Mixtures:
+    return common.training_mixtures()
+
+
+def _train_lstm(spec: ModelSpec) -> tuple[dict[str, torch.nn.Module], list[float]]:
+    model, losses = se.train_lstm_mask(frontend(spec.frontend), _mixtures(), TRAINING_STEPS["lstm-mask"])
+    return {"masker": model}, losses
+
+
+def _train_gru(spec: ModelSpec) -> tuple[dict[str, torch.nn.Module], list[float]]:
+    model, losses = se.train_gru_logpower(frontend(spec.frontend), _mixtures(), TRAINING_STEPS["gru-logpower"])
+    return {"masker": model}, losses
+
+
+def _train_two_stage(spec: ModelSpec) -> tuple[dict[str, torch.nn.Module], list[float]]:
+    model, losses = se.train_two_stage(frontend(spec.frontend), _mixtures(), TRAINING_STEPS["two-stage"])
+    return {"stage1": model.stage1, "stage2": model.stage2}, losses
+
+
+def _train_stft_gru(spec: ModelSpec) -> tuple[dict[str, torch.nn.Module], list[float]]:
+    model, losses = se.train_stft_gru(frontend(spec.frontend), _mixtures(), TRAINING_STEPS["stft-gru-stream"])
+    return {"enhancer": model}, losses
+
+
+def _untrained_u2pp(spec: ModelSpec) -> tuple[dict[str, torch.nn.Module], list[float]]:
+    torch.manual_seed(0)
+    encoder, decoder = u2pp.Encoder().eval(), u2pp.BidirectionalDecoder().eval()
+    return {"encoder": encoder, "decoder": decoder}, []
+
+
+TRAINERS: Mapping[str, Callable[[ModelSpec], tuple[dict[str, torch.nn.Module], list[float]]]] = {
+    "lstm-mask": _train_lstm, "gru-logpower": _train_gru, "two-stage": _train_two_stage,
+    "stft-gru-stream": _train_stft_gru, "u2pp": _untrained_u2pp,
+}
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def _export_lstm(module: torch.nn.Module, graph: GraphSpec, path: Path, opset: int) -> None:
+    assert isinstance(module, se.LstmMask)
+    # T is dynamic so the same graph also runs a whole utterance (the offline reference of the streaming test)
+    common.export(module, (torch.rand(1, 1, 257), *module.states()), path, graph.inputs, graph.outputs, opset,
+                  {"magnitude": {1: "T"}, "mask": {1: "T"}})
+
+
+def _export_gru(module: torch.nn.Module, graph: GraphSpec, path: Path, opset: int) -> None:
+    common.export(module, (torch.randn(2, 20, 161) - 4,), path, graph.inputs, graph.outputs, opset,
+                  {"features": {0: "B", 1: "T"}, "mask": {0: "B", 1: "T"}})
+
+
+def _export_stage(module: torch.nn.Module, graph: GraphSpec, path: Path, opset: int) -> None:
+    (name,), (out,) = graph.inputs, graph.outputs
+    common.export(module, (torch.randn(2, 10, 512) * 0.1,), path, graph.inputs, graph.outputs, opset,
+                  {name: {0: "B", 1: "T"}, out: {0: "B", 1: "T"}})
+
+
+def _export_stft_gru(module: torch.nn.Module, graph: GraphSpec, path: Path, opset: int) -> None:
+    assert isinstance(module, se.StftGruStream)
+    caches = tuple(torch.zeros(shape) for shape in module.cache_shapes().values())
+    common.export(module, (torch.randn(1, 2, 1, 257), *caches), path, graph.inputs, graph.outputs, opset)
+
+
+def _export_u2pp(module: torch.nn.Module, graph: GraphSpec, path: Path, opset: int) -> None:
+    encoder_args, decoder_args = u2pp.example_inputs()
+    if graph.role == "encoder":
+        common.export(module, encoder_args, path, graph.inputs, graph.outputs, opset, u2pp.ENCODER_AXES)
+    else:
+        common.export(module, decoder_args, path, graph.inputs, graph.outputs, opset, u2pp.DECODER_AXES)
+
+
+EXPORTERS: Mapping[str, Callable[[torch.nn.Module, GraphSpec, Path, int], None]] = {
+    "lstm-mask": _export_lstm, "gru-logpower": _export_gru, "two-stage": _export_stage,
+    "stft-gru-stream": _export_stft_gru, "u2pp": _export_u2pp,
+}
