@@ -61,7 +61,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from quant.calib.ranges import RangeResult, TensorRange
-from quant.errors import CacheMismatch, CalibrationError, QuantError
+from quant.errors import CacheMismatch, CalibrationError, FileAccessError, QuantError
 from quant.fileio import atomic_write_bytes, sha256_bytes
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,12 @@ class CalibrationCache:
     def amax(self) -> dict[str, float]:
         return {name: scale * INT8_MAX for name, scale in self.scales().items()}
 
+
+
+def _os_reason(error: BaseException) -> str:
+    """The operating system's words for a failed write, also when fileio already wrapped the OSError."""
+    cause = error if isinstance(error, OSError) else error.__cause__
+    return str(cause.strerror or cause) if isinstance(cause, OSError) else str(error)
 
 def float_to_bits(value: float) -> int:
     return int(struct.unpack(">I", struct.pack(">f", value))[0])
@@ -332,8 +338,8 @@ def ensure_writable(cache_path: str | Path) -> None:
     try:
         with _exclusive_lock(path):
             pass
-    except OSError as error:
-        raise CalibrationError(f"cannot write calibration cache {path}: {error.strerror or error} -> choose a "
+    except (OSError, FileAccessError) as error:
+        raise CalibrationError(f"cannot write calibration cache {path}: {_os_reason(error)} -> choose a "
                                "writable -o/--store") from None
 
 
@@ -444,8 +450,8 @@ def write_entry(cache_path: str | Path, key: CacheKey, result: RangeResult, info
                 _finish(path)
             except OSError as error:  # committed: readers already see the new pair; the next writer finishes it
                 log.warning("%s: new cache committed but not yet renamed into place (%s)", path, error)
-    except OSError as error:
-        raise CalibrationError(f"cannot write calibration cache {path}: {error.strerror or error} -> free space or "
+    except (OSError, FileAccessError) as error:  # fileio reports its temp file; name the cache the user asked for
+        raise CalibrationError(f"cannot write calibration cache {path}: {_os_reason(error)} -> free space or "
                                "choose a writable -o/--store (any previous cache there is unchanged)") from None
     log.info("wrote %s (%d tensors, %s) and its sidecar", path, len(cache.scale_bits), key.method)
     entry_info = dict(info or {}, batches=result.batches, skipped=list(result.skipped))
