@@ -109,7 +109,8 @@ def tiny_u2pp(tmp_path: Path, reverse_weight: float) -> Path:
     save(decoder, tmp_path / "decoder.onnx")
     (tmp_path / "units.txt").write_text("".join(f"{u} {i}\n" for i, u in enumerate(UNITS)))
     clip = DATA / sorted(p.name for p in DATA.glob("librivox_*.flac"))[0]
-    line = {"path": str(clip), "duration": 1.0, "sha256": sha256_file(clip), "source": "librivox", "license": "PD",
+    (tmp_path / clip.name).write_bytes(clip.read_bytes())  # manifest paths stay inside the manifest's folder
+    line = {"path": clip.name, "duration": 1.0, "sha256": sha256_file(clip), "source": "librivox", "license": "PD",
             "text": "hello world"}
     (tmp_path / "manifest.jsonl").write_text(json.dumps(line) + "\n")
     spec = tmp_path / "u2pp.toml"

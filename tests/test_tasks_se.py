@@ -114,8 +114,9 @@ def tiny_manifest(tmp_path: Path, seconds: float = 0.5) -> Path:
     from quant.fileio import sha256_file
 
     speech = save_audio(tmp_path / "speech.wav", load_audio(base / line["path"])[: int(seconds * 16000)])
-    line.update(path="speech.wav", sha256=sha256_file(speech), duration=seconds,
-                noise=str((base / line["noise"]).resolve()))
+    noise = tmp_path / Path(line["noise"]).name  # manifest paths stay inside the manifest's folder
+    noise.write_bytes((base / line["noise"]).read_bytes())
+    line.update(path="speech.wav", sha256=sha256_file(speech), duration=seconds, noise=noise.name)
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text(json.dumps(line) + "\n")
     return manifest
