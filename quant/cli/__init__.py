@@ -16,7 +16,7 @@ from typing import Sequence
 from quant import __version__
 from quant.errors import QuantError
 
-COMMAND_MODULES = ("export", "calibrate", "cache", "inspect", "build", "evaluate", "bench", "run")
+COMMAND_MODULES = ("export", "calibrate", "cache", "inspect", "build", "evaluate", "bench", "run", "search")
 
 
 def build_parser() -> argparse.ArgumentParser:
