@@ -100,9 +100,9 @@ def plot_frontier(result: SearchResult, path: Path) -> Path:
                       alpha=0.6, capsize=2)
     marked: tuple[tuple[str, Point | None, str], ...] = (("default rules", result.default, "s"),
                                                          ("searched", result.chosen, "*"))
-    for label, point, marker in marked:
-        if point is not None and point.latency is not None:
-            axes.plot(point.latency.median_ms, point.verdict["delta"], marker, markersize=14, mfc="none",
+    for label, mark, marker in marked:
+        if mark is not None and mark.latency is not None:
+            axes.plot(mark.latency.median_ms, mark.verdict["delta"], marker, markersize=14, mfc="none",
                       color="black", label=label)
     axes.axvline(result.fp32_latency.median_ms, color="gray", linestyle=":", label="FP32 latency")
     axes.axhline(result.default.verdict["budget"], color="tab:orange", linestyle="--", label="budget")
