@@ -214,3 +214,13 @@ def test_error_rate_budget_judges_edit_counts():
     much_worse = {"ids": ["a", "b"], "cer_errors": [20, 20], "cer_length": [100, 100]}
     assert budget.holds(budget.judge(reference, worse))  # +1 pp: on the line
     assert not budget.holds(budget.judge(reference, much_worse))
+
+
+def test_unit_times_follow_tensor_named_ort_nodes(model_and_cache: tuple[Path, Path]):
+    """ORT renames what it rewrites: the NCHWc pass's float Conv is `<output>_nchwc`, the quantizer's Q/DQ are
+    `<tensor>_QuantizeLinear`; both belong to the unit that writes / reads the tensor, layout reorders to none."""
+    graph = onnx.load(str(model_and_cache[0]))
+    units = find_units(graph, load_rules())
+    times = {"big": 1.0, "h_nchwc": 2.0, "h_spiked_QuantizeLinear": 0.5, "ReorderInput_token_3": 9.0,
+             "y_DequantizeLinear": 0.25}
+    assert unit_times_ms(times, units, graph) == {"big": 3.0, "fragile1": 0.5, "fragile2": 0.25}

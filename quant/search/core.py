@@ -191,12 +191,14 @@ def measure_proxy(ledger: Ledger, sens: dict[str, Sensitivity], reserve: int, lo
             break
         columns = ledger.problem.proxy(ledger.build(frozenset({unit.name}), f"add-{_safe(unit.name)}"))
         result[unit.name] = _replace(result[unit.name], add_one_in_snr_db=_mean_snr(columns))
+        log.info("only %s INT8: output SNR %.1f dB (%d evaluations left)", unit.name, _mean_snr(columns), ledger.left)
     measured = [u for u in units if result[u.name].add_one_in_snr_db is not None]
     for unit in sorted(measured, key=lambda u: result[u.name].add_one_in_snr_db or 0.0):
         if ledger.left <= loo_reserve:
             break
         columns = ledger.problem.proxy(ledger.build(everything - {unit.name}, f"loo-{_safe(unit.name)}"))
         result[unit.name] = _replace(result[unit.name], leave_one_out_snr_db=_mean_snr(columns))
+        log.info("only %s float: output SNR %.1f dB", unit.name, _mean_snr(columns))
     return result
 
 
@@ -241,32 +243,40 @@ def revert_priority(item: Sensitivity, everything: Point | None, budget: TaskBud
 # ------------------------------------------------------------------------------------------------ search
 
 
-def greedy(ledger: Ledger, sens: Mapping[str, Sensitivity]) -> list[str]:
+def greedy_start(sens: Mapping[str, Sensitivity]) -> Config:
+    """Every unit whose INT8 kernel (with its Q/DQ) measured faster than its float one."""
+    return frozenset(name for name, item in sens.items() if item.saved_ms > 0)
+
+
+def greedy(ledger: Ledger, sens: Mapping[str, Sensitivity]) -> tuple[list[str], list[Config]]:
     """From every unit that saves time INT8, revert the worst cost per ms saved until the budget holds; then try
     adding back the reverted units, cheapest first, keeping each that leaves the budget holding. Returns the steps
-    taken ("revert X", "add X: kept" / "add X: over budget")."""
+    taken ("revert X: holds", "add X: kept", ...) and the configurations visited."""
     budget = ledger.options.budget
     everything = ledger.points.get(all_config(ledger.problem.units))
-    current = frozenset(name for name, item in sens.items() if item.saved_ms > 0)
+    current = greedy_start(sens)
     steps = [f"start: {len(current)} units that save kernel time in INT8"]
     point = ledger.measure(current, "start")
+    visited = [current]
     reverted: list[str] = []
     while not point.holds and current and ledger.left > 0:
         worst = max(sorted(current), key=lambda name: revert_priority(sens[name], everything, budget))
         current = current - {worst}
         reverted.append(worst)
         point = ledger.measure(current, f"step{len(steps)}-revert-{_safe(worst)}")
+        visited.append(current)
         steps.append(f"revert {worst}: {'holds' if point.holds else 'over budget'}")
     if not point.holds:
-        return steps
+        return steps, visited
     for name in sorted(reverted[:-1], key=lambda n: revert_priority(sens[n], everything, budget)):
         if ledger.left <= 0:
             break
         trial = ledger.measure(current | {name}, f"step{len(steps)}-add-{_safe(name)}")
+        visited.append(trial.config)
         steps.append(f"add {name}: {'kept' if trial.holds else 'over budget'}")
         if trial.holds:
             current, point = trial.config, trial
-    return steps
+    return steps, visited
 
 
 @dataclass(frozen=True)
@@ -299,11 +309,14 @@ def run_search(problem: Problem, options: SearchOptions, out_dir: Path) -> Searc
     reserve = min(len(problem.units) + 1, max(2, options.max_evals // 3))
     sens = measure_proxy(ledger, sens, reserve, reserve + 2 * options.top)
     sens = measure_task(ledger, sens, reserve)
-    steps = greedy(ledger, sens) if ledger.left > 0 else ["no evaluations left for the greedy search"]
-    points = list(ledger.points.values())
-    latencies = problem.latency([problem.fp32, *(p.artifact for p in points)])
-    timed = {p.config: _with_latency(p, lat) for p, lat in zip(points, latencies[1:])}
-    holding = [p for p in timed.values() if p.holds]
+    steps, visited = greedy(ledger, sens) if ledger.left > 0 else (["no evaluations left for the greedy"], [])
+    # timed: the default rules, all-INT8 and the greedy path (sensitivity builds with one unit changed are not
+    # candidates, and timing each would cost more than the search)
+    path = list(dict.fromkeys([default.config, all_config(problem.units), *visited]))
+    latencies = problem.latency([problem.fp32, *(ledger.points[c].artifact for c in path)])
+    timed = dict(ledger.points)
+    timed.update({c: _with_latency(ledger.points[c], lat) for c, lat in zip(path, latencies[1:])})
+    holding = [p for p in timed.values() if p.holds and p.latency is not None]
     chosen = min(holding, key=lambda p: p.latency.median_ms if p.latency else 0.0) if holding else None
     held_out = judge_held_out(problem, options.budget, timed[default.config], chosen)
     return SearchResult(options.budget, problem.units, sens, tuple(timed.values()), tuple(steps),

@@ -21,7 +21,8 @@ from quant.search.units import Unit
 
 Feeds = Mapping[str, np.ndarray]
 KERNEL_SUFFIX = "_kernel_time"
-QDQ_SUFFIXES = ("_QuantizeLinear", "_DequantizeLinear")
+# ORT nodes named after a tensor: the quantizer's Q/DQ, and the NCHWc layout pass's float Conv (`<output>_nchwc`)
+TENSOR_SUFFIXES = ("_QuantizeLinear", "_DequantizeLinear", "_nchwc")
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,9 @@ def node_times_ms(model_path: Path, feeds: Feeds, runs: int = 10, threads: int =
 
 def unit_times_ms(times: Mapping[str, float], units: Iterable[Unit], model: onnx.ModelProto) -> dict[str, float]:
     """Kernel time per unit: its nodes by exact name (ORT keeps the name when it fuses DQ -> MatMul -> Q into an
-    integer kernel), plus the Q/DQ nodes ORT's quantizer names `<tensor>_QuantizeLinear` / `_DequantizeLinear` for
-    the tensors the unit reads or writes (a tensor between two units counts for the first). Anything else (layout,
-    float ops) is not a unit's."""
+    integer kernel), plus the nodes ORT names after a tensor the unit reads or writes (a tensor between two units
+    counts for the first): the quantizer's `<tensor>_QuantizeLinear` / `_DequantizeLinear` and the NCHWc pass's
+    `<output>_nchwc` float Conv. Anything else (layout reorders, float ops) is not a unit's."""
     unit_list = list(units)
     owners = {node: unit.name for unit in unit_list for node in unit.nodes}
     tensors: dict[str, str] = {}
@@ -67,7 +68,7 @@ def unit_times_ms(times: Mapping[str, float], units: Iterable[Unit], model: onnx
     result = {unit.name: 0.0 for unit in unit_list}
     for name, ms in times.items():
         owner = owners.get(name)
-        for suffix in QDQ_SUFFIXES:
+        for suffix in TENSOR_SUFFIXES:
             if owner is None and name.endswith(suffix):
                 owner = tensors.get(name[: -len(suffix)])
         if owner is not None:
