@@ -41,6 +41,7 @@ Evaluator = Callable[[Path], Columns]
 Timer = Callable[[Sequence[Path]], Sequence[Latency]]
 Profiler = Callable[[Path], Mapping[str, float]]
 MODEL_FILE = "model.onnx"
+MIN_SAVED_SHARE = 0.002
 
 
 class SearchError(QuantError):
@@ -244,8 +245,10 @@ def revert_priority(item: Sensitivity, everything: Point | None, budget: TaskBud
 
 
 def greedy_start(sens: Mapping[str, Sensitivity]) -> Config:
-    """Every unit whose INT8 kernel (with its Q/DQ) measured faster than its float one."""
-    return frozenset(name for name, item in sens.items() if item.saved_ms > 0)
+    """Every unit whose INT8 kernel (with its Q/DQ) measured faster than its float one by more than
+    MIN_SAVED_SHARE of all units' FP32 kernel time: a saving below profiler noise buys nothing for its error."""
+    floor_ms = MIN_SAVED_SHARE * sum(item.fp32_ms for item in sens.values())
+    return frozenset(name for name, item in sens.items() if item.saved_ms > floor_ms)
 
 
 def greedy(ledger: Ledger, sens: Mapping[str, Sensitivity]) -> tuple[list[str], list[Config]]:
@@ -255,7 +258,7 @@ def greedy(ledger: Ledger, sens: Mapping[str, Sensitivity]) -> tuple[list[str], 
     budget = ledger.options.budget
     everything = ledger.points.get(all_config(ledger.problem.units))
     current = greedy_start(sens)
-    steps = [f"start: {len(current)} units that save kernel time in INT8"]
+    steps = [f"start: the {len(current)} units whose INT8 kernels save measurable time"]
     point = ledger.measure(current, "start")
     visited = [current]
     reverted: list[str] = []
