@@ -91,9 +91,9 @@ def parse_budget(text: str) -> TaskBudget:
         raise BudgetError(f"--budget {text!r}: the value must be finite")
     if metric in FLOORS:
         return TaskBudget(metric, value)
-    if HIGHER_IS_BETTER[metric] and value > 0 or not HIGHER_IS_BETTER[metric] and value < 0:
-        sign = "negative" if HIGHER_IS_BETTER[metric] else "positive"
-        raise BudgetError(f"--budget {text!r}: {metric} is {'higher' if sign == 'negative' else 'lower'}-is-better; "
-                          f"give the allowed loss as a {sign} change (e.g. {metric}={'-' if sign == 'negative' else '+'}"
-                          f"{abs(value):g})")
+    higher = HIGHER_IS_BETTER[metric]
+    if higher and value > 0 or not higher and value < 0:
+        direction, sign, example = ("higher", "negative", "-") if higher else ("lower", "positive", "+")
+        raise BudgetError(f"--budget {text!r}: {metric} is {direction}-is-better; give the allowed loss as a {sign} "
+                          f"change (e.g. {metric}={example}{abs(value):g})")
     return TaskBudget(metric, value)
