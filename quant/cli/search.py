@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     paths = write_outputs(result, problem.base_rules, out_dir, command)
     chosen = result.chosen
     print(f"{len(problem.units)} units, {result.evals} builds, {result.minutes:.1f} min; budget {budget.describe()}")
-    print(f"FP32 {result.fp32_latency.median_ms:.2f} ms, default rules {_row(result.default)}")
+    print(f"FP32 {result.fp32_latency.min_ms:.2f} ms, default rules {_row(result.default)}")
     print(f"searched {_row(chosen)}" if chosen else "searched: no measured build meets the budget")
     held = result.held_out.get("searched")
     if held:
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _row(point: Any) -> str:
-    latency = f"{point.latency.median_ms:.2f} ms" if point.latency else "? ms"
+    latency = f"{point.latency.min_ms:.2f} ms (median {point.latency.median_ms:.2f})" if point.latency else "? ms"
     return f"{latency}, {len(point.config)} INT8 units, validation change {point.verdict['delta']:+.4f}"
 
 

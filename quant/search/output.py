@@ -82,7 +82,8 @@ def _sensitivity(item: Sensitivity) -> dict[str, Any]:
 
 
 def plot_frontier(result: SearchResult, path: Path) -> Path:
-    """Median latency against the validation metric change; error bars are the 95 % bootstrap interval."""
+    """Latency (min over interleaved rounds) against the validation metric change; error bars are the 95 %
+    bootstrap interval."""
     import io
 
     import matplotlib
@@ -96,21 +97,21 @@ def plot_frontier(result: SearchResult, path: Path) -> Path:
             continue
         delta, low, high = point.verdict["delta"], point.verdict["ci_low"], point.verdict["ci_high"]
         color = "tab:green" if point.holds else "tab:red"
-        axes.errorbar(point.latency.median_ms, delta, yerr=[[delta - low], [high - delta]], fmt="o", color=color,
+        axes.errorbar(point.latency.min_ms, delta, yerr=[[delta - low], [high - delta]], fmt="o", color=color,
                       alpha=0.6, capsize=2)
     marked: tuple[tuple[str, Point | None, str], ...] = (("default rules", result.default, "s"),
                                                          ("searched", result.chosen, "*"))
     for label, mark, marker in marked:
         if mark is not None and mark.latency is not None:
-            axes.plot(mark.latency.median_ms, mark.verdict["delta"], marker, markersize=14, mfc="none",
+            axes.plot(mark.latency.min_ms, mark.verdict["delta"], marker, markersize=14, mfc="none",
                       color="black", label=label)
-    axes.axvline(result.fp32_latency.median_ms, color="gray", linestyle=":", label="FP32 latency")
+    axes.axvline(result.fp32_latency.min_ms, color="gray", linestyle=":", label="FP32 latency")
     axes.axhline(result.default.verdict["budget"], color="tab:orange", linestyle="--", label="budget")
-    axes.set_xlabel("median latency per call (ms, ONNX Runtime CPU, interleaved)")
+    axes.set_xlabel("latency per call, min over interleaved rounds (ms, ONNX Runtime CPU)")
     unit = " (pp)" if result.budget.scale != 1.0 else ""
     axes.set_ylabel(f"{result.budget.metric} change vs FP32{unit}" if not result.budget.is_floor
                     else f"{result.budget.metric} above the floor")
-    axes.set_title("quant search: candidate builds (green: within budget)")
+    axes.set_title("quant search: candidate builds (green: estimate within budget; bars: 95 % CI)")
     axes.legend(fontsize=8)
     figure.tight_layout()
     buffer = io.BytesIO()
