@@ -48,7 +48,9 @@ def unit_why(result: SearchResult, item: Sensitivity, int8: bool, command: str) 
     reason = ("saves no kernel time" if item.saved_ms <= 0 and not int8 else
               f"cost {cost:+.4f} {budget.metric} per {item.saved_ms:.3f} ms saved" if cost is not None else
               f"{item.saved_ms:.3f} ms saved")
-    return f"{decision} by `{command}` ({budget.describe()}): {reason}; " + "; ".join(parts)
+    where = (f"as in the fastest measured build within budget ({result.chosen.label})" if result.chosen
+             else "no measured build met the budget")
+    return f"{decision} by `{command}` ({budget.describe()}), {where}: {reason}; " + "; ".join(parts)
 
 
 def _all_point(result: SearchResult) -> Any:
