@@ -57,9 +57,11 @@ def make_session(
     providers: Sequence[str] | None = None,
     optimization: str = "all",
     optimized_model_path: str | os.PathLike[str] | None = None,
+    profile_prefix: str | os.PathLike[str] | None = None,
 ) -> Any:
     """An InferenceSession with `threads` intra-op threads, sequential execution and the given graph optimization
-    level. `optimized_model_path` asks ORT to write the graph it will actually run."""
+    level. `optimized_model_path` asks ORT to write the graph it will actually run; `profile_prefix` turns on ORT's
+    profiler (per-node kernel times; `session.end_profiling()` writes `<prefix>_<date>.json` and returns its path)."""
     ort = _ort()
     file = Path(path)
     if not file.is_file():
@@ -79,6 +81,9 @@ def make_session(
     options.log_severity_level = 3
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
     disabled = list(FP16_DISABLED_OPTIMIZERS) if optimization != "disable" and has_float16_weights(file) else []
     try:
         return ort.InferenceSession(str(file), options, providers=list(providers or ["CPUExecutionProvider"]),

@@ -1,0 +1,70 @@
+"""`quant search MODEL --budget METRIC=VALUE`: the fastest INT8 mixed-precision rules within a task-metric budget."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+from typing import Any
+
+MODELS_HELP = "dpcrn, dpcrn-stream, wenet-encoder, or a DPCRN-shaped .onnx file (with --cache)"
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "search", help="search per-unit INT8/float precision for the fastest build within a task-metric budget",
+        description="Measure each quantizable unit's task-metric sensitivity (add-one-in, leave-one-out; output SNR "
+        "ranks first) and its ONNX Runtime kernel time, then revert to float the units with the worst metric cost per "
+        "ms saved until the budget holds on the validation half of the test set; final numbers on the held-out half. "
+        "Writes rules.toml (for `quant build --rules`), search.json and frontier.png.",
+    )
+    parser.add_argument("model", help=MODELS_HELP)
+    parser.add_argument("--budget", required=True,
+                        help="METRIC=VALUE: pesq_wb=-0.05, stoi=-0.01, cer=+0.3 (percentage points), snr_db=25 "
+                        "(floor on output SNR vs FP32)")
+    parser.add_argument("--validation", type=int, help="utterances of the validation half (default: all of it)")
+    parser.add_argument("--held-out", type=int, help="utterances of the held-out half (default: all of it)")
+    parser.add_argument("--max-evals", type=int, default=60, help="candidate builds, all steps together (default 60)")
+    parser.add_argument("--top", type=int, default=6,
+                        help="units whose sensitivity is measured on the task metric after the SNR ranking (default 6)")
+    parser.add_argument("--cache", type=Path, help="calibration cache (default: the cache store / a fresh one)")
+    parser.add_argument("--rules", type=Path, help="base precision rules (default: shipped rules)")
+    parser.add_argument("-o", "--output", type=Path, help="output folder (default engines/search/<model>)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from quant.paths import engines_dir
+    from quant.search import SearchOptions, parse_budget, run_search, write_outputs
+    from quant.search.models import Split, reference_problem
+
+    budget = parse_budget(args.budget)
+    out_dir = args.output or engines_dir() / "search" / Path(str(args.model)).stem
+    problem = reference_problem(args.model, out_dir, Split(args.validation, args.held_out), args.cache, args.rules)
+    result = run_search(problem, SearchOptions(budget, args.max_evals, args.top), out_dir)
+    command = "quant search " + " ".join(shlex.quote(a) for a in _argv(args))
+    paths = write_outputs(result, problem.base_rules, out_dir, command)
+    chosen = result.chosen
+    print(f"{len(problem.units)} units, {result.evals} builds, {result.minutes:.1f} min; budget {budget.describe()}")
+    print(f"FP32 {result.fp32_latency.min_ms:.2f} ms, default rules {_row(result.default)}")
+    print(f"searched {_row(chosen)}" if chosen else "searched: no measured build meets the budget")
+    held = result.held_out.get("searched")
+    if held:
+        print(f"held-out ({held['n']} utterances): change {held['delta']:+.4f} [{held['ci_low']:+.4f}, "
+              f"{held['ci_high']:+.4f}] -> {held['verdict']}")
+    print(f"rules: {paths['rules']}\nsearch.json: {paths['json']}\nplot: {paths['plot']}")
+    return 0
+
+
+def _row(point: Any) -> str:
+    latency = f"{point.latency.min_ms:.2f} ms (median {point.latency.median_ms:.2f})" if point.latency else "? ms"
+    return f"{latency}, {len(point.config)} INT8 units, validation change {point.verdict['delta']:+.4f}"
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    argv = [str(args.model), "--budget", args.budget]
+    for flag, value in (("--validation", args.validation), ("--held-out", args.held_out),
+                        ("--max-evals", args.max_evals), ("--top", args.top)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv

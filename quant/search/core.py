@@ -1,0 +1,359 @@
+"""The search: measured sensitivity per unit, measured speed per unit, then greedy by benefit / cost to the fastest
+configuration whose task-metric change stays within the budget on the validation split.
+
+Works on a `Problem`, a handful of callables, so any model (a reference model today, a spec later) plugs in:
+- build(rules file, out dir) -> INT8 artifact folder (model.onnx inside);
+- validate / proxy / held_out(artifact folder) -> per-utterance columns (quant.eval.stats.from_columns layout;
+  proxy returns `snr_db` of the output against FP32's on a few utterances);
+- latency(artifact folders) -> Latency each, measured interleaved; node_times(artifact folder) -> ms per ORT node.
+
+Steps (every build counted as one evaluation):
+1. speed: profile the FP32 build and the all-units-INT8 build, attribute kernel time (with its Q/DQ) to units;
+2. proxy sensitivity: per unit, add-one-in (only it INT8) and leave-one-out (all others INT8) output SNR;
+3. task sensitivity: the `top` units with the lowest add-one-in SNR get both measured on the validation metric;
+4. greedy: start from every unit INT8 that saves time, revert the unit with the worst cost per ms saved until the
+   budget holds, building and measuring each step (the frontier);
+5. verify: time the frontier, FP32 and the default-rules build interleaved; judge the chosen one on held-out data.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from quant.errors import QuantError
+from quant.precision import Rule
+from quant.search.budget import TaskBudget
+from quant.search.speed import Latency, unit_times_ms
+from quant.search.units import Config, Unit, all_config, config_rules, default_config, write_rules
+
+log = logging.getLogger(__name__)
+
+Columns = Mapping[str, Sequence[Any]]
+Builder = Callable[[Path, Path], Path]
+Evaluator = Callable[[Path], Columns]
+Timer = Callable[[Sequence[Path]], Sequence[Latency]]
+Profiler = Callable[[Path], Mapping[str, float]]
+MODEL_FILE = "model.onnx"
+MIN_SAVED_SHARE = 0.002
+
+
+class SearchError(QuantError):
+    """The search cannot run as asked (no units, evaluation budget too small, ...)."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    model: onnx.ModelProto  # the FP32 graph the units name
+    units: tuple[Unit, ...]
+    base_rules: tuple[Rule, ...]
+    fp32: Path  # FP32 artifact folder
+    build: Builder
+    validate: Evaluator
+    proxy: Evaluator
+    held_out: Evaluator
+    latency: Timer
+    node_times: Profiler
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    budget: TaskBudget
+    max_evals: int = 60  # builds measured, all steps together
+    top: int = 6  # units whose sensitivity is measured on the task metric
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measured candidate build."""
+
+    label: str
+    config: Config
+    artifact: Path
+    columns: Columns
+    verdict: dict[str, Any]
+    holds: bool
+    latency: Latency | None = None
+
+    def to_dict(self, units: Sequence[Unit]) -> dict[str, Any]:
+        return {"label": self.label, "int8_units": [u.name for u in units if u.name in self.config],
+                "artifact": str(self.artifact), "holds": self.holds, **self.verdict,
+                "latency": self.latency.to_dict() if self.latency else None}
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    unit: str
+    fp32_ms: float
+    int8_ms: float
+    add_one_in_snr_db: float | None = None
+    leave_one_out_snr_db: float | None = None
+    add_one_in: dict[str, Any] | None = None  # task-metric verdict dict (delta, CI, ...)
+    leave_one_out: dict[str, Any] | None = None
+
+    @property
+    def saved_ms(self) -> float:
+        return self.fp32_ms - self.int8_ms
+
+
+@dataclass
+class Ledger:
+    """Builds and evaluations spent, and the measured points by configuration."""
+
+    out_dir: Path
+    problem: Problem
+    options: SearchOptions
+    reference: Columns
+    evals: int = 0
+    points: dict[Config, Point] = field(default_factory=dict)
+    artifacts: dict[Config, Path] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def left(self) -> int:
+        return self.options.max_evals - self.evals
+
+    def build(self, config: Config, label: str) -> Path:
+        """The INT8 build of `config` (once per configuration); counts one evaluation."""
+        if config in self.artifacts:
+            return self.artifacts[config]
+        self.evals += 1
+        folder = self.out_dir / "builds" / label
+        rules = write_rules(folder.with_suffix(".toml"), [*config_rules(self.problem.units, config),
+                                                          *self.problem.base_rules])
+        self.artifacts[config] = self.problem.build(rules, folder)
+        return self.artifacts[config]
+
+    def measure(self, config: Config, label: str) -> Point:
+        """Build and evaluate on the validation split (once per configuration)."""
+        if config in self.points:
+            return self.points[config]
+        artifact = self.build(config, label)
+        columns = self.problem.validate(artifact)
+        verdict = self.options.budget.judge(self.reference, columns)
+        point = Point(label, config, artifact, columns, _verdict_dict(verdict, self.options.budget),
+                      self.options.budget.holds(verdict))
+        log.info("%s: %d INT8 units, %s %+.4f [%+.4f, %+.4f] -> %s", label, len(config),
+                 self.options.budget.metric, point.verdict["delta"], point.verdict["ci_low"],
+                 point.verdict["ci_high"], "holds" if point.holds else "over")
+        self.points[config] = point
+        return point
+
+    def minutes(self) -> float:
+        return (time.monotonic() - self.started) / 60.0
+
+
+def _verdict_dict(verdict: Any, budget: TaskBudget) -> dict[str, Any]:
+    values = verdict.to_dict()
+    for key in ("delta", "ci_low", "ci_high", "budget"):
+        values[key] = float(values[key]) * budget.scale
+    return values
+
+
+def _mean_snr(columns: Columns) -> float:
+    values = np.minimum(np.asarray(columns["snr_db"], dtype=np.float64), 120.0)
+    return float(values.mean())
+
+
+def loss(verdict: Mapping[str, Any], budget: TaskBudget) -> float:
+    """How much worse than the reference (display units, positive = worse) a point's change is."""
+    delta = float(verdict["delta"])
+    return -delta if budget.stats_budget().higher_is_better else delta
+
+
+# ------------------------------------------------------------------------------------------------ measurements
+
+
+def measure_speed(ledger: Ledger) -> dict[str, Sensitivity]:
+    """Kernel time of each unit in the FP32 build and in the all-units-INT8 build."""
+    problem = ledger.problem
+    everything = ledger.build(all_config(problem.units), "all-int8")
+    fp32 = unit_times_ms(problem.node_times(problem.fp32), problem.units, problem.model)
+    int8 = unit_times_ms(problem.node_times(everything), problem.units, problem.model)
+    return {u.name: Sensitivity(u.name, fp32[u.name], int8[u.name]) for u in problem.units}
+
+
+def measure_proxy(ledger: Ledger, sens: dict[str, Sensitivity], reserve: int, loo_reserve: int
+                  ) -> dict[str, Sensitivity]:
+    """Output SNR against FP32 with only the unit INT8 (add-one-in, every unit, biggest time saving first, while
+    more than `reserve` evaluations are left) and with only the unit float (leave-one-out, the units add-one-in
+    found worst first, while more than `loo_reserve` are left: the task metric comes before it)."""
+    units = sorted(ledger.problem.units, key=lambda u: -sens[u.name].saved_ms)
+    everything = all_config(ledger.problem.units)
+    result = dict(sens)
+    for unit in units:
+        if ledger.left <= reserve:
+            break
+        columns = ledger.problem.proxy(ledger.build(frozenset({unit.name}), f"add-{_safe(unit.name)}"))
+        result[unit.name] = _replace(result[unit.name], add_one_in_snr_db=_mean_snr(columns))
+        log.info("only %s INT8: output SNR %.1f dB (%d evaluations left)", unit.name, _mean_snr(columns), ledger.left)
+    measured = [u for u in units if result[u.name].add_one_in_snr_db is not None]
+    for unit in sorted(measured, key=lambda u: result[u.name].add_one_in_snr_db or 0.0):
+        if ledger.left <= loo_reserve:
+            break
+        columns = ledger.problem.proxy(ledger.build(everything - {unit.name}, f"loo-{_safe(unit.name)}"))
+        result[unit.name] = _replace(result[unit.name], leave_one_out_snr_db=_mean_snr(columns))
+        log.info("only %s float: output SNR %.1f dB", unit.name, _mean_snr(columns))
+    return result
+
+
+def measure_task(ledger: Ledger, sens: dict[str, Sensitivity], reserve: int) -> dict[str, Sensitivity]:
+    """The validation task metric, add-one-in and leave-one-out, of the `top` units the proxy ranks worst."""
+    everything = all_config(ledger.problem.units)
+    ranked = sorted(sens.values(), key=lambda s: proxy_cost(s), reverse=True)[: ledger.options.top]
+    result = dict(sens)
+    for item in ranked:
+        if ledger.left <= reserve:
+            break
+        add = ledger.measure(frozenset({item.unit}), f"add-{_safe(item.unit)}")
+        leave = ledger.measure(everything - {item.unit}, f"loo-{_safe(item.unit)}")
+        result[item.unit] = _replace(result[item.unit], add_one_in=add.verdict, leave_one_out=leave.verdict)
+    return result
+
+
+def proxy_cost(item: Sensitivity) -> float:
+    """Relative output noise power the unit's INT8 adds alone (add-one-in). A unit the evaluation budget left
+    unmeasured counts as the worst (0 dB): reverting an unknown before a unit measured harmless is the safe order."""
+    snr = item.add_one_in_snr_db
+    return 10 ** (-snr / 10) if snr is not None else 1.0
+
+
+def task_cost(item: Sensitivity, everything: Point | None, budget: TaskBudget) -> float | None:
+    """Metric lost by the unit's INT8: alone, or recovered by reverting it from all-INT8; None when not measured."""
+    costs = []
+    if item.add_one_in is not None:
+        costs.append(loss(item.add_one_in, budget))
+    if item.leave_one_out is not None and everything is not None:
+        costs.append(loss(everything.verdict, budget) - loss(item.leave_one_out, budget))
+    return max(costs) if costs else None
+
+
+def revert_priority(item: Sensitivity, everything: Point | None, budget: TaskBudget) -> tuple[float, float]:
+    """Cost per ms saved: the task metric where measured, the proxy noise power as tie-break and for the rest."""
+    saved = max(item.saved_ms, 1e-6)
+    task = task_cost(item, everything, budget)
+    return (max(task, 0.0) / saved if task is not None else 0.0, proxy_cost(item) / saved)
+
+
+# ------------------------------------------------------------------------------------------------ search
+
+
+def greedy_start(sens: Mapping[str, Sensitivity]) -> Config:
+    """Every unit whose INT8 kernel (with its Q/DQ) measured faster than its float one by more than
+    MIN_SAVED_SHARE of all units' FP32 kernel time: a saving below profiler noise buys nothing for its error."""
+    floor_ms = MIN_SAVED_SHARE * sum(item.fp32_ms for item in sens.values())
+    return frozenset(name for name, item in sens.items() if item.saved_ms > floor_ms)
+
+
+def greedy(ledger: Ledger, sens: Mapping[str, Sensitivity]) -> tuple[list[str], list[Config]]:
+    """From every unit that saves time INT8, revert the worst cost per ms saved until the budget holds; then try
+    adding back the reverted units, cheapest first, keeping each that leaves the budget holding. Returns the steps
+    taken ("revert X: holds", "add X: kept", ...) and the configurations visited."""
+    budget = ledger.options.budget
+    everything = ledger.points.get(all_config(ledger.problem.units))
+    current = greedy_start(sens)
+    steps = [f"start: the {len(current)} units whose INT8 kernels save measurable time"]
+    point = ledger.measure(current, "start")
+    visited = [current]
+    reverted: list[str] = []
+    while not point.holds and current and ledger.left > 0:
+        worst = max(sorted(current), key=lambda name: revert_priority(sens[name], everything, budget))
+        current = current - {worst}
+        reverted.append(worst)
+        point = ledger.measure(current, f"step{len(steps)}-revert-{_safe(worst)}")
+        visited.append(current)
+        steps.append(f"revert {worst}: {'holds' if point.holds else 'over budget'}")
+    if not point.holds:
+        return steps, visited
+    for name in sorted(reverted[:-1], key=lambda n: revert_priority(sens[n], everything, budget)):
+        if ledger.left <= 0:
+            break
+        trial = ledger.measure(current | {name}, f"step{len(steps)}-add-{_safe(name)}")
+        visited.append(trial.config)
+        steps.append(f"add {name}: {'kept' if trial.holds else 'over budget'}")
+        if trial.holds:
+            current, point = trial.config, trial
+    return steps, visited
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    budget: TaskBudget
+    units: tuple[Unit, ...]
+    sensitivities: dict[str, Sensitivity]
+    frontier: tuple[Point, ...]  # every measured candidate build, in measurement order
+    steps: tuple[str, ...]  # the greedy search's decisions, in order
+    default: Point
+    chosen: Point | None  # the fastest measured build that holds the budget; None: none does
+    fp32_latency: Latency
+    held_out: dict[str, Any]
+    evals: int
+    minutes: float
+
+
+def run_search(problem: Problem, options: SearchOptions, out_dir: Path) -> SearchResult:
+    if not problem.units:
+        raise SearchError("the model has no quantizable unit under these rules (no Conv/MatMul/Gemm/Add/Mul that the "
+                          "INT8 plan quantizes or keeps float by a rule); nothing to search")
+    if options.max_evals < 3:
+        raise SearchError(f"--max-evals {options.max_evals}: the search needs at least 3 builds (all-INT8, the "
+                          "default rules, one candidate)")
+    reference = problem.validate(problem.fp32)
+    ledger = Ledger(out_dir, problem, options, reference)
+    default = ledger.measure(default_config(problem.units), "default-rules")
+    ledger.measure(all_config(problem.units), "all-int8")
+    sens = measure_speed(ledger)
+    reserve = min(len(problem.units) + 1, max(2, options.max_evals // 3))
+    sens = measure_proxy(ledger, sens, reserve, reserve + 2 * options.top)
+    sens = measure_task(ledger, sens, reserve)
+    steps, visited = greedy(ledger, sens) if ledger.left > 0 else (["no evaluations left for the greedy"], [])
+    # timed: the default rules, all-INT8 and the greedy path (sensitivity builds with one unit changed are not
+    # candidates, and timing each would cost more than the search)
+    path = list(dict.fromkeys([default.config, all_config(problem.units), *visited]))
+    latencies = problem.latency([problem.fp32, *(ledger.points[c].artifact for c in path)])
+    timed = dict(ledger.points)
+    timed.update({c: _with_latency(ledger.points[c], lat) for c, lat in zip(path, latencies[1:])})
+    holding = [p for p in timed.values() if p.holds and p.latency is not None]
+    # the minimum over interleaved rounds: on a shared machine it moves least with other load (median reported too)
+    chosen = min(holding, key=lambda p: p.latency.min_ms if p.latency else 0.0) if holding else None
+    held_out = judge_held_out(problem, options.budget, timed[default.config], chosen)
+    return SearchResult(options.budget, problem.units, sens, tuple(timed.values()), tuple(steps),
+                        timed[default.config], chosen, latencies[0], held_out, ledger.evals, ledger.minutes())
+
+
+def judge_held_out(problem: Problem, budget: TaskBudget, default: Point, chosen: Point | None) -> dict[str, Any]:
+    """FP32, the default rules and the chosen build on the held-out split, never seen by the search."""
+    reference = problem.held_out(problem.fp32)
+    rows: dict[str, Any] = {"fp32": _summary(reference, budget)}
+    for label, point in (("default-rules", default), ("searched", chosen)):
+        if point is None:
+            continue
+        columns = problem.held_out(point.artifact)
+        verdict = budget.judge(reference, columns)
+        rows[label] = {**_summary(columns, budget), **_verdict_dict(verdict, budget), "holds": budget.holds(verdict)}
+    return rows
+
+
+def _summary(columns: Columns, budget: TaskBudget) -> dict[str, Any]:
+    values = budget.per_utterance(columns, "held-out")
+    return {"n": len(values.ids), budget.metric: values.value * budget.scale}
+
+
+def _with_latency(point: Point, latency: Latency) -> Point:
+    return Point(point.label, point.config, point.artifact, point.columns, point.verdict, point.holds, latency)
+
+
+def _replace(item: Sensitivity, **changes: Any) -> Sensitivity:
+    from dataclasses import replace
+
+    return replace(item, **changes)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80]

@@ -1,0 +1,97 @@
+"""Speed for the search: per-node kernel time from ONNX Runtime's profiler, attributed to units, and candidate
+builds timed interleaved round-robin in one process (so machine load drifts hit every candidate alike)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from quant.backends.ort import OrtRunner, make_session
+from quant.build.graph import ensure_node_names
+from quant.errors import ModelError
+from quant.search.units import Unit
+
+Feeds = Mapping[str, np.ndarray]
+KERNEL_SUFFIX = "_kernel_time"
+# ORT nodes named after a tensor: the quantizer's Q/DQ, and the NCHWc layout pass's float Conv (`<output>_nchwc`)
+TENSOR_SUFFIXES = ("_QuantizeLinear", "_DequantizeLinear", "_nchwc")
+
+
+@dataclass(frozen=True)
+class Latency:
+    min_ms: float
+    median_ms: float
+    runs: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"min_ms": self.min_ms, "median_ms": self.median_ms, "runs": self.runs}
+
+
+def node_times_ms(model_path: Path, feeds: Feeds, runs: int = 10, threads: int = 1) -> dict[str, float]:
+    """Mean kernel time per run (ms) of every node of the graph ORT runs (after its fusions), by node name."""
+    with tempfile.TemporaryDirectory() as work:
+        session = make_session(model_path, threads, profile_prefix=Path(work) / "profile")
+        names = [i.name for i in session.get_inputs()]
+        session.run(None, {n: feeds[n] for n in names})  # warm-up, excluded below by counting only the last runs
+        for _ in range(runs):
+            session.run(None, {n: feeds[n] for n in names})
+        trace = Path(session.end_profiling())
+        events = json.loads(trace.read_text())
+    totals: dict[str, list[float]] = {}
+    for event in events:
+        if event.get("cat") == "Node" and str(event.get("name", "")).endswith(KERNEL_SUFFIX):
+            totals.setdefault(event["name"][: -len(KERNEL_SUFFIX)], []).append(float(event["dur"]) / 1000.0)
+    # every node ran runs + 1 times; drop the warm-up (the first event of each node)
+    return {name: float(sum(times[1:]) / max(1, len(times) - 1)) for name, times in totals.items()}
+
+
+def unit_times_ms(times: Mapping[str, float], units: Iterable[Unit], model: onnx.ModelProto) -> dict[str, float]:
+    """Kernel time per unit: its nodes by exact name (ORT keeps the name when it fuses DQ -> MatMul -> Q into an
+    integer kernel), plus the nodes ORT names after a tensor the unit reads or writes (a tensor between two units
+    counts for the first): the quantizer's `<tensor>_QuantizeLinear` / `_DequantizeLinear` and the NCHWc pass's
+    `<output>_nchwc` float Conv. Anything else (layout reorders, float ops) is not a unit's."""
+    unit_list = list(units)
+    owners = {node: unit.name for unit in unit_list for node in unit.nodes}
+    tensors: dict[str, str] = {}
+    for node in ensure_node_names(model).graph.node:
+        if node.name in owners:
+            for tensor in list(node.input) + list(node.output):
+                tensors.setdefault(tensor, owners[node.name])
+    result = {unit.name: 0.0 for unit in unit_list}
+    for name, ms in times.items():
+        owner = owners.get(name)
+        for suffix in TENSOR_SUFFIXES:
+            if owner is None and name.endswith(suffix):
+                owner = tensors.get(name[: -len(suffix)])
+        if owner is not None:
+            result[owner] += ms
+    return result
+
+
+def interleaved_latency(model_paths: Sequence[Path], feeds: Feeds, rounds: int = 20, calls: int = 3,
+                        threads: int = 1) -> list[Latency]:
+    """Open every model once, then time them round-robin: in each round each model runs `calls` times (the round's
+    mean is one sample); min and median over rounds, in the order given."""
+    runners = [OrtRunner(path, threads=threads) for path in model_paths]
+    for runner in runners:
+        _missing = [n for n in runner.input_names if n not in feeds]
+        if _missing:
+            raise ModelError(f"{runner.path}: timing feeds lack inputs {_missing}")
+        runner.run({n: feeds[n] for n in runner.input_names})
+    samples: list[list[float]] = [[] for _ in runners]
+    for _ in range(rounds):
+        for position, runner in enumerate(runners):
+            bound = {n: feeds[n] for n in runner.input_names}
+            start = time.perf_counter()
+            for _ in range(calls):
+                runner.run(bound)
+            samples[position].append((time.perf_counter() - start) * 1000.0 / calls)
+    return [Latency(min(s), statistics.median(s), rounds) for s in samples]

@@ -1,0 +1,94 @@
+"""Search units and the rules file a configuration becomes.
+
+A unit is what the search turns INT8 or keeps float as one decision. First version: one unit per node, taken from
+the ONNX Runtime INT8 plan of the base rules: every node the plan makes static INT8, plus the compute and arithmetic
+nodes a rule keeps float for a stated reason (candidates the defaults may be too careful with). Recurrent cells
+(dynamic INT8 or float), layout and state plumbing are never units: they have no static integer kernel on ORT CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import onnx
+
+from quant.build.ort_build import streaming_states
+from quant.fileio import atomic_write_text
+from quant.precision import DEFAULT_REASON, Rule, plan
+
+# op types ORT's Q/DQ quantizer turns into integer kernels (QLinearConv/MatMulInteger/QLinearAdd/QLinearMul, ...)
+SEARCHABLE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Mul"})
+NEVER_UNITS = frozenset({"state-plumbing"})  # float because state error feeds back; not a speed lever
+RULE_PREFIX = "search:"
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str
+    nodes: tuple[str, ...]
+    op_types: tuple[str, ...]
+    default: str  # the base rules' precision: int8 | fp32
+    rule: str  # the base rule that decided it
+
+
+Config = frozenset[str]  # names of the units that are INT8
+
+
+def find_units(model: onnx.ModelProto, rules: Iterable[Rule]) -> tuple[Unit, ...]:
+    """The searchable units of `model` under the base `rules` (ORT INT8 plan), in graph order."""
+    ort_plan = plan(model, tuple(rules), "int8", "ort", streaming_states(model))
+    units = []
+    for d in ort_plan.decisions:
+        candidate = d.precision == "int8" or (
+            d.precision == "fp32" and d.rule != DEFAULT_REASON and d.rule not in NEVER_UNITS
+            and d.op_type in SEARCHABLE_OPS)
+        if candidate:
+            units.append(Unit(d.node, (d.node,), (d.op_type,), "int8" if d.precision == "int8" else "fp32", d.rule))
+    return tuple(units)
+
+
+def default_config(units: Iterable[Unit]) -> Config:
+    return frozenset(u.name for u in units if u.default == "int8")
+
+
+def all_config(units: Iterable[Unit]) -> Config:
+    return frozenset(u.name for u in units)
+
+
+def config_rules(units: Iterable[Unit], config: Config, why: Mapping[str, str] | None = None) -> list[Rule]:
+    """One exact-name ORT rule per unit node (int8 when the unit is in `config`, else fp32), placed before the base
+    rules so it decides; TensorRT keeps the base rules (the search measured ONNX Runtime)."""
+    reasons = why or {}
+    rules = []
+    for unit in units:
+        precision = "int8" if unit.name in config else "fp32"
+        for node in unit.nodes:
+            rules.append(Rule(name=f"{RULE_PREFIX}{node}", precision=precision, name_regex=f"^{re.escape(node)}$",
+                              builds=("int8",), backends=("ort",),
+                              why=reasons.get(unit.name, f"quant search: {precision} in this configuration")))
+    return rules
+
+
+def write_rules(path: Path, rules: Iterable[Rule], header: str = "") -> Path:
+    """A rules TOML that quant.precision.load_rules reads back (every Rule field that differs from its default)."""
+    defaults = {f.name: f.default for f in fields(Rule)}
+    lines = [f"# {line}" for line in header.splitlines()] + ([""] if header else [])
+    for rule in rules:
+        lines.append("[[rule]]")
+        for f in fields(Rule):
+            value = getattr(rule, f.name)
+            if f.name in ("name", "precision") or value != defaults[f.name]:
+                lines.append(f"{f.name} = {_toml_value(value)}")
+        lines.append("")
+    return atomic_write_text(path, "\n".join(lines))
+
+
+def _toml_value(value: object) -> str:
+    """TOML basic strings share JSON's escapes; arrays of strings likewise."""
+    if isinstance(value, tuple):
+        return "[" + ", ".join(json.dumps(v) for v in value) + "]"
+    return json.dumps(value)

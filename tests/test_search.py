@@ -1,0 +1,226 @@
+"""quant search on tiny graphs whose answer is known: a fragile MatMul (its input carries one huge channel, so a
+per-tensor INT8 scale wipes out the others) must be found and kept float; a harmless, expensive MatMul on a
+well-scaled input must stay INT8. Evaluation is the output SNR against FP32 (synthetic "utterances")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from quant.fileio import sha256_file
+from quant.precision import load_rules, plan
+from quant.search.budget import BudgetError, parse_budget
+from quant.search.core import MODEL_FILE, Problem, SearchOptions, run_search
+from quant.search.models import ArtifactBuilder, output_snr_db
+from quant.search.output import write_outputs
+from quant.search.speed import Latency, interleaved_latency, node_times_ms, unit_times_ms
+from quant.search.units import all_config, config_rules, find_units, write_rules
+
+WIDTH, HIDDEN = 32, 256
+SPIKE = 1e4
+
+
+def fragile_model(path: Path) -> Path:
+    """x -> big (MatMul, harmless: well-scaled input) -> +spike -> fragile1 (MatMul) -> +spike -> fragile2 (MatMul).
+
+    Each spike bias puts ~SPIKE on channel 0 and the next MatMul's weight row 0 is ~1/SPIKE, so the FP32 output
+    barely sees it, but that MatMul's input range (~SPIKE) sets an INT8 step far above every other channel's values.
+    Two fragile units: leaving out one alone does not meet the budget, so the greedy search has to find both."""
+    rng = np.random.default_rng(0)
+    spike = np.zeros(HIDDEN, np.float32)
+    spike[0] = SPIKE
+
+    def weight(rows: int, cols: int, fragile: bool) -> np.ndarray:
+        w = (rng.standard_normal((rows, cols)) / np.sqrt(rows)).astype(np.float32)
+        if fragile:
+            w[0] /= SPIKE
+        return w
+
+    nodes = [helper.make_node("MatMul", ["x", "w_big"], ["h"], name="big"),
+             helper.make_node("Add", ["h", "spike"], ["h_spiked"], name="spike_add"),
+             helper.make_node("MatMul", ["h_spiked", "w_fragile1"], ["g"], name="fragile1"),
+             helper.make_node("Add", ["g", "spike"], ["g_spiked"], name="spike_add2"),
+             helper.make_node("MatMul", ["g_spiked", "w_fragile2"], ["y"], name="fragile2")]
+    inits = [numpy_helper.from_array(weight(WIDTH, HIDDEN, False), "w_big"), numpy_helper.from_array(spike, "spike"),
+             numpy_helper.from_array(weight(HIDDEN, HIDDEN, True), "w_fragile1"),
+             numpy_helper.from_array(weight(HIDDEN, WIDTH, True), "w_fragile2")]
+    graph = helper.make_graph(nodes, "fragile", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, WIDTH])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, WIDTH])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def inputs(seed: int, count: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((4, WIDTH)).astype(np.float32)} for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def model_and_cache(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from quant.calib import cache
+    from quant.calib.ranges import RangeOptions, collect_ranges
+
+    folder = tmp_path_factory.mktemp("search")
+    path = fragile_model(folder / "fragile.onnx")
+    result = collect_ranges(path, inputs(1, 8), "minmax", RangeOptions(progress=False))
+    key = cache.CacheKey.create(sha256_file(path), "0" * 64, "minmax", {})
+    return path, cache.write_entry(folder / "fragile.cache", key, result).path
+
+
+class SnrEvaluator:
+    """artifact folder -> per-"utterance" output SNR (dB) against the FP32 model on fixed random inputs."""
+
+    def __init__(self, fp32: Path, seed: int, count: int) -> None:
+        from quant.backends.ort import OrtRunner
+
+        self.feeds = inputs(seed, count)
+        reference = OrtRunner(fp32 / MODEL_FILE)
+        self.reference = [reference.run(f)["y"] for f in self.feeds]
+
+    def __call__(self, folder: Path) -> Mapping[str, Sequence[Any]]:
+        from quant.backends.ort import OrtRunner
+
+        runner = OrtRunner(folder / MODEL_FILE)
+        return {"ids": [str(i) for i in range(len(self.feeds))],
+                "snr_db": [output_snr_db(ref, runner.run(f)["y"]) for ref, f in zip(self.reference, self.feeds)]}
+
+
+def modelled_node_times(folder: Path) -> dict[str, float]:
+    """Deterministic stand-in for the profiler: a MatMul costs its weight size, a quarter of it when its input
+    comes out of a DequantizeLinear (an integer kernel after ORT's fusion)."""
+    model = onnx.load(str(folder / MODEL_FILE))
+    sizes = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
+    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    times = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul":
+            weight = node.input[1].removesuffix("_DequantizeLinear_Output")
+            size = sizes.get(weight, sizes.get(node.input[1].split("_DequantizeLinear")[0], 1000))
+            times[node.name] = size / 1000 / (4 if node.input[0] in dequantized else 1)
+    return times
+
+
+def modelled_latency(folder: Path) -> Latency:
+    total = sum(modelled_node_times(folder).values())
+    return Latency(total, total, 1)
+
+
+def problem(model_and_cache: tuple[Path, Path], tmp_path: Path) -> Problem:
+    from quant.build.artifact import build_artifact
+
+    source, cache_path = model_and_cache
+    graph = onnx.load(str(source))
+    rules = load_rules()
+    fp32 = build_artifact(source, "fp32", out_dir=tmp_path / "fp32")
+    return Problem(
+        model=graph, units=find_units(graph, rules), base_rules=rules, fp32=fp32,
+        build=ArtifactBuilder(source, cache_path), validate=SnrEvaluator(fp32, 2, 6),
+        proxy=SnrEvaluator(fp32, 2, 2), held_out=SnrEvaluator(fp32, 3, 6),
+        latency=lambda folders: [modelled_latency(f) for f in folders],
+        node_times=modelled_node_times)
+
+
+def test_units_cover_the_int8_plan_and_the_rule_kept_compute(model_and_cache: tuple[Path, Path]):
+    graph = onnx.load(str(model_and_cache[0]))
+    units = {u.name: u for u in find_units(graph, load_rules())}
+    assert set(units) == {"big", "fragile1", "fragile2"}  # the float bias Adds no rule protects are not units
+    assert units["big"].default == "fp32" and units["big"].rule == "input-layer"
+    assert units["fragile1"].default == units["fragile2"].default == "int8"
+
+
+def test_config_rules_round_trip_through_load_rules(model_and_cache: tuple[Path, Path], tmp_path: Path):
+    graph = onnx.load(str(model_and_cache[0]))
+    units = find_units(graph, load_rules())
+    path = write_rules(tmp_path / "r.toml", [*config_rules(units, frozenset({"big"}), {"big": 'say "why"'}),
+                                             *load_rules()], "header")
+    loaded = load_rules(path)
+    decided = plan(graph, loaded, "int8", "ort")
+    assert decided.decision("big").precision == "int8" and decided.decision("fragile1").precision == "fp32"
+    assert loaded[0].why == 'say "why"' and loaded[-1] == load_rules()[-1]
+
+
+def test_search_keeps_the_fragile_matmuls_float_and_the_big_one_int8(model_and_cache: tuple[Path, Path],
+                                                                      tmp_path: Path):
+    search_problem = problem(model_and_cache, tmp_path)
+    result = run_search(search_problem, SearchOptions(parse_budget("snr_db=30"), max_evals=16, top=2),
+                        tmp_path / "search")
+    assert result.chosen is not None
+    assert result.chosen.config == frozenset({"big"})
+    reverts = [step.split(":")[0] for step in result.steps if step.startswith("revert")]
+    assert sorted(reverts) == ["revert fragile1", "revert fragile2"]  # the worst cost per ms saved first
+    measured = {p.config: p for p in result.frontier}
+    assert not measured[all_config(search_problem.units)].holds  # all-INT8 misses the budget
+    assert not measured[frozenset({"big", "fragile2"})].holds  # leaving out one fragile unit is not enough
+    sens = result.sensitivities
+    assert all(sens[name].add_one_in_snr_db is not None for name in ("big", "fragile1", "fragile2"))
+    assert max(sens["fragile1"].add_one_in_snr_db or 0, sens["fragile2"].add_one_in_snr_db or 0) < 30
+    assert (sens["big"].add_one_in_snr_db or 0) > 30
+    assert result.held_out["searched"]["holds"]
+    paths = write_outputs(result, search_problem.base_rules, tmp_path / "search", "quant search test")
+    rules = load_rules(paths["rules"])
+    decided = plan(onnx.load(str(model_and_cache[0])), rules, "int8", "ort")
+    assert [decided.decision(n).precision for n in ("big", "fragile1", "fragile2")] == ["int8", "fp32", "fp32"]
+    why = {r.name: r.why for r in rules}["search:fragile1"]
+    assert "only this unit INT8" in why and "dB" in why and "ms" in why
+    assert paths["plot"].stat().st_size > 0 and paths["json"].is_file()
+
+
+def test_search_stops_at_the_evaluation_budget(model_and_cache: tuple[Path, Path], tmp_path: Path):
+    result = run_search(problem(model_and_cache, tmp_path), SearchOptions(parse_budget("snr_db=30"), max_evals=3),
+                        tmp_path / "search")
+    assert result.evals <= 3
+
+
+def test_profiler_times_attribute_kernels_and_qdq_to_units(model_and_cache: tuple[Path, Path], tmp_path: Path):
+    source, cache_path = model_and_cache
+    graph = onnx.load(str(source))
+    units = find_units(graph, load_rules())
+    rules = write_rules(tmp_path / "all.toml", [*config_rules(units, all_config(units)), *load_rules()])
+    int8 = ArtifactBuilder(source, cache_path)(rules, tmp_path / "int8")
+    times = node_times_ms(int8 / MODEL_FILE, inputs(0, 1)[0], runs=3)
+    assert {"big", "fragile1", "fragile2"} <= set(times) and any(name.endswith("_QuantizeLinear") for name in times)
+    per_unit = unit_times_ms(times, units, graph)
+    assert per_unit["big"] > times["big"]  # its input Q (x_QuantizeLinear) counted with it
+    latencies = interleaved_latency([source, int8 / MODEL_FILE], inputs(0, 1)[0], rounds=3, calls=1)
+    assert [lat.runs for lat in latencies] == [3, 3] and all(lat.min_ms <= lat.median_ms for lat in latencies)
+
+
+@pytest.mark.parametrize("text, metric, limit, higher", [("pesq_wb=-0.05", "pesq_wb", 0.05, True),
+                                                          ("cer=+0.3", "cer", 0.003, False),
+                                                          ("snr_db=25", "snr_db", 0.0, True)])
+def test_parse_budget(text: str, metric: str, limit: float, higher: bool):
+    budget = parse_budget(text)
+    assert budget.metric == metric
+    assert budget.stats_budget().limit == pytest.approx(limit) and budget.stats_budget().higher_is_better == higher
+
+
+@pytest.mark.parametrize("text", ["pesq_wb=+0.05", "cer=-0.3", "mos=1", "pesq_wb", "cer=abc"])
+def test_parse_budget_refuses(text: str):
+    with pytest.raises(BudgetError):
+        parse_budget(text)
+
+
+def test_error_rate_budget_judges_edit_counts():
+    budget = parse_budget("cer=+1")
+    reference = {"ids": ["a", "b"], "cer_errors": [10, 10], "cer_length": [100, 100]}
+    worse = {"ids": ["a", "b"], "cer_errors": [11, 11], "cer_length": [100, 100]}
+    much_worse = {"ids": ["a", "b"], "cer_errors": [20, 20], "cer_length": [100, 100]}
+    assert budget.holds(budget.judge(reference, worse))  # +1 pp: on the line
+    assert not budget.holds(budget.judge(reference, much_worse))
+
+
+def test_unit_times_follow_tensor_named_ort_nodes(model_and_cache: tuple[Path, Path]):
+    """ORT renames what it rewrites: the NCHWc pass's float Conv is `<output>_nchwc`, the quantizer's Q/DQ are
+    `<tensor>_QuantizeLinear`; both belong to the unit that writes / reads the tensor, layout reorders to none."""
+    graph = onnx.load(str(model_and_cache[0]))
+    units = find_units(graph, load_rules())
+    times = {"big": 1.0, "h_nchwc": 2.0, "h_spiked_QuantizeLinear": 0.5, "ReorderInput_token_3": 9.0,
+             "y_DequantizeLinear": 0.25}
+    assert unit_times_ms(times, units, graph) == {"big": 3.0, "fragile1": 0.5, "fragile2": 0.25}
