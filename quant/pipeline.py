@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 MODELS = ("dpcrn", "dpcrn-stream", "wenet")
 PRECISIONS = ("fp32", "fp16", "int8")
-# model -> graphs as quant.build names them, and the ONNX file each graph is exported to
+# model -> graphs as quant.artifacts names them, and the ONNX file each graph is exported to
 GRAPHS: dict[str, tuple[str, ...]] = {
     "dpcrn": ("dpcrn",), "dpcrn-stream": ("dpcrn-stream",), "wenet": ("wenet-encoder", "wenet-decoder"),
 }
@@ -186,14 +186,14 @@ class Steps:
 
     def build(self, graph: str, precision: str, backend: str, source: Path, cache: Path | None) -> Path:
         """The artifact file (ORT: model.onnx, TensorRT: model.engine) of one graph at one precision."""
-        from quant.build import build_artifact
-        from quant.build.artifact import META_FILE
+        from quant.artifacts import build_artifact
+        from quant.artifacts.artifact import META_FILE
 
         folder = self.root / graph / (precision if backend == "ort" else f"{precision}-{backend}")
         artifact = folder / ("model.onnx" if backend == "ort" else "model.engine")
         key = {"source": _file_sha(source), "cache": _file_sha(cache) if cache else None, "quant": __version__,
-               "code": _sources_sha("build/artifact.py", "build/ort_build.py", "build/qdq.py", "build/graph.py",
-                                    "build/patterns.py", "build/calibration.py", "build/trt_build.py", "precision.py",
+               "code": _sources_sha("artifacts/artifact.py", "artifacts/ort_build.py", "artifacts/qdq.py", "artifacts/graph.py",
+                                    "artifacts/patterns.py", "artifacts/calibration.py", "artifacts/trt_build.py", "precision.py",
                                     "precision_default.toml", "backends/ort.py", "backends/trt.py")}
         name = f"build-{graph}-{precision}-{backend}"
         outputs = [artifact, folder / META_FILE]  # meta.json holds the sha256 of every other file of the folder
@@ -212,7 +212,7 @@ class Steps:
 
 def _intact(folder: Path) -> bool:
     """Whether an artifact folder still holds exactly the files its meta.json describes."""
-    from quant.build.artifact import verify_artifact
+    from quant.artifacts.artifact import verify_artifact
 
     try:
         verify_artifact(folder)
@@ -654,7 +654,7 @@ class ModelRun:
 def trt_sim_spec(ort_spec: RowSpec, exported: Mapping[str, Path]) -> RowSpec:
     """The trt-sim row of an ORT fp16/int8 row: per graph, the ONNX TensorRT's explicit mode builds from (int8: the
     symmetric Q/DQ model_trt_qdq.onnx beside ORT's model.onnx; fp16: the FP16 model.onnx itself)."""
-    from quant.build.trt_build import engine_onnx
+    from quant.artifacts.trt_build import engine_onnx
 
     sources = {stem(graph): exported[graph] for graph in GRAPHS[ort_spec.model]}
     artifacts = {graph_stem: engine_onnx(path.parent, sources[graph_stem], ort_spec.precision, "explicit")

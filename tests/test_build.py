@@ -14,8 +14,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from quant.backends.ort import OrtRunner
-from quant.build import build_artifact
-from quant.build.artifact import KNOWN_MODELS, resolve_model
+from quant.artifacts import build_artifact
+from quant.artifacts.artifact import KNOWN_MODELS, resolve_model
 from quant.errors import BackendUnavailable, BuildError, CacheMismatch, CalibrationError, ModelError, QuantError
 from quant.fileio import sha256_file
 
@@ -282,7 +282,7 @@ def test_real_model_builds_three_precisions(name: str, tmp_path: Path):
 def test_uint8_activations_get_the_sidecars_observed_min_max(model_and_cache: tuple[Path, Path], tmp_path: Path):
     """`cat` (Concat of |cache| and a Relu output) is never negative: its uint8 encoding spends no code on negatives
     (zero point 0, scale max/255), which only the sidecar's min/max can give; c_mid's zero point follows its min."""
-    from quant.build.artifact import load_ranges
+    from quant.artifacts.artifact import load_ranges
     from quant.calib.cache import read_entry
 
     source, cache = model_and_cache
@@ -343,13 +343,13 @@ def test_int8_without_cache_calibrates_into_the_store_and_reuses_it(tmp_path: Pa
     assert ran[-1] == other and len(list((tmp_path / "engines" / "cache").glob("*.cache"))) == 2
 
 
-# ---- TensorRT hand-off (quant.build.trt_build.build_trt, against the TensorRT test double) --------------------------
+# ---- TensorRT hand-off (quant.artifacts.trt_build.build_trt, against the TensorRT test double) --------------------------
 
 
 def test_missing_tensorrt_fails_before_export_or_calibration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import trt_double
 
-    from quant.build import artifact
+    from quant.artifacts import artifact
 
     monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
     trt_double.hide_tensorrt(monkeypatch)
@@ -381,7 +381,7 @@ def test_trt_implicit_int8_uses_this_builds_ranges_and_pins_only_rule_nodes(
 
 
 def test_meta_records_every_file_and_verify_catches_a_change(model_and_cache: tuple[Path, Path], tmp_path: Path):
-    from quant.build.artifact import verify_artifact
+    from quant.artifacts.artifact import verify_artifact
 
     source, cache = model_and_cache
     out = build_artifact(source, "int8", cache=cache, out_dir=tmp_path / "int8")
@@ -398,7 +398,7 @@ def test_meta_records_every_file_and_verify_catches_a_change(model_and_cache: tu
 
 def test_a_failed_build_leaves_the_previous_folder_whole(model_and_cache: tuple[Path, Path], tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch):
-    from quant.build import artifact
+    from quant.artifacts import artifact
 
     source, cache = model_and_cache
     out = build_artifact(source, "int8", cache=cache, out_dir=tmp_path / "int8")

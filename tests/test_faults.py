@@ -20,7 +20,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import quant
-from quant.build.artifact import verify_artifact
+from quant.artifacts.artifact import verify_artifact
 from quant.fileio import sha256_file
 
 DATA = Path(__file__).parent / "data"

@@ -14,7 +14,7 @@ import pytest
 
 import trt_double
 from quant.backends import trt as backend
-from quant.build import trt_build
+from quant.artifacts import trt_build
 from quant.errors import BackendUnavailable, BuildError, ModelError
 from trt_double import graphs
 from trt_double.fixtures import double, two_inputs  # noqa: F401  (pytest fixtures)
@@ -28,7 +28,7 @@ def _meta(engine: Path) -> dict:
 
 
 def test_import_does_not_import_tensorrt() -> None:
-    code = "import sys, quant.backends.trt, quant.build.trt_build; print('tensorrt' in sys.modules, 'pycuda' in sys.modules)"
+    code = "import sys, quant.backends.trt, quant.artifacts.trt_build; print('tensorrt' in sys.modules, 'pycuda' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]
 
@@ -361,7 +361,7 @@ def test_cli_build_without_tensorrt_exits_2(monkeypatch: pytest.MonkeyPatch, two
     assert "pip install 'quant[trt]'" in capsys.readouterr().err
 
 
-# ---- orchestration: quant.build.trt_build.build_trt --------------------------------------------------------------
+# ---- orchestration: quant.artifacts.trt_build.build_trt --------------------------------------------------------------
 
 
 def _store_cache_for(onnx_path: Path, store: Path) -> Path:
@@ -379,7 +379,7 @@ def test_build_trt_implicit_int8_with_quant_cache_and_rules(double: trt_double.D
     pytest.importorskip("quant.precision")
     import onnx
 
-    from quant.build.ort_build import streaming_states
+    from quant.artifacts.ort_build import streaming_states
     from quant.precision import load_rules, plan, trt_layer_precisions
 
     monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
@@ -466,9 +466,9 @@ def test_build_trt_tensorrt_calibrator_on_real_speech(double: trt_double.Double,
 
 def test_quant_build_artifact_hands_off_to_the_backend(double: trt_double.Double, two_inputs: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """quant.build.build_artifact(..., backend="trt") with a `quant calibrate` cache: implicit INT8 uses quant's
+    """quant.artifacts.build_artifact(..., backend="trt") with a `quant calibrate` cache: implicit INT8 uses quant's
     ranges (TensorRT does not calibrate), explicit FP16 builds strongly typed from the ORT build's FP16 ONNX."""
-    artifact = pytest.importorskip("quant.build")
+    artifact = pytest.importorskip("quant.artifacts")
     calibrate = pytest.importorskip("quant.calib.calibrate")
     monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
     rng = np.random.default_rng(0)

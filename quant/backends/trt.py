@@ -637,9 +637,9 @@ def build_engine(
     cache: `calibration_cache` (a file whose key must name this ONNX), `cache_key` (quant's store under
     engines/cache: read on an exact hit, written after calibrating) or a ready `cache_io`.
     `layer_precisions`: ONNX node -> fp32 | fp16 (quant.precision's TensorRT list, or a JSON file of it).
-    `profiles`: [{input: (min, opt, max)}]; default: the known models' profiles (quant.build.trt_build).
+    `profiles`: [{input: (min, opt, max)}]; default: the known models' profiles (quant.artifacts.trt_build).
     """
-    from quant.build import trt_build
+    from quant.artifacts import trt_build
 
     version = str(require_tensorrt().__version__)
     onnx_path = Path(onnx_path)
@@ -695,7 +695,7 @@ def _build(
 def _with_default_profiles(spec: EngineSpec, inputs: Mapping[str, Shape]) -> EngineSpec:
     if spec.profiles:
         return spec
-    from quant.build.trt_build import default_profiles
+    from quant.artifacts.trt_build import default_profiles
 
     profiles = default_profiles(inputs)
     return make_spec(spec.precision, spec.mode, dict(spec.layer_precisions), spec.constraints, profiles,

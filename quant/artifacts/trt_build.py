@@ -2,7 +2,7 @@
 cache access through quant's keyed store, feed adaptation, and which ONNX each precision/mode builds from.
 
 quant.backends.trt does the TensorRT work and imports the helpers here lazily; `build_trt` is the entry point a
-command or quant.build.artifact calls for one model at one precision.
+command or quant.artifacts.artifact calls for one model at one precision.
 """
 
 from __future__ import annotations
@@ -314,7 +314,7 @@ def _layer_precisions(onnx_path: Path, options: TrtBuildOptions) -> dict[str, st
         return {}
     import onnx
 
-    from quant.build.ort_build import streaming_states
+    from quant.artifacts.ort_build import streaming_states
     from quant.precision import load_rules, plan, trt_layer_precisions
 
     model = onnx.load(str(onnx_path))

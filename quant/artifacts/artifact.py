@@ -1,4 +1,4 @@
-"""build_artifact (the implementation behind quant.build.build_artifact): one model at one precision -> engines/<model>/<precision>/ with model.onnx and meta.json.
+"""build_artifact (the implementation behind quant.artifacts.build_artifact): one model at one precision -> engines/<model>/<precision>/ with model.onnx and meta.json.
 
 The folder is replaced whole (quant.fileio.atomic_folder) and meta.json records the sha256 of every file beside it;
 verify_artifact checks a folder against it before quant reuses it.
@@ -21,9 +21,9 @@ import numpy as np
 import onnx
 
 from quant import __version__
-from quant.build.calibration import TensorRange, ranges_from_cache
-from quant.build.opset import MIN_QDQ_OPSET, UpgradeResult, ensure_opset
-from quant.build.ort_build import (
+from quant.artifacts.calibration import TensorRange, ranges_from_cache
+from quant.artifacts.opset import MIN_QDQ_OPSET, UpgradeResult, ensure_opset
+from quant.artifacts.ort_build import (
     build_fp16, build_fp32, build_int8_ort, build_int8_trt_qdq, check_int8_kernels, kernel_report, streaming_states,
 )
 from quant.errors import BuildError, ModelError
@@ -263,12 +263,12 @@ def _base_meta(name: str, source: Path, opts: BuildOptions, rules_sha: str) -> d
 
 
 def _build_trt(name: str, source: Path, out_dir: Path, opts: BuildOptions, cache: Path | None) -> dict[str, Any]:
-    """Hand the artifact to quant.build.trt_build.build_trt (TensorRT imported lazily, in quant.backends.trt).
+    """Hand the artifact to quant.artifacts.trt_build.build_trt (TensorRT imported lazily, in quant.backends.trt).
 
     explicit: the ONNX carries the precisions (int8: model_trt_qdq.onnx; fp16: the FP16 model.onnx just written);
     implicit (TensorRT <= 10): the FP32 source, builder flags, the rules' layer precisions and, for INT8, the
     calibration cache this build's ranges came from (quant's ranges, so TensorRT does not calibrate again)."""
-    from quant.build.trt_build import TrtBuildOptions, build_trt, engine_onnx
+    from quant.artifacts.trt_build import TrtBuildOptions, build_trt, engine_onnx
 
     trt_opts = TrtBuildOptions(precision=opts.precision, mode=opts.mode, constraints=opts.constraints, cache=cache,
                                rules=opts.rules, method=opts.method)
