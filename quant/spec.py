@@ -274,7 +274,7 @@ class StreamingSpec:
             raise SchemaError("states", f"state inputs must be distinct and differ from frame_input; got {names}")
 
     def state_pairs(self) -> dict[str, str] | None:
-        """input -> output names as quant.artifacts.graph.state_pairs takes them (None: the `_out` convention)."""
+        """input -> output names as quant.onnxgraph.graph.state_pairs takes them (None: the `_out` convention)."""
         return {s.input: s.output_name for s in self.states} or None
 
 

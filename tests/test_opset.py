@@ -1,4 +1,4 @@
-"""Graphs below opset 13 (quant.artifacts.opset): upgraded with ONNX's version converter and checked against the original
+"""Graphs below opset 13 (quant.calib.opset): upgraded with ONNX's version converter and checked against the original
 before calibration and the INT8 build, which then quantize the upgraded graph per channel; per-tensor Q/DQ when the
 upgrade fails; an invalid INT8 model is never renamed into place (quant.artifacts.ort_build.save_validated)."""
 
@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quant import features
 from quant.backends.ort import OrtRunner
-from quant.artifacts import opset as opset_mod
+from quant.calib import opset as opset_mod
 from quant.artifacts.ort_build import save_validated
 from quant.artifacts.qdq import insert_qdq, sort_topologically
 from quant.cli import main
@@ -175,7 +175,7 @@ def test_failed_conversion_falls_back_to_per_tensor_with_a_warning(
     pytest.importorskip("quant.data.manifest")
     monkeypatch.setattr(opset_mod.version_converter, "convert_version", _failing_converter)
     model = helper_waveform_model(tmp_path / "wave.onnx")
-    with caplog.at_level(logging.WARNING, logger="quant.artifacts.opset"):
+    with caplog.at_level(logging.WARNING, logger="quant.calib.opset"):
         out = calibrate_and_build(model, "waveform", tmp_path, capsys)
     assert "per-tensor" in caplog.text and "FancyOp" in caplog.text
     assert not (tmp_path / "wave.opset13.onnx").exists()
@@ -199,7 +199,7 @@ def test_an_upgrade_that_changes_the_outputs_is_not_used(tmp_path: Path, monkeyp
         return _with_weight(convert(proto, opset), "b2", np.array([3.0], np.float32))
 
     monkeypatch.setattr(opset_mod.version_converter, "convert_version", wrong_converter)
-    with caplog.at_level(logging.WARNING, logger="quant.artifacts.opset"):
+    with caplog.at_level(logging.WARNING, logger="quant.calib.opset"):
         result = opset_mod.ensure_opset(model)
     assert result.path == model and not result.per_channel and "differs from the original" in str(result.fallback)
     assert opset_mod.RANDOM_INPUTS in str(result.fallback) and "per-tensor" in caplog.text

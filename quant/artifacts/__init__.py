@@ -1,7 +1,6 @@
 """Builds: one model at one precision -> engines/<model>/<precision>/ with model.onnx and meta.json.
 
-The implementation lives in quant.artifacts.artifact; this package stays import-light because quant.precision uses
-its graph helpers (quant.artifacts.graph, quant.artifacts.patterns).
+The implementation lives in quant.artifacts.artifact; this package stays import-light (the CLI's --help imports it).
 """
 
 from __future__ import annotations

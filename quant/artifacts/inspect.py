@@ -12,7 +12,7 @@ from typing import Mapping
 import onnx
 
 from quant.backends import ort as ort_backend
-from quant.artifacts.graph import state_pairs
+from quant.onnxgraph.graph import state_pairs
 from quant.errors import ModelError
 from quant.precision import PrecisionPlan, load_rules, plan
 

@@ -14,7 +14,7 @@ import onnx
 
 from quant.backends import ort as ort_backend
 from quant.artifacts.calibration import TensorRange
-from quant.artifacts.graph import detach_graph_outputs, ensure_node_names, index_graph, remove_identities, state_pairs
+from quant.onnxgraph.graph import detach_graph_outputs, ensure_node_names, index_graph, remove_identities, state_pairs
 from quant.artifacts.qdq import insert_qdq, sort_topologically, unwrap_float_nodes
 from quant.errors import BuildError, CalibrationError, ModelError
 from quant.fileio import atomic_write_bytes, temp_path_beside

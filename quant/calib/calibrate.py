@@ -124,9 +124,9 @@ def calibrate(
 
 
 def qdq_graph(onnx_path: Path, check_feeds: FeedSource) -> Path:
-    """The graph to calibrate: below opset 13 (no per-channel Q/DQ) the upgrade that quant.artifacts.opset writes beside
+    """The graph to calibrate: below opset 13 (no per-channel Q/DQ) the upgrade that quant.calib.opset writes beside
     it, checked on the first of `check_feeds`; the build quantizes that same file, so the cache key names it."""
-    from quant.artifacts.opset import MIN_QDQ_OPSET, ensure_opset
+    from quant.calib.opset import MIN_QDQ_OPSET, ensure_opset
 
     feeds = check_feeds() if callable(check_feeds) else check_feeds
     return ensure_opset(onnx_path, MIN_QDQ_OPSET, onnx_path.parent, feeds).path
