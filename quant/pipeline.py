@@ -153,12 +153,12 @@ class Steps:
         folder = self.root / "export" / model
         paths = {graph: folder / GRAPH_FILES[graph] for graph in GRAPHS[model]}
         key = {"weights": _file_sha(ASSETS_DIR / WEIGHTS[model]), "quant": __version__,
-               "code": _sources_sha("models/dpcrn.py", "models/conformer.py", "models/export.py",
-                                    "models/wenet_export.py")}
+               "code": _sources_sha("models/dpcrn.py", "models/conformer.py", "artifacts/export.py",
+                                    "artifacts/wenet_export.py")}
         if not self.options.force and is_fresh(self.root, f"export-{model}", key, paths.values()):
             logger.info("export %s: up to date (%s)", model, folder)
             return paths
-        from quant.models.export import export_model
+        from quant.artifacts.export import export_model
 
         logger.info("export %s -> %s", model, folder)
         export_model(model, folder)

@@ -52,7 +52,7 @@ SPECTRAL = ("stft", "magnitude", "power", "log10_power")
 # the output kinds' inverse transforms (time-domain waveform from the model output)
 INVERSES: Mapping[str, str] = {"spectrum": "istft", "mask_magnitude": "istft", "mask_complex": "istft",
                                "time_frames": "overlap_add", "waveform": "none"}
-# graphs quant exports itself (`export = NAME`): quant.models.export.export_model name, file it writes
+# graphs quant exports itself (`export = NAME`): quant.artifacts.export.export_model name, file it writes
 EXPORTS: Mapping[str, tuple[str, str]] = {
     "dpcrn": ("dpcrn", "dpcrn.onnx"), "dpcrn-stream": ("dpcrn-stream", "dpcrn_stream.onnx"),
     "wenet-encoder": ("wenet", "encoder.onnx"), "wenet-decoder": ("wenet", "decoder.onnx"),

@@ -33,7 +33,7 @@ from quant.precision import DEFAULT_RULES_PATH, load_rules, plan
 
 log = logging.getLogger(__name__)
 
-# model name -> (export name given to quant.models.export.export_model, export folder, file name)
+# model name -> (export name given to quant.artifacts.export.export_model, export folder, file name)
 KNOWN_MODELS = {
     "dpcrn": ("dpcrn", "dpcrn", "dpcrn.onnx"),
     "dpcrn-stream": ("dpcrn-stream", "dpcrn-stream", "dpcrn_stream.onnx"),
@@ -94,9 +94,9 @@ def resolve_model(model: str | Path, export: bool = True) -> tuple[str, Path]:
 
 def _export(export_name: str, out_dir: Path) -> None:
     try:
-        from quant.models.export import export_model
+        from quant.artifacts.export import export_model
     except ImportError as error:
-        raise ModelError(f"cannot export {export_name!r}: quant.models.export is not available ({error})") from None
+        raise ModelError(f"cannot export {export_name!r}: quant.artifacts.export is not available ({error})") from None
     log.info("exporting %s to %s", export_name, out_dir)
     export_model(export_name, out_dir)
 
