@@ -14,6 +14,7 @@ import pytest
 
 import trt_double
 from quant.backends import trt as backend
+from quant.backends import trt_inputs
 from quant.artifacts import trt_build
 from quant.errors import BackendUnavailable, BuildError, ModelError
 from trt_double import graphs
@@ -194,19 +195,19 @@ def test_unknown_model_with_dynamic_time_needs_profiles(double: trt_double.Doubl
 
 
 def test_default_profiles_of_the_known_models() -> None:
-    encoder = trt_build.default_profiles({"speech": (-1, -1, 80), "speech_lengths": (-1,)})
+    encoder = trt_inputs.default_profiles({"speech": (-1, -1, 80), "speech_lengths": (-1,)})
     assert encoder == [{"speech": ((1, 16, 80), (8, 800, 80), (16, 3000, 80)), "speech_lengths": ((1,), (8,), (16,))}]
-    decoder = trt_build.default_profiles({
+    decoder = trt_inputs.default_profiles({
         "encoder_out": (-1, -1, 256), "encoder_out_lens": (-1,), "hyps_pad_sos_eos": (-1, 10, -1),
         "hyps_lens_sos": (-1, 10), "ctc_score": (-1, 10)})[0]
     assert decoder["hyps_pad_sos_eos"] == ((1, 10, 2), (8, 10, 150), (16, 10, 602))
     assert decoder["encoder_out"] == ((1, 4, 256), (8, 200, 256), (16, 750, 256))
     assert "r_hyps_pad_sos_eos" not in decoder
-    assert trt_build.default_profiles({"mix": (-1, 257, 563, 2)}) == [
+    assert trt_inputs.default_profiles({"mix": (-1, 257, 563, 2)}) == [
         {"mix": ((1, 257, 563, 2), (4, 257, 563, 2), (8, 257, 563, 2))}]
     streaming = {"mix": (1, 257, 1, 2), "en_cache1": (1, 2, 1, 257)}
-    assert trt_build.default_profiles(streaming) == []
-    assert trt_build.default_profiles({"mix": (-1, 257, 1, 2), "rnn_cache1": (-1, 33, 128)}) == [
+    assert trt_inputs.default_profiles(streaming) == []
+    assert trt_inputs.default_profiles({"mix": (-1, 257, 1, 2), "rnn_cache1": (-1, 33, 128)}) == [
         {"mix": ((1, 257, 1, 2),) * 3, "rnn_cache1": ((1, 33, 128),) * 3}]
 
 
