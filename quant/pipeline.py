@@ -23,7 +23,7 @@ from quant.backends import Runner, open_runner
 from quant.errors import BackendUnavailable, QuantError
 from quant.eval.speed import BenchOptions
 from quant.fileio import atomic_write_json, sha256_bytes, sha256_file
-from quant.paths import ASSETS_DIR, PACKAGE_DIR, calib_data_dir, engines_dir, engines_root
+from quant.paths import ASSETS_DIR, DEFAULT_OUT_ROOT, PACKAGE_DIR, calib_data_dir
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class RunOptions:
     calib_utterances: int | None = 32
     bench: BenchOptions = field(default_factory=BenchOptions)
     eval_threads: int = 2  # accuracy runs (speed uses bench.threads)
-    out_dir: Path | None = None  # default engines_dir()
+    out_dir: Path = DEFAULT_OUT_ROOT  # exports, the cache store, artifacts and stamps all live here (--output)
     force: bool = False  # ignore stamps: re-export, rebuild, re-evaluate
     accuracy: bool = True  # False: speed only (quant bench)
     report_dir: Path | None = None  # default: the engines folder
@@ -181,7 +181,7 @@ class Steps:
         # a subset manifest lives under the run folder and points back into calib_data/
         reader = ReaderOptions(allow_outside=True) if manifest != committed else None
         entry = calibrate(onnx_path, model_kind=graph, manifest=manifest, method=None,
-                          options=CalibrateOptions(ranges=ranges, reader=reader))
+                          options=CalibrateOptions(ranges=ranges, reader=reader, out_root=self.root))
         return Path(entry.path)
 
     def build(self, graph: str, precision: str, backend: str, source: Path, cache: Path | None) -> Path:
@@ -200,7 +200,7 @@ class Steps:
         if not self.options.force and is_fresh(self.root, name, key, outputs) and _intact(folder):
             logger.info("build %s %s %s: up to date", graph, precision, backend)
             return artifact
-        options: dict[str, Any] = {"out_dir": folder}
+        options: dict[str, Any] = {"out_dir": folder, "out_root": self.root}
         if precision == "int8" and cache is not None:
             options["cache"] = cache
         build_artifact(graph, precision, backend, **options)
@@ -719,9 +719,7 @@ def run_all(options: RunOptions = RunOptions()) -> RunResult:
     unknown = [m for m in options.models if m not in MODELS]
     if unknown:
         raise QuantError(f"unknown models {unknown}; expected some of {', '.join(MODELS)}")
-    root = options.out_dir or engines_dir()
-    with engines_root(root):  # exports, the cache store and builds all live under --output
-        return _run_models(options, root)
+    return _run_models(options, options.out_dir)
 
 
 def _run_models(options: RunOptions, root: Path) -> RunResult:

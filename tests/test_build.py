@@ -237,10 +237,10 @@ def test_cli_build_and_inspect(model_and_cache: tuple[Path, Path], tmp_path: Pat
 
 
 def _export_or_skip(name: str) -> Path:
-    from quant.paths import engines_dir
+    from quant.paths import DEFAULT_OUT_ROOT
 
     _, folder, file_name = KNOWN_MODELS[name]
-    path = engines_dir() / "export" / folder / file_name
+    path = DEFAULT_OUT_ROOT / "export" / folder / file_name
     if not path.is_file():
         pytest.skip(f"{path} not exported (run `quant export`)")
     return path
@@ -307,7 +307,6 @@ def _store_calibration(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[
     from quant.calib import calibrate as calibrate_module
     from quant.calib import readers
 
-    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
     export = tmp_path / "engines" / "export" / "dpcrn-stream"
     export.mkdir(parents=True)
     tiny_streaming_model(export / "dpcrn_stream.onnx")
@@ -331,15 +330,16 @@ def test_int8_without_cache_calibrates_into_the_store_and_reuses_it(tmp_path: Pa
     from quant.calib.calibrate import METHODS, default_method
 
     ran = _store_calibration(monkeypatch, tmp_path)
-    first = build_artifact("dpcrn-stream", "int8", out_dir=tmp_path / "a")
-    second = build_artifact("dpcrn-stream", "int8", out_dir=tmp_path / "b")
+    root = tmp_path / "engines"
+    first = build_artifact("dpcrn-stream", "int8", out_dir=tmp_path / "a", out_root=root)
+    second = build_artifact("dpcrn-stream", "int8", out_dir=tmp_path / "b", out_root=root)
     cache_a = json.loads((first / "meta.json").read_text())["cache"]
     cache_b = json.loads((second / "meta.json").read_text())["cache"]
     assert ran == [default_method("dpcrn-stream")]  # the second build reused the stored cache
     assert Path(cache_a["path"]).parent == tmp_path / "engines" / "cache" and cache_a == cache_b
     assert cache_a["key"]["method"] == default_method("dpcrn-stream")
     other = next(method for method in METHODS if method != default_method("dpcrn-stream"))
-    build_artifact("dpcrn-stream", "int8", out_dir=tmp_path / "c", method=other)
+    build_artifact("dpcrn-stream", "int8", out_dir=tmp_path / "c", method=other, out_root=root)
     assert ran[-1] == other and len(list((tmp_path / "engines" / "cache").glob("*.cache"))) == 2
 
 
@@ -351,11 +351,10 @@ def test_missing_tensorrt_fails_before_export_or_calibration(tmp_path: Path, mon
 
     from quant.artifacts import artifact
 
-    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
     trt_double.hide_tensorrt(monkeypatch)
     monkeypatch.setattr(artifact, "_export", lambda *args: pytest.fail("exported although TensorRT is missing"))
     with pytest.raises(BackendUnavailable, match="pip install 'quant\\[trt\\]'"):
-        build_artifact("dpcrn", "int8", "trt")
+        build_artifact("dpcrn", "int8", "trt", out_root=tmp_path / "engines")
     assert not (tmp_path / "engines").exists()
 
 
@@ -364,9 +363,9 @@ def test_trt_implicit_int8_uses_this_builds_ranges_and_pins_only_rule_nodes(
     import trt_double
 
     double = trt_double.install(monkeypatch, "10.13.0.35")
-    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
     source, cache = model_and_cache
-    out = build_artifact(source, "int8", "trt", mode="implicit", cache=cache, out_dir=tmp_path / "int8")
+    out = build_artifact(source, "int8", "trt", mode="implicit", cache=cache, out_dir=tmp_path / "int8",
+                         out_root=tmp_path / "engines")
     assert double.state.calibrator_calls == ["read_calibration_cache"]  # quant's ranges: TensorRT does not calibrate
     build = double.state.builds[-1]
     assert build["onnx_path"] == str(source) and "OBEY_PRECISION_CONSTRAINTS" in build["flags"]
@@ -374,7 +373,8 @@ def test_trt_implicit_int8_uses_this_builds_ranges_and_pins_only_rule_nodes(
     assert "relu_in" not in pinned and {"softmax", "ln_pow", "apply_mask"} <= pinned  # default vs rule nodes
     meta = json.loads((out / "meta.json").read_text())
     assert meta["trt"]["engine"] == str(out / "model.engine") and meta["trt"]["mode"] == "implicit"
-    explicit = build_artifact(source, "int8", "trt", cache=cache, out_dir=tmp_path / "custom_dir")
+    explicit = build_artifact(source, "int8", "trt", cache=cache, out_dir=tmp_path / "custom_dir",
+                              out_root=tmp_path / "engines")
     built_from = Path(double.state.builds[-1]["onnx_path"])  # the Q/DQ ONNX of this build, in its temp folder
     assert built_from.name == "model_trt_qdq.onnx" and built_from.parent.name.startswith(".custom_dir.")
     assert json.loads((explicit / "meta.json").read_text())["trt"]["onnx"] == str(explicit / "model_trt_qdq.onnx")

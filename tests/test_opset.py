@@ -107,7 +107,7 @@ def speech(seconds: float = 2.0) -> np.ndarray:
 
 @pytest.fixture(autouse=True)
 def engines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
+    monkeypatch.chdir(tmp_path)  # the CLI's default output root (./engines) lands under tmp_path
 
 
 def test_opset11_torch_export_builds_a_valid_per_channel_int8_close_to_fp32(

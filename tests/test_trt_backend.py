@@ -355,7 +355,7 @@ def test_cli_build_without_tensorrt_exits_2(monkeypatch: pytest.MonkeyPatch, two
         cli.build_parser()
     except (ImportError, AttributeError) as error:
         pytest.skip(f"the quant CLI is not complete yet: {error}")
-    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
+    monkeypatch.chdir(tmp_path)  # the CLI's default output root (./engines) lands under tmp_path
     trt_double.hide_tensorrt(monkeypatch)
     code = cli.main(["build", str(two_inputs), "--backend", "trt", "--precision", "fp32"])
     assert code == 2
@@ -383,9 +383,8 @@ def test_build_trt_implicit_int8_with_quant_cache_and_rules(double: trt_double.D
     from quant.artifacts.ort_build import streaming_states
     from quant.precision import load_rules, plan, trt_layer_precisions
 
-    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
     cache = _store_cache_for(two_inputs, tmp_path / "store")
-    options = trt_build.TrtBuildOptions(precision="int8", mode="implicit", cache=cache)
+    options = trt_build.TrtBuildOptions(precision="int8", mode="implicit", cache=cache, out_root=tmp_path / "engines")
     engine = trt_build.build_trt("two", two_inputs, tmp_path / "engines" / "two" / "int8", options)
     assert double.state.calibrator_calls == ["read_calibration_cache"]  # quant's ranges: TensorRT does not calibrate
     model = onnx.load(str(two_inputs))
@@ -400,9 +399,8 @@ def test_build_trt_implicit_int8_with_quant_cache_and_rules(double: trt_double.D
 
 def test_build_trt_explicit_needs_the_ort_build_first(double: trt_double.Double, two_inputs: Path,
                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
     out_dir = tmp_path / "engines" / "two" / "int8"
-    options = trt_build.TrtBuildOptions(precision="int8", mode="explicit")
+    options = trt_build.TrtBuildOptions(precision="int8", mode="explicit", out_root=tmp_path / "engines")
     with pytest.raises(BuildError, match=r"model_trt_qdq.onnx is missing: run quant build MODEL --precision int8"):
         trt_build.build_trt("two", two_inputs, out_dir, options)
     out_dir.mkdir(parents=True)
@@ -452,8 +450,8 @@ def test_build_trt_tensorrt_calibrator_on_real_speech(double: trt_double.Double,
     model.ir_version = 8
     source = tmp_path / "dpcrn.onnx"
     __import__("onnx").save(model, str(source))
-    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
-    options = trt_build.TrtBuildOptions("int8", "implicit", calibrator="tensorrt", manifest=manifest, batch_size=2)
+    options = trt_build.TrtBuildOptions("int8", "implicit", calibrator="tensorrt", manifest=manifest, batch_size=2,
+                                        out_root=tmp_path / "engines")
     trt_build.build_trt("dpcrn", source, tmp_path / "engines" / "dpcrn" / "int8", options)
     batches = double.state.calibration_batches
     assert batches and all(batch["mix"].shape == (2, 257, 563, 2) for batch in batches)
@@ -471,19 +469,20 @@ def test_quant_build_artifact_hands_off_to_the_backend(double: trt_double.Double
     ranges (TensorRT does not calibrate), explicit FP16 builds strongly typed from the ORT build's FP16 ONNX."""
     artifact = pytest.importorskip("quant.artifacts")
     calibrate = pytest.importorskip("quant.calib.calibrate")
-    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
     rng = np.random.default_rng(0)
     feeds = [{name: rng.standard_normal((4, 3)).astype(np.float32) for name in ("zeta", "alpha")} for _ in range(3)]
     options = calibrate.CalibrateOptions(trt_version="101300")
     entry = calibrate.calibrate(two_inputs, feeds=feeds, out_cache=tmp_path / "two.cache", options=options)
 
+    root = tmp_path / "engines"
     out = artifact.build_artifact(two_inputs, "int8", "trt", mode="implicit", cache=entry.path,
-                                  out_dir=tmp_path / "int8")
+                                  out_dir=tmp_path / "int8", out_root=root)
     assert double.state.calibrator_calls == ["read_calibration_cache"]
     assert {"FP16", "INT8"} <= set(double.state.builds[-1]["flags"])
     assert _meta(out / "model.engine")["calibration"]["cache_hit"] is True
 
-    fp16 = artifact.build_artifact(two_inputs, "fp16", "trt", mode="explicit", out_dir=tmp_path / "fp16")
+    fp16 = artifact.build_artifact(two_inputs, "fp16", "trt", mode="explicit", out_dir=tmp_path / "fp16",
+                                   out_root=root)
     build = double.state.builds[-1]
     built_from = Path(build["onnx_path"])  # the FP16 ONNX of this build, in its temp folder beside fp16/
     assert built_from.name == "model.onnx" and built_from.parent.name.startswith(".fp16.") and build["strongly_typed"]

@@ -28,7 +28,7 @@ from quant.artifacts.ort_build import (
 )
 from quant.errors import BuildError, ModelError
 from quant.fileio import atomic_folder, atomic_write_json, sha256_bytes, sha256_file
-from quant.paths import engines_dir
+from quant.paths import DEFAULT_OUT_ROOT
 from quant.precision import DEFAULT_RULES_PATH, load_rules, plan
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,8 @@ class BuildOptions:
     mode: str = "explicit"  # TensorRT: explicit (Q/DQ) | implicit (calibration cache + layer precision, TRT <= 10)
     cache: Path | None = None
     rules: Path | None = None
-    out_dir: Path | None = None
+    out_dir: Path | None = None  # default out_root/<model>/<precision>
+    out_root: Path = DEFAULT_OUT_ROOT  # exports of known models (export/), the cache store (cache/), artifacts
     optimize_fp32: bool = False
     activation_uint8: bool = True
     per_channel: bool = True
@@ -75,12 +76,13 @@ class BuildOptions:
                 raise BuildError(f"{label} {value!r} is not one of {', '.join(allowed)}")
 
 
-def resolve_model(model: str | Path, export: bool = True) -> tuple[str, Path]:
-    """(model name, ONNX path): a known model name (exported on demand) or a path to any ONNX file."""
+def resolve_model(model: str | Path, export: bool = True, out_root: Path = DEFAULT_OUT_ROOT) -> tuple[str, Path]:
+    """(model name, ONNX path): a known model name (exported on demand under out_root/export/) or a path to any ONNX
+    file."""
     name = str(model)
     if name in KNOWN_MODELS:
         export_name, folder, file_name = KNOWN_MODELS[name]
-        path = engines_dir() / "export" / folder / file_name
+        path = Path(out_root) / "export" / folder / file_name
         if not path.is_file() and export:
             _export(export_name, path.parent)
         if not path.is_file():
@@ -111,8 +113,8 @@ def build_artifact(model: str | Path, precision: str, backend: str = "ort", **op
         from quant.backends.trt import require_tensorrt
 
         require_tensorrt()  # a missing TensorRT fails before any export, calibration or ORT build
-    name, source = resolve_model(model)
-    out_dir = opts.out_dir or engines_dir() / name / precision
+    name, source = resolve_model(model, out_root=opts.out_root)
+    out_dir = opts.out_dir or opts.out_root / name / precision
     check_replaceable(out_dir)
     with atomic_folder(out_dir) as work:
         meta = _build_into(work, name, source, opts)
@@ -205,7 +207,7 @@ def _build_int8(name: str, upgrade: UpgradeResult, source_model: onnx.ModelProto
     """INT8 of `upgrade.path` (the source, or its opset upgrade); per-tensor weights where opset < 13."""
     model = _load(upgrade.path) if upgrade.upgraded else source_model
     per_channel = opts.per_channel and upgrade.per_channel
-    ranges, cache_meta = load_ranges(name, upgrade.path, opts.cache, opts.method)
+    ranges, cache_meta = load_ranges(name, upgrade.path, opts.cache, opts.method, opts.out_root)
     states = streaming_states(model)
     ort_plan = plan(model, rules, "int8", "ort", states)
     trt_plan = plan(model, rules, "int8", "trt", states)
@@ -221,16 +223,16 @@ def _build_int8(name: str, upgrade: UpgradeResult, source_model: onnx.ModelProto
     return meta
 
 
-def load_ranges(name: str, source: Path, cache: Path | None, method: str | None = None
-                ) -> tuple[dict[str, TensorRange], dict[str, Any]]:
+def load_ranges(name: str, source: Path, cache: Path | None, method: str | None = None,
+                out_root: Path = DEFAULT_OUT_ROOT) -> tuple[dict[str, TensorRange], dict[str, Any]]:
     """Ranges (amax with the observed min/max of the cache's sidecar) from the given calibration cache (its key must
-    name this model file), or, without one, from the cache store under engines/cache/ via quant.calib.calibrate
+    name this model file), or, without one, from the cache store under out_root/cache/ via quant.calib.calibrate
     (reused on an exact key hit, else calibrated on the model's committed calibration set with `method`, default the
     model's quant.calib.calibrate.default_method)."""
     if cache is not None:
         return ranges_from_cache(cache, source)
     try:
-        from quant.calib.calibrate import calibrate
+        from quant.calib.calibrate import CalibrateOptions, calibrate
     except ImportError as error:
         raise BuildError(f"no --cache given and calibration is not available here ({error}); "
                          f"pass --cache CACHE from `quant calibrate`") from None
@@ -238,7 +240,7 @@ def load_ranges(name: str, source: Path, cache: Path | None, method: str | None 
     if kind is None:
         raise BuildError(f"{source}: INT8 of a model quant does not know needs --cache from `quant calibrate "
                          f"{source} --data MANIFEST`")
-    entry = calibrate(source, kind, None, method)
+    entry = calibrate(source, kind, None, method, options=CalibrateOptions(out_root=out_root))
     return ranges_from_cache(entry.path, source)
 
 
@@ -271,7 +273,7 @@ def _build_trt(name: str, source: Path, out_dir: Path, opts: BuildOptions, cache
     from quant.artifacts.trt_build import TrtBuildOptions, build_trt, engine_onnx
 
     trt_opts = TrtBuildOptions(precision=opts.precision, mode=opts.mode, constraints=opts.constraints, cache=cache,
-                               rules=opts.rules, method=opts.method)
+                               rules=opts.rules, method=opts.method, out_root=opts.out_root)
     engine = build_trt(name, source, out_dir, trt_opts)
     onnx_path = engine_onnx(out_dir, source, opts.precision, opts.mode)
     return {"engine": str(engine), "onnx": str(onnx_path), "mode": opts.mode}

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping
 from quant.backends.trt_inputs import Feed, as_feed_dicts, onnx_input_names
 from quant.errors import BuildError, CacheMismatch, CalibrationError
 from quant.fileio import sha256_file
-from quant.paths import engines_dir
+from quant.paths import DEFAULT_OUT_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +97,15 @@ class FileCacheIO:
 
 def cache_io_for(onnx_path: Path, cache_key: Any = None, calibration_cache: Path | None = None,
                  trt_version: str | None = None, store_dir: Path | None = None) -> Any:
-    """FileCacheIO for a named cache file, StoreCacheIO for a key, else None (calibrate, keep nothing)."""
+    """FileCacheIO for a named cache file, StoreCacheIO for a key (in `store_dir`, default the store under
+    DEFAULT_OUT_ROOT), else None (calibrate, keep nothing)."""
     if calibration_cache is not None:
         return FileCacheIO(Path(calibration_cache), Path(onnx_path))
     if cache_key is not None:
         digits = trt_version_digits(trt_version) if trt_version else None
-        return StoreCacheIO(store_dir or engines_dir() / "cache", cache_key, Path(onnx_path).stem, digits)
+        from quant.calib.calibrate import default_store
+
+        return StoreCacheIO(store_dir or default_store(), cache_key, Path(onnx_path).stem, digits)
     return None
 
 
@@ -137,10 +140,11 @@ class TrtBuildOptions:
     rules: Path | None = None
     batch_size: int = 4  # calibration batch (TensorRT calibrates at this one shape)
     method: str | None = None  # calibrator "quant": range method; None: quant.calib.calibrate.default_method(model)
+    out_root: Path = DEFAULT_OUT_ROOT  # the cache store (cache/) and TensorRT's timing cache live here
 
 
-def timing_cache_path() -> Path:
-    return engines_dir() / TIMING_CACHE_FILE
+def timing_cache_path(out_root: Path = DEFAULT_OUT_ROOT) -> Path:
+    return Path(out_root) / TIMING_CACHE_FILE
 
 
 def build_trt(model: str, source: Path, out_dir: Path, options: TrtBuildOptions) -> Path:
@@ -153,7 +157,7 @@ def build_trt(model: str, source: Path, out_dir: Path, options: TrtBuildOptions)
     cache_io, feeds = _calibration(model, onnx_path, options) if _implicit_int8(options) else (None, None)
     return backend.build_engine(
         onnx_path, out_dir, options.precision, options.mode, feeds=feeds, cache_io=cache_io,
-        layer_precisions=layer_precisions, constraints=options.constraints, timing_cache_path=timing_cache_path(),
+        layer_precisions=layer_precisions, constraints=options.constraints, timing_cache_path=timing_cache_path(options.out_root),
         meta={"model": model, "source_sha256": sha256_file(onnx_path), "rules": str(options.rules or "default")},
     )
 
@@ -183,9 +187,10 @@ def _calibration(model: str, onnx_path: Path, options: TrtBuildOptions) -> tuple
 
     manifest = options.manifest or default_manifest(model)
     if options.calibrator == "quant":
-        from quant.calib.calibrate import calibrate
+        from quant.calib.calibrate import CalibrateOptions, calibrate
 
-        entry = calibrate(onnx_path, model, manifest, options.method)
+        calibrate_options = CalibrateOptions(out_root=options.out_root)
+        entry = calibrate(onnx_path, model, manifest, options.method, options=calibrate_options)
         return FileCacheIO(entry.path, onnx_path), None
     if options.calibrator != "tensorrt":
         raise BuildError(f"unknown calibrator {options.calibrator!r}: choose quant or tensorrt")
@@ -195,12 +200,12 @@ def _calibration(model: str, onnx_path: Path, options: TrtBuildOptions) -> tuple
 def _tensorrt_calibration(model: str, onnx_path: Path, manifest: Path, options: TrtBuildOptions) -> tuple[Any, Any]:
     from quant.backends import trt as backend
     from quant.calib.cache import CacheKey
-    from quant.calib.calibrate import data_sha256
+    from quant.calib.calibrate import data_sha256, default_store
     from quant.calib.readers import TrtFeedSource, reader_for
 
     version = str(backend.require_tensorrt().__version__)
     key = CacheKey.create(sha256_file(onnx_path), data_sha256(manifest, None), TRT_CALIBRATION_METHOD,
                           {"batch_size": options.batch_size, "tensorrt": version})
-    cache_io = cache_io_for(onnx_path, key, trt_version=version)
+    cache_io = cache_io_for(onnx_path, key, trt_version=version, store_dir=default_store(options.out_root))
     source = TrtFeedSource(reader_for(model, onnx_path, manifest), onnx_input_names(onnx_path), options.batch_size)
     return cache_io, as_feed_dicts(source)
