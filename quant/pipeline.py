@@ -192,9 +192,10 @@ class Steps:
         folder = self.root / graph / (precision if backend == "ort" else f"{precision}-{backend}")
         artifact = folder / ("model.onnx" if backend == "ort" else "model.engine")
         key = {"source": _file_sha(source), "cache": _file_sha(cache) if cache else None, "quant": __version__,
-               "code": _sources_sha("artifacts/artifact.py", "artifacts/ort_build.py", "artifacts/qdq.py", "onnxgraph/graph.py",
-                                    "onnxgraph/patterns.py", "artifacts/calibration.py", "artifacts/trt_build.py", "precision.py",
-                                    "precision_default.toml", "backends/ort.py", "backends/trt.py")}
+               "code": _sources_sha("artifacts/artifact.py", "artifacts/ort_build.py", "artifacts/qdq.py",
+                                    "artifacts/calibration.py", "artifacts/trt_build.py", "onnxgraph/graph.py",
+                                    "onnxgraph/patterns.py", "precision.py", "precision_default.toml",
+                                    "backends/ort.py", "backends/trt.py", "backends/trt_inputs.py")}
         name = f"build-{graph}-{precision}-{backend}"
         outputs = [artifact, folder / META_FILE]  # meta.json holds the sha256 of every other file of the folder
         if not self.options.force and is_fresh(self.root, name, key, outputs) and _intact(folder):

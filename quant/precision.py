@@ -21,9 +21,9 @@ from typing import Any, Iterable, Mapping
 
 import onnx
 
+from quant.errors import BuildError
 from quant.onnxgraph.graph import GraphIndex, ensure_node_names, index_graph
 from quant.onnxgraph.patterns import PATTERNS
-from quant.errors import BuildError
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from quant.backends.ort import OrtRunner
 from quant.artifacts import build_artifact
 from quant.artifacts.artifact import KNOWN_MODELS, resolve_model
+from quant.backends.ort import OrtRunner
 from quant.errors import BackendUnavailable, BuildError, CacheMismatch, CalibrationError, ModelError, QuantError
 from quant.fileio import sha256_file
 

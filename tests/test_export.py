@@ -14,12 +14,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from quant.artifacts import export
+from quant.artifacts.export import GraphSpec, check_graph, export_model, run_stream, speech_spectra, verify_dpcrn_stream
 from quant.backends.ort import make_session
 from quant.errors import ModelError
 from quant.fileio import sha256_file
-from quant.artifacts import export
 from quant.models.dpcrn import DPCRN, STREAM_STATES, load_dpcrn
-from quant.artifacts.export import GraphSpec, check_graph, export_model, run_stream, speech_spectra, verify_dpcrn_stream
 
 STREAM_ATOL = 1e-4  # issue 2: the streaming graph reproduces the offline model within 1e-4
 ORT_ATOL = 1e-4  # ORT vs PyTorch on the offline graph (outputs of magnitude ~10..100)

@@ -14,10 +14,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from quant import features
-from quant.backends.ort import OrtRunner
-from quant.calib import opset as opset_mod
 from quant.artifacts.ort_build import save_validated
 from quant.artifacts.qdq import insert_qdq, sort_topologically
+from quant.backends.ort import OrtRunner
+from quant.calib import opset as opset_mod
 from quant.cli import main
 from quant.errors import BuildError
 from quant.fileio import sha256_file

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import trt_double
+from quant.artifacts import trt_build
 from quant.backends import trt as backend
 from quant.backends import trt_inputs
-from quant.artifacts import trt_build
 from quant.errors import BackendUnavailable, BuildError, ModelError
 from trt_double import graphs
 from trt_double.fixtures import double, two_inputs  # noqa: F401  (pytest fixtures)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import trt_double
-from quant.backends import trt as backend
 from quant.artifacts import trt_build
+from quant.backends import trt as backend
 from quant.errors import CacheMismatch, CalibrationError
 from trt_double import graphs
 from trt_double.fixtures import double, two_inputs  # noqa: F401  (pytest fixtures)

@@ -22,10 +22,10 @@ import onnx
 
 from quant import __version__
 from quant.artifacts.calibration import TensorRange, ranges_from_cache
-from quant.calib.opset import MIN_QDQ_OPSET, UpgradeResult, ensure_opset
 from quant.artifacts.ort_build import (
     build_fp16, build_fp32, build_int8_ort, build_int8_trt_qdq, check_int8_kernels, kernel_report, streaming_states,
 )
+from quant.calib.opset import MIN_QDQ_OPSET, UpgradeResult, ensure_opset
 from quant.errors import BuildError, ModelError
 from quant.fileio import atomic_folder, atomic_write_json, sha256_bytes, sha256_file
 from quant.paths import DEFAULT_OUT_ROOT
