@@ -1,11 +1,9 @@
-"""Where quant finds its shipped data and writes its outputs. Environment variables override the defaults."""
+"""Where quant finds its shipped data and writes its outputs by default."""
 
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
@@ -17,20 +15,6 @@ def calib_data_dir() -> Path:
     return Path(os.environ.get("QUANT_CALIB_DATA", REPO_DIR / "calib_data"))
 
 
-def engines_dir() -> Path:
-    """Output root for exports, caches, artifacts and reports (QUANT_ENGINES overrides; default ./engines)."""
-    return Path(os.environ.get("QUANT_ENGINES", "engines"))
-
-
-@contextmanager
-def engines_root(root: Path) -> Iterator[Path]:
-    """Point every stage (exports, cache store, builds) at `root` for the duration, as QUANT_ENGINES would."""
-    previous = os.environ.get("QUANT_ENGINES")
-    os.environ["QUANT_ENGINES"] = str(root)
-    try:
-        yield root
-    finally:
-        if previous is None:
-            del os.environ["QUANT_ENGINES"]
-        else:
-            os.environ["QUANT_ENGINES"] = previous
+# The output root (exports under export/, the calibration cache store under cache/, artifacts under
+# <model>/<precision>/, reports): every stage takes it as a parameter (`out_root`), the CLI's --output sets it.
+DEFAULT_OUT_ROOT = Path("engines")

@@ -23,13 +23,13 @@ from quant.backends import Runner, open_runner
 from quant.errors import BackendUnavailable, QuantError
 from quant.eval.speed import BenchOptions
 from quant.fileio import atomic_write_json, sha256_bytes, sha256_file
-from quant.paths import ASSETS_DIR, PACKAGE_DIR, calib_data_dir, engines_dir, engines_root
+from quant.paths import ASSETS_DIR, DEFAULT_OUT_ROOT, PACKAGE_DIR, calib_data_dir
 
 logger = logging.getLogger(__name__)
 
 MODELS = ("dpcrn", "dpcrn-stream", "wenet")
 PRECISIONS = ("fp32", "fp16", "int8")
-# model -> graphs as quant.build names them, and the ONNX file each graph is exported to
+# model -> graphs as quant.artifacts names them, and the ONNX file each graph is exported to
 GRAPHS: dict[str, tuple[str, ...]] = {
     "dpcrn": ("dpcrn",), "dpcrn-stream": ("dpcrn-stream",), "wenet": ("wenet-encoder", "wenet-decoder"),
 }
@@ -56,7 +56,7 @@ class RunOptions:
     calib_utterances: int | None = 32
     bench: BenchOptions = field(default_factory=BenchOptions)
     eval_threads: int = 2  # accuracy runs (speed uses bench.threads)
-    out_dir: Path | None = None  # default engines_dir()
+    out_dir: Path = DEFAULT_OUT_ROOT  # exports, the cache store, artifacts and stamps all live here (--output)
     force: bool = False  # ignore stamps: re-export, rebuild, re-evaluate
     accuracy: bool = True  # False: speed only (quant bench)
     report_dir: Path | None = None  # default: the engines folder
@@ -153,12 +153,12 @@ class Steps:
         folder = self.root / "export" / model
         paths = {graph: folder / GRAPH_FILES[graph] for graph in GRAPHS[model]}
         key = {"weights": _file_sha(ASSETS_DIR / WEIGHTS[model]), "quant": __version__,
-               "code": _sources_sha("models/dpcrn.py", "models/conformer.py", "models/export.py",
-                                    "models/wenet_export.py")}
+               "code": _sources_sha("models/dpcrn.py", "models/conformer.py", "artifacts/export.py",
+                                    "artifacts/wenet_export.py")}
         if not self.options.force and is_fresh(self.root, f"export-{model}", key, paths.values()):
             logger.info("export %s: up to date (%s)", model, folder)
             return paths
-        from quant.models.export import export_model
+        from quant.artifacts.export import export_model
 
         logger.info("export %s -> %s", model, folder)
         export_model(model, folder)
@@ -181,26 +181,27 @@ class Steps:
         # a subset manifest lives under the run folder and points back into calib_data/
         reader = ReaderOptions(allow_outside=True) if manifest != committed else None
         entry = calibrate(onnx_path, model_kind=graph, manifest=manifest, method=None,
-                          options=CalibrateOptions(ranges=ranges, reader=reader))
+                          options=CalibrateOptions(ranges=ranges, reader=reader, out_root=self.root))
         return Path(entry.path)
 
     def build(self, graph: str, precision: str, backend: str, source: Path, cache: Path | None) -> Path:
         """The artifact file (ORT: model.onnx, TensorRT: model.engine) of one graph at one precision."""
-        from quant.build import build_artifact
-        from quant.build.artifact import META_FILE
+        from quant.artifacts import build_artifact
+        from quant.artifacts.artifact import META_FILE
 
         folder = self.root / graph / (precision if backend == "ort" else f"{precision}-{backend}")
         artifact = folder / ("model.onnx" if backend == "ort" else "model.engine")
         key = {"source": _file_sha(source), "cache": _file_sha(cache) if cache else None, "quant": __version__,
-               "code": _sources_sha("build/artifact.py", "build/ort_build.py", "build/qdq.py", "build/graph.py",
-                                    "build/patterns.py", "build/calibration.py", "build/trt_build.py", "precision.py",
-                                    "precision_default.toml", "backends/ort.py", "backends/trt.py")}
+               "code": _sources_sha("artifacts/artifact.py", "artifacts/ort_build.py", "artifacts/qdq.py",
+                                    "artifacts/calibration.py", "artifacts/trt_build.py", "onnxgraph/graph.py",
+                                    "onnxgraph/patterns.py", "precision.py", "precision_default.toml",
+                                    "backends/ort.py", "backends/trt.py", "backends/trt_inputs.py")}
         name = f"build-{graph}-{precision}-{backend}"
         outputs = [artifact, folder / META_FILE]  # meta.json holds the sha256 of every other file of the folder
         if not self.options.force and is_fresh(self.root, name, key, outputs) and _intact(folder):
             logger.info("build %s %s %s: up to date", graph, precision, backend)
             return artifact
-        options: dict[str, Any] = {"out_dir": folder}
+        options: dict[str, Any] = {"out_dir": folder, "out_root": self.root}
         if precision == "int8" and cache is not None:
             options["cache"] = cache
         build_artifact(graph, precision, backend, **options)
@@ -212,7 +213,7 @@ class Steps:
 
 def _intact(folder: Path) -> bool:
     """Whether an artifact folder still holds exactly the files its meta.json describes."""
-    from quant.build.artifact import verify_artifact
+    from quant.artifacts.artifact import verify_artifact
 
     try:
         verify_artifact(folder)
@@ -654,7 +655,7 @@ class ModelRun:
 def trt_sim_spec(ort_spec: RowSpec, exported: Mapping[str, Path]) -> RowSpec:
     """The trt-sim row of an ORT fp16/int8 row: per graph, the ONNX TensorRT's explicit mode builds from (int8: the
     symmetric Q/DQ model_trt_qdq.onnx beside ORT's model.onnx; fp16: the FP16 model.onnx itself)."""
-    from quant.build.trt_build import engine_onnx
+    from quant.artifacts.trt_build import engine_onnx
 
     sources = {stem(graph): exported[graph] for graph in GRAPHS[ort_spec.model]}
     artifacts = {graph_stem: engine_onnx(path.parent, sources[graph_stem], ort_spec.precision, "explicit")
@@ -719,9 +720,7 @@ def run_all(options: RunOptions = RunOptions()) -> RunResult:
     unknown = [m for m in options.models if m not in MODELS]
     if unknown:
         raise QuantError(f"unknown models {unknown}; expected some of {', '.join(MODELS)}")
-    root = options.out_dir or engines_dir()
-    with engines_root(root):  # exports, the cache store and builds all live under --output
-        return _run_models(options, root)
+    return _run_models(options, options.out_dir)
 
 
 def _run_models(options: RunOptions, root: Path) -> RunResult:

@@ -1,6 +1,6 @@
 """Precision rules: which node of an ONNX graph runs in fp32, fp16, int8 or int8-dynamic, and why.
 
-Rules are tiny named objects (op types, a node-name regex, a graph pattern from quant.build.patterns) applied in one
+Rules are tiny named objects (op types, a node-name regex, a graph pattern from quant.onnxgraph.patterns) applied in one
 loop: the first rule that applies to the build precision and backend and matches the node decides, and its name is the
 recorded reason. A node no rule matches gets the build's default (fp16 in fp16 builds, fp32 in int8 builds: INT8 is
 opt-in per op type). The shipped rules live in precision_default.toml.
@@ -21,9 +21,9 @@ from typing import Any, Iterable, Mapping
 
 import onnx
 
-from quant.build.graph import GraphIndex, ensure_node_names, index_graph
-from quant.build.patterns import PATTERNS
 from quant.errors import BuildError
+from quant.onnxgraph.graph import GraphIndex, ensure_node_names, index_graph
+from quant.onnxgraph.patterns import PATTERNS
 
 log = logging.getLogger(__name__)
 

@@ -52,7 +52,7 @@ SPECTRAL = ("stft", "magnitude", "power", "log10_power")
 # the output kinds' inverse transforms (time-domain waveform from the model output)
 INVERSES: Mapping[str, str] = {"spectrum": "istft", "mask_magnitude": "istft", "mask_complex": "istft",
                                "time_frames": "overlap_add", "waveform": "none"}
-# graphs quant exports itself (`export = NAME`): quant.models.export.export_model name, file it writes
+# graphs quant exports itself (`export = NAME`): quant.artifacts.export.export_model name, file it writes
 EXPORTS: Mapping[str, tuple[str, str]] = {
     "dpcrn": ("dpcrn", "dpcrn.onnx"), "dpcrn-stream": ("dpcrn-stream", "dpcrn_stream.onnx"),
     "wenet-encoder": ("wenet", "encoder.onnx"), "wenet-decoder": ("wenet", "decoder.onnx"),
@@ -274,7 +274,7 @@ class StreamingSpec:
             raise SchemaError("states", f"state inputs must be distinct and differ from frame_input; got {names}")
 
     def state_pairs(self) -> dict[str, str] | None:
-        """input -> output names as quant.build.graph.state_pairs takes them (None: the `_out` convention)."""
+        """input -> output names as quant.onnxgraph.graph.state_pairs takes them (None: the `_out` convention)."""
         return {s.input: s.output_name for s in self.states} or None
 
 

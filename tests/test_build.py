@@ -13,9 +13,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from quant.artifacts import build_artifact
+from quant.artifacts.artifact import KNOWN_MODELS, resolve_model
 from quant.backends.ort import OrtRunner
-from quant.build import build_artifact
-from quant.build.artifact import KNOWN_MODELS, resolve_model
 from quant.errors import BackendUnavailable, BuildError, CacheMismatch, CalibrationError, ModelError, QuantError
 from quant.fileio import sha256_file
 
@@ -237,10 +237,10 @@ def test_cli_build_and_inspect(model_and_cache: tuple[Path, Path], tmp_path: Pat
 
 
 def _export_or_skip(name: str) -> Path:
-    from quant.paths import engines_dir
+    from quant.paths import DEFAULT_OUT_ROOT
 
     _, folder, file_name = KNOWN_MODELS[name]
-    path = engines_dir() / "export" / folder / file_name
+    path = DEFAULT_OUT_ROOT / "export" / folder / file_name
     if not path.is_file():
         pytest.skip(f"{path} not exported (run `quant export`)")
     return path
@@ -282,7 +282,7 @@ def test_real_model_builds_three_precisions(name: str, tmp_path: Path):
 def test_uint8_activations_get_the_sidecars_observed_min_max(model_and_cache: tuple[Path, Path], tmp_path: Path):
     """`cat` (Concat of |cache| and a Relu output) is never negative: its uint8 encoding spends no code on negatives
     (zero point 0, scale max/255), which only the sidecar's min/max can give; c_mid's zero point follows its min."""
-    from quant.build.artifact import load_ranges
+    from quant.artifacts.artifact import load_ranges
     from quant.calib.cache import read_entry
 
     source, cache = model_and_cache
@@ -307,7 +307,6 @@ def _store_calibration(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[
     from quant.calib import calibrate as calibrate_module
     from quant.calib import readers
 
-    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
     export = tmp_path / "engines" / "export" / "dpcrn-stream"
     export.mkdir(parents=True)
     tiny_streaming_model(export / "dpcrn_stream.onnx")
@@ -331,31 +330,31 @@ def test_int8_without_cache_calibrates_into_the_store_and_reuses_it(tmp_path: Pa
     from quant.calib.calibrate import METHODS, default_method
 
     ran = _store_calibration(monkeypatch, tmp_path)
-    first = build_artifact("dpcrn-stream", "int8", out_dir=tmp_path / "a")
-    second = build_artifact("dpcrn-stream", "int8", out_dir=tmp_path / "b")
+    root = tmp_path / "engines"
+    first = build_artifact("dpcrn-stream", "int8", out_dir=tmp_path / "a", out_root=root)
+    second = build_artifact("dpcrn-stream", "int8", out_dir=tmp_path / "b", out_root=root)
     cache_a = json.loads((first / "meta.json").read_text())["cache"]
     cache_b = json.loads((second / "meta.json").read_text())["cache"]
     assert ran == [default_method("dpcrn-stream")]  # the second build reused the stored cache
     assert Path(cache_a["path"]).parent == tmp_path / "engines" / "cache" and cache_a == cache_b
     assert cache_a["key"]["method"] == default_method("dpcrn-stream")
     other = next(method for method in METHODS if method != default_method("dpcrn-stream"))
-    build_artifact("dpcrn-stream", "int8", out_dir=tmp_path / "c", method=other)
+    build_artifact("dpcrn-stream", "int8", out_dir=tmp_path / "c", method=other, out_root=root)
     assert ran[-1] == other and len(list((tmp_path / "engines" / "cache").glob("*.cache"))) == 2
 
 
-# ---- TensorRT hand-off (quant.build.trt_build.build_trt, against the TensorRT test double) --------------------------
+# ---- TensorRT hand-off (quant.artifacts.trt_build.build_trt, against the TensorRT test double) --------------------------
 
 
 def test_missing_tensorrt_fails_before_export_or_calibration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import trt_double
 
-    from quant.build import artifact
+    from quant.artifacts import artifact
 
-    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
     trt_double.hide_tensorrt(monkeypatch)
     monkeypatch.setattr(artifact, "_export", lambda *args: pytest.fail("exported although TensorRT is missing"))
     with pytest.raises(BackendUnavailable, match="pip install 'quant\\[trt\\]'"):
-        build_artifact("dpcrn", "int8", "trt")
+        build_artifact("dpcrn", "int8", "trt", out_root=tmp_path / "engines")
     assert not (tmp_path / "engines").exists()
 
 
@@ -364,9 +363,9 @@ def test_trt_implicit_int8_uses_this_builds_ranges_and_pins_only_rule_nodes(
     import trt_double
 
     double = trt_double.install(monkeypatch, "10.13.0.35")
-    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
     source, cache = model_and_cache
-    out = build_artifact(source, "int8", "trt", mode="implicit", cache=cache, out_dir=tmp_path / "int8")
+    out = build_artifact(source, "int8", "trt", mode="implicit", cache=cache, out_dir=tmp_path / "int8",
+                         out_root=tmp_path / "engines")
     assert double.state.calibrator_calls == ["read_calibration_cache"]  # quant's ranges: TensorRT does not calibrate
     build = double.state.builds[-1]
     assert build["onnx_path"] == str(source) and "OBEY_PRECISION_CONSTRAINTS" in build["flags"]
@@ -374,14 +373,15 @@ def test_trt_implicit_int8_uses_this_builds_ranges_and_pins_only_rule_nodes(
     assert "relu_in" not in pinned and {"softmax", "ln_pow", "apply_mask"} <= pinned  # default vs rule nodes
     meta = json.loads((out / "meta.json").read_text())
     assert meta["trt"]["engine"] == str(out / "model.engine") and meta["trt"]["mode"] == "implicit"
-    explicit = build_artifact(source, "int8", "trt", cache=cache, out_dir=tmp_path / "custom_dir")
+    explicit = build_artifact(source, "int8", "trt", cache=cache, out_dir=tmp_path / "custom_dir",
+                              out_root=tmp_path / "engines")
     built_from = Path(double.state.builds[-1]["onnx_path"])  # the Q/DQ ONNX of this build, in its temp folder
     assert built_from.name == "model_trt_qdq.onnx" and built_from.parent.name.startswith(".custom_dir.")
     assert json.loads((explicit / "meta.json").read_text())["trt"]["onnx"] == str(explicit / "model_trt_qdq.onnx")
 
 
 def test_meta_records_every_file_and_verify_catches_a_change(model_and_cache: tuple[Path, Path], tmp_path: Path):
-    from quant.build.artifact import verify_artifact
+    from quant.artifacts.artifact import verify_artifact
 
     source, cache = model_and_cache
     out = build_artifact(source, "int8", cache=cache, out_dir=tmp_path / "int8")
@@ -398,7 +398,7 @@ def test_meta_records_every_file_and_verify_catches_a_change(model_and_cache: tu
 
 def test_a_failed_build_leaves_the_previous_folder_whole(model_and_cache: tuple[Path, Path], tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch):
-    from quant.build import artifact
+    from quant.artifacts import artifact
 
     source, cache = model_and_cache
     out = build_artifact(source, "int8", cache=cache, out_dir=tmp_path / "int8")

@@ -67,12 +67,12 @@ def test_mismatching_cache_is_refused_unless_forced(tmp_path: Path) -> None:
 
 
 def test_default_output_goes_to_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
     model = tiny_model(tmp_path / "m.onnx")
-    entry = cal.calibrate(model, None, None, "percentile", None, OPTIONS, feeds=feeds())
+    options = replace(OPTIONS, out_root=tmp_path / "engines")
+    entry = cal.calibrate(model, None, None, "percentile", None, options, feeds=feeds())
     assert entry.path.parent == tmp_path / "engines" / "cache" and entry.path.name.startswith("m-percentile-")
     assert json.loads(entry.key.params) == {"num_bins": 2048, "percentile": 99.99}
-    assert cc.lookup(cal.default_store(), entry.key).hit
+    assert cc.lookup(cal.default_store(tmp_path / "engines"), entry.key).hit
 
 
 def test_batch_major_known_models_run_one_item_at_a_time(tmp_path: Path) -> None:
@@ -104,7 +104,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def test_cache_cli_list_show_diff_export_rm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
+    monkeypatch.chdir(tmp_path)  # `quant cache` reads the default store, ./engines/cache
     model = tiny_model(tmp_path / "m.onnx")
     first = cal.calibrate(model, None, None, "minmax", None, OPTIONS, feeds=feeds())
     second = cal.calibrate(model, None, None, "entropy", None, OPTIONS, feeds=feeds())

@@ -14,12 +14,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from quant.artifacts import export
+from quant.artifacts.export import GraphSpec, check_graph, export_model, run_stream, speech_spectra, verify_dpcrn_stream
 from quant.backends.ort import make_session
 from quant.errors import ModelError
 from quant.fileio import sha256_file
-from quant.models import export
 from quant.models.dpcrn import DPCRN, STREAM_STATES, load_dpcrn
-from quant.models.export import GraphSpec, check_graph, export_model, run_stream, speech_spectra, verify_dpcrn_stream
 
 STREAM_ATOL = 1e-4  # issue 2: the streaming graph reproduces the offline model within 1e-4
 ORT_ATOL = 1e-4  # ORT vs PyTorch on the offline graph (outputs of magnitude ~10..100)
@@ -194,7 +194,7 @@ def test_wenet_is_dispatched_to_wenet_export(tmp_path: Path, monkeypatch: pytest
         calls.append((out_dir, opset, weights))
         return [out_dir / "encoder.onnx", out_dir / "decoder.onnx"]
 
-    monkeypatch.setitem(sys.modules, "quant.models.wenet_export", types.SimpleNamespace(export_wenet=fake_export))
+    monkeypatch.setitem(sys.modules, "quant.artifacts.wenet_export", types.SimpleNamespace(export_wenet=fake_export))
     paths = export_model("wenet", tmp_path, opset=13, weights=tmp_path / "w.pt")
     assert calls == [(tmp_path, 13, tmp_path / "w.pt")]
     assert paths == [tmp_path / "encoder.onnx", tmp_path / "decoder.onnx"]

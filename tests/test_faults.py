@@ -20,7 +20,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import quant
-from quant.build.artifact import verify_artifact
+from quant.artifacts.artifact import verify_artifact
 from quant.fileio import sha256_file
 
 DATA = Path(__file__).parent / "data"
@@ -53,8 +53,7 @@ def run_quant(cwd: Path, argv: list[str], kill_after: str = "-", nth: int = 1) -
 
 def child_env(cwd: Path) -> dict[str, str]:
     (cwd / "system_tmp").mkdir(exist_ok=True)
-    return {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(cwd / "system_tmp"),
-            "QUANT_ENGINES": str(cwd / "engines")}
+    return {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(cwd / "system_tmp")}  # outputs: cwd/engines
 
 
 def assert_killed(result: subprocess.CompletedProcess[str]) -> None:

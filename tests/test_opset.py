@@ -1,6 +1,6 @@
-"""Graphs below opset 13 (quant.build.opset): upgraded with ONNX's version converter and checked against the original
+"""Graphs below opset 13 (quant.calib.opset): upgraded with ONNX's version converter and checked against the original
 before calibration and the INT8 build, which then quantize the upgraded graph per channel; per-tensor Q/DQ when the
-upgrade fails; an invalid INT8 model is never renamed into place (quant.build.ort_build.save_validated)."""
+upgrade fails; an invalid INT8 model is never renamed into place (quant.artifacts.ort_build.save_validated)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from quant import features
+from quant.artifacts.ort_build import save_validated
+from quant.artifacts.qdq import insert_qdq, sort_topologically
 from quant.backends.ort import OrtRunner
-from quant.build import opset as opset_mod
-from quant.build.ort_build import save_validated
-from quant.build.qdq import insert_qdq, sort_topologically
+from quant.calib import opset as opset_mod
 from quant.cli import main
 from quant.errors import BuildError
 from quant.fileio import sha256_file
@@ -107,7 +107,7 @@ def speech(seconds: float = 2.0) -> np.ndarray:
 
 @pytest.fixture(autouse=True)
 def engines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
+    monkeypatch.chdir(tmp_path)  # the CLI's default output root (./engines) lands under tmp_path
 
 
 def test_opset11_torch_export_builds_a_valid_per_channel_int8_close_to_fp32(
@@ -175,7 +175,7 @@ def test_failed_conversion_falls_back_to_per_tensor_with_a_warning(
     pytest.importorskip("quant.data.manifest")
     monkeypatch.setattr(opset_mod.version_converter, "convert_version", _failing_converter)
     model = helper_waveform_model(tmp_path / "wave.onnx")
-    with caplog.at_level(logging.WARNING, logger="quant.build.opset"):
+    with caplog.at_level(logging.WARNING, logger="quant.calib.opset"):
         out = calibrate_and_build(model, "waveform", tmp_path, capsys)
     assert "per-tensor" in caplog.text and "FancyOp" in caplog.text
     assert not (tmp_path / "wave.opset13.onnx").exists()
@@ -199,7 +199,7 @@ def test_an_upgrade_that_changes_the_outputs_is_not_used(tmp_path: Path, monkeyp
         return _with_weight(convert(proto, opset), "b2", np.array([3.0], np.float32))
 
     monkeypatch.setattr(opset_mod.version_converter, "convert_version", wrong_converter)
-    with caplog.at_level(logging.WARNING, logger="quant.build.opset"):
+    with caplog.at_level(logging.WARNING, logger="quant.calib.opset"):
         result = opset_mod.ensure_opset(model)
     assert result.path == model and not result.per_channel and "differs from the original" in str(result.fallback)
     assert opset_mod.RANDOM_INPUTS in str(result.fallback) and "per-tensor" in caplog.text
@@ -247,7 +247,7 @@ def test_an_invalid_int8_model_is_never_left_in_place(tmp_path: Path, monkeypatc
     """The build as it was before the upgrade (per-channel Q/DQ on the opset-11 graph) must fail with one line, and
     leave neither model.onnx nor a temp file behind."""
     pytest.importorskip("quant.data.manifest")
-    from quant.build import artifact
+    from quant.artifacts import artifact
 
     model = helper_waveform_model(tmp_path / "wave.onnx")
     cache = tmp_path / "wave.cache"

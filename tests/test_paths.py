@@ -1,19 +1,35 @@
-import os
+"""The output root is a parameter of every stage (`out_root`; the CLI's --output), never an environment variable."""
+
 from pathlib import Path
 
-from quant.paths import engines_dir, engines_root
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from quant.calib.calibrate import CalibrateOptions, calibrate
+from quant.calib.ranges import RangeOptions
+from quant.paths import DEFAULT_OUT_ROOT
 
 
-def test_engines_root_moves_every_stage_and_restores(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.delenv("QUANT_ENGINES", raising=False)
-    assert engines_dir() == Path("engines")
-    with engines_root(tmp_path / "out"):
-        assert engines_dir() == tmp_path / "out"
-    assert engines_dir() == Path("engines") and "QUANT_ENGINES" not in os.environ
+def relu_model(path: Path) -> Path:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="relu")], "g", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
+    return path
 
 
-def test_engines_root_restores_a_previous_setting(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "before"))
-    with engines_root(tmp_path / "during"):
-        assert engines_dir() == tmp_path / "during"
-    assert engines_dir() == tmp_path / "before"
+def test_the_cache_store_follows_out_root_and_ignores_quant_engines(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "from_env"))  # the variable quant used to read
+    monkeypatch.chdir(tmp_path)
+    model = relu_model(tmp_path / "m.onnx")
+    feeds = [{"x": np.random.default_rng(0).standard_normal((1, 4)).astype(np.float32)}]
+    ranges = RangeOptions(progress=False)
+    passed = calibrate(model, None, None, "minmax", None, CalibrateOptions(ranges=ranges, out_root=tmp_path / "out"),
+                       feeds=feeds)
+    default = calibrate(model, None, None, "minmax", None, CalibrateOptions(ranges=ranges), feeds=feeds)
+    assert passed.path.parent == tmp_path / "out" / "cache"
+    assert default.path.parent.resolve() == (tmp_path / DEFAULT_OUT_ROOT / "cache").resolve()
+    assert not (tmp_path / "from_env").exists()

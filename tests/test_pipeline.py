@@ -211,10 +211,10 @@ def test_build_step_rebuilds_an_artifact_replaced_after_its_stamp(tmp_path: Path
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """`quant run` killed after a build replaced model.onnx but before it stamped it: the next run with the earlier
     options must not call the other model "up to date"."""
-    import quant.build
+    import quant.artifacts
     from quant.fileio import sha256_file
 
-    real_build = quant.build.build_artifact
+    real_build = quant.artifacts.build_artifact
     sources = {"a": identity_dpcrn(tmp_path / "a.onnx", gain=1.0), "b": identity_dpcrn(tmp_path / "b.onnx", gain=0.5)}
     built: list[Path] = []
 
@@ -226,7 +226,7 @@ def test_build_step_rebuilds_an_artifact_replaced_after_its_stamp(tmp_path: Path
 
     root = tmp_path / "engines"
     steps = pipeline.Steps(root, pipeline.RunOptions(progress=False))
-    monkeypatch.setattr(quant.build, "build_artifact", build_from(sources["a"]))
+    monkeypatch.setattr(quant.artifacts, "build_artifact", build_from(sources["a"]))
     artifact = steps.build("dpcrn", "fp32", "ort", sources["a"], None)
     assert steps.build("dpcrn", "fp32", "ort", sources["a"], None) == artifact and len(built) == 1  # reused
     real_build(sources["b"], "fp32", out_dir=artifact.parent)  # the killed run's build, never stamped

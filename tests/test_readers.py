@@ -230,7 +230,7 @@ def test_calibrate_cli_on_a_fixed_time_stft_model(tmp_path: Path, monkeypatch: p
     from quant.calib.cache import read_entry
     from quant.cli import main
 
-    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
+    monkeypatch.chdir(tmp_path)  # the CLI's default output root (./engines) lands under tmp_path
     path = fixed_time_model(tmp_path / "offline_se.onnx")
     code = main(["calibrate", str(path), "--feature", "stft", "--method", "minmax", "--limit", "2",
                  "--data", str(DATA / "librivox.jsonl"), "-o", str(tmp_path / "se.cache"), "--no-progress"])
@@ -337,7 +337,7 @@ def test_calibrate_cli_refuses_bad_manifests_in_one_line(tmp_path: Path, monkeyp
 
     from quant.cli import main
 
-    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
+    monkeypatch.chdir(tmp_path)  # the CLI's default output root (./engines) lands under tmp_path
     model = fixed_time_model(tmp_path / "offline_se.onnx")
     manifest = se_manifest(tmp_path / "set")
     row = json.loads(manifest.read_text())

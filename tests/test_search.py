@@ -113,7 +113,7 @@ def modelled_latency(folder: Path) -> Latency:
 
 
 def problem(model_and_cache: tuple[Path, Path], tmp_path: Path) -> Problem:
-    from quant.build.artifact import build_artifact
+    from quant.artifacts.artifact import build_artifact
 
     source, cache_path = model_and_cache
     graph = onnx.load(str(source))

@@ -241,8 +241,8 @@ def test_shipped_specs_describe_the_code_tables() -> None:
 
 def test_shipped_dpcrn_specs_describe_features_and_states() -> None:
     from quant import features
+    from quant.artifacts.export import dpcrn_spec
     from quant.models.dpcrn import STREAM_STATES
-    from quant.models.export import dpcrn_spec
 
     offline, stream = load_spec("dpcrn"), load_spec("dpcrn-stream")
     fe = offline.frontend
@@ -259,8 +259,8 @@ def test_shipped_dpcrn_specs_describe_features_and_states() -> None:
 
 def test_shipped_wenet_spec_describes_export_tokenizer_and_decoding() -> None:
     from quant import decoding, features
+    from quant.artifacts import wenet_export
     from quant.eval.asr import BEAM
-    from quant.models import wenet_export
     from quant.models.tokenizer import UNITS_PATH, CharTokenizer
 
     spec = load_spec("wenet")

@@ -29,7 +29,7 @@ UNITS = ["<blank>", "<unk>", "<sos/eos>", "▁he", "llo", "▁world"]  # sos = e
 
 @pytest.fixture(scope="module")
 def wenet(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from quant.models.export import export_model
+    from quant.artifacts.export import export_model
 
     encoder, decoder = export_model("wenet", tmp_path_factory.mktemp("wenet"))[:2]
     return {"encoder": encoder, "decoder": decoder}

@@ -36,7 +36,7 @@ def assert_same_feeds(ours: Iterable[dict[str, np.ndarray]], theirs: Iterable[di
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from quant.models.export import export_model
+    from quant.artifacts.export import export_model
 
     out = tmp_path_factory.mktemp("export")
     return {name: export_model(name, out / name)[0] for name in ("dpcrn", "dpcrn-stream")}

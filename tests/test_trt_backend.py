@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 import trt_double
+from quant.artifacts import trt_build
 from quant.backends import trt as backend
-from quant.build import trt_build
+from quant.backends import trt_inputs
 from quant.errors import BackendUnavailable, BuildError, ModelError
 from trt_double import graphs
 from trt_double.fixtures import double, two_inputs  # noqa: F401  (pytest fixtures)
@@ -28,7 +29,7 @@ def _meta(engine: Path) -> dict:
 
 
 def test_import_does_not_import_tensorrt() -> None:
-    code = "import sys, quant.backends.trt, quant.build.trt_build; print('tensorrt' in sys.modules, 'pycuda' in sys.modules)"
+    code = "import sys, quant.backends.trt, quant.artifacts.trt_build; print('tensorrt' in sys.modules, 'pycuda' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]
 
@@ -194,19 +195,19 @@ def test_unknown_model_with_dynamic_time_needs_profiles(double: trt_double.Doubl
 
 
 def test_default_profiles_of_the_known_models() -> None:
-    encoder = trt_build.default_profiles({"speech": (-1, -1, 80), "speech_lengths": (-1,)})
+    encoder = trt_inputs.default_profiles({"speech": (-1, -1, 80), "speech_lengths": (-1,)})
     assert encoder == [{"speech": ((1, 16, 80), (8, 800, 80), (16, 3000, 80)), "speech_lengths": ((1,), (8,), (16,))}]
-    decoder = trt_build.default_profiles({
+    decoder = trt_inputs.default_profiles({
         "encoder_out": (-1, -1, 256), "encoder_out_lens": (-1,), "hyps_pad_sos_eos": (-1, 10, -1),
         "hyps_lens_sos": (-1, 10), "ctc_score": (-1, 10)})[0]
     assert decoder["hyps_pad_sos_eos"] == ((1, 10, 2), (8, 10, 150), (16, 10, 602))
     assert decoder["encoder_out"] == ((1, 4, 256), (8, 200, 256), (16, 750, 256))
     assert "r_hyps_pad_sos_eos" not in decoder
-    assert trt_build.default_profiles({"mix": (-1, 257, 563, 2)}) == [
+    assert trt_inputs.default_profiles({"mix": (-1, 257, 563, 2)}) == [
         {"mix": ((1, 257, 563, 2), (4, 257, 563, 2), (8, 257, 563, 2))}]
     streaming = {"mix": (1, 257, 1, 2), "en_cache1": (1, 2, 1, 257)}
-    assert trt_build.default_profiles(streaming) == []
-    assert trt_build.default_profiles({"mix": (-1, 257, 1, 2), "rnn_cache1": (-1, 33, 128)}) == [
+    assert trt_inputs.default_profiles(streaming) == []
+    assert trt_inputs.default_profiles({"mix": (-1, 257, 1, 2), "rnn_cache1": (-1, 33, 128)}) == [
         {"mix": ((1, 257, 1, 2),) * 3, "rnn_cache1": ((1, 33, 128),) * 3}]
 
 
@@ -354,14 +355,14 @@ def test_cli_build_without_tensorrt_exits_2(monkeypatch: pytest.MonkeyPatch, two
         cli.build_parser()
     except (ImportError, AttributeError) as error:
         pytest.skip(f"the quant CLI is not complete yet: {error}")
-    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
+    monkeypatch.chdir(tmp_path)  # the CLI's default output root (./engines) lands under tmp_path
     trt_double.hide_tensorrt(monkeypatch)
     code = cli.main(["build", str(two_inputs), "--backend", "trt", "--precision", "fp32"])
     assert code == 2
     assert "pip install 'quant[trt]'" in capsys.readouterr().err
 
 
-# ---- orchestration: quant.build.trt_build.build_trt --------------------------------------------------------------
+# ---- orchestration: quant.artifacts.trt_build.build_trt --------------------------------------------------------------
 
 
 def _store_cache_for(onnx_path: Path, store: Path) -> Path:
@@ -379,12 +380,11 @@ def test_build_trt_implicit_int8_with_quant_cache_and_rules(double: trt_double.D
     pytest.importorskip("quant.precision")
     import onnx
 
-    from quant.build.ort_build import streaming_states
+    from quant.artifacts.ort_build import streaming_states
     from quant.precision import load_rules, plan, trt_layer_precisions
 
-    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
     cache = _store_cache_for(two_inputs, tmp_path / "store")
-    options = trt_build.TrtBuildOptions(precision="int8", mode="implicit", cache=cache)
+    options = trt_build.TrtBuildOptions(precision="int8", mode="implicit", cache=cache, out_root=tmp_path / "engines")
     engine = trt_build.build_trt("two", two_inputs, tmp_path / "engines" / "two" / "int8", options)
     assert double.state.calibrator_calls == ["read_calibration_cache"]  # quant's ranges: TensorRT does not calibrate
     model = onnx.load(str(two_inputs))
@@ -399,9 +399,8 @@ def test_build_trt_implicit_int8_with_quant_cache_and_rules(double: trt_double.D
 
 def test_build_trt_explicit_needs_the_ort_build_first(double: trt_double.Double, two_inputs: Path,
                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
     out_dir = tmp_path / "engines" / "two" / "int8"
-    options = trt_build.TrtBuildOptions(precision="int8", mode="explicit")
+    options = trt_build.TrtBuildOptions(precision="int8", mode="explicit", out_root=tmp_path / "engines")
     with pytest.raises(BuildError, match=r"model_trt_qdq.onnx is missing: run quant build MODEL --precision int8"):
         trt_build.build_trt("two", two_inputs, out_dir, options)
     out_dir.mkdir(parents=True)
@@ -451,8 +450,8 @@ def test_build_trt_tensorrt_calibrator_on_real_speech(double: trt_double.Double,
     model.ir_version = 8
     source = tmp_path / "dpcrn.onnx"
     __import__("onnx").save(model, str(source))
-    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
-    options = trt_build.TrtBuildOptions("int8", "implicit", calibrator="tensorrt", manifest=manifest, batch_size=2)
+    options = trt_build.TrtBuildOptions("int8", "implicit", calibrator="tensorrt", manifest=manifest, batch_size=2,
+                                        out_root=tmp_path / "engines")
     trt_build.build_trt("dpcrn", source, tmp_path / "engines" / "dpcrn" / "int8", options)
     batches = double.state.calibration_batches
     assert batches and all(batch["mix"].shape == (2, 257, 563, 2) for batch in batches)
@@ -466,23 +465,24 @@ def test_build_trt_tensorrt_calibrator_on_real_speech(double: trt_double.Double,
 
 def test_quant_build_artifact_hands_off_to_the_backend(double: trt_double.Double, two_inputs: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """quant.build.build_artifact(..., backend="trt") with a `quant calibrate` cache: implicit INT8 uses quant's
+    """quant.artifacts.build_artifact(..., backend="trt") with a `quant calibrate` cache: implicit INT8 uses quant's
     ranges (TensorRT does not calibrate), explicit FP16 builds strongly typed from the ORT build's FP16 ONNX."""
-    artifact = pytest.importorskip("quant.build")
+    artifact = pytest.importorskip("quant.artifacts")
     calibrate = pytest.importorskip("quant.calib.calibrate")
-    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
     rng = np.random.default_rng(0)
     feeds = [{name: rng.standard_normal((4, 3)).astype(np.float32) for name in ("zeta", "alpha")} for _ in range(3)]
     options = calibrate.CalibrateOptions(trt_version="101300")
     entry = calibrate.calibrate(two_inputs, feeds=feeds, out_cache=tmp_path / "two.cache", options=options)
 
+    root = tmp_path / "engines"
     out = artifact.build_artifact(two_inputs, "int8", "trt", mode="implicit", cache=entry.path,
-                                  out_dir=tmp_path / "int8")
+                                  out_dir=tmp_path / "int8", out_root=root)
     assert double.state.calibrator_calls == ["read_calibration_cache"]
     assert {"FP16", "INT8"} <= set(double.state.builds[-1]["flags"])
     assert _meta(out / "model.engine")["calibration"]["cache_hit"] is True
 
-    fp16 = artifact.build_artifact(two_inputs, "fp16", "trt", mode="explicit", out_dir=tmp_path / "fp16")
+    fp16 = artifact.build_artifact(two_inputs, "fp16", "trt", mode="explicit", out_dir=tmp_path / "fp16",
+                                   out_root=root)
     build = double.state.builds[-1]
     built_from = Path(build["onnx_path"])  # the FP16 ONNX of this build, in its temp folder beside fp16/
     assert built_from.name == "model.onnx" and built_from.parent.name.startswith(".fp16.") and build["strongly_typed"]

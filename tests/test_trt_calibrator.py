@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import trt_double
+from quant.artifacts import trt_build
 from quant.backends import trt as backend
-from quant.build import trt_build
 from quant.errors import CacheMismatch, CalibrationError
 from trt_double import graphs
 from trt_double.fixtures import double, two_inputs  # noqa: F401  (pytest fixtures)
@@ -180,26 +180,33 @@ def _key(onnx_path: Path, data: str) -> object:
                            versions={"quant": "test"})
 
 
+def _store(onnx_path: Path, key: object, store: Path) -> object:
+    """The cache IO quant's TensorRT builds use for a key (the backend itself knows no store)."""
+    return trt_build.cache_io_for(onnx_path, key, trt_version=str(backend.require_tensorrt().__version__),
+                                  store_dir=store)
+
+
 def test_store_round_trip_and_mismatch(double: trt_double.Double, two_inputs: Path, tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("quant.calib.cache")
-    monkeypatch.setenv("QUANT_ENGINES", str(tmp_path / "engines"))
+    store = tmp_path / "engines" / "cache"
     key = _key(two_inputs, "a" * 64)
-    backend.build_engine(two_inputs, tmp_path / "a", "int8", feeds=_feeds(2), cache_key=key)
+    backend.build_engine(two_inputs, tmp_path / "a", "int8", feeds=_feeds(2), cache_io=_store(two_inputs, key, store))
     stored = list((tmp_path / "engines" / "cache").glob("*.cache"))
     assert len(stored) == 1 and stored[0].read_bytes() == double.state.cache_written
     assert stored[0].with_name(stored[0].name + ".json").is_file()
 
     calls = len(double.state.calibrator_calls)
-    engine = backend.build_engine(two_inputs, tmp_path / "b", "int8", cache_key=key)  # hit: no feeds needed
+    engine = backend.build_engine(two_inputs, tmp_path / "b", "int8", cache_io=_store(two_inputs, key, store),
+                                  meta={"cache_key": key.to_dict()})  # hit: no feeds needed
     assert double.state.calibrator_calls[calls:] == ["read_calibration_cache"]
     assert __import__("json").loads(backend.meta_path_of(engine).read_text())["cache_key"]["data_sha256"] == "a" * 64
 
     other = _key(two_inputs, "b" * 64)  # another calibration set: the stored cache must not be used
     with pytest.raises(CalibrationError, match="needs calibration feeds"):
-        backend.build_engine(two_inputs, tmp_path / "c", "int8", cache_key=other)
+        backend.build_engine(two_inputs, tmp_path / "c", "int8", cache_io=_store(two_inputs, other, store))
     calls = len(double.state.calibrator_calls)
-    backend.build_engine(two_inputs, tmp_path / "c", "int8", feeds=_feeds(1), cache_key=other)
+    backend.build_engine(two_inputs, tmp_path / "c", "int8", feeds=_feeds(1), cache_io=_store(two_inputs, other, store))
     assert "get_batch" in double.state.calibrator_calls[calls:]
     assert len(list((tmp_path / "engines" / "cache").glob("*.cache"))) == 2
 
@@ -221,4 +228,5 @@ def test_named_cache_file_must_belong_to_the_model(double: trt_double.Double, tw
     trt_build.StoreCacheIO(tmp_path, key, "other").write(b"TRT-101300-EntropyCalibration2\nalpha: 3c010204\n")
     cache_file = next(tmp_path.glob("*.cache"))
     with pytest.raises(CacheMismatch, match="re-run quant calibrate"):
-        backend.build_engine(two_inputs, tmp_path / "out", "int8", calibration_cache=cache_file)
+        backend.build_engine(two_inputs, tmp_path / "out", "int8",
+                             cache_io=trt_build.cache_io_for(two_inputs, calibration_cache=cache_file))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CHECKED = ("quant/backends/trt.py", "quant/build/trt_build.py")
+CHECKED = ("quant/backends/trt.py", "quant/backends/trt_inputs.py", "quant/artifacts/trt_build.py")
 GOOD_LINE = "config.set_flag(trt.BuilderFlag.FP16)"
 BAD_LINE = "config.set_flag(trt.BuilderFlag.NOT_A_FLAG)"
 

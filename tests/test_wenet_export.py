@@ -7,13 +7,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from quant.artifacts.wenet_export import check_onnx_file, export_wenet, verify_wenet
 from quant.data.audio import load_audio
 from quant.decoding import ctc_prefix_beam_search_topk, hyps_to_decoder_inputs
 from quant.errors import ModelError
 from quant.features import fbank, pad_features
 from quant.models.conformer import Conformer, ConformerConfig, WenetDecoder, WenetEncoder, checkpoint_dict, load_conformer
 from quant.models.tokenizer import CharTokenizer
-from quant.models.wenet_export import check_onnx_file, export_wenet, verify_wenet
 
 DATA = Path(__file__).parent / "data"
 INT32, INT64, FLOAT = onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.FLOAT

@@ -1,6 +1,6 @@
 """PyTorch eager baseline: the project's modules behind the Runner interface, with the ONNX graphs' tensor names.
 
-Graphs (named like the ONNX files of quant.models.export): `dpcrn` (mix -> enh), `dpcrn_stream` (mix + STREAM_STATES
+Graphs (named like the ONNX files of quant.artifacts.export): `dpcrn` (mix -> enh), `dpcrn_stream` (mix + STREAM_STATES
 -> enh + <state>_out), `encoder` (WeNet encoder I/O), `decoder` (WeNet rescoring decoder I/O).
 """
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Protocol, Se
 
 import numpy as np
 
+from quant.backends.trt_inputs import as_feed_dicts, check_onnx_for_mode, default_profiles, load_layer_precisions
 from quant.errors import BackendUnavailable, BuildError, CalibrationError, ModelError
 from quant.fileio import atomic_write_bytes, atomic_write_json
 
@@ -619,8 +620,6 @@ def build_engine(
     *,
     engine_path: Path | None = None,
     feeds: Iterable[Feed] | Any = None,
-    cache_key: Any = None,
-    calibration_cache: Path | None = None,
     cache_io: CalibrationCacheIO | None = None,
     layer_precisions: Mapping[str, str] | Sequence[tuple[str, str]] | Path | None = None,
     constraints: str = "obey",
@@ -633,25 +632,22 @@ def build_engine(
 
     precision fp32 | fp16 | int8; mode implicit (TensorRT <= 10: builder flags, calibrator, layer precision) or
     explicit (the ONNX carries the precisions: Q/DQ or FP16 ONNX; strongly typed on >= 10).
-    Implicit INT8 calibration: `feeds` (iterable of {input: array} with fixed shapes, or a TrtFeedSource) and a
-    cache: `calibration_cache` (a file whose key must name this ONNX), `cache_key` (quant's store under
-    engines/cache: read on an exact hit, written after calibrating) or a ready `cache_io`.
+    Implicit INT8 calibration: `feeds` (iterable of {input: array} with fixed shapes, or a TrtFeedSource) and/or
+    `cache_io` (read/write of a calibration cache; quant.artifacts.trt_build.cache_io_for makes one for a named
+    cache file or quant's keyed store: this backend knows no store).
     `layer_precisions`: ONNX node -> fp32 | fp16 (quant.precision's TensorRT list, or a JSON file of it).
-    `profiles`: [{input: (min, opt, max)}]; default: the known models' profiles (quant.build.trt_build).
+    `profiles`: [{input: (min, opt, max)}]; default: the known models' profiles (trt_inputs.default_profiles).
+    `meta` goes into `<engine>.json` (its "cache_key" is None unless the caller names the key it calibrated under).
     """
-    from quant.build import trt_build
-
     version = str(require_tensorrt().__version__)
     onnx_path = Path(onnx_path)
     engine_path = _engine_path(out_dir, engine_path)
-    rules = trt_build.load_layer_precisions(layer_precisions)
+    rules = load_layer_precisions(layer_precisions)
     check_mode(capabilities(version), precision, mode, any(p in ("fp32", "fp16") for p in rules.values()))
-    trt_build.check_onnx_for_mode(onnx_path, precision, mode)
-    if cache_io is None and precision == "int8" and mode == "implicit":
-        cache_io = trt_build.cache_io_for(onnx_path, cache_key, calibration_cache, version)
+    check_onnx_for_mode(onnx_path, precision, mode)
     spec = make_spec(precision, mode, rules, constraints, profiles or (), workspace_bytes)
-    extra = {**dict(meta or {}), "cache_key": cache_key.to_dict() if hasattr(cache_key, "to_dict") else cache_key}
-    return _build(onnx_path, engine_path, spec, trt_build.as_feed_dicts(feeds), cache_io, timing_cache_path, extra)
+    extra = {"cache_key": None, **dict(meta or {})}
+    return _build(onnx_path, engine_path, spec, as_feed_dicts(feeds), cache_io, timing_cache_path, extra)
 
 
 def _engine_path(out_dir: Path | None, engine_path: Path | None) -> Path:
@@ -695,8 +691,6 @@ def _build(
 def _with_default_profiles(spec: EngineSpec, inputs: Mapping[str, Shape]) -> EngineSpec:
     if spec.profiles:
         return spec
-    from quant.build.trt_build import default_profiles
-
     profiles = default_profiles(inputs)
     return make_spec(spec.precision, spec.mode, dict(spec.layer_precisions), spec.constraints, profiles,
                      spec.workspace_bytes)

@@ -28,7 +28,7 @@ from quant.calib.cache import (CacheEntry, CacheKey, check_entry, ensure_writabl
 from quant.calib.ranges import FeedSource, RangeOptions, collect_ranges, method_params
 from quant.errors import CacheMismatch, CalibrationError
 from quant.fileio import sha256_file
-from quant.paths import engines_dir
+from quant.paths import DEFAULT_OUT_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class CalibrateOptions:
     force: bool = False  # overwrite a cache at the output path whose key differs
     trt_version: str | None = None  # header version digits; default: installed TensorRT or cache.DEFAULT_TRT_VERSION
     reader: Any = None  # quant.calib.readers.ReaderOptions (batch size, frame stride, limit...); part of the key
+    out_root: Path = DEFAULT_OUT_ROOT  # the cache store is out_root/cache (when no out_cache is given)
 
     def __post_init__(self) -> None:  # anything else in the header makes a cache no reader (quant's, TensorRT's) reads
         if self.trt_version is not None and not re.fullmatch(r"[0-9]+", self.trt_version):
@@ -77,9 +78,9 @@ class CalibrateOptions:
                                    f"got {self.trt_version!r}")
 
 
-def default_store() -> Path:
-    """The cache store: engines/cache/ (QUANT_ENGINES moves engines/)."""
-    return engines_dir() / "cache"
+def default_store(out_root: Path = DEFAULT_OUT_ROOT) -> Path:
+    """The cache store under an output root: engines/cache/ by default."""
+    return Path(out_root) / "cache"
 
 
 def calibrate(
@@ -112,7 +113,7 @@ def calibrate(
         onnx_path = qdq_graph(onnx_path, feeds)
         source = feeds
         key = make_key(onnx_path, method, options.ranges, manifest, source)
-    target = Path(out_cache) if out_cache is not None else store_path(default_store(), key, onnx_path.stem)
+    target = Path(out_cache) if out_cache is not None else store_path(default_store(options.out_root), key, onnx_path.stem)
     reused = _reuse(target, key, options.force)
     if reused is not None:
         return reused
@@ -124,9 +125,9 @@ def calibrate(
 
 
 def qdq_graph(onnx_path: Path, check_feeds: FeedSource) -> Path:
-    """The graph to calibrate: below opset 13 (no per-channel Q/DQ) the upgrade that quant.build.opset writes beside
+    """The graph to calibrate: below opset 13 (no per-channel Q/DQ) the upgrade that quant.calib.opset writes beside
     it, checked on the first of `check_feeds`; the build quantizes that same file, so the cache key names it."""
-    from quant.build.opset import MIN_QDQ_OPSET, ensure_opset
+    from quant.calib.opset import MIN_QDQ_OPSET, ensure_opset
 
     feeds = check_feeds() if callable(check_feeds) else check_feeds
     return ensure_opset(onnx_path, MIN_QDQ_OPSET, onnx_path.parent, feeds).path

@@ -149,7 +149,7 @@ class StreamingStateReader:
 
     def __iter__(self) -> Iterator[Feed]:
         from quant.backends.ort import OrtRunner
-        from quant.build.graph import state_pairs
+        from quant.onnxgraph.graph import state_pairs
 
         runner = OrtRunner(self.onnx_path, threads=self.threads)
         pairs = state_pairs(runner.input_names, runner.output_names, dict(self.states) if self.states else None)
@@ -474,7 +474,7 @@ def _generic_reader(path: Path, manifest: str | Path, opts: ReaderOptions) -> It
         steps = fixed_time_steps(path, input_name, opts.feature)
         return GenericReader(_audio(manifest, opts), input_name, opts.feature, opts.batch_size, opts.length_name,
                              time_steps=steps)
-    from quant.build.graph import state_pairs
+    from quant.onnxgraph.graph import state_pairs
 
     outputs = _output_names(path)
     if state_pairs(inputs, outputs, dict(opts.states) if opts.states else None):

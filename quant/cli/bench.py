@@ -24,11 +24,9 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quant.paths import engines_dir
     from quant.pipeline import run_all
 
     options = options_from(args, command_line())
-    root = options.out_dir or engines_dir()
-    options = replace(options, accuracy=False, report_dir=root / "bench",
+    options = replace(options, accuracy=False, report_dir=options.out_dir / "bench",
                       se_utterances=BENCH_UTTERANCES, asr_utterances=BENCH_UTTERANCES)
     return print_outcome(run_all(options))

@@ -40,7 +40,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quant.build import build_artifact
+    from quant.artifacts import build_artifact
 
     out_dir = build_artifact(
         args.model, args.precision, args.backend, mode=args.mode, cache=args.cache, rules=args.rules,

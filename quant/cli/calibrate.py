@@ -51,7 +51,7 @@ def resolve_model(model: str) -> tuple[str | None, Path]:
     path = Path(model)
     if path.suffix == ".onnx":
         return None, path
-    from quant.build.artifact import resolve_model as resolve_known
+    from quant.artifacts.artifact import resolve_model as resolve_known
 
     _, onnx_path = resolve_known(model)
     return model, onnx_path

@@ -36,7 +36,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quant.models.export import export_model
+    from quant.artifacts.export import export_model
 
     paths = export_model(args.model, args.out_dir, opset=args.opset, weights=args.weights)
     for path in paths:

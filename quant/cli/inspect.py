@@ -23,7 +23,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quant.build.inspect import inspect_model
+    from quant.artifacts.inspect import inspect_model
 
     report = inspect_model(args.model, args.precision, args.rules, args.backend)
     print("\n".join(report.lines()))

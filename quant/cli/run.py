@@ -25,7 +25,7 @@ def add_selection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int_list, help="ORT/PyTorch thread counts to time (default 1,2)")
     parser.add_argument("--runs", type=positive_int, help="timed runs per latency measurement (default 200; --quick 20)")
     parser.add_argument("--stream-runs", type=positive_int, help="timed streaming frames (default 1000; --quick 100)")
-    parser.add_argument("--output", type=Path, help="engines folder (default ./engines or $QUANT_ENGINES)")
+    parser.add_argument("--output", type=Path, help="output root: exports, cache store, artifacts, reports (default ./engines)")
     parser.add_argument("--force", action="store_true", help="ignore up-to-date stamps: re-export, rebuild, re-evaluate")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -7,6 +7,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from quant.cli.options import positive_int
+
 MODELS_HELP = "dpcrn, dpcrn-stream, wenet-encoder, or a DPCRN-shaped .onnx file (with --cache)"
 
 
@@ -22,10 +24,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--budget", required=True,
                         help="METRIC=VALUE: pesq_wb=-0.05, stoi=-0.01, cer=+0.3 (percentage points), snr_db=25 "
                         "(floor on output SNR vs FP32)")
-    parser.add_argument("--validation", type=int, help="utterances of the validation half (default: all of it)")
-    parser.add_argument("--held-out", type=int, help="utterances of the held-out half (default: all of it)")
-    parser.add_argument("--max-evals", type=int, default=60, help="candidate builds, all steps together (default 60)")
-    parser.add_argument("--top", type=int, default=6,
+    parser.add_argument("--validation", type=positive_int, help="utterances of the validation half (default: all of it)")
+    parser.add_argument("--held-out", type=positive_int, help="utterances of the held-out half (default: all of it)")
+    parser.add_argument("--max-evals", type=positive_int, default=60, help="candidate builds, all steps together (default 60)")
+    parser.add_argument("--top", type=positive_int, default=6,
                         help="units whose sensitivity is measured on the task metric after the SNR ranking (default 6)")
     parser.add_argument("--cache", type=Path, help="calibration cache (default: the cache store / a fresh one)")
     parser.add_argument("--rules", type=Path, help="base precision rules (default: shipped rules)")
@@ -34,12 +36,12 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quant.paths import engines_dir
+    from quant.paths import DEFAULT_OUT_ROOT
     from quant.search import SearchOptions, parse_budget, run_search, write_outputs
     from quant.search.models import Split, reference_problem
 
     budget = parse_budget(args.budget)
-    out_dir = args.output or engines_dir() / "search" / Path(str(args.model)).stem
+    out_dir = args.output or DEFAULT_OUT_ROOT / "search" / Path(str(args.model)).stem
     problem = reference_problem(args.model, out_dir, Split(args.validation, args.held_out), args.cache, args.rules)
     result = run_search(problem, SearchOptions(budget, args.max_evals, args.top), out_dir)
     command = "quant search " + " ".join(shlex.quote(a) for a in _argv(args))

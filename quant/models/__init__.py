@@ -1,1 +1,1 @@
-"""Plain PyTorch models (DPCRN, WeNet-style conformer) and their checked ONNX export (quant.models.export)."""
+"""Plain PyTorch models (DPCRN, WeNet-style conformer); their checked ONNX export is quant.artifacts.export."""

@@ -1,5 +1,5 @@
 """The search's callables for today's reference models (dpcrn, dpcrn-stream, wenet-encoder) and any ONNX file
-with a calibration cache: builds through quant.build.build_artifact, evaluation through quant.eval.se / asr on the
+with a calibration cache: builds through quant.artifacts.build_artifact, evaluation through quant.eval.se / asr on the
 committed test sets (first half: validation; second half: held out). A model spec (issue 10) plugs in the same
 way: it needs a Builder, the three Evaluators and timing feeds."""
 
@@ -35,7 +35,7 @@ class ArtifactBuilder:
     cache: Path | None = None
 
     def __call__(self, rules: Path, out_dir: Path) -> Path:
-        from quant.build.artifact import build_artifact
+        from quant.artifacts.artifact import build_artifact
 
         return build_artifact(self.model, "int8", rules=rules, out_dir=out_dir, cache=self.cache)
 
@@ -132,7 +132,7 @@ def halves(items: Sequence[Any], split: Split) -> tuple[list[Any], list[Any]]:
 def reference_problem(model: str, out_dir: Path, split: Split, cache: Path | None = None,
                       rules: Path | None = None, rounds: int = 15) -> Problem:
     """The search problem for a reference model name or an SE ONNX file shaped like DPCRN."""
-    from quant.build.artifact import build_artifact, resolve_model
+    from quant.artifacts.artifact import build_artifact, resolve_model
     from quant.precision import load_rules
 
     name, source = resolve_model(model)
@@ -151,7 +151,7 @@ def _task_callables(name: str, fp32: Path, split: Split) -> tuple[Any, Any, Any,
     from quant.paths import calib_data_dir
 
     if name in ASR_MODELS:
-        from quant.build.artifact import resolve_model
+        from quant.artifacts.artifact import resolve_model
         from quant.eval.asr import encoder_feeds, load_samples
 
         samples = load_samples(str(calib_data_dir() / "asr_test" / "manifest.jsonl"))

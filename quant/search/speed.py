@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from quant.backends.ort import OrtRunner, make_session
-from quant.build.graph import ensure_node_names
+from quant.onnxgraph.graph import ensure_node_names
 from quant.errors import ModelError
 from quant.search.units import Unit
 

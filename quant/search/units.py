@@ -16,7 +16,7 @@ from typing import Iterable, Mapping
 
 import onnx
 
-from quant.build.ort_build import streaming_states
+from quant.artifacts.ort_build import streaming_states
 from quant.fileio import atomic_write_text
 from quant.precision import DEFAULT_REASON, Rule, plan
 

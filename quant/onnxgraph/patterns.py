@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import onnx
 
-from quant.build.graph import LAYOUT_OPS, GraphIndex, state_pairs
+from quant.onnxgraph.graph import LAYOUT_OPS, GraphIndex, state_pairs
 
 ARITHMETIC_OPS = frozenset({"Mul", "Sub", "Add", "Div", "Neg"})
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})

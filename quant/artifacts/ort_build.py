@@ -12,12 +12,12 @@ from typing import Any, Mapping
 
 import onnx
 
+from quant.artifacts.calibration import TensorRange
+from quant.artifacts.qdq import insert_qdq, sort_topologically, unwrap_float_nodes
 from quant.backends import ort as ort_backend
-from quant.build.calibration import TensorRange
-from quant.build.graph import detach_graph_outputs, ensure_node_names, index_graph, remove_identities, state_pairs
-from quant.build.qdq import insert_qdq, sort_topologically, unwrap_float_nodes
 from quant.errors import BuildError, CalibrationError, ModelError
 from quant.fileio import atomic_write_bytes, temp_path_beside
+from quant.onnxgraph.graph import detach_graph_outputs, ensure_node_names, index_graph, remove_identities, state_pairs
 from quant.precision import PrecisionPlan, fp16_block_lists, ort_quant_spec, qdq_sites, trt_layer_precisions
 
 log = logging.getLogger(__name__)

@@ -74,7 +74,7 @@ def export_model(
         raise ModelError(f"opset {opset} is not supported; expected one of {SUPPORTED_OPSETS}")
     target_dir = Path(out_dir)
     if name == "wenet":
-        wenet_export = importlib.import_module("quant.models.wenet_export")
+        wenet_export = importlib.import_module("quant.artifacts.wenet_export")
         paths: list[Path] = wenet_export.export_wenet(target_dir, opset, weights)
         return paths
     model = load_dpcrn(weights)

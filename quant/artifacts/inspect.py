@@ -12,8 +12,8 @@ from typing import Mapping
 import onnx
 
 from quant.backends import ort as ort_backend
-from quant.build.graph import state_pairs
 from quant.errors import ModelError
+from quant.onnxgraph.graph import state_pairs
 from quant.precision import PrecisionPlan, load_rules, plan
 
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})

@@ -217,8 +217,8 @@ def _weights_sha256(weights: str | os.PathLike[str] | None) -> str | None:
 
 
 def _write_meta(out: Path, model: Conformer, weights_sha256: str | None, opset: int, paths: list[Path]) -> Path:
-    """meta.json through quant.models.export.write_export_meta, plus the facts a WeNet runtime needs to decode."""
-    from quant.models.export import write_export_meta
+    """meta.json through quant.artifacts.export.write_export_meta, plus the facts a WeNet runtime needs to decode."""
+    from quant.artifacts.export import write_export_meta
 
     meta_path = write_export_meta(out, "wenet", model.config.to_dict(), weights_sha256, opset, paths)
     meta = json.loads(meta_path.read_text())

@@ -1,4 +1,4 @@
-"""build_artifact (the implementation behind quant.build.build_artifact): one model at one precision -> engines/<model>/<precision>/ with model.onnx and meta.json.
+"""build_artifact (the implementation behind quant.artifacts.build_artifact): one model at one precision -> engines/<model>/<precision>/ with model.onnx and meta.json.
 
 The folder is replaced whole (quant.fileio.atomic_folder) and meta.json records the sha256 of every file beside it;
 verify_artifact checks a folder against it before quant reuses it.
@@ -21,19 +21,19 @@ import numpy as np
 import onnx
 
 from quant import __version__
-from quant.build.calibration import TensorRange, ranges_from_cache
-from quant.build.opset import MIN_QDQ_OPSET, UpgradeResult, ensure_opset
-from quant.build.ort_build import (
+from quant.artifacts.calibration import TensorRange, ranges_from_cache
+from quant.artifacts.ort_build import (
     build_fp16, build_fp32, build_int8_ort, build_int8_trt_qdq, check_int8_kernels, kernel_report, streaming_states,
 )
+from quant.calib.opset import MIN_QDQ_OPSET, UpgradeResult, ensure_opset
 from quant.errors import BuildError, ModelError
 from quant.fileio import atomic_folder, atomic_write_json, sha256_bytes, sha256_file
-from quant.paths import engines_dir
+from quant.paths import DEFAULT_OUT_ROOT
 from quant.precision import DEFAULT_RULES_PATH, load_rules, plan
 
 log = logging.getLogger(__name__)
 
-# model name -> (export name given to quant.models.export.export_model, export folder, file name)
+# model name -> (export name given to quant.artifacts.export.export_model, export folder, file name)
 KNOWN_MODELS = {
     "dpcrn": ("dpcrn", "dpcrn", "dpcrn.onnx"),
     "dpcrn-stream": ("dpcrn-stream", "dpcrn-stream", "dpcrn_stream.onnx"),
@@ -56,7 +56,8 @@ class BuildOptions:
     mode: str = "explicit"  # TensorRT: explicit (Q/DQ) | implicit (calibration cache + layer precision, TRT <= 10)
     cache: Path | None = None
     rules: Path | None = None
-    out_dir: Path | None = None
+    out_dir: Path | None = None  # default out_root/<model>/<precision>
+    out_root: Path = DEFAULT_OUT_ROOT  # exports of known models (export/), the cache store (cache/), artifacts
     optimize_fp32: bool = False
     activation_uint8: bool = True
     per_channel: bool = True
@@ -75,12 +76,13 @@ class BuildOptions:
                 raise BuildError(f"{label} {value!r} is not one of {', '.join(allowed)}")
 
 
-def resolve_model(model: str | Path, export: bool = True) -> tuple[str, Path]:
-    """(model name, ONNX path): a known model name (exported on demand) or a path to any ONNX file."""
+def resolve_model(model: str | Path, export: bool = True, out_root: Path = DEFAULT_OUT_ROOT) -> tuple[str, Path]:
+    """(model name, ONNX path): a known model name (exported on demand under out_root/export/) or a path to any ONNX
+    file."""
     name = str(model)
     if name in KNOWN_MODELS:
         export_name, folder, file_name = KNOWN_MODELS[name]
-        path = engines_dir() / "export" / folder / file_name
+        path = Path(out_root) / "export" / folder / file_name
         if not path.is_file() and export:
             _export(export_name, path.parent)
         if not path.is_file():
@@ -94,9 +96,9 @@ def resolve_model(model: str | Path, export: bool = True) -> tuple[str, Path]:
 
 def _export(export_name: str, out_dir: Path) -> None:
     try:
-        from quant.models.export import export_model
+        from quant.artifacts.export import export_model
     except ImportError as error:
-        raise ModelError(f"cannot export {export_name!r}: quant.models.export is not available ({error})") from None
+        raise ModelError(f"cannot export {export_name!r}: quant.artifacts.export is not available ({error})") from None
     log.info("exporting %s to %s", export_name, out_dir)
     export_model(export_name, out_dir)
 
@@ -111,8 +113,8 @@ def build_artifact(model: str | Path, precision: str, backend: str = "ort", **op
         from quant.backends.trt import require_tensorrt
 
         require_tensorrt()  # a missing TensorRT fails before any export, calibration or ORT build
-    name, source = resolve_model(model)
-    out_dir = opts.out_dir or engines_dir() / name / precision
+    name, source = resolve_model(model, out_root=opts.out_root)
+    out_dir = opts.out_dir or opts.out_root / name / precision
     check_replaceable(out_dir)
     with atomic_folder(out_dir) as work:
         meta = _build_into(work, name, source, opts)
@@ -205,7 +207,7 @@ def _build_int8(name: str, upgrade: UpgradeResult, source_model: onnx.ModelProto
     """INT8 of `upgrade.path` (the source, or its opset upgrade); per-tensor weights where opset < 13."""
     model = _load(upgrade.path) if upgrade.upgraded else source_model
     per_channel = opts.per_channel and upgrade.per_channel
-    ranges, cache_meta = load_ranges(name, upgrade.path, opts.cache, opts.method)
+    ranges, cache_meta = load_ranges(name, upgrade.path, opts.cache, opts.method, opts.out_root)
     states = streaming_states(model)
     ort_plan = plan(model, rules, "int8", "ort", states)
     trt_plan = plan(model, rules, "int8", "trt", states)
@@ -221,16 +223,16 @@ def _build_int8(name: str, upgrade: UpgradeResult, source_model: onnx.ModelProto
     return meta
 
 
-def load_ranges(name: str, source: Path, cache: Path | None, method: str | None = None
-                ) -> tuple[dict[str, TensorRange], dict[str, Any]]:
+def load_ranges(name: str, source: Path, cache: Path | None, method: str | None = None,
+                out_root: Path = DEFAULT_OUT_ROOT) -> tuple[dict[str, TensorRange], dict[str, Any]]:
     """Ranges (amax with the observed min/max of the cache's sidecar) from the given calibration cache (its key must
-    name this model file), or, without one, from the cache store under engines/cache/ via quant.calib.calibrate
+    name this model file), or, without one, from the cache store under out_root/cache/ via quant.calib.calibrate
     (reused on an exact key hit, else calibrated on the model's committed calibration set with `method`, default the
     model's quant.calib.calibrate.default_method)."""
     if cache is not None:
         return ranges_from_cache(cache, source)
     try:
-        from quant.calib.calibrate import calibrate
+        from quant.calib.calibrate import CalibrateOptions, calibrate
     except ImportError as error:
         raise BuildError(f"no --cache given and calibration is not available here ({error}); "
                          f"pass --cache CACHE from `quant calibrate`") from None
@@ -238,7 +240,7 @@ def load_ranges(name: str, source: Path, cache: Path | None, method: str | None 
     if kind is None:
         raise BuildError(f"{source}: INT8 of a model quant does not know needs --cache from `quant calibrate "
                          f"{source} --data MANIFEST`")
-    entry = calibrate(source, kind, None, method)
+    entry = calibrate(source, kind, None, method, options=CalibrateOptions(out_root=out_root))
     return ranges_from_cache(entry.path, source)
 
 
@@ -263,15 +265,15 @@ def _base_meta(name: str, source: Path, opts: BuildOptions, rules_sha: str) -> d
 
 
 def _build_trt(name: str, source: Path, out_dir: Path, opts: BuildOptions, cache: Path | None) -> dict[str, Any]:
-    """Hand the artifact to quant.build.trt_build.build_trt (TensorRT imported lazily, in quant.backends.trt).
+    """Hand the artifact to quant.artifacts.trt_build.build_trt (TensorRT imported lazily, in quant.backends.trt).
 
     explicit: the ONNX carries the precisions (int8: model_trt_qdq.onnx; fp16: the FP16 model.onnx just written);
     implicit (TensorRT <= 10): the FP32 source, builder flags, the rules' layer precisions and, for INT8, the
     calibration cache this build's ranges came from (quant's ranges, so TensorRT does not calibrate again)."""
-    from quant.build.trt_build import TrtBuildOptions, build_trt, engine_onnx
+    from quant.artifacts.trt_build import TrtBuildOptions, build_trt, engine_onnx
 
     trt_opts = TrtBuildOptions(precision=opts.precision, mode=opts.mode, constraints=opts.constraints, cache=cache,
-                               rules=opts.rules, method=opts.method)
+                               rules=opts.rules, method=opts.method, out_root=opts.out_root)
     engine = build_trt(name, source, out_dir, trt_opts)
     onnx_path = engine_onnx(out_dir, source, opts.precision, opts.mode)
     return {"engine": str(engine), "onnx": str(onnx_path), "mode": opts.mode}

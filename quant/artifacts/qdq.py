@@ -19,8 +19,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from quant.build.calibration import INT8_MAX
-from quant.build.opset import MIN_QDQ_OPSET, default_opset
+from quant.artifacts.calibration import INT8_MAX
+from quant.calib.opset import MIN_QDQ_OPSET, default_opset
 from quant.errors import BuildError, CalibrationError
 from quant.precision import QdqSite
 
@@ -86,7 +86,7 @@ def insert_qdq(model: onnx.ModelProto, sites: Iterable[QdqSite], amax: Mapping[s
     weights = {i.name: i for i in graph.initializer}
     if per_channel and default_opset(result) < MIN_QDQ_OPSET:
         raise BuildError(f"per-channel Q/DQ needs opset >= {MIN_QDQ_OPSET}, the model has {default_opset(result)}; "
-                         f"upgrade it (quant.build.opset.ensure_opset) or quantize weights per tensor")
+                         f"upgrade it (quant.calib.opset.ensure_opset) or quantize weights per tensor")
     site_list = [s for s in sites if not s.is_weight or s.tensor in weights]
     missing = [s.tensor for s in site_list if not s.is_weight and not amax.get(s.tensor)]
     if missing:
