@@ -1,7 +1,8 @@
-"""results.json is the single source; results.md, results.csv and tradeoff.png are rendered from it.
+"""results.json is the single source; results.md, results.csv, tradeoff.png and report.html are rendered from it.
 
 Modules: rows (a row's shape and derived values), targets (goals as data), compare (paired changes vs FP32),
-goals (goal evaluation), tables (markdown, CSV, console summary), plots (matplotlib figures).
+goals (goal evaluation), tables (markdown, CSV, console summary), plots (tradeoff.png), html (report.html) with
+the artifacts it reads (artifacts), its figures (figures) and its enhanced examples (examples).
 Ratios (vs FP32 ONNX Runtime, vs PyTorch eager) and the issue's goals are derived here. Each row's accuracy change
 against its FP32 reference (paired over utterances, 95 % bootstrap interval: quant.eval.stats) is derived here too;
 write_results stores it in results.json as the row's "vs_fp32" for other tools, but rendering always recomputes it
@@ -21,6 +22,7 @@ from quant.fileio import atomic_write_bytes, atomic_write_json, atomic_write_tex
 from quant.report.compare import (CHANGE_METRICS, Comparison, budget_for, change_metric, compare, comparisons,
                                   format_change, reference_row, verdict_text, with_comparisons)
 from quant.report.goals import Goal, goals
+from quant.report.html import HtmlOptions, render_html
 from quant.report.plots import PlotPoint, metric_limits, place_labels, plot_points, reference_lines, render_plot
 from quant.report.rows import (BACKEND_ORDER, MODELS, METRIC_SCALE, PRECISION_ORDER, SCHEMA, TASK_COLUMNS, Row,
                                RowKey, batch_latency, find_row, graph_latency, min_snr_db, ok_rows, primary_latency,
@@ -30,10 +32,10 @@ from quant.report.targets import ACCURACY_BUDGETS
 
 __all__ = [
     "ACCURACY_BUDGETS", "BACKEND_ORDER", "CHANGE_METRICS", "CSV_FIELDS", "METRIC_SCALE", "MODELS", "PRECISION_ORDER",
-    "SCHEMA", "TASK_COLUMNS", "Comparison", "Goal", "PlotPoint", "ReportError", "Row", "RowKey", "batch_latency",
+    "SCHEMA", "TASK_COLUMNS", "Comparison", "Goal", "HtmlOptions", "PlotPoint", "ReportError", "Row", "RowKey", "batch_latency",
     "budget_for", "change_metric", "compare", "comparisons", "find_row", "format_change", "goals", "graph_latency",
     "load_results", "metric_limits", "min_snr_db", "ok_rows", "place_labels", "plot_points", "primary_latency",
-    "ratio", "reference_lines", "reference_row", "render", "render_csv", "render_markdown", "render_plot",
+    "ratio", "reference_lines", "reference_row", "render", "render_csv", "render_html", "render_markdown", "render_plot",
     "row_key", "simulation_note", "sorted_rows", "summary_lines", "task_kind", "task_value", "verdict_text",
     "with_comparisons", "write_results",
 ]
@@ -52,21 +54,25 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     return results
 
 
-def write_results(results: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """Write results.json and render results.md, results.csv and tradeoff.png beside it (all atomically)."""
+def write_results(results: Mapping[str, Any], out_dir: str | os.PathLike[str],
+                  html: HtmlOptions = HtmlOptions()) -> dict[str, Path]:
+    """Write results.json and render results.md, results.csv, tradeoff.png and report.html beside it (all
+    atomically)."""
     folder = Path(out_dir)
     clean = _finite(with_comparisons(results))
     paths = {"json": atomic_write_json(folder / "results.json", clean)}
-    paths.update(render(clean, folder))
+    paths.update(render(clean, folder, html))
     return paths
 
 
-def render(results: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+def render(results: Mapping[str, Any], out_dir: str | os.PathLike[str],
+           html: HtmlOptions = HtmlOptions()) -> dict[str, Path]:
     folder = Path(out_dir)
     return {
         "md": atomic_write_text(folder / "results.md", render_markdown(results)),
         "csv": atomic_write_text(folder / "results.csv", render_csv(results)),
         "png": atomic_write_bytes(folder / "tradeoff.png", render_plot(results)),
+        "html": atomic_write_text(folder / "report.html", render_html(results, html)),
     }
 
 

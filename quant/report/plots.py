@@ -113,9 +113,10 @@ def _marker_box(ax: Any, point: PlotPoint, half_px: float = 5.0) -> Any:
     return Bbox.from_extents(x - half_px, min(low, high) - half_px, x + half_px, max(low, high) + half_px)
 
 
-def render_plot(results: Mapping[str, Any]) -> bytes:
-    """PNG: primary task metric vs mean latency (1 thread), one panel per model, one marker per backend, error bars
-    for the 95 % interval of each row's change vs FP32, reference lines for FP32 and the noisy input."""
+def render_plot(results: Mapping[str, Any], models: Sequence[str] | None = None) -> bytes:
+    """PNG: primary task metric vs mean latency (1 thread), one panel per model (all, or `models`), one marker per
+    backend, error bars for the 95 % interval of each row's change vs FP32, reference lines for FP32 and the noisy
+    input, and the searched configurations with their frontier where results.json has a "search" entry."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,14 +124,15 @@ def render_plot(results: Mapping[str, Any]) -> bytes:
 
     rows = ok_rows(results)
     changes = comparisons(results)
-    models = [m for m in MODELS if any(r["model"] == m for r in rows)] or ["(no results)"]
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.5), squeeze=False)
+    shown = [m for m in MODELS if any(r["model"] == m for r in rows) and (models is None or m in models)]
+    shown = shown or ["(no results)"]
+    fig, axes = plt.subplots(1, len(shown), figsize=(5.5 * len(shown), 4.5), squeeze=False)
     panels = []
-    for ax, model in zip(axes[0], models):
+    for ax, model in zip(axes[0], shown):
         if model not in MODELS:
             continue
         points = plot_points(model, [r for r in rows if r["model"] == model], changes)
-        _draw_panel(ax, model, points, reference_lines(model, rows))
+        _draw_panel(ax, model, points, reference_lines(model, rows), search_points(results, model))
         panels.append((ax, points))
     fig.tight_layout()
     for ax, points in panels:  # labels last: placement needs the final layout
@@ -141,18 +143,37 @@ def render_plot(results: Mapping[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
-def _draw_panel(ax: Any, model: str, points: Sequence[PlotPoint], references: Sequence[tuple[float, str, str]]) -> None:
+SearchPoint = tuple[float, float, bool]  # latency ms, metric in display units, on the frontier
+
+
+def search_points(results: Mapping[str, Any], model: str) -> list[SearchPoint]:
+    """The searched configurations of a model (results.json "search": {model: {"points": [...]}}), display units."""
+    entry = (results.get("search") or {}).get(model) or {}
+    scale = METRIC_SCALE.get(MODELS[model][1], 1.0) if model in MODELS else 1.0
+    return [(float(p["latency_ms"]), scale * float(p["value"]), bool(p.get("frontier")))
+            for p in entry.get("points") or [] if p.get("latency_ms") is not None and p.get("value") is not None]
+
+
+def _draw_panel(ax: Any, model: str, points: Sequence[PlotPoint], references: Sequence[tuple[float, str, str]],
+                searched: Sequence[SearchPoint] = ()) -> None:
     graph, metric, higher, _ = MODELS[model]
+    if searched:
+        ax.plot([x for x, _, _ in searched], [y for _, y, _ in searched], ".", color="0.6",
+                label="searched configurations")
+        frontier = sorted((x, y) for x, y, on in searched if on)
+        if frontier:
+            ax.plot(*zip(*frontier), "-", color="0.3", linewidth=1, label="frontier")
     for point in points:
         ax.errorbar(point.x, point.y, yerr=[[max(0.0, point.y - point.low)], [max(0.0, point.high - point.y)]],
                     fmt=point.marker, color=point.color, markersize=7, capsize=3, elinewidth=1)
     for value, label, style in references:
         ax.axhline(value, color="0.4", linestyle=style, linewidth=1, label=label)
-    ax.set_ylim(*metric_limits(points, [v for v, _, _ in references], metric in METRIC_SCALE))
+    ax.set_ylim(*metric_limits(points, [v for v, _, _ in references] + [y for _, y, _ in searched],
+                               metric in METRIC_SCALE))
     ax.margins(x=0.15)  # room for labels beside the outermost points
     ax.set_title(f"{model}: bars = 95 % interval of the change vs FP32", fontsize=9)
     ax.set_xlabel(f"{graph} mean latency, ms (1 thread)")
     ax.set_ylabel(f"{PLOT_AXIS.get(metric, metric)}, {'higher' if higher else 'lower'} is better")
     ax.grid(True, alpha=0.3)
-    if references:
+    if references or searched:
         ax.legend(loc="best", fontsize=7)

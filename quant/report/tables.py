@@ -14,7 +14,7 @@ from quant.report.rows import (MODELS, METRIC_SCALE, TASK_COLUMNS, Row, RowKey, 
                                task_value)
 
 
-def _fmt(value: float | None, fmt: str) -> str:
+def fmt_number(value: float | None, fmt: str) -> str:
     if value is None:
         return "-"
     if fmt == "pct":
@@ -23,27 +23,37 @@ def _fmt(value: float | None, fmt: str) -> str:
         return f"{value:.2f}x"
     return format(value, fmt)
 
-def _model_table(model: str, rows: Sequence[Row], all_rows: Sequence[Row]) -> list[str]:
+Table = tuple[list[str], list[list[str]]]  # header, rows of cells (a failed row: backend, precision, error)
+
+
+def model_table(model: str, rows: Sequence[Row], all_rows: Sequence[Row]) -> Table:
+    """The accuracy/speed table of one model; results.md and report.html render the same cells."""
     columns = TASK_COLUMNS[task_kind(model)]
     graph = MODELS.get(model, (model,))[0]
     header = ["backend", "precision", *[c[1] for c in columns], "runs", "p50 ms", "p90 ms", "p99 ms", "mean ms",
               "mean ms (2 thr)", "RTF", "vs FP32 ORT", "vs eager", "min SNR vs FP32 dB"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     fp32 = find_row(all_rows, model, "ort", "fp32")
     eager = find_row(all_rows, model, "torch", "fp32")
+    out = []
     for row in rows:
         if row.get("status") != "ok":
-            lines.append(f"| {row['backend']} | {row['precision']} | {row.get('status')}: "
-                         f"{_one_line(row.get('error'))} |" + " |" * (len(header) - 3))
+            out.append([row["backend"], row["precision"], f"{row.get('status')}: {_one_line(row.get('error'))}"])
             continue
         mean = primary_latency(row)
-        cells = [row["backend"], row["precision"], *[_fmt(task_value(row, key), fmt) for key, _, fmt in columns],
-                 _fmt(primary_latency(row, "runs"), ".0f"),
-                 *[_fmt(primary_latency(row, s), ".3f") for s in ("p50_ms", "p90_ms", "p99_ms", "mean_ms")],
-                 _fmt(graph_latency(row, graph, "2"), ".3f"), _fmt(row.get("rtf"), ".4f"),
-                 _fmt(ratio(mean, primary_latency(fp32) if fp32 else None), "x"),
-                 _fmt(ratio(mean, primary_latency(eager) if eager else None), "x"), _fmt(min_snr_db(row), ".1f")]
-        lines.append("| " + " | ".join(cells) + " |")
+        out.append([row["backend"], row["precision"], *[fmt_number(task_value(row, key), fmt) for key, _, fmt in columns],
+                    fmt_number(primary_latency(row, "runs"), ".0f"),
+                    *[fmt_number(primary_latency(row, s), ".3f") for s in ("p50_ms", "p90_ms", "p99_ms", "mean_ms")],
+                    fmt_number(graph_latency(row, graph, "2"), ".3f"), fmt_number(row.get("rtf"), ".4f"),
+                    fmt_number(ratio(mean, primary_latency(fp32) if fp32 else None), "x"),
+                    fmt_number(ratio(mean, primary_latency(eager) if eager else None), "x"), fmt_number(min_snr_db(row), ".1f")])
+    return header, out
+
+
+def markdown_table(table: Table) -> list[str]:
+    header, rows = table
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for cells in rows:  # a short (failed) row keeps the column count
+        lines.append("| " + " | ".join(cells) + " |" + " |" * (len(header) - len(cells)))
     return lines
 
 
@@ -84,11 +94,11 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         {r["model"] for r in all_rows} - set(MODELS)
     ):
         rows = [r for r in all_rows if r["model"] == model]
-        lines += ["", f"## {model}", "", _unit_line(rows, model), ""]
-        lines += _model_table(model, rows, all_rows)
+        lines += ["", f"## {model}", "", unit_line(rows, model), ""]
+        lines += markdown_table(model_table(model, rows, all_rows))
         if any(r["backend"] == "trt-sim" for r in rows):
             lines += ["", f"trt-sim rows: {simulation_note('trt-sim')}."]
-        lines += _noisy_line(rows)
+        lines += noisy_line(rows)
         lines += _change_table(model, rows, changes)
         if model == "wenet":
             timed = [r for r in rows if r.get("status") == "ok" and r.get("speed")]
@@ -99,7 +109,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
               "budget when the whole interval is on the allowed side, over budget when it is wholly beyond it.", "",
               "| goal | measured | target | met |", "|---|---|---|---|"]
     for goal in goals(results, changes):
-        lines.append(f"| {goal.name} | {goal.interval or _fmt(goal.measured, '.3f')} | {goal.target} "
+        lines.append(f"| {goal.name} | {goal.interval or fmt_number(goal.measured, '.3f')} | {goal.target} "
                      f"| {goal.met_text} |")
     return "\n".join(lines) + "\n"
 
@@ -112,7 +122,7 @@ def _environment_line(env: Mapping[str, Any]) -> str:
     return f"Measured in one run on {machine}; {tools}."
 
 
-def _unit_line(rows: Sequence[Row], model: str) -> str:
+def unit_line(rows: Sequence[Row], model: str) -> str:
     graph = MODELS.get(model, (model,))[0]
     for row in rows:
         unit = row.get("speed", {}).get(graph, {}).get("unit")
@@ -121,41 +131,47 @@ def _unit_line(rows: Sequence[Row], model: str) -> str:
     return "No speed measured."
 
 
-def _noisy_line(rows: Sequence[Row]) -> list[str]:
+def noisy_line(rows: Sequence[Row]) -> list[str]:
     """The unprocessed noisy input's scores (same for every row of an SE model), as the baseline to beat."""
     for row in rows:
         task = row.get("task") or {}
         if row.get("status") == "ok" and "noisy_pesq_wb" in task:
-            parts = [f"{label} {_fmt(task_value(row, 'noisy_' + key), fmt)}" for key, label, fmt in TASK_COLUMNS["se"]]
+            parts = [f"{label} {fmt_number(task_value(row, 'noisy_' + key), fmt)}" for key, label, fmt in TASK_COLUMNS["se"]]
             return ["", f"Noisy input (no enhancement), {task.get('utterances', '?')} utterances: " + ", ".join(parts)]
     return []
 
 
-def _change_table(model: str, rows: Sequence[Row], changes: Mapping[RowKey, Comparison]) -> list[str]:
+CHANGE_CAPTION = ("Accuracy change vs FP32, paired over the same utterances: change [95 % bootstrap interval] "
+                  "n utterances, share of utterances worse (CER/WER in percentage points)")
+
+
+def change_table(model: str, rows: Sequence[Row], changes: Mapping[RowKey, Comparison]) -> Table | None:
     """Each compared row's change vs its FP32 row: change [95 % interval] n, share of utterances worse."""
     compared = [(row, changes[row_key(row)]) for row in rows if row.get("status") == "ok" and row_key(row) in changes]
     if not compared:
-        return []
+        return None
     metrics = [key for key, _, _, _ in CHANGE_METRICS[task_kind(model)]
                if any(key in comparison.changes for _, comparison in compared)]
     header = ["backend", "precision", "vs", *[change_metric(key)[0] for key in metrics], "budget", "verdict"]
-    lines = ["", "Accuracy change vs FP32, paired over the same utterances: change [95 % bootstrap interval] "
-             "n utterances, share of utterances worse (CER/WER in percentage points)", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out = []
     for row, comparison in compared:
         verdict = comparison.verdict
         budget = "-" if verdict is None else format(METRIC_SCALE.get(MODELS[model][1], 1.0) * verdict.budget.line,
                                                     "+g")
-        cells = [row["backend"], row["precision"], f"{comparison.reference['backend']} fp32",
-                 *[format_change(comparison.changes.get(key), key) for key in metrics], budget,
-                 verdict_text(verdict) if verdict else "-"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        out.append([row["backend"], row["precision"], f"{comparison.reference['backend']} fp32",
+                    *[format_change(comparison.changes.get(key), key) for key in metrics], budget,
+                    verdict_text(verdict) if verdict else "-"])
+    return header, out
+
+
+def _change_table(model: str, rows: Sequence[Row], changes: Mapping[RowKey, Comparison]) -> list[str]:
+    table = change_table(model, rows, changes)
+    return [] if table is None else ["", CHANGE_CAPTION, "", *markdown_table(table)]
 
 
 def _decoder_latency_lines(rows: Sequence[Row]) -> list[str]:
     lines = ["", "decoder (attention rescoring, beam 10) batch-1 latency, ms: "
-             + ", ".join(f"{r['backend']} {r['precision']} {_fmt(graph_latency(r, 'decoder'), '.2f')}" for r in rows)]
+             + ", ".join(f"{r['backend']} {r['precision']} {fmt_number(graph_latency(r, 'decoder'), '.2f')}" for r in rows)]
     return lines
 
 
@@ -240,11 +256,11 @@ def summary_lines(results: Mapping[str, Any]) -> list[str]:
         mean = primary_latency(row)
         lines.append(
             f"{row['model']:<13} {row['backend']:<7} {row['precision']:<5} {'ok':<7} {label + ' ' + shown:>14} "
-            f"{_fmt(mean, '.3f'):>9} {_fmt(row.get('rtf'), '.4f'):>8} "
-            f"{_fmt(ratio(mean, primary_latency(fp32) if fp32 else None), 'x'):>8} "
-            f"{_fmt(ratio(mean, primary_latency(eager) if eager else None), 'x'):>9}"
+            f"{fmt_number(mean, '.3f'):>9} {fmt_number(row.get('rtf'), '.4f'):>8} "
+            f"{fmt_number(ratio(mean, primary_latency(fp32) if fp32 else None), 'x'):>8} "
+            f"{fmt_number(ratio(mean, primary_latency(eager) if eager else None), 'x'):>9}"
         )
     for goal in goals(results):
         met = goal.met_text if goal.verdict else ("n/a" if goal.met is None else ("met" if goal.met else "NOT met"))
-        lines.append(f"goal: {goal.name}: {goal.interval or _fmt(goal.measured, '.3f')} (target {goal.target}) {met}")
+        lines.append(f"goal: {goal.name}: {goal.interval or fmt_number(goal.measured, '.3f')} (target {goal.target}) {met}")
     return lines
