@@ -18,7 +18,7 @@ from quant.errors import FileAccessError, QuantError
 
 log = logging.getLogger(__name__)
 
-COMMAND_MODULES = ("export", "calibrate", "cache", "inspect", "build", "evaluate", "bench", "run", "search")
+COMMAND_MODULES = ("export", "calibrate", "cache", "inspect", "build", "evaluate", "bench", "run", "search", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,8 +35,8 @@ def register(subparsers: Any) -> None:
         "run", help="the whole job: export, calibrate, build fp32/fp16/int8, evaluate accuracy and speed, report",
         description="Export every model from the shipped weights, calibrate on calib_data (reusing matching caches), "
         "build FP32/FP16/INT8 for ONNX Runtime (and TensorRT when present), evaluate on the test sets, time every "
-        "build side by side with PyTorch eager, and write engines/results.json, results.md, results.csv and "
-        "tradeoff.png. A second run reuses exports, caches, builds and accuracy results whose inputs are unchanged.",
+        "build side by side with PyTorch eager, and write engines/results.json, results.md, results.csv, "
+        "tradeoff.png and report.html (one self-contained page). A second run reuses exports, caches, builds and accuracy results whose inputs are unchanged.",
     )
     add_selection(parser)
     parser.add_argument("--se-utterances", type=positive_int, help="first N utterances of se_test (default all)")

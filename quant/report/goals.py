@@ -1,0 +1,100 @@
+"""The issue's speed and accuracy goals, evaluated from one results.json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from quant.eval import stats
+from quant.report.compare import Comparison, comparisons, format_change, reference_row, verdict_text
+from quant.report.rows import (MODELS, METRIC_SCALE, Row, RowKey, batch_latency, find_row, graph_latency, ok_rows,
+                               primary_latency, ratio, row_key, sorted_rows, task_value)
+from quant.report.targets import (ACCURACY_BUDGETS, EAGER_SPEEDUP, ENCODER_BATCH_GOALS, ENCODER_BATCH_RATIO,
+                                   SPEED_RATIO_GOALS)
+
+
+@dataclass(frozen=True)
+class Goal:
+    name: str
+    measured: float | None
+    target: str
+    met: bool | None  # None: not measured, or (accuracy) the interval straddles the budget
+    interval: str = ""  # accuracy goals: the change with its 95 % interval, n and share worse
+    verdict: str = ""  # accuracy goals: within budget / over budget / cannot tell ... (and why)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"goal": self.name, "measured": self.measured, "target": self.target, "met": self.met,
+                "interval": self.interval, "verdict": self.verdict}
+
+    @property
+    def met_text(self) -> str:
+        if self.verdict:
+            return {stats.WITHIN: "yes (within budget)", stats.OVER: "NO (over budget)"}.get(self.verdict,
+                                                                                         self.verdict)
+        return "n/a" if self.met is None else ("yes" if self.met else "NO")
+
+
+def _ratio_goal(name: str, value: float | None, limit: float) -> Goal:
+    return Goal(name, value, f"<= {limit:g}x", None if value is None else value <= limit)
+
+
+def _budget_target(limit: float, unit: str, higher_is_better: bool) -> str:
+    if higher_is_better:
+        return f">= -{limit:g}{unit} (drop at most {limit:g})"
+    return f"<= +{limit:g}{unit} (rise at most {limit:g})"
+
+
+def goals(results: Mapping[str, Any], changes: Mapping[RowKey, Comparison] | None = None) -> list[Goal]:
+    """The issue's speed and accuracy goals, evaluated from one results.json (one run, one machine); accuracy
+    budgets are judged on the paired 95 % interval of the change (`changes`: comparisons(results), reused)."""
+    rows = ok_rows(results)
+    out: list[Goal] = []
+    for model, graph, limit, name in SPEED_RATIO_GOALS:
+        fp32, int8 = find_row(rows, model, "ort", "fp32"), find_row(rows, model, "ort", "int8")
+        value = ratio(graph_latency(int8, graph) if int8 else None, graph_latency(fp32, graph) if fp32 else None)
+        out.append(_ratio_goal(name, value, limit))
+    fp32, int8 = find_row(rows, "wenet", "ort", "fp32"), find_row(rows, "wenet", "ort", "int8")
+    for batch in ENCODER_BATCH_GOALS:
+        value = ratio(batch_latency(int8, "encoder", batch) if int8 else None,
+                      batch_latency(fp32, "encoder", batch) if fp32 else None)
+        out.append(_ratio_goal(f"WeNet encoder INT8 / FP32 at batch {batch} (ORT)", value, ENCODER_BATCH_RATIO))
+    for row in (r for r in sorted_rows(rows) if r["backend"] == "ort"):
+        eager = find_row(rows, row["model"], "torch", "fp32")
+        value = ratio(primary_latency(eager) if eager else None, primary_latency(row))
+        out.append(Goal(f"{row['model']} ORT {row['precision']} speed-up vs PyTorch eager", value,
+                        f">= {EAGER_SPEEDUP:g}x", None if value is None else value >= EAGER_SPEEDUP))
+    out.extend(_accuracy_goals(rows, comparisons(results) if changes is None else changes))
+    return out
+
+
+def _accuracy_goals(rows: Sequence[Row], changes: Mapping[RowKey, Comparison]) -> list[Goal]:
+    """One goal per budget and backend row at that precision (ONNX Runtime always, as 'not measured' if absent)."""
+    out = []
+    for (model, precision), limit in ACCURACY_BUDGETS.items():
+        _, metric, higher, label = MODELS[model]
+        backends = [r["backend"] for r in sorted_rows(rows) if r["model"] == model and r["precision"] == precision]
+        for backend in backends if "ort" in backends else ["ort", *backends]:
+            name = f"{model} {backend.upper()} {precision} {label} change vs FP32 ({precision} - fp32)"
+            row = find_row(rows, model, backend, precision)
+            comparison = changes.get(row_key(row)) if row else None
+            out.append(_change_goal(name, metric, row, rows, comparison, stats.Budget(limit, higher)))
+    return out
+
+
+def _change_goal(name: str, metric: str, row: Row | None, rows: Sequence[Row], comparison: Comparison | None,
+                 budget: stats.Budget) -> Goal:
+    """Judged on the interval when per-utterance results exist; else the point change, not judged. `budget` is in
+    display units (CER points)."""
+    scale = METRIC_SCALE.get(metric, 1.0)
+    target = _budget_target(budget.limit, " CER points" if metric == "cer" else "", budget.higher_is_better)
+    if comparison is not None and comparison.verdict is not None:
+        verdict = comparison.verdict
+        met = {stats.WITHIN: True, stats.OVER: False}.get(verdict.verdict)
+        return Goal(name, scale * verdict.change.delta, target, met, format_change(verdict.change, metric),
+                    verdict_text(verdict))
+    reference = reference_row(row, rows) if row else None
+    if row is None or reference is None or task_value(row, metric) is None or task_value(reference, metric) is None:
+        return Goal(name, None, target, None)
+    delta = scale * (float(task_value(row, metric)) - float(task_value(reference, metric)))  # type: ignore[arg-type]
+    return Goal(name, delta, target, None,
+                verdict="not judged: no paired per-utterance results (see the log); run `quant run` again")

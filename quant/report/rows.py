@@ -1,0 +1,109 @@
+"""The shape of a results.json row and the values derived from one row (latency, task metric, ratios).
+
+A row is one model x backend x precision:
+    {"model", "backend", "precision", "status": ok|failed|skipped, "error", "artifacts": {...},
+     "task": {metric: value}, "speed": {graph: measure_graph result}, "latency_ms": {...}, "rtf",
+     "error_vs_fp32": {graph: {output: TensorError dict}},
+     "per_utterance": {"ids": [...], metric: [...] | "<rate>_errors"/"<rate>_length": [...]}}
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+SCHEMA = 1
+Row = Mapping[str, Any]
+
+# model -> (primary graph for latency, primary task metric, higher is better, metric label)
+MODELS: dict[str, tuple[str, str, bool, str]] = {
+    "dpcrn": ("dpcrn", "pesq_wb", True, "PESQ-WB"),
+    "dpcrn-stream": ("dpcrn_stream", "pesq_wb", True, "PESQ-WB"),
+    "wenet": ("encoder", "cer", False, "CER"),
+}
+TASK_COLUMNS: dict[str, tuple[tuple[str, str, str], ...]] = {  # key, header, format
+    "se": (("pesq_wb", "PESQ-WB", ".3f"), ("pesq_nb", "PESQ-NB", ".3f"), ("stoi", "STOI", ".4f"),
+           ("si_sdr", "SI-SDR dB", ".2f")),
+    "asr": (("cer", "CER %", "pct"), ("wer", "WER %", "pct"), ("cer_greedy", "CER greedy %", "pct"),
+            ("cer_real", "CER real %", "pct"), ("cer_synthetic", "CER synth %", "pct")),
+}
+# display unit of a metric stored as a fraction (error rates are shown in percentage points)
+METRIC_SCALE = {"cer": 100.0, "wer": 100.0, "cer_greedy": 100.0, "wer_greedy": 100.0}
+PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
+BACKEND_ORDER = {"torch": 0, "ort": 1, "trt-sim": 2, "trt": 3}
+
+
+def ok_rows(results: Mapping[str, Any]) -> list[Row]:
+    return [row for row in results["rows"] if row.get("status") == "ok"]
+
+
+def sorted_rows(rows: Iterable[Row]) -> list[Row]:
+    return sorted(rows, key=lambda r: (list(MODELS).index(r["model"]) if r["model"] in MODELS else 99,
+                                       BACKEND_ORDER.get(r["backend"], 9), PRECISION_ORDER.get(r["precision"], 9)))
+
+
+def find_row(rows: Iterable[Row], model: str, backend: str, precision: str) -> Row | None:
+    for row in rows:
+        if (row["model"], row["backend"], row["precision"]) == (model, backend, precision) and row.get("status") == "ok":
+            return row
+    return None
+
+
+def graph_latency(row: Row, graph: str, threads: str = "1", stat: str = "mean_ms") -> float | None:
+    try:
+        return float(row["speed"][graph]["threads"][threads]["latency_ms"][stat])
+    except (KeyError, TypeError):
+        return None
+
+
+def batch_latency(row: Row, graph: str, batch: int) -> float | None:
+    try:
+        return float(row["speed"][graph]["batches"][str(batch)]["latency_ms"]["mean_ms"])
+    except (KeyError, TypeError):
+        return None
+
+
+def primary_latency(row: Row, stat: str = "mean_ms") -> float | None:
+    graph = MODELS.get(row["model"], (row["model"],))[0]
+    return graph_latency(row, graph, "1", stat)
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+def task_value(row: Row, key: str) -> float | None:
+    value = row.get("task", {}).get(key)
+    return float(value) if isinstance(value, (int, float)) and value is not None else None
+
+
+def min_snr_db(row: Row) -> float | None:
+    """Worst output SNR vs FP32 over every graph and output (None when no comparison or no error at all)."""
+    values = [
+        float(err["snr_db"])
+        for outputs in (row.get("error_vs_fp32") or {}).values()
+        for err in outputs.values()
+        if isinstance(err, Mapping) and isinstance(err.get("snr_db"), (int, float))
+    ]
+    return min(values) if values else None
+
+
+RowKey = tuple[str, str, str]
+
+
+def row_key(row: Row) -> RowKey:
+    return (row["model"], row["backend"], row["precision"])
+
+
+def task_kind(model: str) -> str:
+    return "asr" if model == "wenet" else "se"
+
+
+def simulation_note(backend: str) -> str:
+    """What a simulated backend's numbers are (empty for measured backends): the label results.md and .csv carry."""
+    if backend != "trt-sim":
+        return ""
+    return ("a simulation of TensorRT's numerics, not a TensorRT measurement: ONNX Runtime on the CPU runs the ONNX "
+            "TensorRT's explicit mode builds from (int8: model_trt_qdq.onnx, symmetric int8 Q/DQ kept as fake "
+            "quantization; fp16: the FP16 model.onnx); accuracy and error vs FP32 only, no latency")
