@@ -19,7 +19,7 @@ import logging
 import re
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -29,12 +29,14 @@ from quant.calib.ranges import FeedSource, RangeOptions, collect_ranges, method_
 from quant.errors import CacheMismatch, CalibrationError
 from quant.fileio import sha256_file
 from quant.paths import engines_dir
+from quant.spec import ModelSpec
+from quant.tasks.common import FeedOptions, fp32_path
 
 log = logging.getLogger(__name__)
 
 METHODS = ("entropy", "minmax", "percentile")
-# The calibration method used when none is asked for (quant calibrate, quant build, TensorRT implicit INT8 through
-# quant's ranges). Measured on the trained weights of quant/assets (2026-11-21, 2 CPU cores): calibrated with each
+# The calibration method used when none is asked for is the spec's ([defaults] calibration_method, per-graph
+# override; quant.spec.DefaultsSpec holds the one default, percentile). The shipped specs' choice was measured on the trained weights of quant/assets (2026-11-21, 2 CPU cores): calibrated with each
 # method on the first utterances of the committed sets (`quant calibrate MODEL --method M --limit N`: se_calib N=8,
 # asr_calib N=16), ORT INT8 built from each cache (`quant build MODEL --precision int8 --cache C`), output SNR vs
 # FP32 on held-out audio (scripts/compare_calibration.py: se_test noisy N=8, asr_test N=16), dB mean / min / pooled:
@@ -50,18 +52,13 @@ METHODS = ("entropy", "minmax", "percentile")
 # Entropy loses most of the DPCRN output (2-8 dB); minmax and percentile are within ~1-2 dB of
 # each other on the SE models (percentile better on mean and pooled, minmax on the worst clip) and percentile is
 # best on the encoder; on the decoder entropy and percentile tie on SNR and percentile keeps every rescoring choice.
-DEFAULT_METHODS: Mapping[str, str] = {
-    "dpcrn": "percentile",
-    "dpcrn-stream": "percentile",
-    "wenet-encoder": "percentile",
-    "wenet-decoder": "percentile",
-}
-FALLBACK_METHOD = "percentile"  # other (third-party) models: best or tied-best on every model measured above
 
 
-def default_method(model_kind: str | None) -> str:
-    """The calibration method of a known model (DEFAULT_METHODS), else FALLBACK_METHOD."""
-    return DEFAULT_METHODS.get(model_kind or "", FALLBACK_METHOD)
+def default_method() -> str:
+    """The method of a calibration with neither a method nor a spec naming one (quant.spec.DefaultsSpec's)."""
+    from quant.spec import DefaultsSpec
+
+    return DefaultsSpec().calibration_method
 
 
 @dataclass(frozen=True)
@@ -70,6 +67,7 @@ class CalibrateOptions:
     force: bool = False  # overwrite a cache at the output path whose key differs
     trt_version: str | None = None  # header version digits; default: installed TensorRT or cache.DEFAULT_TRT_VERSION
     reader: Any = None  # quant.calib.readers.ReaderOptions (batch size, frame stride, limit...); part of the key
+    allow_outside: bool = False  # manifest paths may leave the manifest's folder (a run's subset manifests do)
 
     def __post_init__(self) -> None:  # anything else in the header makes a cache no reader (quant's, TensorRT's) reads
         if self.trt_version is not None and not re.fullmatch(r"[0-9]+", self.trt_version):
@@ -95,10 +93,10 @@ def calibrate(
 
     Feeds come from `feeds` when given, else from quant.calib.readers.reader_for(model_kind, ...) over `manifest`.
     A cache at the output path with the same key is reused; one with another key is refused unless options.force.
-    `method` None: default_method(model_kind).
+    `method` None: default_method().
     """
     options = options or CalibrateOptions()
-    method = method or default_method(model_kind)
+    method = method or default_method()
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise CalibrationError(f"ONNX model {onnx_path} not found: export it first (quant export) or pass an .onnx")
@@ -111,16 +109,77 @@ def calibrate(
     else:
         onnx_path = qdq_graph(onnx_path, feeds)
         source = feeds
-        key = make_key(onnx_path, method, options.ranges, manifest, source)
+        key = make_key(onnx_path, method, options.ranges, manifest, source, allow_outside=options.allow_outside)
     target = Path(out_cache) if out_cache is not None else store_path(default_store(), key, onnx_path.stem)
     reused = _reuse(target, key, options.force)
     if reused is not None:
         return reused
     ensure_writable(target)  # a read-only store fails now, not after the calibration
     log.info("calibrating %s with %s on %s", onnx_path, method, manifest or "the reader's default set")
-    result = collect_ranges(onnx_path, source, method, _bounded(options.ranges, model_kind))
+    result = collect_ranges(onnx_path, source, method, options.ranges)
     info = {"model": str(onnx_path), "model_kind": model_kind, "manifest": str(manifest) if manifest else None}
     return write_entry(target, key, result, info, options.trt_version)
+
+
+@dataclass(frozen=True)
+class SpecFeeds:
+    """A spec's calibration feeds (quant.tasks) with what shapes them, for the cache key: the spec's tables that
+    make feeds (front end, streaming, graphs' wiring, task, defaults) and the feed options."""
+
+    feeds: Iterable[dict[str, np.ndarray]]
+    settings: Mapping[str, Any]
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(self.feeds)
+
+    def key_settings(self) -> dict[str, Any]:
+        return dict(self.settings)
+
+
+def calibrate_spec(spec: ModelSpec, role: str, onnx_path: str | Path | None = None,
+                   manifest: str | Path | None = None, method: str | None = None,
+                   out_cache: str | Path | None = None, options: CalibrateOptions | None = None,
+                   feed_options: FeedOptions | None = None, feeds: Iterable[dict[str, np.ndarray]] | None = None
+                   ) -> CacheEntry:
+    """Calibrate graph `role` of a spec on its task's feeds (quant.tasks: SE on the noisy mixtures, streaming states
+    from the FP32 roll, chains and ASR n-best from the FP32 upstream graphs) over `manifest` (default the spec's
+    calibration manifest), with `method` (default the spec's), into the store under the graph's name (or
+    `out_cache`). `feeds` replaces the task's feeds (the `--feeds` escape hatch)."""
+    from quant.spec import resolve_manifest
+    from quant.tasks import task_for
+
+    graph = spec.graph(role)
+    feed_options = feed_options or FeedOptions()
+    path = Path(onnx_path) if onnx_path is not None else fp32_path(spec, role, feed_options)
+    feed_options = replace(feed_options, graphs={**feed_options.graphs, role: path})
+    data = None if spec.feeds is not None or feeds is not None else Path(
+        manifest if manifest is not None else resolve_manifest(spec.defaults.calibration_manifest,
+                                                               "calibration manifest"))
+    options = options or CalibrateOptions()
+    if spec.streaming is None and spec.frontend is not None and spec.frontend.axes.startswith("B") \
+            and options.ranges.max_batch is None:
+        # batch-major inputs may be run one item at a time: the offline DPCRN exposes ~300 M activation values per
+        # 9 s segment, peak RSS 1.1 GB at batch 1 vs 3.6 GB at batch 4 (scripts/bench_calibration.py
+        # --memory-segments); splitting never changes the ranges
+        options = replace(options, ranges=replace(options.ranges, max_batch=1))
+    options = replace(options, allow_outside=options.allow_outside or feed_options.allow_outside)
+    if feeds is None:
+        feeds = task_for(spec).calibration_feeds(role, str(data) if data else None, feed_options)
+    source = SpecFeeds(feeds, _spec_settings(spec, role, feed_options))
+    return calibrate(path, graph.name, data, method or spec.method(graph), out_cache, options, feeds=source)
+
+
+def _spec_settings(spec: ModelSpec, role: str, options: FeedOptions) -> dict[str, Any]:
+    """What shapes a spec's feeds, as JSON data: the spec without its paths and descriptions (the files are keyed
+    by their sha256 apart), the role and the feed options."""
+    table = spec.to_table()
+    table.get("model", {}).pop("description", None)
+    table.pop("defaults", None)
+    for graph in table.get("graphs", []):
+        graph.pop("path", None)
+    return {"reader": "spec", "role": role, "spec": table, "limit": options.limit,
+            "batch_size": options.batch_size or spec.defaults.batch_size,
+            "frame_stride": options.frame_stride or spec.defaults.frame_stride}
 
 
 def qdq_graph(onnx_path: Path, check_feeds: FeedSource) -> Path:
@@ -130,18 +189,6 @@ def qdq_graph(onnx_path: Path, check_feeds: FeedSource) -> Path:
 
     feeds = check_feeds() if callable(check_feeds) else check_feeds
     return ensure_opset(onnx_path, MIN_QDQ_OPSET, onnx_path.parent, feeds).path
-
-
-# Our exports of these models are batch-major in every input, so feeds may be run one item at a time. The offline
-# DPCRN exposes ~300 M activation values per 9 s segment: peak RSS 1.1 GB at batch 1 vs 3.6 GB at the reader's
-# batch of 4 (measured, scripts/bench_calibration.py --memory-segments). Splitting never changes the ranges.
-_BATCH_MAJOR = ("dpcrn", "wenet-encoder", "wenet-decoder")
-
-
-def _bounded(options: RangeOptions, model_kind: str | None) -> RangeOptions:
-    if options.max_batch is None and model_kind in _BATCH_MAJOR:
-        return replace(options, max_batch=1)
-    return options
 
 
 def make_key(onnx_path: str | Path, method: str, options: RangeOptions, manifest: str | Path | None = None,
