@@ -164,7 +164,8 @@ def calibrate_spec(spec: ModelSpec, role: str, onnx_path: str | Path | None = No
         options = replace(options, ranges=replace(options.ranges, max_batch=1))
     options = replace(options, allow_outside=options.allow_outside or feed_options.allow_outside)
     if feeds is None:
-        feeds = task_for(spec).calibration_feeds(role, str(data) if data else None, feed_options)
+        given = manifest if manifest is not None else data  # the escape hatch's function may read the audio
+        feeds = task_for(spec).calibration_feeds(role, str(given) if given is not None else None, feed_options)
     source = SpecFeeds(feeds, _spec_settings(spec, role, feed_options))
     return calibrate(path, graph.name, data, method or spec.method(graph), out_cache, options, feeds=source)
 

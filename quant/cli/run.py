@@ -65,7 +65,7 @@ def options_from(args: argparse.Namespace, command: str) -> Any:
         bench = replace(bench, stream_runs=args.stream_runs)
     changes: dict[str, Any] = {"bench": bench, "eager": not args.no_eager, "force": args.force,
                                "progress": not args.no_progress, "command": command}
-    models = (*(args.model_specs or ()), *(args.models or ()))
+    models = (*getattr(args, "specs", ()), *(args.model_specs or ()), *(args.models or ()))
     if models:
         changes["models"] = models
     if args.backends:
