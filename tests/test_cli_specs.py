@@ -50,7 +50,7 @@ def test_every_command_from_a_spec(third_party_model, kind: str, tmp_path: Path,
         calibrated = _cli(capsys, "calibrate", str(spec), "--limit", "4", "--no-progress")
         assert calibrated.count(".cache:") == len(load_spec(spec).graphs)
         for precision in _precisions(kind):
-            _cli(capsys, "build", str(spec), "--precision", precision)
+            _cli(capsys, "build", str(spec), "--precision", precision, "--limit", "4")  # reuses the cache
         metrics = json.loads(_cli(capsys, "evaluate", str(spec), "--limit", LIMIT, "--json"))
     assert set(metrics) == {"fp32", *_precisions(kind)}
     if kind == "u2pp":

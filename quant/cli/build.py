@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from quant.cli.options import positive_int
 from quant.cli.specs import add_spec, fp32_graphs, is_onnx, select, single_output
 
 
@@ -28,6 +29,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--method", choices=("entropy", "minmax", "percentile"),
                         help="INT8 without --cache: calibration method of the cache made or reused (default: the "
                         "spec's [defaults] calibration_method)")
+    parser.add_argument("--limit", type=positive_int, help="INT8 without --cache: calibrate on the first N utterances "
+                        "(as `quant calibrate SPEC --limit N`, whose cache is then reused)")
     parser.add_argument("--constraints", choices=("obey", "prefer"), default="obey",
                         help="TensorRT implicit mode: obey (fail if impossible) or prefer the rules' layer precisions")
     parser.add_argument("--rules", type=Path, help="precision rules TOML (default: shipped rules)")
@@ -53,17 +56,17 @@ def run(args: argparse.Namespace) -> int:
     for graph in selection.graphs:
         cache = args.cache
         if args.precision == "int8" and cache is None:
-            cache = calibrated(selection.spec, graph.role, graphs, args.method)
+            cache = calibrated(selection.spec, graph.role, graphs, args.method, args.limit)
         report(build(args, graphs[graph.role], graph.name, cache))
     return 0
 
 
-def calibrated(spec: Any, role: str, graphs: dict[str, Path], method: str | None) -> Path:
+def calibrated(spec: Any, role: str, graphs: dict[str, Path], method: str | None, limit: int | None) -> Path:
     """The cache of one graph from the store (reused on an exact key hit) or calibrated now, as the spec says."""
     from quant.calib.calibrate import calibrate_spec
     from quant.tasks import FeedOptions
 
-    return Path(calibrate_spec(spec, role, graphs[role], method=method, feed_options=FeedOptions(graphs=graphs)).path)
+    return Path(calibrate_spec(spec, role, graphs[role], method=method, feed_options=FeedOptions(limit=limit, graphs=graphs)).path)
 
 
 def build(args: argparse.Namespace, source: Path, name: str | None, cache: Path | None) -> Path:
