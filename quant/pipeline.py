@@ -23,29 +23,26 @@ from quant.backends import Runner, open_runner
 from quant.errors import BackendUnavailable, QuantError
 from quant.eval.speed import BenchOptions
 from quant.fileio import atomic_write_json, sha256_bytes, sha256_file
-from quant.paths import ASSETS_DIR, DEFAULT_OUT_ROOT, PACKAGE_DIR, calib_data_dir
+from quant.paths import DEFAULT_OUT_ROOT, PACKAGE_DIR
+from quant.spec import GraphSpec, ModelSpec, load_spec, resolve_manifest, shipped_specs
+from quant.tasks import FeedOptions, task_for
 
 logger = logging.getLogger(__name__)
 
-MODELS = ("dpcrn", "dpcrn-stream", "wenet")
 PRECISIONS = ("fp32", "fp16", "int8")
-# model -> graphs as quant.artifacts names them, and the ONNX file each graph is exported to
-GRAPHS: dict[str, tuple[str, ...]] = {
-    "dpcrn": ("dpcrn",), "dpcrn-stream": ("dpcrn-stream",), "wenet": ("wenet-encoder", "wenet-decoder"),
-}
-GRAPH_FILES = {"dpcrn": "dpcrn.onnx", "dpcrn-stream": "dpcrn_stream.onnx", "wenet-encoder": "encoder.onnx",
-               "wenet-decoder": "decoder.onnx"}
-WEIGHTS = {"dpcrn": "dpcrn.pt", "dpcrn-stream": "dpcrn.pt", "wenet": "conformer.pt"}
-TEST_SETS = {"dpcrn": "se_test", "dpcrn-stream": "se_test", "wenet": "asr_test"}
 STAMP_DIR = ".pipeline"
 # backends whose rows predict another runtime's numerics on the CPU: accuracy only, never timed, and only at the
 # precisions they simulate (trt-sim: TensorRT explicit mode from the fp16 / int8 ORT builds' ONNX)
 SIMULATED = {"trt-sim": ("fp16", "int8")}
+# error vs FP32 is measured on fixed real feeds: the first calibration-style feed of this many test utterances (one
+# batch), and for streaming graphs the first STREAM_COMPARE_STEPS steps of the roll over the first utterance
+COMPARE_UTTERANCES = {"se": 1, "asr": 4}
+STREAM_COMPARE_STEPS = 300
 
 
 @dataclass(frozen=True)
 class RunOptions:
-    models: tuple[str, ...] = MODELS
+    models: tuple[str, ...] = field(default_factory=shipped_specs)  # shipped model names or spec paths
     backends: tuple[str, ...] | None = None  # None: ort and trt-sim, plus trt when TensorRT is usable here
     precisions: tuple[str, ...] = PRECISIONS
     eager: bool = True  # PyTorch eager rows alongside
@@ -148,44 +145,53 @@ class Steps:
         self.root = root
         self.options = options
 
-    def export(self, model: str) -> dict[str, Path]:
-        """ONNX files of the model's graphs under engines/export/<model>/ (skipped when weights and code match)."""
-        folder = self.root / "export" / model
-        paths = {graph: folder / GRAPH_FILES[graph] for graph in GRAPHS[model]}
-        key = {"weights": _file_sha(ASSETS_DIR / WEIGHTS[model]), "quant": __version__,
+    def export(self, spec: ModelSpec) -> dict[str, Path]:
+        """The FP32 ONNX file of each graph by role: the spec's own files, or quant's exports of the reference
+        graphs under engines/export/<exporter>/ (skipped when weights and code match)."""
+        paths = {g.role: g.onnx_path() for g in spec.graphs if g.path is not None}
+        for exporter in dict.fromkeys(g.exporter for g in spec.graphs if g.exporter):
+            graphs = [g for g in spec.graphs if g.exporter == exporter]
+            paths.update(self._export(str(exporter), graphs))
+        return {g.role: paths[g.role] for g in spec.graphs}
+
+    def _export(self, exporter: str, graphs: Sequence[GraphSpec]) -> dict[str, Path]:
+        from quant.artifacts.export import default_weights, export_model
+
+        folder = self.root / "export" / exporter
+        paths = {g.role: folder / str(g.export_file) for g in graphs}
+        key = {"weights": _file_sha(default_weights(exporter)), "quant": __version__,
                "code": _sources_sha("models/dpcrn.py", "models/conformer.py", "artifacts/export.py",
                                     "artifacts/wenet_export.py")}
-        if not self.options.force and is_fresh(self.root, f"export-{model}", key, paths.values()):
-            logger.info("export %s: up to date (%s)", model, folder)
+        if not self.options.force and is_fresh(self.root, f"export-{exporter}", key, paths.values()):
+            logger.info("export %s: up to date (%s)", exporter, folder)
             return paths
-        from quant.artifacts.export import export_model
-
-        logger.info("export %s -> %s", model, folder)
-        export_model(model, folder)
+        logger.info("export %s -> %s", exporter, folder)
+        export_model(exporter, folder)
         missing = [str(p) for p in paths.values() if not p.is_file()]
         if missing:
-            raise QuantError(f"export of {model} did not write {missing}")
-        write_stamp(self.root, f"export-{model}", key, paths.values())
+            raise QuantError(f"export of {exporter} did not write {missing}")
+        write_stamp(self.root, f"export-{exporter}", key, paths.values())
         return paths
 
-    def calibrate(self, graph: str, onnx_path: Path) -> Path:
-        """Calibration cache of one graph with the model's default method (quant.calib.calibrate.DEFAULT_METHODS);
+    def calibrate(self, spec: ModelSpec, graph: GraphSpec, exported: Mapping[str, Path]) -> Path:
+        """Calibration cache of one graph with the spec's method on (an even subset of) its calibration manifest;
         quant.calib reuses a cache whose key matches."""
-        from quant.calib.calibrate import CalibrateOptions, calibrate
+        from quant.calib.calibrate import CalibrateOptions
+        from quant.tasks.calibration import calibrate_spec
         from quant.calib.ranges import RangeOptions
-        from quant.calib.readers import ReaderOptions, default_manifest
 
         ranges = RangeOptions(progress=self.options.progress, threads=self.options.eval_threads)
-        committed = default_manifest(graph)
+        committed = resolve_manifest(spec.defaults.calibration_manifest, "calibration manifest")
         manifest = spread_subset(committed, self.options.calib_utterances, self.root / "calib_subsets")
         # a subset manifest lives under the run folder and points back into calib_data/
-        reader = ReaderOptions(allow_outside=True) if manifest != committed else None
-        entry = calibrate(onnx_path, model_kind=graph, manifest=manifest, method=None,
-                          options=CalibrateOptions(ranges=ranges, reader=reader, out_root=self.root))
+        feeds = FeedOptions(graphs=dict(exported), allow_outside=manifest != committed)
+        entry = calibrate_spec(spec, graph.role, exported[graph.role], manifest,
+                               options=CalibrateOptions(ranges=ranges, out_root=self.root), feed_options=feeds)
         return Path(entry.path)
 
     def build(self, graph: str, precision: str, backend: str, source: Path, cache: Path | None) -> Path:
-        """The artifact file (ORT: model.onnx, TensorRT: model.engine) of one graph at one precision."""
+        """The artifact file (ORT: model.onnx, TensorRT: model.engine) of one graph (by artifact name) at one
+        precision."""
         from quant.artifacts import build_artifact
         from quant.artifacts.artifact import META_FILE
 
@@ -204,7 +210,7 @@ class Steps:
         options: dict[str, Any] = {"out_dir": folder, "out_root": self.root}
         if precision == "int8" and cache is not None:
             options["cache"] = cache
-        build_artifact(graph, precision, backend, **options)
+        build_artifact(source, precision, backend, name=graph, **options)
         if not artifact.is_file():
             raise QuantError(f"build of {graph} {precision} ({backend}) wrote no {artifact}")
         write_stamp(self.root, name, key, outputs)
@@ -254,21 +260,25 @@ def spread_subset(manifest: Path, count: int | None, out_dir: Path) -> Path:
 
 @dataclass(frozen=True)
 class RowSpec:
-    model: str
+    spec: ModelSpec
     backend: str
     precision: str
-    artifacts: Mapping[str, Path]  # graph stem (dpcrn, dpcrn_stream, encoder, decoder) -> file
+    artifacts: Mapping[str, Path]  # GraphSpec.stem (dpcrn, dpcrn_stream, encoder, decoder...) -> file
 
     def open(self, stem: str, threads: int) -> Runner:
         return open_runner(self.artifacts[stem], self.backend, threads)
 
+    def runners(self, threads: int) -> dict[str, Runner]:
+        """A runner per graph role (what quant.tasks evaluates)."""
+        return {g.role: self.open(g.stem, threads) for g in self.spec.graphs}
+
+    @property
+    def model(self) -> str:
+        return self.spec.name
+
     @property
     def label(self) -> str:
         return f"{self.model} {self.backend} {self.precision}"
-
-
-def stem(graph: str) -> str:
-    return Path(GRAPH_FILES[graph]).stem
 
 
 def failed_row(model: str, backend: str, precision: str, error: BaseException | str) -> dict[str, Any]:
@@ -334,94 +344,41 @@ def resolve_backends(requested: Sequence[str] | None) -> tuple[str, ...]:
 
 @dataclass
 class TestData:
-    """One model family's test set, loaded once and shared by every row."""
+    """One model's test set (manifest and utterance limit); `memo` keeps what its task loads and scores once for
+    every row (audio, the noisy input's scores)."""
 
     manifest: Path
     limit: int | None
-    se_pairs: list[tuple[str, np.ndarray, np.ndarray]] = field(default_factory=list)
-    asr_samples: list[Any] = field(default_factory=list)
-    noisy_scores: dict[str, Any] = field(default_factory=dict)
+    memo: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> dict[str, Any]:
         return {"manifest": _file_sha(self.manifest), "limit": self.limit}
 
 
-def load_test_data(model: str, options: RunOptions) -> TestData:
-    manifest = calib_data_dir() / TEST_SETS[model] / "manifest.jsonl"
-    if model == "wenet":
-        from quant.eval.asr import load_samples
-
-        data = TestData(manifest, options.asr_utterances)
-        data.asr_samples = load_samples(str(manifest), options.asr_utterances)
-        return data
-    from quant.eval.se import load_pairs
-
-    data = TestData(manifest, options.se_utterances)
-    data.se_pairs = load_pairs(str(manifest), options.se_utterances)
-    return data
-
-
-def representative(durations: Sequence[float]) -> int:
-    """Index of the utterance closest to the median duration (the speed workload)."""
-    median = float(np.median(durations))
-    return int(np.argmin([abs(d - median) for d in durations]))
+def load_test_data(spec: ModelSpec, options: RunOptions) -> TestData:
+    limit = options.asr_utterances if spec.model.task == "asr" else options.se_utterances
+    return TestData(resolve_manifest(spec.defaults.test_manifest, "test manifest"), limit)
 
 
 # ------------------------------------------------------------------------------------------------ accuracy
-
-
-def _progress(items: Sequence[Any], label: str, enabled: bool) -> Iterable[Any]:
-    if not enabled:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=label, unit="utt", leave=False)
 
 
 def eval_threads(spec: RowSpec, options: RunOptions) -> int:
     """Threads for accuracy runs: one for PyTorch eager and for per-frame streaming (a second intra-op thread only
     adds synchronisation to tiny ops and, on a busy machine, made eager streaming ten times slower); else
     options.eval_threads."""
-    if spec.backend == "torch" or spec.model == "dpcrn-stream":
+    if spec.backend == "torch" or spec.spec.streaming is not None:
         return 1
     return options.eval_threads
 
 
 def evaluate_task(spec: RowSpec, data: TestData, options: RunOptions) -> dict[str, Any]:
-    """{"task": mean metrics, "per_utterance": columns} of one row on its test set; the per-utterance columns let
-    the report compare any two rows pairwise (quant.eval.stats)."""
-    if spec.model == "wenet":
-        return _evaluate_asr(spec, data, options)
-    return _evaluate_se(spec, data, options)
-
-
-def _evaluate_asr(spec: RowSpec, data: TestData, options: RunOptions) -> dict[str, Any]:
-    from quant.eval.asr import evaluate_asr
-
-    threads = eval_threads(spec, options)
-    samples = list(_progress(data.asr_samples, spec.label, options.progress))
-    result = evaluate_asr(spec.open("encoder", threads), spec.open("decoder", threads), samples)
-    return {"task": result.to_dict(), "per_utterance": result.per_utterance_columns()}
-
-
-def _evaluate_se(spec: RowSpec, data: TestData, options: RunOptions) -> dict[str, Any]:
-    from quant.eval import se
-
-    runner = spec.open(stem(GRAPHS[spec.model][0]), eval_threads(spec, options))
-
-    def enhance(audio: np.ndarray) -> np.ndarray:
-        if spec.model == "dpcrn":
-            return se.enhance_offline(runner, audio)
-        return se.enhance_streaming(runner, audio)
-
-    pairs = list(_progress(data.se_pairs, spec.label, options.progress))
-    result = se.evaluate_se(enhance, pairs, data.noisy_scores or None)
-    if not data.noisy_scores:
-        data.noisy_scores.update({name: before for name, before, _ in result.per_utterance})
-    task: dict[str, Any] = {**result.enhanced.to_dict(), "utterances": result.utterances}
-    task.update({f"noisy_{key}": value for key, value in result.noisy.to_dict().items()})
-    return {"task": task, "per_utterance": result.per_utterance_columns()}
+    """{"task": mean metrics, "per_utterance": columns} of one row on its test set (quant.tasks); the per-utterance
+    columns let the report compare any two rows pairwise (quant.eval.stats)."""
+    result = task_for(spec.spec).evaluate(spec.runners(eval_threads(spec, options)), str(data.manifest), data.limit,
+                                          memo=data.memo)
+    return {"task": result.task_fields(), "per_utterance": result.per_utterance_columns()}
 
 
 # ------------------------------------------------------------------------------------------------ error vs FP32
@@ -430,31 +387,24 @@ def _evaluate_se(spec: RowSpec, data: TestData, options: RunOptions) -> dict[str
 FeedList = list[dict[str, np.ndarray]]
 
 
-def comparison_feeds(model: str, data: TestData, reference: RowSpec) -> dict[str, FeedList]:
-    """Fixed real feeds per graph on which every row's outputs are compared with the FP32 ORT reference."""
-    if model == "wenet":
-        from quant.eval.asr import encoder_feeds
+def comparison_feeds(spec: ModelSpec, data: TestData, exported: Mapping[str, Path]) -> dict[str, FeedList]:
+    """Fixed real feeds per graph (by stem) on which every row's outputs are compared with the FP32 reference: the
+    task's calibration-style feeds on the first test utterances (streaming: the first steps of the FP32 roll)."""
+    from itertools import islice
 
-        audios = [s.audio for s in data.asr_samples[:4]]
-        enc_feeds = encoder_feeds(audios)
-        return {"encoder": [enc_feeds], "decoder": [decoder_feeds(reference.open("encoder", 1), enc_feeds)]}
-    from quant.eval import se
-
-    noisy = data.se_pairs[0][1]
-    if model == "dpcrn":
-        return {"dpcrn": [{"mix": se.stft(se.segment(noisy)[:1]).astype(np.float32)}]}
-    runner = reference.open("dpcrn_stream", 1)
-    spec = se.stft(se.stream_padded(noisy))[:, :300]
-    return {"dpcrn_stream": [feeds for feeds, _ in se.stream_frames(runner, spec, se.zero_states(runner))]}
-
-
-def decoder_feeds(encoder: Runner, enc_feeds: Mapping[str, np.ndarray], beam: int = 10) -> dict[str, np.ndarray]:
-    """Rescoring-decoder feeds from an encoder pass and CTC prefix beam search (what the ASR runner feeds)."""
-    from quant.eval.asr import prefix_beam_search, rescoring_feeds
-    from quant.models.tokenizer import CharTokenizer
-
-    enc = encoder.run(dict(enc_feeds))
-    return rescoring_feeds(enc, prefix_beam_search(enc, beam), CharTokenizer().sos_eos, beam)
+    task = task_for(spec)
+    count = COMPARE_UTTERANCES[spec.model.task]
+    feeds: dict[str, FeedList] = {}
+    for graph in spec.graphs:
+        if spec.streaming is not None:
+            options = FeedOptions(limit=1, frame_stride=1, graphs=dict(exported))
+            steps = STREAM_COMPARE_STEPS
+        else:
+            options = FeedOptions(limit=count, batch_size=count, graphs=dict(exported))
+            steps = 1
+        source = task.calibration_feeds(graph.role, str(data.manifest), options)
+        feeds[graph.stem] = list(islice(iter(source), steps))
+    return feeds
 
 
 def run_all_feeds(runner: Runner, feeds: FeedList) -> dict[str, np.ndarray]:
@@ -484,32 +434,11 @@ def error_vs_reference(
 # ------------------------------------------------------------------------------------------------ speed
 
 
-def workloads(model: str, data: TestData, reference: RowSpec) -> list[Any]:
-    """Speed workloads from real test audio (the median-length utterance)."""
-    from quant.eval import se
-    from quant.eval.speed import GraphWorkload
-    from quant.features import HOP, SAMPLE_RATE, SEGMENT_SAMPLES
-
-    if model == "wenet":
-        from quant.eval.asr import encoder_feeds
-
-        index = representative([s.audio.size / SAMPLE_RATE for s in data.asr_samples])
-        audio = data.asr_samples[index].audio
-        seconds = audio.size / SAMPLE_RATE
-        enc = encoder_feeds([audio])
-        dec = decoder_feeds(reference.open("encoder", 1), enc)
-        unit = f"{seconds:.2f} s utterance"
-        return [GraphWorkload("encoder", unit, seconds, feeds=enc, sweep_batches=True),
-                GraphWorkload("decoder", unit + " (n-best 10)", seconds, feeds=dec, sweep_batches=True)]
-    index = representative([noisy.size / SAMPLE_RATE for _, noisy, _ in data.se_pairs])
-    noisy = data.se_pairs[index][1]
-    if model == "dpcrn":
-        mix = se.stft(se.segment(noisy)[:1]).astype(np.float32)
-        return [GraphWorkload("dpcrn", "9 s segment", SEGMENT_SAMPLES / SAMPLE_RATE, feeds={"mix": mix})]
-    spec = se.stft(se.stream_padded(noisy)).astype(np.float32)
-    frames = tuple(np.ascontiguousarray(spec[None, :, t : t + 1, :]) for t in range(spec.shape[1]))
-    states = se.zero_states(reference.open("dpcrn_stream", 1))
-    return [GraphWorkload("dpcrn_stream", "16 ms frame", HOP / SAMPLE_RATE, frames=frames, states=states)]
+def workloads(spec: ModelSpec, data: TestData, exported: Mapping[str, Path]) -> list[Any]:
+    """Speed workloads from real test audio (the median-length utterance), one per graph, keyed by its stem."""
+    task = task_for(spec)
+    options = FeedOptions(limit=data.limit, graphs=dict(exported))
+    return [replace(task.speed_workload(g.role, str(data.manifest), options), graph=g.stem) for g in spec.graphs]
 
 
 def measure_speed(spec: RowSpec, loads: Sequence[Any], bench: BenchOptions) -> dict[str, Any]:
@@ -538,9 +467,9 @@ def _opener(spec: RowSpec, graph_stem: str) -> Callable[[int], Runner]:
     return lambda threads: spec.open(graph_stem, threads)
 
 
-def primary_numbers(model: str, speed: Mapping[str, Any]) -> tuple[dict[str, float] | None, float | None]:
-    """(latency stats of the primary graph at 1 thread, RTF of the whole task per audio second)."""
-    graphs = ("encoder", "decoder") if model == "wenet" else (stem(GRAPHS[model][0]),)
+def primary_numbers(spec: ModelSpec, speed: Mapping[str, Any]) -> tuple[dict[str, float] | None, float | None]:
+    """(latency stats of the first graph at 1 thread, RTF of the whole task per audio second: every graph's)."""
+    graphs = [g.stem for g in spec.graphs]
     entries = [speed.get(g, {}).get("threads", {}).get("1") for g in graphs]
     if any(entry is None for entry in entries):
         return None, None
@@ -554,14 +483,17 @@ def primary_numbers(model: str, speed: Mapping[str, Any]) -> tuple[dict[str, flo
 
 def _eval_code_sha() -> str:
     return _sources_sha("eval/se.py", "eval/asr.py", "eval/metrics.py", "features.py", "decoding.py",
-                        "backends/torch.py")
+                        "backends/torch.py", "tasks/common.py", "tasks/se.py", "tasks/asr.py", "frontends/__init__.py",
+                        "frontends/spectral.py", "frontends/fbank.py", "frontends/framing.py",
+                        "frontends/frames.py", "frontends/output.py")
 
 
 class ModelRun:
     """Everything `quant run` does for one model: export, calibrate, build, then evaluate each row."""
 
-    def __init__(self, model: str, backends: Sequence[str], steps: Steps, options: RunOptions) -> None:
-        self.model, self.backends, self.steps, self.options = model, tuple(backends), steps, options
+    def __init__(self, spec: ModelSpec, backends: Sequence[str], steps: Steps, options: RunOptions) -> None:
+        self.spec, self.backends, self.steps, self.options = spec, tuple(backends), steps, options
+        self.model = spec.name
         self.rows: list[dict[str, Any]] = []
         self.failures: list[str] = []
 
@@ -572,26 +504,31 @@ class ModelRun:
         logger.error("%s %s %s failed: %s", self.model, backend, precision, row["error"])
         logger.debug("traceback", exc_info=error)
 
+    @property
+    def eager(self) -> bool:
+        """PyTorch eager rows: asked for, and every graph is one quant exports (its module is known)."""
+        return self.options.eager and all(g.exporter for g in self.spec.graphs)
+
     def _combos(self) -> list[tuple[str, str]]:
-        combos = [("torch", "fp32")] if self.options.eager else []
+        combos = [("torch", "fp32")] if self.eager else []
         return combos + [(b, p) for b in self.backends for p in self.options.precisions
                          if p in SIMULATED.get(b, PRECISIONS)]
 
     def run(self) -> list[dict[str, Any]]:
         try:
-            exported = self.steps.export(self.model)
+            exported = self.steps.export(self.spec)
         except Exception as error:  # noqa: BLE001 - one failing model must not stop the others
             for backend, precision in self._combos():
                 self._fail(backend, precision, error)
             return self.rows
         specs = self._build_all(exported)
-        self._evaluate_all(specs)
+        self._evaluate_all(specs, exported)
         return self.rows
 
     def _build_all(self, exported: Mapping[str, Path]) -> list[RowSpec]:
         specs = []
-        if self.options.eager:
-            specs.append(RowSpec(self.model, "torch", "fp32", {stem(g): exported[g] for g in GRAPHS[self.model]}))
+        if self.eager:
+            specs.append(RowSpec(self.spec, "torch", "fp32", {g.stem: exported[g.role] for g in self.spec.graphs}))
         caches: dict[str, Path] = {}
         for backend, precision in self._combos():
             if backend == "torch":
@@ -618,16 +555,16 @@ class ModelRun:
     def _build_row(self, backend: str, precision: str, exported: Mapping[str, Path],
                    caches: dict[str, Path]) -> RowSpec:
         artifacts = {}
-        for graph in GRAPHS[self.model]:
+        for graph in self.spec.graphs:
             cache = None
             if precision == "int8":
-                if graph not in caches:
-                    caches[graph] = self.steps.calibrate(graph, exported[graph])
-                cache = caches[graph]
-            artifacts[stem(graph)] = self.steps.build(graph, precision, backend, exported[graph], cache)
-        return RowSpec(self.model, backend, precision, artifacts)
+                if graph.role not in caches:
+                    caches[graph.role] = self.steps.calibrate(self.spec, graph, exported)
+                cache = caches[graph.role]
+            artifacts[graph.stem] = self.steps.build(str(graph.name), precision, backend, exported[graph.role], cache)
+        return RowSpec(self.spec, backend, precision, artifacts)
 
-    def _evaluate_all(self, specs: Sequence[RowSpec]) -> None:
+    def _evaluate_all(self, specs: Sequence[RowSpec], exported: Mapping[str, Path]) -> None:
         reference = next((s for s in specs if (s.backend, s.precision) == ("ort", "fp32")), None)
         reference = reference or next((s for s in specs if s.backend == "torch"), None)
         if reference is None:  # nothing to compare with or to derive feeds from: say so rather than drop the rows
@@ -636,10 +573,10 @@ class ModelRun:
                     "no FP32 reference row (ort fp32 or PyTorch eager); add ort and fp32 or leave out --no-eager"))
             return
         try:
-            data = load_test_data(self.model, self.options)
-            feeds = comparison_feeds(self.model, data, reference) if self.options.accuracy else {}
+            data = load_test_data(self.spec, self.options)
+            feeds = comparison_feeds(self.spec, data, exported) if self.options.accuracy else {}
             ref_outputs = {g: run_all_feeds(reference.open(g, 1), f) for g, f in feeds.items()}
-            loads = workloads(self.model, data, reference)
+            loads = workloads(self.spec, data, exported)
         except Exception as error:  # noqa: BLE001
             for spec in specs:
                 self._fail(spec.backend, spec.precision, error)
@@ -657,10 +594,10 @@ def trt_sim_spec(ort_spec: RowSpec, exported: Mapping[str, Path]) -> RowSpec:
     symmetric Q/DQ model_trt_qdq.onnx beside ORT's model.onnx; fp16: the FP16 model.onnx itself)."""
     from quant.artifacts.trt_build import engine_onnx
 
-    sources = {stem(graph): exported[graph] for graph in GRAPHS[ort_spec.model]}
+    sources = {graph.stem: exported[graph.role] for graph in ort_spec.spec.graphs}
     artifacts = {graph_stem: engine_onnx(path.parent, sources[graph_stem], ort_spec.precision, "explicit")
                  for graph_stem, path in ort_spec.artifacts.items()}
-    return RowSpec(ort_spec.model, "trt-sim", ort_spec.precision, artifacts)
+    return RowSpec(ort_spec.spec, "trt-sim", ort_spec.precision, artifacts)
 
 
 @dataclass(frozen=True)
@@ -675,7 +612,10 @@ class EvalContext:
 def _artifact_key(spec: RowSpec) -> dict[str, Any]:
     key: dict[str, Any] = {g: _file_sha(p) for g, p in sorted(spec.artifacts.items())}
     if spec.backend == "torch":
-        key["weights"] = _file_sha(ASSETS_DIR / WEIGHTS[spec.model])
+        from quant.artifacts.export import default_weights
+
+        exporters = dict.fromkeys(str(g.exporter) for g in spec.spec.graphs)
+        key["weights"] = _file_sha(default_weights(next(iter(exporters))))
     return key
 
 
@@ -705,7 +645,7 @@ def evaluate_row(spec: RowSpec, context: EvalContext, root: Path, options: RunOp
     simulated = spec.backend in SIMULATED  # a CPU prediction of another runtime's numerics: its speed means nothing
     logger.info("%s: %s", spec.label, "not timed (simulation)" if simulated else "measuring speed")
     speed = {} if simulated else measure_speed(spec, context.loads, options.bench)
-    latency, rtf = primary_numbers(spec.model, speed)
+    latency, rtf = primary_numbers(spec.spec, speed)
     return {
         "model": spec.model, "backend": spec.backend, "precision": spec.precision, "status": "ok", "error": None,
         "artifacts": {g: str(p) for g, p in spec.artifacts.items()},
@@ -717,13 +657,11 @@ def evaluate_row(spec: RowSpec, context: EvalContext, root: Path, options: RunOp
 
 def run_all(options: RunOptions = RunOptions()) -> RunResult:
     """The main job; returns the results, the written report files and the failures (empty when all passed)."""
-    unknown = [m for m in options.models if m not in MODELS]
-    if unknown:
-        raise QuantError(f"unknown models {unknown}; expected some of {', '.join(MODELS)}")
-    return _run_models(options, options.out_dir)
+    specs = [load_spec(model) for model in options.models]  # a wrong name or spec fails before any work
+    return _run_models(options, specs, options.out_dir)  # exports, the cache store and builds all live under it
 
 
-def _run_models(options: RunOptions, root: Path) -> RunResult:
+def _run_models(options: RunOptions, specs: Sequence[ModelSpec], root: Path) -> RunResult:
     from quant.report import write_results
 
     backends = resolve_backends(options.backends)
@@ -733,9 +671,9 @@ def _run_models(options: RunOptions, root: Path) -> RunResult:
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
     failures: list[str] = []
-    for model in options.models:
-        logger.info("== %s ==", model)
-        model_run = ModelRun(model, backends, steps, options)
+    for spec in specs:
+        logger.info("== %s ==", spec.name)
+        model_run = ModelRun(spec, backends, steps, options)
         rows += model_run.run()
         failures += model_run.failures
     results = {

@@ -137,6 +137,17 @@ class GraphSpec:
         """The file name quant's exporter writes for this graph (None for user graphs)."""
         return EXPORTS[self.export][1] if self.export else None
 
+    @property
+    def exporter(self) -> str | None:
+        """The quant.artifacts.export.export_model name that writes this graph (None for user graphs)."""
+        return EXPORTS[self.export][0] if self.export else None
+
+    @property
+    def stem(self) -> str:
+        """The graph's key in results (artifacts, speed, error_vs_fp32) and in PyTorch eager's module table: the
+        stem of its ONNX file (dpcrn, dpcrn_stream, encoder, decoder for the reference exports)."""
+        return Path(self.export_file or str(self.path)).stem
+
     def onnx_path(self, export_dir: Path | None = None) -> Path:
         """The ONNX file of this graph; it must exist now. Exported graphs live in `export_dir`."""
         if self.path is not None:

@@ -14,7 +14,6 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from quant.artifacts import build_artifact
-from quant.artifacts.artifact import KNOWN_MODELS, resolve_model
 from quant.backends.ort import OrtRunner
 from quant.errors import BackendUnavailable, BuildError, CacheMismatch, CalibrationError, ModelError, QuantError
 from quant.fileio import sha256_file
@@ -189,9 +188,8 @@ def test_missing_ranges_are_named(model_and_cache: tuple[Path, Path], tmp_path: 
 def test_bad_options_and_models(tmp_path: Path):
     with pytest.raises(BuildError, match="precision"):
         build_artifact("whatever.onnx", "int4")
-    with pytest.raises(ModelError, match="neither a known model"):
-        resolve_model(str(tmp_path / "missing.onnx"))
-    assert set(KNOWN_MODELS) == {"dpcrn", "dpcrn-stream", "wenet-encoder", "wenet-decoder"}
+    with pytest.raises(ModelError, match="not an existing .onnx file"):
+        build_artifact(tmp_path / "missing.onnx", "fp32")
 
 
 def test_trt_backend_reports_unavailable(model_and_cache: tuple[Path, Path], tmp_path: Path):
@@ -236,18 +234,22 @@ def test_cli_build_and_inspect(model_and_cache: tuple[Path, Path], tmp_path: Pat
 # ------------------------------------------------------------------------------------------ real models
 
 
+SHIPPED_GRAPHS = ("dpcrn", "dpcrn-stream", "wenet-encoder", "wenet-decoder")
+
+
 def _export_or_skip(name: str) -> Path:
     from quant.paths import DEFAULT_OUT_ROOT
+    from quant.spec import load_spec, shipped_specs
 
-    _, folder, file_name = KNOWN_MODELS[name]
-    path = DEFAULT_OUT_ROOT / "export" / folder / file_name
+    graph = next(g for spec in map(load_spec, shipped_specs()) for g in spec.graphs if g.name == name)
+    path = DEFAULT_OUT_ROOT / "export" / str(graph.exporter) / str(graph.export_file)
     if not path.is_file():
         pytest.skip(f"{path} not exported (run `quant export`)")
     return path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(KNOWN_MODELS))
+@pytest.mark.parametrize("name", SHIPPED_GRAPHS)
 def test_real_model_builds_three_precisions(name: str, tmp_path: Path):
     """Calibrate on the first utterances of the committed set, build FP32/FP16/INT8, check integer kernels and that
     INT8 stays close to FP32 on a calibration feed."""
@@ -260,7 +262,7 @@ def test_real_model_builds_three_precisions(name: str, tmp_path: Path):
     options = CalibrateOptions(ranges=RangeOptions(progress=False), reader=reader)
     entry = calibrate(source, name, None, None, tmp_path / "calib.cache", options)  # the model's default method
     for precision in ("fp32", "fp16", "int8"):
-        build_artifact(name, precision, cache=entry.path if precision == "int8" else None,
+        build_artifact(source, precision, name=name, cache=entry.path if precision == "int8" else None,
                        out_dir=tmp_path / precision)
     meta = json.loads((tmp_path / "int8" / "meta.json").read_text())
     assert meta["integer_kernels"], meta["optimized_op_counts"]
@@ -301,46 +303,12 @@ def test_uint8_activations_get_the_sidecars_observed_min_max(model_and_cache: tu
     assert int(inits[quantize["c_mid"].input[2]]) == round(-observed["c_mid"].minimum / c_mid_scale)
 
 
-def _store_calibration(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
-    """The tiny model as the `dpcrn-stream` export, its reader replaced by the tiny feeds; returns the methods that
-    really ran a range collection."""
-    from quant.calib import calibrate as calibrate_module
-    from quant.calib import readers
-
-    export = tmp_path / "engines" / "export" / "dpcrn-stream"
-    export.mkdir(parents=True)
-    tiny_streaming_model(export / "dpcrn_stream.onnx")
-    data = feeds(4)
-    manifest = Path(__file__).parent / "data" / "librivox.jsonl"
-    monkeypatch.setattr(readers, "default_manifest", lambda model: manifest)
-    monkeypatch.setattr(readers, "reader_for", lambda model, path, manifest, options=None: data)
-    ran: list[str] = []
-    collect = calibrate_module.collect_ranges
-
-    def counting(onnx_path: Path, source: object, method: str, options: object) -> object:
-        ran.append(method)
-        return collect(onnx_path, source, method, options)
-
-    monkeypatch.setattr(calibrate_module, "collect_ranges", counting)
-    return ran
-
-
-def test_int8_without_cache_calibrates_into_the_store_and_reuses_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    pytest.importorskip("quant.data.manifest")
-    from quant.calib.calibrate import METHODS, default_method
-
-    ran = _store_calibration(monkeypatch, tmp_path)
-    root = tmp_path / "engines"
-    first = build_artifact("dpcrn-stream", "int8", out_dir=tmp_path / "a", out_root=root)
-    second = build_artifact("dpcrn-stream", "int8", out_dir=tmp_path / "b", out_root=root)
-    cache_a = json.loads((first / "meta.json").read_text())["cache"]
-    cache_b = json.loads((second / "meta.json").read_text())["cache"]
-    assert ran == [default_method("dpcrn-stream")]  # the second build reused the stored cache
-    assert Path(cache_a["path"]).parent == tmp_path / "engines" / "cache" and cache_a == cache_b
-    assert cache_a["key"]["method"] == default_method("dpcrn-stream")
-    other = next(method for method in METHODS if method != default_method("dpcrn-stream"))
-    build_artifact("dpcrn-stream", "int8", out_dir=tmp_path / "c", method=other, out_root=root)
-    assert ran[-1] == other and len(list((tmp_path / "engines" / "cache").glob("*.cache"))) == 2
+def test_int8_without_cache_says_how_to_calibrate(model_and_cache: tuple[Path, Path], tmp_path: Path):
+    """Builds never calibrate (quant.tasks.calibration.calibrate_spec does, before `quant build SPEC`)."""
+    source, _ = model_and_cache
+    with pytest.raises(BuildError, match="INT8 needs calibration ranges"):
+        build_artifact(source, "int8", out_dir=tmp_path / "a")
+    assert not (tmp_path / "a").exists()
 
 
 # ---- TensorRT hand-off (quant.artifacts.trt_build.build_trt, against the TensorRT test double) --------------------------
@@ -349,12 +317,9 @@ def test_int8_without_cache_calibrates_into_the_store_and_reuses_it(tmp_path: Pa
 def test_missing_tensorrt_fails_before_export_or_calibration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import trt_double
 
-    from quant.artifacts import artifact
-
     trt_double.hide_tensorrt(monkeypatch)
-    monkeypatch.setattr(artifact, "_export", lambda *args: pytest.fail("exported although TensorRT is missing"))
     with pytest.raises(BackendUnavailable, match="pip install 'quant\\[trt\\]'"):
-        build_artifact("dpcrn", "int8", "trt", out_root=tmp_path / "engines")
+        build_artifact(tmp_path / "absent.onnx", "int8", "trt", out_root=tmp_path / "engines")  # checked first
     assert not (tmp_path / "engines").exists()
 
 

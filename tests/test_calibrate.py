@@ -75,10 +75,12 @@ def test_default_output_goes_to_the_store(tmp_path: Path, monkeypatch: pytest.Mo
     assert cc.lookup(cal.default_store(tmp_path / "engines"), entry.key).hit
 
 
-def test_batch_major_known_models_run_one_item_at_a_time(tmp_path: Path) -> None:
+def test_batches_split_one_item_at_a_time_give_the_same_ranges(tmp_path: Path) -> None:
+    """calibrate_spec splits batch-major offline feeds (max_batch 1) to bound memory: never a change of ranges."""
     model = tiny_model(tmp_path / "m.onnx")
     whole = cal.calibrate(model, None, None, "minmax", tmp_path / "a.cache", OPTIONS, feeds=feeds())
-    split = cal.calibrate(model, "wenet-encoder", None, "minmax", tmp_path / "b.cache", OPTIONS, feeds=feeds())
+    one = replace(OPTIONS, ranges=replace(OPTIONS.ranges, max_batch=1))
+    split = cal.calibrate(model, None, None, "minmax", tmp_path / "b.cache", one, feeds=feeds())
     assert (whole.info["batches"], split.info["batches"]) == (4, 8)  # 4 feeds of batch 2
     assert split.cache == whole.cache
 
@@ -181,16 +183,14 @@ def test_reader_path_keys_reader_settings_and_verify(tmp_path: Path, monkeypatch
     assert args.handler(args) == 1
 
 
-def test_method_defaults_per_model_when_not_given(tmp_path: Path) -> None:
+def test_method_defaults_to_the_spec_default_when_not_given(tmp_path: Path) -> None:
+    from quant.spec import DefaultsSpec
+
     model = tiny_model(tmp_path / "m.onnx")
-    for kind, name in (("wenet-encoder", "enc"), (None, "other")):
-        entry = cal.calibrate(model, kind, None, None, tmp_path / f"{name}.cache", OPTIONS, feeds=feeds())
-        assert entry.key.method == cal.default_method(kind)
-    assert cal.default_method("wenet-encoder") == cal.DEFAULT_METHODS["wenet-encoder"]
-    assert cal.default_method(None) == cal.default_method("third-party") == cal.FALLBACK_METHOD
-    assert set(cal.DEFAULT_METHODS) == {"dpcrn", "dpcrn-stream", "wenet-encoder", "wenet-decoder"}
-    assert set(cal.DEFAULT_METHODS.values()) | {cal.FALLBACK_METHOD} <= set(cal.METHODS)
-    assert parse(["calibrate", "m.onnx"]).method is None  # the CLI leaves the choice to default_method
+    entry = cal.calibrate(model, None, None, None, tmp_path / "other.cache", OPTIONS, feeds=feeds())
+    assert entry.key.method == cal.default_method() == DefaultsSpec().calibration_method
+    assert cal.default_method() in cal.METHODS
+    assert parse(["calibrate", "m.onnx"]).method is None  # the CLI leaves the choice to the spec
     from quant.cli import build as cli_build
 
     parser = argparse.ArgumentParser()

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+
+from quant.paths import calib_data_dir
 from onnx import TensorProto, helper
 
 from quant import pipeline
@@ -60,13 +62,13 @@ class FakeSteps:
     def __init__(self, root: Path, options: pipeline.RunOptions) -> None:
         self.root, self.options = root, options
 
-    def export(self, model: str) -> dict[str, Path]:
-        FakeSteps.calls.append(f"export {model}")
-        return {"dpcrn": identity_dpcrn(self.root / "export" / model / "dpcrn.onnx")}
+    def export(self, spec: Any) -> dict[str, Path]:
+        FakeSteps.calls.append(f"export {spec.name}")
+        return {"enhancer": identity_dpcrn(self.root / "export" / spec.name / "dpcrn.onnx")}
 
-    def calibrate(self, graph: str, onnx_path: Path) -> Path:
-        FakeSteps.calls.append(f"calibrate {graph}")
-        return onnx_path
+    def calibrate(self, spec: Any, graph: Any, exported: dict[str, Path]) -> Path:
+        FakeSteps.calls.append(f"calibrate {graph.name}")
+        return exported[graph.role]
 
     def build(self, graph: str, precision: str, backend: str, source: Path, cache: Path | None) -> Path:
         FakeSteps.calls.append(f"build {graph} {precision} {backend} cache={cache is not None}")
@@ -83,13 +85,8 @@ class FakeSteps:
 
 @pytest.fixture()
 def fake_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pipeline.RunOptions:
-    speech = load_audio(DATA / "librivox_0880.flac")
-    noisy = speech + 0.05 * np.random.default_rng(0).standard_normal(speech.size).astype(np.float32)
-
-    def load_test_data(model: str, options: pipeline.RunOptions) -> pipeline.TestData:
-        data = pipeline.TestData(tmp_path / "se_test.jsonl", 1)
-        data.se_pairs = [("0:librivox_0880.flac", noisy, speech)]
-        return data
+    def load_test_data(spec: Any, options: pipeline.RunOptions) -> pipeline.TestData:
+        return pipeline.TestData(calib_data_dir() / "se_test" / "manifest.jsonl", 1)  # one real noisy mixture
 
     FakeSteps.calls = []
     FakeSteps.fail_int8 = False
@@ -145,7 +142,7 @@ def test_rows_keep_per_utterance_scores_through_the_stamps(fake_run: pipeline.Ru
     for result in (first, again):
         rows = {row["precision"]: row for row in result.results["rows"]}
         columns = rows["int8"]["per_utterance"]
-        assert columns["ids"] == ["0:librivox_0880.flac"]
+        assert columns["ids"] == ["0:librivox_0870.flac"]  # the first se_test utterance
         assert columns["pesq_wb"] == [pytest.approx(rows["int8"]["task"]["pesq_wb"])]
     assert first.results["rows"][0]["per_utterance"] == again.results["rows"][0]["per_utterance"]
 
@@ -243,7 +240,9 @@ def test_unknown_model_is_an_error(tmp_path: Path) -> None:
 
 
 def test_representative_is_the_median_length() -> None:
-    assert pipeline.representative([1.0, 9.0, 4.0, 5.0, 3.0]) == 2
+    from quant.tasks.se import representative
+
+    assert representative([1.0, 9.0, 4.0, 5.0, 3.0]) == 2
 
 
 def test_spread_subset_covers_the_whole_manifest(tmp_path: Path) -> None:

@@ -220,23 +220,22 @@ def test_examples_cover_the_five_kinds() -> None:
     assert read_units(u2pp.task.units)[2] == "<sos/eos>"
 
 
-def test_shipped_specs_describe_the_code_tables() -> None:
-    """Every value of the reference specs equals the table in the code it will replace (docs/specs.md)."""
+def test_shipped_specs_are_the_pipelines_models() -> None:
+    """The run's default models are the shipped specs; each graph is one quant exports, under a distinct name."""
     from quant import pipeline
-    from quant.calib.calibrate import DEFAULT_METHODS
-    from quant.calib.readers import ReaderOptions, default_manifest
-    from quant.spec import CALIB_DATA_PREFIX
+    from quant.calib.readers import ReaderOptions
+    from quant.spec import EXPORTS, shipped_specs
 
-    for model in pipeline.MODELS:
+    assert pipeline.RunOptions().models == shipped_specs() == ("dpcrn", "dpcrn-stream", "wenet")
+    names = []
+    for model in shipped_specs():
         spec = load_spec(model)
-        assert tuple(g.name for g in spec.graphs) == pipeline.GRAPHS[model]
-        assert spec.defaults.test_manifest == CALIB_DATA_PREFIX + pipeline.TEST_SETS[model]
         assert spec.defaults.batch_size == ReaderOptions().batch_size
         assert spec.defaults.frame_stride == ReaderOptions().every
         for graph in spec.graphs:
-            assert graph.export_file == pipeline.GRAPH_FILES[str(graph.name)]
-            assert spec.method(graph) == DEFAULT_METHODS[str(graph.name)]
-            assert resolve_manifest(spec.defaults.calibration_manifest) == default_manifest(str(graph.name))
+            assert graph.export in EXPORTS and graph.stem == Path(str(graph.export_file)).stem
+            names.append(graph.name)
+    assert names == ["dpcrn", "dpcrn-stream", "wenet-encoder", "wenet-decoder"]
 
 
 def test_shipped_dpcrn_specs_describe_features_and_states() -> None:

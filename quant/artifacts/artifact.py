@@ -33,13 +33,6 @@ from quant.precision import DEFAULT_RULES_PATH, load_rules, plan
 
 log = logging.getLogger(__name__)
 
-# model name -> (export name given to quant.artifacts.export.export_model, export folder, file name)
-KNOWN_MODELS = {
-    "dpcrn": ("dpcrn", "dpcrn", "dpcrn.onnx"),
-    "dpcrn-stream": ("dpcrn-stream", "dpcrn-stream", "dpcrn_stream.onnx"),
-    "wenet-encoder": ("wenet", "wenet", "encoder.onnx"),
-    "wenet-decoder": ("wenet", "wenet", "decoder.onnx"),
-}
 MODEL_FILE = "model.onnx"
 TRT_QDQ_FILE = "model_trt_qdq.onnx"
 META_FILE = "meta.json"
@@ -76,35 +69,18 @@ class BuildOptions:
                 raise BuildError(f"{label} {value!r} is not one of {', '.join(allowed)}")
 
 
-def resolve_model(model: str | Path, export: bool = True, out_root: Path = DEFAULT_OUT_ROOT) -> tuple[str, Path]:
-    """(model name, ONNX path): a known model name (exported on demand under out_root/export/) or a path to any ONNX
-    file."""
-    name = str(model)
-    if name in KNOWN_MODELS:
-        export_name, folder, file_name = KNOWN_MODELS[name]
-        path = Path(out_root) / "export" / folder / file_name
-        if not path.is_file() and export:
-            _export(export_name, path.parent)
-        if not path.is_file():
-            raise ModelError(f"{path}: export of {name!r} not found; run `quant export {export_name}`")
-        return name, path
-    path = Path(name)
+def check_source(source: str | Path) -> Path:
+    """The ONNX file an artifact is built from; it must exist."""
+    path = Path(source)
     if path.suffix != ".onnx" or not path.is_file():
-        raise ModelError(f"{name}: neither a known model ({', '.join(KNOWN_MODELS)}) nor an existing .onnx file")
-    return path.stem, path
+        raise ModelError(f"{path}: not an existing .onnx file; give a model spec (quant build SPEC) or an ONNX file")
+    return path
 
 
-def _export(export_name: str, out_dir: Path) -> None:
-    try:
-        from quant.artifacts.export import export_model
-    except ImportError as error:
-        raise ModelError(f"cannot export {export_name!r}: quant.artifacts.export is not available ({error})") from None
-    log.info("exporting %s to %s", export_name, out_dir)
-    export_model(export_name, out_dir)
-
-
-def build_artifact(model: str | Path, precision: str, backend: str = "ort", **options: Any) -> Path:
-    """Build one artifact; returns its folder. Options are BuildOptions fields.
+def build_artifact(source: str | Path, precision: str, backend: str = "ort", name: str | None = None,
+                   **options: Any) -> Path:
+    """Build one artifact of the ONNX file `source`, named `name` (default its stem; a spec's GraphSpec.name);
+    returns its folder (default engines/<name>/<precision>). Options are BuildOptions fields.
 
     The folder is produced whole or not at all: everything is built in a temp sibling that replaces the folder only
     once meta.json (with the sha256 of every file) is written; a failed or killed build leaves the previous one."""
@@ -113,7 +89,8 @@ def build_artifact(model: str | Path, precision: str, backend: str = "ort", **op
         from quant.backends.trt import require_tensorrt
 
         require_tensorrt()  # a missing TensorRT fails before any export, calibration or ORT build
-    name, source = resolve_model(model, out_root=opts.out_root)
+    source = check_source(source)
+    name = name or source.stem
     out_dir = opts.out_dir or opts.out_root / name / precision
     check_replaceable(out_dir)
     with atomic_folder(out_dir) as work:
@@ -226,22 +203,12 @@ def _build_int8(name: str, upgrade: UpgradeResult, source_model: onnx.ModelProto
 def load_ranges(name: str, source: Path, cache: Path | None, method: str | None = None,
                 out_root: Path = DEFAULT_OUT_ROOT) -> tuple[dict[str, TensorRange], dict[str, Any]]:
     """Ranges (amax with the observed min/max of the cache's sidecar) from the given calibration cache (its key must
-    name this model file), or, without one, from the cache store under out_root/cache/ via quant.calib.calibrate
-    (reused on an exact key hit, else calibrated on the model's committed calibration set with `method`, default the
-    model's quant.calib.calibrate.default_method)."""
+    name this model file). Calibrating is the caller's step (quant.tasks.calibration.calibrate_spec): builds never
+    import calibration."""
     if cache is not None:
         return ranges_from_cache(cache, source)
-    try:
-        from quant.calib.calibrate import CalibrateOptions, calibrate
-    except ImportError as error:
-        raise BuildError(f"no --cache given and calibration is not available here ({error}); "
-                         f"pass --cache CACHE from `quant calibrate`") from None
-    kind = name if name in KNOWN_MODELS else None
-    if kind is None:
-        raise BuildError(f"{source}: INT8 of a model quant does not know needs --cache from `quant calibrate "
-                         f"{source} --data MANIFEST`")
-    entry = calibrate(source, kind, None, method, options=CalibrateOptions(out_root=out_root))
-    return ranges_from_cache(entry.path, source)
+    raise BuildError(f"{source}: INT8 needs calibration ranges; `quant build SPEC --precision int8` calibrates "
+                     f"first, or pass --cache from `quant calibrate {source}`")
 
 
 def _base_meta(name: str, source: Path, opts: BuildOptions, rules_sha: str) -> dict[str, Any]:

@@ -85,6 +85,15 @@ def export_model(
     return [path]
 
 
+def default_weights(name: str) -> Path:
+    """The shipped weights `export_model(name)` exports when given none (part of the pipeline's export stamp)."""
+    if name not in MODELS:
+        raise ModelError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+    from quant.models.conformer import WEIGHTS_PATH
+
+    return WEIGHTS_PATH if name == "wenet" else DEFAULT_WEIGHTS
+
+
 def _weights_sha256(weights: str | os.PathLike[str] | None) -> str | None:
     path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
     return sha256_file(path) if path.is_file() else None

@@ -19,7 +19,7 @@ import logging
 import re
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -33,8 +33,8 @@ from quant.paths import DEFAULT_OUT_ROOT
 log = logging.getLogger(__name__)
 
 METHODS = ("entropy", "minmax", "percentile")
-# The calibration method used when none is asked for (quant calibrate, quant build, TensorRT implicit INT8 through
-# quant's ranges). Measured on the trained weights of quant/assets (2026-11-21, 2 CPU cores): calibrated with each
+# The calibration method used when none is asked for is the spec's ([defaults] calibration_method, per-graph
+# override; quant.spec.DefaultsSpec holds the one default, percentile). The shipped specs' choice was measured on the trained weights of quant/assets (2026-11-21, 2 CPU cores): calibrated with each
 # method on the first utterances of the committed sets (`quant calibrate MODEL --method M --limit N`: se_calib N=8,
 # asr_calib N=16), ORT INT8 built from each cache (`quant build MODEL --precision int8 --cache C`), output SNR vs
 # FP32 on held-out audio (scripts/compare_calibration.py: se_test noisy N=8, asr_test N=16), dB mean / min / pooled:
@@ -50,18 +50,13 @@ METHODS = ("entropy", "minmax", "percentile")
 # Entropy loses most of the DPCRN output (2-8 dB); minmax and percentile are within ~1-2 dB of
 # each other on the SE models (percentile better on mean and pooled, minmax on the worst clip) and percentile is
 # best on the encoder; on the decoder entropy and percentile tie on SNR and percentile keeps every rescoring choice.
-DEFAULT_METHODS: Mapping[str, str] = {
-    "dpcrn": "percentile",
-    "dpcrn-stream": "percentile",
-    "wenet-encoder": "percentile",
-    "wenet-decoder": "percentile",
-}
-FALLBACK_METHOD = "percentile"  # other (third-party) models: best or tied-best on every model measured above
 
 
-def default_method(model_kind: str | None) -> str:
-    """The calibration method of a known model (DEFAULT_METHODS), else FALLBACK_METHOD."""
-    return DEFAULT_METHODS.get(model_kind or "", FALLBACK_METHOD)
+def default_method() -> str:
+    """The method of a calibration with neither a method nor a spec naming one (quant.spec.DefaultsSpec's)."""
+    from quant.spec import DefaultsSpec
+
+    return DefaultsSpec().calibration_method
 
 
 @dataclass(frozen=True)
@@ -71,6 +66,7 @@ class CalibrateOptions:
     trt_version: str | None = None  # header version digits; default: installed TensorRT or cache.DEFAULT_TRT_VERSION
     reader: Any = None  # quant.calib.readers.ReaderOptions (batch size, frame stride, limit...); part of the key
     out_root: Path = DEFAULT_OUT_ROOT  # the cache store is out_root/cache (when no out_cache is given)
+    allow_outside: bool = False  # manifest paths may leave the manifest's folder (a run's subset manifests do)
 
     def __post_init__(self) -> None:  # anything else in the header makes a cache no reader (quant's, TensorRT's) reads
         if self.trt_version is not None and not re.fullmatch(r"[0-9]+", self.trt_version):
@@ -96,10 +92,10 @@ def calibrate(
 
     Feeds come from `feeds` when given, else from quant.calib.readers.reader_for(model_kind, ...) over `manifest`.
     A cache at the output path with the same key is reused; one with another key is refused unless options.force.
-    `method` None: default_method(model_kind).
+    `method` None: default_method().
     """
     options = options or CalibrateOptions()
-    method = method or default_method(model_kind)
+    method = method or default_method()
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise CalibrationError(f"ONNX model {onnx_path} not found: export it first (quant export) or pass an .onnx")
@@ -112,14 +108,15 @@ def calibrate(
     else:
         onnx_path = qdq_graph(onnx_path, feeds)
         source = feeds
-        key = make_key(onnx_path, method, options.ranges, manifest, source)
-    target = Path(out_cache) if out_cache is not None else store_path(default_store(options.out_root), key, onnx_path.stem)
+        key = make_key(onnx_path, method, options.ranges, manifest, source, allow_outside=options.allow_outside)
+    target = Path(out_cache) if out_cache is not None else store_path(default_store(options.out_root), key,
+                                                                        onnx_path.stem)
     reused = _reuse(target, key, options.force)
     if reused is not None:
         return reused
     ensure_writable(target)  # a read-only store fails now, not after the calibration
     log.info("calibrating %s with %s on %s", onnx_path, method, manifest or "the reader's default set")
-    result = collect_ranges(onnx_path, source, method, _bounded(options.ranges, model_kind))
+    result = collect_ranges(onnx_path, source, method, options.ranges)
     info = {"model": str(onnx_path), "model_kind": model_kind, "manifest": str(manifest) if manifest else None}
     return write_entry(target, key, result, info, options.trt_version)
 
@@ -131,18 +128,6 @@ def qdq_graph(onnx_path: Path, check_feeds: FeedSource) -> Path:
 
     feeds = check_feeds() if callable(check_feeds) else check_feeds
     return ensure_opset(onnx_path, MIN_QDQ_OPSET, onnx_path.parent, feeds).path
-
-
-# Our exports of these models are batch-major in every input, so feeds may be run one item at a time. The offline
-# DPCRN exposes ~300 M activation values per 9 s segment: peak RSS 1.1 GB at batch 1 vs 3.6 GB at the reader's
-# batch of 4 (measured, scripts/bench_calibration.py --memory-segments). Splitting never changes the ranges.
-_BATCH_MAJOR = ("dpcrn", "wenet-encoder", "wenet-decoder")
-
-
-def _bounded(options: RangeOptions, model_kind: str | None) -> RangeOptions:
-    if options.max_batch is None and model_kind in _BATCH_MAJOR:
-        return replace(options, max_batch=1)
-    return options
 
 
 def make_key(onnx_path: str | Path, method: str, options: RangeOptions, manifest: str | Path | None = None,

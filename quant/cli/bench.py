@@ -19,6 +19,8 @@ def register(subparsers: Any) -> None:
         "FP32 ONNX Runtime and PyTorch eager. Builds what is missing (reusing caches) and writes "
         "engines/bench/results.{json,md,csv} and tradeoff.png; no accuracy evaluation (see quant run).",
     )
+    parser.add_argument("specs", nargs="*", metavar="SPEC", help="shipped models (dpcrn, dpcrn-stream, wenet) or "
+                        "model spec files (default: the three shipped models)")
     add_selection(parser)
     parser.set_defaults(handler=run)
 

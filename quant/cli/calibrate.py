@@ -1,4 +1,5 @@
-"""`quant calibrate MODEL --method entropy|minmax|percentile [--data MANIFEST] [-o CACHE] [--force]`."""
+"""`quant calibrate SPEC [--graph ROLE] [--method entropy|minmax|percentile] [--data MANIFEST] [--feeds FILE.npz|
+module:function] [-o CACHE] [--force]`; an .onnx file with --feature/--input-name (or a streaming model) still works."""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from quant.cli.options import percentile, positive_int, version_digits
+from quant.cli.specs import add_spec, fp32_graphs, is_onnx, select, single_output
 
-MODEL_HELP = ("an ONNX file, or a model name (dpcrn, dpcrn-stream, wenet-encoder, wenet-decoder) meaning its export "
-              "under engines/export/ (exported on demand)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,20 +19,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "write TensorRT's cache format plus a JSON sidecar with the key (model, data, method, versions). A cache "
         "with the same key is reused; one with another key is refused unless --force.",
     )
-    parser.add_argument("model", help=MODEL_HELP)
+    add_spec(parser, onnx=True)
     parser.add_argument("--method", choices=("entropy", "minmax", "percentile"),
-                        help="range method (default: the model's measured best, quant.calib.calibrate."
-                        "DEFAULT_METHODS; percentile for other models)")
+                        help="range method (default: the spec's [defaults] calibration_method; percentile)")
     parser.add_argument("--percentile", type=percentile, default=99.99, help="for --method percentile, in (0, 100] (default 99.99)")
-    parser.add_argument("--data", type=Path, help="calibration manifest (default: the model's committed set)")
+    parser.add_argument("--data", type=Path, help="calibration manifest (default: the spec's calibration_manifest)")
+    parser.add_argument("--feeds", help="feeds instead of the spec's front end: FILE.npz (arrays named by input, or "
+                        "<role>/<input>; axis 0 = one feed each) or module:function (called as function(spec, graph, "
+                        "audio) -> iterable of {input: array})")
     parser.add_argument("-o", "--output", type=Path,
-                        help="cache file (default: engines/cache/<model>-<method>-<key>.cache)")
+                        help="cache file, with one graph (default: engines/cache/<graph name>-<method>-<key>.cache)")
     parser.add_argument("--force", action="store_true", help="overwrite a cache at -o whose key differs")
-    parser.add_argument("--kind", choices=("dpcrn", "dpcrn-stream", "wenet-encoder", "wenet-decoder"),
-                        help="with an ONNX path: which known model's reader to use")
     parser.add_argument("--feature", choices=("stft", "fbank", "waveform"),
-                        help="third-party model: the feature its input takes (with --input-name)")
-    parser.add_argument("--input-name", help="third-party model: the input that takes the feature")
+                        help="an .onnx file without a spec: the feature its input takes (with --input-name)")
+    parser.add_argument("--input-name", help="an .onnx file without a spec: the input that takes the feature")
     parser.add_argument("--allow-outside-paths", action="store_true",
                         help="let manifest paths leave the manifest's folder (absolute paths, `..`); refused by default")
     parser.add_argument("--limit", type=positive_int, help="use only the first N utterances of the manifest")
@@ -47,14 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def resolve_model(model: str) -> tuple[str | None, Path]:
-    """(model kind or None, ONNX path) for a model name or a path."""
-    path = Path(model)
-    if path.suffix == ".onnx":
-        return None, path
-    from quant.artifacts.artifact import resolve_model as resolve_known
-
-    _, onnx_path = resolve_known(model)
-    return model, onnx_path
+    """(None, ONNX path) for an .onnx file (`quant cache verify`: calibrations made without a spec)."""
+    return None, Path(model)
 
 
 def reader_options(args: argparse.Namespace) -> Any:
@@ -74,14 +68,51 @@ def run(args: argparse.Namespace) -> int:
     from quant.calib.calibrate import CalibrateOptions, calibrate
     from quant.calib.ranges import RangeOptions
 
-    kind, onnx_path = resolve_model(args.model)
-    kind = args.kind or kind
     ranges = RangeOptions(percentile=args.percentile, threads=args.threads, max_batch=args.max_batch,
                           progress=not args.no_progress)
     options = CalibrateOptions(ranges=ranges, force=args.force, trt_version=args.trt_version,
-                               reader=reader_options(args))
-    entry = calibrate(onnx_path, kind, args.data, args.method, args.output, options)
-    zero = sum(1 for item in entry.ranges.values() if item.amax == 0)
-    print(f"{entry.path}: {entry.cache.header}, {len(entry.cache.scale_bits)} tensors ({zero} with amax 0), "
-          f"method {entry.key.method}, key {entry.key.digest()[:12]}, created {entry.created}")
+                               reader=reader_options(args) if is_onnx(args.spec) else None,
+                               allow_outside=args.allow_outside_paths)
+    if is_onnx(args.spec):
+        entries = [calibrate(Path(args.spec), None, args.data, args.method, args.output, options)]
+    else:
+        entries = calibrate_spec_graphs(args, options)
+    for entry in entries:
+        zero = sum(1 for item in entry.ranges.values() if item.amax == 0)
+        print(f"{entry.path}: {entry.cache.header}, {len(entry.cache.scale_bits)} tensors ({zero} with amax 0), "
+              f"method {entry.key.method}, key {entry.key.digest()[:12]}, created {entry.created}")
     return 0
+
+
+def calibrate_spec_graphs(args: argparse.Namespace, options: Any) -> list[Any]:
+    """A cache per selected graph of the spec, in order (later graphs' feeds run the earlier FP32 graphs)."""
+    from dataclasses import replace
+
+    from quant.tasks.calibration import calibrate_spec
+    from quant.tasks import FeedOptions
+
+    selection = select(args.spec, args.graph)
+    single_output(selection, args.output, "-o")
+    spec = selection.spec
+    if args.feeds:
+        spec = replace(spec, feeds=feeds_spec(args.feeds))
+    graphs = fp32_graphs(spec)
+    feed_options = FeedOptions(limit=args.limit, batch_size=args.batch_size, frame_stride=args.every,
+                               threads=args.threads, graphs=graphs, allow_outside=args.allow_outside_paths)
+    return [calibrate_spec(spec, role, graphs[role], args.data, args.method, args.output, options, feed_options)
+            for role in selection.roles]
+
+
+def feeds_spec(text: str) -> Any:
+    """--feeds FILE.npz or module:function as the spec's [feeds] escape hatch."""
+    from quant.spec import FeedsSpec
+    from quant.tomlschema import SchemaError
+
+    try:
+        if text.endswith(".npz"):
+            return FeedsSpec(npz=Path(text).resolve())
+        return FeedsSpec(function=text)
+    except SchemaError as error:
+        from quant.errors import QuantError
+
+        raise QuantError(f"--feeds {text!r}: {error.message}; give FILE.npz or module:function") from None

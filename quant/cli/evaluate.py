@@ -1,4 +1,4 @@
-"""`quant evaluate`: task metrics of one artifact (or PyTorch eager) on a test set."""
+"""`quant evaluate SPEC [ARTIFACT ...]`: task metrics of a spec's artifacts (or PyTorch eager) on its test set."""
 
 from __future__ import annotations
 
@@ -8,72 +8,96 @@ from pathlib import Path
 from typing import Any
 
 from quant.cli.options import positive_int
+from quant.cli.specs import add_spec, fp32_graphs, select
 from quant.errors import QuantError
 
-MODELS = ("dpcrn", "dpcrn-stream", "wenet")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "evaluate", help="PESQ/STOI/SI-SDR or CER/WER of one artifact on a test set",
-        description="Run MODEL's artifact(s) on a test manifest and print the task metrics. dpcrn / dpcrn-stream "
-        "take one file (dpcrn.onnx / dpcrn_stream.onnx, a built model.onnx or an engine); wenet takes the encoder "
-        "and the decoder. With --backend torch, give the FP32 ONNX export(s): the PyTorch modules of the same "
-        "graphs run eagerly with the shipped weights. With --backend trt-sim, give what TensorRT's explicit mode "
-        "builds from (int8: model_trt_qdq.onnx of an int8 build; fp16: the FP16 model.onnx): ONNX Runtime runs it "
-        "with Q/DQ kept as fake quantization, a CPU prediction of TensorRT's accuracy, not a TensorRT measurement.",
+        "evaluate", help="PESQ/STOI/SI-SDR or CER/WER of a model's artifacts on its test set",
+        description="Run SPEC's graphs on a test manifest (default the spec's) through its task and print the "
+        "metrics. Without ARTIFACT, every precision built by `quant build SPEC` (engines/<graph name>/<precision>/"
+        "model.onnx) and FP32 (the graphs themselves); with ARTIFACT, one file per graph in the spec's order (an "
+        "ONNX file, a built model.onnx or an engine). With --backend torch, give the FP32 ONNX exports of quant's "
+        "reference graphs: their PyTorch modules run eagerly with the shipped weights. With --backend trt-sim, give "
+        "what TensorRT's explicit mode builds from (int8: model_trt_qdq.onnx of an int8 build; fp16: the FP16 "
+        "model.onnx): ONNX Runtime runs it with Q/DQ kept as fake quantization, a CPU prediction of TensorRT's "
+        "accuracy, not a TensorRT measurement.",
     )
-    parser.add_argument("model", choices=MODELS)
-    parser.add_argument("artifacts", nargs="+", type=Path, help="model file (wenet: encoder then decoder)")
+    add_spec(parser, graphs=False)
+    parser.add_argument("artifacts", nargs="*", type=Path, metavar="ARTIFACT",
+                        help="one model file per graph, in the spec's order (default: the built precisions)")
+    parser.add_argument("--precision", choices=PRECISIONS, action="append", dest="precisions",
+                        help="without ARTIFACT: evaluate this precision's build (repeatable; default fp32 and every "
+                        "precision built)")
     parser.add_argument("--backend", choices=("ort", "trt", "torch", "trt-sim"), default="ort")
-    parser.add_argument("--manifest", type=Path, help="test manifest (default calib_data/se_test or asr_test)")
+    parser.add_argument("--manifest", type=Path, help="test manifest (default: the spec's test_manifest)")
     parser.add_argument("--limit", type=positive_int, help="first N utterances")
     parser.add_argument("--threads", type=positive_int, default=2, help="ONNX Runtime / PyTorch threads (default 2)")
-    parser.add_argument("--greedy", action="store_true", help="wenet: CTC greedy only, no attention rescoring")
+    parser.add_argument("--greedy", action="store_true", help="ASR: no attention rescoring (the CTC beam's best)")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     parser.set_defaults(handler=run)
 
 
-def _manifest(args: argparse.Namespace) -> Path:
-    from quant.paths import calib_data_dir
+def artifact_sets(args: argparse.Namespace, spec: Any) -> dict[str, dict[str, Path]]:
+    """label -> artifact per graph role: the files given, else FP32 and each precision built."""
+    roles = [g.role for g in spec.graphs]
+    if args.artifacts:
+        if len(args.artifacts) != len(roles):
+            raise QuantError(f"{spec.name} has {len(roles)} graph(s) {roles}: give one artifact each, in that order "
+                             f"(got {len(args.artifacts)})")
+        return {"artifacts": dict(zip(roles, args.artifacts))}
+    from quant.paths import DEFAULT_OUT_ROOT
 
-    if args.manifest is not None:
-        return Path(args.manifest)
-    return calib_data_dir() / ("asr_test" if args.model == "wenet" else "se_test") / "manifest.jsonl"
+    sets: dict[str, dict[str, Path]] = {}
+    for precision in args.precisions or PRECISIONS:
+        if precision == "fp32":
+            sets["fp32"] = fp32_graphs(spec)
+            continue
+        built = {g.role: DEFAULT_OUT_ROOT / str(g.name) / precision / "model.onnx" for g in spec.graphs}
+        if all(path.is_file() for path in built.values()):
+            sets[precision] = built
+        elif args.precisions:
+            missing = [str(p) for p in built.values() if not p.is_file()]
+            raise QuantError(f"{', '.join(missing)}: no {precision} build; run `quant build {args.spec} --precision "
+                             f"{precision}` first")
+    return sets
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+def evaluate(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Metrics per artifact set (see artifact_sets)."""
     from quant.backends import open_runner
+    from quant.tasks import task_for
 
-    expected = 2 if args.model == "wenet" else 1
-    if len(args.artifacts) != expected:
-        raise QuantError(f"{args.model} takes {expected} artifact file(s), got {len(args.artifacts)}")
-    runners = [open_runner(path, args.backend, args.threads) for path in args.artifacts]
-    manifest = _manifest(args)
-    if args.model == "wenet":
-        from quant.eval.asr import AsrOptions, evaluate_asr, load_samples
-
-        samples = load_samples(str(manifest), args.limit)
-        result = evaluate_asr(runners[0], runners[1], samples, AsrOptions(rescore=not args.greedy))
-        return result.to_dict()
-    from quant.eval import se
-
-    runner = runners[0]
-    enhance = se.enhance_offline if args.model == "dpcrn" else se.enhance_streaming
-    result_se = se.evaluate_se(lambda audio: enhance(runner, audio), se.load_pairs(str(manifest), args.limit))
-    return {**result_se.to_dict()}
+    spec = select(args.spec).spec
+    task = task_for(spec)
+    memo: dict[str, Any] = {}  # the test audio (and SE's noisy scores), loaded once for every set
+    out = {}
+    for label, artifacts in artifact_sets(args, spec).items():
+        if args.greedy and spec.model.task == "asr":  # the encoder alone: transcripts are the beam search's best
+            artifacts = {role: path for role, path in artifacts.items() if role == spec.graphs[0].role}
+        runners = {role: open_runner(path, args.backend, args.threads) for role, path in artifacts.items()}
+        manifest = str(args.manifest) if args.manifest else None
+        out[label] = task.evaluate(runners, manifest, args.limit, args.threads, memo=memo).to_dict()
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
-    metrics = evaluate(args)
+    results = evaluate(args)
     if args.json:
-        print(json.dumps(metrics, indent=2, sort_keys=True))
+        only = list(results.values())[0] if list(results) == ["artifacts"] else results
+        print(json.dumps(only, indent=2, sort_keys=True))
         return 0
-    for key, value in sorted(metrics.items()):
-        if isinstance(value, dict):
-            print(f"{key}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(value.items())))
-        elif isinstance(value, float):
-            print(f"{key}: {value:.4f}")
-        else:
-            print(f"{key}: {value}")
+    for label, metrics in results.items():
+        if label != "artifacts":
+            print(f"== {label} ==")
+        for key, value in sorted(metrics.items()):
+            if isinstance(value, dict):
+                print(f"{key}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(value.items())))
+            elif isinstance(value, float):
+                print(f"{key}: {value:.4f}")
+            else:
+                print(f"{key}: {value}")
     return 0

@@ -17,7 +17,10 @@ def csv_list(text: str) -> tuple[str, ...]:
 def add_selection(parser: argparse.ArgumentParser) -> None:
     """Options shared by `quant run` and `quant bench`."""
     parser.add_argument("--quick", action="store_true", help="few utterances and short timing loops (CI smoke run)")
-    parser.add_argument("--models", type=csv_list, help="comma list of dpcrn, dpcrn-stream, wenet (default all)")
+    parser.add_argument("--model", action="append", dest="model_specs", metavar="SPEC",
+                        help="a shipped model (dpcrn, dpcrn-stream, wenet) or a model spec file (.toml); repeat for "
+                        "several (default the three shipped models)")
+    parser.add_argument("--models", type=csv_list, help="comma list of the same (older form of --model)")
     parser.add_argument("--backends", type=csv_list, help="comma list of ort, trt-sim, trt (default ort and trt-sim, "
                         "plus trt when present; trt-sim: TensorRT's fp16/int8 accuracy simulated on the CPU)")
     parser.add_argument("--precisions", type=csv_list, help="comma list of fp32, fp16, int8 (default all)")
@@ -62,8 +65,9 @@ def options_from(args: argparse.Namespace, command: str) -> Any:
         bench = replace(bench, stream_runs=args.stream_runs)
     changes: dict[str, Any] = {"bench": bench, "eager": not args.no_eager, "force": args.force,
                                "progress": not args.no_progress, "command": command}
-    if args.models:
-        changes["models"] = args.models
+    models = (*getattr(args, "specs", ()), *(args.model_specs or ()), *(args.models or ()))
+    if models:
+        changes["models"] = models
     if args.backends:
         changes["backends"] = args.backends
     if args.precisions:

@@ -205,6 +205,10 @@ class AsrResult:
     transcripts: tuple[tuple[str, str, Transcript], ...]  # (name, reference, transcript)
     per_utterance: tuple[UtteranceErrors, ...] = ()
 
+    def task_fields(self) -> dict[str, object]:
+        """The row's `task` fields in results.json."""
+        return self.to_dict()
+
     def per_utterance_columns(self) -> dict[str, list[str] | list[int]]:
         """Edit counts per utterance as columns: `ids`, and `<rate>_errors` / `<rate>_length` for cer, wer,
         cer_greedy, wer_greedy (the layout results.json stores; quant.eval.stats.from_columns reads it)."""

@@ -163,6 +163,12 @@ class SeResult:
             **{key: value for key, value in self.enhanced.to_dict().items()},
         }
 
+    def task_fields(self) -> dict[str, object]:
+        """The row's `task` fields in results.json: enhanced means, the utterance count, noisy means as noisy_*."""
+        fields: dict[str, object] = {**self.enhanced.to_dict(), "utterances": self.utterances}
+        fields.update({f"noisy_{key}": value for key, value in self.noisy.to_dict().items()})
+        return fields
+
     def per_utterance_columns(self) -> dict[str, list[str] | list[float]]:
         """The enhanced scores per utterance as columns (`ids` plus one list per metric), the layout results.json
         stores so two rows can be compared pairwise (quant.eval.stats.from_columns)."""

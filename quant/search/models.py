@@ -37,7 +37,8 @@ class ArtifactBuilder:
     def __call__(self, rules: Path, out_dir: Path) -> Path:
         from quant.artifacts.artifact import build_artifact
 
-        return build_artifact(self.model, "int8", rules=rules, out_dir=out_dir, cache=self.cache)
+        name, source = resolve_reference(self.model)
+        return build_artifact(source, "int8", name=name, rules=rules, out_dir=out_dir, cache=self.cache)
 
 
 def output_snr_db(reference: np.ndarray, test: np.ndarray) -> float:
@@ -132,13 +133,14 @@ def halves(items: Sequence[Any], split: Split) -> tuple[list[Any], list[Any]]:
 def reference_problem(model: str, out_dir: Path, split: Split, cache: Path | None = None,
                       rules: Path | None = None, rounds: int = 15) -> Problem:
     """The search problem for a reference model name or an SE ONNX file shaped like DPCRN."""
-    from quant.artifacts.artifact import build_artifact, resolve_model
+    from quant.artifacts.artifact import build_artifact
     from quant.precision import load_rules
 
-    name, source = resolve_model(model)
+    name, source = resolve_reference(model)
     graph = onnx.load(str(source))
     base_rules = load_rules(rules)
-    fp32 = build_artifact(model, "fp32", out_dir=out_dir / "builds" / "fp32")
+    cache = cache if cache is not None else _calibrated(name, source)
+    fp32 = build_artifact(source, "fp32", name=name, out_dir=out_dir / "builds" / "fp32")
     validate, proxy, held_out, feeds = _task_callables(name, fp32, split)
     timer: Callable[[Sequence[Path]], Sequence[Latency]] = (
         lambda folders: interleaved_latency([f / MODEL_FILE for f in folders], feeds, rounds))
@@ -147,16 +149,56 @@ def reference_problem(model: str, out_dir: Path, split: Split, cache: Path | Non
                    latency=timer, node_times=lambda folder: node_times_ms(folder / MODEL_FILE, feeds))
 
 
+def resolve_reference(model: str | Path) -> tuple[str, Path]:
+    """(artifact name, FP32 ONNX) of a reference graph name (dpcrn, dpcrn-stream, wenet-encoder, wenet-decoder),
+    exported under engines/export/ on demand, or of an .onnx file."""
+    path = Path(model)
+    if path.suffix == ".onnx":
+        if not path.is_file():
+            raise ModelError(f"{path}: no such ONNX file")
+        return path.stem, path
+    from quant.artifacts.export import export_model
+    from quant.paths import DEFAULT_OUT_ROOT
+
+    spec, graph = _shipped_graph(str(model))
+    assert graph.exporter is not None
+    target = DEFAULT_OUT_ROOT / "export" / graph.exporter / str(graph.export_file)
+    if not target.is_file():
+        export_model(graph.exporter, target.parent)
+    return graph.name, target
+
+
+def _shipped_graph(name: str) -> tuple[Any, Any]:
+    """(spec, graph) of the shipped spec graph whose artifact name is `name`."""
+    from quant.spec import load_spec, shipped_specs
+
+    for spec in map(load_spec, shipped_specs()):
+        for graph in spec.graphs:
+            if graph.name == name and graph.exporter:
+                return spec, graph
+    raise ModelError(f"{name!r} is not a reference graph ({', '.join((*SE_MODELS, *ASR_MODELS))}) nor an .onnx file")
+
+
+def _calibrated(name: str, source: Path) -> Path:
+    """The calibration cache of a reference graph from the store (calibrated now on a key miss), as its spec says;
+    an .onnx file of the user's needs --cache."""
+    from quant.tasks.calibration import calibrate_spec
+
+    if source.stem == name and source.suffix == ".onnx" and name not in (*SE_MODELS, *ASR_MODELS):
+        raise ModelError(f"{source}: a search of a model quant does not know needs --cache from `quant calibrate`")
+    spec, graph = _shipped_graph(name)
+    return Path(calibrate_spec(spec, graph.role, source).path)
+
+
 def _task_callables(name: str, fp32: Path, split: Split) -> tuple[Any, Any, Any, Feeds]:
     from quant.paths import calib_data_dir
 
     if name in ASR_MODELS:
-        from quant.artifacts.artifact import resolve_model
         from quant.eval.asr import encoder_feeds, load_samples
 
         samples = load_samples(str(calib_data_dir() / "asr_test" / "manifest.jsonl"))
         validation, held = halves(samples, split)
-        decoder = resolve_model("wenet-decoder")[1]
+        decoder = resolve_reference("wenet-decoder")[1]
         encoder_timing = encoder_feeds([validation[0].audio])
         return (AsrEvaluator(validation, decoder, fp32), AsrEvaluator(validation[:PROXY_UTTERANCES], decoder, fp32,
                                                                        task=False),

@@ -12,12 +12,22 @@ rescoring ASR. Graph runners come from quant.backends (sessions are made only th
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Protocol
+from typing import Any, Iterable, Mapping, Protocol
 
 from quant.backends import Runner
 from quant.eval.speed import GraphWorkload
 from quant.spec import ModelSpec
 from quant.tasks.common import Artifact, Feed, FeedOptions
+
+
+class TaskResult(Protocol):
+    """What a Task's evaluation gives the pipeline: mean metrics and per-utterance columns (results.json)."""
+
+    def task_fields(self) -> dict[str, Any]: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    def per_utterance_columns(self) -> Mapping[str, Any]: ...
 
 
 class Task(Protocol):
@@ -27,7 +37,7 @@ class Task(Protocol):
                           options: FeedOptions = FeedOptions()) -> Iterable[Feed]: ...
 
     def evaluate(self, artifacts: Mapping[str, Artifact], manifest: str | None = None, limit: int | None = None,
-                 threads: int = 1) -> object: ...
+                 threads: int = 1, memo: dict[str, Any] | None = None) -> TaskResult: ...
 
     def speed_workload(self, role: str, manifest: str | None = None,
                        options: FeedOptions = FeedOptions()) -> GraphWorkload: ...
@@ -44,4 +54,4 @@ def task_for(spec: ModelSpec) -> Task:
     return SeTask(spec)
 
 
-__all__ = ["Artifact", "Feed", "FeedOptions", "Runner", "Task", "task_for"]
+__all__ = ["Artifact", "Feed", "FeedOptions", "Runner", "Task", "TaskResult", "task_for"]

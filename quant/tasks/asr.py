@@ -95,7 +95,7 @@ class AsrTask:
                           options: FeedOptions = FeedOptions()) -> Iterable[Feed]:
         """Re-iterable feeds of graph `role` on the speech of the first options.limit utterances."""
         self.spec.graph(role)
-        clips = Speech(tuple(utterances(self.spec, manifest, options.limit)))
+        clips = Speech(tuple(utterances(self.spec, manifest, options.limit, allow_outside=options.allow_outside)))
         hatch = hatch_feeds(self.spec, role, clips)
         if hatch is not None:
             return hatch
@@ -127,7 +127,7 @@ class AsrTask:
     # -------------------------------------------------------------------------------------------- evaluation
 
     def evaluate(self, artifacts: Mapping[str, Artifact], manifest: str | None = None, limit: int | None = None,
-                 threads: int = 1) -> AsrResult:
+                 threads: int = 1, memo: dict[str, Any] | None = None) -> AsrResult:
         """CER/WER (rescored and greedy) per utterance, overall and per source group; `artifacts` gives the encoder's
         (and the decoder's, for rescoring) ONNX file, engine or runner."""
         if ENCODER not in artifacts:
@@ -135,8 +135,11 @@ class AsrTask:
         encoder = open_artifact(artifacts[ENCODER], threads)
         rescorer = self._rescorer_role()
         decoder = open_artifact(artifacts[rescorer], threads) if rescorer and rescorer in artifacts else None
-        path = manifest or str(resolve_manifest(self.spec.defaults.test_manifest, "test manifest"))
-        samples = load_samples(path, limit)
+        memo = {} if memo is None else memo  # the caller's, across calls on the same manifest and limit
+        if "samples" not in memo:
+            path = manifest or str(resolve_manifest(self.spec.defaults.test_manifest, "test manifest"))
+            memo["samples"] = load_samples(path, limit)
+        samples = memo["samples"]
         transcripts = self.transcribe(encoder, decoder, [s.audio for s in samples])
         return score(samples, transcripts, self.normalizer())
 

@@ -33,6 +33,7 @@ class FeedOptions:
     threads: int = 1
     graphs: Mapping[str, Path] = field(default_factory=dict)
     export_dir: Path | None = None
+    allow_outside: bool = False  # manifest paths may leave the manifest's folder (a run's subset manifests do)
 
 
 @dataclass(frozen=True)
@@ -49,13 +50,14 @@ class Reiterable:
 
 
 def utterances(spec: ModelSpec, manifest: str | os.PathLike[str] | None, limit: int | None,
-               what: str = "calibration") -> list[Any]:
+               what: str = "calibration", allow_outside: bool = False) -> list[Any]:
     """The first `limit` utterances of `manifest` (default: the spec's calibration or test manifest)."""
     from quant.data.manifest import read_manifest
 
     default = spec.defaults.calibration_manifest if what == "calibration" else spec.defaults.test_manifest
     path = Path(manifest) if manifest is not None else resolve_manifest(default, f"{what} manifest")
-    return list(read_manifest(path))[:limit] if limit else list(read_manifest(path))
+    items = list(read_manifest(path, allow_outside=allow_outside))
+    return items[:limit] if limit else items
 
 
 def noisy_audio(utterance: Any) -> np.ndarray:

@@ -79,7 +79,7 @@ class SeTask:
                           options: FeedOptions = FeedOptions()) -> Iterable[Feed]:
         """Re-iterable feeds of graph `role` on the noisy mixtures of the first options.limit utterances."""
         self.spec.graph(role)
-        clips = Clips(tuple(utterances(self.spec, manifest, options.limit)))
+        clips = Clips(tuple(utterances(self.spec, manifest, options.limit, allow_outside=options.allow_outside)))
         hatch = hatch_feeds(self.spec, role, clips)
         if hatch is not None:
             return hatch
@@ -115,12 +115,19 @@ class SeTask:
     # -------------------------------------------------------------------------------------------- evaluation
 
     def evaluate(self, artifacts: Mapping[str, Artifact], manifest: str | None = None, limit: int | None = None,
-                 threads: int = 1) -> SeResult:
+                 threads: int = 1, memo: dict[str, Any] | None = None) -> SeResult:
         """PESQ-WB/NB, STOI and SI-SDR of the enhanced noisy mixtures against clean speech (and of the noisy input),
-        per utterance and on average; `artifacts` gives each graph role's ONNX file, engine or runner."""
+        per utterance and on average; `artifacts` gives each graph role's ONNX file, engine or runner. `memo`, kept
+        by the caller across calls on the same manifest and limit, holds the loaded pairs and the noisy scores (the
+        same for every artifact) so they are computed once."""
         runners = self.runners(artifacts, threads)
-        path = manifest or str(resolve_manifest(self.spec.defaults.test_manifest, "test manifest"))
-        return evaluate_se(self.enhancer(runners), load_pairs(path, limit))
+        memo = {} if memo is None else memo
+        if "pairs" not in memo:
+            path = manifest or str(resolve_manifest(self.spec.defaults.test_manifest, "test manifest"))
+            memo["pairs"] = load_pairs(path, limit)
+        result = evaluate_se(self.enhancer(runners), memo["pairs"], memo.get("noisy"))
+        memo.setdefault("noisy", {name: before for name, before, _ in result.per_utterance})
+        return result
 
     def runners(self, artifacts: Mapping[str, Artifact], threads: int = 1) -> dict[str, Runner]:
         missing = [g.role for g in self.spec.graphs if g.role not in artifacts]

@@ -1,0 +1,74 @@
+"""The SPEC argument the commands share: a shipped model name (dpcrn, dpcrn-stream, wenet), a model spec file, or,
+for the commands that act on one graph, a shipped graph's artifact name (wenet-encoder = spec wenet, --graph encoder).
+Argument parsing and lookup only: the work is quant.spec's and quant.pipeline's."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from quant.errors import QuantError
+
+SPEC_HELP = ("a shipped model (dpcrn, dpcrn-stream, wenet) or a model spec file (.toml; see docs/specs.md)")
+
+
+def add_spec(parser: argparse.ArgumentParser, graphs: bool = True, onnx: bool = False) -> None:
+    """The positional SPEC and, for commands acting on one graph at a time, --graph ROLE."""
+    parser.add_argument("spec", metavar="SPEC", help=SPEC_HELP + (", or an .onnx file" if onnx else ""))
+    if graphs:
+        parser.add_argument("--graph", metavar="ROLE", help="the spec's graph to act on, by role (default: every "
+                            "graph, in order)")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The spec a command acts on and the roles of the graphs it acts on (in the spec's order)."""
+
+    spec: Any  # quant.spec.ModelSpec
+    roles: tuple[str, ...]
+
+    @property
+    def graphs(self) -> list[Any]:
+        return [self.spec.graph(role) for role in self.roles]
+
+
+def is_onnx(text: str) -> bool:
+    return Path(text).suffix == ".onnx"
+
+
+def select(text: str, role: str | None = None) -> Selection:
+    """The spec named by `text` (with `role`: only that graph). A shipped graph's artifact name (wenet-encoder,
+    wenet-decoder) selects its spec and role, as `quant build wenet-encoder` did before specs."""
+    from quant.spec import SpecError, load_spec, shipped_specs
+
+    try:
+        spec = load_spec(text)
+    except SpecError:
+        for name in shipped_specs():
+            shipped = load_spec(name)
+            graph = next((g for g in shipped.graphs if g.name == text), None)
+            if graph is not None and role in (None, graph.role):
+                return Selection(shipped, (graph.role,))
+        raise
+    roles = tuple(g.role for g in spec.graphs)
+    if role is not None:
+        spec.graph(role)  # a SpecError naming the roles there are
+        roles = (role,)
+    return Selection(spec, roles)
+
+
+def fp32_graphs(spec: Any) -> dict[str, Path]:
+    """The FP32 ONNX file of each graph by role (quant's reference graphs exported on demand under engines/)."""
+    from quant.paths import DEFAULT_OUT_ROOT
+    from quant.pipeline import RunOptions, Steps
+
+    return Steps(DEFAULT_OUT_ROOT, RunOptions()).export(spec)
+
+
+def single_output(selection: Selection, output: Path | None, option: str) -> None:
+    """An explicit output path names one file or folder: refuse it when the command acts on several graphs."""
+    if output is not None and len(selection.roles) > 1:
+        raise QuantError(f"{option} {output}: {selection.spec.name} has graphs {list(selection.roles)}; give --graph "
+                         f"ROLE with {option}")

@@ -1,0 +1,88 @@
+"""Every command from a spec, end to end through the CLI, on the five small third-party-style models (tests/models):
+`quant calibrate SPEC` -> `quant build SPEC --precision int8` and `fp16` -> `quant evaluate SPEC` -> `quant bench SPEC`.
+SE: INT8 and FP16 stay close to FP32 on PESQ-WB; ASR (U2++): every precision transcribes and its CER is a number."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from models import KINDS
+from quant import load_spec
+from quant.cli import main
+
+SE_TOLERANCE = {"int8": 0.35, "fp16": 0.05}  # PESQ-WB points a precision may lose against FP32 on 3 utterances
+LIMIT = "3"
+# ONNX Runtime 1.x crashes (SIGSEGV) creating a session for an FP16 model that keeps a GRU in FP32 between Casts;
+# see test_fp16_gru_session below and the report of issue 10
+FP16_CRASHES: dict[str, str] = {}
+
+
+@contextlib.contextmanager
+def working_dir(path: Path) -> Iterator[None]:
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    capsys.readouterr()
+    code = main(list(argv))
+    out = capsys.readouterr().out
+    assert code == 0, f"quant {' '.join(argv)} exited {code}"
+    return out
+
+
+def _precisions(kind: str) -> tuple[str, ...]:
+    return ("int8",) if kind in FP16_CRASHES else ("int8", "fp16")
+
+
+def _bench(capsys: pytest.CaptureFixture[str], spec: Path, root: Path) -> dict[str, Any]:
+    _cli(capsys, "bench", str(spec), "--output", str(root), "--quick", "--backends", "ort", "--precisions",
+         "fp32,int8", "--threads", "1", "--runs", "5", "--stream-runs", "20", "--no-eager", "--no-progress")
+    return json.loads((root / "bench" / "results.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_command_from_a_spec(third_party_model, kind: str, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    spec = third_party_model(kind).specs[13]
+    with working_dir(tmp_path):  # the commands write under ./engines
+        calibrated = _cli(capsys, "calibrate", str(spec), "--limit", "4", "--no-progress")
+        assert calibrated.count(".cache:") == len(load_spec(spec).graphs)
+        for precision in _precisions(kind):
+            _cli(capsys, "build", str(spec), "--precision", precision, "--limit", "4")  # reuses the cache
+        metrics = json.loads(_cli(capsys, "evaluate", str(spec), "--limit", LIMIT, "--json"))
+    assert set(metrics) == {"fp32", *_precisions(kind)}
+    if kind == "u2pp":
+        for precision, values in metrics.items():
+            assert math.isfinite(values["cer"]) and values["cer"] >= 0, precision
+    else:
+        for precision in _precisions(kind):
+            loss = metrics["fp32"]["pesq_wb"] - metrics[precision]["pesq_wb"]
+            assert loss <= SE_TOLERANCE[precision], f"{precision} loses {loss:.3f} PESQ-WB against FP32"
+    rows = {row["precision"]: row for row in _bench(capsys, spec, tmp_path / "bench-run")["rows"]}
+    assert {rows[p]["status"] for p in ("fp32", "int8")} == {"ok"}
+    assert rows["int8"]["latency_ms"]["mean_ms"] > 0 and rows["fp32"]["latency_ms"]["mean_ms"] > 0
+
+
+def test_graph_option_names_the_roles(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with working_dir(tmp_path):  # the commands write under ./engines
+        assert main(["build", "wenet", "--graph", "joiner", "--precision", "fp32"]) == 2
+    assert "no graph with role 'joiner'" in capsys.readouterr().err
+
+
+def test_unknown_spec_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", "no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert "neither a shipped model" in err and len(err.strip().splitlines()) == 1
