@@ -196,11 +196,14 @@ class FrontendSpec:
     log_floor: float = 1e-12  # log10_power: log10(power + log_floor)
     fixed_frames: int | None = None  # a model input with a fixed T (offline fixed-length models)
     segment_samples: int | None = None  # long audio is cut into segments of this many samples (tail zero-padded)
+    # the fewest frames the first graph turns into any output (WeNet's Conv2dSubsampling4: 7); shorter utterances
+    # are skipped by calibration with a warning, and a set of only such utterances is refused
+    min_frames: int = 1
     fbank: FbankSpec = field(default_factory=FbankSpec)
 
     def __post_init__(self) -> None:
         _positive(sample_rate=self.sample_rate, frame=self.frame, hop=self.hop, n_fft=self.n_fft,
-                  fixed_frames=self.fixed_frames, segment_samples=self.segment_samples)
+                  fixed_frames=self.fixed_frames, segment_samples=self.segment_samples, min_frames=self.min_frames)
         if self.fft_size < self.frame:
             raise SchemaError("n_fft", f"must be at least frame ({self.frame}), got {self.fft_size}")
         self._check_layout()

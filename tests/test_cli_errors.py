@@ -181,6 +181,29 @@ def subsampling_encoder(path: Path) -> Path:
     return path
 
 
+ENCODER_SPEC = """
+[model]
+name = "enc"
+task = "asr"
+
+[[graphs]]
+role = "encoder"
+path = "encoder.onnx"
+inputs = ["speech", "speech_lengths"]
+outputs = ["y", "lengths"]
+feeds = [{ input = "speech", from = "frontend" }, { input = "speech_lengths", from = "frontend:lengths" }]
+
+[frontend]
+transform = "fbank"
+layout = "B T F"
+min_frames = 7
+
+[task]
+units = "units.txt"
+metrics = ["cer"]
+"""
+
+
 def one_clip_manifest(folder: Path, samples: int) -> Path:
     audio = folder / "clip.flac"
     sf.write(audio, np.random.default_rng(0).uniform(-0.1, 0.1, samples).astype(np.float32), 16000)
@@ -194,9 +217,12 @@ def one_clip_manifest(folder: Path, samples: int) -> Path:
 @pytest.mark.parametrize("samples", [1, 400])
 def test_calibration_set_too_short_for_the_encoder(samples: int, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    model = subsampling_encoder(tmp_path / "encoder.onnx")
+    subsampling_encoder(tmp_path / "encoder.onnx")
     manifest = one_clip_manifest(tmp_path, samples)
-    code, lines = run_cli(["calibrate", str(model), "--kind", "wenet-encoder", "--data", str(manifest),
+    (tmp_path / "units.txt").write_text("<blank> 0\na 1\n<sos/eos> 2\n")
+    spec = tmp_path / "encoder.toml"  # a WeNet-style encoder: fbank 80 x 25/10 ms, two stride-2 convs
+    spec.write_text(ENCODER_SPEC)
+    code, lines = run_cli(["calibrate", str(spec), "--data", str(manifest),
                            "--method", "minmax", "--no-progress", "-o", str(tmp_path / "x.cache")], capsys)
     assert_one_line_error(code, lines, str(manifest), "shorter than")
     assert not (tmp_path / "x.cache").exists()

@@ -24,7 +24,7 @@ from quant.decoding import (
     DecoderInputs, Hypothesis, attention_log_likelihood, attention_rescoring, best_hypotheses, ctc_greedy,
     ctc_prefix_beam_search, hyps_to_decoder_inputs,
 )
-from quant.errors import ModelError
+from quant.errors import CalibrationError, ModelError
 from quant.eval import metrics
 from quant.eval.asr import (
     AsrOptions, AsrResult, AsrSample, AsrScores, Transcript, UtteranceErrors, load_samples, source_group,
@@ -99,7 +99,23 @@ class AsrTask:
         hatch = hatch_feeds(self.spec, role, clips)
         if hatch is not None:
             return hatch
-        return Reiterable(lambda: self._feeds(role, clips, options))
+        return Reiterable(lambda: self._feeds(role, self._long_enough(clips, manifest), options))
+
+    def _long_enough(self, clips: Iterable[np.ndarray], manifest: str | None) -> list[np.ndarray]:
+        """Clips with at least the front end's min_frames (a shorter one alone in a batch fails inside the encoder's
+        first convolution); a set with none is refused naming the manifest."""
+        assert self.spec.frontend is not None
+        least = self.spec.frontend.min_frames
+        clips = list(clips)
+        kept = [clip for clip in clips if frontend(self.spec.frontend).frames(len(clip)) >= least]
+        where = manifest or self.spec.defaults.calibration_manifest
+        if not kept:
+            raise CalibrationError(f"{where}: every utterance is shorter than {least} front-end frames, the least "
+                                   f"the {self.spec.name} encoder turns into one frame; calibrate on longer speech")
+        if len(kept) < len(clips):
+            log.warning("%s: skipped %d of %d utterances shorter than %d front-end frames", where,
+                        len(clips) - len(kept), len(clips), least)
+        return kept
 
     def _feeds(self, role: str, clips: Iterable[np.ndarray], options: FeedOptions) -> Iterator[Feed]:
         size = options.batch_size or self.spec.defaults.batch_size
