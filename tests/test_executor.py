@@ -1,0 +1,153 @@
+"""The executor seam: shards give the same cache bytes and the same metrics as the in-process run, locally and on a
+2-CPU local Ray cluster (skipped when Ray is not installed: pip install -e '.[ray]')."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from quant.calib import calibrate as cal
+from quant.calib.ranges import RangeOptions
+from quant.calib.readers import GenericReader, ReaderOptions, reader_for
+from quant.calib.sharded import collect_ranges_sharded, feed_shards
+from quant.errors import CalibrationError
+from quant.executor import Executor, LocalExecutor, RayExecutor, Shard, ShardError, make_executor, split
+
+DATA = Path(__file__).parent / "data"
+MANIFEST = DATA / "librivox.jsonl"
+RNG = np.random.default_rng(7)
+
+
+def waveform_model(path: Path) -> Path:
+    """x (B, samples) -> frames of 400 with hop 160 via a strided Conv -> Relu -> MatMul -> Tanh: a tiny waveform
+    model with activations of real speech statistics."""
+    kernel = numpy_helper.from_array((RNG.standard_normal((8, 1, 400)) * 0.05).astype(np.float32), "k")
+    proj = numpy_helper.from_array((RNG.standard_normal((8, 4)) * 0.5).astype(np.float32), "p")
+    axes = numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")
+    nodes = [
+        helper.make_node("Unsqueeze", ["x", "axes"], ["x3"]),
+        helper.make_node("Conv", ["x3", "k"], ["frames"], strides=[160]),
+        helper.make_node("Relu", ["frames"], ["relu"]),
+        helper.make_node("Transpose", ["relu"], ["t"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["t", "p"], ["proj"]),
+        helper.make_node("Tanh", ["proj"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "wave", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [kernel, proj, axes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, str(path))
+    return path
+
+
+def calibrate_with(tmp_path: Path, name: str, executor: Executor | None, method: str = "percentile",
+                   batch_size: int = 1) -> tuple[bytes, dict[str, Any]]:
+    model = waveform_model(tmp_path / "wave.onnx") if not (tmp_path / "wave.onnx").exists() else tmp_path / "wave.onnx"
+    reader = ReaderOptions(feature="waveform", input_name="x", limit=3, batch_size=batch_size)
+    options = cal.CalibrateOptions(ranges=RangeOptions(progress=False), reader=reader)
+    entry = cal.calibrate(model, None, MANIFEST, method, tmp_path / f"{name}.cache", options, executor=executor)
+    sidecar = json.loads(Path(f"{entry.path}.json").read_text())
+    sidecar.pop("created")  # the only field that may differ: when it was written
+    return entry.path.read_bytes(), sidecar
+
+
+# ------------------------------------------------------------------------------------------------ seam, no Ray
+
+
+def test_split_is_contiguous_deterministic_and_aligned() -> None:
+    items = list(range(7))
+    assert split(items, 3) == [range(0, 3), range(3, 6), range(6, 7)]
+    assert split(items, 2, unit=2) == [range(0, 4), range(4, 7)]
+    assert [i for part in split(items, 5, unit=3) for i in part] == items
+    assert split([], 4) == []
+
+
+def double(shard: Shard[int], context: int) -> int:
+    return shard.payload * context
+
+
+def explode(shard: Shard[int], context: int) -> int:
+    if shard.index == 1:
+        raise CalibrationError("feed has NaN everywhere")
+    return shard.payload
+
+
+SHARDS = [Shard(i, i + 1, (f"utt{i}a", f"utt{i}b")) for i in range(3)]
+
+
+def test_local_executor_keeps_order_and_names_a_failed_shard() -> None:
+    assert LocalExecutor().map(double, SHARDS, 10) == [10, 20, 30]
+    with pytest.raises(ShardError, match=r"shard 2 of 3 \(utt1a, utt1b\) failed: CalibrationError: feed has NaN"):
+        LocalExecutor().map(explode, SHARDS, 0)
+
+
+def test_make_executor_refuses_an_address_without_ray() -> None:
+    assert isinstance(make_executor("local"), LocalExecutor)
+    with pytest.raises(Exception, match="--ray-address needs --executor ray"):
+        make_executor("local", "auto")
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy", "minmax"])
+def test_local_shards_write_the_same_cache_bytes(tmp_path: Path, method: str) -> None:
+    whole = calibrate_with(tmp_path, f"whole-{method}", None, method)
+    sharded = calibrate_with(tmp_path, f"sharded-{method}", LocalExecutor(), method)
+    assert sharded[0] == whole[0]
+    assert {**sharded[1], "cache_file": ""} == {**whole[1], "cache_file": ""}
+
+
+def test_reader_shards_start_at_batch_boundaries(tmp_path: Path) -> None:
+    reader = reader_for("x", waveform_model(tmp_path / "w.onnx"), MANIFEST,
+                        ReaderOptions(feature="waveform", input_name="x", batch_size=2))
+    assert isinstance(reader, GenericReader)
+    shards = feed_shards(reader, 3)
+    assert [len(shard.covers) for shard in shards] == [2, 2, 1]
+    assert [shard.covers[0] for shard in shards] == ["librivox_0870.flac", "librivox_0890.flac", "librivox_0930.flac"]
+    feeds = [feed["x"] for shard in shards for feed in shard.payload]
+    assert all(np.array_equal(a["x"], b) for a, b in zip(reader, feeds)) and len(feeds) == len(list(reader))
+
+
+def test_driver_shards_ship_the_feeds_in_order(tmp_path: Path) -> None:
+    feeds = [{"x": RNG.standard_normal((1, 4000)).astype(np.float32)} for _ in range(6)]
+    shards = feed_shards(feeds, 8)
+    assert [shard.covers for shard in shards] == [("feed 1", "feed 2", "feed 3", "feed 4"), ("feed 5", "feed 6")]
+    model = waveform_model(tmp_path / "w.onnx")
+    from quant.calib.ranges import collect_ranges
+
+    options = RangeOptions(progress=False)
+    assert collect_ranges_sharded(model, feeds, "entropy", options, LocalExecutor()) == collect_ranges(
+        model, feeds, "entropy", options)
+
+
+# ------------------------------------------------------------------------------------------------ on Ray
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[RayExecutor]:
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
+    # workers import this module's shard functions by name: give them the tests folder too
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    try:
+        yield RayExecutor()
+    finally:
+        ray.shutdown()
+
+
+def test_ray_keeps_order_and_names_a_failed_shard(ray_cluster: RayExecutor) -> None:
+    assert ray_cluster.map(double, SHARDS, 10) == [10, 20, 30]
+    with pytest.raises(ShardError, match=r"shard 2 of 3 \(utt1a, utt1b\) failed on ray: CalibrationError: feed"):
+        ray_cluster.map(explode, SHARDS, 0)
+
+
+def test_ray_cache_is_byte_identical_to_local(tmp_path: Path, ray_cluster: RayExecutor) -> None:
+    whole = calibrate_with(tmp_path, "whole", None, "entropy", batch_size=2)
+    on_ray = calibrate_with(tmp_path, "ray", ray_cluster, "entropy", batch_size=2)
+    assert on_ray[0] == whole[0]
+    assert {**on_ray[1], "cache_file": ""} == {**whole[1], "cache_file": ""}
