@@ -151,3 +151,59 @@ def test_ray_cache_is_byte_identical_to_local(tmp_path: Path, ray_cluster: RayEx
     on_ray = calibrate_with(tmp_path, "ray", ray_cluster, "entropy", batch_size=2)
     assert on_ray[0] == whole[0]
     assert {**on_ray[1], "cache_file": ""} == {**whole[1], "cache_file": ""}
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+SE_TEST = Path(__file__).parent.parent / "calib_data" / "se_test" / "manifest.jsonl"
+
+
+def soft_mask_model(path: Path) -> Path:
+    """enh = mix * sigmoid(3 * mix): a fixed-T offline SE toy whose scores differ per utterance."""
+    from quant.features import FREQ_BINS, SEGMENT_FRAMES
+
+    shape: list[str | int] = ["B", FREQ_BINS, SEGMENT_FRAMES, 2]
+    three = numpy_helper.from_array(np.array(3.0, np.float32), "three")
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["mix", "three"], ["scaled"]), helper.make_node("Sigmoid", ["scaled"], ["mask"]),
+         helper.make_node("Mul", ["mix", "mask"], ["enh"])], "soft_mask",
+        [helper.make_tensor_value_info("mix", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("enh", TensorProto.FLOAT, shape)], [three])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
+def local_se(model: Path, limit: int) -> Any:
+    from quant.backends import open_runner
+    from quant.eval import se
+
+    runner = open_runner(model, "ort", 1)
+    return se.evaluate_se(lambda audio: se.enhance_offline(runner, audio), se.load_pairs(str(SE_TEST), limit))
+
+
+def test_local_shards_give_the_same_se_metrics(tmp_path: Path) -> None:
+    from quant.eval.sharded import evaluate_se_sharded
+
+    model = soft_mask_model(tmp_path / "se.onnx")
+    sharded = evaluate_se_sharded(model, False, SE_TEST, 3, LocalExecutor(), shards=2)
+    assert sharded == local_se(model, 3)
+    assert sharded.utterances == 3 and len(sharded.per_utterance_columns()["ids"]) == 3
+
+
+def test_ray_gives_the_same_se_metrics(tmp_path: Path, ray_cluster: RayExecutor) -> None:
+    from quant.eval.sharded import evaluate_se_sharded
+
+    model = soft_mask_model(tmp_path / "se.onnx")
+    on_ray = evaluate_se_sharded(model, False, SE_TEST, 3, ray_cluster, shards=3)
+    assert on_ray == local_se(model, 3)
+    assert on_ray.per_utterance_columns() == local_se(model, 3).per_utterance_columns()
+
+
+def test_ray_names_the_shard_whose_utterance_fails(tmp_path: Path, ray_cluster: RayExecutor) -> None:
+    from quant.eval.sharded import evaluate_se_sharded
+
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    with pytest.raises(ShardError, match=r"shard 1 of 2 \(utterance 1, utterance 2\) failed on ray"):
+        evaluate_se_sharded(broken, False, SE_TEST, 3, ray_cluster, shards=2)

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from quant.cli.executor_options import add_executor_options, executor_from_args
 from quant.cli.options import percentile, positive_int, version_digits
 
 MODEL_HELP = ("an ONNX file, or a model name (dpcrn, dpcrn-stream, wenet-encoder, wenet-decoder) meaning its export "
@@ -43,6 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--trt-version", type=version_digits, help="version digits of the cache header, e.g. 8601 (default: installed "
                         "TensorRT, else the library default)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_executor_options(parser)
     parser.set_defaults(handler=run)
 
 
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
                           progress=not args.no_progress)
     options = CalibrateOptions(ranges=ranges, force=args.force, trt_version=args.trt_version,
                                reader=reader_options(args))
-    entry = calibrate(onnx_path, kind, args.data, args.method, args.output, options)
+    entry = calibrate(onnx_path, kind, args.data, args.method, args.output, options, executor=executor_from_args(args))
     zero = sum(1 for item in entry.ranges.values() if item.amax == 0)
     print(f"{entry.path}: {entry.cache.header}, {len(entry.cache.scale_bits)} tensors ({zero} with amax 0), "
           f"method {entry.key.method}, key {entry.key.digest()[:12]}, created {entry.created}")

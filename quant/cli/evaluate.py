@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from quant.cli.executor_options import add_executor_options, executor_from_args
 from quant.cli.options import positive_int
 from quant.errors import QuantError
 
@@ -31,6 +32,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--threads", type=positive_int, default=2, help="ONNX Runtime / PyTorch threads (default 2)")
     parser.add_argument("--greedy", action="store_true", help="wenet: CTC greedy only, no attention rescoring")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    add_executor_options(parser)
     parser.set_defaults(handler=run)
 
 
@@ -48,8 +50,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     expected = 2 if args.model == "wenet" else 1
     if len(args.artifacts) != expected:
         raise QuantError(f"{args.model} takes {expected} artifact file(s), got {len(args.artifacts)}")
-    runners = [open_runner(path, args.backend, args.threads) for path in args.artifacts]
     manifest = _manifest(args)
+    executor = executor_from_args(args)
+    if executor is not None:
+        return _evaluate_sharded(args, manifest, executor)
+    runners = [open_runner(path, args.backend, args.threads) for path in args.artifacts]
     if args.model == "wenet":
         from quant.eval.asr import AsrOptions, evaluate_asr, load_samples
 
@@ -62,6 +67,19 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     enhance = se.enhance_offline if args.model == "dpcrn" else se.enhance_streaming
     result_se = se.evaluate_se(lambda audio: enhance(runner, audio), se.load_pairs(str(manifest), args.limit))
     return {**result_se.to_dict()}
+
+
+def _evaluate_sharded(args: argparse.Namespace, manifest: Path, executor: Any) -> dict[str, Any]:
+    from quant.eval import sharded
+
+    if args.model == "wenet":
+        from quant.eval.asr import AsrOptions
+
+        result = sharded.evaluate_asr_sharded(args.artifacts[0], args.artifacts[1], manifest, args.limit, executor,
+                                              AsrOptions(rescore=not args.greedy), args.backend, args.threads)
+        return result.to_dict()
+    return sharded.evaluate_se_sharded(args.artifacts[0], args.model == "dpcrn-stream", manifest, args.limit,
+                                       executor, args.backend, args.threads).to_dict()
 
 
 def run(args: argparse.Namespace) -> int:
