@@ -114,7 +114,7 @@ def test_reader_shards_start_at_batch_boundaries(tmp_path: Path) -> None:
 
 def test_driver_shards_ship_the_feeds_in_order(tmp_path: Path) -> None:
     feeds = [{"x": RNG.standard_normal((1, 4000)).astype(np.float32)} for _ in range(6)]
-    shards = feed_shards(feeds, 8)
+    shards = feed_shards(feeds, 8, feeds_per_shard=4)
     assert [shard.covers for shard in shards] == [("feed 1", "feed 2", "feed 3", "feed 4"), ("feed 5", "feed 6")]
     model = waveform_model(tmp_path / "w.onnx")
     from quant.calib.ranges import collect_ranges

@@ -38,7 +38,9 @@ from quant.fileio import private_temp_dir
 
 log = logging.getLogger(__name__)
 
-FEEDS_PER_SHARD = 4  # driver-made shards: fixed size, so the shards (and any error naming one) do not depend on workers
+# driver-made shards: a fixed number of feeds (each already a reader batch, e.g. 4 DPCRN segments), so the shards (and
+# any error naming one) do not depend on the workers; one feed a shard keeps 2+ workers busy on small sets
+FEEDS_PER_SHARD = 1
 DEFAULT_SHARDS = 8  # reader shards: enough to keep a few workers busy, few enough that sessions are made rarely
 
 
@@ -108,7 +110,7 @@ def merge_minmax(parts: Sequence[hist.MinMaxAccumulator]) -> hist.MinMaxAccumula
 # ------------------------------------------------------------------------------------------------ shards
 
 
-def feed_shards(feeds: FeedSource, count: int) -> list[Shard[Any]]:
+def feed_shards(feeds: FeedSource, count: int, feeds_per_shard: int = FEEDS_PER_SHARD) -> list[Shard[Any]]:
     """Reader slices where the reader can be cut by utterance without changing its feeds, else the driver's feeds in
     consecutive groups (see the module doc)."""
     from quant.calib.readers import GenericReader, StreamingStateReader
@@ -127,7 +129,7 @@ def feed_shards(feeds: FeedSource, count: int) -> list[Shard[Any]]:
     for feed in _open(feeds, first=True):
         group.append(dict(feed))
         number += 1
-        if len(group) == FEEDS_PER_SHARD:
+        if len(group) == feeds_per_shard:
             shards.append(_feed_shard(len(shards), group, number))
             group = []
     if group:
