@@ -125,6 +125,13 @@ def make_executor(kind: str = "local", address: str | None = None) -> Executor:
     raise QuantError(f"unknown executor {kind!r}; expected one of {', '.join(EXECUTORS)}")
 
 
+def executor_or_none(kind: str = "local", address: str | None = None) -> Executor | None:
+    """The executor for `--executor KIND --ray-address ADDR`; None for local: the caller's in-process path (no
+    shards, feeds streamed, nothing held for a second pass)."""
+    executor = make_executor(kind, address)  # also refuses an address without ray
+    return None if kind == "local" else executor
+
+
 def split(items: Sequence[Any], count: int, unit: int = 1) -> list[range]:
     """Contiguous index ranges over `items` for `count` shards, each starting at a multiple of `unit` (so a shard
     never splits what must stay together, e.g. a padded batch); deterministic, fewer shards when there is less."""

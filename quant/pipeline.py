@@ -62,6 +62,8 @@ class RunOptions:
     report_dir: Path | None = None  # default: the engines folder
     progress: bool = True
     command: str = "quant run"
+    executor: str = "local"  # where calibration runs (quant.executor: local | ray); evaluation and timing stay here
+    ray_address: str | None = None  # with executor ray: None starts a local Ray instance, "auto" joins the cluster
 
     @classmethod
     def quick(cls, **overrides: Any) -> RunOptions:
@@ -174,6 +176,7 @@ class Steps:
         from quant.calib.calibrate import CalibrateOptions, calibrate
         from quant.calib.ranges import RangeOptions
         from quant.calib.readers import ReaderOptions, default_manifest
+        from quant.executor import executor_or_none
 
         ranges = RangeOptions(progress=self.options.progress, threads=self.options.eval_threads)
         committed = default_manifest(graph)
@@ -181,7 +184,8 @@ class Steps:
         # a subset manifest lives under the run folder and points back into calib_data/
         reader = ReaderOptions(allow_outside=True) if manifest != committed else None
         entry = calibrate(onnx_path, model_kind=graph, manifest=manifest, method=None,
-                          options=CalibrateOptions(ranges=ranges, reader=reader))
+                          options=CalibrateOptions(ranges=ranges, reader=reader),
+                          executor=executor_or_none(self.options.executor, self.options.ray_address))
         return Path(entry.path)
 
     def build(self, graph: str, precision: str, backend: str, source: Path, cache: Path | None) -> Path:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from quant.executor import EXECUTORS, Executor, make_executor
+from quant.executor import EXECUTORS, Executor, executor_or_none
 
 
 def add_executor_options(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +22,10 @@ def add_executor_options(parser: argparse.ArgumentParser) -> None:
 
 def executor_from_args(args: argparse.Namespace) -> Executor | None:
     """The executor the flags ask for; None for local: the command runs its in-process path (no shards)."""
-    kind, address = getattr(args, "executor", "local"), getattr(args, "ray_address", None)
-    executor = make_executor(kind, address)  # also refuses --ray-address without --executor ray
-    return None if kind == "local" else executor
+    return executor_or_none(getattr(args, "executor", "local"), getattr(args, "ray_address", None))
+
+
+def executor_changes(args: argparse.Namespace) -> dict[str, str | None]:
+    """The flags as option fields (quant.pipeline.RunOptions executor / ray_address), checked now."""
+    executor_from_args(args)
+    return {"executor": getattr(args, "executor", "local"), "ray_address": getattr(args, "ray_address", None)}
