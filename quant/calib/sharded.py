@@ -83,8 +83,8 @@ def collect_ranges_sharded(onnx_path: str | Path, feeds: FeedSource, method: str
         raise CalibrationError(f"{onnx_path}: the shards covered {covered} of {expected} utterances/feeds")
     if batches == 0:
         raise CalibrationError(f"no calibration feeds for {onnx_path}: the feed source yielded nothing")
-    log.info("ranges pass 1 on %s: %d shards, %d batches, %d utterances/feeds", executor.name, len(parts), batches,
-             covered)
+    log.info("ranges pass 1 on %s: %d shards covering %d utterances or feeds, %d batches", executor.name, len(parts),
+             covered, batches)
     if method != "minmax":
         amax = tuple(stats[name].minmax.amax for name in names)
         second = executor.map(run_pass2, parts, replace(context, amax=amax))
