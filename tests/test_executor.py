@@ -146,6 +146,21 @@ def test_ray_keeps_order_and_names_a_failed_shard(ray_cluster: RayExecutor) -> N
         ray_cluster.map(explode, SHARDS, 0)
 
 
+def die_once(shard: Shard[str], context: int) -> int:
+    """Kills its worker process the first time (as an OOM kill would), succeeds when Ray re-runs it."""
+    marker = Path(shard.payload)
+    if not marker.exists():
+        marker.write_text("died once")
+        os._exit(1)
+    return shard.index + context
+
+
+def test_ray_retries_a_task_whose_worker_died(tmp_path: Path, ray_cluster: RayExecutor) -> None:
+    shards = [Shard(i, str(tmp_path / f"died-{i}"), (f"utt{i}",)) for i in range(2)]
+    assert ray_cluster.map(die_once, shards, 100) == [100, 101]
+    assert all((tmp_path / f"died-{i}").exists() for i in range(2))
+
+
 def test_ray_cache_is_byte_identical_to_local(tmp_path: Path, ray_cluster: RayExecutor) -> None:
     whole = calibrate_with(tmp_path, "whole", None, "entropy", batch_size=2)
     on_ray = calibrate_with(tmp_path, "ray", ray_cluster, "entropy", batch_size=2)
