@@ -259,3 +259,20 @@ def test_cli_commands_take_the_executor_options() -> None:
     assert executor_changes(args) == {"executor": "ray", "ray_address": None}
     with pytest.raises(Exception, match="--ray-address needs --executor ray"):
         executor_changes(parser.parse_args(["run", "--ray-address", "auto"]))
+
+
+def test_streaming_reader_shards_by_utterance_on_ray(tmp_path: Path, ray_cluster: RayExecutor) -> None:
+    from quant.calib.ranges import collect_ranges
+    from quant.calib.readers import StreamingStateReader
+    from test_readers import accumulator_model
+
+    model = accumulator_model(tmp_path / "stream.onnx")
+    source = reader_for("stream", model, MANIFEST, ReaderOptions(limit=3, every=8))
+    assert isinstance(source, StreamingStateReader)
+    shards = feed_shards(source, 8)
+    assert [shard.covers for shard in shards] == [("librivox_0870.flac",), ("librivox_0880.flac",),
+                                                  ("librivox_0890.flac",)]
+    options = RangeOptions(progress=False)
+    whole = collect_ranges(model, source, "entropy", options)
+    assert collect_ranges_sharded(model, source, "entropy", options, ray_cluster) == whole
+    assert collect_ranges_sharded(model, source, "entropy", options, LocalExecutor()) == whole
