@@ -59,6 +59,8 @@ class RunOptions:
     report_dir: Path | None = None  # default: the engines folder
     progress: bool = True
     command: str = "quant run"
+    executor: str = "local"  # where calibration runs (quant.executor: local | ray); evaluation and timing stay here
+    ray_address: str | None = None  # with executor ray: None starts a local Ray instance, "auto" joins the cluster
 
     @classmethod
     def quick(cls, **overrides: Any) -> RunOptions:
@@ -179,6 +181,7 @@ class Steps:
         from quant.calib.calibrate import CalibrateOptions
         from quant.tasks.calibration import calibrate_spec
         from quant.calib.ranges import RangeOptions
+        from quant.executor import executor_or_none
 
         ranges = RangeOptions(progress=self.options.progress, threads=self.options.eval_threads)
         committed = resolve_manifest(spec.defaults.calibration_manifest, "calibration manifest")
@@ -186,7 +189,8 @@ class Steps:
         # a subset manifest lives under the run folder and points back into calib_data/
         feeds = FeedOptions(graphs=dict(exported), allow_outside=manifest != committed)
         entry = calibrate_spec(spec, graph.role, exported[graph.role], manifest,
-                               options=CalibrateOptions(ranges=ranges, out_root=self.root), feed_options=feeds)
+                               options=CalibrateOptions(ranges=ranges, out_root=self.root), feed_options=feeds,
+                               executor=executor_or_none(self.options.executor, self.options.ray_address))
         return Path(entry.path)
 
     def build(self, graph: str, precision: str, backend: str, source: Path, cache: Path | None) -> Path:

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "quant"
 # Bottom up; a module may import its own floor and the floors below it. The root package `quant` (version and the
 # documented `quant.load_spec`) is on no floor: Python runs it before any submodule anyway.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("quant.errors", "quant.fileio", "quant.paths", "quant.tomlschema"),
+    ("quant.errors", "quant.fileio", "quant.paths", "quant.tomlschema", "quant.executor"),
     ("quant.onnxgraph",),
     ("quant.spec",),
     ("quant.data", "quant.features", "quant.decoding", "quant.frontends"),

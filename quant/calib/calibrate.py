@@ -27,6 +27,7 @@ from quant.calib.cache import (CacheEntry, CacheKey, check_entry, ensure_writabl
                                write_entry)
 from quant.calib.ranges import FeedSource, RangeOptions, collect_ranges, method_params
 from quant.errors import CacheMismatch, CalibrationError
+from quant.executor import Executor
 from quant.fileio import sha256_file
 from quant.paths import DEFAULT_OUT_ROOT
 
@@ -87,12 +88,14 @@ def calibrate(
     out_cache: str | Path | None = None,
     options: CalibrateOptions | None = None,
     feeds: FeedSource | None = None,
+    executor: Executor | None = None,
 ) -> CacheEntry:
     """Calibrate `onnx_path` and write its cache (default: the store, named by model, method and key digest).
 
     Feeds come from `feeds` when given, else from quant.calib.readers.reader_for(model_kind, ...) over `manifest`.
     A cache at the output path with the same key is reused; one with another key is refused unless options.force.
-    `method` None: default_method().
+    `method` None: default_method(). `executor` (quant.executor) runs the two passes in shards there
+    (quant.calib.sharded); the cache is byte-identical to the in-process one (None).
     """
     options = options or CalibrateOptions()
     method = method or default_method()
@@ -116,7 +119,12 @@ def calibrate(
         return reused
     ensure_writable(target)  # a read-only store fails now, not after the calibration
     log.info("calibrating %s with %s on %s", onnx_path, method, manifest or "the reader's default set")
-    result = collect_ranges(onnx_path, source, method, options.ranges)
+    if executor is None:
+        result = collect_ranges(onnx_path, source, method, options.ranges)
+    else:
+        from quant.calib.sharded import collect_ranges_sharded
+
+        result = collect_ranges_sharded(onnx_path, source, method, options.ranges, executor)
     info = {"model": str(onnx_path), "model_kind": model_kind, "manifest": str(manifest) if manifest else None}
     return write_entry(target, key, result, info, options.trt_version)
 

@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from quant.cli.executor_options import add_executor_options, executor_from_args
 from quant.cli.options import percentile, positive_int, version_digits
 from quant.cli.specs import add_spec, fp32_graphs, is_onnx, select, single_output
 
@@ -43,6 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--trt-version", type=version_digits, help="version digits of the cache header, e.g. 8601 (default: installed "
                         "TensorRT, else the library default)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_executor_options(parser)
     parser.set_defaults(handler=run)
 
 
@@ -74,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
                                reader=reader_options(args) if is_onnx(args.spec) else None,
                                allow_outside=args.allow_outside_paths)
     if is_onnx(args.spec):
-        entries = [calibrate(Path(args.spec), None, args.data, args.method, args.output, options)]
+        entries = [calibrate(Path(args.spec), None, args.data, args.method, args.output, options,
+                             executor=executor_from_args(args))]
     else:
         entries = calibrate_spec_graphs(args, options)
     for entry in entries:
@@ -99,7 +102,8 @@ def calibrate_spec_graphs(args: argparse.Namespace, options: Any) -> list[Any]:
     graphs = fp32_graphs(spec)
     feed_options = FeedOptions(limit=args.limit, batch_size=args.batch_size, frame_stride=args.every,
                                threads=args.threads, graphs=graphs, allow_outside=args.allow_outside_paths)
-    return [calibrate_spec(spec, role, graphs[role], args.data, args.method, args.output, options, feed_options)
+    return [calibrate_spec(spec, role, graphs[role], args.data, args.method, args.output, options, feed_options,
+                           executor=executor_from_args(args))
             for role in selection.roles]
 
 

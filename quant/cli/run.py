@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
+from quant.cli.executor_options import add_executor_options, executor_changes
 from quant.cli.options import positive_int, positive_int_list
 from quant.errors import QuantError
 
@@ -46,6 +47,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--asr-utterances", type=positive_int, help="first N utterances of asr_test (default all)")
     parser.add_argument("--calib-utterances", type=positive_int, help="first N utterances of each calibration set "
                         "(default 32; --quick 8)")
+    add_executor_options(parser)  # calibration only: evaluation and timing stay in this process
     parser.set_defaults(handler=run)
 
 
@@ -64,7 +66,7 @@ def options_from(args: argparse.Namespace, command: str) -> Any:
     if args.stream_runs:
         bench = replace(bench, stream_runs=args.stream_runs)
     changes: dict[str, Any] = {"bench": bench, "eager": not args.no_eager, "force": args.force,
-                               "progress": not args.no_progress, "command": command}
+                               "progress": not args.no_progress, "command": command, **executor_changes(args)}
     models = (*getattr(args, "specs", ()), *(args.model_specs or ()), *(args.models or ()))
     if models:
         changes["models"] = models

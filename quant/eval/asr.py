@@ -252,14 +252,17 @@ def evaluate_asr(
     return score_transcripts(samples, transcripts)
 
 
-def load_samples(manifest: str, limit: int | None = None) -> list[AsrSample]:
-    """The first `limit` utterances of an ASR manifest with their audio, reference text and source."""
+def load_samples(manifest: str, limit: int | None = None, part: range | None = None) -> list[AsrSample]:
+    """The first `limit` utterances of an ASR manifest with their audio, reference text and source; `part`: only
+    those positions of them (a shard; names keep the set position)."""
     from quant.data.manifest import load_speech, read_manifest
 
     utterances = read_manifest(manifest)
     chosen = balanced_subset(utterances, limit, lambda utt: source_group(utt.source or ""))
     samples = []
     for index, utt in enumerate(chosen):
+        if part is not None and index not in part:
+            continue
         if not utt.text:
             raise ModelError(f"{manifest}: utterance {utt.path} has no reference text; ASR sets need transcripts")
         samples.append(AsrSample(f"{index}:{utt.path.name}", load_speech(utt), utt.text, utt.source or ""))

@@ -78,12 +78,18 @@ def si_sdr(reference: np.ndarray, estimate: np.ndarray, name: str = "") -> float
     ref, est = _check_pair(reference, estimate, name)
     ref = ref - ref.mean()
     est = est - est.mean()
-    ref_energy = float(np.dot(ref, ref))
+    ref_energy = _inner(ref, ref)
     if ref_energy <= _EPS:
         raise AudioError(f"{name or 'signal'}: reference is silent; SI-SDR is undefined")
-    target = (np.dot(est, ref) / ref_energy) * ref
+    target = (_inner(est, ref) / ref_energy) * ref
     noise = est - target
-    return float(10.0 * np.log10((np.dot(target, target) + _EPS) / (np.dot(noise, noise) + _EPS)))
+    return float(10.0 * np.log10((_inner(target, target) + _EPS) / (_inner(noise, noise) + _EPS)))
+
+
+def _inner(a: np.ndarray, b: np.ndarray) -> float:
+    # numpy's pairwise sum, not np.dot: BLAS splits a dot product across its threads, so the last bits of np.dot
+    # depend on the thread count (a Ray worker runs BLAS on 1 thread), and a score must not depend on where it ran
+    return float(np.sum(a * b))
 
 
 # ----------------------------------------------------------------------------------------------- text error rates

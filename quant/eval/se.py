@@ -195,6 +195,11 @@ def evaluate_se(
         enhanced = enhance(noisy)
         before = noisy_scores[name] if noisy_scores and name in noisy_scores else score(clean, noisy, name)
         rows.append((name, before, score(clean, enhanced, name)))
+    return se_result(rows)
+
+
+def se_result(rows: Sequence[tuple[str, SeScores, SeScores]]) -> SeResult:
+    """The set result of per-utterance (name, noisy, enhanced) rows in set order (also: shards gathered)."""
     return SeResult(
         utterances=len(rows),
         noisy=mean_scores([before for _, before, _ in rows]),
@@ -203,13 +208,16 @@ def evaluate_se(
     )
 
 
-def load_pairs(manifest: str, limit: int | None = None) -> list[NoisyClean]:
-    """(name, noisy, clean) of the first `limit` utterances of an SE manifest (quant.data.manifest)."""
+def load_pairs(manifest: str, limit: int | None = None, part: range | None = None) -> list[NoisyClean]:
+    """(name, noisy, clean) of the first `limit` utterances of an SE manifest (quant.data.manifest); `part`: only
+    those positions of them (a shard; names keep the set position)."""
     from quant.data.manifest import load_noisy_clean, read_manifest
 
     utterances = read_manifest(manifest)[:limit] if limit else read_manifest(manifest)
     pairs = []
     for index, utt in enumerate(utterances):
+        if part is not None and index not in part:
+            continue
         noisy, clean = load_noisy_clean(utt)
         name = f"{index}:{utt.path.name}"
         pairs.append((name, np.asarray(noisy, np.float32), np.asarray(clean, np.float32)))

@@ -14,6 +14,7 @@ import numpy as np
 
 from quant.calib.cache import CacheEntry
 from quant.calib.calibrate import CalibrateOptions, calibrate
+from quant.executor import Executor
 from quant.spec import ModelSpec, resolve_manifest
 from quant.tasks import task_for
 from quant.tasks.common import FeedOptions, fp32_path
@@ -37,12 +38,13 @@ class SpecFeeds:
 def calibrate_spec(spec: ModelSpec, role: str, onnx_path: str | Path | None = None,
                    manifest: str | Path | None = None, method: str | None = None,
                    out_cache: str | Path | None = None, options: CalibrateOptions | None = None,
-                   feed_options: FeedOptions | None = None, feeds: Iterable[dict[str, np.ndarray]] | None = None
-                   ) -> CacheEntry:
+                   feed_options: FeedOptions | None = None, feeds: Iterable[dict[str, np.ndarray]] | None = None,
+                   executor: Executor | None = None) -> CacheEntry:
     """Calibrate graph `role` of a spec on its task's feeds (quant.tasks: SE on the noisy mixtures, streaming states
     from the FP32 roll, chains and ASR n-best from the FP32 upstream graphs) over `manifest` (default the spec's
     calibration manifest), with `method` (default the spec's), into the store under the graph's name (or
-    `out_cache`). `feeds` replaces the task's feeds (the `--feeds` escape hatch)."""
+    `out_cache`). `feeds` replaces the task's feeds (the `--feeds` escape hatch); `executor` runs the range passes in
+    shards (quant.executor; the cache is byte-identical)."""
     graph = spec.graph(role)
     feed_options = feed_options or FeedOptions()
     path = Path(onnx_path) if onnx_path is not None else fp32_path(spec, role, feed_options)
@@ -62,7 +64,8 @@ def calibrate_spec(spec: ModelSpec, role: str, onnx_path: str | Path | None = No
         given = manifest if manifest is not None else data  # the escape hatch's function may read the audio
         feeds = task_for(spec).calibration_feeds(role, str(given) if given is not None else None, feed_options)
     source = SpecFeeds(feeds, _spec_settings(spec, role, feed_options))
-    return calibrate(path, graph.name, data, method or spec.method(graph), out_cache, options, feeds=source)
+    return calibrate(path, graph.name, data, method or spec.method(graph), out_cache, options, feeds=source,
+                     executor=executor)
 
 
 def _spec_settings(spec: ModelSpec, role: str, options: FeedOptions) -> dict[str, Any]:

@@ -1,0 +1,84 @@
+"""Wall-clock of calibration and evaluation on a local Ray instance with 1 vs 2 worker CPUs (and in-process).
+
+    quant export dpcrn -o /tmp/dpcrn && python scripts/bench_executor.py /tmp/dpcrn/dpcrn.onnx --calib 6 --eval 6
+
+Each configuration runs the same shards (calibration: both range passes of the offline DPCRN on the first --calib
+utterances of se_calib, one 9 s segment per feed; evaluation: PESQ/STOI/SI-SDR on the first --eval utterances of
+se_test) and must give the same answer (checked); Ray start-up is not timed, per-worker session creation is.
+On a machine whose cores are shared with other work, the ratio measures the cores you actually got.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from quant.calib.calibrate import _bounded, reader
+from quant.calib.ranges import RangeOptions, collect_ranges
+from quant.calib.readers import ReaderOptions
+from quant.calib.sharded import collect_ranges_sharded
+from quant.eval.sharded import evaluate_se_sharded
+from quant.executor import Executor, LocalExecutor, RayExecutor
+from quant.paths import calib_data_dir
+
+
+def timed(work: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    result = work()
+    return time.perf_counter() - start, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path, help="the offline DPCRN export (quant export dpcrn -o DIR)")
+    parser.add_argument("--calib", type=int, default=6, help="calibration utterances (se_calib)")
+    parser.add_argument("--eval", type=int, default=6, help="evaluation utterances (se_test)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    import ray
+
+    calib = calib_data_dir() / "se_calib" / "manifest.jsonl"
+    test = calib_data_dir() / "se_test" / "manifest.jsonl"
+    source = reader("dpcrn", args.model, calib, ReaderOptions(limit=args.calib, batch_size=1))
+    options = _bounded(RangeOptions(progress=False), "dpcrn")
+
+    def calibrate(executor: Executor | None) -> Any:
+        if executor is None:
+            return collect_ranges(args.model, source, "percentile", options)
+        return collect_ranges_sharded(args.model, source, "percentile", options, executor)
+
+    def evaluate(executor: Executor) -> Any:
+        return evaluate_se_sharded(args.model, False, test, args.eval, executor, shards=args.eval)
+
+    rows: dict[str, dict[str, float]] = {}
+    answers: dict[str, list[Any]] = {"calibration": [], "evaluation": []}
+    for label, make in [("in-process", None), ("ray 1 CPU", 1), ("ray 2 CPUs", 2)]:
+        executor: Executor | None = None
+        if make is not None:
+            ray.init(num_cpus=make, include_dashboard=False, log_to_driver=False)
+            executor = RayExecutor()
+        calib_s, ranges = timed(lambda: calibrate(executor))
+        eval_s, result = timed(lambda: evaluate(executor or LocalExecutor()))
+        answers["calibration"].append(ranges)
+        answers["evaluation"].append(result)
+        rows[label] = {"calibration": calib_s, "evaluation": eval_s}
+        if make is not None:
+            ray.shutdown()
+    for stage, results in answers.items():
+        assert all(item == results[0] for item in results), f"{stage}: the executors disagree"
+    print(f"offline DPCRN, calibration {args.calib} utterances (percentile, 2 passes), evaluation {args.eval} "
+          f"utterances; os.cpu_count() {os.cpu_count()}, load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"{'':12s} {'calibration s':>14s} {'evaluation s':>13s}")
+    for label, row in rows.items():
+        print(f"{label:12s} {row['calibration']:14.1f} {row['evaluation']:13.1f}")
+    one, two = rows["ray 1 CPU"], rows["ray 2 CPUs"]
+    print(f"ratio 1 CPU / 2 CPUs: calibration {one['calibration'] / two['calibration']:.2f}x, evaluation "
+          f"{one['evaluation'] / two['evaluation']:.2f}x (results identical in every configuration)")
+
+
+if __name__ == "__main__":
+    main()
