@@ -11,7 +11,7 @@ timed on a CPU; see quant.search.core)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -178,8 +178,6 @@ def spec_problem(spec: Any, role: str, graphs: Mapping[str, Path], out_dir: Path
     if target != "ort":
         return problem
     feeds = timing_feeds(spec, task.speed_workload(role, options=feed_options))
-    from dataclasses import replace
-
     return replace(problem, latency=lambda folders: interleaved_latency([f / MODEL_FILE for f in folders], feeds,
                                                                          rounds),
                    node_times=lambda folder: node_times_ms(folder / MODEL_FILE, feeds))
