@@ -303,3 +303,31 @@ def test_spec_search_runs_on_a_user_spec(third_party_model, tmp_path: Path):
     assert held["fp32"]["n"] == 2 and "default-rules" in held
     paths = write_outputs(result, problem.base_rules, tmp_path / "search", "quant search test")
     assert load_rules(paths["rules"]) and paths["plot"].is_file()
+
+
+class _StreamingRunner:
+    """A stand-in streaming graph: output y and state h_out (fed back to input h)."""
+
+    input_names = ("x", "h")
+    output_names = ("y", "h_out")
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"y": feeds["x"] * 2, "h_out": feeds["h"] + 100}
+
+
+def test_recorder_compares_outputs_not_fed_back_states():
+    from types import SimpleNamespace
+
+    from quant.search.models import Recorder, state_outputs
+
+    runner = _StreamingRunner()
+    convention = SimpleNamespace(streaming=SimpleNamespace(state_pairs=lambda: None))
+    listed = SimpleNamespace(streaming=SimpleNamespace(state_pairs=lambda: {"h": "h_next"}))
+    assert state_outputs(convention, runner) == {"h_out"}
+    assert state_outputs(listed, runner) == {"h_next"}
+    assert state_outputs(SimpleNamespace(streaming=None), runner) == frozenset()
+    recorder = Recorder(runner, state_outputs(convention, runner))
+    for step in range(3):
+        recorder.run({"x": np.full(2, step, np.float32), "h": np.zeros(2, np.float32)})
+    np.testing.assert_array_equal(recorder.take(), [0, 0, 2, 2, 4, 4])
+    assert recorder.take().size == 0

@@ -56,10 +56,12 @@ def output_snr_db(reference: np.ndarray, test: np.ndarray) -> float:
 
 
 class Recorder:
-    """A runner that keeps every output it returns (the searched graph's output SNR against FP32's)."""
+    """A runner that keeps the outputs it returns, state outputs left out (the searched graph's output SNR against
+    FP32's: a state's error shows in the outputs of the frames after it)."""
 
-    def __init__(self, runner: Runner) -> None:
+    def __init__(self, runner: Runner, states: frozenset[str] = frozenset()) -> None:
         self.runner = runner
+        self.states = states
         self.outputs: list[np.ndarray] = []
 
     @property
@@ -72,7 +74,8 @@ class Recorder:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.runner.run(feeds)
-        self.outputs.extend(np.asarray(outputs[name], dtype=np.float64).ravel() for name in sorted(outputs))
+        self.outputs.extend(np.asarray(outputs[name], dtype=np.float64).ravel() for name in sorted(outputs)
+                            if name not in self.states)
         return outputs
 
     def take(self) -> np.ndarray:
@@ -84,8 +87,8 @@ class Recorder:
 @dataclass
 class SpecEvaluator:
     """artifact folder -> per-utterance task columns (task_for(spec).evaluate on one utterance at a time, the
-    spec's other graphs FP32) and `snr_db`: every output of the searched graph against the FP32 build's, per
-    utterance. Streaming graphs run as the Task runs them, with their own states fed back."""
+    spec's other graphs FP32) and `snr_db`: the searched graph's outputs (states left out) against the FP32
+    build's, per utterance. Streaming graphs run as the Task runs them, with their own states fed back."""
 
     task: Any  # quant.tasks.Task
     role: str
@@ -113,7 +116,8 @@ class SpecEvaluator:
                                  if role != self.role})
         if not self._reference and folder != self.fp32:
             self(self.fp32)
-        recorder = Recorder(self.open(folder))
+        runner = self.open(folder)
+        recorder = Recorder(runner, state_outputs(self.task.spec, runner))
         runners: dict[str, Any] = {**self._others, self.role: recorder}
         columns: dict[str, list[Any]] = {}
         outputs = []
@@ -181,6 +185,20 @@ def spec_problem(spec: Any, role: str, graphs: Mapping[str, Path], out_dir: Path
     return replace(problem, latency=lambda folders: interleaved_latency([f / MODEL_FILE for f in folders], feeds,
                                                                          rounds),
                    node_times=lambda folder: node_times_ms(folder / MODEL_FILE, feeds))
+
+
+def state_outputs(spec: Any, runner: Runner) -> frozenset[str]:
+    """The outputs of a streaming graph that feed its next step's states (the spec's pairs or the `_out`
+    convention); none for a graph without [streaming]."""
+    if spec.streaming is None:
+        return frozenset()
+    from quant.spec import STATE_SUFFIX
+
+    pairs = spec.streaming.state_pairs()
+    if pairs:
+        return frozenset(pairs.values())
+    inputs = set(runner.input_names)
+    return frozenset(o for o in runner.output_names if o.endswith(STATE_SUFFIX) and o[: -len(STATE_SUFFIX)] in inputs)
 
 
 def timing_feeds(spec: Any, workload: Any) -> Feeds:
