@@ -331,3 +331,24 @@ def test_recorder_compares_outputs_not_fed_back_states():
         recorder.run({"x": np.full(2, step, np.float32), "h": np.zeros(2, np.float32)})
     np.testing.assert_array_equal(recorder.take(), [0, 0, 2, 2, 4, 4])
     assert recorder.take().size == 0
+
+
+def test_spec_evaluator_runs_a_chain_with_the_other_graph_fp32(third_party_model, tmp_path: Path):
+    """Searching stage 2 of a two-stage enhancer: stage 1 runs FP32, stage 2 as built; the FP32 build compares
+    bit-identical with itself and an INT8 stage 2 does not."""
+    import quant
+    from quant.search.models import Split, spec_problem
+    from quant.tasks import FeedOptions
+    from quant.tasks.calibration import calibrate_spec
+
+    spec = quant.load_spec(third_party_model("two-stage").specs[13])
+    graphs = {g.role: g.onnx_path(None) for g in spec.graphs}
+    cache = calibrate_spec(spec, "stage2", graphs["stage2"], out_cache=tmp_path / "stage2.cache",
+                           feed_options=FeedOptions(limit=2, graphs=graphs)).path
+    problem = spec_problem(spec, "stage2", graphs, tmp_path / "search", Split(1, 1), Path(cache), rounds=1)
+    reference = problem.proxy(problem.fp32)
+    assert reference["snr_db"] == [120.0]
+    int8 = problem.build(write_rules(tmp_path / "all.toml", [*config_rules(problem.units, all_config(problem.units)),
+                                                             *problem.base_rules]), tmp_path / "int8")
+    columns = problem.proxy(int8)
+    assert columns["ids"] == reference["ids"] and columns["snr_db"][0] < 120.0
