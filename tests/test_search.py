@@ -4,6 +4,7 @@ well-scaled input must stay INT8. Evaluation is the output SNR against FP32 (syn
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -16,7 +17,7 @@ from quant.fileio import sha256_file
 from quant.precision import load_rules, plan
 from quant.search.budget import BudgetError, parse_budget
 from quant.search.core import MODEL_FILE, Problem, SearchOptions, run_search
-from quant.search.models import ArtifactBuilder, output_snr_db
+from quant.search.models import TRT_QDQ_FILE, ArtifactBuilder, output_snr_db
 from quant.search.output import write_outputs
 from quant.search.speed import Latency, interleaved_latency, node_times_ms, unit_times_ms
 from quant.search.units import all_config, config_rules, find_units, write_rules
@@ -224,3 +225,130 @@ def test_unit_times_follow_tensor_named_ort_nodes(model_and_cache: tuple[Path, P
     times = {"big": 1.0, "h_nchwc": 2.0, "h_spiked_QuantizeLinear": 0.5, "ReorderInput_token_3": 9.0,
              "y_DequantizeLinear": 0.25}
     assert unit_times_ms(times, units, graph) == {"big": 3.0, "fragile1": 0.5, "fragile2": 0.25}
+
+
+# ------------------------------------------------------------------------------------------------ TensorRT target
+
+
+class TrtSimSnrEvaluator(SnrEvaluator):
+    """As SnrEvaluator, on what TensorRT would build: the FP32 model and the candidates' model_trt_qdq.onnx, both
+    run by the TensorRT simulation."""
+
+    def __init__(self, fp32: Path, seed: int, count: int) -> None:
+        from quant.backends.ort import trt_sim_runner
+
+        self.fp32 = fp32
+        self.feeds = inputs(seed, count)
+        self.reference = [trt_sim_runner(fp32 / MODEL_FILE).run(f)["y"] for f in self.feeds]
+
+    def __call__(self, folder: Path) -> Mapping[str, Sequence[Any]]:
+        from quant.backends.ort import trt_sim_runner
+
+        runner = trt_sim_runner(folder / (MODEL_FILE if folder == self.fp32 else TRT_QDQ_FILE))
+        return {"ids": [str(i) for i in range(len(self.feeds))],
+                "snr_db": [output_snr_db(ref, runner.run(f)["y"]) for ref, f in zip(self.reference, self.feeds)]}
+
+
+def test_trt_sim_search_places_tensorrt_qdq_and_claims_no_latency(model_and_cache: tuple[Path, Path],
+                                                                    tmp_path: Path):
+    from quant.artifacts.artifact import build_artifact
+
+    source, cache_path = model_and_cache
+    graph = onnx.load(str(source))
+    rules = load_rules()
+    fp32 = build_artifact(source, "fp32", out_dir=tmp_path / "fp32")
+    trt = Problem(model=graph, units=find_units(graph, rules, "trt"), base_rules=rules, fp32=fp32,
+                  build=ArtifactBuilder(source, cache_path), validate=TrtSimSnrEvaluator(fp32, 2, 6),
+                  proxy=TrtSimSnrEvaluator(fp32, 2, 2), held_out=TrtSimSnrEvaluator(fp32, 3, 6), backend="trt")
+    result = run_search(trt, SearchOptions(parse_budget("snr_db=30"), max_evals=20, top=3), tmp_path / "out")
+    assert result.fp32_latency is None and all(p.latency is None for p in result.frontier)
+    assert "no latency measured" in result.speed_basis
+    assert result.chosen is not None and result.chosen.config == {"big"}  # the fragile MatMuls stay float
+    paths = write_outputs(result, rules, tmp_path / "out", "quant search test --target trt-sim")
+    searched = [r for r in load_rules(paths["rules"]) if r.name.startswith("search:")]
+    assert searched and all(r.backends == ("trt",) for r in searched)
+    # the rules place TensorRT's Q/DQ: the chosen build's model_trt_qdq.onnx quantizes exactly the big MatMul's input
+    qdq = onnx.load(str(result.chosen.artifact / TRT_QDQ_FILE))
+    producers = {o: n.op_type for n in qdq.graph.node for o in n.output}
+    quantized = {n.name for n in qdq.graph.node if n.op_type == "MatMul"
+                 and producers.get(n.input[0]) == "DequantizeLinear"}
+    assert quantized == {"big"}
+    assert json.loads(paths["json"].read_text())["fp32_latency"] is None
+
+
+# ------------------------------------------------------------------------------------------------ any spec
+
+
+@pytest.mark.slow
+def test_spec_search_runs_on_a_user_spec(third_party_model, tmp_path: Path):
+    """quant search's problem for a spec quant does not ship (a trained GRU masker): task columns per utterance,
+    output SNR against FP32, timing from the Task's workload; a tiny evaluation budget."""
+    import quant
+    from quant.search.models import Split, spec_problem
+    from quant.tasks import FeedOptions
+    from quant.tasks.calibration import calibrate_spec
+
+    spec = quant.load_spec(third_party_model("gru-logpower").specs[13])
+    graphs = {g.role: g.onnx_path(None) for g in spec.graphs}
+    cache = calibrate_spec(spec, "masker", graphs["masker"], out_cache=tmp_path / "masker.cache",
+                           feed_options=FeedOptions(limit=2, graphs=graphs)).path
+    problem = spec_problem(spec, "masker", graphs, tmp_path / "search", Split(2, 2), Path(cache), rounds=2)
+    assert problem.units and problem.timed
+    reference = problem.validate(problem.fp32)
+    assert len(reference["ids"]) == len(reference["pesq_wb"]) == 2 and reference["snr_db"] == [120.0, 120.0]
+    result = run_search(problem, SearchOptions(parse_budget("pesq_wb=-0.5"), max_evals=4, top=1),
+                        tmp_path / "search")
+    assert result.evals <= 4 and result.fp32_latency is not None
+    held = result.held_out
+    assert held["fp32"]["n"] == 2 and "default-rules" in held
+    paths = write_outputs(result, problem.base_rules, tmp_path / "search", "quant search test")
+    assert load_rules(paths["rules"]) and paths["plot"].is_file()
+
+
+class _StreamingRunner:
+    """A stand-in streaming graph: output y and state h_out (fed back to input h)."""
+
+    input_names = ("x", "h")
+    output_names = ("y", "h_out")
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"y": feeds["x"] * 2, "h_out": feeds["h"] + 100}
+
+
+def test_recorder_compares_outputs_not_fed_back_states():
+    from types import SimpleNamespace
+
+    from quant.search.models import Recorder, state_outputs
+
+    runner = _StreamingRunner()
+    convention = SimpleNamespace(streaming=SimpleNamespace(state_pairs=lambda: None))
+    listed = SimpleNamespace(streaming=SimpleNamespace(state_pairs=lambda: {"h": "h_next"}))
+    assert state_outputs(convention, runner) == {"h_out"}
+    assert state_outputs(listed, runner) == {"h_next"}
+    assert state_outputs(SimpleNamespace(streaming=None), runner) == frozenset()
+    recorder = Recorder(runner, state_outputs(convention, runner))
+    for step in range(3):
+        recorder.run({"x": np.full(2, step, np.float32), "h": np.zeros(2, np.float32)})
+    np.testing.assert_array_equal(recorder.take(), [0, 0, 2, 2, 4, 4])
+    assert recorder.take().size == 0
+
+
+def test_spec_evaluator_runs_a_chain_with_the_other_graph_fp32(third_party_model, tmp_path: Path):
+    """Searching stage 2 of a two-stage enhancer: stage 1 runs FP32, stage 2 as built; the FP32 build compares
+    bit-identical with itself and an INT8 stage 2 does not."""
+    import quant
+    from quant.search.models import Split, spec_problem
+    from quant.tasks import FeedOptions
+    from quant.tasks.calibration import calibrate_spec
+
+    spec = quant.load_spec(third_party_model("two-stage").specs[13])
+    graphs = {g.role: g.onnx_path(None) for g in spec.graphs}
+    cache = calibrate_spec(spec, "stage2", graphs["stage2"], out_cache=tmp_path / "stage2.cache",
+                           feed_options=FeedOptions(limit=2, graphs=graphs)).path
+    problem = spec_problem(spec, "stage2", graphs, tmp_path / "search", Split(1, 1), Path(cache), rounds=1)
+    reference = problem.proxy(problem.fp32)
+    assert reference["snr_db"] == [120.0]
+    int8 = problem.build(write_rules(tmp_path / "all.toml", [*config_rules(problem.units, all_config(problem.units)),
+                                                             *problem.base_rules]), tmp_path / "int8")
+    columns = problem.proxy(int8)
+    assert columns["ids"] == reference["ids"] and columns["snr_db"][0] < 120.0

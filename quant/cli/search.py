@@ -1,4 +1,5 @@
-"""`quant search MODEL --budget METRIC=VALUE`: the fastest INT8 mixed-precision rules within a task-metric budget."""
+"""`quant search SPEC [--graph ROLE] --budget METRIC=VALUE [--target ort|trt-sim]`: the fastest INT8 mixed-precision
+rules within a task-metric budget, for one graph of a model spec."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from quant.cli.options import positive_int
-
-MODELS_HELP = "dpcrn, dpcrn-stream, wenet-encoder, or a DPCRN-shaped .onnx file (with --cache)"
+from quant.cli.specs import add_spec
+from quant.errors import QuantError
 
 
 def register(subparsers: Any) -> None:
@@ -18,9 +19,10 @@ def register(subparsers: Any) -> None:
         description="Measure each quantizable unit's task-metric sensitivity (add-one-in, leave-one-out; output SNR "
         "ranks first) and its ONNX Runtime kernel time, then revert to float the units with the worst metric cost per "
         "ms saved until the budget holds on the validation half of the test set; final numbers on the held-out half. "
-        "Writes rules.toml (for `quant build --rules`), search.json and frontier.png.",
+        "Writes rules.toml (for `quant build --rules`), search.json and frontier.png. With --target trt-sim the "
+        "accuracy is TensorRT's simulated on the CPU (model_trt_qdq.onnx) and no latency is measured.",
     )
-    parser.add_argument("model", help=MODELS_HELP)
+    add_spec(parser)
     parser.add_argument("--budget", required=True,
                         help="METRIC=VALUE: pesq_wb=-0.05, stoi=-0.01, cer=+0.3 (percentage points), snr_db=25 "
                         "(floor on output SNR vs FP32)")
@@ -29,26 +31,41 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--max-evals", type=positive_int, default=60, help="candidate builds, all steps together (default 60)")
     parser.add_argument("--top", type=positive_int, default=6,
                         help="units whose sensitivity is measured on the task metric after the SNR ranking (default 6)")
+    parser.add_argument("--target", choices=("ort", "trt-sim"), default="ort",
+                        help="ort: ONNX Runtime INT8, timed on this CPU (default); trt-sim: TensorRT's Q/DQ model "
+                        "simulated by ONNX Runtime, rules for --backend trt, speed proxy = INT8 unit count")
     parser.add_argument("--cache", type=Path, help="calibration cache (default: the cache store / a fresh one)")
     parser.add_argument("--rules", type=Path, help="base precision rules (default: shipped rules)")
-    parser.add_argument("-o", "--output", type=Path, help="output folder (default engines/search/<model>)")
+    parser.add_argument("-o", "--output", type=Path, help="output folder (default engines/search/<graph>[-trt-sim])")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from quant.cli.specs import fp32_graphs, select
     from quant.paths import DEFAULT_OUT_ROOT
     from quant.search import SearchOptions, parse_budget, run_search, write_outputs
-    from quant.search.models import Split, reference_problem
+    from quant.search.models import Split, spec_problem
 
     budget = parse_budget(args.budget)
-    out_dir = args.output or DEFAULT_OUT_ROOT / "search" / Path(str(args.model)).stem
-    problem = reference_problem(args.model, out_dir, Split(args.validation, args.held_out), args.cache, args.rules)
+    selection = select(args.spec, args.graph)
+    if len(selection.roles) > 1:
+        raise QuantError(f"{selection.spec.name} has graphs {list(selection.roles)}; the search acts on one: give "
+                         "--graph ROLE (the others run FP32 in its evaluation)")
+    role = selection.roles[0]
+    graph = selection.spec.graph(role)
+    suffix = "" if args.target == "ort" else f"-{args.target}"
+    out_dir = args.output or DEFAULT_OUT_ROOT / "search" / f"{graph.name}{suffix}"
+    problem = spec_problem(selection.spec, role, fp32_graphs(selection.spec), out_dir,
+                           Split(args.validation, args.held_out), args.cache, args.rules, args.target)
     result = run_search(problem, SearchOptions(budget, args.max_evals, args.top), out_dir)
     command = "quant search " + " ".join(shlex.quote(a) for a in _argv(args))
     paths = write_outputs(result, problem.base_rules, out_dir, command)
     chosen = result.chosen
-    print(f"{len(problem.units)} units, {result.evals} builds, {result.minutes:.1f} min; budget {budget.describe()}")
-    print(f"FP32 {result.fp32_latency.min_ms:.2f} ms, default rules {_row(result.default)}")
+    print(f"{graph.name}: {len(problem.units)} units, {result.evals} builds, {result.minutes:.1f} min; budget "
+          f"{budget.describe()}")
+    print(f"speed: {result.speed_basis}")
+    fp32 = f"FP32 {result.fp32_latency.min_ms:.2f} ms, " if result.fp32_latency else ""
+    print(f"{fp32}default rules {_row(result.default)}")
     print(f"searched {_row(chosen)}" if chosen else "searched: no measured build meets the budget")
     held = result.held_out.get("searched")
     if held:
@@ -59,13 +76,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _row(point: Any) -> str:
-    latency = f"{point.latency.min_ms:.2f} ms (median {point.latency.median_ms:.2f})" if point.latency else "? ms"
-    return f"{latency}, {len(point.config)} INT8 units, validation change {point.verdict['delta']:+.4f}"
+    latency = f"{point.latency.min_ms:.2f} ms (median {point.latency.median_ms:.2f}), " if point.latency else ""
+    return f"{latency}{len(point.config)} INT8 units, validation change {point.verdict['delta']:+.4f}"
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
-    argv = [str(args.model), "--budget", args.budget]
-    for flag, value in (("--validation", args.validation), ("--held-out", args.held_out),
+    argv = [str(args.spec), "--budget", args.budget]
+    for flag, value in (("--graph", args.graph), ("--target", None if args.target == "ort" else args.target),
+                        ("--validation", args.validation), ("--held-out", args.held_out),
                         ("--max-evals", args.max_evals), ("--top", args.top)):
         if value is not None:
             argv += [flag, str(value)]

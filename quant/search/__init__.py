@@ -1,5 +1,5 @@
 """`quant search`: measured per-unit sensitivity and speed, and a greedy mixed-precision search to a task-metric
-budget (quant.search.core), with the callables for today's reference models (quant.search.models)."""
+budget (quant.search.core), with the callables for one graph of any model spec (quant.search.models)."""
 
 from quant.search.budget import TaskBudget, parse_budget
 from quant.search.core import Problem, SearchOptions, SearchResult, run_search

@@ -5,7 +5,9 @@ Works on a `Problem`, a handful of callables, so any model (a reference model to
 - build(rules file, out dir) -> INT8 artifact folder (model.onnx inside);
 - validate / proxy / held_out(artifact folder) -> per-utterance columns (quant.eval.stats.from_columns layout;
   proxy returns `snr_db` of the output against FP32's on a few utterances);
-- latency(artifact folders) -> Latency each, measured interleaved; node_times(artifact folder) -> ms per ORT node.
+- latency(artifact folders) -> Latency each, measured interleaved; node_times(artifact folder) -> ms per ORT node;
+  both None for a backend whose speed this machine cannot measure (TensorRT simulated on the CPU): then every unit
+  INT8 in the backend's plan counts as one unit of benefit and the fastest build is the one with most INT8 units.
 
 Steps (every build counted as one evaluation):
 1. speed: profile the FP32 build and the all-units-INT8 build, attribute kernel time (with its Q/DQ) to units;
@@ -58,8 +60,20 @@ class Problem:
     validate: Evaluator
     proxy: Evaluator
     held_out: Evaluator
-    latency: Timer
-    node_times: Profiler
+    latency: Timer | None = None  # None: speed not measurable here (see the module docstring)
+    node_times: Profiler | None = None
+    backend: str = "ort"  # the backend whose INT8 plan the units and the written rules follow (ort | trt)
+
+    @property
+    def timed(self) -> bool:
+        return self.latency is not None and self.node_times is not None
+
+    def speed_basis(self) -> str:
+        """What the search ranks speed by, for the outputs."""
+        if self.timed:
+            return "ONNX Runtime CPU: kernel time per unit (profiler) and candidate builds timed interleaved"
+        return (f"no latency measured ({self.backend} is not timed on this machine): speed proxy = number of units "
+                f"INT8 in the {self.backend} Q/DQ plan, each counted as 1")
 
 
 @dataclass(frozen=True)
@@ -125,8 +139,8 @@ class Ledger:
             return self.artifacts[config]
         self.evals += 1
         folder = self.out_dir / "builds" / label
-        rules = write_rules(folder.with_suffix(".toml"), [*config_rules(self.problem.units, config),
-                                                          *self.problem.base_rules])
+        rules = write_rules(folder.with_suffix(".toml"), [
+            *config_rules(self.problem.units, config, backend=self.problem.backend), *self.problem.base_rules])
         self.artifacts[config] = self.problem.build(rules, folder)
         return self.artifacts[config]
 
@@ -171,9 +185,12 @@ def loss(verdict: Mapping[str, Any], budget: TaskBudget) -> float:
 
 
 def measure_speed(ledger: Ledger) -> dict[str, Sensitivity]:
-    """Kernel time of each unit in the FP32 build and in the all-units-INT8 build."""
+    """Kernel time of each unit in the FP32 build and in the all-units-INT8 build; without a profiler (TensorRT
+    simulated) each unit saves one unit of the proxy (fp32 1, int8 0)."""
     problem = ledger.problem
     everything = ledger.build(all_config(problem.units), "all-int8")
+    if problem.node_times is None:
+        return {u.name: Sensitivity(u.name, 1.0, 0.0) for u in problem.units}
     fp32 = unit_times_ms(problem.node_times(problem.fp32), problem.units, problem.model)
     int8 = unit_times_ms(problem.node_times(everything), problem.units, problem.model)
     return {u.name: Sensitivity(u.name, fp32[u.name], int8[u.name]) for u in problem.units}
@@ -291,10 +308,12 @@ class SearchResult:
     steps: tuple[str, ...]  # the greedy search's decisions, in order
     default: Point
     chosen: Point | None  # the fastest measured build that holds the budget; None: none does
-    fp32_latency: Latency
+    fp32_latency: Latency | None  # None: not timed (Problem.latency None)
     held_out: dict[str, Any]
     evals: int
     minutes: float
+    speed_basis: str  # what "fastest" was judged by (Problem.speed_basis)
+    backend: str = "ort"
 
 
 def run_search(problem: Problem, options: SearchOptions, out_dir: Path) -> SearchResult:
@@ -316,15 +335,29 @@ def run_search(problem: Problem, options: SearchOptions, out_dir: Path) -> Searc
     # timed: the default rules, all-INT8 and the greedy path (sensitivity builds with one unit changed are not
     # candidates, and timing each would cost more than the search)
     path = list(dict.fromkeys([default.config, all_config(problem.units), *visited]))
-    latencies = problem.latency([problem.fp32, *(ledger.points[c].artifact for c in path)])
     timed = dict(ledger.points)
-    timed.update({c: _with_latency(ledger.points[c], lat) for c, lat in zip(path, latencies[1:])})
-    holding = [p for p in timed.values() if p.holds and p.latency is not None]
-    # the minimum over interleaved rounds: on a shared machine it moves least with other load (median reported too)
-    chosen = min(holding, key=lambda p: p.latency.min_ms if p.latency else 0.0) if holding else None
+    fp32_latency: Latency | None = None
+    if problem.latency is not None:
+        latencies = problem.latency([problem.fp32, *(ledger.points[c].artifact for c in path)])
+        fp32_latency = latencies[0]
+        timed.update({c: _with_latency(ledger.points[c], lat) for c, lat in zip(path, latencies[1:])})
+    chosen = fastest_holding(list(timed.values()), problem.timed, options.budget)
     held_out = judge_held_out(problem, options.budget, timed[default.config], chosen)
     return SearchResult(options.budget, problem.units, sens, tuple(timed.values()), tuple(steps),
-                        timed[default.config], chosen, latencies[0], held_out, ledger.evals, ledger.minutes())
+                        timed[default.config], chosen, fp32_latency, held_out, ledger.evals, ledger.minutes(),
+                        problem.speed_basis(), problem.backend)
+
+
+def fastest_holding(points: Sequence[Point], timed: bool, budget: TaskBudget) -> Point | None:
+    """The timed build with the lowest latency (the minimum over interleaved rounds: on a shared machine it moves
+    least with other load; the median is reported too) among those holding the budget; untimed, the build with the
+    most INT8 units (the smaller metric loss breaks ties)."""
+    holding = [p for p in points if p.holds and (p.latency is not None or not timed)]
+    if not holding:
+        return None
+    if timed:
+        return min(holding, key=lambda p: p.latency.min_ms if p.latency else 0.0)
+    return max(holding, key=lambda p: (len(p.config), -loss(p.verdict, budget)))
 
 
 def judge_held_out(problem: Problem, budget: TaskBudget, default: Point, chosen: Point | None) -> dict[str, Any]:

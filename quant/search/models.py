@@ -1,44 +1,50 @@
-"""The search's callables for today's reference models (dpcrn, dpcrn-stream, wenet-encoder) and any ONNX file
-with a calibration cache: builds through quant.artifacts.build_artifact, evaluation through quant.eval.se / asr on the
-committed test sets (first half: validation; second half: held out). A model spec (issue 10) plugs in the same
-way: it needs a Builder, the three Evaluators and timing feeds."""
+"""The search's callables for one graph of any model spec (shipped or the user's): INT8 builds through
+quant.artifacts.build_artifact with the spec's calibration cache (quant.tasks.calibration.calibrate_spec), evaluation
+through the spec's Task (quant.tasks: task_for(spec).evaluate, one utterance at a time so every column is paired per
+utterance; the spec's other graphs stay FP32), and timing on the Task's speed workload. The test set is split in
+halves: the first validates the search, the second gives the held-out numbers.
+
+Targets: `ort` measures ONNX Runtime's INT8 model (model.onnx) and its CPU latency; `trt-sim` measures the TensorRT
+Q/DQ model (model_trt_qdq.onnx) run by quant.backends.ort.trt_sim_runner, and claims no latency (TensorRT is not
+timed on a CPU; see quant.search.core)."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnx
 
-from quant.backends.ort import OrtRunner
+from quant.backends import Runner, open_runner
 from quant.errors import ModelError
 from quant.search.budget import SNR_CAP_DB
 from quant.search.core import MODEL_FILE, Columns, Problem
-from quant.search.speed import Feeds, Latency, interleaved_latency, node_times_ms
+from quant.search.speed import Feeds, interleaved_latency, node_times_ms
 from quant.search.units import find_units
 
 log = logging.getLogger(__name__)
 
-SE_MODELS = {"dpcrn": False, "dpcrn-stream": True}  # model -> streaming
-ASR_MODELS = ("wenet-encoder",)
 PROXY_UTTERANCES = 2
+TARGETS = {"ort": "ort", "trt-sim": "trt"}  # search target -> the backend whose INT8 plan the rules set
+TRT_QDQ_FILE = "model_trt_qdq.onnx"
 
 
 @dataclass(frozen=True)
 class ArtifactBuilder:
-    """rules file, out dir -> INT8 artifact folder (build_artifact with the given calibration cache)."""
+    """rules file, out dir -> INT8 artifact folder (build_artifact of `source` with the given calibration cache)."""
 
-    model: str | Path
+    source: Path
     cache: Path | None = None
+    name: str | None = None
 
     def __call__(self, rules: Path, out_dir: Path) -> Path:
         from quant.artifacts.artifact import build_artifact
 
-        name, source = resolve_reference(self.model)
-        return build_artifact(source, "int8", name=name, rules=rules, out_dir=out_dir, cache=self.cache)
+        return build_artifact(self.source, "int8", name=self.name or self.source.stem, rules=rules, out_dir=out_dir,
+                              cache=self.cache)
 
 
 def output_snr_db(reference: np.ndarray, test: np.ndarray) -> float:
@@ -49,70 +55,80 @@ def output_snr_db(reference: np.ndarray, test: np.ndarray) -> float:
     return float(min(SNR_CAP_DB, 10 * np.log10(max(power, 1e-30) / noise)))
 
 
-@dataclass
-class SeEvaluator:
-    """artifact folder -> per-utterance PESQ/STOI/SI-SDR (unless `task` is off) and `snr_db` of the enhanced audio
-    against the FP32 artifact's. Streaming models run frame by frame with their own states fed back."""
+class Recorder:
+    """A runner that keeps the outputs it returns, state outputs left out (the searched graph's output SNR against
+    FP32's: a state's error shows in the outputs of the frames after it)."""
 
-    pairs: Sequence[tuple[str, np.ndarray, np.ndarray]]
-    streaming: bool
-    fp32: Path
-    task: bool = True
-    _reference: list[np.ndarray] = field(default_factory=list)
-    _noisy: dict[str, Any] = field(default_factory=dict)  # noisy-input scores, the same for every build
+    def __init__(self, runner: Runner, states: frozenset[str] = frozenset()) -> None:
+        self.runner = runner
+        self.states = states
+        self.outputs: list[np.ndarray] = []
 
-    def enhance_all(self, folder: Path) -> list[np.ndarray]:
-        from quant.eval import se
+    @property
+    def input_names(self) -> Sequence[str]:
+        return self.runner.input_names
 
-        runner = OrtRunner(folder / MODEL_FILE, threads=1)
-        enhance = se.enhance_streaming if self.streaming else se.enhance_offline
-        return [enhance(runner, noisy) for _, noisy, _ in self.pairs]
+    @property
+    def output_names(self) -> Sequence[str]:
+        return self.runner.output_names
 
-    def __call__(self, folder: Path) -> Columns:
-        from quant.eval import se
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self.runner.run(feeds)
+        self.outputs.extend(np.asarray(outputs[name], dtype=np.float64).ravel() for name in sorted(outputs)
+                            if name not in self.states)
+        return outputs
 
-        if not self._reference:
-            self._reference.extend(self.enhance_all(self.fp32))
-        outputs = self._reference if folder == self.fp32 else self.enhance_all(folder)
-        columns: dict[str, list[Any]] = {"ids": [name for name, _, _ in self.pairs]}
-        if self.task:
-            rows = iter(outputs)
-            result = se.evaluate_se(lambda _: next(rows), self.pairs, self._noisy or None)
-            self._noisy.update({name: before for name, before, _ in result.per_utterance})
-            columns.update(result.per_utterance_columns())
-        columns["snr_db"] = [output_snr_db(ref, out) for ref, out in zip(self._reference, outputs)]
-        return columns
+    def take(self) -> np.ndarray:
+        flat = np.concatenate(self.outputs) if self.outputs else np.zeros(0)
+        self.outputs = []
+        return flat
 
 
 @dataclass
-class AsrEvaluator:
-    """encoder artifact folder -> per-utterance CER/WER edit counts (FP32 decoder for rescoring unless `task` is
-    off) and `snr_db` of encoder_out against the FP32 encoder's."""
+class SpecEvaluator:
+    """artifact folder -> per-utterance task columns (task_for(spec).evaluate on one utterance at a time, the
+    spec's other graphs FP32) and `snr_db`: the searched graph's outputs (states left out) against the FP32
+    build's, per utterance. Streaming graphs run as the Task runs them, with their own states fed back."""
 
-    samples: Sequence[Any]
-    decoder: Path
-    fp32: Path
-    task: bool = True
+    task: Any  # quant.tasks.Task
+    role: str
+    graphs: Mapping[str, Path]  # FP32 ONNX file per role
+    items: Sequence[Any]  # loaded utterances (SE pairs / ASR samples), each evaluated alone
+    memo_key: str  # where Task.evaluate's memo holds the loaded utterances ("pairs" | "samples")
+    fp32: Path  # the FP32 artifact folder
+    target: str = "ort"
+    _memos: list[dict[str, Any]] = field(default_factory=list)
     _reference: list[np.ndarray] = field(default_factory=list)
+    _others: dict[str, Runner] = field(default_factory=dict)
 
-    def encoder_outputs(self, folder: Path) -> list[np.ndarray]:
-        from quant.eval.asr import encoder_feeds
+    def open(self, folder: Path) -> Runner:
+        if self.target == "trt-sim":
+            from quant.backends.ort import trt_sim_runner
 
-        runner = OrtRunner(folder / MODEL_FILE, threads=1)
-        return [runner.run(encoder_feeds([s.audio]))["encoder_out"] for s in self.samples]
+            # FP32 runs as TensorRT's FP32 build would (ORT basic optimization), the candidates as their Q/DQ model
+            return trt_sim_runner(folder / (MODEL_FILE if folder == self.fp32 else TRT_QDQ_FILE))
+        return open_runner(folder / MODEL_FILE, "ort", threads=1)
 
     def __call__(self, folder: Path) -> Columns:
-        from quant.eval.asr import evaluate_asr
-
+        if not self._memos:  # the memo keeps each utterance's input scores (noisy PESQ ...) across builds
+            self._memos.extend({self.memo_key: [item]} for item in self.items)
+            self._others.update({role: open_runner(path, "ort", threads=1) for role, path in self.graphs.items()
+                                 if role != self.role})
+        if not self._reference and folder != self.fp32:
+            self(self.fp32)
+        runner = self.open(folder)
+        recorder = Recorder(runner, state_outputs(self.task.spec, runner))
+        runners: dict[str, Any] = {**self._others, self.role: recorder}
+        columns: dict[str, list[Any]] = {}
+        outputs = []
+        for memo in self._memos:
+            for key, values in self.task.evaluate(runners, memo=memo).per_utterance_columns().items():
+                columns.setdefault(key, []).extend(values)
+            outputs.append(recorder.take())
         if not self._reference:
-            self._reference.extend(self.encoder_outputs(self.fp32))
-        outputs = self._reference if folder == self.fp32 else self.encoder_outputs(folder)
-        columns: dict[str, list[Any]] = {"ids": [s.name for s in self.samples]}
-        if self.task:
-            encoder = OrtRunner(folder / MODEL_FILE, threads=1)
-            result = evaluate_asr(encoder, OrtRunner(self.decoder, threads=1), self.samples)
-            columns.update(result.per_utterance_columns())
-        columns["snr_db"] = [output_snr_db(ref, out) for ref, out in zip(self._reference, outputs)]
+            self._reference.extend(outputs)
+        columns["snr_db"] = [output_snr_db(ref, out) if ref.shape == out.shape else float("nan")
+                             for ref, out in zip(self._reference, outputs)]
         return columns
 
 
@@ -130,91 +146,79 @@ def halves(items: Sequence[Any], split: Split) -> tuple[list[Any], list[Any]]:
     return list(items[:half][: split.validation]), list(items[half:][: split.held_out])
 
 
-def reference_problem(model: str, out_dir: Path, split: Split, cache: Path | None = None,
-                      rules: Path | None = None, rounds: int = 15) -> Problem:
-    """The search problem for a reference model name or an SE ONNX file shaped like DPCRN."""
+def spec_problem(spec: Any, role: str, graphs: Mapping[str, Path], out_dir: Path, split: Split,
+                 cache: Path | None = None, rules: Path | None = None, target: str = "ort",
+                 rounds: int = 15) -> Problem:
+    """The search problem of graph `role` of a model spec whose FP32 ONNX files by role are `graphs` (every graph of
+    the spec: the others run FP32 in the evaluation). `cache`: the calibration cache (default: calibrate_spec, from
+    the store on a key hit)."""
     from quant.artifacts.artifact import build_artifact
     from quant.precision import load_rules
+    from quant.tasks import FeedOptions, task_for
 
-    name, source = resolve_reference(model)
-    graph = onnx.load(str(source))
+    if target not in TARGETS:
+        raise ModelError(f"--target {target!r}: expected one of {', '.join(TARGETS)}")
+    graph = spec.graph(role)
+    source = Path(graphs[role])
     base_rules = load_rules(rules)
-    cache = cache if cache is not None else _calibrated(name, source)
-    fp32 = build_artifact(source, "fp32", name=name, out_dir=out_dir / "builds" / "fp32")
-    validate, proxy, held_out, feeds = _task_callables(name, fp32, split)
-    timer: Callable[[Sequence[Path]], Sequence[Latency]] = (
-        lambda folders: interleaved_latency([f / MODEL_FILE for f in folders], feeds, rounds))
-    return Problem(model=graph, units=find_units(graph, base_rules), base_rules=base_rules, fp32=fp32,
-                   build=ArtifactBuilder(model, cache), validate=validate, proxy=proxy, held_out=held_out,
-                   latency=timer, node_times=lambda folder: node_times_ms(folder / MODEL_FILE, feeds))
+    feed_options = FeedOptions(graphs=dict(graphs))
+    if cache is None:
+        from quant.tasks.calibration import calibrate_spec
+
+        cache = Path(calibrate_spec(spec, role, source, feed_options=feed_options).path)
+    fp32 = build_artifact(source, "fp32", name=graph.name, out_dir=out_dir / "builds" / "fp32")
+    task = task_for(spec)
+    memo_key, items = _test_items(spec)
+    validation, held = halves(items, split)
+
+    def evaluator(chosen: Sequence[Any]) -> SpecEvaluator:
+        return SpecEvaluator(task, role, graphs, chosen, memo_key, fp32, target)
+
+    model = onnx.load(str(source))
+    problem = Problem(model=model, units=find_units(model, base_rules, TARGETS[target]), base_rules=base_rules,
+                      fp32=fp32, build=ArtifactBuilder(source, cache, graph.name), validate=evaluator(validation),
+                      proxy=evaluator(validation[:PROXY_UTTERANCES]), held_out=evaluator(held),
+                      backend=TARGETS[target])
+    if target != "ort":
+        return problem
+    feeds = timing_feeds(spec, task.speed_workload(role, options=feed_options))
+    return replace(problem, latency=lambda folders: interleaved_latency([f / MODEL_FILE for f in folders], feeds,
+                                                                         rounds),
+                   node_times=lambda folder: node_times_ms(folder / MODEL_FILE, feeds))
 
 
-def resolve_reference(model: str | Path) -> tuple[str, Path]:
-    """(artifact name, FP32 ONNX) of a reference graph name (dpcrn, dpcrn-stream, wenet-encoder, wenet-decoder),
-    exported under engines/export/ on demand, or of an .onnx file."""
-    path = Path(model)
-    if path.suffix == ".onnx":
-        if not path.is_file():
-            raise ModelError(f"{path}: no such ONNX file")
-        return path.stem, path
-    from quant.artifacts.export import export_model
-    from quant.paths import DEFAULT_OUT_ROOT
+def state_outputs(spec: Any, runner: Runner) -> frozenset[str]:
+    """The outputs of a streaming graph that feed its next step's states (the spec's pairs or the `_out`
+    convention); none for a graph without [streaming]."""
+    if spec.streaming is None:
+        return frozenset()
+    from quant.spec import STATE_SUFFIX
 
-    spec, graph = _shipped_graph(str(model))
-    assert graph.exporter is not None
-    target = DEFAULT_OUT_ROOT / "export" / graph.exporter / str(graph.export_file)
-    if not target.is_file():
-        export_model(graph.exporter, target.parent)
-    return graph.name, target
+    pairs = spec.streaming.state_pairs()
+    if pairs:
+        return frozenset(pairs.values())
+    inputs = set(runner.input_names)
+    return frozenset(o for o in runner.output_names if o.endswith(STATE_SUFFIX) and o[: -len(STATE_SUFFIX)] in inputs)
 
 
-def _shipped_graph(name: str) -> tuple[Any, Any]:
-    """(spec, graph) of the shipped spec graph whose artifact name is `name`."""
-    from quant.spec import load_spec, shipped_specs
-
-    for spec in map(load_spec, shipped_specs()):
-        for graph in spec.graphs:
-            if graph.name == name and graph.exporter:
-                return spec, graph
-    raise ModelError(f"{name!r} is not a reference graph ({', '.join((*SE_MODELS, *ASR_MODELS))}) nor an .onnx file")
+def timing_feeds(spec: Any, workload: Any) -> Feeds:
+    """One run's feeds from a Task's GraphWorkload: the stateless feeds, or a streaming graph's first frame with
+    its initial states."""
+    if workload.feeds is not None:
+        return dict(workload.feeds)
+    return {spec.streaming.frame_input: workload.frames[0], **dict(workload.states or {})}
 
 
-def _calibrated(name: str, source: Path) -> Path:
-    """The calibration cache of a reference graph from the store (calibrated now on a key miss), as its spec says;
-    an .onnx file of the user's needs --cache."""
-    from quant.tasks.calibration import calibrate_spec
+def _test_items(spec: Any) -> tuple[str, list[Any]]:
+    """The spec's test utterances loaded as its Task's evaluate keeps them in its memo (SE: "pairs", ASR:
+    "samples"), in manifest order, so the halves are the manifest's."""
+    from quant.spec import resolve_manifest
 
-    if source.stem == name and source.suffix == ".onnx" and name not in (*SE_MODELS, *ASR_MODELS):
-        raise ModelError(f"{source}: a search of a model quant does not know needs --cache from `quant calibrate`")
-    spec, graph = _shipped_graph(name)
-    return Path(calibrate_spec(spec, graph.role, source).path)
+    manifest = str(resolve_manifest(spec.defaults.test_manifest, "test manifest"))
+    if spec.model.task == "asr":
+        from quant.eval.asr import load_samples
 
+        return "samples", load_samples(manifest)
+    from quant.eval.se import load_pairs
 
-def _task_callables(name: str, fp32: Path, split: Split) -> tuple[Any, Any, Any, Feeds]:
-    from quant.paths import calib_data_dir
-
-    if name in ASR_MODELS:
-        from quant.eval.asr import encoder_feeds, load_samples
-
-        samples = load_samples(str(calib_data_dir() / "asr_test" / "manifest.jsonl"))
-        validation, held = halves(samples, split)
-        decoder = resolve_reference("wenet-decoder")[1]
-        encoder_timing = encoder_feeds([validation[0].audio])
-        return (AsrEvaluator(validation, decoder, fp32), AsrEvaluator(validation[:PROXY_UTTERANCES], decoder, fp32,
-                                                                       task=False),
-                AsrEvaluator(held, decoder, fp32), encoder_timing)
-    from quant.eval import se
-
-    streaming = SE_MODELS.get(name, False)
-    pairs = se.load_pairs(str(calib_data_dir() / "se_test" / "manifest.jsonl"))
-    validation, held = halves(pairs, split)
-    noisy = validation[0][1]
-    if streaming:
-        runner = OrtRunner(fp32 / MODEL_FILE)
-        frame = se.stft(se.stream_padded(noisy))[None, :, :1, :].astype(np.float32)
-        feeds: Feeds = {se.MIX: np.ascontiguousarray(frame), **se.zero_states(runner)}
-    else:
-        feeds = {se.MIX: se.stft(se.segment(noisy)[:1]).astype(np.float32)}
-    return (SeEvaluator(validation, streaming, fp32), SeEvaluator(validation[:PROXY_UTTERANCES], streaming, fp32,
-                                                                  task=False),
-            SeEvaluator(held, streaming, fp32), feeds)
+    return "pairs", load_pairs(manifest)

@@ -24,9 +24,11 @@ def write_outputs(result: SearchResult, base_rules: Any, out_dir: Path, command:
     why = {u.name: unit_why(result, result.sensitivities[u.name], u.name in config, command) for u in result.units}
     header = (f"Written by `{command}`: {result.budget.describe()}.\n"
               "Rules named search:<node> carry the measured decision for one unit; the shipped rules follow.\n"
-              "Use with: quant build MODEL --precision int8 --rules THIS_FILE")
-    paths = {"rules": write_rules(out_dir / RULES_FILE, [*config_rules(result.units, config, why), *base_rules],
-                                  header)}
+              f"Speed: {result.speed_basis}.\n"
+              "Use with: quant build MODEL --precision int8 --rules THIS_FILE"
+              + (" --backend trt (the rules place TensorRT's Q/DQ)" if result.backend == "trt" else ""))
+    rules = [*config_rules(result.units, config, why, backend=result.backend), *base_rules]
+    paths = {"rules": write_rules(out_dir / RULES_FILE, rules, header)}
     paths["json"] = atomic_write_json(out_dir / JSON_FILE, to_json(result, command))
     paths["plot"] = plot_frontier(result, out_dir / PLOT_FILE)
     return paths
@@ -34,7 +36,9 @@ def write_outputs(result: SearchResult, base_rules: Any, out_dir: Path, command:
 
 def unit_why(result: SearchResult, item: Sensitivity, int8: bool, command: str) -> str:
     budget = result.budget
-    parts = [f"kernel time FP32 {item.fp32_ms:.3f} ms, INT8 {item.int8_ms:.3f} ms (ORT profiler, Q/DQ included)"]
+    timed = result.fp32_latency is not None
+    parts = [f"kernel time FP32 {item.fp32_ms:.3f} ms, INT8 {item.int8_ms:.3f} ms (ORT profiler, Q/DQ included)"
+             if timed else "no kernel time measured (TensorRT Q/DQ placement; each INT8 unit counts as 1)"]
     if item.add_one_in_snr_db is not None:
         parts.append(f"output SNR vs FP32 with only this unit INT8 {item.add_one_in_snr_db:.1f} dB")
     if item.leave_one_out_snr_db is not None:
@@ -45,9 +49,9 @@ def unit_why(result: SearchResult, item: Sensitivity, int8: bool, command: str) 
                          f"[{verdict['ci_low']:+.4f}, {verdict['ci_high']:+.4f}] (n={verdict['n']})")
     cost = task_cost(item, _all_point(result), budget)
     decision = "INT8" if int8 else "float"
+    saved = f"{item.saved_ms:.3f} ms saved" if timed else "one INT8 unit"
     reason = ("saves no kernel time" if item.saved_ms <= 0 and not int8 else
-              f"cost {cost:+.4f} {budget.metric} per {item.saved_ms:.3f} ms saved" if cost is not None else
-              f"{item.saved_ms:.3f} ms saved")
+              f"cost {cost:+.4f} {budget.metric} per {saved}" if cost is not None else saved)
     where = (f"as in the fastest measured build within budget ({result.chosen.label})" if result.chosen
              else "no measured build met the budget")
     return f"{decision} by `{command}` ({budget.describe()}), {where}: {reason}; " + "; ".join(parts)
@@ -65,7 +69,9 @@ def to_json(result: SearchResult, command: str) -> dict[str, Any]:
         "budget": {"metric": result.budget.metric, "value": result.budget.value,
                    "description": result.budget.describe()},
         "cost": {"minutes": round(result.minutes, 2), "evaluations": result.evals},
-        "fp32_latency": result.fp32_latency.to_dict(),
+        "backend": result.backend,
+        "speed_basis": result.speed_basis,
+        "fp32_latency": result.fp32_latency.to_dict() if result.fp32_latency else None,
         "units": [{"name": u.name, "nodes": list(u.nodes), "op_types": list(u.op_types), "default": u.default,
                    "default_rule": u.rule, **_sensitivity(result.sensitivities[u.name])} for u in result.units],
         "frontier": [p.to_dict(result.units) for p in result.frontier],
@@ -84,8 +90,8 @@ def _sensitivity(item: Sensitivity) -> dict[str, Any]:
 
 
 def plot_frontier(result: SearchResult, path: Path) -> Path:
-    """Latency (min over interleaved rounds) against the validation metric change; error bars are the 95 %
-    bootstrap interval."""
+    """Latency (min over interleaved rounds; untimed backends: the number of INT8 units) against the validation
+    metric change; error bars are the 95 % bootstrap interval."""
     import io
 
     import matplotlib
@@ -93,23 +99,32 @@ def plot_frontier(result: SearchResult, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    timed = result.fp32_latency is not None
+
+    def x(point: Point) -> float | None:
+        if not timed:
+            return float(len(point.config))
+        return point.latency.min_ms if point.latency is not None else None
+
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for point in result.frontier:
-        if point.latency is None:
+        where = x(point)
+        if where is None:
             continue
         delta, low, high = point.verdict["delta"], point.verdict["ci_low"], point.verdict["ci_high"]
         color = "tab:green" if point.holds else "tab:red"
-        axes.errorbar(point.latency.min_ms, delta, yerr=[[delta - low], [high - delta]], fmt="o", color=color,
-                      alpha=0.6, capsize=2)
+        axes.errorbar(where, delta, yerr=[[delta - low], [high - delta]], fmt="o", color=color, alpha=0.6, capsize=2)
     marked: tuple[tuple[str, Point | None, str], ...] = (("default rules", result.default, "s"),
                                                          ("searched", result.chosen, "*"))
     for label, mark, marker in marked:
-        if mark is not None and mark.latency is not None:
-            axes.plot(mark.latency.min_ms, mark.verdict["delta"], marker, markersize=14, mfc="none",
-                      color="black", label=label)
-    axes.axvline(result.fp32_latency.min_ms, color="gray", linestyle=":", label="FP32 latency")
+        where = x(mark) if mark is not None else None
+        if mark is not None and where is not None:
+            axes.plot(where, mark.verdict["delta"], marker, markersize=14, mfc="none", color="black", label=label)
+    if result.fp32_latency is not None:
+        axes.axvline(result.fp32_latency.min_ms, color="gray", linestyle=":", label="FP32 latency")
     axes.axhline(result.default.verdict["budget"], color="tab:orange", linestyle="--", label="budget")
-    axes.set_xlabel("latency per call, min over interleaved rounds (ms, ONNX Runtime CPU)")
+    axes.set_xlabel("latency per call, min over interleaved rounds (ms, ONNX Runtime CPU)" if timed else
+                    f"INT8 units in the {result.backend} Q/DQ plan (speed proxy; no latency measured)")
     unit = " (pp)" if result.budget.scale != 1.0 else ""
     axes.set_ylabel(f"{result.budget.metric} change vs FP32{unit}" if not result.budget.is_floor
                     else f"{result.budget.metric} above the floor")

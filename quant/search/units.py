@@ -38,11 +38,12 @@ class Unit:
 Config = frozenset[str]  # names of the units that are INT8
 
 
-def find_units(model: onnx.ModelProto, rules: Iterable[Rule]) -> tuple[Unit, ...]:
-    """The searchable units of `model` under the base `rules` (ORT INT8 plan), in graph order."""
-    ort_plan = plan(model, tuple(rules), "int8", "ort", streaming_states(model))
+def find_units(model: onnx.ModelProto, rules: Iterable[Rule], backend: str = "ort") -> tuple[Unit, ...]:
+    """The searchable units of `model` under the base `rules` (the INT8 plan of `backend`: ort, or trt for the
+    Q/DQ placement of model_trt_qdq.onnx), in graph order."""
+    int8_plan = plan(model, tuple(rules), "int8", backend, streaming_states(model))
     units = []
-    for d in ort_plan.decisions:
+    for d in int8_plan.decisions:
         candidate = d.precision == "int8" or (
             d.precision == "fp32" and d.rule != DEFAULT_REASON and d.rule not in NEVER_UNITS
             and d.op_type in SEARCHABLE_OPS)
@@ -59,16 +60,18 @@ def all_config(units: Iterable[Unit]) -> Config:
     return frozenset(u.name for u in units)
 
 
-def config_rules(units: Iterable[Unit], config: Config, why: Mapping[str, str] | None = None) -> list[Rule]:
-    """One exact-name ORT rule per unit node (int8 when the unit is in `config`, else fp32), placed before the base
-    rules so it decides; TensorRT keeps the base rules (the search measured ONNX Runtime)."""
+def config_rules(units: Iterable[Unit], config: Config, why: Mapping[str, str] | None = None,
+                 backend: str = "ort") -> list[Rule]:
+    """One exact-name rule per unit node (int8 when the unit is in `config`, else fp32) for the backend the search
+    measured (ort: ONNX Runtime's INT8 model; trt: the Q/DQ placement of model_trt_qdq.onnx), placed before the base
+    rules so it decides; the other backend keeps the base rules."""
     reasons = why or {}
     rules = []
     for unit in units:
         precision = "int8" if unit.name in config else "fp32"
         for node in unit.nodes:
             rules.append(Rule(name=f"{RULE_PREFIX}{node}", precision=precision, name_regex=f"^{re.escape(node)}$",
-                              builds=("int8",), backends=("ort",),
+                              builds=("int8",), backends=(backend,),
                               why=reasons.get(unit.name, f"quant search: {precision} in this configuration")))
     return rules
 
