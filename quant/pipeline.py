@@ -396,11 +396,12 @@ def comparison_feeds(spec: ModelSpec, data: TestData, exported: Mapping[str, Pat
     count = COMPARE_UTTERANCES[spec.model.task]
     feeds: dict[str, FeedList] = {}
     for graph in spec.graphs:
+        # the first batch of the utterances evaluation scores (the test subset of data.limit, in its order)
         if spec.streaming is not None:
-            options = FeedOptions(limit=1, frame_stride=1, graphs=dict(exported))
+            options = FeedOptions(limit=data.limit, frame_stride=1, graphs=dict(exported), selection="test")
             steps = STREAM_COMPARE_STEPS
         else:
-            options = FeedOptions(limit=count, batch_size=count, graphs=dict(exported))
+            options = FeedOptions(limit=data.limit, batch_size=count, graphs=dict(exported), selection="test")
             steps = 1
         source = task.calibration_feeds(graph.role, str(data.manifest), options)
         feeds[graph.stem] = list(islice(iter(source), steps))
@@ -437,7 +438,7 @@ def error_vs_reference(
 def workloads(spec: ModelSpec, data: TestData, exported: Mapping[str, Path]) -> list[Any]:
     """Speed workloads from real test audio (the median-length utterance), one per graph, keyed by its stem."""
     task = task_for(spec)
-    options = FeedOptions(limit=data.limit, graphs=dict(exported))
+    options = FeedOptions(limit=data.limit, graphs=dict(exported), selection="test")
     return [replace(task.speed_workload(g.role, str(data.manifest), options), graph=g.stem) for g in spec.graphs]
 
 
