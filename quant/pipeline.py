@@ -652,8 +652,14 @@ def evaluate_row(spec: RowSpec, context: EvalContext, root: Path, options: RunOp
         "artifacts": {g: str(p) for g, p in spec.artifacts.items()},
         "task": accuracy["task"], "per_utterance": accuracy.get("per_utterance", {}),
         "error_vs_fp32": accuracy["error_vs_fp32"],
-        "speed": speed, "latency_ms": latency, "rtf": rtf,
+        "speed": speed, "latency_ms": latency, "rtf": rtf, "budget": row_budget(spec.spec, spec.precision),
     }
+
+
+def row_budget(spec: ModelSpec, precision: str) -> dict[str, Any] | None:
+    """The spec's accuracy budget for `precision` as the row carries it (the report judges rows, not specs)."""
+    budget = spec.defaults.budgets.get(precision)
+    return budget.to_row() if budget is not None else None
 
 
 def run_all(options: RunOptions = RunOptions()) -> RunResult:

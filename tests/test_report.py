@@ -11,6 +11,8 @@ import pytest
 
 from quant import report
 from quant.eval import stats
+from quant.pipeline import row_budget
+from quant.spec import load_spec
 
 SE_IDS = [f"{i}:se_{i:02d}.wav" for i in range(40)]
 ASR_IDS = [f"{i}:asr_{i:02d}.wav" for i in range(20)]
@@ -49,12 +51,18 @@ def speed(graph: str, mean: float, unit: str = "9 s segment", batches: dict[int,
     return {graph: entry}
 
 
+def budget(model: str, precision: str) -> dict | None:
+    """The budget a pipeline row of the shipped spec carries."""
+    return row_budget(load_spec(model), precision)
+
+
 def se_row(backend: str, precision: str, pesq: float, mean: float, snr: float | None = None) -> dict:
     row = {"model": "dpcrn", "backend": backend, "precision": precision, "status": "ok", "error": None,
            "task": {"pesq_wb": pesq, "pesq_nb": pesq + 0.3, "stoi": 0.9, "si_sdr": 12.0, "noisy_pesq_wb": 1.9},
            "per_utterance": se_columns(pesq),
            "speed": speed("dpcrn", mean), "rtf": mean / 9000,
-           "error_vs_fp32": {"dpcrn": {"enh": {"snr_db": snr}}} if snr is not None else {}}
+           "error_vs_fp32": {"dpcrn": {"enh": {"snr_db": snr}}} if snr is not None else {},
+           "budget": budget("dpcrn", precision)}
     row["latency_ms"] = row["speed"]["dpcrn"]["threads"]["1"]["latency_ms"]  # type: ignore[index]
     return row
 
@@ -65,7 +73,7 @@ def asr_row(precision: str, cer: float, enc: dict[int, float]) -> dict:
     return {"model": "wenet", "backend": "ort", "precision": precision, "status": "ok",
             "task": {"cer": cer, "wer": cer * 2, "cer_greedy": cer + 0.01, "cer_real": cer, "cer_synthetic": cer},
             "per_utterance": asr_columns(cer),
-            "speed": sp, "rtf": 0.01, "error_vs_fp32": {}}
+            "speed": sp, "rtf": 0.01, "error_vs_fp32": {}, "budget": budget("wenet", precision)}
 
 
 @pytest.fixture()
@@ -266,3 +274,20 @@ def test_trt_sim_rows_are_labelled_simulations_without_latency(results: dict, tm
     rows = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))
     assert {r["backend"]: r["simulation"].startswith("a simulation of TensorRT") for r in rows} == {
         "ort": False, "torch": False, "trt-sim": True}
+
+
+def test_budgets_come_from_the_rows_not_the_model_name() -> None:
+    """A user's model judged by the budget its rows carry; a shipped model's row without one is not judged."""
+    rows = [se_row("ort", "fp32", 3.00, 200.0), se_row("ort", "int8", 2.96, 100.0)]
+    for row in rows:
+        row["model"] = "my-masker"
+    rows[1]["budget"] = {"metric": "stoi", "limit": 0.01, "higher_is_better": True}
+    comparison = report.comparisons({"rows": rows})[("my-masker", "ort", "int8")]
+    assert comparison.budget_metric == "stoi" and comparison.verdict is not None
+    assert comparison.verdict.budget == stats.Budget(0.01, True)
+    names = [g.name for g in report.goals({"rows": rows})]
+    assert "my-masker ORT int8 STOI change vs FP32 (int8 - fp32)" in names
+
+    shipped = [se_row("ort", "fp32", 3.00, 200.0), {**se_row("ort", "int8", 2.96, 100.0), "budget": None}]
+    assert report.comparisons({"rows": shipped})[("dpcrn", "ort", "int8")].verdict is None
+    assert not any("change vs FP32" in g.name for g in report.goals({"rows": shipped}))

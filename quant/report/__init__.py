@@ -28,10 +28,9 @@ from quant.report.rows import (BACKEND_ORDER, MODELS, METRIC_SCALE, PRECISION_OR
                                RowKey, batch_latency, find_row, graph_latency, min_snr_db, ok_rows, primary_latency,
                                ratio, row_key, simulation_note, sorted_rows, task_kind, task_value)
 from quant.report.tables import CSV_FIELDS, render_csv, render_markdown, summary_lines
-from quant.report.targets import ACCURACY_BUDGETS
 
 __all__ = [
-    "ACCURACY_BUDGETS", "BACKEND_ORDER", "CHANGE_METRICS", "CSV_FIELDS", "METRIC_SCALE", "MODELS", "PRECISION_ORDER",
+    "BACKEND_ORDER", "CHANGE_METRICS", "CSV_FIELDS", "METRIC_SCALE", "MODELS", "PRECISION_ORDER",
     "SCHEMA", "TASK_COLUMNS", "Comparison", "Goal", "HtmlOptions", "PlotPoint", "ReportError", "Row", "RowKey", "batch_latency",
     "budget_for", "change_metric", "compare", "comparisons", "find_row", "format_change", "goals", "graph_latency",
     "load_results", "metric_limits", "min_snr_db", "ok_rows", "place_labels", "plot_points", "primary_latency",

@@ -156,8 +156,8 @@ def change_table(model: str, rows: Sequence[Row], changes: Mapping[RowKey, Compa
     out = []
     for row, comparison in compared:
         verdict = comparison.verdict
-        budget = "-" if verdict is None else format(METRIC_SCALE.get(MODELS[model][1], 1.0) * verdict.budget.line,
-                                                    "+g")
+        budget = "-" if verdict is None else format(
+            METRIC_SCALE.get(comparison.budget_metric or "", 1.0) * verdict.budget.line, "+g")
         out.append([row["backend"], row["precision"], f"{comparison.reference['backend']} fp32",
                     *[format_change(comparison.changes.get(key), key) for key in metrics], budget,
                     verdict_text(verdict) if verdict else "-"])
