@@ -648,7 +648,8 @@ def evaluate_row(spec: RowSpec, context: EvalContext, root: Path, options: RunOp
     speed = {} if simulated else measure_speed(spec, context.loads, options.bench)
     latency, rtf = primary_numbers(spec.spec, speed)
     return {
-        "model": spec.model, "backend": spec.backend, "precision": spec.precision, "status": "ok", "error": None,
+        "model": spec.model, "kind": spec.spec.model.task, "backend": spec.backend, "precision": spec.precision,
+        "status": "ok", "error": None,
         "artifacts": {g: str(p) for g, p in spec.artifacts.items()},
         "task": accuracy["task"], "per_utterance": accuracy.get("per_utterance", {}),
         "error_vs_fp32": accuracy["error_vs_fp32"],

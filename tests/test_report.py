@@ -12,6 +12,7 @@ import pytest
 from quant import report
 from quant.eval import stats
 from quant.pipeline import row_budget
+from quant.report.tables import model_table
 from quant.spec import load_spec
 
 SE_IDS = [f"{i}:se_{i:02d}.wav" for i in range(40)]
@@ -291,3 +292,13 @@ def test_budgets_come_from_the_rows_not_the_model_name() -> None:
     shipped = [se_row("ort", "fp32", 3.00, 200.0), {**se_row("ort", "int8", 2.96, 100.0), "budget": None}]
     assert report.comparisons({"rows": shipped})[("dpcrn", "ort", "int8")].verdict is None
     assert not any("change vs FP32" in g.name for g in report.goals({"rows": shipped}))
+
+
+def test_a_users_asr_model_is_compared_on_asr_metrics() -> None:
+    """The task kind comes from the row (its spec's task), not from the reference models' names."""
+    rows = [{**asr_row("fp32", 0.05, {1: 20.0}), "model": "u2pp", "kind": "asr"},
+            {**asr_row("int8", 0.052, {1: 12.0}), "model": "u2pp", "kind": "asr"}]
+    comparison = report.comparisons({"rows": rows})[("u2pp", "ort", "int8")]
+    assert set(comparison.changes) == {"cer", "wer", "cer_greedy"}
+    header, _ = model_table("u2pp", rows, rows)
+    assert "CER %" in header and "PESQ-WB" not in header

@@ -72,7 +72,7 @@ def compare(row: Row, rows: Sequence[Row]) -> Comparison | None:
     ref_columns, columns = reference.get("per_utterance") or {}, row.get("per_utterance") or {}
     changes = {}
     try:
-        for key, _, higher, _ in CHANGE_METRICS[task_kind(row["model"])]:
+        for key, _, higher, _ in CHANGE_METRICS[task_kind([row])]:
             before, after = stats.from_columns(ref_columns, key), stats.from_columns(columns, key)
             if before is not None and after is not None:
                 changes[key] = stats.paired_change(before, after, higher)

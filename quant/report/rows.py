@@ -1,10 +1,11 @@
 """The shape of a results.json row and the values derived from one row (latency, task metric, ratios).
 
 A row is one model x backend x precision:
-    {"model", "backend", "precision", "status": ok|failed|skipped, "error", "artifacts": {...},
+    {"model", "kind": se|asr, "backend", "precision", "status": ok|failed|skipped, "error", "artifacts": {...},
      "task": {metric: value}, "speed": {graph: measure_graph result}, "latency_ms": {...}, "rtf",
      "error_vs_fp32": {graph: {output: TensorError dict}},
-     "per_utterance": {"ids": [...], metric: [...] | "<rate>_errors"/"<rate>_length": [...]}}
+     "per_utterance": {"ids": [...], metric: [...] | "<rate>_errors"/"<rate>_length": [...]},
+     "budget": {"metric", "limit", "higher_is_better"} | null (the model spec's, for this precision)}
 """
 
 from __future__ import annotations
@@ -96,8 +97,15 @@ def row_key(row: Row) -> RowKey:
     return (row["model"], row["backend"], row["precision"])
 
 
-def task_kind(model: str) -> str:
-    return "asr" if model == "wenet" else "se"
+def task_kind(rows: Iterable[Row]) -> str:
+    """"se" or "asr": the "kind" a model's rows carry (its spec's task); results.json written before rows carried it
+    knew only the reference models, where wenet was the ASR one."""
+    for row in rows:
+        if row.get("kind") in ("se", "asr"):
+            return str(row["kind"])
+        if row.get("model") == "wenet":
+            return "asr"
+    return "se"
 
 
 def simulation_note(backend: str) -> str:

@@ -28,7 +28,7 @@ Table = tuple[list[str], list[list[str]]]  # header, rows of cells (a failed row
 
 def model_table(model: str, rows: Sequence[Row], all_rows: Sequence[Row]) -> Table:
     """The accuracy/speed table of one model; results.md and report.html render the same cells."""
-    columns = TASK_COLUMNS[task_kind(model)]
+    columns = TASK_COLUMNS[task_kind(rows)]
     graph = MODELS.get(model, (model,))[0]
     header = ["backend", "precision", *[c[1] for c in columns], "runs", "p50 ms", "p90 ms", "p99 ms", "mean ms",
               "mean ms (2 thr)", "RTF", "vs FP32 ORT", "vs eager", "min SNR vs FP32 dB"]
@@ -150,7 +150,7 @@ def change_table(model: str, rows: Sequence[Row], changes: Mapping[RowKey, Compa
     compared = [(row, changes[row_key(row)]) for row in rows if row.get("status") == "ok" and row_key(row) in changes]
     if not compared:
         return None
-    metrics = [key for key, _, _, _ in CHANGE_METRICS[task_kind(model)]
+    metrics = [key for key, _, _, _ in CHANGE_METRICS[task_kind(rows)]
                if any(key in comparison.changes for _, comparison in compared)]
     header = ["backend", "precision", "vs", *[change_metric(key)[0] for key in metrics], "budget", "verdict"]
     out = []
