@@ -24,7 +24,7 @@ from quant.errors import BackendUnavailable, QuantError
 from quant.eval.speed import BenchOptions
 from quant.fileio import atomic_write_json, sha256_bytes, sha256_file
 from quant.paths import DEFAULT_OUT_ROOT, PACKAGE_DIR
-from quant.spec import GraphSpec, ModelSpec, load_spec, resolve_manifest, shipped_specs
+from quant.spec import HIGHER_IS_BETTER, GraphSpec, ModelSpec, load_spec, resolve_manifest, shipped_specs
 from quant.tasks import FeedOptions, task_for
 
 logger = logging.getLogger(__name__)
@@ -654,7 +654,14 @@ def evaluate_row(spec: RowSpec, context: EvalContext, root: Path, options: RunOp
         "task": accuracy["task"], "per_utterance": accuracy.get("per_utterance", {}),
         "error_vs_fp32": accuracy["error_vs_fp32"],
         "speed": speed, "latency_ms": latency, "rtf": rtf, "budget": row_budget(spec.spec, spec.precision),
+        "primary": row_primary(spec.spec),
     }
+
+
+def row_primary(spec: ModelSpec) -> dict[str, Any]:
+    """What the report times and judges a model by: its first graph (as primary_numbers) and first task metric."""
+    metric = spec.task.metrics[0]
+    return {"graph": spec.graphs[0].stem, "metric": metric, "higher_is_better": HIGHER_IS_BETTER[metric]}
 
 
 def row_budget(spec: ModelSpec, precision: str) -> dict[str, Any] | None:

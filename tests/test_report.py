@@ -12,6 +12,7 @@ import pytest
 from quant import report
 from quant.eval import stats
 from quant.pipeline import row_budget
+from quant.report import rows as rows_module
 from quant.report.tables import model_table
 from quant.spec import load_spec
 
@@ -302,3 +303,17 @@ def test_a_users_asr_model_is_compared_on_asr_metrics() -> None:
     assert set(comparison.changes) == {"cer", "wer", "cer_greedy"}
     header, _ = model_table("u2pp", rows, rows)
     assert "CER %" in header and "PESQ-WB" not in header
+
+
+def test_a_users_model_is_timed_and_plotted_by_the_primary_its_rows_carry() -> None:
+    rows = []
+    for precision, pesq, mean in (("fp32", 3.0, 200.0), ("int8", 2.96, 100.0)):
+        row = se_row("ort", precision, pesq, mean)
+        row.update(model="my-masker", kind="se", speed={"enhancer": row["speed"]["dpcrn"]},
+                   primary={"graph": "enhancer", "metric": "stoi", "higher_is_better": True})
+        rows.append(row)
+    assert report.primary_latency(rows[1]) == 100.0
+    assert rows_module.primary(rows, "my-masker") == rows_module.Primary("enhancer", "stoi", True, "STOI")
+    header, cells = model_table("my-masker", rows, rows)
+    assert cells[1][header.index("mean ms")] != "-"
+    assert report.render_plot({"rows": rows}, ["my-masker"])[:4] == b"\x89PNG"

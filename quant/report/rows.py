@@ -5,17 +5,19 @@ A row is one model x backend x precision:
      "task": {metric: value}, "speed": {graph: measure_graph result}, "latency_ms": {...}, "rtf",
      "error_vs_fp32": {graph: {output: TensorError dict}},
      "per_utterance": {"ids": [...], metric: [...] | "<rate>_errors"/"<rate>_length": [...]},
-     "budget": {"metric", "limit", "higher_is_better"} | null (the model spec's, for this precision)}
+     "budget": {"metric", "limit", "higher_is_better"} | null (the model spec's, for this precision),
+     "primary": {"graph", "metric", "higher_is_better"} (the spec's first graph and first task metric)}
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 SCHEMA = 1
 Row = Mapping[str, Any]
 
-# model -> (primary graph for latency, primary task metric, higher is better, metric label)
+# model -> (primary graph for latency, primary task metric, higher is better, metric label) of the reference models,
+# for results.json written before rows carried their "primary" (and the reference models' display order)
 MODELS: dict[str, tuple[str, str, bool, str]] = {
     "dpcrn": ("dpcrn", "pesq_wb", True, "PESQ-WB"),
     "dpcrn-stream": ("dpcrn_stream", "pesq_wb", True, "PESQ-WB"),
@@ -35,6 +37,21 @@ BACKEND_ORDER = {"torch": 0, "ort": 1, "trt-sim": 2, "trt": 3}
 
 def ok_rows(results: Mapping[str, Any]) -> list[Row]:
     return [row for row in results["rows"] if row.get("status") == "ok"]
+
+
+def model_order(rows: Iterable[Row]) -> list[str]:
+    """The models of `rows`: the reference models first, in their usual order, then the others by name."""
+    present = {row["model"] for row in rows}
+    return [m for m in MODELS if m in present] + sorted(present - set(MODELS))
+
+
+def timed_graphs(rows: Sequence[Row], model: str) -> tuple[str, ...]:
+    """Every graph the model's ok rows timed (each graph of a chain, e.g. WeNet's encoder and decoder): the primary
+    graph first, the others by name (stored results.json sorts keys, so their order is no information)."""
+    timed = {graph for row in rows if row.get("status") == "ok" and row.get("model") == model
+             for graph in row.get("speed") or {}}
+    first = primary(rows, model).graph
+    return ((first,) if first in timed else ()) + tuple(sorted(timed - {first}))
 
 
 def sorted_rows(rows: Iterable[Row]) -> list[Row]:
@@ -63,9 +80,29 @@ def batch_latency(row: Row, graph: str, batch: int) -> float | None:
         return None
 
 
+class Primary(NamedTuple):
+    """What a model is timed and judged by: its first graph and its spec's first task metric."""
+
+    graph: str
+    metric: str
+    higher_is_better: bool
+    label: str
+
+
+def primary(rows: Iterable[Row], model: str) -> Primary:
+    """The "primary" a model's rows carry (from its spec); else the reference models' table (older results.json);
+    else the model name as graph and no metric."""
+    for row in rows:
+        value = row.get("primary")
+        if row.get("model") == model and isinstance(value, Mapping):
+            metric = str(value["metric"])
+            return Primary(str(value["graph"]), metric, bool(value["higher_is_better"]),
+                           metric.upper().replace("_", "-"))
+    return Primary(*MODELS[model]) if model in MODELS else Primary(model, "", True, "metric")
+
+
 def primary_latency(row: Row, stat: str = "mean_ms") -> float | None:
-    graph = MODELS.get(row["model"], (row["model"],))[0]
-    return graph_latency(row, graph, "1", stat)
+    return graph_latency(row, primary([row], row["model"]).graph, "1", stat)
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
