@@ -317,3 +317,17 @@ def test_a_users_model_is_timed_and_plotted_by_the_primary_its_rows_carry() -> N
     header, cells = model_table("my-masker", rows, rows)
     assert cells[1][header.index("mean ms")] != "-"
     assert report.render_plot({"rows": rows}, ["my-masker"])[:4] == b"\x89PNG"
+
+
+def test_result_rows_are_typed_and_keep_results_json_names(results: dict) -> None:
+    for row in results["rows"]:
+        typed = report.ResultRow.from_json(row)
+        assert report.ResultRow.from_json(typed.to_json()) == typed
+    ok = report.ResultRow.from_json({**results["rows"][0], "vs_fp32": {"derived": True}})  # derived keys dropped
+    assert set(ok.to_json()) >= {"model", "backend", "precision", "status", "error", "task", "per_utterance",
+                                 "error_vs_fp32", "speed", "latency_ms", "rtf", "budget", "primary", "kind"}
+    failed = report.ResultRow.failed("dpcrn", "ort", "int8", "BuildError: boom")
+    assert failed.to_json() == {"model": "dpcrn", "backend": "ort", "precision": "int8", "status": "failed",
+                                "error": "BuildError: boom"}
+    with pytest.raises(report.ReportError, match=r"missing \['status'\]"):
+        report.ResultRow.from_json({"model": "dpcrn", "backend": "ort", "precision": "int8"})

@@ -292,7 +292,8 @@ def test_budgets_are_typed_per_precision_and_metric(tmp_path: Path) -> None:
 @pytest.mark.parametrize("budgets, expected", [
     ("int8 = { pesq = 0.05 }", r"defaults\.budgets\.int8\.pesq: unknown key .*allowed in \[defaults\.budgets\.int8\]: "
                                r"pesq_wb, pesq_nb, stoi, si_sdr, cer, wer"),
-    ("int4 = { pesq_wb = 0.05 }", r"defaults\.budgets\.int4: unknown key .*allowed in \[defaults\.budgets\]: int8, fp16"),
+    ("int4 = { pesq_wb = 0.05 }",
+     r"defaults\.budgets\.int4: unknown key .*allowed in \[defaults\.budgets\]: int8, fp16"),
     ("int8 = { cer = 0.003 }", r"defaults\.budgets\.int8: 'cer' is not a metric of this task"),
     ("int8 = { pesq_wb = 0.05, stoi = 0.01 }", r"defaults\.budgets\.int8: name exactly one metric"),
     ("int8 = { pesq_wb = -0.05 }", r"defaults\.budgets\.int8: the allowed loss is a size"),

@@ -11,7 +11,10 @@ A row is one model x backend x precision:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+
+from quant.errors import ReportError
 
 SCHEMA = 1
 Row = Mapping[str, Any]
@@ -33,6 +36,53 @@ TASK_COLUMNS: dict[str, tuple[tuple[str, str, str], ...]] = {  # key, header, fo
 METRIC_SCALE = {"cer": 100.0, "wer": 100.0, "cer_greedy": 100.0, "wer_greedy": 100.0}
 PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
 BACKEND_ORDER = {"torch": 0, "ort": 1, "trt-sim": 2, "trt": 3}
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One results.json row, typed; the field names are results.json's. The report reads rows as plain mappings
+    (ResultRow.to_json()), so results.json written by older versions still renders."""
+
+    model: str
+    backend: str
+    precision: str
+    status: str  # ok | failed
+    error: str | None = None
+    kind: str | None = None  # se | asr (the spec's task)
+    artifacts: Mapping[str, str] = field(default_factory=dict)  # graph stem -> file
+    task: Mapping[str, Any] = field(default_factory=dict)  # mean task metrics
+    per_utterance: Mapping[str, Any] = field(default_factory=dict)
+    error_vs_fp32: Mapping[str, Any] = field(default_factory=dict)  # graph -> output -> TensorError dict
+    speed: Mapping[str, Any] = field(default_factory=dict)  # graph -> measure_graph result
+    latency_ms: Mapping[str, Any] | None = None  # the first graph's latency stats at 1 thread
+    rtf: float | None = None
+    budget: Mapping[str, Any] | None = None  # {"metric", "limit", "higher_is_better"} of the spec, this precision
+    primary: Mapping[str, Any] | None = None  # {"graph", "metric", "higher_is_better"} of the spec
+
+    @classmethod
+    def failed(cls, model: str, backend: str, precision: str, error: str) -> ResultRow:
+        return cls(model, backend, precision, "failed", error)
+
+    def to_json(self) -> dict[str, Any]:
+        """The results.json row (a failed row: who failed and why, nothing else)."""
+        head = {"model": self.model, "backend": self.backend, "precision": self.precision, "status": self.status,
+                "error": self.error}
+        if self.status != "ok":
+            return head
+        return {"model": self.model, "kind": self.kind, "backend": self.backend, "precision": self.precision,
+                "status": self.status, "error": self.error, "artifacts": dict(self.artifacts), "task": dict(self.task),
+                "per_utterance": dict(self.per_utterance), "error_vs_fp32": dict(self.error_vs_fp32),
+                "speed": dict(self.speed), "latency_ms": self.latency_ms, "rtf": self.rtf, "budget": self.budget,
+                "primary": self.primary}
+
+    @classmethod
+    def from_json(cls, row: Mapping[str, Any]) -> ResultRow:
+        """A row read back from results.json; keys the report derives on writing ("vs_fp32") are dropped."""
+        names = {f.name for f in fields(cls)}
+        missing = [key for key in ("model", "backend", "precision", "status") if key not in row]
+        if missing:
+            raise ReportError(f"results.json row {dict(row)!r:.80}: missing {missing}")
+        return cls(**{key: value for key, value in row.items() if key in names})
 
 
 def ok_rows(results: Mapping[str, Any]) -> list[Row]:
