@@ -169,7 +169,7 @@ def _change_table(model: str, rows: Sequence[Row], changes: Mapping[RowKey, Comp
 
 def _graph_latency_lines(rows: Sequence[Row], graph: str) -> list[str]:
     unit = next((str(r["speed"][graph].get("unit")) for r in rows if graph in r["speed"]), "run")
-    return ["", f"{graph} ({unit}) batch-1 latency, ms: "
+    return ["", f"{graph} batch-1 latency on a {unit}, ms: "
             + ", ".join(f"{r['backend']} {r['precision']} {fmt_number(graph_latency(r, graph), '.2f')}" for r in rows)]
 
 
