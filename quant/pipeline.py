@@ -24,7 +24,8 @@ from quant.errors import BackendUnavailable, QuantError
 from quant.eval.speed import BenchOptions
 from quant.fileio import atomic_write_json, sha256_bytes, sha256_file
 from quant.paths import DEFAULT_OUT_ROOT, PACKAGE_DIR
-from quant.spec import GraphSpec, ModelSpec, load_spec, resolve_manifest, shipped_specs
+from quant.report.rows import ResultRow
+from quant.spec import HIGHER_IS_BETTER, GraphSpec, ModelSpec, load_spec, resolve_manifest, shipped_specs
 from quant.tasks import FeedOptions, task_for
 
 logger = logging.getLogger(__name__)
@@ -285,9 +286,9 @@ class RowSpec:
         return f"{self.model} {self.backend} {self.precision}"
 
 
-def failed_row(model: str, backend: str, precision: str, error: BaseException | str) -> dict[str, Any]:
+def failed_row(model: str, backend: str, precision: str, error: BaseException | str) -> ResultRow:
     message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    return {"model": model, "backend": backend, "precision": precision, "status": "failed", "error": message}
+    return ResultRow.failed(model, backend, precision, message)
 
 
 # ------------------------------------------------------------------------------------------------ environment
@@ -400,11 +401,12 @@ def comparison_feeds(spec: ModelSpec, data: TestData, exported: Mapping[str, Pat
     count = COMPARE_UTTERANCES[spec.model.task]
     feeds: dict[str, FeedList] = {}
     for graph in spec.graphs:
+        # the first batch of the utterances evaluation scores (the test subset of data.limit, in its order)
         if spec.streaming is not None:
-            options = FeedOptions(limit=1, frame_stride=1, graphs=dict(exported))
+            options = FeedOptions(limit=data.limit, frame_stride=1, graphs=dict(exported), selection="test")
             steps = STREAM_COMPARE_STEPS
         else:
-            options = FeedOptions(limit=count, batch_size=count, graphs=dict(exported))
+            options = FeedOptions(limit=data.limit, batch_size=count, graphs=dict(exported), selection="test")
             steps = 1
         source = task.calibration_feeds(graph.role, str(data.manifest), options)
         feeds[graph.stem] = list(islice(iter(source), steps))
@@ -441,7 +443,7 @@ def error_vs_reference(
 def workloads(spec: ModelSpec, data: TestData, exported: Mapping[str, Path]) -> list[Any]:
     """Speed workloads from real test audio (the median-length utterance), one per graph, keyed by its stem."""
     task = task_for(spec)
-    options = FeedOptions(limit=data.limit, graphs=dict(exported))
+    options = FeedOptions(limit=data.limit, graphs=dict(exported), selection="test")
     return [replace(task.speed_workload(g.role, str(data.manifest), options), graph=g.stem) for g in spec.graphs]
 
 
@@ -498,14 +500,14 @@ class ModelRun:
     def __init__(self, spec: ModelSpec, backends: Sequence[str], steps: Steps, options: RunOptions) -> None:
         self.spec, self.backends, self.steps, self.options = spec, tuple(backends), steps, options
         self.model = spec.name
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[ResultRow] = []
         self.failures: list[str] = []
 
     def _fail(self, backend: str, precision: str, error: BaseException) -> None:
         row = failed_row(self.model, backend, precision, error)
         self.rows.append(row)
-        self.failures.append(f"{self.model} {backend} {precision}: {row['error']}")
-        logger.error("%s %s %s failed: %s", self.model, backend, precision, row["error"])
+        self.failures.append(f"{self.model} {backend} {precision}: {row.error}")
+        logger.error("%s %s %s failed: %s", self.model, backend, precision, row.error)
         logger.debug("traceback", exc_info=error)
 
     @property
@@ -518,7 +520,7 @@ class ModelRun:
         return combos + [(b, p) for b in self.backends for p in self.options.precisions
                          if p in SIMULATED.get(b, PRECISIONS)]
 
-    def run(self) -> list[dict[str, Any]]:
+    def run(self) -> list[ResultRow]:
         try:
             exported = self.steps.export(self.spec)
         except Exception as error:  # noqa: BLE001 - one failing model must not stop the others
@@ -552,7 +554,7 @@ class ModelRun:
         built = next((s for s in specs if (s.backend, s.precision) == ("ort", precision)), None)
         if built is not None:
             return built
-        if any((row["backend"], row["precision"]) == ("ort", precision) for row in self.rows):  # failed already
+        if any((row.backend, row.precision) == ("ort", precision) for row in self.rows):  # failed already
             raise QuantError(f"the ONNX Runtime {precision} build it reads failed (see the ort {precision} row)")
         return self._build_row("ort", precision, exported, caches)
 
@@ -628,7 +630,7 @@ def _has_per_utterance(cached: Any) -> bool:
     return isinstance(cached, Mapping) and bool(cached.get("per_utterance"))
 
 
-def evaluate_row(spec: RowSpec, context: EvalContext, root: Path, options: RunOptions) -> dict[str, Any]:
+def evaluate_row(spec: RowSpec, context: EvalContext, root: Path, options: RunOptions) -> ResultRow:
     """Accuracy (cached by artifact + data hashes) and speed (measured every run) of one row."""
     key = {"artifacts": _artifact_key(spec), "data": context.data.key, "reference": context.reference_key,
            "code": _eval_code_sha()}
@@ -650,13 +652,24 @@ def evaluate_row(spec: RowSpec, context: EvalContext, root: Path, options: RunOp
     logger.info("%s: %s", spec.label, "not timed (simulation)" if simulated else "measuring speed")
     speed = {} if simulated else measure_speed(spec, context.loads, options.bench)
     latency, rtf = primary_numbers(spec.spec, speed)
-    return {
-        "model": spec.model, "backend": spec.backend, "precision": spec.precision, "status": "ok", "error": None,
-        "artifacts": {g: str(p) for g, p in spec.artifacts.items()},
-        "task": accuracy["task"], "per_utterance": accuracy.get("per_utterance", {}),
-        "error_vs_fp32": accuracy["error_vs_fp32"],
-        "speed": speed, "latency_ms": latency, "rtf": rtf,
-    }
+    return ResultRow(
+        spec.model, spec.backend, spec.precision, "ok", kind=spec.spec.model.task,
+        artifacts={g: str(p) for g, p in spec.artifacts.items()}, task=accuracy["task"],
+        per_utterance=accuracy.get("per_utterance", {}), error_vs_fp32=accuracy["error_vs_fp32"], speed=speed,
+        latency_ms=latency, rtf=rtf, budget=row_budget(spec.spec, spec.precision), primary=row_primary(spec.spec),
+    )
+
+
+def row_primary(spec: ModelSpec) -> dict[str, Any]:
+    """What the report times and judges a model by: its first graph (as primary_numbers) and first task metric."""
+    metric = spec.task.metrics[0]
+    return {"graph": spec.graphs[0].stem, "metric": metric, "higher_is_better": HIGHER_IS_BETTER[metric]}
+
+
+def row_budget(spec: ModelSpec, precision: str) -> dict[str, Any] | None:
+    """The spec's accuracy budget for `precision` as the row carries it (the report judges rows, not specs)."""
+    budget = spec.defaults.budgets.get(precision)
+    return budget.to_row() if budget is not None else None
 
 
 def run_all(options: RunOptions = RunOptions()) -> RunResult:
@@ -673,7 +686,7 @@ def _run_models(options: RunOptions, specs: Sequence[ModelSpec], root: Path) -> 
         backends = tuple(b for b in backends if b not in SIMULATED)
     steps = Steps(root, options)
     started = time.perf_counter()
-    rows: list[dict[str, Any]] = []
+    rows: list[ResultRow] = []
     failures: list[str] = []
     for spec in specs:
         logger.info("== %s ==", spec.name)
@@ -687,7 +700,7 @@ def _run_models(options: RunOptions, specs: Sequence[ModelSpec], root: Path) -> 
                               "se_utterances": options.se_utterances, "asr_utterances": options.asr_utterances,
                               "calib_utterances": options.calib_utterances,
                               "bench": asdict(options.bench), "eval_threads": options.eval_threads}),
-        "rows": rows,
+        "rows": [row.to_json() for row in rows],
     }
     paths = write_results(results, options.report_dir or root)
     return RunResult(results, paths, failures)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
@@ -348,6 +348,61 @@ class AsrTaskSpec:
         return ids
 
 
+# whether a larger value of a task metric is better (how a budget's allowed loss points)
+HIGHER_IS_BETTER: Mapping[str, bool] = {"pesq_wb": True, "pesq_nb": True, "stoi": True, "si_sdr": True,
+                                        "cer": False, "wer": False}
+
+
+@dataclass(frozen=True)
+class MetricBudget:
+    """How much one precision may lose against FP32 on one task metric, in the units results.json stores (PESQ
+    points, STOI, dB, CER/WER as fractions: 0.003 = 0.3 CER points). Give exactly one metric: the report judges it
+    on the paired 95 % interval of the change."""
+
+    pesq_wb: float | None = None
+    pesq_nb: float | None = None
+    stoi: float | None = None
+    si_sdr: float | None = None
+    cer: float | None = None
+    wer: float | None = None
+
+    def __post_init__(self) -> None:
+        given = {name: value for name, value in self._values().items() if value is not None}
+        if len(given) != 1:
+            raise SchemaError("", f"name exactly one metric and how much it may lose, e.g. {{ pesq_wb = 0.05 }}; "
+                              f"got {sorted(given) or 'none'}")
+        if any(value < 0 for value in given.values()):
+            raise SchemaError("", f"the allowed loss is a size (>= 0), got {given}")
+
+    def _values(self) -> dict[str, float | None]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def metric(self) -> str:
+        return next(name for name, value in self._values().items() if value is not None)
+
+    @property
+    def limit(self) -> float:
+        value = getattr(self, self.metric)
+        assert value is not None
+        return float(value)
+
+    def to_row(self) -> dict[str, Any]:
+        """The budget as a results.json row carries it (the report reads it from there)."""
+        return {"metric": self.metric, "limit": self.limit, "higher_is_better": HIGHER_IS_BETTER[self.metric]}
+
+
+@dataclass(frozen=True)
+class BudgetsSpec:
+    """Accuracy budgets per precision (none: that precision is reported but not judged)."""
+
+    int8: MetricBudget | None = None
+    fp16: MetricBudget | None = None
+
+    def get(self, precision: str) -> MetricBudget | None:
+        return {"int8": self.int8, "fp16": self.fp16}.get(precision)
+
+
 @dataclass(frozen=True)
 class DefaultsSpec:
     """Per-model defaults of the commands (each command's option overrides them)."""
@@ -357,6 +412,7 @@ class DefaultsSpec:
     calibration_method: Method = "percentile"
     batch_size: int = 4  # calibration batch (utterances or segments per feed)
     frame_stride: int = 4  # streaming calibration keeps every k-th frame (the roll runs every frame)
+    budgets: BudgetsSpec = BudgetsSpec()
 
     def __post_init__(self) -> None:
         _positive(batch_size=self.batch_size, frame_stride=self.frame_stride)
@@ -414,6 +470,7 @@ class ModelSpec:
         if self.frontend is None and self.feeds is None:
             raise SchemaError("frontend", "a spec needs a [frontend] table (or a [feeds] escape hatch)")
         self._check_task(roles)
+        self._check_budgets()
         if self.output is not None and self.output.graph is not None and self.output.graph not in roles:
             raise SchemaError("output.graph", f"{self.output.graph!r} is not a graph role ({', '.join(roles)})")
 
@@ -425,6 +482,13 @@ class ModelSpec:
                                       f"earlier graph's role (earlier: {roles[:index] or 'none'})")
                 if feed.source.startswith("nbest:") and self.model.task != "asr":
                     raise SchemaError(f"graphs[{index + 1}].feeds", "n-best feeds exist only for task 'asr'")
+
+    def _check_budgets(self) -> None:
+        for precision in ("int8", "fp16"):
+            budget = self.defaults.budgets.get(precision)
+            if budget is not None and budget.metric not in self.task.metrics:
+                raise SchemaError(f"defaults.budgets.{precision}", f"{budget.metric!r} is not a metric of this "
+                                  f"task ([task] metrics: {', '.join(self.task.metrics)})")
 
     def _check_names(self) -> None:
         """Names the spec uses must be among a graph's declared inputs/outputs (when it declares them)."""

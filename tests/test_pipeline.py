@@ -113,6 +113,10 @@ def test_run_all_wires_every_step(fake_run: pipeline.RunOptions, tmp_path: Path)
     assert int8["error_vs_fp32"]["dpcrn"]["enh"]["snr_db"] == pytest.approx(40.0, abs=0.01)
     assert fp32["error_vs_fp32"]["dpcrn"]["enh"]["snr_db"] is None  # identical outputs: infinite SNR
     assert set(fp32["speed"]["dpcrn"]["threads"]) == {"1", "2"}
+    # what the report reads from a row instead of from tables keyed by model name: the spec's task, budget, primary
+    assert int8["kind"] == "se" and fp32["budget"] is None
+    assert int8["budget"] == {"metric": "pesq_wb", "limit": 0.05, "higher_is_better": True}
+    assert int8["primary"] == {"graph": "dpcrn", "metric": "pesq_wb", "higher_is_better": True}
     assert fp32["latency_ms"]["runs"] == 3
     assert fp32["rtf"] == pytest.approx(fp32["latency_ms"]["mean_ms"] / 9000.0)
     for name in ("results.md", "results.csv", "tradeoff.png"):

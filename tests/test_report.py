@@ -11,6 +11,10 @@ import pytest
 
 from quant import report
 from quant.eval import stats
+from quant.pipeline import row_budget
+from quant.report import rows as rows_module
+from quant.report.tables import model_table
+from quant.spec import load_spec
 
 SE_IDS = [f"{i}:se_{i:02d}.wav" for i in range(40)]
 ASR_IDS = [f"{i}:asr_{i:02d}.wav" for i in range(20)]
@@ -49,12 +53,18 @@ def speed(graph: str, mean: float, unit: str = "9 s segment", batches: dict[int,
     return {graph: entry}
 
 
+def budget(model: str, precision: str) -> dict | None:
+    """The budget a pipeline row of the shipped spec carries."""
+    return row_budget(load_spec(model), precision)
+
+
 def se_row(backend: str, precision: str, pesq: float, mean: float, snr: float | None = None) -> dict:
     row = {"model": "dpcrn", "backend": backend, "precision": precision, "status": "ok", "error": None,
            "task": {"pesq_wb": pesq, "pesq_nb": pesq + 0.3, "stoi": 0.9, "si_sdr": 12.0, "noisy_pesq_wb": 1.9},
            "per_utterance": se_columns(pesq),
            "speed": speed("dpcrn", mean), "rtf": mean / 9000,
-           "error_vs_fp32": {"dpcrn": {"enh": {"snr_db": snr}}} if snr is not None else {}}
+           "error_vs_fp32": {"dpcrn": {"enh": {"snr_db": snr}}} if snr is not None else {},
+           "budget": budget("dpcrn", precision)}
     row["latency_ms"] = row["speed"]["dpcrn"]["threads"]["1"]["latency_ms"]  # type: ignore[index]
     return row
 
@@ -65,7 +75,7 @@ def asr_row(precision: str, cer: float, enc: dict[int, float]) -> dict:
     return {"model": "wenet", "backend": "ort", "precision": precision, "status": "ok",
             "task": {"cer": cer, "wer": cer * 2, "cer_greedy": cer + 0.01, "cer_real": cer, "cer_synthetic": cer},
             "per_utterance": asr_columns(cer),
-            "speed": sp, "rtf": 0.01, "error_vs_fp32": {}}
+            "speed": sp, "rtf": 0.01, "error_vs_fp32": {}, "budget": budget("wenet", precision)}
 
 
 @pytest.fixture()
@@ -266,3 +276,58 @@ def test_trt_sim_rows_are_labelled_simulations_without_latency(results: dict, tm
     rows = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))
     assert {r["backend"]: r["simulation"].startswith("a simulation of TensorRT") for r in rows} == {
         "ort": False, "torch": False, "trt-sim": True}
+
+
+def test_budgets_come_from_the_rows_not_the_model_name() -> None:
+    """A user's model judged by the budget its rows carry; a shipped model's row without one is not judged."""
+    rows = [se_row("ort", "fp32", 3.00, 200.0), se_row("ort", "int8", 2.96, 100.0)]
+    for row in rows:
+        row["model"] = "my-masker"
+    rows[1]["budget"] = {"metric": "stoi", "limit": 0.01, "higher_is_better": True}
+    comparison = report.comparisons({"rows": rows})[("my-masker", "ort", "int8")]
+    assert comparison.budget_metric == "stoi" and comparison.verdict is not None
+    assert comparison.verdict.budget == stats.Budget(0.01, True)
+    names = [g.name for g in report.goals({"rows": rows})]
+    assert "my-masker ORT int8 STOI change vs FP32 (int8 - fp32)" in names
+
+    shipped = [se_row("ort", "fp32", 3.00, 200.0), {**se_row("ort", "int8", 2.96, 100.0), "budget": None}]
+    assert report.comparisons({"rows": shipped})[("dpcrn", "ort", "int8")].verdict is None
+    assert not any("change vs FP32" in g.name for g in report.goals({"rows": shipped}))
+
+
+def test_a_users_asr_model_is_compared_on_asr_metrics() -> None:
+    """The task kind comes from the row (its spec's task), not from the reference models' names."""
+    rows = [{**asr_row("fp32", 0.05, {1: 20.0}), "model": "u2pp", "kind": "asr"},
+            {**asr_row("int8", 0.052, {1: 12.0}), "model": "u2pp", "kind": "asr"}]
+    comparison = report.comparisons({"rows": rows})[("u2pp", "ort", "int8")]
+    assert set(comparison.changes) == {"cer", "wer", "cer_greedy"}
+    header, _ = model_table("u2pp", rows, rows)
+    assert "CER %" in header and "PESQ-WB" not in header
+
+
+def test_a_users_model_is_timed_and_plotted_by_the_primary_its_rows_carry() -> None:
+    rows = []
+    for precision, pesq, mean in (("fp32", 3.0, 200.0), ("int8", 2.96, 100.0)):
+        row = se_row("ort", precision, pesq, mean)
+        row.update(model="my-masker", kind="se", speed={"enhancer": row["speed"]["dpcrn"]},
+                   primary={"graph": "enhancer", "metric": "stoi", "higher_is_better": True})
+        rows.append(row)
+    assert report.primary_latency(rows[1]) == 100.0
+    assert rows_module.primary(rows, "my-masker") == rows_module.Primary("enhancer", "stoi", True, "STOI")
+    header, cells = model_table("my-masker", rows, rows)
+    assert cells[1][header.index("mean ms")] != "-"
+    assert report.render_plot({"rows": rows}, ["my-masker"])[:4] == b"\x89PNG"
+
+
+def test_result_rows_are_typed_and_keep_results_json_names(results: dict) -> None:
+    for row in results["rows"]:
+        typed = report.ResultRow.from_json(row)
+        assert report.ResultRow.from_json(typed.to_json()) == typed
+    ok = report.ResultRow.from_json({**results["rows"][0], "vs_fp32": {"derived": True}})  # derived keys dropped
+    assert set(ok.to_json()) >= {"model", "backend", "precision", "status", "error", "task", "per_utterance",
+                                 "error_vs_fp32", "speed", "latency_ms", "rtf", "budget", "primary", "kind"}
+    failed = report.ResultRow.failed("dpcrn", "ort", "int8", "BuildError: boom")
+    assert failed.to_json() == {"model": "dpcrn", "backend": "ort", "precision": "int8", "status": "failed",
+                                "error": "BuildError: boom"}
+    with pytest.raises(report.ReportError, match=r"missing \['status'\]"):
+        report.ResultRow.from_json({"model": "dpcrn", "backend": "ort", "precision": "int8"})

@@ -162,7 +162,7 @@ def test_round_trip_through_plain_tables(name: str, tmp_path: Path) -> None:
 def test_round_trip_of_defaults(tmp_path: Path) -> None:
     spec = load_text(tmp_path, MINIMAL)
     table = spec.to_table()
-    assert table["defaults"] == {"calibration_method": "percentile", "batch_size": 4, "frame_stride": 4}
+    assert table["defaults"] == {"calibration_method": "percentile", "batch_size": 4, "frame_stride": 4, "budgets": {}}
     assert parse_spec(table, tmp_path / "model.toml") == spec
     assert from_table(DefaultsSpec, {}) == DefaultsSpec()
 
@@ -275,3 +275,39 @@ def test_shipped_wenet_spec_describes_export_tokenizer_and_decoding() -> None:
     fbank = spec.frontend.fbank
     assert (fbank.bins, fbank.frame_ms, fbank.shift_ms, fbank.scale) == (
         features.FBANK_BINS, features.FBANK_FRAME_MS, features.FBANK_SHIFT_MS, features.FBANK_SCALE)
+
+
+# ------------------------------------------------------------------------------------------------ budgets
+
+
+def test_budgets_are_typed_per_precision_and_metric(tmp_path: Path) -> None:
+    spec = load_text(tmp_path, MINIMAL + "[defaults.budgets]\nint8 = { pesq_wb = 0.05 }\nfp16 = { stoi = 0.01 }\n")
+    int8, fp16 = spec.defaults.budgets.int8, spec.defaults.budgets.fp16
+    assert int8 is not None and int8.to_row() == {"metric": "pesq_wb", "limit": 0.05, "higher_is_better": True}
+    assert fp16 is not None and (fp16.metric, fp16.limit) == ("stoi", 0.01)
+    assert spec.defaults.budgets.get("fp32") is None
+    assert parse_spec(spec.to_table(), tmp_path / "model.toml") == spec
+
+
+@pytest.mark.parametrize("budgets, expected", [
+    ("int8 = { pesq = 0.05 }", r"defaults\.budgets\.int8\.pesq: unknown key .*allowed in \[defaults\.budgets\.int8\]: "
+                               r"pesq_wb, pesq_nb, stoi, si_sdr, cer, wer"),
+    ("int4 = { pesq_wb = 0.05 }",
+     r"defaults\.budgets\.int4: unknown key .*allowed in \[defaults\.budgets\]: int8, fp16"),
+    ("int8 = { cer = 0.003 }", r"defaults\.budgets\.int8: 'cer' is not a metric of this task"),
+    ("int8 = { pesq_wb = 0.05, stoi = 0.01 }", r"defaults\.budgets\.int8: name exactly one metric"),
+    ("int8 = { pesq_wb = -0.05 }", r"defaults\.budgets\.int8: the allowed loss is a size"),
+])
+def test_wrong_budgets_are_named(tmp_path: Path, budgets: str, expected: str) -> None:
+    with pytest.raises(SpecError, match=expected):
+        load_text(tmp_path, MINIMAL + "[defaults.budgets]\n" + budgets + "\n")
+
+
+def test_shipped_budgets_are_the_reports_former_table() -> None:
+    """The values report/targets.py ACCURACY_BUDGETS held (CER in points there, a fraction here)."""
+    former = {("dpcrn", "int8"): ("pesq_wb", 0.05), ("dpcrn", "fp16"): ("pesq_wb", 0.01),
+              ("dpcrn-stream", "int8"): ("pesq_wb", 0.05), ("dpcrn-stream", "fp16"): ("pesq_wb", 0.01),
+              ("wenet", "int8"): ("cer", 0.003), ("wenet", "fp16"): ("cer", 0.0005)}
+    for (model, precision), (metric, limit) in former.items():
+        budget = load_spec(model).defaults.budgets.get(precision)
+        assert budget is not None and budget.metric == metric and budget.limit == pytest.approx(limit)

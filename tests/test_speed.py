@@ -46,13 +46,14 @@ class CountingStream:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.seen.append(float(feeds["h"][0]))
-        return {"enh": feeds["mix"], "h_out": feeds["h"] + 1}
+        return {"enh": feeds["mix"], "tf_op_layer_stack_2": feeds["h"] + 1}
 
 
 def test_bench_stateful_carries_states_and_cycles_frames() -> None:
     runner = CountingStream()
     frames = [np.full(2, i, np.float32) for i in range(3)]
-    stats = speed.bench_stateful(runner, frames, {"h": np.zeros(1, np.float32)}, runs=10, warmup=2)
+    stats = speed.bench_stateful(runner, frames, {"h": np.zeros(1, np.float32)}, runs=10, warmup=2,
+                                 frame_input="mix", state_outputs={"h": "tf_op_layer_stack_2"})
     assert stats.runs == 10
     assert runner.seen == list(range(12))
 

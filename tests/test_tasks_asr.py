@@ -20,6 +20,7 @@ from quant.models.tokenizer import CharTokenizer, UnitsTokenizer
 from quant.paths import calib_data_dir
 from quant.spec import load_spec
 from quant.tasks import FeedOptions, task_for
+from quant.tasks.se import representative
 
 ASR_CALIB = str(calib_data_dir() / "asr_calib" / "manifest.jsonl")
 ASR_TEST = str(calib_data_dir() / "asr_test" / "manifest.jsonl")
@@ -62,6 +63,32 @@ def test_speed_workloads(wenet: dict[str, Path]) -> None:
     decoder = task.speed_workload("decoder", ASR_TEST, FeedOptions(graphs=wenet))
     assert encoder.feeds is not None and encoder.feeds["speech"].shape[0] == 1 and encoder.sweep_batches
     assert decoder.feeds is not None and decoder.feeds["hyps_pad_sos_eos"].shape[:2] == (1, 10)
+
+
+@pytest.mark.slow
+def test_test_selection_feeds_equal_the_old_rescoring_feeds(wenet: dict[str, Path]) -> None:
+    """The pipeline's error-vs-FP32 decoder feeds: the utterances evaluation scores (3 of asr_test, balanced over
+    sources) laid out exactly as quant.eval.asr.rescoring_feeds did."""
+    options = FeedOptions(limit=3, batch_size=3, graphs=wenet, selection="test")
+    ours = next(iter(task_for(load_spec("wenet")).calibration_feeds("decoder", ASR_TEST, options)))
+    samples = asr.load_samples(ASR_TEST, 3)
+    assert len({asr.source_group(s.source) for s in samples}) > 1  # a subset the first 3 utterances are not
+    encoded = open_runner(wenet["encoder"]).run(asr.encoder_feeds([s.audio for s in samples]))
+    theirs = asr.rescoring_feeds(encoded, asr.prefix_beam_search(encoded), CharTokenizer().sos_eos)
+    assert sorted(ours) == sorted(theirs)
+    for name in theirs:
+        assert ours[name].dtype == theirs[name].dtype and np.array_equal(ours[name], theirs[name]), name
+
+
+@pytest.mark.slow
+def test_speed_workload_is_the_median_of_the_real_audio_lengths(wenet: dict[str, Path]) -> None:
+    """As the old pipeline: the utterance nearest the median real audio length among those evaluation scores."""
+    samples = asr.load_samples(ASR_TEST, 6)
+    seconds = [s.audio.size / 16000 for s in samples]
+    expected = seconds[representative(seconds)]
+    load = task_for(load_spec("wenet")).speed_workload("encoder", ASR_TEST,
+                                                       FeedOptions(limit=6, graphs=wenet, selection="test"))
+    assert load.audio_seconds == pytest.approx(expected)
 
 
 # ------------------------------------------------------------------------------------------------ U2++ / BPE

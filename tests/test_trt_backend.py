@@ -410,6 +410,15 @@ def test_build_trt_explicit_needs_the_ort_build_first(double: trt_double.Double,
     assert double.state.builds[-1]["strongly_typed"]
 
 
+def test_build_trt_implicit_int8_needs_a_cache_or_feeds(double: trt_double.Double, two_inputs: Path,
+                                                        tmp_path: Path) -> None:
+    """Builds never calibrate: quant's ranges come as a cache, TensorRT's calibrator gets the caller's feeds."""
+    with pytest.raises(BuildError, match="needs quant's calibration cache"):
+        trt_build.build_trt("two", two_inputs, tmp_path / "a", trt_build.TrtBuildOptions("int8"))
+    with pytest.raises(BuildError, match="TensorRT's calibrator needs calibration feeds"):
+        trt_build.build_trt("two", two_inputs, tmp_path / "b", trt_build.TrtBuildOptions("int8", calibrator="tensorrt"))
+
+
 def test_build_trt_without_tensorrt_fails_first(monkeypatch: pytest.MonkeyPatch, two_inputs: Path,
                                                 tmp_path: Path) -> None:
     trt_double.hide_tensorrt(monkeypatch)
@@ -434,7 +443,7 @@ def test_shape_layers_are_never_pinned(double: trt_double.Double, tmp_path: Path
 
 def test_build_trt_tensorrt_calibrator_on_real_speech(double: trt_double.Double, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """TensorRT's own calibrator fed by quant's DPCRN reader (9 s STFT segments of the committed noisy speech),
+    """TensorRT's own calibrator fed by the dpcrn spec's task (9 s STFT segments of the committed noisy speech),
     in fixed batches; its cache lands in the store and the next build reuses it without calibrating."""
     from onnx import TensorProto, helper
 
@@ -450,7 +459,12 @@ def test_build_trt_tensorrt_calibrator_on_real_speech(double: trt_double.Double,
     model.ir_version = 8
     source = tmp_path / "dpcrn.onnx"
     __import__("onnx").save(model, str(source))
-    options = trt_build.TrtBuildOptions("int8", "implicit", calibrator="tensorrt", manifest=manifest, batch_size=2,
+    from quant.spec import load_spec
+    from quant.tasks import FeedOptions, task_for
+
+    feeds = task_for(load_spec("dpcrn")).calibration_feeds(
+        "enhancer", str(manifest), FeedOptions(limit=2, graphs={"enhancer": source}))
+    options = trt_build.TrtBuildOptions("int8", "implicit", calibrator="tensorrt", feeds=feeds, batch_size=2,
                                         out_root=tmp_path / "engines")
     trt_build.build_trt("dpcrn", source, tmp_path / "engines" / "dpcrn" / "int8", options)
     batches = double.state.calibration_batches

@@ -240,7 +240,7 @@ def _build_trt(name: str, source: Path, out_dir: Path, opts: BuildOptions, cache
     from quant.artifacts.trt_build import TrtBuildOptions, build_trt, engine_onnx
 
     trt_opts = TrtBuildOptions(precision=opts.precision, mode=opts.mode, constraints=opts.constraints, cache=cache,
-                               rules=opts.rules, method=opts.method, out_root=opts.out_root)
+                               rules=opts.rules, out_root=opts.out_root)
     engine = build_trt(name, source, out_dir, trt_opts)
     onnx_path = engine_onnx(out_dir, source, opts.precision, opts.mode)
     return {"engine": str(engine), "onnx": str(onnx_path), "mode": opts.mode}

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, cast
 
 from quant.backends.trt_inputs import Feed, as_feed_dicts, onnx_input_names
 from quant.errors import BuildError, CacheMismatch, CalibrationError
@@ -134,12 +134,12 @@ class TrtBuildOptions:
     precision: str = "fp32"
     mode: str = "implicit"  # implicit: TensorRT <= 10 flags/calibrator/layer precision; explicit: Q/DQ or FP16 ONNX
     constraints: str = "obey"
-    calibrator: str = "quant"  # implicit INT8: "quant" (quant's entropy ranges) | "tensorrt" (its own calibrator)
-    cache: Path | None = None  # a calibration cache file to use as is
-    manifest: Path | None = None  # calibration audio (default: the model's committed calibration set)
+    calibrator: str = "quant"  # implicit INT8: "quant" (quant's ranges, from `cache`) | "tensorrt" (its own)
+    cache: Path | None = None  # calibrator "quant": the calibration cache of quant's ranges (quant.tasks.calibration)
+    # calibrator "tensorrt": re-iterable calibration feeds, e.g. quant.tasks' task_for(spec).calibration_feeds(role)
+    feeds: Iterable[Feed] | None = field(default=None, compare=False)
     rules: Path | None = None
     batch_size: int = 4  # calibration batch (TensorRT calibrates at this one shape)
-    method: str | None = None  # calibrator "quant": range method; None: quant.calib.calibrate.default_method(model)
     out_root: Path = DEFAULT_OUT_ROOT  # the cache store (cache/) and TensorRT's timing cache live here
 
 
@@ -180,32 +180,31 @@ def _layer_precisions(onnx_path: Path, options: TrtBuildOptions) -> dict[str, st
 
 
 def _calibration(model: str, onnx_path: Path, options: TrtBuildOptions) -> tuple[Any, Iterable[Feed] | None]:
-    """(cache IO, feeds): a named cache; quant's ranges (store, calibrating on a miss); or TensorRT's own."""
-    if options.cache is not None:
+    """(cache IO, feeds): quant's ranges from the given cache, or TensorRT's own calibrator on the caller's feeds.
+    Builds never calibrate with quant: the spec's task does that first (quant.tasks.calibration.calibrate_spec)."""
+    if options.cache is not None:  # a named cache wins over either calibrator
         return FileCacheIO(options.cache, onnx_path), None
-    from quant.calib.readers import default_manifest
-
-    manifest = options.manifest or default_manifest(model)
-    if options.calibrator == "quant":
-        from quant.calib.calibrate import CalibrateOptions, calibrate
-
-        calibrate_options = CalibrateOptions(out_root=options.out_root)
-        entry = calibrate(onnx_path, model, manifest, options.method, options=calibrate_options)
-        return FileCacheIO(entry.path, onnx_path), None
-    if options.calibrator != "tensorrt":
+    if options.calibrator == "tensorrt":
+        return _tensorrt_calibration(model, onnx_path, options)
+    if options.calibrator != "quant":
         raise BuildError(f"unknown calibrator {options.calibrator!r}: choose quant or tensorrt")
-    return _tensorrt_calibration(model, onnx_path, manifest, options)
+    raise BuildError(f"{onnx_path}: implicit INT8 needs quant's calibration cache; `quant build SPEC --precision "
+                     f"int8 --backend trt` calibrates first, or pass --cache from `quant calibrate SPEC`")
 
 
-def _tensorrt_calibration(model: str, onnx_path: Path, manifest: Path, options: TrtBuildOptions) -> tuple[Any, Any]:
+def _tensorrt_calibration(model: str, onnx_path: Path, options: TrtBuildOptions) -> tuple[Any, Any]:
     from quant.backends import trt as backend
     from quant.calib.cache import CacheKey
-    from quant.calib.calibrate import data_sha256, default_store
-    from quant.calib.readers import TrtFeedSource, reader_for
+    from quant.calib.calibrate import default_store, feeds_sha256
+    from quant.calib.readers import TrtFeedSource
 
+    if options.feeds is None:
+        raise BuildError(f"{onnx_path}: TensorRT's calibrator needs calibration feeds (quant.tasks: "
+                         f"task_for(spec).calibration_feeds(role))")
     version = str(backend.require_tensorrt().__version__)
-    key = CacheKey.create(sha256_file(onnx_path), data_sha256(manifest, None), TRT_CALIBRATION_METHOD,
+    key = CacheKey.create(sha256_file(onnx_path), feeds_sha256(options.feeds), TRT_CALIBRATION_METHOD,
                           {"batch_size": options.batch_size, "tensorrt": version})
     cache_io = cache_io_for(onnx_path, key, trt_version=version, store_dir=default_store(options.out_root))
-    source = TrtFeedSource(reader_for(model, onnx_path, manifest), onnx_input_names(onnx_path), options.batch_size)
+    source = TrtFeedSource(cast(Iterable[dict[str, Any]], options.feeds), onnx_input_names(onnx_path),
+                           options.batch_size)
     return cache_io, as_feed_dicts(source)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -87,10 +87,14 @@ def bench_runner(runner: Runner, feeds: Feeds, runs: int, warmup: int) -> Latenc
 
 def bench_stateful(
     runner: Runner, frames: Sequence[np.ndarray], states: Mapping[str, np.ndarray], runs: int, warmup: int,
-    frame_input: str = "mix", state_suffix: str = "_out",
+    frame_input: str, state_outputs: Mapping[str, str],
 ) -> LatencyStats:
-    """Per-frame latency of a streaming graph, looping over real frames with its states carried by name
-    (`x` <- `x_out`), as a streaming application runs it. Only runner.run is timed."""
+    """Per-frame latency of a streaming graph, looping over real frames fed to `frame_input` with its states carried
+    from output to input (`state_outputs`: state input -> the output that feeds it next step), as a streaming
+    application runs it. Only runner.run is timed."""
+    missing = [name for name in states if name not in state_outputs]
+    if missing:
+        raise ValueError(f"state inputs {missing} have no output in state_outputs {dict(state_outputs)}")
     current = dict(states)
     cycle = _cycle(frames)
     seconds = []
@@ -99,7 +103,7 @@ def bench_stateful(
         start = time.perf_counter()
         outputs = runner.run(feeds)
         elapsed = time.perf_counter() - start
-        current = {name: outputs[name + state_suffix] for name in current}
+        current = {name: outputs[state_outputs[name]] for name in current}
         if step >= warmup:
             seconds.append(elapsed)
     return latency_stats(seconds)
@@ -177,7 +181,9 @@ class GraphWorkload:
     audio_seconds: float  # audio processed by one batch-1 run
     feeds: Mapping[str, np.ndarray] | None = None
     frames: tuple[np.ndarray, ...] = ()
-    states: Mapping[str, np.ndarray] | None = None
+    states: Mapping[str, np.ndarray] | None = None  # streaming: the initial states, by state input
+    frame_input: str = ""  # streaming: the input each frame feeds
+    state_outputs: Mapping[str, str] = field(default_factory=dict)  # streaming: state input -> output feeding it
     sweep_batches: bool = False
 
     @property
@@ -212,7 +218,8 @@ def measure_graph(
 def _latency(runner: Runner, workload: GraphWorkload, options: BenchOptions) -> LatencyStats:
     if workload.streaming:
         assert workload.states is not None
-        return bench_stateful(runner, workload.frames, workload.states, options.stream_runs, options.warmup)
+        return bench_stateful(runner, workload.frames, workload.states, options.stream_runs, options.warmup,
+                              workload.frame_input, workload.state_outputs)
     if workload.feeds is None:
         raise ValueError(f"workload {workload.graph} has neither feeds nor streaming frames")
     return bench_runner(runner, workload.feeds, options.runs, options.warmup)

@@ -24,16 +24,15 @@ from quant.report.compare import (CHANGE_METRICS, Comparison, budget_for, change
 from quant.report.goals import Goal, goals
 from quant.report.html import HtmlOptions, render_html
 from quant.report.plots import PlotPoint, metric_limits, place_labels, plot_points, reference_lines, render_plot
-from quant.report.rows import (BACKEND_ORDER, MODELS, METRIC_SCALE, PRECISION_ORDER, SCHEMA, TASK_COLUMNS, Row,
-                               RowKey, batch_latency, find_row, graph_latency, min_snr_db, ok_rows, primary_latency,
+from quant.report.rows import (BACKEND_ORDER, MODELS, METRIC_SCALE, PRECISION_ORDER, SCHEMA, TASK_COLUMNS, ResultRow,
+                               Row, RowKey, batch_latency, find_row, graph_latency, min_snr_db, ok_rows, primary_latency,
                                ratio, row_key, simulation_note, sorted_rows, task_kind, task_value)
 from quant.report.tables import CSV_FIELDS, render_csv, render_markdown, summary_lines
-from quant.report.targets import ACCURACY_BUDGETS
 
 __all__ = [
-    "ACCURACY_BUDGETS", "BACKEND_ORDER", "CHANGE_METRICS", "CSV_FIELDS", "METRIC_SCALE", "MODELS", "PRECISION_ORDER",
+    "BACKEND_ORDER", "CHANGE_METRICS", "CSV_FIELDS", "METRIC_SCALE", "MODELS", "PRECISION_ORDER",
     "SCHEMA", "TASK_COLUMNS", "Comparison", "Goal", "HtmlOptions", "PlotPoint", "ReportError", "Row", "RowKey", "batch_latency",
-    "budget_for", "change_metric", "compare", "comparisons", "find_row", "format_change", "goals", "graph_latency",
+    "ResultRow", "budget_for", "change_metric", "compare", "comparisons", "find_row", "format_change", "goals", "graph_latency",
     "load_results", "metric_limits", "min_snr_db", "ok_rows", "place_labels", "plot_points", "primary_latency",
     "ratio", "reference_lines", "reference_row", "render", "render_csv", "render_html", "render_markdown", "render_plot",
     "row_key", "simulation_note", "sorted_rows", "summary_lines", "task_kind", "task_value", "verdict_text",

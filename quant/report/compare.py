@@ -1,5 +1,5 @@
 """Each row's accuracy change against its FP32 reference row: paired over utterances, with a 95 % bootstrap
-interval (quant.eval.stats), and the primary metric's budget verdict."""
+interval (quant.eval.stats), and the verdict on the budget the row carries (from its model spec)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from typing import Any, Mapping, Sequence
 
 from quant.errors import ReportError
 from quant.eval import stats
-from quant.report.rows import (MODELS, METRIC_SCALE, Row, RowKey, find_row, ok_rows, row_key, task_kind)
-from quant.report.targets import ACCURACY_BUDGETS
+from quant.report.rows import METRIC_SCALE, Row, RowKey, find_row, ok_rows, row_key, task_kind
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +33,17 @@ def reference_row(row: Row, rows: Sequence[Row]) -> Row | None:
     return None
 
 
-def budget_for(model: str, precision: str) -> stats.Budget | None:
-    """The primary metric's budget in its stored units (CER as a fraction); None when none is set."""
-    limit = ACCURACY_BUDGETS.get((model, precision))
-    if limit is None or model not in MODELS:
+def budget_for(row: Row) -> tuple[str, stats.Budget] | None:
+    """The row's accuracy budget (its spec's, carried by the row): (metric, budget in the metric's stored units);
+    None when the row has none."""
+    budget = row.get("budget")
+    if not budget:
         return None
-    _, metric, higher, _ = MODELS[model]
-    return stats.Budget(limit / METRIC_SCALE.get(metric, 1.0), higher)
+    try:
+        return str(budget["metric"]), stats.Budget(float(budget["limit"]), bool(budget["higher_is_better"]))
+    except (KeyError, TypeError, ValueError):
+        logger.warning("%s %s %s: unreadable budget %r; not judged", *row_key(row), budget)
+        return None
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class Comparison:
     reference: Row
     changes: Mapping[str, stats.Change]  # metric -> change in the metric's stored units
     verdict: stats.Verdict | None  # None: no budget for this precision
+    budget_metric: str | None = None  # the metric the verdict judges
 
     def to_dict(self) -> dict[str, Any]:
         metrics: dict[str, Any] = {}
@@ -68,7 +72,7 @@ def compare(row: Row, rows: Sequence[Row]) -> Comparison | None:
     ref_columns, columns = reference.get("per_utterance") or {}, row.get("per_utterance") or {}
     changes = {}
     try:
-        for key, _, higher, _ in CHANGE_METRICS[task_kind(row["model"])]:
+        for key, _, higher, _ in CHANGE_METRICS[task_kind([row])]:
             before, after = stats.from_columns(ref_columns, key), stats.from_columns(columns, key)
             if before is not None and after is not None:
                 changes[key] = stats.paired_change(before, after, higher)
@@ -77,10 +81,11 @@ def compare(row: Row, rows: Sequence[Row]) -> Comparison | None:
         return None
     if not changes:
         return None
-    budget = budget_for(row["model"], row["precision"])
-    primary = MODELS.get(row["model"], ("", "", True, ""))[1]
-    verdict = stats.judge(changes[primary], budget) if budget and primary in changes else None
-    return Comparison(reference, changes, verdict)
+    found = budget_for(row)
+    if found is None or found[0] not in changes:
+        return Comparison(reference, changes, None)
+    metric, budget = found
+    return Comparison(reference, changes, stats.judge(changes[metric], budget), metric)
 
 
 def comparisons(results: Mapping[str, Any]) -> dict[RowKey, Comparison]:

@@ -10,7 +10,7 @@ import numpy as np
 
 from quant.report.artifacts import TensorClip
 from quant.report.examples import Example
-from quant.report.rows import METRIC_SCALE, MODELS, Row
+from quant.report.rows import METRIC_SCALE, Primary, Row
 
 WIDTH_IN = 7.0  # 700 px at DPI: the page scales images down to a narrow window, never up
 DPI = 100
@@ -124,10 +124,10 @@ def _short(name: str, keep: int = 38) -> str:
     return name if len(name) <= keep else "…" + name[-keep + 1:]
 
 
-def sensitivity(units: Sequence[Mapping[str, Any]], model: str, top: int = 15) -> bytes:
+def sensitivity(units: Sequence[Mapping[str, Any]], profile: Primary, top: int = 15) -> bytes:
     """Primary-metric change when only one unit runs in INT8 (search results), worst first."""
     plt = pyplot()
-    _, metric, higher, metric_label = MODELS.get(model, ("", "", True, "metric"))
+    _, metric, higher, metric_label = profile
     scale = METRIC_SCALE.get(metric, 1.0)
     worst = sorted(units, key=lambda u: float(u["delta"]) * (1 if higher else -1))[:top]
     fig, ax = plt.subplots(figsize=(WIDTH_IN, 0.32 * len(worst) + 1.3))

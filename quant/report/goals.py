@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from quant.eval import stats
-from quant.report.compare import Comparison, comparisons, format_change, reference_row, verdict_text
-from quant.report.rows import (MODELS, METRIC_SCALE, Row, RowKey, batch_latency, find_row, graph_latency, ok_rows,
+from quant.report.compare import Comparison, budget_for, comparisons, format_change, reference_row, verdict_text
+from quant.report.rows import (METRIC_SCALE, Row, RowKey, batch_latency, find_row, graph_latency, ok_rows,
                                primary_latency, ratio, row_key, sorted_rows, task_value)
-from quant.report.targets import (ACCURACY_BUDGETS, EAGER_SPEEDUP, ENCODER_BATCH_GOALS, ENCODER_BATCH_RATIO,
+from quant.report.targets import (EAGER_SPEEDUP, ENCODER_BATCH_GOALS, ENCODER_BATCH_RATIO,
                                    SPEED_RATIO_GOALS)
 
 
@@ -68,16 +68,24 @@ def goals(results: Mapping[str, Any], changes: Mapping[RowKey, Comparison] | Non
 
 
 def _accuracy_goals(rows: Sequence[Row], changes: Mapping[RowKey, Comparison]) -> list[Goal]:
-    """One goal per budget and backend row at that precision (ONNX Runtime always, as 'not measured' if absent)."""
+    """One goal per budget the rows carry (from their model specs) and backend row at that model and precision
+    (ONNX Runtime always, as 'not measured' if absent)."""
+    budgets: dict[tuple[str, str], tuple[str, stats.Budget]] = {}
+    for candidate in sorted_rows(rows):
+        found = budget_for(candidate)
+        if found is not None:
+            budgets.setdefault((candidate["model"], candidate["precision"]), found)
     out = []
-    for (model, precision), limit in ACCURACY_BUDGETS.items():
-        _, metric, higher, label = MODELS[model]
+    for (model, precision), (metric, budget) in budgets.items():
+        label = metric.upper().replace("_", "-")
         backends = [r["backend"] for r in sorted_rows(rows) if r["model"] == model and r["precision"] == precision]
         for backend in backends if "ort" in backends else ["ort", *backends]:
             name = f"{model} {backend.upper()} {precision} {label} change vs FP32 ({precision} - fp32)"
             row = find_row(rows, model, backend, precision)
             comparison = changes.get(row_key(row)) if row else None
-            out.append(_change_goal(name, metric, row, rows, comparison, stats.Budget(limit, higher)))
+            scale = METRIC_SCALE.get(metric, 1.0)  # the goal shows the display units (CER points)
+            out.append(_change_goal(name, metric, row, rows, comparison,
+                                    stats.Budget(scale * budget.limit, budget.higher_is_better)))
     return out
 
 
@@ -86,7 +94,8 @@ def _change_goal(name: str, metric: str, row: Row | None, rows: Sequence[Row], c
     """Judged on the interval when per-utterance results exist; else the point change, not judged. `budget` is in
     display units (CER points)."""
     scale = METRIC_SCALE.get(metric, 1.0)
-    target = _budget_target(budget.limit, " CER points" if metric == "cer" else "", budget.higher_is_better)
+    unit = f" {metric.upper()} points" if metric in METRIC_SCALE else ""
+    target = _budget_target(budget.limit, unit, budget.higher_is_better)
     if comparison is not None and comparison.verdict is not None:
         verdict = comparison.verdict
         met = {stats.WITHIN: True, stats.OVER: False}.get(verdict.verdict)

@@ -19,7 +19,7 @@ from quant.report import artifacts, examples, figures
 from quant.report.compare import Comparison, comparisons
 from quant.report.goals import goals
 from quant.report.plots import render_plot
-from quant.report.rows import MODELS, Row, RowKey, ok_rows, simulation_note, sorted_rows
+from quant.report.rows import Row, RowKey, model_order, ok_rows, primary, simulation_note, sorted_rows, timed_graphs
 from quant.report.tables import CHANGE_CAPTION, Table, change_table, fmt_number, model_table, noisy_line, unit_line
 
 logger = logging.getLogger(__name__)
@@ -48,8 +48,7 @@ class HtmlOptions:
 def render_html(results: Mapping[str, Any], options: HtmlOptions = HtmlOptions()) -> str:
     rows = sorted_rows(results["rows"])
     changes = comparisons(results)
-    models = [m for m in MODELS if any(r["model"] == m for r in rows)] + sorted(
-        {r["model"] for r in rows} - set(MODELS))
+    models = model_order(rows)
     body = [f"<h1>quant report</h1><p class=note>{_e(results.get('created_utc', ''))} &middot; "
             f"<code>{_e(results.get('command', ''))}</code></p>",
             "<nav>" + "".join(f'<a href="#{_e(m)}">{_e(m)}</a>' for m in models)
@@ -111,7 +110,7 @@ def _model_section(model: str, results: Mapping[str, Any], rows: Sequence[Row], 
 
 
 def _tradeoff(model: str, results: Mapping[str, Any], rows: Sequence[Row]) -> list[str]:
-    if model not in MODELS or not any(r.get("speed") for r in ok_rows({"rows": rows})):
+    if not primary(rows, model).metric or not any(r.get("speed") for r in ok_rows({"rows": rows})):
         return []
     searched = " Grey dots: configurations the search tried; line: their frontier." if (
         (results.get("search") or {}).get(model, {}).get("points")) else ""
@@ -125,7 +124,7 @@ def _timed(rows: Sequence[Row], graph: str, key: str) -> list[Row]:
 
 
 def _latency(model: str, results: Mapping[str, Any], rows: Sequence[Row]) -> list[str]:
-    graphs = ("encoder", "decoder") if model == "wenet" else (MODELS.get(model, (model,))[0],)
+    graphs = timed_graphs(rows, model) or (primary(rows, model).graph,)
     out = []
     for graph in graphs:
         timed = [r for r in _timed(rows, graph, "threads") if "1" in r["speed"][graph]["threads"]]
@@ -201,7 +200,7 @@ def _sensitivity(model: str, results: Mapping[str, Any], rows: Sequence[Row]) ->
     if not units:
         return []
     return ["<h3>Sensitivity of each quantized unit</h3>",
-            _figure(figures.sensitivity(units, model), f"{model} unit sensitivity",
+            _figure(figures.sensitivity(units, primary(rows, model)), f"{model} unit sensitivity",
                     "Change of the primary metric when only this unit runs in INT8 (from the search).")]
 
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from quant.report.compare import Comparison, comparisons
-from quant.report.rows import (MODELS, METRIC_SCALE, Row, RowKey, find_row, ok_rows, primary_latency, row_key,
-                               task_value)
+from quant.report.rows import (METRIC_SCALE, Primary, Row, RowKey, find_row, model_order, ok_rows, primary,
+                               primary_latency, row_key, task_value)
 
 
 PLOT_AXIS = {"pesq_wb": "PESQ-WB (MOS-LQO)", "cer": "CER, %"}
@@ -32,7 +32,7 @@ class PlotPoint:
 def plot_points(model: str, rows: Sequence[Row], changes: Mapping[RowKey, Comparison]) -> list[PlotPoint]:
     """A row's mean with, as its error bar, its FP32 reference's mean plus the paired change's interval: the
     uncertainty that matters when choosing a precision (the unpaired spread over utterances would hide it)."""
-    metric = MODELS[model][1]
+    metric = primary(rows, model).metric
     scale = METRIC_SCALE.get(metric, 1.0)
     points = []
     for row in rows:
@@ -52,7 +52,7 @@ def plot_points(model: str, rows: Sequence[Row], changes: Mapping[RowKey, Compar
 
 def reference_lines(model: str, rows: Sequence[Row]) -> list[tuple[float, str, str]]:
     """(value, label, line style): the FP32 ONNX Runtime row and, for enhancement, the unprocessed noisy input."""
-    metric = MODELS[model][1]
+    metric = primary(rows, model).metric
     scale = METRIC_SCALE.get(metric, 1.0)
     lines = []
     fp32 = find_row(rows, model, "ort", "fp32")
@@ -124,15 +124,16 @@ def render_plot(results: Mapping[str, Any], models: Sequence[str] | None = None)
 
     rows = ok_rows(results)
     changes = comparisons(results)
-    shown = [m for m in MODELS if any(r["model"] == m for r in rows) and (models is None or m in models)]
+    shown = [m for m in model_order(rows) if (models is None or m in models) and primary(rows, m).metric]
     shown = shown or ["(no results)"]
     fig, axes = plt.subplots(1, len(shown), figsize=(5.5 * len(shown), 4.5), squeeze=False)
     panels = []
     for ax, model in zip(axes[0], shown):
-        if model not in MODELS:
+        if model not in {r["model"] for r in rows}:
             continue
         points = plot_points(model, [r for r in rows if r["model"] == model], changes)
-        _draw_panel(ax, model, points, reference_lines(model, rows), search_points(results, model))
+        _draw_panel(ax, model, primary(rows, model), points, reference_lines(model, rows),
+                    search_points(results, model, primary(rows, model).metric))
         panels.append((ax, points))
     fig.tight_layout()
     for ax, points in panels:  # labels last: placement needs the final layout
@@ -146,17 +147,17 @@ def render_plot(results: Mapping[str, Any], models: Sequence[str] | None = None)
 SearchPoint = tuple[float, float, bool]  # latency ms, metric in display units, on the frontier
 
 
-def search_points(results: Mapping[str, Any], model: str) -> list[SearchPoint]:
+def search_points(results: Mapping[str, Any], model: str, metric: str) -> list[SearchPoint]:
     """The searched configurations of a model (results.json "search": {model: {"points": [...]}}), display units."""
     entry = (results.get("search") or {}).get(model) or {}
-    scale = METRIC_SCALE.get(MODELS[model][1], 1.0) if model in MODELS else 1.0
+    scale = METRIC_SCALE.get(metric, 1.0)
     return [(float(p["latency_ms"]), scale * float(p["value"]), bool(p.get("frontier")))
             for p in entry.get("points") or [] if p.get("latency_ms") is not None and p.get("value") is not None]
 
 
-def _draw_panel(ax: Any, model: str, points: Sequence[PlotPoint], references: Sequence[tuple[float, str, str]],
-                searched: Sequence[SearchPoint] = ()) -> None:
-    graph, metric, higher, _ = MODELS[model]
+def _draw_panel(ax: Any, model: str, profile: Primary, points: Sequence[PlotPoint],
+                references: Sequence[tuple[float, str, str]], searched: Sequence[SearchPoint] = ()) -> None:
+    graph, metric, higher, _ = profile
     if searched:
         ax.plot([x for x, _, _ in searched], [y for _, y, _ in searched], ".", color="0.6",
                 label="searched configurations")

@@ -1,20 +1,26 @@
 """The shape of a results.json row and the values derived from one row (latency, task metric, ratios).
 
 A row is one model x backend x precision:
-    {"model", "backend", "precision", "status": ok|failed|skipped, "error", "artifacts": {...},
+    {"model", "kind": se|asr, "backend", "precision", "status": ok|failed|skipped, "error", "artifacts": {...},
      "task": {metric: value}, "speed": {graph: measure_graph result}, "latency_ms": {...}, "rtf",
      "error_vs_fp32": {graph: {output: TensorError dict}},
-     "per_utterance": {"ids": [...], metric: [...] | "<rate>_errors"/"<rate>_length": [...]}}
+     "per_utterance": {"ids": [...], metric: [...] | "<rate>_errors"/"<rate>_length": [...]},
+     "budget": {"metric", "limit", "higher_is_better"} | null (the model spec's, for this precision),
+     "primary": {"graph", "metric", "higher_is_better"} (the spec's first graph and first task metric)}
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+
+from quant.errors import ReportError
 
 SCHEMA = 1
 Row = Mapping[str, Any]
 
-# model -> (primary graph for latency, primary task metric, higher is better, metric label)
+# model -> (primary graph for latency, primary task metric, higher is better, metric label) of the reference models,
+# for results.json written before rows carried their "primary" (and the reference models' display order)
 MODELS: dict[str, tuple[str, str, bool, str]] = {
     "dpcrn": ("dpcrn", "pesq_wb", True, "PESQ-WB"),
     "dpcrn-stream": ("dpcrn_stream", "pesq_wb", True, "PESQ-WB"),
@@ -32,8 +38,70 @@ PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
 BACKEND_ORDER = {"torch": 0, "ort": 1, "trt-sim": 2, "trt": 3}
 
 
+@dataclass(frozen=True)
+class ResultRow:
+    """One results.json row, typed; the field names are results.json's. The report reads rows as plain mappings
+    (ResultRow.to_json()), so results.json written by older versions still renders."""
+
+    model: str
+    backend: str
+    precision: str
+    status: str  # ok | failed
+    error: str | None = None
+    kind: str | None = None  # se | asr (the spec's task)
+    artifacts: Mapping[str, str] = field(default_factory=dict)  # graph stem -> file
+    task: Mapping[str, Any] = field(default_factory=dict)  # mean task metrics
+    per_utterance: Mapping[str, Any] = field(default_factory=dict)
+    error_vs_fp32: Mapping[str, Any] = field(default_factory=dict)  # graph -> output -> TensorError dict
+    speed: Mapping[str, Any] = field(default_factory=dict)  # graph -> measure_graph result
+    latency_ms: Mapping[str, Any] | None = None  # the first graph's latency stats at 1 thread
+    rtf: float | None = None
+    budget: Mapping[str, Any] | None = None  # {"metric", "limit", "higher_is_better"} of the spec, this precision
+    primary: Mapping[str, Any] | None = None  # {"graph", "metric", "higher_is_better"} of the spec
+
+    @classmethod
+    def failed(cls, model: str, backend: str, precision: str, error: str) -> ResultRow:
+        return cls(model, backend, precision, "failed", error)
+
+    def to_json(self) -> dict[str, Any]:
+        """The results.json row (a failed row: who failed and why, nothing else)."""
+        head = {"model": self.model, "backend": self.backend, "precision": self.precision, "status": self.status,
+                "error": self.error}
+        if self.status != "ok":
+            return head
+        return {"model": self.model, "kind": self.kind, "backend": self.backend, "precision": self.precision,
+                "status": self.status, "error": self.error, "artifacts": dict(self.artifacts), "task": dict(self.task),
+                "per_utterance": dict(self.per_utterance), "error_vs_fp32": dict(self.error_vs_fp32),
+                "speed": dict(self.speed), "latency_ms": self.latency_ms, "rtf": self.rtf, "budget": self.budget,
+                "primary": self.primary}
+
+    @classmethod
+    def from_json(cls, row: Mapping[str, Any]) -> ResultRow:
+        """A row read back from results.json; keys the report derives on writing ("vs_fp32") are dropped."""
+        names = {f.name for f in fields(cls)}
+        missing = [key for key in ("model", "backend", "precision", "status") if key not in row]
+        if missing:
+            raise ReportError(f"results.json row {dict(row)!r:.80}: missing {missing}")
+        return cls(**{key: value for key, value in row.items() if key in names})
+
+
 def ok_rows(results: Mapping[str, Any]) -> list[Row]:
     return [row for row in results["rows"] if row.get("status") == "ok"]
+
+
+def model_order(rows: Iterable[Row]) -> list[str]:
+    """The models of `rows`: the reference models first, in their usual order, then the others by name."""
+    present = {row["model"] for row in rows}
+    return [m for m in MODELS if m in present] + sorted(present - set(MODELS))
+
+
+def timed_graphs(rows: Sequence[Row], model: str) -> tuple[str, ...]:
+    """Every graph the model's ok rows timed (each graph of a chain, e.g. WeNet's encoder and decoder): the primary
+    graph first, the others by name (stored results.json sorts keys, so their order is no information)."""
+    timed = {graph for row in rows if row.get("status") == "ok" and row.get("model") == model
+             for graph in row.get("speed") or {}}
+    first = primary(rows, model).graph
+    return ((first,) if first in timed else ()) + tuple(sorted(timed - {first}))
 
 
 def sorted_rows(rows: Iterable[Row]) -> list[Row]:
@@ -62,9 +130,29 @@ def batch_latency(row: Row, graph: str, batch: int) -> float | None:
         return None
 
 
+class Primary(NamedTuple):
+    """What a model is timed and judged by: its first graph and its spec's first task metric."""
+
+    graph: str
+    metric: str
+    higher_is_better: bool
+    label: str
+
+
+def primary(rows: Iterable[Row], model: str) -> Primary:
+    """The "primary" a model's rows carry (from its spec); else the reference models' table (older results.json);
+    else the model name as graph and no metric."""
+    for row in rows:
+        value = row.get("primary")
+        if row.get("model") == model and isinstance(value, Mapping):
+            metric = str(value["metric"])
+            return Primary(str(value["graph"]), metric, bool(value["higher_is_better"]),
+                           metric.upper().replace("_", "-"))
+    return Primary(*MODELS[model]) if model in MODELS else Primary(model, "", True, "metric")
+
+
 def primary_latency(row: Row, stat: str = "mean_ms") -> float | None:
-    graph = MODELS.get(row["model"], (row["model"],))[0]
-    return graph_latency(row, graph, "1", stat)
+    return graph_latency(row, primary([row], row["model"]).graph, "1", stat)
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -96,8 +184,15 @@ def row_key(row: Row) -> RowKey:
     return (row["model"], row["backend"], row["precision"])
 
 
-def task_kind(model: str) -> str:
-    return "asr" if model == "wenet" else "se"
+def task_kind(rows: Iterable[Row]) -> str:
+    """"se" or "asr": the "kind" a model's rows carry (its spec's task); results.json written before rows carried it
+    knew only the reference models, where wenet was the ASR one."""
+    for row in rows:
+        if row.get("kind") in ("se", "asr"):
+            return str(row["kind"])
+        if row.get("model") == "wenet":
+            return "asr"
+    return "se"
 
 
 def simulation_note(backend: str) -> str:

@@ -9,9 +9,9 @@ from typing import Any, Mapping, Sequence
 from quant.report.compare import (CHANGE_METRICS, Comparison, change_metric, comparisons, format_change,
                                   verdict_text)
 from quant.report.goals import goals
-from quant.report.rows import (MODELS, METRIC_SCALE, TASK_COLUMNS, Row, RowKey, find_row, graph_latency,
-                               min_snr_db, primary_latency, ratio, row_key, simulation_note, sorted_rows, task_kind,
-                               task_value)
+from quant.report.rows import (METRIC_SCALE, TASK_COLUMNS, Row, RowKey, find_row, graph_latency, min_snr_db,
+                               model_order, primary, primary_latency, ratio, row_key, simulation_note, sorted_rows,
+                               task_kind, task_value, timed_graphs)
 
 
 def fmt_number(value: float | None, fmt: str) -> str:
@@ -28,8 +28,8 @@ Table = tuple[list[str], list[list[str]]]  # header, rows of cells (a failed row
 
 def model_table(model: str, rows: Sequence[Row], all_rows: Sequence[Row]) -> Table:
     """The accuracy/speed table of one model; results.md and report.html render the same cells."""
-    columns = TASK_COLUMNS[task_kind(model)]
-    graph = MODELS.get(model, (model,))[0]
+    columns = TASK_COLUMNS[task_kind(rows)]
+    graph = primary(rows, model).graph
     header = ["backend", "precision", *[c[1] for c in columns], "runs", "p50 ms", "p90 ms", "p99 ms", "mean ms",
               "mean ms (2 thr)", "RTF", "vs FP32 ORT", "vs eager", "min SNR vs FP32 dB"]
     fp32 = find_row(all_rows, model, "ort", "fp32")
@@ -90,9 +90,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     lines.append("Latency: one batch-1 run of the unit below after warm-up, 1 thread unless noted; "
                  "RTF = processing time / audio duration; ratios are mean latency against the same model's "
                  "FP32 ONNX Runtime and PyTorch eager rows of this run.")
-    for model in [m for m in MODELS if any(r["model"] == m for r in all_rows)] + sorted(
-        {r["model"] for r in all_rows} - set(MODELS)
-    ):
+    for model in model_order(all_rows):
         rows = [r for r in all_rows if r["model"] == model]
         lines += ["", f"## {model}", "", unit_line(rows, model), ""]
         lines += markdown_table(model_table(model, rows, all_rows))
@@ -100,11 +98,11 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             lines += ["", f"trt-sim rows: {simulation_note('trt-sim')}."]
         lines += noisy_line(rows)
         lines += _change_table(model, rows, changes)
-        if model == "wenet":
-            timed = [r for r in rows if r.get("status") == "ok" and r.get("speed")]
-            lines += _throughput_table(timed, "encoder")
-            lines += _throughput_table(timed, "decoder")
-            lines += _decoder_latency_lines(timed)
+        timed = [r for r in rows if r.get("status") == "ok" and r.get("speed")]
+        for graph in timed_graphs(timed, model):  # graphs timed at several batch sizes (WeNet's): throughput
+            lines += _throughput_table(timed, graph)
+        for graph in timed_graphs(timed, model)[1:]:  # the model table shows the first graph's latency; the rest here
+            lines += _graph_latency_lines(timed, graph)
     lines += ["", "## Goals", "", "Accuracy budgets are judged on the 95 % interval of the paired change: within "
               "budget when the whole interval is on the allowed side, over budget when it is wholly beyond it.", "",
               "| goal | measured | target | met |", "|---|---|---|---|"]
@@ -123,7 +121,7 @@ def _environment_line(env: Mapping[str, Any]) -> str:
 
 
 def unit_line(rows: Sequence[Row], model: str) -> str:
-    graph = MODELS.get(model, (model,))[0]
+    graph = primary(rows, model).graph
     for row in rows:
         unit = row.get("speed", {}).get(graph, {}).get("unit")
         if unit:
@@ -150,14 +148,14 @@ def change_table(model: str, rows: Sequence[Row], changes: Mapping[RowKey, Compa
     compared = [(row, changes[row_key(row)]) for row in rows if row.get("status") == "ok" and row_key(row) in changes]
     if not compared:
         return None
-    metrics = [key for key, _, _, _ in CHANGE_METRICS[task_kind(model)]
+    metrics = [key for key, _, _, _ in CHANGE_METRICS[task_kind(rows)]
                if any(key in comparison.changes for _, comparison in compared)]
     header = ["backend", "precision", "vs", *[change_metric(key)[0] for key in metrics], "budget", "verdict"]
     out = []
     for row, comparison in compared:
         verdict = comparison.verdict
-        budget = "-" if verdict is None else format(METRIC_SCALE.get(MODELS[model][1], 1.0) * verdict.budget.line,
-                                                    "+g")
+        budget = "-" if verdict is None else format(
+            METRIC_SCALE.get(comparison.budget_metric or "", 1.0) * verdict.budget.line, "+g")
         out.append([row["backend"], row["precision"], f"{comparison.reference['backend']} fp32",
                     *[format_change(comparison.changes.get(key), key) for key in metrics], budget,
                     verdict_text(verdict) if verdict else "-"])
@@ -169,10 +167,10 @@ def _change_table(model: str, rows: Sequence[Row], changes: Mapping[RowKey, Comp
     return [] if table is None else ["", CHANGE_CAPTION, "", *markdown_table(table)]
 
 
-def _decoder_latency_lines(rows: Sequence[Row]) -> list[str]:
-    lines = ["", "decoder (attention rescoring, beam 10) batch-1 latency, ms: "
-             + ", ".join(f"{r['backend']} {r['precision']} {fmt_number(graph_latency(r, 'decoder'), '.2f')}" for r in rows)]
-    return lines
+def _graph_latency_lines(rows: Sequence[Row], graph: str) -> list[str]:
+    unit = next((str(r["speed"][graph].get("unit")) for r in rows if graph in r["speed"]), "run")
+    return ["", f"{graph} batch-1 latency on a {unit}, ms: "
+            + ", ".join(f"{r['backend']} {r['precision']} {fmt_number(graph_latency(r, graph), '.2f')}" for r in rows)]
 
 
 CSV_FIELDS = ["model", "backend", "precision", "status", "pesq_wb", "pesq_nb", "stoi", "si_sdr", "cer", "wer",
@@ -193,7 +191,7 @@ def render_csv(results: Mapping[str, Any]) -> str:
     for row in rows:
         out = _csv_row(row, rows)
         if row_key(row) in changes and row.get("status") == "ok":
-            out.update(_csv_change(row["model"], changes[row_key(row)]))
+            out.update(_csv_change(row, changes[row_key(row)]))
         writer.writerow(out)
     return buffer.getvalue()
 
@@ -210,7 +208,7 @@ def _csv_row(row: Row, rows: Sequence[Row]) -> dict[str, Any]:
     for stat in ("min", "mean", "p50", "p90", "p99", "max"):
         out[f"latency_{stat}_ms"] = _num(primary_latency(row, f"{stat}_ms"))
     out["latency_runs"] = _num(primary_latency(row, "runs"))
-    graph = MODELS.get(row["model"], (row["model"],))[0]
+    graph = primary([row], row["model"]).graph
     out["latency_mean_ms_2_threads"] = _num(graph_latency(row, graph, "2"))
     out["rtf"] = _num(row.get("rtf"))
     fp32, eager = find_row(rows, row["model"], "ort", "fp32"), find_row(rows, row["model"], "torch", "fp32")
@@ -220,8 +218,8 @@ def _csv_row(row: Row, rows: Sequence[Row]) -> dict[str, Any]:
     return out
 
 
-def _csv_change(model: str, comparison: Comparison) -> dict[str, Any]:
-    metric = MODELS.get(model, ("", "", True, ""))[1]
+def _csv_change(row: Row, comparison: Comparison) -> dict[str, Any]:
+    metric = comparison.budget_metric or primary([row], row["model"]).metric
     change = comparison.changes.get(metric)
     if change is None:
         return {}
@@ -249,7 +247,7 @@ def summary_lines(results: Mapping[str, Any]) -> list[str]:
             lines.append(f"{row['model']:<13} {row['backend']:<7} {row['precision']:<5} {row.get('status', '?'):<7} "
                          f"{_one_line(row.get('error'))[:60]}")
             continue
-        _, metric, _, label = MODELS.get(row["model"], (row["model"], "", True, ""))
+        _, metric, _, label = primary([row], row["model"])
         value = task_value(row, metric)
         shown = "-" if value is None else (f"{100 * value:.2f}%" if metric == "cer" else f"{value:.3f}")
         fp32, eager = find_row(rows, row["model"], "ort", "fp32"), find_row(rows, row["model"], "torch", "fp32")

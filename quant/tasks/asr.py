@@ -14,7 +14,7 @@ evaluation and speed workloads.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -27,7 +27,8 @@ from quant.decoding import (
 from quant.errors import CalibrationError, ModelError
 from quant.eval import metrics
 from quant.eval.asr import (
-    AsrOptions, AsrResult, AsrSample, AsrScores, Transcript, UtteranceErrors, load_samples, source_group,
+    AsrOptions, AsrResult, AsrSample, AsrScores, Transcript, UtteranceErrors, balanced_subset, load_samples,
+    source_group,
 )
 from quant.eval.speed import GraphWorkload
 from quant.frontends import Frontend, frontend, pad_batch
@@ -95,7 +96,7 @@ class AsrTask:
                           options: FeedOptions = FeedOptions()) -> Iterable[Feed]:
         """Re-iterable feeds of graph `role` on the speech of the first options.limit utterances."""
         self.spec.graph(role)
-        clips = Speech(tuple(utterances(self.spec, manifest, options.limit, allow_outside=options.allow_outside)))
+        clips = Speech(tuple(self._items(manifest, options)))
         hatch = hatch_feeds(self.spec, role, clips)
         if hatch is not None:
             return hatch
@@ -211,9 +212,11 @@ class AsrTask:
         """One graph's timing input from the median-length test utterance (batch 1; the batch sweep tiles it)."""
         from quant.data.manifest import load_speech
 
-        items = utterances(self.spec, manifest, options.limit, what="test")
-        clip = load_speech(items[representative([u.duration for u in items])])
-        seconds = clip.size / self._fe().spec.sample_rate
+        # the median by the audio's real length, not the manifest's `duration` field (which may be rounded or stale)
+        clips = [load_speech(item) for item in self._items(manifest, replace(options, selection="test"))]
+        rate = self._fe().spec.sample_rate
+        clip = clips[representative([c.size / rate for c in clips])]
+        seconds = clip.size / rate
         inputs = tuple(input_shapes(fp32_path(self.spec, role, options)))
         sources = self._run_upstream(self._upstream(role, options), self._sources([clip]), inputs)
         unit = f"{seconds:.2f} s utterance" + ("" if role == ENCODER else f" (n-best {self.task.beam})")
@@ -221,6 +224,16 @@ class AsrTask:
                              sweep_batches=True)
 
     # -------------------------------------------------------------------------------------------- helpers
+
+    def _items(self, manifest: str | None, options: FeedOptions) -> list[Any]:
+        """The utterances options.selection names: the first options.limit, or those evaluation scores (load_samples'
+        round-robin over sources)."""
+        what = "test" if options.selection == "test" else "calibration"
+        items = utterances(self.spec, manifest, None if what == "test" else options.limit, what=what,
+                           allow_outside=options.allow_outside)
+        if what == "test":
+            return balanced_subset(items, options.limit, lambda utt: source_group(utt.source or ""))
+        return items
 
     def _fe(self) -> Frontend:
         if self.fe is None:

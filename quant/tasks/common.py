@@ -7,7 +7,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -34,6 +34,9 @@ class FeedOptions:
     graphs: Mapping[str, Path] = field(default_factory=dict)
     export_dir: Path | None = None
     allow_outside: bool = False  # manifest paths may leave the manifest's folder (a run's subset manifests do)
+    # "first": the first `limit` utterances (calibration); "test": the utterances evaluation scores with `limit`
+    # (ASR: balanced over sources), so the pipeline's error-vs-FP32 feeds and speed workload see the evaluated audio
+    selection: Literal["first", "test"] = "first"
 
 
 @dataclass(frozen=True)

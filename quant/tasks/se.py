@@ -180,7 +180,7 @@ class SeTask:
             hop = self._fe().spec.hop * self.spec.streaming.frames_per_step
             frames = tuple(self._frames(stream_padded(clip, self._fe().spec.hop)))
             return GraphWorkload(role, f"{1000 * hop / rate:g} ms frame", hop / rate, frames=frames,
-                                 states=layout.initial)
+                                 states=layout.initial, frame_input=layout.frame_input, state_outputs=layout.pairs)
         seg = segment_samples(self._fe().spec)
         wave = segments(clip, seg)[:1] if seg else clip[None]
         sources = self._chain(self._upstream(role, options), self._fixed_sources(wave) if seg
