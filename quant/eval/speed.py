@@ -7,6 +7,7 @@ Timing uses time.perf_counter around `runner.run` only; feeds are prepared befor
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterator, Mapping, Sequence
@@ -47,6 +48,7 @@ class LatencyStats:
     p90_ms: float
     p99_ms: float
     max_ms: float
+    p10_ms: float = float("nan")  # with p90 the spread the interleaved ratios are judged by (nan: not recorded)
 
     def to_dict(self) -> dict[str, float]:
         return {key: float(value) for key, value in asdict(self).items()}
@@ -54,7 +56,8 @@ class LatencyStats:
     @classmethod
     def from_dict(cls, values: Mapping[str, float]) -> LatencyStats:
         return cls(
-            int(values["runs"]), *(float(values[key]) for key in ("min_ms", "mean_ms", "p50_ms", "p90_ms", "p99_ms", "max_ms"))
+            int(values["runs"]), *(float(values[key]) for key in ("min_ms", "mean_ms", "p50_ms", "p90_ms", "p99_ms", "max_ms")),
+            float(values.get("p10_ms", float("nan"))),
         )
 
 
@@ -63,8 +66,9 @@ def latency_stats(seconds: Sequence[float]) -> LatencyStats:
     if not len(seconds):
         raise ValueError("latency_stats needs at least one timed run")
     ms = np.asarray(seconds, dtype=np.float64) * 1000.0
-    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-    return LatencyStats(len(ms), float(ms.min()), float(ms.mean()), float(p50), float(p90), float(p99), float(ms.max()))
+    p10, p50, p90, p99 = np.percentile(ms, [10, 50, 90, 99])
+    return LatencyStats(len(ms), float(ms.min()), float(ms.mean()), float(p50), float(p90), float(p99), float(ms.max()),
+                        float(p10))
 
 
 def time_calls(call: Callable[[], object], runs: int, warmup: int) -> LatencyStats:
@@ -103,6 +107,53 @@ def bench_stateful(
         if step >= warmup:
             seconds.append(elapsed)
     return latency_stats(seconds)
+
+
+def bench_interleaved(runners: Mapping[str, Runner], feeds: Feeds, runs: int, warmup: int = 3) -> dict[str, LatencyStats]:
+    """Latency of compared graphs timed round-robin in one process: each round runs every graph once (the start
+    rotating by one each round), so a change of machine load between rounds hits every graph alike and their ratio
+    survives it. Each runner binds the feeds it takes by name."""
+    if not runners:
+        raise ValueError("bench_interleaved needs at least one runner")
+    labels = list(runners)
+    bound = {label: {name: feeds[name] for name in runners[label].input_names} for label in labels}
+    for _ in range(warmup):
+        for label in labels:
+            runners[label].run(bound[label])
+    seconds: dict[str, list[float]] = {label: [] for label in labels}
+    for round_index in range(runs):
+        shift = round_index % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            start = time.perf_counter()
+            runners[label].run(bound[label])
+            seconds[label].append(time.perf_counter() - start)
+    return {label: latency_stats(seconds[label]) for label in labels}
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """latency of `test` / latency of `base` from one interleaved run; `reliable` is False when the p10-p90 spreads
+    of the two overlap (the difference is within the noise of this machine at this time)."""
+
+    min_ratio: float
+    median_ratio: float
+    reliable: bool
+
+    def to_dict(self) -> dict[str, object]:
+        return {"min_ratio": self.min_ratio, "median_ratio": self.median_ratio, "reliable": self.reliable}
+
+
+def latency_ratio(test: LatencyStats, base: LatencyStats) -> Ratio:
+    overlap = test.p10_ms <= base.p90_ms and base.p10_ms <= test.p90_ms
+    return Ratio(test.min_ms / base.min_ms, test.p50_ms / base.p50_ms, not overlap)
+
+
+def load_average() -> float:
+    """The 1-minute load average (nan where the platform has none): recorded around every timing."""
+    try:
+        return float(os.getloadavg()[0])
+    except OSError:
+        return float("nan")
 
 
 def _cycle(frames: Sequence[np.ndarray]) -> Iterator[np.ndarray]:
