@@ -1,0 +1,110 @@
+"""Timing jobs beside the pipeline: real timing feeds for a model, the FP32/INT8 time accounting behind
+`quant bench MODEL --profile`, and compared ONNX files timed interleaved (scripts/bench_int8.py).
+
+Sits above build, tasks and eval (it builds artifacts and asks a model's task for its speed workload); nothing
+below imports it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from quant.errors import ModelError
+from quant.eval.profile import Feeds, ProfileComparison, profile_pair
+from quant.eval.speed import LatencyStats, Ratio, bench_interleaved, latency_ratio, load_average
+
+log = logging.getLogger(__name__)
+
+# build name (quant build / quant search) -> (shipped spec, graph role)
+REFERENCE_GRAPHS = {"dpcrn": ("dpcrn", "enhancer"), "dpcrn-stream": ("dpcrn-stream", "enhancer"),
+                    "wenet-encoder": ("wenet", "encoder"), "wenet-decoder": ("wenet", "decoder")}
+TIMING_UTTERANCES = 8  # the workload is the median-length test utterance of these (as `quant bench`)
+
+
+def timing_feeds(model: str, fp32_onnx: Path, utterances: int = TIMING_UTTERANCES) -> dict[str, np.ndarray]:
+    """One run's inputs for a reference model, from real test audio: the first 9 s segment (offline), the first
+    frame with the initial states (streaming), the median-length utterance (ASR)."""
+    from quant.spec import load_spec
+    from quant.tasks import FeedOptions, task_for
+
+    if model not in REFERENCE_GRAPHS:
+        raise ModelError(f"{model}: timing feeds exist for {sorted(REFERENCE_GRAPHS)}; time another ONNX file with "
+                         "scripts/bench_int8.py --feeds FILE.npz")
+    spec_name, role = REFERENCE_GRAPHS[model]
+    load = task_for(load_spec(spec_name)).speed_workload(
+        role, options=FeedOptions(limit=utterances, graphs={role: fp32_onnx}))
+    if load.feeds is not None:
+        return dict(load.feeds)
+    states = dict(load.states or {})
+    from quant.backends.ort import OrtRunner
+
+    frame_inputs = [n for n in OrtRunner(fp32_onnx).input_names if n not in states]
+    if len(frame_inputs) != 1 or not load.frames:
+        raise ModelError(f"{fp32_onnx}: expected one frame input beside the states, found {frame_inputs}")
+    return {frame_inputs[0]: load.frames[0], **states}
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    fp32: Path  # the FP32 artifact's ONNX file
+    int8: Path
+    comparison: ProfileComparison
+
+
+def profile_model(model: str, runs: int = 10, threads: int = 1, cache: Path | None = None,
+                  out_dir: Path | None = None) -> ModelProfile:
+    """Build (or rebuild) the model's FP32 and INT8 ORT artifacts under out_dir (default engines/<model>/) and
+    account their time per node and op type on real feeds."""
+    from quant.build import build_artifact
+    from quant.build.artifact import MODEL_FILE
+
+    folder = {p: (out_dir / p if out_dir else None) for p in ("fp32", "int8")}
+    fp32 = build_artifact(model, "fp32", out_dir=folder["fp32"]) / MODEL_FILE
+    int8 = build_artifact(model, "int8", out_dir=folder["int8"], cache=cache) / MODEL_FILE
+    return ModelProfile(fp32, int8, profile_pair(fp32, int8, timing_feeds(model, fp32), runs, threads))
+
+
+@dataclass(frozen=True)
+class InterleavedResult:
+    """Compared graphs timed round-robin in one process, with the machine's load around the timing."""
+
+    stats: Mapping[str, LatencyStats]
+    load_before: float
+    load_after: float
+
+    def ratios(self, base: str) -> dict[str, Ratio]:
+        return {label: latency_ratio(stats, self.stats[base]) for label, stats in self.stats.items() if label != base}
+
+    def to_dict(self, base: str) -> dict[str, object]:
+        return {"load_before": self.load_before, "load_after": self.load_after,
+                "latency_ms": {label: s.to_dict() for label, s in self.stats.items()},
+                "ratios_vs": base, "ratios": {label: r.to_dict() for label, r in self.ratios(base).items()}}
+
+
+def time_interleaved(models: Mapping[str, Path], feeds: Feeds, runs: int, threads: int = 1,
+                     warmup: int = 3) -> InterleavedResult:
+    """Open every ONNX file once (ORT, `threads` intra-op threads) and time them round-robin."""
+    from quant.backends.ort import OrtRunner
+
+    runners = {label: OrtRunner(path, threads=threads) for label, path in models.items()}
+    before = load_average()
+    stats = bench_interleaved(runners, feeds, runs, warmup)
+    return InterleavedResult(stats, before, load_average())
+
+
+def format_interleaved(result: InterleavedResult, base: str, labels: Sequence[str] | None = None) -> str:
+    lines = [f"{'build':<22}{'min ms':>9}{'median':>9}{'p10':>9}{'p90':>9}{'ratio min':>11}{'ratio med':>11}"]
+    ratios = result.ratios(base)
+    for label in labels or list(result.stats):
+        s = result.stats[label]
+        r = ratios.get(label)
+        tail = (f"{r.min_ratio:>11.3f}{r.median_ratio:>11.3f}{'' if r.reliable else '  unreliable: spreads overlap'}"
+                if r else f"{'(base)':>11}")
+        lines.append(f"{label:<22}{s.min_ms:>9.2f}{s.p50_ms:>9.2f}{s.p10_ms:>9.2f}{s.p90_ms:>9.2f}{tail}")
+    lines.append(f"load average (1 min) before {result.load_before:.2f}, after {result.load_after:.2f}; "
+                 f"{next(iter(result.stats.values())).runs} interleaved rounds")
+    return "\n".join(lines)
