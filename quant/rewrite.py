@@ -214,8 +214,9 @@ def _interleave(prefix: str, source: str, target: str, channels: int, phases: Se
 
 
 def split_concat_conv(model: onnx.ModelProto) -> RewriteResult:
-    """Every Conv (constant weight, group 1) whose input is a channel Concat read by nothing else -> one Conv per
-    concatenated part, summed; the bias goes to the first part. Channel counts come from ONNX shape inference."""
+    """Every Conv (constant weight, group 1) whose input is a channel Concat -> one Conv per concatenated part,
+    summed; the bias goes to the first part. The Concat stays only for other readers (e.g. a Shape). Channel counts
+    come from ONNX shape inference."""
     model = _copy(model)
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
@@ -234,8 +235,7 @@ def split_concat_conv(model: onnx.ModelProto) -> RewriteResult:
         if node.op_type != "Conv" or node.input[1] not in inits or int(_attributes(node).get("group", 1)) != 1:
             continue
         concat = producers.get(node.input[0])
-        if concat is None or concat.op_type != "Concat" or readers.get(node.input[0], 0) != 1 \
-                or node.input[0] in outputs:
+        if concat is None or concat.op_type != "Concat":
             continue
         counts = [shapes.get(t) for t in concat.input]
         axis = int(_attributes(concat)["axis"])  # type: ignore[call-overload]
@@ -264,7 +264,8 @@ def split_concat_conv(model: onnx.ModelProto) -> RewriteResult:
             total = out
         position = list(graph.node).index(node)
         replacement[position] = parts + sums
-        drop.add(list(graph.node).index(concat))
+        if readers.get(node.input[0], 0) == 1 and node.input[0] not in outputs:
+            drop.add(list(graph.node).index(concat))  # else kept for its other readers (e.g. a Shape)
         done.append(name)
     nodes = []
     for position, n in enumerate(graph.node):
