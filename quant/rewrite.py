@@ -91,6 +91,7 @@ def convtranspose_to_conv(model: onnx.ModelProto) -> RewriteResult:
     new_nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
     done = []
+    declared = {v.name for v in list(graph.value_info) + list(graph.output)}
     for node in graph.node:
         replaced = _deconv_nodes(node, inits) if node.op_type == "ConvTranspose" else None
         if replaced is None:
@@ -100,6 +101,13 @@ def convtranspose_to_conv(model: onnx.ModelProto) -> RewriteResult:
         new_nodes.extend(nodes)
         new_inits.extend(tensors)
         done.append(node.name)
+        weight = inits[node.input[1]]
+        if node.output[0] not in declared:
+            # the interleave's Reshape takes a computed shape, which ONNX shape inference cannot follow: declare the
+            # known rank and channel count so later passes (split_concat_conv, the quantizer) still see them
+            out = node.output[0]
+            dims: list[int | str] = [f"{out}_n", int(weight.dims[1])] + [f"{out}_{i}" for i in range(len(weight.dims) - 2)]
+            graph.value_info.append(helper.make_tensor_value_info(out, weight.data_type, dims))
     del graph.node[:]
     graph.node.extend(new_nodes)
     graph.initializer.extend(new_inits)
@@ -279,21 +287,62 @@ def split_concat_conv(model: onnx.ModelProto) -> RewriteResult:
     return RewriteResult(model, tuple(done))
 
 
+CHANNEL_KEEPING = frozenset({"BatchNormalization", "PRelu", "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Clip",
+                             "Identity", "Dropout", "Add", "Sub", "Mul", "Div", "InstanceNormalization"})
+
+
 def _channel_counts(model: onnx.ModelProto) -> dict[str, int]:
-    """Tensor -> its axis-1 size where ONNX shape inference knows it."""
+    """Tensor -> its axis-1 size: from ONNX shape inference, else traced back through ops that keep channels
+    (element-wise ops, normalizations, a Slice on other axes) to a Conv / ConvTranspose weight. Shape inference
+    alone loses the channels behind a Slice with computed ends (a causal crop)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # a graph shape inference cannot follow: no channel counts, nothing rewritten
-        return {}
-    out = {}
+    except Exception:  # a graph shape inference cannot follow: only what the trace finds
+        inferred = model
+    known: dict[str, int] = {}
     for info in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         dims = info.type.tensor_type.shape.dim
         if len(dims) > 1 and dims[1].HasField("dim_value"):
-            out[info.name] = int(dims[1].dim_value)
+            known[info.name] = int(dims[1].dim_value)
+    constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    producers = {out: n for n in model.graph.node for out in n.output}
+
+    def channels(tensor: str, depth: int = 0) -> int | None:
+        if tensor in known or depth > 64:
+            return known.get(tensor)
+        node = producers.get(tensor)
+        found: int | None = None
+        if node is None:
+            found = None
+        elif node.op_type == "Conv" and node.input[1] in constants:
+            found = int(constants[node.input[1]].shape[0])
+        elif node.op_type == "ConvTranspose" and node.input[1] in constants:
+            found = int(constants[node.input[1]].shape[1]) * int(_attributes(node).get("group", 1))  # type: ignore
+        elif node.op_type == "Slice":
+            axes = constants.get(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+            if axes is not None and 1 not in axes.tolist():
+                found = channels(node.input[0], depth + 1)
+        elif node.op_type in CHANNEL_KEEPING:
+            for source in node.input[:2]:
+                if source and source not in constants:
+                    found = channels(source, depth + 1)
+                    if found is not None:
+                        break
+        if found is not None:
+            known[tensor] = found
+        return found
+
+    for node in model.graph.node:
+        if node.op_type == "Concat":
+            for tensor in node.input:
+                channels(tensor)
     for init in model.graph.initializer:
         if len(init.dims) > 1:
-            out[init.name] = int(init.dims[1])
-    return out
+            known.setdefault(init.name, int(init.dims[1]))
+    return known
 
 
 # ----------------------------------------------------------------------------------------------------- checks

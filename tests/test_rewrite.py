@@ -168,3 +168,31 @@ def test_check_rewrite_refuses_a_changed_graph():
 def test_unknown_rewrite_is_a_build_error(tmp_path: Path):
     with pytest.raises(BuildError, match="unknown graph rewrite"):
         apply_rewrites(deconv_model(2, 2, (2,), False), ["nope"], [])
+
+
+def test_split_concat_conv_traces_channels_behind_a_computed_crop():
+    """A causal crop (Slice with ends computed from Shape) hides the channel count from ONNX shape inference; the
+    trace back to the producing conv's weight finds it, as in DPCRN's decoder."""
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.standard_normal((3, 2, 1, 1)).astype(np.float32), "w0"),
+             numpy_helper.from_array(rng.standard_normal((5, 7, 1, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([2], np.int64), "axes"),
+             numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([2], np.int64), "two"),
+             numpy_helper.from_array(np.array([0.1], np.float32), "slope")]
+    nodes = [helper.make_node("Conv", ["a", "w0"], ["a0"], name="pre"),
+             helper.make_node("Shape", ["a"], ["shape"], name="shape"),
+             helper.make_node("Gather", ["shape", "two"], ["frames"], name="frames", axis=0),
+             helper.make_node("Slice", ["a0", "zero", "frames", "axes"], ["crop"], name="crop"),
+             helper.make_node("PRelu", ["crop", "slope"], ["act"], name="act"),
+             helper.make_node("Concat", ["act", "s"], ["cat"], name="cat", axis=1),
+             helper.make_node("Conv", ["cat", "w"], ["y"], name="conv", pads=[0, 1, 0, 1])]
+    inputs = [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n", 2, "t", 8]),
+              helper.make_tensor_value_info("s", TensorProto.FLOAT, ["n", 4, "t", 8])]
+    model = _model(nodes, inputs, "y", inits)
+    result = split_concat_conv(model)
+    assert result.rewritten == ("conv",)
+    rng2 = np.random.default_rng(1)
+    feed = {"a": rng2.standard_normal((1, 2, 5, 8)).astype(np.float32),
+            "s": rng2.standard_normal((1, 4, 5, 8)).astype(np.float32)}
+    assert check_rewrite(model, result.model, [feed]).relative_error < 1e-5
