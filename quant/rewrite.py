@@ -223,17 +223,14 @@ def _interleave(prefix: str, source: str, target: str, channels: int, phases: Se
 
 def split_concat_conv(model: onnx.ModelProto) -> RewriteResult:
     """Every Conv (constant weight, group 1) whose input is a channel Concat -> one Conv per concatenated part,
-    summed; the bias goes to the first part. The Concat stays only for other readers (e.g. a Shape). Channel counts
-    come from ONNX shape inference."""
+    summed; the bias goes to the first part. The Concat goes unless another node needs it (a Shape read only at
+    non-channel axes reads the first part instead). Channel counts: see _channel_counts."""
     model = _copy(model)
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
+    constants = _constants(graph)
     shapes = _channel_counts(model)
     producers = {out: n for n in graph.node for out in n.output}
-    readers: dict[str, int] = {}
-    for n in graph.node:
-        for t in n.input:
-            readers[t] = readers.get(t, 0) + 1
     outputs = {o.name for o in graph.output}
     drop: set[int] = set()
     replacement: dict[int, list[onnx.NodeProto]] = {}
@@ -272,8 +269,8 @@ def split_concat_conv(model: onnx.ModelProto) -> RewriteResult:
             total = out
         position = list(graph.node).index(node)
         replacement[position] = parts + sums
-        if readers.get(node.input[0], 0) == 1 and node.input[0] not in outputs:
-            drop.add(list(graph.node).index(concat))  # else kept for its other readers (e.g. a Shape)
+        if node.input[0] not in outputs and _reroute_shape_readers(graph, concat, node, constants):
+            drop.add(list(graph.node).index(concat))  # else kept for its other readers
         done.append(name)
     nodes = []
     for position, n in enumerate(graph.node):
@@ -285,6 +282,34 @@ def split_concat_conv(model: onnx.ModelProto) -> RewriteResult:
     graph.initializer.extend(new_inits)
     _drop_unused_initializers(graph)
     return RewriteResult(model, tuple(done))
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Initializers and Constant-node values by tensor name."""
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def _reroute_shape_readers(graph: onnx.GraphProto, concat: onnx.NodeProto, conv: onnx.NodeProto,
+                           constants: Mapping[str, np.ndarray]) -> bool:
+    """Whether the Concat can go: every other reader is a Shape whose value is only gathered at non-channel axes
+    (DPCRN's decoder reads the frame count this way), which then reads the first part instead (same dims but 1)."""
+    tensor = concat.output[0]
+    others = [n for n in graph.node if tensor in n.input and n is not conv]
+    shapes = [n for n in others if n.op_type == "Shape" and not n.attribute]
+    if len(shapes) != len(others):
+        return False
+    for shape in shapes:
+        for reader in (n for n in graph.node if shape.output[0] in n.input):
+            index = constants.get(reader.input[1]) if reader.op_type == "Gather" and len(reader.input) > 1 else None
+            if index is None or any(int(i) in (1, -3) for i in np.asarray(index).ravel()):
+                return False  # -3: axis 1 of a rank-4 tensor counted from the end (rank unknown here: refuse)
+    for shape in shapes:
+        shape.input[0] = concat.input[0]
+    return True
 
 
 CHANNEL_KEEPING = frozenset({"BatchNormalization", "PRelu", "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Clip",
@@ -304,10 +329,7 @@ def _channel_counts(model: onnx.ModelProto) -> dict[str, int]:
         dims = info.type.tensor_type.shape.dim
         if len(dims) > 1 and dims[1].HasField("dim_value"):
             known[info.name] = int(dims[1].dim_value)
-    constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    constants = _constants(model.graph)
     producers = {out: n for n in model.graph.node for out in n.output}
 
     def channels(tensor: str, depth: int = 0) -> int | None:

@@ -133,6 +133,21 @@ def test_split_concat_conv_matches_the_original():
     assert check_rewrite(model, result.model, concat_feeds()).relative_error < 1e-5
 
 
+@pytest.mark.parametrize("axis, dropped", [(2, True), (1, False)])
+def test_split_concat_conv_drops_a_concat_read_only_for_its_length(axis: int, dropped: bool):
+    """DPCRN reads the frame count of the concatenated tensor (Shape -> Gather 2): the first part has the same
+    length, so the Concat can go; a Gather of the channel axis keeps it."""
+    model = concat_conv_model("Conv")
+    model.graph.initializer.append(numpy_helper.from_array(np.array(axis, np.int64), "axis_index"))
+    model.graph.node.extend([helper.make_node("Shape", ["cat"], ["cat_shape"], name="shape"),
+                             helper.make_node("Gather", ["cat_shape", "axis_index"], ["length"], name="length")])
+    model.graph.output.append(helper.make_tensor_value_info("length", TensorProto.INT64, []))
+    result = split_concat_conv(model)
+    assert result.rewritten == ("conv",)
+    assert ("Concat" not in [n.op_type for n in result.model.graph.node]) == dropped
+    assert check_rewrite(model, result.model, concat_feeds()).relative_error < 1e-5
+
+
 def test_deconv_then_split_turns_a_skip_deconv_into_two_plain_convs():
     model = concat_conv_model("ConvTranspose")
     result, check = apply_rewrites(model, ["deconv-to-conv", "split-concat-conv"], concat_feeds())
