@@ -15,7 +15,7 @@ import numpy as np
 
 from quant.errors import ModelError
 from quant.eval.profile import Feeds, ProfileComparison, profile_pair
-from quant.eval.speed import LatencyStats, Ratio, bench_interleaved, latency_ratio, load_average
+from quant.eval.speed import LatencyStats, Ratio, interleaved_seconds, latency_ratio, latency_stats, load_average
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +72,18 @@ def profile_model(model: str, runs: int = 10, threads: int = 1, cache: Path | No
 class InterleavedResult:
     """Compared graphs timed round-robin in one process, with the machine's load around the timing."""
 
-    stats: Mapping[str, LatencyStats]
+    seconds: Mapping[str, Sequence[float]]  # per round, the same round index across labels
     load_before: float
     load_after: float
 
+    @property
+    def stats(self) -> dict[str, LatencyStats]:
+        return {label: latency_stats(values) for label, values in self.seconds.items()}
+
     def ratios(self, base: str) -> dict[str, Ratio]:
-        return {label: latency_ratio(stats, self.stats[base]) for label, stats in self.stats.items() if label != base}
+        stats = self.stats
+        return {label: latency_ratio(stats[label], stats[base], self.seconds[label], self.seconds[base])
+                for label in stats if label != base}
 
     def to_dict(self, base: str) -> dict[str, object]:
         return {"load_before": self.load_before, "load_after": self.load_after,
@@ -92,19 +98,22 @@ def time_interleaved(models: Mapping[str, Path], feeds: Feeds, runs: int, thread
 
     runners = {label: OrtRunner(path, threads=threads) for label, path in models.items()}
     before = load_average()
-    stats = bench_interleaved(runners, feeds, runs, warmup)
-    return InterleavedResult(stats, before, load_average())
+    seconds = interleaved_seconds(runners, feeds, runs, warmup)
+    return InterleavedResult(seconds, before, load_average())
 
 
 def format_interleaved(result: InterleavedResult, base: str, labels: Sequence[str] | None = None) -> str:
-    lines = [f"{'build':<22}{'min ms':>9}{'median':>9}{'p10':>9}{'p90':>9}{'ratio min':>11}{'ratio med':>11}"]
+    lines = [f"{'build':<22}{'min ms':>9}{'median':>9}{'p10':>9}{'p90':>9}{'ratio min':>11}{'ratio med':>11}"
+             f"{'paired (p10-p90)':>24}"]
     ratios = result.ratios(base)
-    for label in labels or list(result.stats):
-        s = result.stats[label]
+    stats = result.stats
+    for label in labels or list(stats):
+        s = stats[label]
         r = ratios.get(label)
-        tail = (f"{r.min_ratio:>11.3f}{r.median_ratio:>11.3f}{'' if r.reliable else '  unreliable: spreads overlap'}"
+        tail = (f"{r.min_ratio:>11.3f}{r.median_ratio:>11.3f}{r.paired_median:>10.3f} ({r.paired_p10:.3f}-"
+                f"{r.paired_p90:.3f}){'' if r.reliable else '  unreliable: spreads overlap'}"
                 if r else f"{'(base)':>11}")
         lines.append(f"{label:<22}{s.min_ms:>9.2f}{s.p50_ms:>9.2f}{s.p10_ms:>9.2f}{s.p90_ms:>9.2f}{tail}")
     lines.append(f"load average (1 min) before {result.load_before:.2f}, after {result.load_after:.2f}; "
-                 f"{next(iter(result.stats.values())).runs} interleaved rounds")
+                 f"{len(next(iter(result.seconds.values())))} interleaved rounds")
     return "\n".join(lines)

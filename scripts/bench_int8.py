@@ -96,7 +96,8 @@ def bench_model(spec: str, args: argparse.Namespace) -> dict[str, object]:
     for label in builds:
         if label.startswith("int8") and label in honest:
             ratio = honest[label]
-            print(f"{label} / fastest FP32 ({best}): min {ratio.min_ratio:.3f}, median {ratio.median_ratio:.3f}"
+            print(f"{label} / fastest FP32 ({best}): min {ratio.min_ratio:.3f}, median {ratio.median_ratio:.3f}, "
+                  f"paired {ratio.paired_median:.3f} ({ratio.paired_p10:.3f}-{ratio.paired_p90:.3f})"
                   f"{'' if ratio.reliable else ' (unreliable: spreads overlap)'}; output SNR vs its FP32 "
                   f"{snrs[label]:.1f} dB")
     return {"model": model, "source": str(source), "threads": args.threads, "variants": dict(args.variant),

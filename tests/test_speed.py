@@ -132,3 +132,15 @@ def test_latency_ratio_is_unreliable_when_spreads_overlap():
     close = latency_ratio(latency_stats([0.009, 0.0105, 0.0115, 0.012, 0.0125]), base)
     assert apart.reliable and apart.min_ratio == pytest.approx(0.5) and apart.median_ratio == pytest.approx(0.5)
     assert not close.reliable
+
+
+def test_paired_ratio_follows_the_rounds_not_the_spread():
+    """A load burst slows both graphs of a round: the per-round ratio stays put while the spreads overlap."""
+    from quant.eval.speed import latency_ratio, latency_stats
+
+    base = [0.010, 0.030, 0.011, 0.029, 0.012]
+    test = [0.005, 0.015, 0.0055, 0.0145, 0.006]
+    ratio = latency_ratio(latency_stats(test), latency_stats(base), test, base)
+    assert not ratio.reliable
+    assert ratio.paired_median == pytest.approx(0.5) and ratio.paired_p10 == pytest.approx(0.5)
+    assert ratio.paired_p90 == pytest.approx(0.5)

@@ -109,10 +109,11 @@ def bench_stateful(
     return latency_stats(seconds)
 
 
-def bench_interleaved(runners: Mapping[str, Runner], feeds: Feeds, runs: int, warmup: int = 3) -> dict[str, LatencyStats]:
-    """Latency of compared graphs timed round-robin in one process: each round runs every graph once (the start
-    rotating by one each round), so a change of machine load between rounds hits every graph alike and their ratio
-    survives it. Each runner binds the feeds it takes by name."""
+def interleaved_seconds(runners: Mapping[str, Runner], feeds: Feeds, runs: int, warmup: int = 3
+                        ) -> dict[str, list[float]]:
+    """Per-run seconds of compared graphs timed round-robin in one process: each round runs every graph once (the
+    start rotating by one each round), so a change of machine load between rounds hits every graph alike and their
+    ratio survives it; sample i of every label comes from round i. Each runner binds the feeds it takes by name."""
     if not runners:
         raise ValueError("bench_interleaved needs at least one runner")
     labels = list(runners)
@@ -127,25 +128,42 @@ def bench_interleaved(runners: Mapping[str, Runner], feeds: Feeds, runs: int, wa
             start = time.perf_counter()
             runners[label].run(bound[label])
             seconds[label].append(time.perf_counter() - start)
-    return {label: latency_stats(seconds[label]) for label in labels}
+    return seconds
+
+
+def bench_interleaved(runners: Mapping[str, Runner], feeds: Feeds, runs: int, warmup: int = 3) -> dict[str, LatencyStats]:
+    """Latency of compared graphs timed round-robin (interleaved_seconds), summarised per label."""
+    return {label: latency_stats(values) for label, values in interleaved_seconds(runners, feeds, runs, warmup).items()}
 
 
 @dataclass(frozen=True)
 class Ratio:
     """latency of `test` / latency of `base` from one interleaved run; `reliable` is False when the p10-p90 spreads
-    of the two overlap (the difference is within the noise of this machine at this time)."""
+    of the two overlap (the difference is within the noise of this machine at this time). The paired ratio is
+    per round (test and base ran back to back), its p10-p90 showing how much the load moved it."""
 
     min_ratio: float
     median_ratio: float
     reliable: bool
+    paired_median: float = float("nan")
+    paired_p10: float = float("nan")
+    paired_p90: float = float("nan")
 
     def to_dict(self) -> dict[str, object]:
-        return {"min_ratio": self.min_ratio, "median_ratio": self.median_ratio, "reliable": self.reliable}
+        return {"min_ratio": self.min_ratio, "median_ratio": self.median_ratio, "reliable": self.reliable,
+                "paired_median": self.paired_median, "paired_p10": self.paired_p10, "paired_p90": self.paired_p90}
 
 
-def latency_ratio(test: LatencyStats, base: LatencyStats) -> Ratio:
+def latency_ratio(test: LatencyStats, base: LatencyStats, test_seconds: Sequence[float] = (),
+                  base_seconds: Sequence[float] = ()) -> Ratio:
+    """Ratio of two interleaved measurements; with their per-round samples also the paired per-round ratio."""
     overlap = test.p10_ms <= base.p90_ms and base.p10_ms <= test.p90_ms
-    return Ratio(test.min_ms / base.min_ms, test.p50_ms / base.p50_ms, not overlap)
+    paired = (float("nan"),) * 3
+    if len(test_seconds) and len(test_seconds) == len(base_seconds):
+        per_round = np.asarray(test_seconds, np.float64) / np.asarray(base_seconds, np.float64)
+        p10, p50, p90 = np.percentile(per_round, [10, 50, 90])
+        paired = (float(p50), float(p10), float(p90))
+    return Ratio(test.min_ms / base.min_ms, test.p50_ms / base.p50_ms, not overlap, *paired)
 
 
 def load_average() -> float:
