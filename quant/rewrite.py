@@ -22,7 +22,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -78,7 +78,7 @@ class _Axis:
         return self.kernel if self.stride == 1 else self.reach + 1
 
 
-def _attributes(node: onnx.NodeProto) -> dict[str, object]:
+def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
@@ -106,7 +106,8 @@ def convtranspose_to_conv(model: onnx.ModelProto) -> RewriteResult:
             # the interleave's Reshape takes a computed shape, which ONNX shape inference cannot follow: declare the
             # known rank and channel count so later passes (split_concat_conv, the quantizer) still see them
             out = node.output[0]
-            dims: list[int | str] = [f"{out}_n", int(weight.dims[1])] + [f"{out}_{i}" for i in range(len(weight.dims) - 2)]
+            dims: list[int | str] = [f"{out}_n", int(weight.dims[1])]
+            dims += [f"{out}_{i}" for i in range(len(weight.dims) - 2)]
             graph.value_info.append(helper.make_tensor_value_info(out, weight.data_type, dims))
     del graph.node[:]
     graph.node.extend(new_nodes)
@@ -126,10 +127,10 @@ def _deconv_nodes(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]
     weight = numpy_helper.to_array(inits[node.input[1]])  # (C_in, C_out, k...)
     rank = weight.ndim - 2
     ones = [1] * rank
-    strides = list(attrs.get("strides", ones))  # type: ignore[call-overload]
-    dilations = list(attrs.get("dilations", ones))  # type: ignore[call-overload]
-    pads = list(attrs.get("pads", [0] * 2 * rank))  # type: ignore[call-overload]
-    out_pad = list(attrs.get("output_padding", [0] * rank))  # type: ignore[call-overload]
+    strides = list(attrs.get("strides", ones))
+    dilations = list(attrs.get("dilations", ones))
+    pads = list(attrs.get("pads", [0] * 2 * rank))
+    out_pad = list(attrs.get("output_padding", [0] * rank))
     axes = [_Axis(strides[a], dilations[a], weight.shape[2 + a], pads[a], pads[rank + a], out_pad[a])
             for a in range(rank)]
     c_in, c_out = weight.shape[:2]
@@ -141,7 +142,9 @@ def _deconv_nodes(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]
         phase = tuple(r for _, r, _ in combo)
         position = tuple(p for _, _, p in combo)
         # kernel[c_out, phase..., c_in, position...] = weight[c_in, c_out, taps...]
-        kernel[(slice(None), *phase, slice(None), *position)] = weight[(slice(None), slice(None), *taps)].T
+        target: tuple[Any, ...] = (slice(None), *phase, slice(None), *position)
+        source: tuple[Any, ...] = (slice(None), slice(None), *taps)
+        kernel[target] = weight[source].T
     kernel = kernel.reshape(c_out * n_phases, c_in, *kernel.shape[2 + rank:])
     name = node.name or node.output[0]
     prefix = f"{name}/as_conv"
@@ -242,17 +245,15 @@ def split_concat_conv(model: onnx.ModelProto) -> RewriteResult:
         concat = producers.get(node.input[0])
         if concat is None or concat.op_type != "Concat":
             continue
-        counts = [shapes.get(t) for t in concat.input]
-        axis = int(_attributes(concat)["axis"])  # type: ignore[call-overload]
-        if axis not in (1, -len(numpy_helper.to_array(inits[node.input[1]]).shape) + 1) or None in counts:
-            continue
         weight = numpy_helper.to_array(inits[node.input[1]])
-        if sum(counts) != weight.shape[1]:  # type: ignore[arg-type]
-            continue
+        found = [shapes.get(t) for t in concat.input]
+        counts = [c for c in found if c is not None]
+        if int(_attributes(concat)["axis"]) not in (1, 1 - weight.ndim) or len(counts) != len(found) \
+                or sum(counts) != weight.shape[1]:
+            continue  # not a channel concat, or channel counts unknown / not the weight's
         name = node.name or node.output[0]
         parts, offset = [], 0
         for index, (tensor, count) in enumerate(zip(concat.input, counts)):
-            assert count is not None
             w_name = f"{name}/part{index}/weight"
             new_inits.append(numpy_helper.from_array(np.ascontiguousarray(weight[:, offset:offset + count]), w_name))
             offset += count
@@ -342,7 +343,7 @@ def _channel_counts(model: onnx.ModelProto) -> dict[str, int]:
         elif node.op_type == "Conv" and node.input[1] in constants:
             found = int(constants[node.input[1]].shape[0])
         elif node.op_type == "ConvTranspose" and node.input[1] in constants:
-            found = int(constants[node.input[1]].shape[1]) * int(_attributes(node).get("group", 1))  # type: ignore
+            found = int(constants[node.input[1]].shape[1]) * int(_attributes(node).get("group", 1))
         elif node.op_type == "Slice":
             axes = constants.get(node.input[3]) if len(node.input) > 3 and node.input[3] else None
             if axes is not None and 1 not in axes.tolist():

@@ -55,10 +55,8 @@ class LatencyStats:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, float]) -> LatencyStats:
-        return cls(
-            int(values["runs"]), *(float(values[key]) for key in ("min_ms", "mean_ms", "p50_ms", "p90_ms", "p99_ms", "max_ms")),
-            float(values.get("p10_ms", float("nan"))),
-        )
+        floats = {key: float(values[key]) for key in ("min_ms", "mean_ms", "p50_ms", "p90_ms", "p99_ms", "max_ms")}
+        return cls(int(values["runs"]), **floats, p10_ms=float(values.get("p10_ms", float("nan"))))
 
 
 def latency_stats(seconds: Sequence[float]) -> LatencyStats:
