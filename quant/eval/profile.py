@@ -95,15 +95,21 @@ def node_times_ms(model_path: Path, feeds: Feeds, runs: int = 10, threads: int =
     return {node.name: node.ms for node in profile_graph(model_path, feeds, runs, threads).nodes}
 
 
-def source_node(name: str, op_type: str, nodes: set[str], producers: Mapping[str, str]) -> str | None:
-    """The export's node an ORT node came from, or None for conversions and ORT's own layout nodes."""
+def source_node(name: str, op_type: str, nodes: set[str], producers: Mapping[str, onnx.NodeProto]) -> str | None:
+    """The export's node an ORT node came from, or None for conversions and ORT's own layout nodes. An NCHWc Conv
+    is named after the output of what ORT fused into it (Conv -> Relu / Add): walk back to the Conv itself."""
     if op_type in CONVERSION_OPS:
         return None
     for candidate in (name, _TOKEN.sub("", name), name.removesuffix("_quant")):
         if candidate in nodes:
             return candidate
     if name.endswith("_nchwc"):
-        return producers.get(name[: -len("_nchwc")])
+        node = producers.get(name[: -len("_nchwc")])
+        for _ in range(4):  # Conv -> Add -> Relu is the longest chain ORT fuses
+            if node is None or node.op_type == op_type or not node.input:
+                break
+            node = producers.get(node.input[0])
+        return node.name if node is not None and node.op_type == op_type else None
     return None
 
 
@@ -180,7 +186,7 @@ class ProfileComparison:
 def compare_profiles(fp32: GraphProfile, int8: GraphProfile, source: onnx.ModelProto) -> ProfileComparison:
     """Attribute both profiles to the export's nodes (`source`: the FP32 graph both builds come from)."""
     names = {n.name for n in source.graph.node if n.name}
-    producers = {out: n.name for n in source.graph.node for out in n.output}
+    producers = {out: n for n in source.graph.node for out in n.output}
     table: dict[str, dict[str, list[tuple[str, float]]]] = {}
     overhead = 0.0
     for label, profile in (("fp32", fp32), ("int8", int8)):
