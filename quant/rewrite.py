@@ -9,6 +9,7 @@
 - `split_concat_conv`: Conv(Concat([a, b, ...], channels)) -> Conv(a, W_a) + Conv(b, W_b) + ..., the weight split
   along its input channels. Each part then gets its own INT8 scale, so a U-Net skip joined to the decoder path no
   longer forces two distributions under one scale (the reason quant's skip-concat rule keeps such convs float).
+- `prelu_to_leakyrelu`: a PRelu with one slope value is a LeakyRelu (fused into FP32 convs; QLinearLeakyRelu).
 
 Both only re-associate float sums; `check_rewrite` runs original and rewritten graph in ONNX Runtime on the given
 (real) inputs and refuses a rewrite whose outputs differ by more than float tolerance. They are plain ONNX, so the
@@ -368,11 +369,34 @@ def _channel_counts(model: onnx.ModelProto) -> dict[str, int]:
     return known
 
 
+# ------------------------------------------------------------------------------------------- PRelu -> LeakyRelu
+
+
+def prelu_to_leakyrelu(model: onnx.ModelProto) -> RewriteResult:
+    """PRelu whose slope is one constant value (torch's nn.PReLU() default) -> LeakyRelu(alpha=slope): the same
+    function, but one ORT fuses into an NCHWc Conv in FP32 and runs as QLinearLeakyRelu between Q/DQ in INT8
+    (ORT has no integer PRelu)."""
+    model = _copy(model)
+    constants = _constants(model.graph)
+    done = []
+    for position, node in enumerate(model.graph.node):
+        slope = constants.get(node.input[1]) if node.op_type == "PRelu" and len(node.input) > 1 else None
+        if slope is None or slope.size == 0 or not np.all(slope == slope.ravel()[0]):
+            continue
+        leaky = helper.make_node("LeakyRelu", [node.input[0]], list(node.output), name=node.name,
+                                 alpha=float(slope.ravel()[0]))
+        model.graph.node[position].CopyFrom(leaky)
+        done.append(node.name)
+    _drop_unused_initializers(model.graph)
+    return RewriteResult(model, tuple(done))
+
+
 # ----------------------------------------------------------------------------------------------------- checks
 
 REWRITES: dict[str, Callable[[onnx.ModelProto], RewriteResult]] = {
     "deconv-to-conv": convtranspose_to_conv,
     "split-concat-conv": split_concat_conv,
+    "prelu-to-leakyrelu": prelu_to_leakyrelu,
 }
 
 

@@ -51,7 +51,7 @@ def snr_db(reference: dict[str, np.ndarray], test: dict[str, np.ndarray]) -> flo
 
 
 def prepare(model: str, source: Path, label: str, rewrites: tuple[str, ...], work: Path, feeds: dict[str, np.ndarray],
-            cache: Path | None, calib_limit: int) -> dict[str, Path]:
+            cache: Path | None, calib_limit: int, rules: Path | None = None) -> dict[str, Path]:
     """FP32 and INT8 model.onnx of one variant."""
     folder = work / model / label
     if rewrites:
@@ -67,7 +67,8 @@ def prepare(model: str, source: Path, label: str, rewrites: tuple[str, ...], wor
                                    reader=ReaderOptions(limit=calib_limit))
         cache = Path(calibrate(source, model, None, None, folder / "calib.cache", options).path)
     fp32 = build_artifact(source, "fp32", out_dir=folder / "fp32") / MODEL_FILE
-    int8 = build_artifact(source, "int8", out_dir=folder / "int8", cache=cache) / MODEL_FILE
+    int8 = build_artifact(source, "int8", out_dir=folder / "int8", cache=cache,
+                          rules=rules if rewrites else None) / MODEL_FILE
     return {"fp32": fp32, "int8": int8}
 
 
@@ -78,7 +79,7 @@ def bench_model(spec: str, args: argparse.Namespace) -> dict[str, object]:
     builds: dict[str, Path] = {}
     for label, rewrites in [("plain", ()), *args.variant]:
         for precision, path in prepare(model, source, label, rewrites, args.work, feeds, args.cache if not rewrites
-                                       else None, args.calib_limit).items():
+                                       else None, args.calib_limit, args.rules).items():
             builds[f"{precision}" if label == "plain" else f"{precision}+{label}"] = path
     from quant.backends.ort import OrtRunner
 
@@ -112,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="LABEL=rewrite[,rewrite]: also build and time this rewritten graph (repeatable); "
                         "rewrites: deconv-to-conv, split-concat-conv")
     parser.add_argument("--cache", type=Path, help="calibration cache of the plain export (one model only)")
+    parser.add_argument("--rules", type=Path, help="precision rules for the rewritten variants' INT8 builds (default: "
+                        "shipped rules; the plain build always uses the shipped rules)")
     parser.add_argument("--calib-limit", type=int, default=4, help="utterances to calibrate with (default 4)")
     parser.add_argument("--runs", type=int, default=30, help="interleaved rounds (default 30)")
     parser.add_argument("--threads", type=int, default=1)

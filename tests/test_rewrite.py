@@ -211,3 +211,18 @@ def test_split_concat_conv_traces_channels_behind_a_computed_crop():
     feed = {"a": rng2.standard_normal((1, 2, 5, 8)).astype(np.float32),
             "s": rng2.standard_normal((1, 4, 5, 8)).astype(np.float32)}
     assert check_rewrite(model, result.model, [feed]).relative_error < 1e-5
+
+
+@pytest.mark.parametrize("slope, rewritten", [(np.array([0.25], np.float32), True),
+                                              (np.full((4, 1, 1), 0.1, np.float32), True),
+                                              (np.array([0.1, 0.2, 0.3, 0.4], np.float32).reshape(4, 1, 1), False)])
+def test_prelu_to_leakyrelu_only_for_a_single_slope(slope: np.ndarray, rewritten: bool):
+    from quant.rewrite import prelu_to_leakyrelu
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 5, 6])
+    model = _model([helper.make_node("PRelu", ["x", "slope"], ["y"], name="act")], [x], "y",
+                   [numpy_helper.from_array(slope, "slope")])
+    result = prelu_to_leakyrelu(model)
+    assert result.rewritten == (("act",) if rewritten else ())
+    assert result.model.graph.node[0].op_type == ("LeakyRelu" if rewritten else "PRelu")
+    assert check_rewrite(model, result.model, feeds(model, (2, 4, 5, 6))).relative_error < 1e-6
