@@ -62,16 +62,30 @@ class GraphProfile:
 def profile_graph(model_path: Path, feeds: Feeds, runs: int = 10, threads: int = 1) -> GraphProfile:
     """Mean kernel time per run of every node ORT runs (after its fusions), plus the mean whole-run time; one
     untimed warm-up run is excluded."""
+    return profile_graphs([model_path], feeds, runs, threads)[0]
+
+
+def profile_graphs(model_paths: Sequence[Path], feeds: Feeds, runs: int = 10, threads: int = 1) -> list[GraphProfile]:
+    """profile_graph of several graphs whose runs alternate (one run of each per round), so a change of machine
+    load during profiling hits all of them alike and their per-node ratios stay comparable."""
     with tempfile.TemporaryDirectory() as work:
-        session = make_session(model_path, threads, profile_prefix=Path(work) / "profile")
-        names = [i.name for i in session.get_inputs()]
-        missing = [n for n in names if n not in feeds]
-        if missing:
-            raise ModelError(f"{model_path}: profiling feeds lack inputs {missing}")
-        bound = {n: feeds[n] for n in names}
+        sessions, bound = [], []
+        for index, path in enumerate(model_paths):
+            session = make_session(path, threads, profile_prefix=Path(work) / f"profile{index}")
+            names = [i.name for i in session.get_inputs()]
+            missing = [n for n in names if n not in feeds]
+            if missing:
+                raise ModelError(f"{path}: profiling feeds lack inputs {missing}")
+            sessions.append(session)
+            bound.append({n: feeds[n] for n in names})
         for _ in range(runs + 1):
-            session.run(None, bound)
-        events = json.loads(Path(session.end_profiling()).read_text())
+            for session, inputs in zip(sessions, bound):
+                session.run(None, inputs)
+        return [_read_trace(Path(session.end_profiling()), runs) for session in sessions]
+
+
+def _read_trace(trace: Path, runs: int) -> GraphProfile:
+    events = json.loads(trace.read_text())
     kernels: dict[str, list[float]] = {}
     op_types: dict[str, str] = {}
     whole: list[float] = []
@@ -214,13 +228,13 @@ def _main_op(parts: Sequence[tuple[str, float]]) -> str:
 
 def profile_pair(fp32_model: Path, int8_model: Path, feeds: Feeds, runs: int = 10,
                  threads: int = 1) -> ProfileComparison:
-    """Profile an FP32 build and the INT8 build of the same export on the same feeds."""
+    """Profile an FP32 build and the INT8 build of the same export on the same feeds, their runs alternating."""
     try:
         source = onnx.load(str(fp32_model), load_external_data=False)
     except Exception as error:
         raise ModelError(f"{fp32_model}: not a readable ONNX model: {error}") from None
-    return compare_profiles(profile_graph(fp32_model, feeds, runs, threads),
-                            profile_graph(int8_model, feeds, runs, threads), source)
+    fp32, int8 = profile_graphs([fp32_model, int8_model], feeds, runs, threads)
+    return compare_profiles(fp32, int8, source)
 
 
 def format_profile(comparison: ProfileComparison, top: int = 15) -> str:
