@@ -253,7 +253,8 @@ def format_profile(comparison: ProfileComparison, top: int = 15) -> str:
                  f"{comparison.overhead_ms:>9.2f}")
     lines.append("")
     lines.append(f"FP32 time in ops with integer kernels in the INT8 build: {100 * comparison.integer_share:.1f} %")
-    lines.append(f"INT8/FP32 profiled {comparison.ratio:.2f}; ceiling {comparison.ceiling_ratio:.2f} (integer ops at "
+    lines.append(f"INT8/FP32 under the profiler {comparison.ratio:.2f} (it adds a cost per node, more nodes in INT8: the "
+                 f"interleaved timing is the real ratio); ceiling {comparison.ceiling_ratio:.2f} (integer ops at "
                  f"their INT8 kernel time, other ops at FP32 time, conversions free); "
                  f"{comparison.ceiling_free_ratio:.2f} if integer ops were free")
     return "\n".join(lines)
