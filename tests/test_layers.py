@@ -22,9 +22,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("quant.backends",),
     ("quant.calib",),
     ("quant.precision",),
-    ("quant.artifacts",),
+    ("quant.artifacts", "quant.rewrite"),
     ("quant.eval",),
-    ("quant.tasks", "quant.search"),
+    ("quant.tasks", "quant.search", "quant.timing"),
     ("quant.report", "quant.pipeline"),
     ("quant.cli", "quant.__main__"),
 )

@@ -97,3 +97,51 @@ def test_measure_graph_covers_threads_and_batches() -> None:
     # the batch sweep runs with the first thread count only
     assert {t for t, b in log if b == 4} == {1}
     assert sum(1 for t, b in log if t == 2) == 4  # 2 warm-up + 2 timed
+
+
+class _OrderRunner:
+    """A runner that records the order of calls in a shared log and the feeds it got."""
+
+    def __init__(self, label: str, log: list[str], inputs: tuple[str, ...]) -> None:
+        self.label, self.log, self.input_names, self.output_names = label, log, inputs, ("y",)
+        self.feeds: list[set[str]] = []
+
+    def run(self, feeds):
+        self.log.append(self.label)
+        self.feeds.append(set(feeds))
+        return {"y": np.zeros(1, np.float32)}
+
+
+def test_bench_interleaved_runs_round_robin_with_a_rotating_start():
+    from quant.eval.speed import bench_interleaved
+
+    log: list[str] = []
+    runners = {"a": _OrderRunner("a", log, ("x",)), "b": _OrderRunner("b", log, ("x", "s")),
+               "c": _OrderRunner("c", log, ("x",))}
+    stats = bench_interleaved(runners, {"x": np.zeros(1), "s": np.zeros(1)}, runs=4, warmup=1)
+    assert {label: s.runs for label, s in stats.items()} == {"a": 4, "b": 4, "c": 4}
+    assert log == list("abc" "abc" "bca" "cab" "abc")  # warm-up, then rounds starting one further each time
+    assert runners["a"].feeds[0] == {"x"} and runners["b"].feeds[0] == {"x", "s"}  # each binds its own inputs
+    assert all(s.p10_ms <= s.p50_ms <= s.p90_ms for s in stats.values())
+
+
+def test_latency_ratio_is_unreliable_when_spreads_overlap():
+    from quant.eval.speed import latency_ratio, latency_stats
+
+    base = latency_stats([0.010, 0.011, 0.012, 0.013, 0.014])
+    apart = latency_ratio(latency_stats([0.005, 0.0055, 0.006, 0.0065, 0.007]), base)
+    close = latency_ratio(latency_stats([0.009, 0.0105, 0.0115, 0.012, 0.0125]), base)
+    assert apart.reliable and apart.min_ratio == pytest.approx(0.5) and apart.median_ratio == pytest.approx(0.5)
+    assert not close.reliable
+
+
+def test_paired_ratio_follows_the_rounds_not_the_spread():
+    """A load burst slows both graphs of a round: the per-round ratio stays put while the spreads overlap."""
+    from quant.eval.speed import latency_ratio, latency_stats
+
+    base = [0.010, 0.030, 0.011, 0.029, 0.012]
+    test = [0.005, 0.015, 0.0055, 0.0145, 0.006]
+    ratio = latency_ratio(latency_stats(test), latency_stats(base), test, base)
+    assert not ratio.reliable
+    assert ratio.paired_median == pytest.approx(0.5) and ratio.paired_p10 == pytest.approx(0.5)
+    assert ratio.paired_p90 == pytest.approx(0.5)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from dataclasses import replace
 from typing import Any
 
 from quant.cli.run import add_selection, command_line, options_from, print_outcome
 
 BENCH_UTTERANCES = 8  # the speed workload is the median-length utterance of these
+PROFILE_RUNS = 10  # profiled runs per build (--profile)
+INTERLEAVED_RUNS = 30  # FP32/INT8 rounds timed interleaved after the profile
 
 
 def register(subparsers: Any) -> None:
@@ -22,10 +25,41 @@ def register(subparsers: Any) -> None:
     parser.add_argument("specs", nargs="*", metavar="SPEC", help="shipped models (dpcrn, dpcrn-stream, wenet) or "
                         "model spec files (default: the three shipped models)")
     add_selection(parser)
+    parser.add_argument("model", nargs="?", help="with --profile: dpcrn, dpcrn-stream or wenet-encoder")
+    parser.add_argument("--profile", action="store_true",
+                        help="time accounting of MODEL's FP32 and INT8 builds instead: per op type and per node "
+                        "(ORT profiler, --runs runs, default 10), the share of FP32 time in ops with integer kernels, "
+                        "the ceiling INT8/FP32 ratio, and FP32 vs INT8 timed interleaved (min/median/p10-p90)")
+    parser.add_argument("--cache", type=Path, help="with --profile: calibration cache for the INT8 build")
+    parser.add_argument("--json", type=Path, help="with --profile: also write {'profile': ..., 'interleaved': ...}")
     parser.set_defaults(handler=run)
 
 
+def run_profile(args: argparse.Namespace) -> int:
+    from quant.errors import QuantError
+    from quant.eval.profile import format_profile
+    from quant.fileio import atomic_write_json
+    from quant.timing import format_interleaved, profile_model, time_interleaved, timing_feeds
+
+    if not args.model:
+        raise QuantError("quant bench --profile needs a MODEL: dpcrn, dpcrn-stream or wenet-encoder")
+    threads = args.threads[0] if args.threads else 1
+    out_dir = args.output / args.model if args.output else None
+    profiled = profile_model(args.model, args.runs or PROFILE_RUNS, threads, args.cache, out_dir)
+    comparison = profiled.comparison
+    print(format_profile(comparison))
+    paths = {"fp32": profiled.fp32, "int8": profiled.int8}
+    timed = time_interleaved(paths, timing_feeds(args.model, paths["fp32"]), args.runs or INTERLEAVED_RUNS, threads)
+    print("\n" + format_interleaved(timed, "fp32"))
+    if args.json:
+        atomic_write_json(args.json, {"profile": comparison.to_dict(), "interleaved": timed.to_dict("fp32")})
+        print(f"wrote {args.json}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.profile:
+        return run_profile(args)
     from quant.pipeline import run_all
 
     options = options_from(args, command_line())

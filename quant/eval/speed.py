@@ -7,6 +7,7 @@ Timing uses time.perf_counter around `runner.run` only; feeds are prepared befor
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterator, Mapping, Sequence
@@ -47,15 +48,15 @@ class LatencyStats:
     p90_ms: float
     p99_ms: float
     max_ms: float
+    p10_ms: float = float("nan")  # with p90 the spread the interleaved ratios are judged by (nan: not recorded)
 
     def to_dict(self) -> dict[str, float]:
         return {key: float(value) for key, value in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, float]) -> LatencyStats:
-        return cls(
-            int(values["runs"]), *(float(values[key]) for key in ("min_ms", "mean_ms", "p50_ms", "p90_ms", "p99_ms", "max_ms"))
-        )
+        floats = {key: float(values[key]) for key in ("min_ms", "mean_ms", "p50_ms", "p90_ms", "p99_ms", "max_ms")}
+        return cls(int(values["runs"]), **floats, p10_ms=float(values.get("p10_ms", float("nan"))))
 
 
 def latency_stats(seconds: Sequence[float]) -> LatencyStats:
@@ -63,8 +64,9 @@ def latency_stats(seconds: Sequence[float]) -> LatencyStats:
     if not len(seconds):
         raise ValueError("latency_stats needs at least one timed run")
     ms = np.asarray(seconds, dtype=np.float64) * 1000.0
-    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-    return LatencyStats(len(ms), float(ms.min()), float(ms.mean()), float(p50), float(p90), float(p99), float(ms.max()))
+    p10, p50, p90, p99 = np.percentile(ms, [10, 50, 90, 99])
+    return LatencyStats(len(ms), float(ms.min()), float(ms.mean()), float(p50), float(p90), float(p99), float(ms.max()),
+                        float(p10))
 
 
 def time_calls(call: Callable[[], object], runs: int, warmup: int) -> LatencyStats:
@@ -107,6 +109,71 @@ def bench_stateful(
         if step >= warmup:
             seconds.append(elapsed)
     return latency_stats(seconds)
+
+
+def interleaved_seconds(runners: Mapping[str, Runner], feeds: Feeds, runs: int, warmup: int = 3
+                        ) -> dict[str, list[float]]:
+    """Per-run seconds of compared graphs timed round-robin in one process: each round runs every graph once (the
+    start rotating by one each round), so a change of machine load between rounds hits every graph alike and their
+    ratio survives it; sample i of every label comes from round i. Each runner binds the feeds it takes by name."""
+    if not runners:
+        raise ValueError("bench_interleaved needs at least one runner")
+    labels = list(runners)
+    bound = {label: {name: feeds[name] for name in runners[label].input_names} for label in labels}
+    for _ in range(warmup):
+        for label in labels:
+            runners[label].run(bound[label])
+    seconds: dict[str, list[float]] = {label: [] for label in labels}
+    for round_index in range(runs):
+        shift = round_index % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            start = time.perf_counter()
+            runners[label].run(bound[label])
+            seconds[label].append(time.perf_counter() - start)
+    return seconds
+
+
+def bench_interleaved(runners: Mapping[str, Runner], feeds: Feeds, runs: int, warmup: int = 3) -> dict[str, LatencyStats]:
+    """Latency of compared graphs timed round-robin (interleaved_seconds), summarised per label."""
+    return {label: latency_stats(values) for label, values in interleaved_seconds(runners, feeds, runs, warmup).items()}
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """latency of `test` / latency of `base` from one interleaved run; `reliable` is False when the p10-p90 spreads
+    of the two overlap (the difference is within the noise of this machine at this time). The paired ratio is
+    per round (test and base ran back to back), its p10-p90 showing how much the load moved it."""
+
+    min_ratio: float
+    median_ratio: float
+    reliable: bool
+    paired_median: float = float("nan")
+    paired_p10: float = float("nan")
+    paired_p90: float = float("nan")
+
+    def to_dict(self) -> dict[str, object]:
+        return {"min_ratio": self.min_ratio, "median_ratio": self.median_ratio, "reliable": self.reliable,
+                "paired_median": self.paired_median, "paired_p10": self.paired_p10, "paired_p90": self.paired_p90}
+
+
+def latency_ratio(test: LatencyStats, base: LatencyStats, test_seconds: Sequence[float] = (),
+                  base_seconds: Sequence[float] = ()) -> Ratio:
+    """Ratio of two interleaved measurements; with their per-round samples also the paired per-round ratio."""
+    overlap = test.p10_ms <= base.p90_ms and base.p10_ms <= test.p90_ms
+    paired = (float("nan"),) * 3
+    if len(test_seconds) and len(test_seconds) == len(base_seconds):
+        per_round = np.asarray(test_seconds, np.float64) / np.asarray(base_seconds, np.float64)
+        p10, p50, p90 = np.percentile(per_round, [10, 50, 90])
+        paired = (float(p50), float(p10), float(p90))
+    return Ratio(test.min_ms / base.min_ms, test.p50_ms / base.p50_ms, not overlap, *paired)
+
+
+def load_average() -> float:
+    """The 1-minute load average (nan where the platform has none): recorded around every timing."""
+    try:
+        return float(os.getloadavg()[0])
+    except OSError:
+        return float("nan")
 
 
 def _cycle(frames: Sequence[np.ndarray]) -> Iterator[np.ndarray]:

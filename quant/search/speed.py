@@ -3,9 +3,7 @@ builds timed interleaved round-robin in one process (so machine load drifts hit 
 
 from __future__ import annotations
 
-import json
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,15 +12,13 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from quant.backends.ort import OrtRunner, make_session
+from quant.backends.ort import OrtRunner
 from quant.onnxgraph.graph import ensure_node_names
 from quant.errors import ModelError
+from quant.eval.profile import TENSOR_SUFFIXES, Feeds, node_times_ms
 from quant.search.units import Unit
 
-Feeds = Mapping[str, np.ndarray]
-KERNEL_SUFFIX = "_kernel_time"
-# ORT nodes named after a tensor: the quantizer's Q/DQ, and the NCHWc layout pass's float Conv (`<output>_nchwc`)
-TENSOR_SUFFIXES = ("_QuantizeLinear", "_DequantizeLinear", "_nchwc")
+__all__ = ["Feeds", "Latency", "interleaved_latency", "node_times_ms", "unit_times_ms"]
 
 
 @dataclass(frozen=True)
@@ -33,24 +29,6 @@ class Latency:
 
     def to_dict(self) -> dict[str, float | int]:
         return {"min_ms": self.min_ms, "median_ms": self.median_ms, "runs": self.runs}
-
-
-def node_times_ms(model_path: Path, feeds: Feeds, runs: int = 10, threads: int = 1) -> dict[str, float]:
-    """Mean kernel time per run (ms) of every node of the graph ORT runs (after its fusions), by node name."""
-    with tempfile.TemporaryDirectory() as work:
-        session = make_session(model_path, threads, profile_prefix=Path(work) / "profile")
-        names = [i.name for i in session.get_inputs()]
-        session.run(None, {n: feeds[n] for n in names})  # warm-up, excluded below by counting only the last runs
-        for _ in range(runs):
-            session.run(None, {n: feeds[n] for n in names})
-        trace = Path(session.end_profiling())
-        events = json.loads(trace.read_text())
-    totals: dict[str, list[float]] = {}
-    for event in events:
-        if event.get("cat") == "Node" and str(event.get("name", "")).endswith(KERNEL_SUFFIX):
-            totals.setdefault(event["name"][: -len(KERNEL_SUFFIX)], []).append(float(event["dur"]) / 1000.0)
-    # every node ran runs + 1 times; drop the warm-up (the first event of each node)
-    return {name: float(sum(times[1:]) / max(1, len(times) - 1)) for name, times in totals.items()}
 
 
 def unit_times_ms(times: Mapping[str, float], units: Iterable[Unit], model: onnx.ModelProto) -> dict[str, float]:

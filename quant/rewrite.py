@@ -1,0 +1,466 @@
+"""Exact graph rewrites that let more of a model run in integer kernels, and the check each must pass before use.
+
+- `convtranspose_to_conv`: ConvTranspose -> Conv. ONNX Runtime's CPU has no integer ConvTranspose (it runs float
+  after DequantizeLinear), but QLinearConv is fast. Along an axis of stride 1 a transposed convolution is a
+  convolution with the kernel flipped, in/out channels swapped and the input padded by dilation x (kernel - 1).
+  Along an axis of stride s > 1 it is s convolutions, one per output phase r (output index s*m + r), each using the
+  taps j with dilation*j = r (mod s): one Conv with s x the output channels whose phases are interleaved back
+  along the axis (sub-pixel rearrangement: Reshape -> Transpose -> Reshape), then cropped by the original pads.
+- `split_concat_conv`: Conv(Concat([a, b, ...], channels)) -> Conv(a, W_a) + Conv(b, W_b) + ..., the weight split
+  along its input channels. Each part then gets its own INT8 scale, so a U-Net skip joined to the decoder path no
+  longer forces two distributions under one scale (the reason quant's skip-concat rule keeps such convs float).
+- `prelu_to_leakyrelu`: a PRelu with one slope value is a LeakyRelu (fused into FP32 convs; QLinearLeakyRelu).
+
+Both only re-associate float sums; `check_rewrite` runs original and rewritten graph in ONNX Runtime on the given
+(real) inputs and refuses a rewrite whose outputs differ by more than float tolerance. They are plain ONNX, so the
+TensorRT Q/DQ model built from the rewritten graph gets the same integer convolutions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from quant.errors import BuildError
+
+log = logging.getLogger(__name__)
+
+Feeds = Mapping[str, np.ndarray]
+# max |rewritten - original| / max |original| per output: float32 re-association error, far below INT8's step
+DEFAULT_TOLERANCE = 1e-5
+
+
+@dataclass(frozen=True)
+class RewriteResult:
+    model: onnx.ModelProto
+    rewritten: tuple[str, ...]  # names of the original nodes replaced
+
+
+# ------------------------------------------------------------------------------------- ConvTranspose -> Conv
+
+
+@dataclass(frozen=True)
+class _Axis:
+    stride: int
+    dilation: int
+    kernel: int
+    pad_begin: int
+    pad_end: int
+    output_padding: int
+
+    @property
+    def span(self) -> int:  # dilation * (kernel - 1): how far a tap reaches
+        return self.dilation * (self.kernel - 1)
+
+    @property
+    def reach(self) -> int:
+        """Q: the largest input offset a phase reads (stride 1: the dilated span, else floor(span / stride))."""
+        return self.span if self.stride == 1 else self.span // self.stride
+
+    def taps(self) -> list[tuple[int, int, int]]:
+        """(original tap j, phase r, position p in the phase kernel)."""
+        if self.stride == 1:  # one phase; the Conv keeps the dilation, so positions are tap indices, flipped
+            return [(j, 0, self.kernel - 1 - j) for j in range(self.kernel)]
+        out = []
+        for j in range(self.kernel):
+            r = (self.dilation * j) % self.stride
+            out.append((j, r, self.reach - (self.dilation * j - r) // self.stride))
+        return out
+
+    def conv_kernel(self) -> int:
+        return self.kernel if self.stride == 1 else self.reach + 1
+
+
+def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def convtranspose_to_conv(model: onnx.ModelProto) -> RewriteResult:
+    """Every ConvTranspose with a constant weight, group 1, explicit pads (no auto_pad/output_shape) -> Conv
+    (+ phase interleave where a stride > 1, + Slice where pads crop). The Conv keeps the ConvTranspose's name."""
+    model = _copy(model)
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    new_nodes: list[onnx.NodeProto] = []
+    new_inits: list[onnx.TensorProto] = []
+    done = []
+    declared = {v.name for v in list(graph.value_info) + list(graph.output)}
+    for node in graph.node:
+        replaced = _deconv_nodes(node, inits) if node.op_type == "ConvTranspose" else None
+        if replaced is None:
+            new_nodes.append(node)
+            continue
+        nodes, tensors = replaced
+        new_nodes.extend(nodes)
+        new_inits.extend(tensors)
+        done.append(node.name)
+        weight = inits[node.input[1]]
+        if node.output[0] not in declared:
+            # the interleave's Reshape takes a computed shape, which ONNX shape inference cannot follow: declare the
+            # known rank and channel count so later passes (split_concat_conv, the quantizer) still see them
+            out = node.output[0]
+            dims: list[int | str] = [f"{out}_n", int(weight.dims[1])]
+            dims += [f"{out}_{i}" for i in range(len(weight.dims) - 2)]
+            graph.value_info.append(helper.make_tensor_value_info(out, weight.data_type, dims))
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    graph.initializer.extend(new_inits)
+    _drop_unused_initializers(graph)
+    return RewriteResult(model, tuple(done))
+
+
+def _deconv_nodes(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]
+                  ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]] | None:
+    attrs = _attributes(node)
+    if node.input[1] not in inits or len(node.input) > 2 and node.input[2] and node.input[2] not in inits:
+        return None
+    if int(attrs.get("group", 1)) != 1 or "output_shape" in attrs or attrs.get("auto_pad", b"NOTSET") not in (
+            b"NOTSET", "NOTSET"):
+        return None
+    weight = numpy_helper.to_array(inits[node.input[1]])  # (C_in, C_out, k...)
+    rank = weight.ndim - 2
+    ones = [1] * rank
+    strides = list(attrs.get("strides", ones))
+    dilations = list(attrs.get("dilations", ones))
+    pads = list(attrs.get("pads", [0] * 2 * rank))
+    out_pad = list(attrs.get("output_padding", [0] * rank))
+    axes = [_Axis(strides[a], dilations[a], weight.shape[2 + a], pads[a], pads[rank + a], out_pad[a])
+            for a in range(rank)]
+    c_in, c_out = weight.shape[:2]
+    phases = [a.stride for a in axes]
+    n_phases = int(np.prod(phases))
+    kernel = np.zeros((c_out, *phases, c_in, *[a.conv_kernel() for a in axes]), weight.dtype)
+    for combo in itertools.product(*[a.taps() for a in axes]):
+        taps = tuple(j for j, _, _ in combo)
+        phase = tuple(r for _, r, _ in combo)
+        position = tuple(p for _, _, p in combo)
+        # kernel[c_out, phase..., c_in, position...] = weight[c_in, c_out, taps...]
+        target: tuple[Any, ...] = (slice(None), *phase, slice(None), *position)
+        source: tuple[Any, ...] = (slice(None), slice(None), *taps)
+        kernel[target] = weight[source].T
+    kernel = kernel.reshape(c_out * n_phases, c_in, *kernel.shape[2 + rank:])
+    name = node.name or node.output[0]
+    prefix = f"{name}/as_conv"
+    tensors = [numpy_helper.from_array(kernel, f"{prefix}/weight")]
+    conv_inputs = [node.input[0], f"{prefix}/weight"]
+    if len(node.input) > 2 and node.input[2]:
+        bias = numpy_helper.to_array(inits[node.input[2]])
+        tensors.append(numpy_helper.from_array(np.repeat(bias, n_phases), f"{prefix}/bias"))
+        conv_inputs.append(f"{prefix}/bias")
+    # pads of the Conv; what a negative pad would need (pads cropping more than the span) is a Slice after it
+    begin, end, crop_begin, crop_end = [], [], [], []
+    for a in axes:
+        if a.stride == 1:
+            left, right = a.span - a.pad_begin, a.span - a.pad_end + a.output_padding
+            begin.append(max(left, 0))
+            end.append(max(right, 0))
+            crop_begin.append(max(-left, 0))
+            crop_end.append(max(-right, 0))
+        else:
+            slack = a.stride * (a.reach + 1) - a.span - 1  # interleaved length - full transposed length
+            extra = -(-max(0, a.output_padding - a.pad_end - slack) // a.stride)
+            begin.append(a.reach)
+            end.append(a.reach + extra)
+            crop_begin.append(a.pad_begin)
+            crop_end.append(slack + a.stride * extra + a.pad_end - a.output_padding)
+    interleave = n_phases > 1
+    crop = any(crop_begin) or any(crop_end)
+    conv_out = f"{prefix}/phases" if interleave else (f"{prefix}/uncropped" if crop else node.output[0])
+    conv_dilations = [a.dilation if a.stride == 1 else 1 for a in axes]
+    nodes = [helper.make_node("Conv", conv_inputs, [conv_out], name=name, pads=begin + end, strides=ones,
+                              dilations=conv_dilations, group=1)]
+    current = conv_out
+    if interleave:
+        after = f"{prefix}/uncropped" if crop else node.output[0]
+        more_nodes, more_tensors = _interleave(prefix, current, after, c_out, phases)
+        nodes += more_nodes
+        tensors += more_tensors
+        current = after
+    if crop:
+        big = np.iinfo(np.int64).max
+        tensors += [numpy_helper.from_array(np.array(crop_begin, np.int64), f"{prefix}/crop_starts"),
+                    numpy_helper.from_array(np.array([-c if c else big for c in crop_end], np.int64),
+                                            f"{prefix}/crop_ends"),
+                    numpy_helper.from_array(np.arange(2, 2 + rank, dtype=np.int64), f"{prefix}/crop_axes")]
+        nodes.append(helper.make_node("Slice", [current, f"{prefix}/crop_starts", f"{prefix}/crop_ends",
+                                                f"{prefix}/crop_axes"], [node.output[0]], name=f"{prefix}/crop"))
+    return nodes, tensors
+
+
+def _interleave(prefix: str, source: str, target: str, channels: int, phases: Sequence[int]
+                ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """(N, C*P0*P1.., L0, L1..) with channel index c*P + phase -> (N, C, L0*P0, L1*P1, ..)."""
+    rank = len(phases)
+    p = f"{prefix}/interleave"
+    tensors = [numpy_helper.from_array(np.array([channels, *phases], np.int64), f"{p}/c_phases"),
+               numpy_helper.from_array(np.array([channels], np.int64), f"{p}/c"),
+               numpy_helper.from_array(np.array(phases, np.int64), f"{p}/phases")]
+    perm = [0, 1] + [i for a in range(rank) for i in (2 + rank + a, 2 + a)]
+    tensors += [numpy_helper.from_array(np.array([v], np.int64), f"{p}/{label}")
+                for label, v in (("zero", 0), ("one", 1), ("two", 2), ("end", np.iinfo(np.int64).max))]
+    nodes = [
+        helper.make_node("Shape", [source], [f"{p}/shape"], name=f"{p}/shape"),
+        helper.make_node("Slice", [f"{p}/shape", f"{p}/zero", f"{p}/one"], [f"{p}/n"], name=f"{p}/n"),
+        helper.make_node("Slice", [f"{p}/shape", f"{p}/two", f"{p}/end"], [f"{p}/lengths"], name=f"{p}/lengths"),
+        helper.make_node("Concat", [f"{p}/n", f"{p}/c_phases", f"{p}/lengths"], [f"{p}/split_shape"],
+                         name=f"{p}/split_shape", axis=0),
+        helper.make_node("Reshape", [source, f"{p}/split_shape"], [f"{p}/split"], name=f"{p}/split"),
+        helper.make_node("Transpose", [f"{p}/split"], [f"{p}/moved"], name=f"{p}/move", perm=perm),
+        helper.make_node("Mul", [f"{p}/lengths", f"{p}/phases"], [f"{p}/long"], name=f"{p}/long"),
+        helper.make_node("Concat", [f"{p}/n", f"{p}/c", f"{p}/long"], [f"{p}/merged_shape"],
+                         name=f"{p}/merged_shape", axis=0),
+        helper.make_node("Reshape", [f"{p}/moved", f"{p}/merged_shape"], [target], name=f"{p}/merge"),
+    ]
+    return nodes, tensors
+
+
+# ------------------------------------------------------------------------------------ Conv(Concat) -> sum of Convs
+
+
+def split_concat_conv(model: onnx.ModelProto) -> RewriteResult:
+    """Every Conv (constant weight, group 1) whose input is a channel Concat -> one Conv per concatenated part,
+    summed; the bias goes to the first part. The Concat goes unless another node needs it (a Shape read only at
+    non-channel axes reads the first part instead). Channel counts: see _channel_counts."""
+    model = _copy(model)
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    constants = _constants(graph)
+    shapes = _channel_counts(model)
+    producers = {out: n for n in graph.node for out in n.output}
+    outputs = {o.name for o in graph.output}
+    drop: set[int] = set()
+    replacement: dict[int, list[onnx.NodeProto]] = {}
+    new_inits: list[onnx.TensorProto] = []
+    done = []
+    for node in graph.node:
+        if node.op_type != "Conv" or node.input[1] not in inits or int(_attributes(node).get("group", 1)) != 1:
+            continue
+        concat = producers.get(node.input[0])
+        if concat is None or concat.op_type != "Concat":
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        found = [shapes.get(t) for t in concat.input]
+        counts = [c for c in found if c is not None]
+        if int(_attributes(concat)["axis"]) not in (1, 1 - weight.ndim) or len(counts) != len(found) \
+                or sum(counts) != weight.shape[1]:
+            continue  # not a channel concat, or channel counts unknown / not the weight's
+        name = node.name or node.output[0]
+        parts, offset = [], 0
+        for index, (tensor, count) in enumerate(zip(concat.input, counts)):
+            w_name = f"{name}/part{index}/weight"
+            new_inits.append(numpy_helper.from_array(np.ascontiguousarray(weight[:, offset:offset + count]), w_name))
+            offset += count
+            inputs = [tensor, w_name] + ([node.input[2]] if index == 0 and len(node.input) > 2 and node.input[2]
+                                         else [])
+            part = helper.make_node("Conv", inputs, [f"{name}/part{index}"], name=f"{name}/part{index}")
+            part.attribute.extend(node.attribute)
+            parts.append(part)
+        total = parts[0].output[0]
+        sums = []
+        for index, part in enumerate(parts[1:], start=1):
+            out = node.output[0] if index == len(parts) - 1 else f"{name}/sum{index}"
+            sums.append(helper.make_node("Add", [total, part.output[0]], [out], name=f"{name}/sum{index}"))
+            total = out
+        position = list(graph.node).index(node)
+        replacement[position] = parts + sums
+        if node.input[0] not in outputs and _reroute_shape_readers(graph, concat, node, constants):
+            drop.add(list(graph.node).index(concat))  # else kept for its other readers
+        done.append(name)
+    nodes = []
+    for position, n in enumerate(graph.node):
+        if position in drop:
+            continue
+        nodes.extend(replacement.get(position, [n]))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(new_inits)
+    _drop_unused_initializers(graph)
+    return RewriteResult(model, tuple(done))
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Initializers and Constant-node values by tensor name."""
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def _reroute_shape_readers(graph: onnx.GraphProto, concat: onnx.NodeProto, conv: onnx.NodeProto,
+                           constants: Mapping[str, np.ndarray]) -> bool:
+    """Whether the Concat can go: every other reader is a Shape whose value is only gathered at non-channel axes
+    (DPCRN's decoder reads the frame count this way), which then reads the first part instead (same dims but 1)."""
+    tensor = concat.output[0]
+    others = [n for n in graph.node if tensor in n.input and n is not conv]
+    shapes = [n for n in others if n.op_type == "Shape" and not n.attribute]
+    if len(shapes) != len(others):
+        return False
+    for shape in shapes:
+        for reader in (n for n in graph.node if shape.output[0] in n.input):
+            index = constants.get(reader.input[1]) if reader.op_type == "Gather" and len(reader.input) > 1 else None
+            if index is None or any(int(i) in (1, -3) for i in np.asarray(index).ravel()):
+                return False  # -3: axis 1 of a rank-4 tensor counted from the end (rank unknown here: refuse)
+    for shape in shapes:
+        shape.input[0] = concat.input[0]
+    return True
+
+
+CHANNEL_KEEPING = frozenset({"BatchNormalization", "PRelu", "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Clip",
+                             "Identity", "Dropout", "Add", "Sub", "Mul", "Div", "InstanceNormalization"})
+
+
+def _channel_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor -> its axis-1 size: from ONNX shape inference, else traced back through ops that keep channels
+    (element-wise ops, normalizations, a Slice on other axes) to a Conv / ConvTranspose weight. Shape inference
+    alone loses the channels behind a Slice with computed ends (a causal crop)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # a graph shape inference cannot follow: only what the trace finds
+        inferred = model
+    known: dict[str, int] = {}
+    for info in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        dims = info.type.tensor_type.shape.dim
+        if len(dims) > 1 and dims[1].HasField("dim_value"):
+            known[info.name] = int(dims[1].dim_value)
+    constants = _constants(model.graph)
+    producers = {out: n for n in model.graph.node for out in n.output}
+
+    def channels(tensor: str, depth: int = 0) -> int | None:
+        if tensor in known or depth > 64:
+            return known.get(tensor)
+        node = producers.get(tensor)
+        found: int | None = None
+        if node is None:
+            found = None
+        elif node.op_type == "Conv" and node.input[1] in constants:
+            found = int(constants[node.input[1]].shape[0])
+        elif node.op_type == "ConvTranspose" and node.input[1] in constants:
+            found = int(constants[node.input[1]].shape[1]) * int(_attributes(node).get("group", 1))
+        elif node.op_type == "Slice":
+            axes = constants.get(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+            if axes is not None and 1 not in axes.tolist():
+                found = channels(node.input[0], depth + 1)
+        elif node.op_type in CHANNEL_KEEPING:
+            for source in node.input[:2]:
+                if source and source not in constants:
+                    found = channels(source, depth + 1)
+                    if found is not None:
+                        break
+        if found is not None:
+            known[tensor] = found
+        return found
+
+    for node in model.graph.node:
+        if node.op_type == "Concat":
+            for tensor in node.input:
+                channels(tensor)
+    for init in model.graph.initializer:
+        if len(init.dims) > 1:
+            known.setdefault(init.name, int(init.dims[1]))
+    return known
+
+
+# ------------------------------------------------------------------------------------------- PRelu -> LeakyRelu
+
+
+def prelu_to_leakyrelu(model: onnx.ModelProto) -> RewriteResult:
+    """PRelu whose slope is one constant value (torch's nn.PReLU() default) -> LeakyRelu(alpha=slope): the same
+    function, but one ORT fuses into an NCHWc Conv in FP32 and runs as QLinearLeakyRelu between Q/DQ in INT8
+    (ORT has no integer PRelu)."""
+    model = _copy(model)
+    constants = _constants(model.graph)
+    done = []
+    for position, node in enumerate(model.graph.node):
+        slope = constants.get(node.input[1]) if node.op_type == "PRelu" and len(node.input) > 1 else None
+        if slope is None or slope.size == 0 or not np.all(slope == slope.ravel()[0]):
+            continue
+        leaky = helper.make_node("LeakyRelu", [node.input[0]], list(node.output), name=node.name,
+                                 alpha=float(slope.ravel()[0]))
+        model.graph.node[position].CopyFrom(leaky)
+        done.append(node.name)
+    _drop_unused_initializers(model.graph)
+    return RewriteResult(model, tuple(done))
+
+
+# ----------------------------------------------------------------------------------------------------- checks
+
+REWRITES: dict[str, Callable[[onnx.ModelProto], RewriteResult]] = {
+    "deconv-to-conv": convtranspose_to_conv,
+    "split-concat-conv": split_concat_conv,
+    "prelu-to-leakyrelu": prelu_to_leakyrelu,
+}
+
+
+@dataclass(frozen=True)
+class RewriteCheck:
+    max_abs_error: float  # over every output and feed
+    output_range: float  # max |original output|
+    feeds: int
+
+    @property
+    def relative_error(self) -> float:
+        return self.max_abs_error / max(self.output_range, 1e-30)
+
+
+def check_rewrite(original: onnx.ModelProto, rewritten: onnx.ModelProto, feeds: Sequence[Feeds],
+                  tolerance: float = DEFAULT_TOLERANCE) -> RewriteCheck:
+    """Run both graphs in ONNX Runtime (optimizations off: the graphs as written) on every feed; a BuildError if
+    an output differs by more than `tolerance` x the original output's range."""
+    from quant.backends.ort import OrtRunner
+
+    with tempfile.TemporaryDirectory() as work:
+        paths = []
+        for label, model in (("original", original), ("rewritten", rewritten)):
+            path = Path(work) / f"{label}.onnx"
+            onnx.save(model, str(path))
+            paths.append(path)
+        before, after = (OrtRunner(p, optimization="disable") for p in paths)
+        worst, scale = 0.0, 0.0
+        for feed in feeds:
+            a, b = before.run(feed), after.run(feed)
+            for name, value in a.items():
+                worst = max(worst, float(np.max(np.abs(value.astype(np.float64) - b[name]))) if value.size else 0.0)
+                scale = max(scale, float(np.max(np.abs(value))) if value.size else 0.0)
+    check = RewriteCheck(worst, scale, len(feeds))
+    if not np.isfinite(check.max_abs_error) or check.relative_error > tolerance:
+        raise BuildError(f"graph rewrite changed the outputs: max abs error {check.max_abs_error:.3g} is "
+                         f"{check.relative_error:.3g} of the output range (tolerance {tolerance:g}); not used")
+    return check
+
+
+def apply_rewrites(model: onnx.ModelProto, names: Sequence[str], feeds: Sequence[Feeds],
+                   tolerance: float = DEFAULT_TOLERANCE) -> tuple[RewriteResult, RewriteCheck]:
+    """The named rewrites in order, the result checked against `model` on `feeds` (real inputs)."""
+    unknown = [n for n in names if n not in REWRITES]
+    if unknown:
+        raise BuildError(f"unknown graph rewrite(s) {unknown}; known: {sorted(REWRITES)}")
+    current, done = model, []
+    for name in names:
+        result = REWRITES[name](current)
+        current = result.model
+        done += list(result.rewritten)
+        log.info("%s: rewrote %d node(s)", name, len(result.rewritten))
+    check = check_rewrite(model, current, feeds, tolerance)
+    return RewriteResult(current, tuple(done)), check
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    used = {t for n in graph.node for t in n.input} | {o.name for o in graph.output}
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)

@@ -1,0 +1,140 @@
+"""INT8/FP32 latency that survives a busy machine: for each model, build FP32 and INT8 of the export and of each
+rewritten variant (quant.rewrite, every rewrite checked against the original on real inputs first), then time all
+builds of that model round-robin in one process (ORT, 1 thread by default). Prints min / median / p10-p90 per build,
+the ratios against the plain FP32 build and against the fastest FP32 build (the honest ratio when a rewrite also
+speeds FP32 up), flags a ratio as unreliable when the p10-p90 spreads overlap, and the 1-min load average before and
+after. The INT8 builds' output SNR against their FP32 build on the timing input is printed as a sanity check (the
+accuracy budgets are judged by `quant run` / `quant search`, not here).
+
+    python scripts/bench_int8.py dpcrn --variant deconv=deconv-to-conv \\
+        --variant split=deconv-to-conv,split-concat-conv --calib-limit 4 --runs 30 --json /tmp/bench.json
+
+MODEL is a reference model (dpcrn, dpcrn-stream, wenet-encoder) optionally with its export: dpcrn=/tmp/x/dpcrn.onnx
+(default: engines/export/, exported on demand). --cache gives the plain export's calibration cache; rewritten
+graphs are calibrated afresh on the first --calib-limit utterances (their new tensors need ranges)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from quant.artifacts import build_artifact
+from quant.artifacts.artifact import MODEL_FILE
+from quant.timing import reference_export
+from quant.calib.calibrate import CalibrateOptions, calibrate
+from quant.calib.ranges import RangeOptions
+from quant.calib.readers import ReaderOptions
+from quant.errors import QuantError
+from quant.fileio import atomic_write_json
+from quant.rewrite import apply_rewrites
+from quant.timing import format_interleaved, time_interleaved, timing_feeds
+
+log = logging.getLogger("bench_int8")
+
+
+def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
+    label, _, names = text.partition("=")
+    if not label or not names:
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected LABEL=rewrite[,rewrite...]")
+    return label, tuple(n.strip() for n in names.split(",") if n.strip())
+
+
+def snr_db(reference: dict[str, np.ndarray], test: dict[str, np.ndarray]) -> float:
+    noise = sum(float(((reference[k].astype(np.float64) - test[k]) ** 2).sum()) for k in reference)
+    power = sum(float((reference[k].astype(np.float64) ** 2).sum()) for k in reference)
+    return float("inf") if noise == 0 else 10 * float(np.log10(max(power, 1e-30) / noise))
+
+
+def prepare(model: str, source: Path, label: str, rewrites: tuple[str, ...], work: Path, feeds: dict[str, np.ndarray],
+            cache: Path | None, calib_limit: int, rules: Path | None = None) -> dict[str, Path]:
+    """FP32 and INT8 model.onnx of one variant."""
+    folder = work / model / label
+    if rewrites:
+        result, check = apply_rewrites(onnx.load(str(source)), rewrites, [feeds])
+        print(f"{model} {label}: rewrote {len(result.rewritten)} nodes; max abs error vs original "
+              f"{check.max_abs_error:.3g} ({check.relative_error:.2g} of the output range)", flush=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        source = folder / source.name  # same stem: the build and calibration see the same model name
+        onnx.save(result.model, str(source))
+        cache = None
+    if cache is None:
+        options = CalibrateOptions(ranges=RangeOptions(progress=False), force=True,
+                                   reader=ReaderOptions(limit=calib_limit))
+        cache = Path(calibrate(source, model, None, None, folder / "calib.cache", options).path)
+    fp32 = build_artifact(source, "fp32", out_dir=folder / "fp32") / MODEL_FILE
+    int8 = build_artifact(source, "int8", out_dir=folder / "int8", cache=cache,
+                          rules=rules if rewrites else None) / MODEL_FILE
+    return {"fp32": fp32, "int8": int8}
+
+
+def bench_model(spec: str, args: argparse.Namespace) -> dict[str, object]:
+    model, _, given = spec.partition("=")
+    source = Path(given) if given else reference_export(model)
+    feeds = timing_feeds(model, source)
+    builds: dict[str, Path] = {}
+    for label, rewrites in [("plain", ()), *args.variant]:
+        for precision, path in prepare(model, source, label, rewrites, args.work, feeds, args.cache if not rewrites
+                                       else None, args.calib_limit, args.rules).items():
+            builds[f"{precision}" if label == "plain" else f"{precision}+{label}"] = path
+    from quant.backends.ort import OrtRunner
+
+    snrs = {}
+    for label, path in builds.items():
+        if label.startswith("int8"):
+            fp32_label = label.replace("int8", "fp32", 1)
+            snrs[label] = snr_db(OrtRunner(builds[fp32_label]).run(feeds), OrtRunner(path).run(feeds))
+    result = time_interleaved(builds, feeds, args.runs, args.threads)
+    print(f"\n== {model} ({args.threads} thread(s))")
+    print(format_interleaved(result, "fp32"))
+    fp32_labels = [label for label in builds if label.startswith("fp32")]
+    best = min(fp32_labels, key=lambda label: result.stats[label].p50_ms)
+    honest = result.ratios(best)
+    for label in builds:
+        if label.startswith("int8") and label in honest:
+            ratio = honest[label]
+            print(f"{label} / fastest FP32 ({best}): min {ratio.min_ratio:.3f}, median {ratio.median_ratio:.3f}, "
+                  f"paired {ratio.paired_median:.3f} ({ratio.paired_p10:.3f}-{ratio.paired_p90:.3f})"
+                  f"{'' if ratio.reliable else ' (unreliable: spreads overlap)'}; output SNR vs its FP32 "
+                  f"{snrs[label]:.1f} dB")
+    return {"model": model, "source": str(source), "threads": args.threads, "variants": dict(args.variant),
+            "fastest_fp32": best, **result.to_dict("fp32"),
+            "vs_fastest_fp32": {k: v.to_dict() for k, v in honest.items()}, "int8_output_snr_db": snrs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+", help="dpcrn | dpcrn-stream | wenet-encoder, optionally =EXPORT.onnx")
+    parser.add_argument("--variant", type=parse_variant, action="append", default=[],
+                        help="LABEL=rewrite[,rewrite]: also build and time this rewritten graph (repeatable); "
+                        "rewrites: deconv-to-conv, split-concat-conv")
+    parser.add_argument("--cache", type=Path, help="calibration cache of the plain export (one model only)")
+    parser.add_argument("--rules", type=Path, help="precision rules for the rewritten variants' INT8 builds (default: "
+                        "shipped rules; the plain build always uses the shipped rules)")
+    parser.add_argument("--calib-limit", type=int, default=4, help="utterances to calibrate with (default 4)")
+    parser.add_argument("--runs", type=int, default=30, help="interleaved rounds (default 30)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--work", type=Path, default=Path("engines/bench_int8"), help="builds go here")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.cache and len(args.models) > 1:
+        parser.error("--cache belongs to one model's export")
+    try:
+        results = [bench_model(spec, args) for spec in args.models]
+    except QuantError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        atomic_write_json(args.json, {"command": " ".join(sys.argv), "results": results})
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
