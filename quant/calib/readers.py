@@ -95,7 +95,8 @@ class AudioSet:
         return cls(utterances, manifests.model_input, name=str(manifest), signal="model-input")
 
 
-def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Lists of `size` consecutive items (the last one shorter)."""
     batch: list[Any] = []
     for item in items:
         batch.append(item)
@@ -126,7 +127,7 @@ class OfflineSegmentReader:
 
     def __iter__(self) -> Iterator[Feed]:
         pieces = (seg for clip in self.audio for seg in segments(clip, self.segment_samples))
-        for batch in _batched(pieces, self.batch_size):
+        for batch in batched(pieces, self.batch_size):
             yield {self.input_name: features.stft(np.stack(batch))}
 
     def key_settings(self) -> dict[str, Any]:
@@ -212,7 +213,7 @@ class FbankBatchReader:
 
     def __iter__(self) -> Iterator[Feed]:
         batches = 0
-        for batch in _batched(self._long_enough(), self.batch_size):
+        for batch in batched(self._long_enough(), self.batch_size):
             speech, lengths = features.pad_features(batch)
             batches += 1
             yield {self.feature_name: speech, self.length_name: lengths.astype(np.int32)}
@@ -312,7 +313,7 @@ class GenericReader:
             raise CalibrationError(f"feature {self.feature!r} is not one of {FEATURES}")
 
     def __iter__(self) -> Iterator[Feed]:
-        for batch in _batched((clip[: self.max_samples] for clip in self.audio), self.batch_size):
+        for batch in batched((clip[: self.max_samples] for clip in self.audio), self.batch_size):
             yield self._feed(batch)
 
     def key_settings(self) -> dict[str, Any]:

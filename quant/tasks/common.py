@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 import numpy as np
 
 from quant.backends import Runner, open_runner
+from quant.calib.readers import batched  # noqa: F401  (the tasks' batching is the readers' own)
 from quant.errors import ModelError
 from quant.spec import GraphSpec, ModelSpec, StreamingSpec, resolve_manifest
 
@@ -69,17 +70,6 @@ def noisy_audio(utterance: Any) -> np.ndarray:
 
     noisy, _clean = load_noisy_clean(utterance)
     return np.asarray(noisy, dtype=np.float32)
-
-
-def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def segments(audio: np.ndarray, samples: int) -> np.ndarray:
