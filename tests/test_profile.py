@@ -104,3 +104,23 @@ def test_source_node_names_the_export_node_ort_renamed(name: str, op_type: str, 
     relu = helper.make_node("Relu", ["/enc/Conv_output_0"], ["/enc/Relu_output_0"], name="/enc/Relu")
     producers = {"/enc/Conv_output_0": conv, "/enc/Relu_output_0": relu}
     assert source_node(name, op_type, {"/enc/Conv", "/enc/Relu", "/rnn/LSTM"}, producers) == owner
+
+
+def test_bench_profile_takes_the_graph_as_its_spec_argument(monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`quant bench dpcrn --profile` profiles the graph named like any other bench argument (a second positional
+    used to swallow nothing and the command always asked for a MODEL)."""
+    from quant import timing
+    from quant.cli import main
+
+    seen: list[str] = []
+
+    def stop(model: str, *args: object) -> None:
+        seen.append(model)
+        raise timing.ModelError("stopped here")
+
+    monkeypatch.setattr(timing, "profile_model", stop)
+    assert main(["bench", "dpcrn", "--profile"]) == 2
+    assert seen == ["dpcrn"]
+    assert main(["bench", "dpcrn", "wenet", "--profile"]) == 2
+    assert "takes one shipped graph" in capsys.readouterr().err

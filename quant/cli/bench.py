@@ -25,7 +25,6 @@ def register(subparsers: Any) -> None:
     parser.add_argument("specs", nargs="*", metavar="SPEC", help="shipped models (dpcrn, dpcrn-stream, wenet) or "
                         "model spec files (default: the three shipped models)")
     add_selection(parser)
-    parser.add_argument("model", nargs="?", help="with --profile: dpcrn, dpcrn-stream or wenet-encoder")
     parser.add_argument("--profile", action="store_true",
                         help="time accounting of MODEL's FP32 and INT8 builds instead: per op type and per node "
                         "(ORT profiler, --runs runs, default 10), the share of FP32 time in ops with integer kernels, "
@@ -41,15 +40,17 @@ def run_profile(args: argparse.Namespace) -> int:
     from quant.fileio import atomic_write_json
     from quant.timing import format_interleaved, profile_model, time_interleaved, timing_feeds
 
-    if not args.model:
-        raise QuantError("quant bench --profile needs a MODEL: dpcrn, dpcrn-stream or wenet-encoder")
+    if len(args.specs) != 1:
+        raise QuantError("quant bench --profile takes one shipped graph: dpcrn, dpcrn-stream, wenet-encoder or "
+                         "wenet-decoder")
+    model = args.specs[0]
     threads = args.threads[0] if args.threads else 1
-    out_dir = args.output / args.model if args.output else None
-    profiled = profile_model(args.model, args.runs or PROFILE_RUNS, threads, args.cache, out_dir)
+    out_dir = args.output / model if args.output else None
+    profiled = profile_model(model, args.runs or PROFILE_RUNS, threads, args.cache, out_dir)
     comparison = profiled.comparison
     print(format_profile(comparison))
     paths = {"fp32": profiled.fp32, "int8": profiled.int8}
-    timed = time_interleaved(paths, timing_feeds(args.model, paths["fp32"]), args.runs or INTERLEAVED_RUNS, threads)
+    timed = time_interleaved(paths, timing_feeds(model, paths["fp32"]), args.runs or INTERLEAVED_RUNS, threads)
     print("\n" + format_interleaved(timed, "fp32"))
     if args.json:
         atomic_write_json(args.json, {"profile": comparison.to_dict(), "interleaved": timed.to_dict("fp32")})
