@@ -657,6 +657,7 @@ def evaluate_row(spec: RowSpec, context: EvalContext, root: Path, options: RunOp
         artifacts={g: str(p) for g, p in spec.artifacts.items()}, task=accuracy["task"],
         per_utterance=accuracy.get("per_utterance", {}), error_vs_fp32=accuracy["error_vs_fp32"], speed=speed,
         latency_ms=latency, rtf=rtf, budget=row_budget(spec.spec, spec.precision), primary=row_primary(spec.spec),
+        spec=str(spec.spec.source) if spec.spec.source else None,
     )
 
 

@@ -219,3 +219,21 @@ def test_browser_check_catches_a_request_and_a_broken_image(tmp_path: Path) -> N
     page.write_text(text.replace("</body>", '<img src="http://192.0.2.1/x.png" alt="x"></body>'), encoding="utf-8")
     run = chromium("--dump-dom", page=page)
     assert any("Content Security Policy" in line for line in console_lines(run.stderr))
+
+
+@pytest.mark.slow
+def test_example_of_a_users_se_model_runs_through_its_spec(third_party_model) -> None:
+    """The SE example is enhanced by the model's own spec (front end, output, chain), named by the rows: a user's
+    log-power GRU masker gets spectrograms like the reference DPCRN (it used to be DPCRN-only)."""
+    spec_file = third_party_model("gru-logpower").specs[13]
+    onnx_file = spec_file.parent / "models" / "gru_logpower.onnx"
+    rows = [{"model": "gru-logpower", "kind": "se", "backend": "ort", "precision": precision, "status": "ok",
+             "spec": str(spec_file), "artifacts": {onnx_file.stem: str(onnx_file)}} for precision in ("fp32", "int8")]
+    found = examples.enhanced_example("gru-logpower", rows)
+    assert isinstance(found, examples.Example), found
+    labels = [label for label, _ in found.signals]
+    assert labels == ["noisy input", "clean reference", "ORT FP32", "ORT INT8"]
+    noisy, enhanced = found.signals[0][1], found.signals[2][1]
+    assert enhanced.shape == noisy.shape and not np.allclose(enhanced, noisy)
+    rows[0]["spec"] = None
+    assert "no spec file" in examples.enhanced_example("gru-logpower", rows)

@@ -19,7 +19,9 @@ from quant.report import artifacts, examples, figures
 from quant.report.compare import Comparison, comparisons
 from quant.report.goals import goals
 from quant.report.plots import render_plot
-from quant.report.rows import Row, RowKey, model_order, ok_rows, primary, simulation_note, sorted_rows, timed_graphs
+from quant.report.rows import (
+    Row, RowKey, model_order, ok_rows, primary, simulation_note, sorted_rows, task_kind, timed_graphs,
+)
 from quant.report.tables import CHANGE_CAPTION, Table, change_table, fmt_number, model_table, noisy_line, unit_line
 
 logger = logging.getLogger(__name__)
@@ -205,7 +207,7 @@ def _sensitivity(model: str, results: Mapping[str, Any], rows: Sequence[Row]) ->
 
 
 def _examples(model: str, rows: Sequence[Row]) -> list[str]:
-    if model not in examples.ENHANCE:
+    if task_kind([row for row in rows if row.get("model") == model]) != "se":
         return []
     found = examples.enhanced_example(model, rows)
     if isinstance(found, str):

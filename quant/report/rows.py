@@ -58,6 +58,7 @@ class ResultRow:
     rtf: float | None = None
     budget: Mapping[str, Any] | None = None  # {"metric", "limit", "higher_is_better"} of the spec, this precision
     primary: Mapping[str, Any] | None = None  # {"graph", "metric", "higher_is_better"} of the spec
+    spec: str | None = None  # the spec file the row was run from (the report re-runs SE examples through it)
 
     @classmethod
     def failed(cls, model: str, backend: str, precision: str, error: str) -> ResultRow:
@@ -73,7 +74,7 @@ class ResultRow:
                 "status": self.status, "error": self.error, "artifacts": dict(self.artifacts), "task": dict(self.task),
                 "per_utterance": dict(self.per_utterance), "error_vs_fp32": dict(self.error_vs_fp32),
                 "speed": dict(self.speed), "latency_ms": self.latency_ms, "rtf": self.rtf, "budget": self.budget,
-                "primary": self.primary}
+                "primary": self.primary, "spec": self.spec}
 
     @classmethod
     def from_json(cls, row: Mapping[str, Any]) -> ResultRow:
