@@ -19,7 +19,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from quant.calib.ranges import RangeOptions, collect_ranges
-from quant.calib.readers import ReaderOptions, default_manifest, reader_for
+from quant.tasks import FeedOptions, task_for
+from quant.timing import reference_graph
 
 
 class _Reader:
@@ -46,12 +47,13 @@ def ort_minmax(onnx_path: Path, feeds: list[dict[str, np.ndarray]]) -> tuple[flo
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="dpcrn | dpcrn-stream | wenet-encoder (the reader)")
+    parser.add_argument("model", help="dpcrn | dpcrn-stream | wenet-encoder (the shipped graph whose calibration feeds are used)")
     parser.add_argument("onnx", type=Path)
     parser.add_argument("--limit", type=int, default=4, help="calibration utterances (default 4)")
     args = parser.parse_args()
-    feeds = [dict(f) for f in reader_for(args.model, args.onnx, default_manifest(args.model),
-                                         ReaderOptions(limit=args.limit))]
+    spec, graph = reference_graph(args.model)  # the shipped spec's calibration feeds of that graph
+    feeds = [dict(f) for f in task_for(spec).calibration_feeds(
+        graph.role, options=FeedOptions(limit=args.limit, graphs={graph.role: args.onnx}))]
     print(f"{len(feeds)} feeds; load average before {os.getloadavg()[0]:.2f}")
     times = {}
     for label, run in (("quant percentile (2 passes)", lambda: collect_ranges(args.onnx, feeds, "percentile",

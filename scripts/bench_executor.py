@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from quant.calib.calibrate import _bounded, reader
 from quant.calib.ranges import RangeOptions, collect_ranges
-from quant.calib.readers import ReaderOptions
+from quant.calib.readers import AudioSet, OfflineSegmentReader
 from quant.calib.sharded import collect_ranges_sharded
 from quant.eval.sharded import evaluate_se_sharded
 from quant.executor import Executor, LocalExecutor, RayExecutor
@@ -43,8 +42,8 @@ def main() -> None:
 
     calib = calib_data_dir() / "se_calib" / "manifest.jsonl"
     test = calib_data_dir() / "se_test" / "manifest.jsonl"
-    source = reader("dpcrn", args.model, calib, ReaderOptions(limit=args.calib, batch_size=1))
-    options = _bounded(RangeOptions(progress=False), "dpcrn")
+    source = OfflineSegmentReader(AudioSet.from_manifest(calib, args.calib), batch_size=1)  # 9 s segments
+    options = RangeOptions(progress=False, max_batch=1)  # one segment at a time bounds memory (as the spec path)
 
     def calibrate(executor: Executor | None) -> Any:
         if executor is None:

@@ -26,14 +26,14 @@ import onnx
 
 from quant.artifacts import build_artifact
 from quant.artifacts.artifact import MODEL_FILE
-from quant.timing import reference_export
-from quant.calib.calibrate import CalibrateOptions, calibrate
+from quant.calib.calibrate import CalibrateOptions
 from quant.calib.ranges import RangeOptions
-from quant.calib.readers import ReaderOptions
 from quant.errors import QuantError
 from quant.fileio import atomic_write_json
 from quant.rewrite import apply_rewrites
-from quant.timing import format_interleaved, time_interleaved, timing_feeds
+from quant.tasks import FeedOptions
+from quant.tasks.calibration import calibrate_spec
+from quant.timing import format_interleaved, reference_export, reference_graph, time_interleaved, timing_feeds
 
 log = logging.getLogger("bench_int8")
 
@@ -64,9 +64,10 @@ def prepare(model: str, source: Path, label: str, rewrites: tuple[str, ...], wor
         onnx.save(result.model, str(source))
         cache = None
     if cache is None:
-        options = CalibrateOptions(ranges=RangeOptions(progress=False), force=True,
-                                   reader=ReaderOptions(limit=calib_limit))
-        cache = Path(calibrate(source, model, None, None, folder / "calib.cache", options).path)
+        spec, graph = reference_graph(model)  # the graph's spec gives its feeds (rewritten graphs: same inputs)
+        options = CalibrateOptions(ranges=RangeOptions(progress=False), force=True)
+        cache = Path(calibrate_spec(spec, graph.role, source, out_cache=folder / "calib.cache", options=options,
+                                    feed_options=FeedOptions(limit=calib_limit)).path)
     fp32 = build_artifact(source, "fp32", out_dir=folder / "fp32") / MODEL_FILE
     int8 = build_artifact(source, "int8", out_dir=folder / "int8", cache=cache,
                           rules=rules if rewrites else None) / MODEL_FILE

@@ -253,14 +253,19 @@ def _export_or_skip(name: str) -> Path:
 def test_real_model_builds_three_precisions(name: str, tmp_path: Path):
     """Calibrate on the first utterances of the committed set, build FP32/FP16/INT8, check integer kernels and that
     INT8 stays close to FP32 on a calibration feed."""
-    from quant.calib.calibrate import CalibrateOptions, calibrate
+    from quant.calib.calibrate import CalibrateOptions
     from quant.calib.ranges import RangeOptions
-    from quant.calib.readers import ReaderOptions, reader_for
+    from quant.spec import load_spec, shipped_specs
+    from quant.tasks import FeedOptions, task_for
+    from quant.tasks.calibration import calibrate_spec
 
     source = _export_or_skip(name)
-    reader = ReaderOptions(limit=3, batch_size=1, every=8)
-    options = CalibrateOptions(ranges=RangeOptions(progress=False), reader=reader)
-    entry = calibrate(source, name, None, None, tmp_path / "calib.cache", options)  # the model's default method
+    spec, graph = next((s, g) for s in map(load_spec, shipped_specs()) for g in s.graphs if g.name == name)
+    feed_options = FeedOptions(limit=3, batch_size=1, frame_stride=8,
+                               graphs={g.role: _export_or_skip(str(g.name)) for g in spec.graphs})
+    options = CalibrateOptions(ranges=RangeOptions(progress=False))
+    entry = calibrate_spec(spec, graph.role, source, out_cache=tmp_path / "calib.cache", options=options,
+                           feed_options=feed_options)  # the spec's method
     for precision in ("fp32", "fp16", "int8"):
         build_artifact(source, precision, name=name, cache=entry.path if precision == "int8" else None,
                        out_dir=tmp_path / precision)
@@ -268,9 +273,7 @@ def test_real_model_builds_three_precisions(name: str, tmp_path: Path):
     assert meta["integer_kernels"], meta["optimized_op_counts"]
     assert meta["ort_int8"]["planned_int8_not_quantized"] == []
     assert os.path.isfile(tmp_path / "int8" / "model_trt_qdq.onnx")
-    from quant.calib.readers import default_manifest
-
-    feed = next(iter(reader_for(name, source, default_manifest(name), reader)))
+    feed = next(iter(task_for(spec).calibration_feeds(graph.role, options=feed_options)))
     reference = OrtRunner(source).run(feed)
     for precision, floor_db in (("fp16", 40.0), ("int8", 15.0)):
         got = OrtRunner(tmp_path / precision / "model.onnx").run(feed)

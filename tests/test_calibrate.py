@@ -158,8 +158,8 @@ def test_reader_path_keys_reader_settings_and_verify(tmp_path: Path, monkeypatch
     readers = pytest.importorskip("quant.calib.readers")
     calls: list[tuple] = []
 
-    def fake_reader_for(model: str, onnx_path: Path, manifest: Path, options: object = None) -> list:
-        calls.append((model, Path(onnx_path), Path(manifest)))
+    def fake_reader_for(onnx_path: Path, manifest: Path, options: object = None) -> list:
+        calls.append((Path(onnx_path), Path(manifest)))
         return feeds(seed=0 if "a" in Path(manifest).stem else 1)
 
     monkeypatch.setattr(readers, "reader_for", fake_reader_for)
@@ -174,7 +174,7 @@ def test_reader_path_keys_reader_settings_and_verify(tmp_path: Path, monkeypatch
         cal.calibrate(model, "tiny", manifest_a, "minmax", tmp_path / "m.cache", OPTIONS)
     outside = replace(OPTIONS, reader=readers.ReaderOptions(allow_outside=True))  # absolute paths, allowed
     entry = cal.calibrate(model, "tiny", manifest_a, "minmax", tmp_path / "m.cache", outside)
-    assert calls[-1] == ("tiny", model, manifest_a)
+    assert calls[-1] == (model, manifest_a)
     assert json.loads(entry.key.params)["reader"]["batch_size"] == readers.ReaderOptions().batch_size
     assert cal.verify(entry.path, model, "tiny", manifest_a) == []
     reasons = cal.verify(entry.path, model, "tiny", manifest_b)
@@ -220,14 +220,16 @@ def test_key_covers_what_shapes_the_feeds(tmp_path: Path) -> None:
     model = tiny_model(tmp_path / "m.onnx")
     manifest = data / "librivox.jsonl"
 
-    def key(kind: str, options: object = None) -> cc.CacheKey:
-        source = cal.reader(kind, model, manifest, options)
+    def key(source: object, options: object = None) -> cc.CacheKey:
         return cal.make_key(model, "minmax", RangeOptions(), manifest, source, cal.reader_params(options))
 
-    offline, encoder = key("dpcrn"), key("wenet-encoder")
+    def audio(limit: int | None = None) -> object:
+        return readers.AudioSet.from_manifest(manifest, limit)
+
+    offline, encoder = key(readers.OfflineSegmentReader(audio())), key(readers.FbankBatchReader(audio()))
     assert offline != encoder  # same model, data and options, other reader: other feeds
-    assert offline == key("dpcrn")
-    assert key("dpcrn", readers.ReaderOptions(limit=2)) != key("dpcrn", readers.ReaderOptions(limit=3))
+    assert offline == key(readers.OfflineSegmentReader(audio()))
+    assert key(readers.OfflineSegmentReader(audio(2))) != key(readers.OfflineSegmentReader(audio(3)))
     assert json.loads(offline.params)["feeds"]["reader"] == "offline-segments"
 
 

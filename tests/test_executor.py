@@ -102,7 +102,7 @@ def test_local_shards_write_the_same_cache_bytes(tmp_path: Path, method: str) ->
 
 
 def test_reader_shards_start_at_batch_boundaries(tmp_path: Path) -> None:
-    reader = reader_for("x", waveform_model(tmp_path / "w.onnx"), MANIFEST,
+    reader = reader_for(waveform_model(tmp_path / "w.onnx"), MANIFEST,
                         ReaderOptions(feature="waveform", input_name="x", batch_size=2))
     assert isinstance(reader, GenericReader)
     shards = feed_shards(reader, 3)
@@ -267,7 +267,7 @@ def test_streaming_reader_shards_by_utterance_on_ray(tmp_path: Path, ray_cluster
     from test_readers import accumulator_model
 
     model = accumulator_model(tmp_path / "stream.onnx")
-    source = reader_for("stream", model, MANIFEST, ReaderOptions(limit=3, every=8))
+    source = reader_for(model, MANIFEST, ReaderOptions(limit=3, every=8))
     assert isinstance(source, StreamingStateReader)
     shards = feed_shards(source, 8)
     assert [shard.covers for shard in shards] == [("librivox_0870.flac",), ("librivox_0880.flac",),

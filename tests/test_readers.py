@@ -185,11 +185,11 @@ def test_trt_feed_source_regroups_batches():
 def test_reader_for_generic_choices(tmp_path: Path):
     path = accumulator_model(tmp_path / "third_party.onnx", state_out="next_acc")
     with pytest.raises(CalibrationError, match="feature"):
-        reader_for("third-party", path, DATA / "librivox.jsonl")
+        reader_for(path, DATA / "librivox.jsonl")
     pytest.importorskip("quant.data.manifest")
-    mapped = reader_for("third-party", path, DATA / "librivox.jsonl", ReaderOptions(states=(("acc", "next_acc"),)))
+    mapped = reader_for(path, DATA / "librivox.jsonl", ReaderOptions(states=(("acc", "next_acc"),)))
     assert isinstance(mapped, StreamingStateReader)
-    generic = reader_for("x", path, DATA / "librivox.jsonl", ReaderOptions(feature="stft", input_name="mix"))
+    generic = reader_for(path, DATA / "librivox.jsonl", ReaderOptions(feature="stft", input_name="mix"))
     assert isinstance(generic, GenericReader)
 
 
@@ -217,11 +217,11 @@ def fixed_time_model(path: Path, frames: int = features.SEGMENT_FRAMES) -> Path:
 def test_reader_for_generic_stft_fits_the_models_fixed_time(tmp_path: Path):
     pytest.importorskip("quant.data.manifest")
     path = fixed_time_model(tmp_path / "offline_se.onnx")
-    source = reader_for(str(path), path, DATA / "librivox.jsonl", ReaderOptions(feature="stft", limit=2))
+    source = reader_for(path, DATA / "librivox.jsonl", ReaderOptions(feature="stft", limit=2))
     feed = next(iter(source))  # no input name: the model's only input
     assert list(feed) == ["mix"] and feed["mix"].shape[2] == features.SEGMENT_FRAMES
     with pytest.raises(CalibrationError, match="rank"):
-        next(iter(reader_for("x", path, DATA / "librivox.jsonl", ReaderOptions(feature="fbank", limit=1))))
+        next(iter(reader_for(path, DATA / "librivox.jsonl", ReaderOptions(feature="fbank", limit=1))))
 
 
 def test_calibrate_cli_on_a_fixed_time_stft_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -265,20 +265,19 @@ def noisy_and_clean(manifest: Path) -> tuple[np.ndarray, np.ndarray]:
     return load_noisy_clean(read_manifest(manifest)[0])
 
 
-@pytest.mark.parametrize("kind", ["third-party", "dpcrn-stream"])
-def test_streaming_reader_feeds_the_noisy_mixture_of_an_se_manifest(tmp_path: Path, kind: str):
+def test_streaming_reader_feeds_the_noisy_mixture_of_an_se_manifest(tmp_path: Path):
     manifest = se_manifest(tmp_path / "set")
     noisy, clean = noisy_and_clean(manifest)
-    source = reader_for(kind, accumulator_model(tmp_path / "s.onnx"), manifest, ReaderOptions(every=1))
+    source = reader_for(accumulator_model(tmp_path / "s.onnx"), manifest, ReaderOptions(every=1))
     assert isinstance(source, StreamingStateReader)
     first = next(iter(source))["mix"]
     np.testing.assert_allclose(first, features.stft(noisy)[None, :, :1], atol=1e-5)
     assert not np.allclose(first, features.stft(clean)[None, :, :1], atol=1e-3)
 
 
-@pytest.mark.parametrize("kind,options", [("x", ReaderOptions(feature="stft", input_name="mix")),
-                                          ("x", ReaderOptions(feature="waveform", input_name="mix")),
-                                          ("dpcrn", ReaderOptions())])
+@pytest.mark.parametrize("kind,options", [("generic", ReaderOptions(feature="stft", input_name="mix")),
+                                          ("generic", ReaderOptions(feature="waveform", input_name="mix")),
+                                          ("offline", ReaderOptions())])
 def test_every_reader_feeds_the_noisy_mixture_of_an_se_manifest(tmp_path: Path, kind: str, options: ReaderOptions):
     manifest = se_manifest(tmp_path / "set")
     noisy, clean = noisy_and_clean(manifest)
@@ -293,7 +292,9 @@ def test_every_reader_feeds_the_noisy_mixture_of_an_se_manifest(tmp_path: Path, 
     else:
         model = fixed_time_model(tmp_path / "m.onnx")
         expected, wrong = features.stft(noisy)[None], features.stft(clean)[None]
-    feed = next(iter(reader_for(kind, model, manifest, options)))["mix"]
+    source = (OfflineSegmentReader(AudioSet.from_manifest(manifest)) if kind == "offline"
+              else reader_for(model, manifest, options))
+    feed = next(iter(source))["mix"]
     cut = feed[..., :frames, :] if feed.ndim == 4 else feed
     np.testing.assert_allclose(cut, expected, atol=1e-5)
     assert not np.allclose(cut, wrong, atol=1e-3)
@@ -302,7 +303,7 @@ def test_every_reader_feeds_the_noisy_mixture_of_an_se_manifest(tmp_path: Path, 
 def test_asr_readers_feed_the_model_input_too(tmp_path: Path):
     manifest = se_manifest(tmp_path / "set")
     noisy, _clean = noisy_and_clean(manifest)
-    feed = next(iter(reader_for("wenet-encoder", tmp_path / "unused.onnx", manifest)))
+    feed = next(iter(FbankBatchReader(AudioSet.from_manifest(manifest))))
     np.testing.assert_allclose(feed["speech"][0], features.fbank(noisy), atol=1e-4)
 
 
@@ -312,21 +313,21 @@ def test_reader_key_settings_differ_exactly_when_feeds_differ(tmp_path: Path):
     fixed = fixed_time_model(tmp_path / "f.onnx")
     audio = AudioSet.from_manifest(manifest)
     sources = {
-        "offline": reader_for("dpcrn", fixed, manifest),
-        "offline b2": reader_for("dpcrn", fixed, manifest, ReaderOptions(batch_size=2)),
-        "stream": reader_for("dpcrn-stream", stream, manifest),
-        "stream every 2": reader_for("dpcrn-stream", stream, manifest, ReaderOptions(every=2)),
-        "stream mapped": reader_for("dpcrn-stream", stream, manifest, ReaderOptions(states=(("acc", "acc_out"),))),
-        "fbank": reader_for("wenet-encoder", fixed, manifest),
-        "generic stft": reader_for("x", fixed, manifest, ReaderOptions(feature="stft")),
-        "generic stft b2": reader_for("x", fixed, manifest, ReaderOptions(feature="stft", batch_size=2)),
+        "offline": OfflineSegmentReader(audio),
+        "offline b2": OfflineSegmentReader(audio, batch_size=2),
+        "stream": reader_for(stream, manifest),
+        "stream every 2": reader_for(stream, manifest, ReaderOptions(every=2)),
+        "stream mapped": reader_for(stream, manifest, ReaderOptions(states=(("acc", "acc_out"),))),
+        "fbank": FbankBatchReader(audio),
+        "generic stft": reader_for(fixed, manifest, ReaderOptions(feature="stft")),
+        "generic stft b2": reader_for(fixed, manifest, ReaderOptions(feature="stft", batch_size=2)),
         "generic stft T": GenericReader(audio, "mix", "stft", batch_size=4),
         "generic fbank": GenericReader(audio, "mix", "fbank", batch_size=4),
         "other audio": OfflineSegmentReader(AudioSet.from_files([DATA / "librivox_0880.flac"])),
     }
     settings = {name: repr(sorted(source.key_settings().items())) for name, source in sources.items()}
     assert len(set(settings.values())) == len(settings)
-    again = reader_for("x", fixed, manifest, ReaderOptions(feature="stft"))
+    again = reader_for(fixed, manifest, ReaderOptions(feature="stft"))
     assert again.key_settings() == sources["generic stft"].key_settings()
     assert sources["offline"].key_settings()["audio"] == {"signal": "model-input", "utterances": 1}
 

@@ -92,7 +92,9 @@ def calibrate(
 ) -> CacheEntry:
     """Calibrate `onnx_path` and write its cache (default: the store, named by model, method and key digest).
 
-    Feeds come from `feeds` when given, else from quant.calib.readers.reader_for(model_kind, ...) over `manifest`.
+    Feeds come from `feeds` when given (a model spec's: quant.tasks.calibration.calibrate_spec), else from
+    quant.calib.readers.reader_for over `manifest` (streaming ONNX, or options.reader.feature); `model_kind` is a label
+    recorded in the sidecar.
     A cache at the output path with the same key is reused; one with another key is refused unless options.force.
     `method` None: default_method(). `executor` (quant.executor) runs the two passes in shards there
     (quant.calib.sharded); the cache is byte-identical to the in-process one (None).
@@ -103,9 +105,9 @@ def calibrate(
     if not onnx_path.is_file():
         raise CalibrationError(f"ONNX model {onnx_path} not found: export it first (quant export) or pass an .onnx")
     if feeds is None:
-        manifest = resolved_manifest(model_kind, manifest)
-        onnx_path = qdq_graph(onnx_path, reader(model_kind, onnx_path, manifest, options.reader))
-        source = reader(model_kind, onnx_path, manifest, options.reader)
+        manifest = required_manifest(onnx_path, manifest)
+        onnx_path = qdq_graph(onnx_path, reader(onnx_path, manifest, options.reader))
+        source = reader(onnx_path, manifest, options.reader)
         key = make_key(onnx_path, method, options.ranges, manifest, source, reader_params(options.reader),
                        allow_outside=_allow_outside(options.reader))
     else:
@@ -178,11 +180,10 @@ def verify(cache_path: str | Path, onnx_path: str | Path, model_kind: str | None
     if not onnx_path.is_file():
         raise CalibrationError(f"ONNX model {onnx_path} not found")
     params = json.loads(entry.key.params)
-    manifest = resolved_manifest(model_kind, manifest)
     options = _reader_options(params.get("reader"))
-    data_hash = _manifest_sha256(manifest, _allow_outside(options)) if manifest is not None else None
+    data_hash = _manifest_sha256(Path(manifest), _allow_outside(options)) if manifest is not None else None
     if data_hash is None or "feeds" in params:  # the reader as it would be built today, from the recorded options
-        source = reader(model_kind, onnx_path, manifest, options)
+        source = reader(onnx_path, required_manifest(onnx_path, manifest), options)
         data_hash = data_hash or feeds_sha256(source)
         if "feeds" in params:
             params["feeds"] = feed_settings(source)
@@ -248,30 +249,22 @@ def feeds_sha256(feeds: FeedSource) -> str:
     return digest.hexdigest()
 
 
-def reader(model_kind: str | None, onnx_path: Path, manifest: str | Path | None,
-           reader_options: Any = None) -> FeedSource:
-    """The feed source of quant.calib.readers for this model (imported lazily); manifest None means the model's
-    committed calibration set."""
+def reader(onnx_path: Path, manifest: Path, reader_options: Any = None) -> FeedSource:
+    """The feed source of quant.calib.readers for an ONNX file given without a spec (imported lazily)."""
     try:
-        from quant.calib.readers import default_manifest, reader_for
+        from quant.calib.readers import reader_for
     except ImportError as error:
         raise CalibrationError(f"no calibration reader available ({error}); pass feeds explicitly") from None
-    kind = model_kind or str(onnx_path)
-    if manifest is None:
-        manifest = default_manifest(kind)
-    source: FeedSource = reader_for(kind, onnx_path, manifest, reader_options)
+    source: FeedSource = reader_for(onnx_path, manifest, reader_options)
     return source
 
 
-def resolved_manifest(model_kind: str | None, manifest: str | Path | None) -> Path | None:
-    """The manifest a reader will use: the given one, or the committed set of a known model (None if unknown)."""
-    if manifest is not None:
-        return Path(manifest)
-    try:
-        from quant.calib.readers import default_manifest
-        return default_manifest(model_kind) if model_kind else None
-    except (ImportError, CalibrationError):
-        return None
+def required_manifest(onnx_path: Path, manifest: str | Path | None) -> Path:
+    """The calibration manifest of an ONNX file given without a spec: it has to be named."""
+    if manifest is None:
+        raise CalibrationError(f"{onnx_path}: no calibration manifest; pass --data MANIFEST, or calibrate from a model "
+                               "spec (quant calibrate SPEC), whose defaults name one")
+    return Path(manifest)
 
 
 def _reuse(target: Path, key: CacheKey, force: bool) -> CacheEntry | None:

@@ -39,8 +39,6 @@ log = logging.getLogger(__name__)
 
 Feed = dict[str, np.ndarray]
 FEATURES = ("stft", "fbank", "waveform")
-SE_MODELS = ("dpcrn", "dpcrn-stream")
-ASR_MODELS = ("wenet-encoder", "wenet-decoder")
 
 
 # ------------------------------------------------------------------------------------------------ audio
@@ -418,16 +416,6 @@ class TrtFeedSource:
 # ------------------------------------------------------------------------------------------------ choice
 
 
-def default_manifest(model: str) -> Path:
-    """The committed calibration set of a known model (se_calib for SE, asr_calib for ASR)."""
-    from quant.paths import calib_data_dir
-
-    set_name = "se_calib" if model in SE_MODELS else "asr_calib" if model in ASR_MODELS else None
-    if set_name is None:
-        raise CalibrationError(f"no default calibration set for {model!r}; pass a manifest")
-    return calib_data_dir() / set_name / "manifest.jsonl"
-
-
 @dataclass(frozen=True)
 class ReaderOptions:
     batch_size: int = 4
@@ -446,22 +434,11 @@ class ReaderOptions:
                 raise CalibrationError(f"ReaderOptions: {name} must be at least 1, got {value}")
 
 
-def reader_for(model: str, onnx_path: str | Path, manifest: str | Path,
-               options: ReaderOptions | None = None) -> Iterable[Feed]:
-    """The feed source for a known model name, a streaming ONNX (states paired with outputs) or, given
-    options.feature and options.input_name, any other ONNX speech model."""
-    opts = options or ReaderOptions()
-    path = Path(onnx_path)
-    if model == "dpcrn":
-        return OfflineSegmentReader(_audio(manifest, opts), batch_size=opts.batch_size)
-    if model == "dpcrn-stream":
-        return StreamingStateReader(path, _audio(manifest, opts), opts.states, opts.every)
-    if model == "wenet-encoder":
-        return FbankBatchReader(_audio(manifest, opts), opts.batch_size)
-    if model == "wenet-decoder":
-        return DecoderNbestReader(path.with_name("encoder.onnx"), _input_names(path), _audio(manifest, opts),
-                                  opts.batch_size)
-    return _generic_reader(path, manifest, opts)
+def reader_for(onnx_path: str | Path, manifest: str | Path, options: ReaderOptions | None = None) -> Iterable[Feed]:
+    """The feed source for an ONNX file given without a model spec: a streaming model (states paired with outputs,
+    by the `<name>_out` convention or options.states) rolled frame by frame, or, given options.feature (and
+    options.input_name), any speech model fed that front end. Models with a spec get their feeds from quant.tasks."""
+    return _generic_reader(Path(onnx_path), manifest, options or ReaderOptions())
 
 
 def _audio(manifest: str | Path, opts: ReaderOptions) -> AudioSet:
@@ -480,7 +457,7 @@ def _generic_reader(path: Path, manifest: str | Path, opts: ReaderOptions) -> It
     outputs = _output_names(path)
     if state_pairs(inputs, outputs, dict(opts.states) if opts.states else None):
         return StreamingStateReader(path, _audio(manifest, opts), opts.states, opts.every)
-    raise CalibrationError(f"{path}: not a known model and not a streaming model; give a feature "
+    raise CalibrationError(f"{path}: not a streaming model; give a model spec (quant calibrate SPEC), or a feature "
                            f"({', '.join(FEATURES)}) and an input name (inputs: {inputs})")
 
 
