@@ -34,7 +34,6 @@ from quant.paths import REPO_DIR, calib_data_dir
 
 log = logging.getLogger(__name__)
 
-MODELS = ("dpcrn", "dpcrn-stream", "wenet")
 SUPPORTED_OPSETS = (13, 17)
 META_NAME = "meta.json"
 OFFLINE_FRAMES = 563  # 9 s at 16 kHz, hop 256, centred framing (quant.features.SEGMENT_FRAMES)
@@ -67,31 +66,56 @@ class GraphSpec:
 def export_model(
     name: str, out_dir: str | os.PathLike[str], opset: int = 17, weights: str | os.PathLike[str] | None = None
 ) -> list[Path]:
-    """Export `name` ("dpcrn", "dpcrn-stream" or "wenet") into out_dir; returns the ONNX files written."""
-    if name not in MODELS:
-        raise ModelError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+    """Export `name` ("dpcrn", "dpcrn-stream" or "wenet": a spec's `export` key) into out_dir; returns the ONNX files
+    written."""
+    exporter = _exporter(name)
     if opset not in SUPPORTED_OPSETS:
         raise ModelError(f"opset {opset} is not supported; expected one of {SUPPORTED_OPSETS}")
-    target_dir = Path(out_dir)
-    if name == "wenet":
-        wenet_export = importlib.import_module("quant.artifacts.wenet_export")
-        paths: list[Path] = wenet_export.export_wenet(target_dir, opset, weights)
-        return paths
-    model = load_dpcrn(weights)
-    weights_sha256 = _weights_sha256(weights)
-    exporter = _export_dpcrn if name == "dpcrn" else _export_dpcrn_stream
-    path = exporter(model, target_dir, opset)
-    write_export_meta(target_dir, name, model.config.to_dict(), weights_sha256, opset, [path])
-    return [path]
+    return exporter.export(Path(out_dir), opset, weights)
 
 
 def default_weights(name: str) -> Path:
     """The shipped weights `export_model(name)` exports when given none (part of the pipeline's export stamp)."""
-    if name not in MODELS:
-        raise ModelError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+    return _exporter(name).default_weights()
+
+
+@dataclass(frozen=True)
+class Exporter:
+    """How one reference model is exported (the code behind a spec's `export = ...`) and its shipped weights."""
+
+    export: Callable[[Path, int, str | os.PathLike[str] | None], list[Path]]
+    default_weights: Callable[[], Path]
+
+
+def _exporter(name: str) -> Exporter:
+    if name not in EXPORTERS:
+        raise ModelError(f"unknown model {name!r}; expected one of {', '.join(EXPORTERS)}")
+    return EXPORTERS[name]
+
+
+def _dpcrn_export(name: str, write: Callable[[DPCRN, Path, int], Path]
+                  ) -> Callable[[Path, int, str | os.PathLike[str] | None], list[Path]]:
+    """An exporter of one DPCRN graph (offline or streaming) from the same weights, with its meta.json."""
+
+    def export(target_dir: Path, opset: int, weights: str | os.PathLike[str] | None) -> list[Path]:
+        model = load_dpcrn(weights)
+        path = write(model, target_dir, opset)
+        write_export_meta(target_dir, name, model.config.to_dict(), _weights_sha256(weights), opset, [path])
+        return [path]
+
+    return export
+
+
+def _export_wenet(target_dir: Path, opset: int, weights: str | os.PathLike[str] | None) -> list[Path]:
+    wenet_export = importlib.import_module("quant.artifacts.wenet_export")  # imports the conformer only when asked
+    paths: list[Path] = wenet_export.export_wenet(target_dir, opset, weights)
+    return paths
+
+
+def _wenet_weights() -> Path:
     from quant.models.conformer import WEIGHTS_PATH
 
-    return WEIGHTS_PATH if name == "wenet" else DEFAULT_WEIGHTS
+    return Path(WEIGHTS_PATH)
 
 
 def _weights_sha256(weights: str | os.PathLike[str] | None) -> str | None:
@@ -426,8 +450,17 @@ def _previous_file_entries(meta_path: Path, replaced: set[str]) -> dict[str, Any
     }
 
 
+EXPORTERS: dict[str, Exporter] = {
+    "dpcrn": Exporter(_dpcrn_export("dpcrn", _export_dpcrn), lambda: DEFAULT_WEIGHTS),
+    "dpcrn-stream": Exporter(_dpcrn_export("dpcrn-stream", _export_dpcrn_stream), lambda: DEFAULT_WEIGHTS),
+    "wenet": Exporter(_export_wenet, _wenet_weights),
+}
+MODELS = tuple(EXPORTERS)  # the names a spec's `export` key may take
+
+
 __all__ = [
     "GraphSpec",
+    "EXPORTERS",
     "MODELS",
     "check_graph",
     "describe_onnx",
