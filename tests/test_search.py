@@ -190,7 +190,7 @@ def test_profiler_times_attribute_kernels_and_qdq_to_units(model_and_cache: tupl
     per_unit = unit_times_ms(times, units, graph)
     assert per_unit["big"] > times["big"]  # its input Q (x_QuantizeLinear) counted with it
     latencies = interleaved_latency([source, int8 / MODEL_FILE], inputs(0, 1)[0], rounds=3, calls=1)
-    assert [lat.runs for lat in latencies] == [3, 3] and all(lat.min_ms <= lat.median_ms for lat in latencies)
+    assert [lat.runs for lat in latencies] == [3, 3]  # one timing per round and build (values are not asserted)
 
 
 @pytest.mark.parametrize("text, metric, limit, higher", [("pesq_wb=-0.05", "pesq_wb", 0.05, True),

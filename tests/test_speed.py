@@ -122,7 +122,6 @@ def test_bench_interleaved_runs_round_robin_with_a_rotating_start():
     assert {label: s.runs for label, s in stats.items()} == {"a": 4, "b": 4, "c": 4}
     assert log == list("abc" "abc" "bca" "cab" "abc")  # warm-up, then rounds starting one further each time
     assert runners["a"].feeds[0] == {"x"} and runners["b"].feeds[0] == {"x", "s"}  # each binds its own inputs
-    assert all(s.p10_ms <= s.p50_ms <= s.p90_ms for s in stats.values())
 
 
 def test_latency_ratio_is_unreliable_when_spreads_overlap():
