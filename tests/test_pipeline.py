@@ -123,9 +123,8 @@ def test_run_all_wires_every_step(fake_run: pipeline.RunOptions, tmp_path: Path)
         assert (tmp_path / name).is_file()
 
 
-def test_second_run_reuses_accuracy(fake_run: pipeline.RunOptions, tmp_path: Path,
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    pipeline.run_all(fake_run)
+def count_evaluations(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A list that grows by one for every accuracy evaluation the pipeline really runs."""
     calls: list[str] = []
     original = pipeline.evaluate_task
 
@@ -134,6 +133,13 @@ def test_second_run_reuses_accuracy(fake_run: pipeline.RunOptions, tmp_path: Pat
         return original(*args, **kwargs)
 
     monkeypatch.setattr(pipeline, "evaluate_task", counting)
+    return calls
+
+
+def test_second_run_reuses_accuracy(fake_run: pipeline.RunOptions, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    pipeline.run_all(fake_run)
+    calls = count_evaluations(monkeypatch)
     again = pipeline.run_all(fake_run)
     assert again.ok and calls == []
     pipeline.run_all(pipeline.RunOptions(**{**fake_run.__dict__, "force": True}))
@@ -158,14 +164,7 @@ def test_stored_accuracy_without_per_utterance_scores_is_recomputed(fake_run: pi
         recorded = json.loads(stamp.read_text())
         del recorded["payload"]["per_utterance"]
         stamp.write_text(json.dumps(recorded))
-    calls: list[str] = []
-    original = pipeline.evaluate_task
-
-    def counting(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        calls.append("eval")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "evaluate_task", counting)
+    calls = count_evaluations(monkeypatch)
     result = pipeline.run_all(fake_run)
     assert len(calls) == 3
     assert all(row["per_utterance"]["ids"] for row in result.results["rows"])
