@@ -161,15 +161,16 @@ class AsrScores:
         }
 
 
-def _scores(refs: Sequence[str], transcripts: Sequence[Transcript]) -> AsrScores:
+def _scores(refs: Sequence[str], transcripts: Sequence[Transcript],
+            normalize: metrics.Normalizer | None = None) -> AsrScores:
     rescored = [t.rescored for t in transcripts]
     greedy = [t.greedy for t in transcripts]
     return AsrScores(
         utterances=len(refs),
-        cer=metrics.cer(refs, rescored),
-        wer=metrics.wer(refs, rescored),
-        cer_greedy=metrics.cer(refs, greedy),
-        wer_greedy=metrics.wer(refs, greedy),
+        cer=metrics.character_errors(refs, rescored, normalize).rate,
+        wer=metrics.word_errors(refs, rescored, normalize).rate,
+        cer_greedy=metrics.character_errors(refs, greedy, normalize).rate,
+        wer_greedy=metrics.word_errors(refs, greedy, normalize).rate,
     )
 
 
@@ -188,13 +189,14 @@ class UtteranceErrors:
 RATES = ("cer", "wer", "cer_greedy", "wer_greedy")
 
 
-def utterance_errors(name: str, reference: str, transcript: Transcript) -> UtteranceErrors:
+def utterance_errors(name: str, reference: str, transcript: Transcript,
+                     normalize: metrics.Normalizer | None = None) -> UtteranceErrors:
     return UtteranceErrors(
         name,
-        cer=metrics.character_errors([reference], [transcript.rescored]),
-        wer=metrics.word_errors([reference], [transcript.rescored]),
-        cer_greedy=metrics.character_errors([reference], [transcript.greedy]),
-        wer_greedy=metrics.word_errors([reference], [transcript.greedy]),
+        cer=metrics.character_errors([reference], [transcript.rescored], normalize),
+        wer=metrics.word_errors([reference], [transcript.rescored], normalize),
+        cer_greedy=metrics.character_errors([reference], [transcript.greedy], normalize),
+        wer_greedy=metrics.word_errors([reference], [transcript.greedy], normalize),
     )
 
 
@@ -228,8 +230,10 @@ class AsrResult:
         return flat
 
 
-def score_transcripts(samples: Sequence[AsrSample], transcripts: Sequence[Transcript]) -> AsrResult:
-    """Corpus CER/WER overall and per source group (synthetic / real)."""
+def score_transcripts(samples: Sequence[AsrSample], transcripts: Sequence[Transcript],
+                      normalize: metrics.Normalizer | None = None) -> AsrResult:
+    """Corpus CER/WER overall and per source group (synthetic / real), and edit counts per utterance, on text
+    normalized by `normalize` (default: metrics' English normalization)."""
     if not samples:
         raise ModelError("no utterances were transcribed; the ASR evaluation set is empty")
     refs = [s.text for s in samples]
@@ -237,11 +241,12 @@ def score_transcripts(samples: Sequence[AsrSample], transcripts: Sequence[Transc
     for index, sample in enumerate(samples):
         groups.setdefault(source_group(sample.source), []).append(index)
     by_source = {
-        group: _scores([refs[i] for i in idx], [transcripts[i] for i in idx]) for group, idx in groups.items()
+        group: _scores([refs[i] for i in idx], [transcripts[i] for i in idx], normalize)
+        for group, idx in groups.items()
     }
     rows = tuple((s.name, s.text, t) for s, t in zip(samples, transcripts))
-    per_utterance = tuple(utterance_errors(s.name, s.text, t) for s, t in zip(samples, transcripts))
-    return AsrResult(overall=_scores(refs, transcripts), by_source=by_source, transcripts=rows,
+    per_utterance = tuple(utterance_errors(s.name, s.text, t, normalize) for s, t in zip(samples, transcripts))
+    return AsrResult(overall=_scores(refs, transcripts, normalize), by_source=by_source, transcripts=rows,
                      per_utterance=per_utterance)
 
 

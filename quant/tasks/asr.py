@@ -25,10 +25,8 @@ from quant.decoding import (
     ctc_prefix_beam_search, hyps_to_decoder_inputs,
 )
 from quant.errors import CalibrationError, ModelError
-from quant.eval import metrics
 from quant.eval.asr import (
-    AsrOptions, AsrResult, AsrSample, AsrScores, Transcript, UtteranceErrors, balanced_subset, load_samples,
-    source_group,
+    AsrOptions, AsrResult, AsrSample, Transcript, balanced_subset, load_samples, score_transcripts, source_group,
 )
 from quant.eval.speed import GraphWorkload
 from quant.frontends import Frontend, frontend, pad_batch
@@ -292,37 +290,9 @@ def _log_probs(outputs: Mapping[str, np.ndarray], names: Sequence[str], beam: in
 
 def score(samples: Sequence[AsrSample], transcripts: Sequence[Transcript],
           normalize: Callable[[str], str] = normalize_text) -> AsrResult:
-    """Corpus CER/WER overall and per source group, and edit counts per utterance, after `normalize`."""
-    if not samples:
-        raise ModelError("no utterances were transcribed; the ASR evaluation set is empty")
-    groups: dict[str, list[int]] = {}
-    for index, sample in enumerate(samples):
-        groups.setdefault(source_group(sample.source), []).append(index)
-    per_utterance = tuple(_errors(s.name, s.text, t, normalize) for s, t in zip(samples, transcripts))
-    by_source = {group: _sum([per_utterance[i] for i in indices]) for group, indices in groups.items()}
-    return AsrResult(overall=_sum(per_utterance), by_source=by_source,
-                     transcripts=tuple((s.name, s.text, t) for s, t in zip(samples, transcripts)),
-                     per_utterance=per_utterance)
-
-
-def _errors(name: str, reference: str, transcript: Transcript, normalize: Callable[[str], str]) -> UtteranceErrors:
-    return UtteranceErrors(
-        name,
-        cer=metrics.character_errors([reference], [transcript.rescored], normalize),
-        wer=metrics.word_errors([reference], [transcript.rescored], normalize),
-        cer_greedy=metrics.character_errors([reference], [transcript.greedy], normalize),
-        wer_greedy=metrics.word_errors([reference], [transcript.greedy], normalize),
-    )
-
-
-def _sum(rows: Sequence[UtteranceErrors]) -> AsrScores:
-    """Corpus rates from summed per-utterance edit counts (jiwer's corpus rates are exactly these sums)."""
-    def total(rate: str) -> float:
-        counts = [getattr(row, rate) for row in rows]
-        return sum(counts[1:], counts[0]).rate if counts else float("nan")
-
-    return AsrScores(utterances=len(rows), cer=total("cer"), wer=total("wer"), cer_greedy=total("cer_greedy"),
-                     wer_greedy=total("wer_greedy"))
+    """Corpus CER/WER overall and per source group, and edit counts per utterance, after `normalize` (the
+    evaluation's own scoring, quant.eval.asr.score_transcripts)."""
+    return score_transcripts(samples, transcripts, normalize)
 
 
 __all__ = ["AsrTask", "score"]
