@@ -40,6 +40,9 @@ verified and built from.
 The sidecar is bound to its cache in both directions: its cache_sha256 must be the cache bytes' sha256, it must list
 exactly the cache's tensors, and each tensor's float32(amax / 127) must equal the cache's scale to within one float32
 step; every amax, min and max is finite (amax >= 0). quant checks what it writes by the same rules it reads with.
+
+Beside an entry calibrate() may keep `<cache>.hist.npz`, the |x| histograms its ranges came from (quant.calib.histstore):
+derived and optional, bound to the cache bytes by sha256, never part of the pair; remove_entry deletes it too.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from quant.calib.histstore import histogram_path
 from quant.calib.ranges import RangeResult, TensorRange
 from quant.errors import CacheMismatch, CalibrationError, FileAccessError, QuantError
 from quant.fileio import atomic_write_bytes, sha256_bytes
@@ -577,8 +581,8 @@ def remove_entry(cache_path: str | Path) -> None:
                                "with its own sidecar (delete other files yourself)")
     try:
         with _exclusive_lock(path):
-            # sidecars first: a cache left without its sidecar is never reused
-            for item in (_pending_sidecar(path), sidecar_path(path), _pending_cache(path), path):
+            # sidecars first: a cache left without its sidecar is never reused; its derived histograms last
+            for item in (_pending_sidecar(path), sidecar_path(path), _pending_cache(path), path, histogram_path(path)):
                 item.unlink(missing_ok=True)
     except OSError as error:
         raise CalibrationError(f"cannot remove calibration cache {path}: {error.strerror or error}") from None

@@ -25,6 +25,7 @@ import numpy as np
 
 from quant.calib.cache import (CacheEntry, CacheKey, check_entry, ensure_writable, entry_exists, read_entry, store_path,
                                write_entry)
+from quant.calib.histstore import write_histograms
 from quant.calib.ranges import FeedSource, RangeOptions, collect_ranges, method_params
 from quant.errors import CacheMismatch, CalibrationError
 from quant.executor import Executor
@@ -128,7 +129,9 @@ def calibrate(
 
         result = collect_ranges_sharded(onnx_path, source, method, options.ranges, executor)
     info = {"model": str(onnx_path), "model_kind": model_kind, "manifest": str(manifest) if manifest else None}
-    return write_entry(target, key, result, info, options.trt_version)
+    entry = write_entry(target, key, result, info, options.trt_version)
+    write_histograms(entry.path, entry.cache_sha256, result.histograms)  # for the report; bound to the cache bytes
+    return entry
 
 
 def qdq_graph(onnx_path: Path, check_feeds: FeedSource) -> Path:

@@ -77,6 +77,8 @@ class RangeResult:
     tensors: Mapping[str, TensorRange]
     skipped: tuple[str, ...] = ()
     batches: int = 0
+    # the |x| histograms the thresholds were chosen from (entropy, percentile; none for minmax), for the report
+    histograms: Mapping[str, hist.AbsHistogram] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def amax(self) -> dict[str, float]:
@@ -111,7 +113,12 @@ def collect_ranges(
     params = method_params(method, options)
     stats, skipped, batches = collect_statistics(onnx_path, feeds, histograms=method != "minmax", options=options)
     tensors = {name: _tensor_range(name, item, method, options) for name, item in stats.items()}
-    return RangeResult(method, params, tensors, tuple(skipped), batches)
+    return RangeResult(method, params, tensors, tuple(skipped), batches, histograms_of(stats))
+
+
+def histograms_of(stats: Mapping[str, TensorStats]) -> dict[str, hist.AbsHistogram]:
+    """The pass-2 histograms of the tensors that have one (none after a minmax collection)."""
+    return {name: item.histogram for name, item in stats.items() if item.histogram is not None}
 
 
 def collect_statistics(

@@ -31,7 +31,7 @@ import numpy as np
 
 from quant.calib import histogram as hist
 from quant.calib.ranges import (Feed, FeedSource, RangeOptions, RangeResult, TensorStats, _load, _open, _run_pass,
-                                _session, _tensor_range, augment_model, method_params)
+                                _session, _tensor_range, augment_model, histograms_of, method_params)
 from quant.errors import CalibrationError
 from quant.executor import Executor, Shard, split
 from quant.fileio import private_temp_dir
@@ -93,7 +93,7 @@ def collect_ranges_sharded(onnx_path: str | Path, feeds: FeedSource, method: str
             histogram.counts = np.sum([result.counts[name] for result in second], axis=0, dtype=np.int64)
             stats[name].histogram = histogram
     tensors = {name: _tensor_range(name, item, method, options) for name, item in stats.items()}
-    return RangeResult(method, params, tensors, tuple(skipped), batches)
+    return RangeResult(method, params, tensors, tuple(skipped), batches, histograms_of(stats))
 
 
 def merge_minmax(parts: Sequence[hist.MinMaxAccumulator]) -> hist.MinMaxAccumulator:
