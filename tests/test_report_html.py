@@ -16,10 +16,12 @@ import pytest
 
 from quant import report
 from quant.calib.cache import CacheKey, write_entry
+from quant.calib.histogram import AbsHistogram
+from quant.calib.histstore import write_histograms
 from quant.calib.ranges import RangeResult, TensorRange
 from quant.cli import main
 from quant.data.audio import load_audio
-from quant.report import examples, figures
+from quant.report import artifacts, examples, figures
 from quant.report.html import HtmlOptions, render_html
 
 BROWSER = shutil.which("chromium-headless-shell") or shutil.which("chromium")
@@ -43,6 +45,15 @@ def se_row(precision: str, pesq: float, mean: float, artifact: Path | None = Non
             "latency_ms": latency(mean), "rtf": mean / 9000, "error_vs_fp32": {}}
 
 
+def histogram_of(tensor: TensorRange) -> AbsHistogram:
+    """1000 values: 95 % near zero, the rest spread up to the tensor's largest |x| (a heavy tail to clip)."""
+    largest = max(-tensor.minimum, tensor.maximum)
+    histogram = AbsHistogram(largest)
+    rng = np.random.default_rng(0)
+    histogram.add(np.concatenate([rng.uniform(0, largest / 20, 950), rng.uniform(0, largest, 49), [largest]]))
+    return histogram
+
+
 def int8_build(folder: Path) -> Path:
     """An int8 build folder as quant.artifacts leaves it: meta.json with the plan summary, rules file and cache."""
     cache = folder / "cache" / "dpcrn-percentile.cache"
@@ -51,8 +62,10 @@ def int8_build(folder: Path) -> Path:
     for method, scale in (("percentile", 1.0), ("minmax", None)):
         amax = {name: (t.amax if scale else max(-t.minimum, t.maximum)) for name, t in tensors.items()}
         ranges = {name: TensorRange(name, amax[name], t.minimum, t.maximum, t.count, 0) for name, t in tensors.items()}
-        write_entry(cache if method == "percentile" else folder / "cache" / "dpcrn-minmax.cache",
-                    CacheKey.create("model-sha", "data-sha", method, {}), RangeResult(method, {}, ranges))
+        entry = write_entry(cache if method == "percentile" else folder / "cache" / "dpcrn-minmax.cache",
+                            CacheKey.create("model-sha", "data-sha", method, {}), RangeResult(method, {}, ranges))
+        if method == "percentile":  # as calibrate() keeps them: |x| of 1000 values up to the largest seen
+            write_histograms(entry.path, entry.cache_sha256, {name: histogram_of(t) for name, t in tensors.items()})
     build = folder / "dpcrn" / "int8"
     build.mkdir(parents=True)
     artifact = build / "model.onnx"
@@ -125,6 +138,21 @@ def test_plan_and_calibration_come_from_the_artifacts(results: dict[str, Any]) -
     assert calibration.index("/enc/conv_out") < calibration.index("/dec/add_out")
     assert "80.0 %" in calibration and "2.5 %" in calibration
     assert "amax minmax" in calibration and "amax percentile" in calibration  # both caches of the model's store
+    # the stored histograms: share of values beyond amax, and their figure
+    assert "values clipped (percentile)" in calibration and "histograms of the most clipped tensors" in calibration
+    stored = artifacts.calibration(artifacts.build_meta(results["rows"][1]) or {})
+    assert stored is not None and stored.histogram_note == ""
+    conv = next(t for t in stored.tensors if t.name == "/enc/conv_out")
+    assert conv.histogram is not None and 0.0 < (conv.mass_clipped or 0.0) < 0.06  # 2 of 10 -> 4 % of the tail
+    assert f"{100 * (conv.mass_clipped or 0.0):.3g} %" in calibration
+
+
+def test_calibration_notes_missing_histograms(results: dict[str, Any], tmp_path: Path) -> None:
+    for stored in (tmp_path / "engines" / "cache").glob("*.hist.npz"):
+        stored.unlink()
+    calibration = render_html(results, HtmlOptions(examples=False)).split("<h3>Calibration")[1]
+    assert "no histograms stored for dpcrn-percentile.cache" in calibration
+    assert "histograms of the most clipped tensors" not in calibration
 
 
 def test_optional_sections_follow_their_keys(results: dict[str, Any]) -> None:

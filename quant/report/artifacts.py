@@ -1,5 +1,6 @@
 """What the report reads from the artifacts a results.json row names: the build's meta.json (precision plan by op type),
-the precision rules' reasons, and the calibration cache's sidecar ranges (amax by method, clipping).
+the precision rules' reasons, the calibration cache's sidecar ranges (amax by method, clipping) and the |x|
+histograms stored beside the cache (quant.calib.histstore: clipped mass).
 
 Every reader returns None when the artifact is gone or unreadable (a report of an old or moved run still renders);
 the page says what was missing.
@@ -12,6 +13,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+
+from quant.calib.histstore import StoredHistogram
 
 from quant.errors import QuantError
 from quant.report.rows import Row
@@ -87,6 +90,15 @@ class TensorClip:
     amax: Mapping[str, float]  # method -> amax
     observed: float  # max(|min|, |max|) over the calibration set
     method: str  # the method the build used
+    histogram: StoredHistogram | None = None  # the |x| histogram the build's ranges came from, when stored
+
+    @property
+    def mass_clipped(self) -> float | None:
+        """Share of the calibration values with |x| beyond the build's amax (None without a histogram)."""
+        used = self.amax.get(self.method)
+        if self.histogram is None or used is None:
+            return None
+        return self.histogram.share_above(used)
 
     @property
     def clipped(self) -> float:
@@ -102,6 +114,7 @@ class Calibration:
     method: str
     cache: Path
     tensors: tuple[TensorClip, ...]  # most clipped first
+    histogram_note: str = ""  # why there are no histograms ("" when they were read)
 
     @property
     def methods(self) -> list[str]:
@@ -112,6 +125,7 @@ def calibration(meta: Mapping[str, Any]) -> Calibration | None:
     """The build's cache sidecar ranges, joined with every other cache of the same model in the same store (other
     calibration methods), most clipped tensors first; None when the build used no cache or it is gone."""
     from quant.calib.cache import list_entries, read_entry
+    from quant.calib.histstore import read_histograms
 
     path = (meta.get("cache") or {}).get("path")
     if not path or not Path(path).is_file():
@@ -124,10 +138,11 @@ def calibration(meta: Mapping[str, Any]) -> Calibration | None:
     by_method = {e.key.method: e for e in list_entries(Path(path).parent)
                  if e.key.model_sha256 == used.key.model_sha256 and e.key.method != used.key.method}
     by_method[used.key.method] = used
+    stored = read_histograms(used.path, used.cache_sha256)
     tensors = []
     for name, item in used.ranges.items():
         amax = {method: float(entry.ranges[name].amax) for method, entry in by_method.items() if name in entry.ranges}
         observed = max(abs(float(item.minimum)), abs(float(item.maximum)))
-        tensors.append(TensorClip(name, amax, observed, used.key.method))
-    tensors.sort(key=lambda t: (-t.clipped, t.name))
-    return Calibration(used.key.method, Path(path), tuple(tensors))
+        tensors.append(TensorClip(name, amax, observed, used.key.method, stored.tensors.get(name)))
+    tensors.sort(key=lambda t: (-t.clipped, -(t.mass_clipped or 0.0), t.name))
+    return Calibration(used.key.method, Path(path), tuple(tensors), stored.note)

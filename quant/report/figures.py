@@ -120,6 +120,37 @@ def clipping(tensors: Sequence[TensorClip], method: str) -> bytes:
     return png(fig)
 
 
+def histograms(tensors: Sequence[TensorClip], method: str, columns: int = 2) -> bytes:
+    """Per tensor (each with a stored histogram): log count against |x| over the calibration set, a line at each
+    method's amax, and the share of values beyond the build's amax (clipped to it in INT8)."""
+    plt = pyplot()
+    shown = [t for t in tensors if t.histogram is not None]
+    rows = max(1, -(-len(shown) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(WIDTH_IN, 2.3 * rows + 0.4), squeeze=False)
+    methods = sorted({m for t in shown for m in t.amax})
+    styles = dict(zip(methods, ("-", "--", ":", "-.")))
+    for ax, tensor in zip(axes.flat, shown):
+        histogram = tensor.histogram
+        assert histogram is not None  # filtered above
+        edges = np.linspace(0.0, histogram.amax, histogram.counts.size + 1)
+        ax.stairs(np.where(histogram.counts > 0, histogram.counts, np.nan), edges, color="0.35", fill=False)
+        ax.set_yscale("log")
+        for name in methods:
+            if name in tensor.amax:
+                ax.axvline(tensor.amax[name], color="tab:red" if name == method else "tab:blue",
+                           linestyle=styles[name], linewidth=1, label=f"amax {name}")
+        share = tensor.mass_clipped or 0.0
+        ax.set_title(f"{_short(tensor.name, 30)}: {100 * share:.3g} % beyond {method} amax", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("|x|", fontsize=8)
+        ax.set_ylabel("count (log)", fontsize=8)
+        ax.legend(fontsize=6, loc="upper right")
+    for ax in list(axes.flat)[len(shown):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return png(fig)
+
+
 def _short(name: str, keep: int = 38) -> str:
     return name if len(name) <= keep else "…" + name[-keep + 1:]
 

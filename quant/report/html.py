@@ -27,6 +27,7 @@ from quant.report.tables import CHANGE_CAPTION, Table, change_table, fmt_number,
 logger = logging.getLogger(__name__)
 
 TOP_CLIPPED = 8  # tensors shown in the calibration section
+TOP_HISTOGRAMS = 4  # of which the histograms drawn
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 CSS = """
 body { font: 15px/1.45 system-ui, sans-serif; color: #222; margin: 0 auto; max-width: 1100px; padding: 0 12px 40px; }
@@ -186,14 +187,24 @@ def _calibration(model: str, results: Mapping[str, Any], rows: Sequence[Row]) ->
         seen.add(found.cache)
         worst = found.tensors[:TOP_CLIPPED]
         methods = found.methods
-        table = (["tensor", *[f"amax {m}" for m in methods], "largest |x| seen", f"range clipped ({found.method})"],
+        table = (["tensor", *[f"amax {m}" for m in methods], "largest |x| seen", f"range clipped ({found.method})",
+                  f"values clipped ({found.method})"],
                  [[t.name, *[fmt_number(t.amax.get(m), ".4g") for m in methods], fmt_number(t.observed, ".4g"),
-                   f"{100 * t.clipped:.1f} %"] for t in worst])
+                   f"{100 * t.clipped:.1f} %", "" if t.mass_clipped is None else f"{100 * t.mass_clipped:.3g} %"]
+                  for t in worst])
         out += [f"<p class=note>Cache {_e(found.cache.name)}: {len(found.tensors)} tensors, method "
                 f"{_e(found.method)}; other methods shown where the cache store holds them for the same model. "
-                "Histograms are not stored in the cache, so the range clipped is the share of the largest "
-                "magnitude seen that lies beyond amax.</p>",
+                "Range clipped: the share of the largest magnitude seen that lies beyond amax; values clipped: the "
+                "share of calibration values beyond amax, from the stored |x| histograms.</p>",
                 _table(table, (0,)), _figure(figures.clipping(worst, found.method), f"{model} most clipped tensors")]
+        drawn = [t for t in worst if t.histogram is not None][:TOP_HISTOGRAMS]
+        if drawn:
+            out.append(_figure(figures.histograms(drawn, found.method), f"{model} histograms of the most clipped "
+                               "tensors", "|x| over the calibration set (equal bins up to the largest |x| seen) of "
+                               "the most clipped tensors; lines: each method's amax; title: share of values beyond "
+                               "the build's amax."))
+        elif found.histogram_note:
+            out.append(f"<p class=note>{_e(found.histogram_note)}</p>")
     return ["<h3>Calibration</h3>", *out] if out else []
 
 
