@@ -681,6 +681,7 @@ def run_all(options: RunOptions = RunOptions()) -> RunResult:
 
 def _run_models(options: RunOptions, specs: Sequence[ModelSpec], root: Path) -> RunResult:
     from quant.report import write_results
+    from quant.report.search import search_sections
 
     backends = resolve_backends(options.backends)
     if not options.accuracy:  # a speed-only run has nothing to show for simulated rows
@@ -702,6 +703,7 @@ def _run_models(options: RunOptions, specs: Sequence[ModelSpec], root: Path) -> 
                               "calib_utterances": options.calib_utterances,
                               "bench": asdict(options.bench), "eval_threads": options.eval_threads}),
         "rows": [row.to_json() for row in rows],
+        "search": search_sections(root / "search", {s.name: [g.name or s.name for g in s.graphs] for s in specs}),
     }
     paths = write_results(results, options.report_dir or root)
     return RunResult(results, paths, failures)

@@ -155,21 +155,23 @@ def test_calibration_notes_missing_histograms(results: dict[str, Any], tmp_path:
     assert "histograms of the most clipped tensors" not in calibration
 
 
-def test_optional_sections_follow_their_keys(results: dict[str, Any]) -> None:
+def searched(folder: Path) -> dict[str, Any]:
+    """The "search" key as `quant run` takes it from a `quant search` output (tests/test_report_search.py)."""
+    from quant.report.search import search_section
+    from tests.test_report_search import write_search_json
+
+    return {"dpcrn": search_section(write_search_json(folder / "search" / "dpcrn"))}
+
+
+def test_optional_sections_follow_their_keys(results: dict[str, Any], tmp_path: Path) -> None:
     plain = render_html(results, HtmlOptions(examples=False))
     assert "Time per op type" not in plain and "Sensitivity" not in plain and "frontier" not in plain
     results["rows"][0]["profile"] = {"Conv": 120.0, "LSTM": 60.0}
     results["rows"][1]["profile"] = {"QLinearConv": 40.0, "DynamicQuantizeLSTM": 45.0, "Conv": 5.0}
-    results["search"] = {"dpcrn": {"points": [{"label": "all int8", "latency_ms": 100.0, "value": 2.9,
-                                               "frontier": True},
-                                              {"label": "conv int8", "latency_ms": 150.0, "value": 2.99,
-                                               "frontier": True},
-                                              {"label": "lstm int8", "latency_ms": 180.0, "value": 2.95}],
-                                   "units": [{"unit": "/enc/conv", "op_type": "Conv", "delta": -0.01},
-                                             {"unit": "/lstm", "op_type": "LSTM", "delta": -0.08}]}}
+    results["search"] = searched(tmp_path)
     full = render_html(results, HtmlOptions(examples=False))
     assert "Time per op type" in full and "QLinearConv" in full and "Sensitivity of each quantized unit" in full
-    assert "frontier" in full
+    assert "frontier" in full and "Precision search" in full
     assert Page(full).tags["img"] > Page(plain).tags["img"]
 
 
@@ -216,14 +218,33 @@ IMAGE_CHECK = """<script>window.addEventListener("load", () => {
 
 @needs_browser
 def test_page_renders_in_headless_chromium(results: dict[str, Any], tmp_path: Path) -> None:
+    results["search"] = searched(tmp_path)
+    page = report.write_results(results, tmp_path / "run", report.HtmlOptions(examples=False))["html"]
+    text = page.read_text(encoding="utf-8")
+    for alt in ("most clipped tensors", "histograms of the most clipped tensors", "searched configurations",
+                "unit sensitivity"):
+        assert f'alt="dpcrn {alt}"' in text
+    assert_renders(page, tmp_path, images=6)  # trade-off, latency, clipping, histograms, frontier, sensitivity
+
+
+@needs_browser
+def test_search_page_renders_in_headless_chromium(tmp_path: Path) -> None:
+    from quant.report.search import write_search_report
+    from tests.test_report_search import write_search_json
+
+    page = write_search_report("dpcrn", write_search_json(tmp_path / "dpcrn"), tmp_path / "dpcrn")["html"]
+    assert_renders(page, tmp_path, images=2, height=1200)
+
+
+def assert_renders(page: Path, tmp_path: Path, images: int, height: int = 1600) -> None:
+    """In a narrow headless Chromium window: no console message, not blank, every image loaded, every table there."""
     from PIL import Image
 
-    page = report.write_results(results, tmp_path / "run", report.HtmlOptions(examples=False))["html"]
     shot = tmp_path / "shot.png"
-    run = chromium(f"--screenshot={shot}", "--window-size=600,1600", page=page)  # a narrow window
+    run = chromium(f"--screenshot={shot}", f"--window-size=600,{height}", page=page)  # a narrow window
     assert console_lines(run.stderr) == []  # no CSP violation (a request), no error of any kind
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
-    assert pixels.shape == (1600, 600) and pixels.std() > 20  # not blank: text, tables and figures
+    assert pixels.shape == (height, 600) and pixels.std() > 20  # not blank: text, tables and figures
     # The same page with one inline script (allowed by a relaxed policy) that lists every image's load state.
     text = page.read_text(encoding="utf-8")
     probe = tmp_path / "probe.html"
@@ -234,7 +255,7 @@ def test_page_renders_in_headless_chromium(results: dict[str, Any], tmp_path: Pa
     found = re.search(r'<pre id="image-check">(.*?)</pre>', dom.stdout)
     assert found, "the image check did not run"
     states = json.loads(found.group(1))
-    assert len(states) == len(Page(text).images) >= 3
+    assert len(states) == len(Page(text).images) >= images
     assert all(complete and width > 0 for complete, width in states), states  # no broken image
     assert dom.stdout.count("<table") == text.count("<table")
 

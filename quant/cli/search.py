@@ -43,6 +43,7 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from quant.cli.specs import fp32_graphs, select
     from quant.paths import DEFAULT_OUT_ROOT
+    from quant.report.search import write_search_report
     from quant.search import SearchOptions, parse_budget, run_search, write_outputs
     from quant.search.models import Split, spec_problem
 
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_search(problem, SearchOptions(budget, args.max_evals, args.top), out_dir)
     command = "quant search " + " ".join(shlex.quote(a) for a in _argv(args))
     paths = write_outputs(result, problem.base_rules, out_dir, command)
+    paths.update(write_search_report(selection.spec.name, paths["json"], out_dir, command))
     chosen = result.chosen
     print(f"{graph.name}: {len(problem.units)} units, {result.evals} builds, {result.minutes:.1f} min; budget "
           f"{budget.describe()}")
@@ -72,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"held-out ({held['n']} utterances): change {held['delta']:+.4f} [{held['ci_low']:+.4f}, "
               f"{held['ci_high']:+.4f}] -> {held['verdict']}")
     print(f"rules: {paths['rules']}\nsearch.json: {paths['json']}\nplot: {paths['plot']}")
+    print(f"report: {paths['html']} (results.json beside it)")
     return 0
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from quant.report.artifacts import TensorClip
 from quant.report.examples import Example
-from quant.report.rows import METRIC_SCALE, Primary, Row
+from quant.report.rows import METRIC_SCALE, Row
 
 WIDTH_IN = 7.0  # 700 px at DPI: the page scales images down to a narrow window, never up
 DPI = 100
@@ -155,21 +155,66 @@ def _short(name: str, keep: int = 38) -> str:
     return name if len(name) <= keep else "…" + name[-keep + 1:]
 
 
-def sensitivity(units: Sequence[Mapping[str, Any]], profile: Primary, top: int = 15) -> bytes:
-    """Primary-metric change when only one unit runs in INT8 (search results), worst first."""
+def sensitivity(units: Sequence[Mapping[str, Any]], metric: str, higher_is_better: bool, top: int = 15) -> bytes:
+    """Per unit, worst first: the output SNR against FP32 with only this unit in INT8 (every unit the search
+    measured), or, where the search measured no SNR, the budget metric's change (display units)."""
     plt = pyplot()
-    _, metric, higher, metric_label = profile
-    scale = METRIC_SCALE.get(metric, 1.0)
-    worst = sorted(units, key=lambda u: float(u["delta"]) * (1 if higher else -1))[:top]
+    by_snr = any(u.get("snr_db") is not None for u in units)
+    if by_snr:
+        worst = sorted((u for u in units if u.get("snr_db") is not None), key=lambda u: float(u["snr_db"]))[:top]
+        values = [min(float(u["snr_db"]), 120.0) for u in worst]  # a bit-identical output has infinite SNR
+        xlabel = "output SNR vs FP32 with only this unit in INT8, dB (lower = more sensitive)"
+    else:
+        measured = [u for u in units if u.get("delta") is not None]
+        worst = sorted(measured, key=lambda u: float(u["delta"]) * (1 if higher_is_better else -1))[:top]
+        values = [float(u["delta"]) for u in worst]
+        xlabel = (f"{metric} change vs FP32 with only this unit in INT8 ({'higher' if higher_is_better else 'lower'} "
+                  "is better)")
     fig, ax = plt.subplots(figsize=(WIDTH_IN, 0.32 * len(worst) + 1.3))
-    ax.barh(range(len(worst)), [scale * float(u["delta"]) for u in worst], color="tab:red")
+    colors = ["tab:red" if not u.get("int8") else "tab:blue" for u in worst]
+    ax.barh(range(len(worst)), values, color=colors)
     ax.set_yticks(range(len(worst)), [_short(str(u["unit"])) for u in worst], fontsize=8)
     ax.invert_yaxis()
-    unit = " points" if scale != 1.0 else ""
-    ax.set_xlabel(f"{metric_label} change{unit} with only this unit in INT8 ({'higher' if higher else 'lower'} "
-                  "is better)")
+    ax.set_xlabel(xlabel)
     ax.axvline(0, color="0.3", linewidth=1)
     ax.grid(True, axis="x", alpha=0.3)
+    ax.set_title("red: kept float by the chosen configuration; blue: INT8", fontsize=8)
+    fig.tight_layout()
+    return png(fig)
+
+
+def search_frontier(entry: Mapping[str, Any]) -> bytes:
+    """The configurations a search measured: latency (or, untimed, INT8 units) against the budget metric's change vs
+    FP32 on the validation split with its 95 % interval; the Pareto frontier, the default rules and the chosen one
+    marked, the budget line dashed."""
+    plt = pyplot()
+    points = list(entry.get("points") or [])
+    timed = any(p.get("latency_ms") is not None for p in points)
+    shown = [p for p in points if not timed or p.get("latency_ms") is not None]
+
+    def x(point: Mapping[str, Any]) -> float:
+        return float(point["latency_ms"]) if timed else float(point["int8_units"])
+
+    fig, ax = plt.subplots(figsize=(WIDTH_IN, 4.0))
+    for point in shown:
+        delta = float(point["delta"])
+        ax.errorbar(x(point), delta, yerr=[[delta - float(point["ci_low"])], [float(point["ci_high"]) - delta]],
+                    fmt="o", color="tab:green" if point.get("holds") else "tab:red", alpha=0.6, capsize=2)
+    frontier = sorted((x(p), float(p["delta"])) for p in shown if p.get("frontier"))
+    if frontier:
+        ax.plot(*zip(*frontier), "-", color="0.3", linewidth=1, label="frontier")
+    for key, marker, name in (("default", "s", "default rules"), ("chosen", "*", "chosen")):
+        for point in (p for p in shown if p.get(key)):
+            ax.plot(x(point), float(point["delta"]), marker, markersize=14, mfc="none", color="black", label=name)
+    if entry.get("budget_line") is not None:
+        ax.axhline(float(entry["budget_line"]), color="tab:orange", linestyle="--", label="budget")
+    ax.set_xlabel("latency per call, ms (median over the search's interleaved rounds)" if timed else
+                  f"INT8 units in the {entry.get('backend', '')} Q/DQ plan (speed proxy; no latency measured)")
+    metric = str(entry.get("metric", "metric"))
+    ax.set_ylabel(f"{metric} change vs FP32{' (pp)' if metric in METRIC_SCALE else ''} (validation)")
+    ax.set_title("green: estimate within budget, red: over; bars: 95 % interval", fontsize=8)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     return png(fig)
 

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from quant.report import artifacts, examples, figures
 from quant.report.compare import Comparison, comparisons
 from quant.report.goals import goals
-from quant.report.plots import render_plot
+from quant.report.plots import render_plot, search_points
 from quant.report.rows import (
     Row, RowKey, model_order, ok_rows, primary, simulation_note, sorted_rows, task_kind, timed_graphs,
 )
@@ -51,13 +51,17 @@ class HtmlOptions:
 def render_html(results: Mapping[str, Any], options: HtmlOptions = HtmlOptions()) -> str:
     rows = sorted_rows(results["rows"])
     changes = comparisons(results)
+    searched = results.get("search") or {}
     models = model_order(rows)
+    models += sorted(m for m in searched if m not in models)  # `quant search`'s own page: no rows, only its search
     body = [f"<h1>quant report</h1><p class=note>{_e(results.get('created_utc', ''))} &middot; "
             f"<code>{_e(results.get('command', ''))}</code></p>",
             "<nav>" + "".join(f'<a href="#{_e(m)}">{_e(m)}</a>' for m in models)
             + '<a href="#goals">goals</a><a href="#environment">environment</a></nav>']
     for model in models:
-        body += _model_section(model, results, [r for r in rows if r["model"] == model], rows, changes, options)
+        model_rows = [r for r in rows if r["model"] == model]
+        body += (_model_section(model, results, model_rows, rows, changes, options) if model_rows
+                 else [f'<h2 id="{_e(model)}">{_e(model)}</h2>', *_search(model, results, model_rows)])
     body += _goals_section(results, changes)
     body += _environment_section(results)
     return ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
@@ -104,7 +108,7 @@ def _model_section(model: str, results: Mapping[str, Any], rows: Sequence[Row], 
     if changed is not None:
         out += [f"<h3>Accuracy change vs FP32</h3><p class=note>{_e(CHANGE_CAPTION)}</p>",
                 _table(changed, range(len(changed[0])))]
-    sections = (_tradeoff, _latency, _profile, _plan, _calibration, _sensitivity)
+    sections = (_tradeoff, _latency, _profile, _plan, _calibration, _search)
     for section in sections:
         out += section(model, results, rows)
     if options.examples:
@@ -115,8 +119,9 @@ def _model_section(model: str, results: Mapping[str, Any], rows: Sequence[Row], 
 def _tradeoff(model: str, results: Mapping[str, Any], rows: Sequence[Row]) -> list[str]:
     if not primary(rows, model).metric or not any(r.get("speed") for r in ok_rows({"rows": rows})):
         return []
-    searched = " Grey dots: configurations the search tried; line: their frontier." if (
-        (results.get("search") or {}).get(model, {}).get("points")) else ""
+    searched = (" Grey dots: configurations the search built (latency: the search's own median; metric: FP32 plus "
+                "the change the search measured on its validation split); line: their frontier."
+                if search_points(results, model, primary(rows, model).metric) else "")
     return ["<h3>Trade-off</h3>", _figure(render_plot(results, [model]), f"{model} task metric against latency",
                                           "Task metric against mean latency for every timed backend and precision "
                                           "(simulated rows have no latency)." + searched)]
@@ -208,13 +213,49 @@ def _calibration(model: str, results: Mapping[str, Any], rows: Sequence[Row]) ->
     return ["<h3>Calibration</h3>", *out] if out else []
 
 
-def _sensitivity(model: str, results: Mapping[str, Any], rows: Sequence[Row]) -> list[str]:
-    units = ((results.get("search") or {}).get(model) or {}).get("units") or []
-    if not units:
+def _search(model: str, results: Mapping[str, Any], rows: Sequence[Row]) -> list[str]:
+    """What `quant search` measured for the model (results.json "search", quant.report.search): the configurations
+    with their frontier, the chosen one and its held-out verdict, and each unit's sensitivity."""
+    entry = (results.get("search") or {}).get(model)
+    if not entry:
         return []
-    return ["<h3>Sensitivity of each quantized unit</h3>",
-            _figure(figures.sensitivity(units, primary(rows, model)), f"{model} unit sensitivity",
-                    "Change of the primary metric when only this unit runs in INT8 (from the search).")]
+    cost = entry.get("cost") or {}
+    chosen = entry.get("chosen")
+    held = (entry.get("held_out") or {}).get("searched")
+    facts = [f"Graph {entry.get('graph', '')}, backend {entry.get('backend', '')}, budget {entry.get('budget', '')}",
+             f"{cost.get('evaluations', '?')} builds in {fmt_number(cost.get('minutes'), '.1f')} min",
+             f"speed: {entry.get('speed_basis', '')}",
+             f"chosen: {chosen}" if chosen else "no measured configuration met the budget"]
+    if held:
+        facts.append(f"held-out ({held.get('n')} utterances): change {fmt_number(held.get('delta'), '+.4f')} "
+                     f"[{fmt_number(held.get('ci_low'), '+.4f')}, {fmt_number(held.get('ci_high'), '+.4f')}], "
+                     f"{held.get('verdict', '')}")
+    points = sorted(entry.get("points") or [], key=lambda p: (-int(p["int8_units"]), p["label"]))
+    table = (["configuration", "INT8 units", "latency ms", f"{entry.get('metric', '')} change", "95 % interval",
+              "within budget", "frontier"],
+             [[p["label"] + (" (chosen)" if p.get("chosen") else "") + (" (default rules)" if p.get("default") else ""),
+               str(p["int8_units"]), fmt_number(p.get("latency_ms"), ".2f"), fmt_number(p["delta"], "+.4f"),
+               f"[{fmt_number(p['ci_low'], '+.4f')}, {fmt_number(p['ci_high'], '+.4f')}]",
+               "yes" if p.get("holds") else "no", "yes" if p.get("frontier") else ""] for p in points])
+    out = ["<h3>Precision search</h3>", f"<p class=note>{_e('; '.join(facts))}. Command: "
+           f"<code>{_e(entry.get('command', ''))}</code></p>",
+           _figure(figures.search_frontier(entry), f"{model} searched configurations",
+                   "Every configuration the search built, measured on the validation split; line: the Pareto "
+                   "frontier of speed and metric change.") if points else "",
+           _table(table, (0,)) if points else ""]
+    units = entry.get("units") or []
+    if units:
+        unit_table = (["unit", "op types", "nodes", "SNR, only this unit INT8, dB",
+                       f"{entry.get('metric', '')} change, only this unit INT8", "kernel ms saved", "chosen"],
+                      [[u["unit"], u.get("op_type", ""), str(u.get("nodes", "")), fmt_number(u.get("snr_db"), ".1f"),
+                        fmt_number(u.get("delta"), "+.4f"), fmt_number(u.get("saved_ms"), ".3f"),
+                        "INT8" if u.get("int8") else "float"] for u in units])
+        out += ["<h3>Sensitivity of each quantized unit</h3>",
+                _figure(figures.sensitivity(units, str(entry.get("metric", "")), bool(entry.get("higher_is_better",
+                                                                                                 True))),
+                        f"{model} unit sensitivity", "Worst units first (from the search)."),
+                "<details><summary>all units</summary>" + _table(unit_table, (0, 1)) + "</details>"]
+    return [part for part in out if part]
 
 
 def _examples(model: str, rows: Sequence[Row]) -> list[str]:

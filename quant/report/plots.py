@@ -148,11 +148,17 @@ SearchPoint = tuple[float, float, bool]  # latency ms, metric in display units, 
 
 
 def search_points(results: Mapping[str, Any], model: str, metric: str) -> list[SearchPoint]:
-    """The searched configurations of a model (results.json "search": {model: {"points": [...]}}), display units."""
+    """The timed configurations a search measured (results.json "search", quant.report.search), display units: the
+    search's median latency, and the FP32 ONNX Runtime row's value plus the change the search measured (on its
+    validation split). None when the search judged another metric or the run has no FP32 row to add it to."""
     entry = (results.get("search") or {}).get(model) or {}
+    fp32 = find_row(ok_rows(results), model, "ort", "fp32")
+    base = task_value(fp32, metric) if fp32 is not None else None
+    if entry.get("metric") != metric or base is None:
+        return []
     scale = METRIC_SCALE.get(metric, 1.0)
-    return [(float(p["latency_ms"]), scale * float(p["value"]), bool(p.get("frontier")))
-            for p in entry.get("points") or [] if p.get("latency_ms") is not None and p.get("value") is not None]
+    return [(float(p["latency_ms"]), scale * base + float(p["delta"]), bool(p.get("frontier")))
+            for p in entry.get("points") or [] if p.get("latency_ms") is not None]
 
 
 def _draw_panel(ax: Any, model: str, profile: Primary, points: Sequence[PlotPoint],
