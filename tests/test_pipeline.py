@@ -123,6 +123,16 @@ def test_run_all_wires_every_step(fake_run: pipeline.RunOptions, tmp_path: Path)
         assert (tmp_path / name).is_file()
 
 
+def test_run_reports_a_search_found_in_the_output_root(fake_run: pipeline.RunOptions, tmp_path: Path) -> None:
+    from tests.test_report_search import write_search_json
+
+    write_search_json(tmp_path / "search" / "dpcrn")  # as `quant search dpcrn` leaves it under the output root
+    assert pipeline.run_all(replace(fake_run, precisions=("fp32",))).ok
+    searched = json.loads((tmp_path / "results.json").read_text())["search"]
+    assert list(searched) == ["dpcrn"] and searched["dpcrn"]["chosen"] == "default-rules"
+    assert "Precision search" in (tmp_path / "report.html").read_text()
+
+
 def count_evaluations(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """A list that grows by one for every accuracy evaluation the pipeline really runs."""
     calls: list[str] = []
