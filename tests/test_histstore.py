@@ -76,3 +76,16 @@ def test_share_above_counts_the_split_bin_pro_rata() -> None:
     assert stored.share_above(2.0) == pytest.approx(0.5)
     assert stored.share_above(2.5) == pytest.approx(0.375)
     assert stored.share_above(4.0) == 0.0 and stored.share_above(0.0) == pytest.approx(1.0)
+
+
+def test_sharded_collection_gives_the_same_histograms(tmp_path: Path) -> None:
+    from quant.calib.sharded import collect_ranges_sharded
+    from quant.executor import LocalExecutor
+
+    model = tiny_model(tmp_path / "m.onnx")
+    whole = collect_ranges(model, feeds(), "entropy", OPTIONS.ranges).histograms
+    sharded = collect_ranges_sharded(model, feeds(), "entropy", OPTIONS.ranges, LocalExecutor()).histograms
+    assert set(whole) == set(sharded) == {"x", "h", "y"}
+    for name, item in whole.items():
+        assert sharded[name].amax == item.amax
+        np.testing.assert_array_equal(sharded[name].counts, item.counts)
