@@ -126,7 +126,7 @@ def histograms(tensors: Sequence[TensorClip], method: str, columns: int = 2) -> 
     plt = pyplot()
     shown = [t for t in tensors if t.histogram is not None]
     rows = max(1, -(-len(shown) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(WIDTH_IN, 2.3 * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(WIDTH_IN, 2.5 * rows + 0.4), squeeze=False)
     methods = sorted({m for t in shown for m in t.amax})
     styles = dict(zip(methods, ("-", "--", ":", "-.")))
     for ax, tensor in zip(axes.flat, shown):
@@ -140,7 +140,7 @@ def histograms(tensors: Sequence[TensorClip], method: str, columns: int = 2) -> 
                 ax.axvline(tensor.amax[name], color="tab:red" if name == method else "tab:blue",
                            linestyle=styles[name], linewidth=1, label=f"amax {name}")
         share = tensor.mass_clipped or 0.0
-        ax.set_title(f"{_short(tensor.name, 30)}: {100 * share:.3g} % beyond {method} amax", fontsize=8)
+        ax.set_title(f"{_short(tensor.name, 44)}\n{100 * share:.3g} % of values beyond the {method} amax", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.set_xlabel("|x|", fontsize=8)
         ax.set_ylabel("count (log)", fontsize=8)
