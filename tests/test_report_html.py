@@ -232,8 +232,8 @@ def test_search_page_renders_in_headless_chromium(tmp_path: Path) -> None:
     from quant.report.search import write_search_report
     from tests.test_report_search import write_search_json
 
-    page = write_search_report("dpcrn", write_search_json(tmp_path / "dpcrn"), tmp_path / "dpcrn")["html"]
-    assert_renders(page, tmp_path, images=2, height=1200)
+    written = write_search_report("dpcrn", "dpcrn", write_search_json(tmp_path / "dpcrn"), tmp_path / "dpcrn")
+    assert_renders(written["html"], tmp_path, images=2, height=1200)
 
 
 def assert_renders(page: Path, tmp_path: Path, images: int, height: int = 1600) -> None:

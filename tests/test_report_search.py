@@ -127,13 +127,15 @@ def test_quant_search_writes_results_json_and_report_html(tmp_path: Path, monkey
     assert results["rows"] == [] and results["search"]["dpcrn"]["chosen"] == "default-rules"
     page = (out / "report.html").read_text()
     assert '<h2 id="dpcrn">dpcrn</h2>' in page and "Precision search" in page and "quant search dpcrn" in page
+    assert 'id="goals"' not in page  # no rows: the reference models' goals have nothing to judge
     # `quant report` re-renders a search's results.json like a run's
     assert main(["report", str(out / "results.json"), "-o", str(tmp_path / "again"), "--no-examples"]) == 0
     assert "Precision search" in (tmp_path / "again" / "report.html").read_text()
 
 
 def search_only_results(tmp_path: Path) -> dict[str, Any]:
-    paths = write_search_report("dpcrn", write_search_json(tmp_path / "dpcrn"), tmp_path / "dpcrn", "quant search x")
+    paths = write_search_report("dpcrn", "dpcrn", write_search_json(tmp_path / "dpcrn"), tmp_path / "dpcrn",
+                                "quant search x")
     return report.load_results(paths["results"])
 
 
@@ -143,3 +145,11 @@ def test_untimed_search_plots_int8_units(tmp_path: Path) -> None:
         item["latency_ms"] = None
     text = render_html(results, HtmlOptions(examples=False))
     assert "Precision search" in text and text.count("<img") == 2  # frontier and sensitivity
+
+
+def test_units_without_a_measured_sensitivity_get_a_note_not_an_empty_chart(tmp_path: Path) -> None:
+    results = search_only_results(tmp_path)
+    for unit in results["search"]["dpcrn"]["units"]:
+        unit["snr_db"] = unit["delta"] = None
+    text = render_html(results, HtmlOptions(examples=False))
+    assert "measured no unit's sensitivity" in text and "unit sensitivity" not in text and "all units" in text

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_search(problem, SearchOptions(budget, args.max_evals, args.top), out_dir)
     command = "quant search " + " ".join(shlex.quote(a) for a in _argv(args))
     paths = write_outputs(result, problem.base_rules, out_dir, command)
-    paths.update(write_search_report(selection.spec.name, paths["json"], out_dir, command))
+    paths.update(write_search_report(selection.spec.name, str(graph.name), paths["json"], out_dir, command))
     chosen = result.chosen
     print(f"{graph.name}: {len(problem.units)} units, {result.evals} builds, {result.minutes:.1f} min; budget "
           f"{budget.describe()}")

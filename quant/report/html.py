@@ -57,12 +57,12 @@ def render_html(results: Mapping[str, Any], options: HtmlOptions = HtmlOptions()
     body = [f"<h1>quant report</h1><p class=note>{_e(results.get('created_utc', ''))} &middot; "
             f"<code>{_e(results.get('command', ''))}</code></p>",
             "<nav>" + "".join(f'<a href="#{_e(m)}">{_e(m)}</a>' for m in models)
-            + '<a href="#goals">goals</a><a href="#environment">environment</a></nav>']
+            + ('<a href="#goals">goals</a>' if rows else "") + '<a href="#environment">environment</a></nav>']
     for model in models:
         model_rows = [r for r in rows if r["model"] == model]
         body += (_model_section(model, results, model_rows, rows, changes, options) if model_rows
                  else [f'<h2 id="{_e(model)}">{_e(model)}</h2>', *_search(model, results, model_rows)])
-    body += _goals_section(results, changes)
+    body += _goals_section(results, changes) if rows else []  # a search's page: no rows, no goal to judge
     body += _environment_section(results)
     return ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
@@ -244,17 +244,22 @@ def _search(model: str, results: Mapping[str, Any], rows: Sequence[Row]) -> list
                    "frontier of speed and metric change.") if points else "",
            _table(table, (0,)) if points else ""]
     units = entry.get("units") or []
+    measured = [u for u in units if u.get("snr_db") is not None or u.get("delta") is not None]
+    if units and not measured:
+        out += ["<h3>Sensitivity of each quantized unit</h3>", "<p class=note>The search measured no unit's "
+                "sensitivity (its evaluation budget, --max-evals, ran out before that step).</p>"]
     if units:
         unit_table = (["unit", "op types", "nodes", "SNR, only this unit INT8, dB",
                        f"{entry.get('metric', '')} change, only this unit INT8", "kernel ms saved", "chosen"],
                       [[u["unit"], u.get("op_type", ""), str(u.get("nodes", "")), fmt_number(u.get("snr_db"), ".1f"),
                         fmt_number(u.get("delta"), "+.4f"), fmt_number(u.get("saved_ms"), ".3f"),
                         "INT8" if u.get("int8") else "float"] for u in units])
-        out += ["<h3>Sensitivity of each quantized unit</h3>",
-                _figure(figures.sensitivity(units, str(entry.get("metric", "")), bool(entry.get("higher_is_better",
-                                                                                                 True))),
-                        f"{model} unit sensitivity", "Worst units first (from the search)."),
-                "<details><summary>all units</summary>" + _table(unit_table, (0, 1)) + "</details>"]
+        if measured:
+            out += ["<h3>Sensitivity of each quantized unit</h3>",
+                    _figure(figures.sensitivity(measured, str(entry.get("metric", "")),
+                                                bool(entry.get("higher_is_better", True))),
+                            f"{model} unit sensitivity", "Worst units first (from the search).")]
+        out.append("<details><summary>all units</summary>" + _table(unit_table, (0, 1)) + "</details>")
     return [part for part in out if part]
 
 

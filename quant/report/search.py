@@ -19,8 +19,9 @@ from quant.errors import ReportError
 
 logger = logging.getLogger(__name__)
 
-def search_section(search_json: str | Path) -> dict[str, Any]:
-    """The "search" entry of one model from a search.json; ReportError naming the file when it is not one."""
+def search_section(search_json: str | Path, graph: str | None = None) -> dict[str, Any]:
+    """The "search" entry of one model from a search.json of its graph `graph` (default: the folder's name, as
+    `quant search` names it); ReportError naming the file when it is not one."""
     path = Path(search_json)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -32,13 +33,13 @@ def search_section(search_json: str | Path) -> dict[str, Any]:
             data.get("frontier"), list) or not isinstance(data.get("budget"), dict):
         raise ReportError(f"{path}: expected quant search's search.json (an object with units, frontier and budget)")
     try:
-        return _entry(data, path)
+        return _entry(data, graph or path.parent.name)
     except (KeyError, TypeError, ValueError) as error:
         raise ReportError(f"{path}: a field of quant search's search.json is missing or malformed ({error!r}); run "
                           "`quant search` again") from None
 
 
-def _entry(data: Mapping[str, Any], path: Path) -> dict[str, Any]:
+def _entry(data: Mapping[str, Any], graph: str) -> dict[str, Any]:
     chosen = data.get("chosen") or {}
     default = data.get("default_rules") or {}
     measured = {p["label"]: p for p in [*data["frontier"], default] if p}
@@ -46,7 +47,7 @@ def _entry(data: Mapping[str, Any], path: Path) -> dict[str, Any]:
     _mark_frontier(points, higher_is_better=_higher_is_better(data))
     budget = data["budget"]
     return {
-        "graph": path.parent.name, "source": str(path), "command": data.get("command", ""),
+        "graph": graph, "command": data.get("command", ""),
         "metric": budget["metric"], "budget": budget.get("description", ""), "budget_line": default.get("budget"),
         "higher_is_better": _higher_is_better(data), "backend": data.get("backend", "ort"),
         "speed_basis": data.get("speed_basis", ""), "cost": data.get("cost") or {},
@@ -109,22 +110,22 @@ def search_sections(search_root: str | Path, graphs: Mapping[str, Sequence[str]]
             if not path.is_file():
                 continue
             try:
-                found[model] = search_section(path)
+                found[model] = search_section(path, name)
                 break
             except ReportError as error:
                 logger.warning("search results left out of the report: %s", error)
     return found
 
 
-def write_search_report(model: str, search_json: str | Path, out_dir: str | Path, command: str = "",
-                        examples: bool = False) -> dict[str, Path]:
+def write_search_report(model: str, graph: str, search_json: str | Path, out_dir: str | Path, command: str = ""
+                        ) -> dict[str, Path]:
     """results.json (rows empty, "search": {model: entry}) and report.html in `out_dir`, as `quant search` leaves
     them beside search.json; `quant report` re-renders them."""
     from quant.fileio import atomic_write_json, atomic_write_text
     from quant.report.html import HtmlOptions, render_html
 
     results = {"schema": 1, "command": command, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "rows": [], "search": {model: search_section(search_json)}}
+               "rows": [], "search": {model: search_section(search_json, graph)}}
     folder = Path(out_dir)
     return {"results": atomic_write_json(folder / "results.json", results),
-            "html": atomic_write_text(folder / "report.html", render_html(results, HtmlOptions(examples=examples)))}
+            "html": atomic_write_text(folder / "report.html", render_html(results, HtmlOptions(examples=False)))}
