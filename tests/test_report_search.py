@@ -90,7 +90,8 @@ def test_run_takes_the_first_searched_graph_of_each_model(tmp_path: Path) -> Non
 
 
 def test_run_page_shows_the_search_sections(tmp_path: Path) -> None:
-    results = {"rows": [se_row("fp32", 3.0, 120.0)], "search": {"dpcrn": search_section(write_search_json(tmp_path / "dpcrn"))}}
+    entry = search_section(write_search_json(tmp_path / "dpcrn"))
+    results = {"rows": [se_row("fp32", 3.0, 120.0)], "search": {"dpcrn": entry}}
     text = render_html(results, HtmlOptions(examples=False))
     assert "Precision search" in text and "Sensitivity of each quantized unit" in text
     assert "default-rules (chosen) (default rules)" in text and "/lstm/matmul" in text

@@ -41,8 +41,9 @@ The sidecar is bound to its cache in both directions: its cache_sha256 must be t
 exactly the cache's tensors, and each tensor's float32(amax / 127) must equal the cache's scale to within one float32
 step; every amax, min and max is finite (amax >= 0). quant checks what it writes by the same rules it reads with.
 
-Beside an entry calibrate() may keep `<cache>.hist.npz`, the |x| histograms its ranges came from (quant.calib.histstore):
-derived and optional, bound to the cache bytes by sha256, never part of the pair; remove_entry deletes it too.
+Beside an entry calibrate() may keep `<cache>.hist.npz`, the |x| histograms its ranges came from
+(quant.calib.histstore): derived and optional, bound to the cache bytes by sha256, never part of the pair;
+remove_entry deletes it too.
 """
 
 from __future__ import annotations
