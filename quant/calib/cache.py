@@ -555,7 +555,7 @@ def check_entry(cache_path: str | Path, key: CacheKey) -> CacheEntry:
 
 
 def remove_entry(cache_path: str | Path) -> None:
-    """Remove a calibration cache with its own sidecar; anything else (another file, a cache whose sidecar is
+    """Remove a calibration cache with its own sidecar (and its derived histograms); anything else (another file, a cache whose sidecar is
     missing or not its own) is refused. A missing path is an error that creates nothing (no lock file, no folder)."""
     path = Path(cache_path)
     if not entry_exists(path):
