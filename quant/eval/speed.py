@@ -94,43 +94,76 @@ def bench_stateful(
     """Per-frame latency of a streaming graph, looping over real frames fed to `frame_input` with its states carried
     from output to input (`state_outputs`: state input -> the output that feeds it next step), as a streaming
     application runs it. Only runner.run is timed."""
+    step = stateful_step(runner, frames, states, frame_input, state_outputs)
+    for _ in range(warmup):
+        step()
+    return latency_stats([step() for _ in range(runs)])
+
+
+Step = Callable[[], float]  # one timed call of one variant (its own feeds and states), returning seconds
+
+
+def round_robin(steps: Mapping[str, Step], rounds: int, warmup: int = 3, calls_per_round: int = 1
+                ) -> dict[str, list[float]]:
+    """Per-call seconds of compared variants timed round-robin in one process: each round makes `calls_per_round`
+    calls of every variant in turn, the start rotating by one each round, so a change of machine load between
+    rounds hits every variant alike and their ratio survives it. Every variant gets the same number of calls, and
+    sample i of every label comes from the same round. Warm-up calls run first, per variant, untimed."""
+    if not steps:
+        raise ValueError("round_robin needs at least one variant")
+    labels = list(steps)
+    for label in labels:
+        for _ in range(warmup):
+            steps[label]()
+    seconds: dict[str, list[float]] = {label: [] for label in labels}
+    for round_index in range(rounds):
+        shift = round_index % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            seconds[label].extend(steps[label]() for _ in range(calls_per_round))
+    return seconds
+
+
+def stateless_step(runner: Runner, feeds: Feeds) -> Step:
+    """A timed call of `runner` on fixed feeds (the inputs it takes, bound by name before any timing)."""
+    bound = {name: feeds[name] for name in runner.input_names}
+
+    def step() -> float:
+        start = time.perf_counter()
+        runner.run(bound)
+        return time.perf_counter() - start
+
+    return step
+
+
+def stateful_step(runner: Runner, frames: Sequence[np.ndarray], states: Mapping[str, np.ndarray], frame_input: str,
+                  state_outputs: Mapping[str, str]) -> Step:
+    """A timed call of a streaming graph on the next frame, its own states carried from output to input (as
+    bench_stateful; each variant of an interleaved roll keeps its own states and frame position)."""
     missing = [name for name in states if name not in state_outputs]
     if missing:
         raise ValueError(f"state inputs {missing} have no output in state_outputs {dict(state_outputs)}")
     current = dict(states)
     cycle = _cycle(frames)
-    seconds = []
-    for step in range(warmup + runs):
+
+    def step() -> float:
+        nonlocal current
         feeds = {frame_input: next(cycle), **current}
         start = time.perf_counter()
         outputs = runner.run(feeds)
         elapsed = time.perf_counter() - start
         current = {name: outputs[state_outputs[name]] for name in current}
-        if step >= warmup:
-            seconds.append(elapsed)
-    return latency_stats(seconds)
+        return elapsed
+
+    return step
 
 
 def interleaved_seconds(runners: Mapping[str, Runner], feeds: Feeds, runs: int, warmup: int = 3
                         ) -> dict[str, list[float]]:
-    """Per-run seconds of compared graphs timed round-robin in one process: each round runs every graph once (the
-    start rotating by one each round), so a change of machine load between rounds hits every graph alike and their
-    ratio survives it; sample i of every label comes from round i. Each runner binds the feeds it takes by name."""
+    """Per-run seconds of compared graphs on the same feeds, timed round-robin (round_robin); each runner binds the
+    feeds it takes by name."""
     if not runners:
         raise ValueError("bench_interleaved needs at least one runner")
-    labels = list(runners)
-    bound = {label: {name: feeds[name] for name in runners[label].input_names} for label in labels}
-    for _ in range(warmup):
-        for label in labels:
-            runners[label].run(bound[label])
-    seconds: dict[str, list[float]] = {label: [] for label in labels}
-    for round_index in range(runs):
-        shift = round_index % len(labels)
-        for label in labels[shift:] + labels[:shift]:
-            start = time.perf_counter()
-            runners[label].run(bound[label])
-            seconds[label].append(time.perf_counter() - start)
-    return seconds
+    return round_robin({label: stateless_step(runner, feeds) for label, runner in runners.items()}, runs, warmup)
 
 
 def bench_interleaved(runners: Mapping[str, Runner], feeds: Feeds, runs: int, warmup: int = 3) -> dict[str, LatencyStats]:
@@ -290,3 +323,78 @@ def _latency(runner: Runner, workload: GraphWorkload, options: BenchOptions) -> 
     if workload.feeds is None:
         raise ValueError(f"workload {workload.graph} has neither feeds nor streaming frames")
     return bench_runner(runner, workload.feeds, options.runs, options.warmup)
+
+
+# ------------------------------------------------------------------------------------------- compared variants
+
+STREAM_ROUND_FRAMES = 10  # streaming: consecutive frames per variant per round (a stretch of the roll, as a stream
+# runs it; short, so a load change lands inside few rounds and hits every variant alike)
+
+
+def measure_interleaved(
+    workload: GraphWorkload, runners_at: Callable[[int], Mapping[str, Runner]], options: BenchOptions,
+    threads: Sequence[int], baselines: Mapping[str, str] | None = None,
+) -> dict[str, dict[str, object]]:
+    """measure_graph for compared variants of one graph (FP32/FP16/INT8 builds, PyTorch eager) timed interleaved:
+    at each thread count the variants `runners_at(count)` opens run round-robin (round_robin; streaming: a round is
+    STREAM_ROUND_FRAMES frames of each variant's own roll), and at the first count so does the batch sweep, per batch
+    size. Returns measure_graph's dict per variant label; every timing entry also carries "interleaved" (rounds,
+    calls per round, the variants, the 1-minute load average before and after) and, for each `baselines` key whose
+    variant ran in the same rounds (e.g. {"vs_fp32": "ort fp32"}), the latency_ratio against it."""
+    by_threads: dict[str, dict[str, object]] = {}  # label -> thread count -> entry
+    sweeps: dict[str, dict[str, object]] = {}  # label -> batch -> entry
+    for index, count in enumerate(threads):
+        runners = dict(runners_at(count))
+        if not runners:
+            continue
+        if workload.streaming:
+            calls = max(1, min(STREAM_ROUND_FRAMES, options.stream_runs))
+            rounds = max(1, options.stream_runs // calls)
+            steps = {label: _stream_step(runner, workload) for label, runner in runners.items()}
+        else:
+            calls, rounds = 1, options.runs if index == 0 else options.secondary_runs
+            steps = {label: stateless_step(runner, _feeds(workload)) for label, runner in runners.items()}
+        for label, (stats, extra) in _timed_group(steps, rounds, options.warmup, calls, baselines or {}).items():
+            by_threads.setdefault(label, {})[str(count)] = {
+                "latency_ms": stats.to_dict(), "rtf": rtf(stats.mean_ms, workload.audio_seconds), **extra}
+        if index == 0 and workload.sweep_batches and workload.feeds is not None:
+            for batch in options.batches:
+                tiled = tile_batch(workload.feeds, batch)
+                steps = {label: stateless_step(runner, tiled) for label, runner in runners.items()}
+                timed = _timed_group(steps, options.throughput_runs, max(1, options.warmup // 2), 1, baselines or {})
+                for label, (stats, extra) in timed.items():
+                    sweeps.setdefault(label, {})[str(batch)] = {
+                        **Throughput(batch, stats, batch * workload.audio_seconds).to_dict(), **extra}
+    return {label: {"unit": workload.unit, "audio_seconds": workload.audio_seconds, "threads": entries,
+                    **({"batches": sweeps[label]} if label in sweeps else {})}
+            for label, entries in by_threads.items()}
+
+
+def _feeds(workload: GraphWorkload) -> Feeds:
+    if workload.feeds is None:
+        raise ValueError(f"workload {workload.graph} has neither feeds nor streaming frames")
+    return workload.feeds
+
+
+def _stream_step(runner: Runner, workload: GraphWorkload) -> Step:
+    assert workload.states is not None
+    return stateful_step(runner, workload.frames, workload.states, workload.frame_input, workload.state_outputs)
+
+
+def _timed_group(steps: Mapping[str, Step], rounds: int, warmup: int, calls: int, baselines: Mapping[str, str]
+                 ) -> dict[str, tuple[LatencyStats, dict[str, object]]]:
+    """round_robin with the load average around it; per label its stats and the entry's additions."""
+    before = load_average()
+    seconds = round_robin(steps, rounds, warmup, calls)
+    after = load_average()
+    stats = {label: latency_stats(values) for label, values in seconds.items()}
+    info = {"rounds": rounds, "calls_per_round": calls, "variants": list(steps), "load_before": before,
+            "load_after": after}
+    out: dict[str, tuple[LatencyStats, dict[str, object]]] = {}
+    for label in steps:
+        extra: dict[str, object] = {"interleaved": info}
+        for key, base in baselines.items():
+            if base in steps and base != label:
+                extra[key] = latency_ratio(stats[label], stats[base], seconds[label], seconds[base]).to_dict()
+        out[label] = (stats[label], extra)
+    return out
