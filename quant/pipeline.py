@@ -672,6 +672,8 @@ def _has_per_utterance(cached: Any) -> bool:
 def evaluate_row(spec: RowSpec, context: EvalContext, root: Path, options: RunOptions) -> ResultRow:
     """Accuracy (cached by artifact + data hashes) and speed (the model's interleaved timing of this run) of one
     row."""
+    if spec.label_in_model in context.speed.errors:
+        raise QuantError(f"timing: {context.speed.errors[spec.label_in_model]}")
     key = {"artifacts": _artifact_key(spec), "data": context.data.key, "reference": context.reference_key,
            "code": _eval_code_sha()}
     name = f"eval-{spec.model}-{spec.backend}-{spec.precision}"
@@ -688,8 +690,6 @@ def evaluate_row(spec: RowSpec, context: EvalContext, root: Path, options: RunOp
                     "error_vs_fp32": error_vs_reference(spec, context.feeds, context.reference_outputs)}
         accuracy["eval_seconds"] = time.perf_counter() - start
         write_stamp(root, name, key, spec.artifacts.values(), accuracy)
-    if spec.label_in_model in context.speed.errors:
-        raise QuantError(f"timing: {context.speed.errors[spec.label_in_model]}")
     speed = dict(context.speed.speed.get(spec.label_in_model, {}))  # simulated rows: none
     latency, rtf = primary_numbers(spec.spec, speed)
     return ResultRow(
