@@ -1,7 +1,8 @@
 """The main job (`quant run`): export -> calibrate -> build fp32/fp16/int8 -> evaluate accuracy and speed -> report.
 
 Every step is skipped when its inputs' hashes match what the last run recorded (engines/.pipeline/*.json), so a
-second run reuses exports, calibration caches, builds and accuracy results; speed is measured fresh every run.
+second run reuses exports, calibration caches, builds and accuracy results; speed is measured fresh every run, every
+timed row of a model in the same interleaved rounds (measure_speed), so no ratio mixes two runs' timings.
 A failing step marks its rows failed (with the error) and the run goes on; run_all reports the failures and the
 CLI exits non-zero.
 """

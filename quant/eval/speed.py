@@ -1,7 +1,8 @@
 """Speed: latency distribution after warm-up, real-time factor and throughput by batch, for any Runner.
 
 RTF = processing time / audio duration (the seed tables' definition): 0.1 means ten times faster than real time.
-Timing uses time.perf_counter around `runner.run` only; feeds are prepared before the clock starts.
+Timing uses time.perf_counter around `runner.run` only; feeds are prepared before the clock starts. Compared
+variants are timed interleaved (round_robin, measure_interleaved) so their ratio survives a change of machine load.
 """
 
 from __future__ import annotations
