@@ -241,3 +241,11 @@ def test_measure_interleaved_times_each_thread_count_and_batch_as_one_group():
     sweep = result["int8"]["batches"]["4"]
     assert sweep["latency_ms"]["runs"] == 3 and sweep["audio_seconds"] == 8.0 and "vs_fp32" in sweep
     assert {t for _, t, batch in log if batch == 4} == {1}  # the sweep runs at the first thread count
+
+
+def test_streaming_timing_runs_whole_rounds_of_frames():
+    options = speed.BenchOptions(stream_runs=speed.STREAM_ROUND_FRAMES * 2 + 5, warmup=1, threads=(1,))
+    runner = StateStream()
+    result = speed.measure_graph(stream_workload(), lambda count: runner, options)
+    assert result["threads"]["1"]["latency_ms"]["runs"] == speed.STREAM_ROUND_FRAMES * 3  # at least stream_runs
+    assert len(runner.seen) == 1 + speed.STREAM_ROUND_FRAMES * 3

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -246,24 +246,6 @@ class Throughput:
         }
 
 
-def bench_batches(
-    runner: Runner,
-    feeds_for_batch: Callable[[int], Feeds],
-    audio_seconds_per_item: float,
-    batches: Sequence[int],
-    runs: int,
-    warmup: int,
-) -> list[Throughput]:
-    """Throughput at each batch size; feeds_for_batch(b) builds the batch before timing starts."""
-    out = []
-    for batch in batches:
-        feeds = feeds_for_batch(batch)
-        stats = bench_runner(runner, feeds, runs, warmup)
-        out.append(Throughput(batch, stats, batch * audio_seconds_per_item))
-        logger.debug("batch %d: mean %.2f ms", batch, stats.mean_ms)
-    return out
-
-
 def tile_batch(feeds: Feeds, batch: int) -> dict[str, np.ndarray]:
     """Repeat batch-1 feeds along axis 0 (every input of a batch-first graph)."""
     return {name: np.ascontiguousarray(np.repeat(value, batch, axis=0)) for name, value in feeds.items()}
@@ -296,34 +278,11 @@ def measure_graph(
     workload: GraphWorkload, make_runner: Callable[[int], Runner], options: BenchOptions,
     threads: Sequence[int] | None = None,
 ) -> dict[str, object]:
-    """Latency + RTF for each thread count (a fresh runner per count), and the batch sweep at the first count."""
-    by_threads: dict[str, object] = {}
-    sweep: dict[str, object] = {}
-    for index, count in enumerate(threads if threads is not None else options.threads):
-        runner = make_runner(count)
-        stats = _latency(runner, workload, options if index == 0 else replace(options, runs=options.secondary_runs))
-        by_threads[str(count)] = {"latency_ms": stats.to_dict(), "rtf": rtf(stats.mean_ms, workload.audio_seconds)}
-        if index == 0 and workload.sweep_batches and workload.feeds is not None:
-            feeds = workload.feeds
-            results = bench_batches(
-                runner, lambda b: tile_batch(feeds, b), workload.audio_seconds, options.batches,
-                options.throughput_runs, max(1, options.warmup // 2),
-            )
-            sweep = {str(t.batch): t.to_dict() for t in results}
-    out: dict[str, object] = {"unit": workload.unit, "audio_seconds": workload.audio_seconds, "threads": by_threads}
-    if sweep:
-        out["batches"] = sweep
-    return out
-
-
-def _latency(runner: Runner, workload: GraphWorkload, options: BenchOptions) -> LatencyStats:
-    if workload.streaming:
-        assert workload.states is not None
-        return bench_stateful(runner, workload.frames, workload.states, options.stream_runs, options.warmup,
-                              workload.frame_input, workload.state_outputs)
-    if workload.feeds is None:
-        raise ValueError(f"workload {workload.graph} has neither feeds nor streaming frames")
-    return bench_runner(runner, workload.feeds, options.runs, options.warmup)
+    """Latency + RTF for each thread count (a fresh runner per count), and the batch sweep at the first count: one
+    graph measured alone (measure_interleaved with a single variant)."""
+    counts = tuple(threads if threads is not None else options.threads)
+    return measure_interleaved(workload, lambda count: {workload.graph: make_runner(count)}, options, counts)[
+        workload.graph]
 
 
 # ------------------------------------------------------------------------------------------- compared variants
@@ -350,7 +309,7 @@ def measure_interleaved(
             continue
         if workload.streaming:
             calls = max(1, min(STREAM_ROUND_FRAMES, options.stream_runs))
-            rounds = max(1, options.stream_runs // calls)
+            rounds = -(-options.stream_runs // calls)  # whole rounds: at least stream_runs frames each
             steps = {label: _stream_step(runner, workload) for label, runner in runners.items()}
         else:
             calls, rounds = 1, options.runs if index == 0 else options.secondary_runs

@@ -2,7 +2,8 @@
 
 A row is one model x backend x precision:
     {"model", "kind": se|asr, "backend", "precision", "status": ok|failed|skipped, "error", "artifacts": {...},
-     "task": {metric: value}, "speed": {graph: measure_graph result}, "latency_ms": {...}, "rtf",
+     "task": {metric: value}, "speed": {graph: measure_graph result; quant run's entries also carry "interleaved" and
+     their ratios "vs_fp32" / "vs_eager" (docs/architecture.md, results.json keys)}, "latency_ms": {...}, "rtf",
      "error_vs_fp32": {graph: {output: TensorError dict}},
      "per_utterance": {"ids": [...], metric: [...] | "<rate>_errors"/"<rate>_length": [...]},
      "budget": {"metric", "limit", "higher_is_better"} | null (the model spec's, for this precision),
