@@ -249,3 +249,18 @@ def test_streaming_timing_runs_whole_rounds_of_frames():
     result = speed.measure_graph(stream_workload(), lambda count: runner, options)
     assert result["threads"]["1"]["latency_ms"]["runs"] == speed.STREAM_ROUND_FRAMES * 3  # at least stream_runs
     assert len(runner.seen) == 1 + speed.STREAM_ROUND_FRAMES * 3
+
+
+def test_streaming_ratio_is_paired_per_round_not_per_frame():
+    """Within a round one variant's frames alternate 1 and 3 units while the other's are always 2: frame by frame
+    the ratio swings between 0.5 and 1.5, round by round it is exactly 1."""
+    def steady() -> float:
+        return 0.002
+
+    times = iter([0.001, 0.003] * 100)
+    groups = speed.time_group({"fp32": steady, "int8": lambda: next(times)}, rounds=4, warmup=0, calls=10,
+                              baselines={"vs_fp32": "fp32"})
+    stats, extra = groups["int8"]
+    assert stats.runs == 40 and extra["interleaved"]["calls_per_round"] == 10
+    ratio = extra["vs_fp32"]
+    assert ratio["paired_p10"] == pytest.approx(1.0) and ratio["paired_p90"] == pytest.approx(1.0)

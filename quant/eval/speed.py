@@ -314,14 +314,14 @@ def measure_interleaved(
         else:
             calls, rounds = 1, options.runs if index == 0 else options.secondary_runs
             steps = {label: stateless_step(runner, _feeds(workload)) for label, runner in runners.items()}
-        for label, (stats, extra) in _timed_group(steps, rounds, options.warmup, calls, baselines or {}).items():
+        for label, (stats, extra) in time_group(steps, rounds, options.warmup, calls, baselines or {}).items():
             by_threads.setdefault(label, {})[str(count)] = {
                 "latency_ms": stats.to_dict(), "rtf": rtf(stats.mean_ms, workload.audio_seconds), **extra}
         if index == 0 and workload.sweep_batches and workload.feeds is not None:
             for batch in options.batches:
                 tiled = tile_batch(workload.feeds, batch)
                 steps = {label: stateless_step(runner, tiled) for label, runner in runners.items()}
-                timed = _timed_group(steps, options.throughput_runs, max(1, options.warmup // 2), 1, baselines or {})
+                timed = time_group(steps, options.throughput_runs, max(1, options.warmup // 2), 1, baselines or {})
                 for label, (stats, extra) in timed.items():
                     sweeps.setdefault(label, {})[str(batch)] = {
                         **Throughput(batch, stats, batch * workload.audio_seconds).to_dict(), **extra}
@@ -341,9 +341,10 @@ def _stream_step(runner: Runner, workload: GraphWorkload) -> Step:
     return stateful_step(runner, workload.frames, workload.states, workload.frame_input, workload.state_outputs)
 
 
-def _timed_group(steps: Mapping[str, Step], rounds: int, warmup: int, calls: int, baselines: Mapping[str, str]
-                 ) -> dict[str, tuple[LatencyStats, dict[str, object]]]:
-    """round_robin with the load average around it; per label its stats and the entry's additions."""
+def time_group(steps: Mapping[str, Step], rounds: int, warmup: int, calls: int, baselines: Mapping[str, str]
+               ) -> dict[str, tuple[LatencyStats, dict[str, object]]]:
+    """round_robin with the load average around it; per label its stats and the entry's additions (the paired ratio
+    per round: the sum of the round's `calls` calls of each variant)."""
     before = load_average()
     seconds = round_robin(steps, rounds, warmup, calls)
     after = load_average()
@@ -351,10 +352,14 @@ def _timed_group(steps: Mapping[str, Step], rounds: int, warmup: int, calls: int
     info = {"rounds": rounds, "calls_per_round": calls, "variants": list(steps), "load_before": before,
             "load_after": after}
     out: dict[str, tuple[LatencyStats, dict[str, object]]] = {}
+    # the paired ratio compares a round's stretch of calls (a single frame's time is mostly scheduling noise)
+    per_round = {label: np.add.reduceat(np.asarray(values), np.arange(0, len(values), calls)).tolist()
+                 for label, values in seconds.items()}
     for label in steps:
         extra: dict[str, object] = {"interleaved": info}
         for key, base in baselines.items():
             if base in steps and base != label:
-                extra[key] = latency_ratio(stats[label], stats[base], seconds[label], seconds[base]).to_dict()
+                ratio = latency_ratio(stats[label], stats[base], per_round[label], per_round[base])
+                extra[key] = ratio.to_dict()
         out[label] = (stats[label], extra)
     return out
