@@ -1,7 +1,8 @@
 """The main job (`quant run`): export -> calibrate -> build fp32/fp16/int8 -> evaluate accuracy and speed -> report.
 
 Every step is skipped when its inputs' hashes match what the last run recorded (engines/.pipeline/*.json), so a
-second run reuses exports, calibration caches, builds and accuracy results; speed is measured fresh every run.
+second run reuses exports, calibration caches, builds and accuracy results; speed is measured fresh every run, every
+timed row of a model in the same interleaved rounds (measure_speed), so no ratio mixes two runs' timings.
 A failing step marks its rows failed (with the error) and the run goes on; run_all reports the failures and the
 CLI exits non-zero.
 """
@@ -285,6 +286,10 @@ class RowSpec:
     def label(self) -> str:
         return f"{self.model} {self.backend} {self.precision}"
 
+    @property
+    def label_in_model(self) -> str:
+        return f"{self.backend} {self.precision}"
+
 
 def failed_row(model: str, backend: str, precision: str, error: BaseException | str) -> ResultRow:
     message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
@@ -447,17 +452,32 @@ def workloads(spec: ModelSpec, data: TestData, exported: Mapping[str, Path]) -> 
     return [replace(task.speed_workload(g.role, str(data.manifest), options), graph=g.stem) for g in spec.graphs]
 
 
-def measure_speed(spec: RowSpec, loads: Sequence[Any], bench: BenchOptions) -> dict[str, Any]:
-    from quant.eval.speed import measure_graph
+@dataclass(frozen=True)
+class ModelSpeed:
+    """A model's timed rows, measured together: per row label ("ort int8") its speed dict (graph -> measure_graph's
+    shape plus the interleaved record and ratios), and per row that could not be timed, why."""
 
-    threads = thread_counts(spec.backend, bench)
-    if spec.backend == "torch":
-        bench = replace(bench, runs=bench.secondary_runs)
-    out = {}
+    speed: Mapping[str, Mapping[str, Any]]
+    errors: Mapping[str, str]
+
+
+SPEED_BASELINES = {"vs_fp32": "ort fp32", "vs_eager": "torch fp32"}  # results.json key -> the row label it divides by
+
+
+def measure_speed(specs: Sequence[RowSpec], loads: Sequence[Any], bench: BenchOptions) -> ModelSpeed:
+    """Time every row of one model interleaved (quant.eval.speed.measure_interleaved): per graph and thread count the
+    rows that run there (thread_counts) rotate round-robin in this process, so each row's latency and its ratio vs
+    the FP32 and eager rows come from the same time window; measured afresh every run, never read from a stamp."""
+    from quant.eval.speed import measure_interleaved
+
+    counts = tuple(dict.fromkeys(c for spec in specs for c in thread_counts(spec.backend, bench)))
+    errors: dict[str, str] = {}
+    speed: dict[str, dict[str, Any]] = {spec.label_in_model: {} for spec in specs}
     for load in loads:
-        logger.info("%s: timing %s (%s; threads %s)", spec.label, load.graph, load.unit, list(threads))
-        out[load.graph] = measure_graph(load, _opener(spec, load.graph), bench, threads)
-    return out
+        runners_at = _opener(specs, load.graph, bench, errors)
+        for label, measured in measure_interleaved(load, runners_at, bench, counts, SPEED_BASELINES).items():
+            speed[label][load.graph] = measured
+    return ModelSpeed({label: s for label, s in speed.items() if label not in errors}, errors)
 
 
 def thread_counts(backend: str, bench: BenchOptions) -> tuple[int, ...]:
@@ -469,8 +489,25 @@ def thread_counts(backend: str, bench: BenchOptions) -> tuple[int, ...]:
     return (1,)
 
 
-def _opener(spec: RowSpec, graph_stem: str) -> Callable[[int], Runner]:
-    return lambda threads: spec.open(graph_stem, threads)
+def _opener(specs: Sequence[RowSpec], graph: str, bench: BenchOptions, errors: dict[str, str]
+            ) -> Callable[[int], dict[str, Runner]]:
+    """The runners of `graph` at a thread count, one per row timed there; a row whose runner fails to open is left
+    out (its error kept in `errors`) so the others are still timed."""
+    def runners_at(count: int) -> dict[str, Runner]:
+        runners = {}
+        for spec in specs:
+            label = spec.label_in_model
+            if count in thread_counts(spec.backend, bench) and label not in errors:
+                try:
+                    runners[label] = spec.open(graph, count)
+                except Exception as error:  # noqa: BLE001 - one row that cannot open must not stop the others
+                    errors[label] = f"{type(error).__name__}: {error}"
+        if runners:
+            logger.info("%s: timing %s at %d thread(s), interleaved: %s", specs[0].model, graph, count,
+                        ", ".join(runners))
+        return runners
+
+    return runners_at
 
 
 def primary_numbers(spec: ModelSpec, speed: Mapping[str, Any]) -> tuple[dict[str, float] | None, float | None]:
@@ -583,11 +620,13 @@ class ModelRun:
             feeds = comparison_feeds(self.spec, data, exported) if self.options.accuracy else {}
             ref_outputs = {g: run_all_feeds(reference.open(g, 1), f) for g, f in feeds.items()}
             loads = workloads(self.spec, data, exported)
+            timed = [spec for spec in specs if spec.backend not in SIMULATED]  # simulations' speed means nothing
+            speed = measure_speed(timed, loads, self.options.bench)
         except Exception as error:  # noqa: BLE001
             for spec in specs:
                 self._fail(spec.backend, spec.precision, error)
             return
-        context = EvalContext(data, feeds, ref_outputs, loads, _artifact_key(reference))
+        context = EvalContext(data, feeds, ref_outputs, loads, _artifact_key(reference), speed)
         for spec in sorted(specs, key=lambda s: s is not reference):
             try:
                 self.rows.append(evaluate_row(spec, context, self.steps.root, self.options))
@@ -613,6 +652,7 @@ class EvalContext:
     reference_outputs: Mapping[str, Mapping[str, np.ndarray]]
     loads: Sequence[Any]
     reference_key: Mapping[str, Any]
+    speed: ModelSpeed = ModelSpeed({}, {})  # every timed row of the model, measured together (measure_speed)
 
 
 def _artifact_key(spec: RowSpec) -> dict[str, Any]:
@@ -631,7 +671,10 @@ def _has_per_utterance(cached: Any) -> bool:
 
 
 def evaluate_row(spec: RowSpec, context: EvalContext, root: Path, options: RunOptions) -> ResultRow:
-    """Accuracy (cached by artifact + data hashes) and speed (measured every run) of one row."""
+    """Accuracy (cached by artifact + data hashes) and speed (the model's interleaved timing of this run) of one
+    row."""
+    if spec.label_in_model in context.speed.errors:
+        raise QuantError(f"timing: {context.speed.errors[spec.label_in_model]}")
     key = {"artifacts": _artifact_key(spec), "data": context.data.key, "reference": context.reference_key,
            "code": _eval_code_sha()}
     name = f"eval-{spec.model}-{spec.backend}-{spec.precision}"
@@ -648,9 +691,7 @@ def evaluate_row(spec: RowSpec, context: EvalContext, root: Path, options: RunOp
                     "error_vs_fp32": error_vs_reference(spec, context.feeds, context.reference_outputs)}
         accuracy["eval_seconds"] = time.perf_counter() - start
         write_stamp(root, name, key, spec.artifacts.values(), accuracy)
-    simulated = spec.backend in SIMULATED  # a CPU prediction of another runtime's numerics: its speed means nothing
-    logger.info("%s: %s", spec.label, "not timed (simulation)" if simulated else "measuring speed")
-    speed = {} if simulated else measure_speed(spec, context.loads, options.bench)
+    speed = dict(context.speed.speed.get(spec.label_in_model, {}))  # simulated rows: none
     latency, rtf = primary_numbers(spec.spec, speed)
     return ResultRow(
         spec.model, spec.backend, spec.precision, "ok", kind=spec.spec.model.task,

@@ -316,3 +316,47 @@ def test_rows_without_a_reference_fail_loudly(fake_run: pipeline.RunOptions) -> 
     result = pipeline.run_all(replace(fake_run, backends=("trt-sim",)))
     assert not result.ok and len(result.failures) == 2
     assert all("no FP32 reference row" in failure for failure in result.failures)
+
+
+def test_a_models_rows_are_timed_together_afresh_every_run(fake_run: pipeline.RunOptions,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every timed row of a model comes from one interleaved measurement of this run (never from a stamp), with its
+    ratio vs FP32 from the same rounds and the load around them."""
+    measured: list[pipeline.ModelSpeed] = []
+    original = pipeline.measure_speed
+
+    def recording(*args: Any, **kwargs: Any) -> pipeline.ModelSpeed:
+        measured.append(original(*args, **kwargs))
+        return measured[-1]
+
+    monkeypatch.setattr(pipeline, "measure_speed", recording)
+    pipeline.run_all(fake_run)
+    again = pipeline.run_all(fake_run)  # accuracy reused, speed measured again
+    assert len(measured) == 2
+    rows = {row["precision"]: row for row in again.results["rows"]}
+    for precision, row in rows.items():
+        assert row["speed"] == measured[1].speed[f"ort {precision}"]
+        for count in ("1", "2"):
+            entry = row["speed"]["dpcrn"]["threads"][count]
+            assert entry["interleaved"]["variants"] == ["ort fp32", "ort fp16", "ort int8"]
+            assert {"load_before", "load_after"} <= set(entry["interleaved"])
+            assert ("vs_fp32" in entry) == (precision != "fp32")
+    ratio = rows["int8"]["speed"]["dpcrn"]["threads"]["1"]["vs_fp32"]
+    assert isinstance(ratio["reliable"], bool) and ratio["paired_p10"] <= ratio["paired_p90"]
+
+
+def test_a_row_that_cannot_be_timed_fails_alone(fake_run: pipeline.RunOptions,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    original = pipeline.RowSpec.open
+
+    def open_unless_int8_at_two_threads(self: pipeline.RowSpec, stem: str, threads: int) -> Any:
+        if self.precision == "int8" and threads == 2:
+            raise RuntimeError("no session at 2 threads")
+        return original(self, stem, threads)
+
+    monkeypatch.setattr(pipeline.RowSpec, "open", open_unless_int8_at_two_threads)
+    result = pipeline.run_all(fake_run)
+    rows = {row["precision"]: row for row in result.results["rows"]}
+    assert rows["int8"]["status"] == "failed" and "timing: RuntimeError: no session" in rows["int8"]["error"]
+    assert rows["fp16"]["status"] == "ok" and set(rows["fp16"]["speed"]["dpcrn"]["threads"]) == {"1", "2"}
+    assert rows["fp16"]["speed"]["dpcrn"]["threads"]["2"]["interleaved"]["variants"] == ["ort fp32", "ort fp16"]

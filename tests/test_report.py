@@ -331,3 +331,63 @@ def test_result_rows_are_typed_and_keep_results_json_names(results: dict) -> Non
                                 "error": "BuildError: boom"}
     with pytest.raises(report.ReportError, match=r"missing \['status'\]"):
         report.ResultRow.from_json({"model": "dpcrn", "backend": "ort", "precision": "int8"})
+
+
+INTERLEAVED_SAMPLES = {("ort", "fp32"): [0.200, 0.210, 0.190, 0.260, 0.205],
+                       ("ort", "int8"): [0.180, 0.200, 0.170, 0.250, 0.190],
+                       ("ort", "fp16"): [0.400, 0.420, 0.380, 0.520, 0.410],  # twice FP32 in every round
+                       ("torch", "fp32"): [0.5] * 5}
+
+
+def with_interleaved_timing(results: dict) -> dict:
+    """The dpcrn rows as `quant run` now writes them: timed in the same rounds, each carrying its ratios (from
+    per-round samples) and the load around the timing. INT8's spread overlaps FP32's (unreliable), FP16's does not."""
+    from quant.eval.speed import latency_ratio, latency_stats
+
+    samples = INTERLEAVED_SAMPLES
+    fp32 = samples[("ort", "fp32")]
+    info = {"rounds": 5, "calls_per_round": 1, "variants": ["torch fp32", "ort fp32", "ort fp16", "ort int8"],
+            "load_before": 1.25, "load_after": 3.5}
+    for row in results["rows"]:
+        seconds = samples.get((row["backend"], row["precision"])) if row["model"] == "dpcrn" else None
+        if seconds is None:
+            continue
+        entry = row["speed"]["dpcrn"]["threads"]["1"]
+        entry["latency_ms"] = latency_stats(seconds).to_dict()
+        entry["interleaved"] = info
+        for key, base in (("vs_fp32", fp32), ("vs_eager", samples[("torch", "fp32")])):
+            if seconds is not base:
+                entry[key] = latency_ratio(latency_stats(seconds), latency_stats(base), seconds, base).to_dict()
+        row["latency_ms"] = entry["latency_ms"]
+    return results
+
+
+def test_interleaved_ratios_and_their_reliability_reach_every_output(results: dict, tmp_path: Path) -> None:
+    paths = report.write_results(with_interleaved_timing(results), tmp_path)
+    md = paths["md"].read_text()
+    int8_line = next(line for line in md.splitlines() if line.startswith("| ort | int8 | 2.960"))
+    fp16_line = next(line for line in md.splitlines() if line.startswith("| ort | fp16 |"))
+    fp32_s, int8_s = np.array(INTERLEAVED_SAMPLES["ort", "fp32"]), np.array(INTERLEAVED_SAMPLES["ort", "int8"])
+    median, low = np.median(int8_s) / np.median(fp32_s), min(int8_s) / min(fp32_s)
+    p10, p90 = np.percentile(int8_s / fp32_s, [10, 90])
+    int8_cell = f"{median:.2f}x (min {low:.2f}x; paired {p10:.2f}-{p90:.2f}) unreliable"
+    assert f"| {int8_cell} |" in int8_line  # the p10-p90 latencies overlap
+    assert "| 2.00x (min 2.00x; paired 2.00-2.00) |" in fp16_line  # twice FP32 in every round: apart, reliable
+    assert "1-minute load average 1.25 before, 3.50 after" in md and "'unreliable': the two rows' p10-p90" in md
+    by_name = {g.name: g for g in report.goals(results)}
+    offline = by_name["offline DPCRN INT8 / FP32 (ORT)"]
+    assert offline.measured == pytest.approx(median) and offline.interval == int8_cell
+    fp16_s = np.array(INTERLEAVED_SAMPLES["ort", "fp16"])
+    speedup = by_name["dpcrn ORT fp16 speed-up vs PyTorch eager"]  # eager / fp16: the inverse of the stored ratio
+    assert speedup.measured == pytest.approx(0.5 / np.median(fp16_s))
+    assert speedup.interval.startswith(f"{0.5 / np.median(fp16_s):.2f}x (min {0.5 / min(fp16_s):.2f}x")
+    rows = {(r["model"], r["backend"], r["precision"]): r for r in csv.DictReader(io.StringIO(paths["csv"].read_text()))}
+    int8, fp16 = rows["dpcrn", "ort", "int8"], rows["dpcrn", "ort", "fp16"]
+    assert (int8["ratio_vs_fp32_reliable"], fp16["ratio_vs_fp32_reliable"]) == ("False", "True")
+    assert float(int8["ratio_vs_fp32_ort"]) == pytest.approx(median, rel=1e-5)
+    assert float(int8["timing_load_after"]) == 3.5
+    assert rows["wenet", "ort", "int8"]["ratio_vs_fp32_reliable"] == ""  # no interleaved record: mean ratio only
+    summary = "\n".join(report.summary_lines(results))
+    assert f"{median:.2f}x?" in summary and "?: unreliable ratio" in summary
+    page = report.render_html(results)
+    assert int8_cell in page and "load average 1.25 before" in page

@@ -144,3 +144,123 @@ def test_paired_ratio_follows_the_rounds_not_the_spread():
     assert not ratio.reliable
     assert ratio.paired_median == pytest.approx(0.5) and ratio.paired_p10 == pytest.approx(0.5)
     assert ratio.paired_p90 == pytest.approx(0.5)
+
+
+def test_round_robin_rotates_the_start_and_gives_every_variant_the_same_calls():
+    log: list[str] = []
+
+    def step(label: str):
+        def call() -> float:
+            log.append(label)
+            return 0.0
+        return call
+
+    seconds = speed.round_robin({k: step(k) for k in "abc"}, rounds=3, warmup=2, calls_per_round=2)
+    assert {label: len(values) for label, values in seconds.items()} == {"a": 6, "b": 6, "c": 6}
+    assert log == list("aabbcc" "aabbcc" "bbccaa" "ccaabb")  # warm-up per variant, then rotating rounds
+
+
+class StateStream:
+    """A streaming graph whose state counts its calls: the states each call saw tell whose roll it continued."""
+
+    input_names = ["mix", "h"]
+    output_names = ["enh", "h_out"]
+
+    def __init__(self, log: list[str] | None = None, label: str = "", step: float = 1.0) -> None:
+        self.seen: list[tuple[float, float]] = []
+        self.log, self.label, self.step = log, label, step
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.log is not None:
+            self.log.append(self.label)
+        self.seen.append((float(feeds["mix"][0]), float(feeds["h"][0])))
+        return {"enh": feeds["mix"], "h_out": feeds["h"] + self.step}
+
+
+def stream_workload() -> speed.GraphWorkload:
+    return speed.GraphWorkload(graph="dpcrn_stream", unit="16 ms frame", audio_seconds=0.016,
+                               frames=tuple(np.full(2, i, np.float32) for i in range(7)),
+                               states={"h": np.zeros(1, np.float32)}, frame_input="mix", state_outputs={"h": "h_out"})
+
+
+def test_interleaved_streaming_variants_keep_their_own_states_and_frames():
+    """Each variant's roll is the one it would make alone (bench_stateful), although rounds alternate variants."""
+    workload = stream_workload()
+    log: list[str] = []
+    runners = {"fp32": StateStream(log, "fp32", 1.0), "int8": StateStream(log, "int8", 10.0)}
+    options = speed.BenchOptions(stream_runs=2 * speed.STREAM_ROUND_FRAMES, warmup=3, threads=(1,))
+    result = speed.measure_interleaved(workload, lambda count: runners, options, (1,), {"vs_fp32": "fp32"})
+    for label, runner in runners.items():
+        alone = StateStream(step=runner.step)
+        speed.bench_stateful(alone, workload.frames, workload.states or {}, options.stream_runs, options.warmup,
+                             "mix", {"h": "h_out"})
+        assert runner.seen == alone.seen
+    timed = log[2 * options.warmup:]
+    n = speed.STREAM_ROUND_FRAMES
+    assert timed == ["fp32"] * n + ["int8"] * n + ["int8"] * n + ["fp32"] * n  # a round: N frames of each
+    entry = result["int8"]["threads"]["1"]
+    assert entry["latency_ms"]["runs"] == result["fp32"]["threads"]["1"]["latency_ms"]["runs"] == 2 * n
+    assert entry["interleaved"]["rounds"] == 2 and entry["interleaved"]["calls_per_round"] == n
+    assert set(entry["vs_fp32"]) >= {"min_ratio", "median_ratio", "paired_p10", "paired_p90", "reliable"}
+    assert "vs_fp32" not in result["fp32"]["threads"]["1"]  # no ratio of the baseline against itself
+
+
+def test_measure_interleaved_times_each_thread_count_and_batch_as_one_group():
+    log: list[tuple[str, int, int]] = []
+
+    class Labelled(BatchEcho):
+        def __init__(self, label: str, threads: int) -> None:
+            super().__init__(threads, [])
+            self.label = label
+
+        def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            log.append((self.label, self.threads, feeds["x"].shape[0]))
+            return {"y": feeds["x"]}
+
+    def runners_at(count: int) -> dict[str, Labelled]:  # eager runs at the first thread count only
+        return {label: Labelled(label, count) for label in (["eager"] if count == 1 else []) + ["fp32", "int8"]}
+
+    workload = speed.GraphWorkload(graph="encoder", unit="2 s utterance", audio_seconds=2.0,
+                                   feeds={"x": np.zeros((1, 3), np.float32)}, sweep_batches=True)
+    options = speed.BenchOptions(runs=4, secondary_runs=2, warmup=2, throughput_runs=3, batches=(1, 4),
+                                 threads=(1, 2))
+    result = speed.measure_interleaved(workload, runners_at, options, (1, 2),
+                                       {"vs_fp32": "fp32", "vs_eager": "eager"})
+    assert set(result) == {"eager", "fp32", "int8"}
+    assert set(result["eager"]["threads"]) == {"1"} and set(result["int8"]["threads"]) == {"1", "2"}
+    assert [result[k]["threads"]["1"]["latency_ms"]["runs"] for k in result] == [4, 4, 4]
+    assert result["int8"]["threads"]["2"]["latency_ms"]["runs"] == 2  # further counts: secondary_runs
+    # at 2 threads eager is not there to divide by; at 1 thread both baselines are
+    assert set(result["int8"]["threads"]["1"]) >= {"vs_fp32", "vs_eager"}
+    assert "vs_fp32" in result["int8"]["threads"]["2"] and "vs_eager" not in result["int8"]["threads"]["2"]
+    assert result["fp32"]["threads"]["2"]["interleaved"]["variants"] == ["fp32", "int8"]
+    # the batch-4 sweep: one warm-up call each, then 3 rotating rounds of all three variants
+    batch4 = [label for label, _, batch in log if batch == 4]
+    assert batch4 == ["eager", "fp32", "int8"] + ["eager", "fp32", "int8", "fp32", "int8", "eager", "int8", "eager",
+                                                  "fp32"]
+    sweep = result["int8"]["batches"]["4"]
+    assert sweep["latency_ms"]["runs"] == 3 and sweep["audio_seconds"] == 8.0 and "vs_fp32" in sweep
+    assert {t for _, t, batch in log if batch == 4} == {1}  # the sweep runs at the first thread count
+
+
+def test_streaming_timing_runs_whole_rounds_of_frames():
+    options = speed.BenchOptions(stream_runs=speed.STREAM_ROUND_FRAMES * 2 + 5, warmup=1, threads=(1,))
+    runner = StateStream()
+    result = speed.measure_graph(stream_workload(), lambda count: runner, options)
+    assert result["threads"]["1"]["latency_ms"]["runs"] == speed.STREAM_ROUND_FRAMES * 3  # at least stream_runs
+    assert len(runner.seen) == 1 + speed.STREAM_ROUND_FRAMES * 3
+
+
+def test_streaming_ratio_is_paired_per_round_not_per_frame():
+    """Within a round one variant's frames alternate 1 and 3 units while the other's are always 2: frame by frame
+    the ratio swings between 0.5 and 1.5, round by round it is exactly 1."""
+    def steady() -> float:
+        return 0.002
+
+    times = iter([0.001, 0.003] * 100)
+    groups = speed.time_group({"fp32": steady, "int8": lambda: next(times)}, rounds=4, warmup=0, calls=10,
+                              baselines={"vs_fp32": "fp32"})
+    stats, extra = groups["int8"]
+    assert stats.runs == 40 and extra["interleaved"]["calls_per_round"] == 10
+    ratio = extra["vs_fp32"]
+    assert ratio["paired_p10"] == pytest.approx(1.0) and ratio["paired_p90"] == pytest.approx(1.0)

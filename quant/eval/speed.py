@@ -1,7 +1,8 @@
 """Speed: latency distribution after warm-up, real-time factor and throughput by batch, for any Runner.
 
 RTF = processing time / audio duration (the seed tables' definition): 0.1 means ten times faster than real time.
-Timing uses time.perf_counter around `runner.run` only; feeds are prepared before the clock starts.
+Timing uses time.perf_counter around `runner.run` only; feeds are prepared before the clock starts. Compared
+variants are timed interleaved (round_robin, measure_interleaved) so their ratio survives a change of machine load.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -94,43 +95,76 @@ def bench_stateful(
     """Per-frame latency of a streaming graph, looping over real frames fed to `frame_input` with its states carried
     from output to input (`state_outputs`: state input -> the output that feeds it next step), as a streaming
     application runs it. Only runner.run is timed."""
+    step = stateful_step(runner, frames, states, frame_input, state_outputs)
+    for _ in range(warmup):
+        step()
+    return latency_stats([step() for _ in range(runs)])
+
+
+Step = Callable[[], float]  # one timed call of one variant (its own feeds and states), returning seconds
+
+
+def round_robin(steps: Mapping[str, Step], rounds: int, warmup: int = 3, calls_per_round: int = 1
+                ) -> dict[str, list[float]]:
+    """Per-call seconds of compared variants timed round-robin in one process: each round makes `calls_per_round`
+    calls of every variant in turn, the start rotating by one each round, so a change of machine load between
+    rounds hits every variant alike and their ratio survives it. Every variant gets the same number of calls, and
+    sample i of every label comes from the same round. Warm-up calls run first, per variant, untimed."""
+    if not steps:
+        raise ValueError("round_robin needs at least one variant")
+    labels = list(steps)
+    for label in labels:
+        for _ in range(warmup):
+            steps[label]()
+    seconds: dict[str, list[float]] = {label: [] for label in labels}
+    for round_index in range(rounds):
+        shift = round_index % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            seconds[label].extend(steps[label]() for _ in range(calls_per_round))
+    return seconds
+
+
+def stateless_step(runner: Runner, feeds: Feeds) -> Step:
+    """A timed call of `runner` on fixed feeds (the inputs it takes, bound by name before any timing)."""
+    bound = {name: feeds[name] for name in runner.input_names}
+
+    def step() -> float:
+        start = time.perf_counter()
+        runner.run(bound)
+        return time.perf_counter() - start
+
+    return step
+
+
+def stateful_step(runner: Runner, frames: Sequence[np.ndarray], states: Mapping[str, np.ndarray], frame_input: str,
+                  state_outputs: Mapping[str, str]) -> Step:
+    """A timed call of a streaming graph on the next frame, its own states carried from output to input (as
+    bench_stateful; each variant of an interleaved roll keeps its own states and frame position)."""
     missing = [name for name in states if name not in state_outputs]
     if missing:
         raise ValueError(f"state inputs {missing} have no output in state_outputs {dict(state_outputs)}")
     current = dict(states)
     cycle = _cycle(frames)
-    seconds = []
-    for step in range(warmup + runs):
+
+    def step() -> float:
+        nonlocal current
         feeds = {frame_input: next(cycle), **current}
         start = time.perf_counter()
         outputs = runner.run(feeds)
         elapsed = time.perf_counter() - start
         current = {name: outputs[state_outputs[name]] for name in current}
-        if step >= warmup:
-            seconds.append(elapsed)
-    return latency_stats(seconds)
+        return elapsed
+
+    return step
 
 
 def interleaved_seconds(runners: Mapping[str, Runner], feeds: Feeds, runs: int, warmup: int = 3
                         ) -> dict[str, list[float]]:
-    """Per-run seconds of compared graphs timed round-robin in one process: each round runs every graph once (the
-    start rotating by one each round), so a change of machine load between rounds hits every graph alike and their
-    ratio survives it; sample i of every label comes from round i. Each runner binds the feeds it takes by name."""
+    """Per-run seconds of compared graphs on the same feeds, timed round-robin (round_robin); each runner binds the
+    feeds it takes by name."""
     if not runners:
         raise ValueError("bench_interleaved needs at least one runner")
-    labels = list(runners)
-    bound = {label: {name: feeds[name] for name in runners[label].input_names} for label in labels}
-    for _ in range(warmup):
-        for label in labels:
-            runners[label].run(bound[label])
-    seconds: dict[str, list[float]] = {label: [] for label in labels}
-    for round_index in range(runs):
-        shift = round_index % len(labels)
-        for label in labels[shift:] + labels[:shift]:
-            start = time.perf_counter()
-            runners[label].run(bound[label])
-            seconds[label].append(time.perf_counter() - start)
-    return seconds
+    return round_robin({label: stateless_step(runner, feeds) for label, runner in runners.items()}, runs, warmup)
 
 
 def bench_interleaved(runners: Mapping[str, Runner], feeds: Feeds, runs: int, warmup: int = 3) -> dict[str, LatencyStats]:
@@ -212,24 +246,6 @@ class Throughput:
         }
 
 
-def bench_batches(
-    runner: Runner,
-    feeds_for_batch: Callable[[int], Feeds],
-    audio_seconds_per_item: float,
-    batches: Sequence[int],
-    runs: int,
-    warmup: int,
-) -> list[Throughput]:
-    """Throughput at each batch size; feeds_for_batch(b) builds the batch before timing starts."""
-    out = []
-    for batch in batches:
-        feeds = feeds_for_batch(batch)
-        stats = bench_runner(runner, feeds, runs, warmup)
-        out.append(Throughput(batch, stats, batch * audio_seconds_per_item))
-        logger.debug("batch %d: mean %.2f ms", batch, stats.mean_ms)
-    return out
-
-
 def tile_batch(feeds: Feeds, batch: int) -> dict[str, np.ndarray]:
     """Repeat batch-1 feeds along axis 0 (every input of a batch-first graph)."""
     return {name: np.ascontiguousarray(np.repeat(value, batch, axis=0)) for name, value in feeds.items()}
@@ -262,31 +278,88 @@ def measure_graph(
     workload: GraphWorkload, make_runner: Callable[[int], Runner], options: BenchOptions,
     threads: Sequence[int] | None = None,
 ) -> dict[str, object]:
-    """Latency + RTF for each thread count (a fresh runner per count), and the batch sweep at the first count."""
-    by_threads: dict[str, object] = {}
-    sweep: dict[str, object] = {}
-    for index, count in enumerate(threads if threads is not None else options.threads):
-        runner = make_runner(count)
-        stats = _latency(runner, workload, options if index == 0 else replace(options, runs=options.secondary_runs))
-        by_threads[str(count)] = {"latency_ms": stats.to_dict(), "rtf": rtf(stats.mean_ms, workload.audio_seconds)}
+    """Latency + RTF for each thread count (a fresh runner per count), and the batch sweep at the first count: one
+    graph measured alone (measure_interleaved with a single variant)."""
+    counts = tuple(threads if threads is not None else options.threads)
+    return measure_interleaved(workload, lambda count: {workload.graph: make_runner(count)}, options, counts)[
+        workload.graph]
+
+
+# ------------------------------------------------------------------------------------------- compared variants
+
+STREAM_ROUND_FRAMES = 10  # streaming: consecutive frames per variant per round (a stretch of the roll, as a stream
+# runs it; short, so a load change lands inside few rounds and hits every variant alike)
+
+
+def measure_interleaved(
+    workload: GraphWorkload, runners_at: Callable[[int], Mapping[str, Runner]], options: BenchOptions,
+    threads: Sequence[int], baselines: Mapping[str, str] | None = None,
+) -> dict[str, dict[str, object]]:
+    """measure_graph for compared variants of one graph (FP32/FP16/INT8 builds, PyTorch eager) timed interleaved:
+    at each thread count the variants `runners_at(count)` opens run round-robin (round_robin; streaming: a round is
+    STREAM_ROUND_FRAMES frames of each variant's own roll), and at the first count so does the batch sweep, per batch
+    size. Returns measure_graph's dict per variant label; every timing entry also carries "interleaved" (rounds,
+    calls per round, the variants, the 1-minute load average before and after) and, for each `baselines` key whose
+    variant ran in the same rounds (e.g. {"vs_fp32": "ort fp32"}), the latency_ratio against it."""
+    by_threads: dict[str, dict[str, object]] = {}  # label -> thread count -> entry
+    sweeps: dict[str, dict[str, object]] = {}  # label -> batch -> entry
+    for index, count in enumerate(threads):
+        runners = dict(runners_at(count))
+        if not runners:
+            continue
+        if workload.streaming:
+            calls = max(1, min(STREAM_ROUND_FRAMES, options.stream_runs))
+            rounds = -(-options.stream_runs // calls)  # whole rounds: at least stream_runs frames each
+            steps = {label: _stream_step(runner, workload) for label, runner in runners.items()}
+        else:
+            calls, rounds = 1, options.runs if index == 0 else options.secondary_runs
+            steps = {label: stateless_step(runner, _feeds(workload)) for label, runner in runners.items()}
+        for label, (stats, extra) in time_group(steps, rounds, options.warmup, calls, baselines or {}).items():
+            by_threads.setdefault(label, {})[str(count)] = {
+                "latency_ms": stats.to_dict(), "rtf": rtf(stats.mean_ms, workload.audio_seconds), **extra}
         if index == 0 and workload.sweep_batches and workload.feeds is not None:
-            feeds = workload.feeds
-            results = bench_batches(
-                runner, lambda b: tile_batch(feeds, b), workload.audio_seconds, options.batches,
-                options.throughput_runs, max(1, options.warmup // 2),
-            )
-            sweep = {str(t.batch): t.to_dict() for t in results}
-    out: dict[str, object] = {"unit": workload.unit, "audio_seconds": workload.audio_seconds, "threads": by_threads}
-    if sweep:
-        out["batches"] = sweep
-    return out
+            for batch in options.batches:
+                tiled = tile_batch(workload.feeds, batch)
+                steps = {label: stateless_step(runner, tiled) for label, runner in runners.items()}
+                timed = time_group(steps, options.throughput_runs, max(1, options.warmup // 2), 1, baselines or {})
+                for label, (stats, extra) in timed.items():
+                    sweeps.setdefault(label, {})[str(batch)] = {
+                        **Throughput(batch, stats, batch * workload.audio_seconds).to_dict(), **extra}
+    return {label: {"unit": workload.unit, "audio_seconds": workload.audio_seconds, "threads": entries,
+                    **({"batches": sweeps[label]} if label in sweeps else {})}
+            for label, entries in by_threads.items()}
 
 
-def _latency(runner: Runner, workload: GraphWorkload, options: BenchOptions) -> LatencyStats:
-    if workload.streaming:
-        assert workload.states is not None
-        return bench_stateful(runner, workload.frames, workload.states, options.stream_runs, options.warmup,
-                              workload.frame_input, workload.state_outputs)
+def _feeds(workload: GraphWorkload) -> Feeds:
     if workload.feeds is None:
         raise ValueError(f"workload {workload.graph} has neither feeds nor streaming frames")
-    return bench_runner(runner, workload.feeds, options.runs, options.warmup)
+    return workload.feeds
+
+
+def _stream_step(runner: Runner, workload: GraphWorkload) -> Step:
+    assert workload.states is not None
+    return stateful_step(runner, workload.frames, workload.states, workload.frame_input, workload.state_outputs)
+
+
+def time_group(steps: Mapping[str, Step], rounds: int, warmup: int, calls: int, baselines: Mapping[str, str]
+               ) -> dict[str, tuple[LatencyStats, dict[str, object]]]:
+    """round_robin with the load average around it; per label its stats and the entry's additions (the paired ratio
+    per round: the sum of the round's `calls` calls of each variant)."""
+    before = load_average()
+    seconds = round_robin(steps, rounds, warmup, calls)
+    after = load_average()
+    stats = {label: latency_stats(values) for label, values in seconds.items()}
+    info = {"rounds": rounds, "calls_per_round": calls, "variants": list(steps), "load_before": before,
+            "load_after": after}
+    out: dict[str, tuple[LatencyStats, dict[str, object]]] = {}
+    # the paired ratio compares a round's stretch of calls (a single frame's time is mostly scheduling noise)
+    per_round = {label: np.add.reduceat(np.asarray(values), np.arange(0, len(values), calls)).tolist()
+                 for label, values in seconds.items()}
+    for label in steps:
+        extra: dict[str, object] = {"interleaved": info}
+        for key, base in baselines.items():
+            if base in steps and base != label:
+                ratio = latency_ratio(stats[label], stats[base], per_round[label], per_round[base])
+                extra[key] = ratio.to_dict()
+        out[label] = (stats[label], extra)
+    return out

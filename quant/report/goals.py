@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 from quant.eval import stats
 from quant.report.compare import Comparison, budget_for, comparisons, format_change, reference_row, verdict_text
 from quant.report.rows import (METRIC_SCALE, Row, RowKey, batch_latency, find_row, graph_latency, ok_rows,
-                               primary_latency, ratio, row_key, sorted_rows, task_value)
+                               primary_latency, ratio, ratio_text, row_key, sorted_rows, stored_ratio, task_value)
 from quant.report.targets import (EAGER_SPEEDUP, ENCODER_BATCH_GOALS, ENCODER_BATCH_RATIO,
                                    SPEED_RATIO_GOALS)
 
@@ -34,8 +34,13 @@ class Goal:
         return "n/a" if self.met is None else ("yes" if self.met else "NO")
 
 
-def _ratio_goal(name: str, value: float | None, limit: float) -> Goal:
-    return Goal(name, value, f"<= {limit:g}x", None if value is None else value <= limit)
+def _ratio_goal(name: str, value: float | None, limit: float, stored: Mapping[str, Any] | None = None) -> Goal:
+    """A latency ratio goal; with the interleaved ratio the row carries, its median is the measured value and the
+    interval column shows min, paired spread and whether it is reliable."""
+    if stored is not None:
+        value = float(stored["median_ratio"])
+    return Goal(name, value, f"<= {limit:g}x", None if value is None else value <= limit,
+                interval=ratio_text(stored) if stored is not None else "")
 
 
 def _budget_target(limit: float, unit: str, higher_is_better: bool) -> str:
@@ -52,17 +57,22 @@ def goals(results: Mapping[str, Any], changes: Mapping[RowKey, Comparison] | Non
     for model, graph, limit, name in SPEED_RATIO_GOALS:
         fp32, int8 = find_row(rows, model, "ort", "fp32"), find_row(rows, model, "ort", "int8")
         value = ratio(graph_latency(int8, graph) if int8 else None, graph_latency(fp32, graph) if fp32 else None)
-        out.append(_ratio_goal(name, value, limit))
+        out.append(_ratio_goal(name, value, limit, stored_ratio(int8, "vs_fp32", graph) if fp32 else None))
     fp32, int8 = find_row(rows, "wenet", "ort", "fp32"), find_row(rows, "wenet", "ort", "int8")
     for batch in ENCODER_BATCH_GOALS:
         value = ratio(batch_latency(int8, "encoder", batch) if int8 else None,
                       batch_latency(fp32, "encoder", batch) if fp32 else None)
-        out.append(_ratio_goal(f"WeNet encoder INT8 / FP32 at batch {batch} (ORT)", value, ENCODER_BATCH_RATIO))
+        out.append(_ratio_goal(f"WeNet encoder INT8 / FP32 at batch {batch} (ORT)", value, ENCODER_BATCH_RATIO,
+                               stored_ratio(int8, "vs_fp32", "encoder", batch=batch) if fp32 else None))
     for row in (r for r in sorted_rows(rows) if r["backend"] == "ort"):
         eager = find_row(rows, row["model"], "torch", "fp32")
         value = ratio(primary_latency(eager) if eager else None, primary_latency(row))
+        stored = stored_ratio(row, "vs_eager") if eager else None
+        if stored is not None:  # the interleaved ratio is row / eager: the speed-up is its inverse
+            value = 1.0 / float(stored["median_ratio"])
         out.append(Goal(f"{row['model']} ORT {row['precision']} speed-up vs PyTorch eager", value,
-                        f">= {EAGER_SPEEDUP:g}x", None if value is None else value >= EAGER_SPEEDUP))
+                        f">= {EAGER_SPEEDUP:g}x", None if value is None else value >= EAGER_SPEEDUP,
+                        interval=ratio_text(stored, invert=True) if stored is not None else ""))
     out.extend(_accuracy_goals(rows, comparisons(results) if changes is None else changes))
     return out
 

@@ -22,7 +22,8 @@ from quant.report.plots import render_plot, search_points
 from quant.report.rows import (
     Row, RowKey, model_order, ok_rows, primary, simulation_note, sorted_rows, task_kind, timed_graphs,
 )
-from quant.report.tables import CHANGE_CAPTION, Table, change_table, fmt_number, model_table, noisy_line, unit_line
+from quant.report.tables import (CHANGE_CAPTION, Table, change_table, fmt_number, model_table, noisy_line, timing_line,
+                                 unit_line)
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,9 @@ def _model_section(model: str, results: Mapping[str, Any], rows: Sequence[Row], 
                    changes: Mapping[RowKey, Comparison], options: HtmlOptions) -> list[str]:
     out = [f'<h2 id="{_e(model)}">{_e(model)}</h2>', f"<p class=note>{_e(unit_line(rows, model))}</p>",
            _table(model_table(model, rows, all_rows))]
+    timing = timing_line(rows, model)
+    if timing:
+        out.append(f"<p class=note>{_e(timing)}</p>")
     if any(r["backend"] == "trt-sim" for r in rows):
         out.append(f"<p class=note>trt-sim rows: {_e(simulation_note('trt-sim'))}.</p>")
     out += [f"<p class=note>{_e(line)}</p>" for line in noisy_line(rows) if line]

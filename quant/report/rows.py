@@ -2,7 +2,8 @@
 
 A row is one model x backend x precision:
     {"model", "kind": se|asr, "backend", "precision", "status": ok|failed|skipped, "error", "artifacts": {...},
-     "task": {metric: value}, "speed": {graph: measure_graph result}, "latency_ms": {...}, "rtf",
+     "task": {metric: value}, "speed": {graph: measure_graph result; quant run's entries also carry "interleaved" and
+     their ratios "vs_fp32" / "vs_eager" (docs/architecture.md, results.json keys)}, "latency_ms": {...}, "rtf",
      "error_vs_fp32": {graph: {output: TensorError dict}},
      "per_utterance": {"ids": [...], metric: [...] | "<rate>_errors"/"<rate>_length": [...]},
      "budget": {"metric", "limit", "higher_is_better"} | null (the model spec's, for this precision),
@@ -154,6 +155,41 @@ def primary(rows: Iterable[Row], model: str) -> Primary:
 
 def primary_latency(row: Row, stat: str = "mean_ms") -> float | None:
     return graph_latency(row, primary([row], row["model"]).graph, "1", stat)
+
+
+def interleaved_entry(row: Row | None, graph: str | None = None, threads: str = "1", batch: int | None = None
+                      ) -> Mapping[str, Any] | None:
+    """A timing entry of a row (the primary graph's at `threads`, or the batch sweep's at `batch`) when it was timed
+    interleaved with the model's other rows: it then carries "interleaved" and its ratios ("vs_fp32", "vs_eager")."""
+    if row is None:
+        return None
+    try:
+        timing = row["speed"][graph or primary([row], row["model"]).graph]
+        entry = timing["batches"][str(batch)] if batch is not None else timing["threads"][threads]
+    except (KeyError, TypeError):
+        return None
+    return entry if isinstance(entry, Mapping) and isinstance(entry.get("interleaved"), Mapping) else None
+
+
+def stored_ratio(row: Row | None, key: str, graph: str | None = None, threads: str = "1", batch: int | None = None
+                 ) -> Mapping[str, Any] | None:
+    """The interleaved ratio `key` ("vs_fp32", "vs_eager") a timing entry carries: min_ratio, median_ratio, the paired
+    per-round ratio's paired_median / paired_p10 / paired_p90, and `reliable` (False: the p10-p90 spreads overlap)."""
+    entry = interleaved_entry(row, graph, threads, batch)
+    value = entry.get(key) if entry is not None else None
+    return value if isinstance(value, Mapping) else None
+
+
+def ratio_text(stored: Mapping[str, Any], invert: bool = False) -> str:
+    """"0.82x (min 0.80x; paired 0.78-0.86)" with "unreliable" appended when the spreads overlap; `invert`: the
+    speed-up base / row instead."""
+    def value(key: str) -> float:
+        number = float(stored[key])
+        return 1.0 / number if invert and number else number
+
+    low, high = sorted((value("paired_p10"), value("paired_p90")))
+    text = f"{value('median_ratio'):.2f}x (min {value('min_ratio'):.2f}x; paired {low:.2f}-{high:.2f})"
+    return text if stored.get("reliable") else f"{text} unreliable"
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:

@@ -9,9 +9,9 @@ from typing import Any, Mapping, Sequence
 from quant.report.compare import (CHANGE_METRICS, Comparison, change_metric, comparisons, format_change,
                                   verdict_text)
 from quant.report.goals import goals
-from quant.report.rows import (METRIC_SCALE, TASK_COLUMNS, Row, RowKey, find_row, graph_latency, min_snr_db,
-                               model_order, primary, primary_latency, ratio, row_key, simulation_note, sorted_rows,
-                               task_kind, task_value, timed_graphs)
+from quant.report.rows import (METRIC_SCALE, TASK_COLUMNS, Row, RowKey, find_row, graph_latency, interleaved_entry,
+                               min_snr_db, model_order, primary, primary_latency, ratio, ratio_text, row_key,
+                               simulation_note, sorted_rows, stored_ratio, task_kind, task_value, timed_graphs)
 
 
 def fmt_number(value: float | None, fmt: str) -> str:
@@ -44,9 +44,35 @@ def model_table(model: str, rows: Sequence[Row], all_rows: Sequence[Row]) -> Tab
                     fmt_number(primary_latency(row, "runs"), ".0f"),
                     *[fmt_number(primary_latency(row, s), ".3f") for s in ("p50_ms", "p90_ms", "p99_ms", "mean_ms")],
                     fmt_number(graph_latency(row, graph, "2"), ".3f"), fmt_number(row.get("rtf"), ".4f"),
-                    fmt_number(ratio(mean, primary_latency(fp32) if fp32 else None), "x"),
-                    fmt_number(ratio(mean, primary_latency(eager) if eager else None), "x"), fmt_number(min_snr_db(row), ".1f")])
+                    ratio_cell(row, fp32, "vs_fp32"), ratio_cell(row, eager, "vs_eager"),
+                    fmt_number(min_snr_db(row), ".1f")])
     return header, out
+
+
+def ratio_cell(row: Row, base: Row | None, key: str) -> str:
+    """The row's primary latency against `base`: the interleaved ratio it carries (median, min, paired p10-p90,
+    "unreliable"), else (results.json from before interleaved timing) the ratio of the means."""
+    stored = stored_ratio(row, key)
+    if stored is not None:
+        return ratio_text(stored)
+    return fmt_number(ratio(primary_latency(row), primary_latency(base) if base else None), "x")
+
+
+RATIO_NOTE = ("vs FP32 ORT / vs eager: median latency over the other row's median, both timed interleaved "
+              "round-robin in the same rounds (min: ratio of the minima; paired: p10-p90 of the per-round ratio); "
+              "'unreliable': the two rows' p10-p90 latency spreads overlap, so the difference is within this "
+              "machine's noise at the time")
+
+
+def timing_line(rows: Sequence[Row], model: str) -> str:
+    """How the model's rows were timed: interleaved rounds and the 1-minute load average around its timing."""
+    entries = [e for e in (interleaved_entry(row) for row in rows if row.get("status") == "ok") if e is not None]
+    if not entries:
+        return ""
+    info = entries[0]["interleaved"]  # the primary graph's group at 1 thread: every row of it shares the record
+    return (f"Timed interleaved: {', '.join(info['variants'])} rotating round-robin in one process, "
+            f"{info['rounds']} rounds x {info['calls_per_round']} call(s) each at 1 thread; 1-minute load average "
+            f"{float(info['load_before']):.2f} before, {float(info['load_after']):.2f} after. {RATIO_NOTE}.")
 
 
 def markdown_table(table: Table) -> list[str]:
@@ -88,12 +114,15 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     if results.get("command"):
         lines.append(f"Command: `{results['command']}`.")
     lines.append("Latency: one batch-1 run of the unit below after warm-up, 1 thread unless noted; "
-                 "RTF = processing time / audio duration; ratios are mean latency against the same model's "
-                 "FP32 ONNX Runtime and PyTorch eager rows of this run.")
+                 "RTF = processing time / audio duration; ratios are against the same model's FP32 ONNX Runtime and "
+                 "PyTorch eager rows of this run (timed interleaved with them: see each model's timing note; "
+                 "results.json from before interleaved timing: ratio of the means).")
     for model in model_order(all_rows):
         rows = [r for r in all_rows if r["model"] == model]
         lines += ["", f"## {model}", "", unit_line(rows, model), ""]
         lines += markdown_table(model_table(model, rows, all_rows))
+        timing = timing_line(rows, model)
+        lines += ["", timing] if timing else []
         if any(r["backend"] == "trt-sim" for r in rows):
             lines += ["", f"trt-sim rows: {simulation_note('trt-sim')}."]
         lines += noisy_line(rows)
@@ -176,7 +205,11 @@ def _graph_latency_lines(rows: Sequence[Row], graph: str) -> list[str]:
 CSV_FIELDS = ["model", "backend", "precision", "status", "pesq_wb", "pesq_nb", "stoi", "si_sdr", "cer", "wer",
               "cer_greedy", "wer_greedy", "cer_real", "cer_synthetic", "latency_min_ms", "latency_mean_ms",
               "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_max_ms", "latency_runs",
-              "latency_mean_ms_2_threads", "rtf", "ratio_vs_fp32_ort", "ratio_vs_eager", "min_snr_db_vs_fp32",
+              "latency_mean_ms_2_threads", "rtf", "ratio_vs_fp32_ort", "ratio_vs_eager",
+              # interleaved timing (ratio columns above: median over median): the ratio vs FP32 ORT's min and paired
+              # per-round p10-p90, whether it is reliable (p10-p90 spreads apart), the load around the timing
+              "ratio_vs_fp32_min", "ratio_vs_fp32_paired_p10", "ratio_vs_fp32_paired_p90", "ratio_vs_fp32_reliable",
+              "ratio_vs_eager_reliable", "timing_load_before", "timing_load_after", "min_snr_db_vs_fp32",
               # the primary metric's paired change vs the FP32 row `compared_with`, in the metric's stored units
               "compared_with", "change_metric", "delta", "ci_low", "ci_high", "n", "share_worse", "budget",
               "verdict", "n_to_tell", "simulation", "error"]
@@ -212,8 +245,18 @@ def _csv_row(row: Row, rows: Sequence[Row]) -> dict[str, Any]:
     out["latency_mean_ms_2_threads"] = _num(graph_latency(row, graph, "2"))
     out["rtf"] = _num(row.get("rtf"))
     fp32, eager = find_row(rows, row["model"], "ort", "fp32"), find_row(rows, row["model"], "torch", "fp32")
-    out["ratio_vs_fp32_ort"] = _num(ratio(primary_latency(row), primary_latency(fp32) if fp32 else None))
-    out["ratio_vs_eager"] = _num(ratio(primary_latency(row), primary_latency(eager) if eager else None))
+    out["ratio_vs_fp32_ort"] = _num(speed_ratio(row, fp32, "vs_fp32"))
+    out["ratio_vs_eager"] = _num(speed_ratio(row, eager, "vs_eager"))
+    stored, to_eager = stored_ratio(row, "vs_fp32"), stored_ratio(row, "vs_eager")
+    if stored is not None:
+        out.update(ratio_vs_fp32_min=_num(stored["min_ratio"]), ratio_vs_fp32_paired_p10=_num(stored["paired_p10"]),
+                   ratio_vs_fp32_paired_p90=_num(stored["paired_p90"]), ratio_vs_fp32_reliable=bool(stored["reliable"]))
+    if to_eager is not None:
+        out["ratio_vs_eager_reliable"] = bool(to_eager["reliable"])
+    entry = interleaved_entry(row)
+    if entry is not None:
+        out.update(timing_load_before=_num(entry["interleaved"]["load_before"]),
+                   timing_load_after=_num(entry["interleaved"]["load_after"]))
     out["min_snr_db_vs_fp32"] = _num(min_snr_db(row))
     return out
 
@@ -229,6 +272,20 @@ def _csv_change(row: Row, comparison: Comparison) -> dict[str, Any]:
             "n": change.n, "share_worse": _num(change.share_worse),
             "budget": _num(verdict.budget.line) if verdict else "", "verdict": verdict.verdict if verdict else "",
             "n_to_tell": verdict.n_to_tell if verdict and verdict.n_to_tell else ""}
+
+
+def speed_ratio(row: Row, base: Row | None, key: str) -> float | None:
+    """The median ratio of the interleaved timing the row carries, else (older results.json) the ratio of means."""
+    stored = stored_ratio(row, key)
+    if stored is not None:
+        return float(stored["median_ratio"])
+    return ratio(primary_latency(row), primary_latency(base) if base else None)
+
+
+def _summary_ratio(row: Row, base: Row | None, key: str) -> str:
+    stored = stored_ratio(row, key)
+    text = fmt_number(speed_ratio(row, base, key), "x")
+    return text + "?" if stored is not None and not stored.get("reliable") else text
 
 
 def _num(value: float | None) -> str:
@@ -251,13 +308,14 @@ def summary_lines(results: Mapping[str, Any]) -> list[str]:
         value = task_value(row, metric)
         shown = "-" if value is None else (f"{100 * value:.2f}%" if metric == "cer" else f"{value:.3f}")
         fp32, eager = find_row(rows, row["model"], "ort", "fp32"), find_row(rows, row["model"], "torch", "fp32")
-        mean = primary_latency(row)
         lines.append(
             f"{row['model']:<13} {row['backend']:<7} {row['precision']:<5} {'ok':<7} {label + ' ' + shown:>14} "
-            f"{fmt_number(mean, '.3f'):>9} {fmt_number(row.get('rtf'), '.4f'):>8} "
-            f"{fmt_number(ratio(mean, primary_latency(fp32) if fp32 else None), 'x'):>8} "
-            f"{fmt_number(ratio(mean, primary_latency(eager) if eager else None), 'x'):>9}"
+            f"{fmt_number(primary_latency(row), '.3f'):>9} {fmt_number(row.get('rtf'), '.4f'):>8} "
+            f"{_summary_ratio(row, fp32, 'vs_fp32'):>8} {_summary_ratio(row, eager, 'vs_eager'):>9}"
         )
+    if any(_summary_ratio(row, None, key).endswith("?") for row in rows for key in ("vs_fp32", "vs_eager")):
+        lines.append("?: unreliable ratio (the two rows' p10-p90 latencies overlap); ratios are medians of "
+                     "interleaved timing")
     for goal in goals(results):
         met = goal.met_text if goal.verdict else ("n/a" if goal.met is None else ("met" if goal.met else "NOT met"))
         lines.append(f"goal: {goal.name}: {goal.interval or fmt_number(goal.measured, '.3f')} (target {goal.target}) {met}")
