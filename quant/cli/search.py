@@ -34,6 +34,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--target", choices=("ort", "trt-sim"), default="ort",
                         help="ort: ONNX Runtime INT8, timed on this CPU (default); trt-sim: TensorRT's Q/DQ model "
                         "simulated by ONNX Runtime, rules for --backend trt, speed proxy = INT8 unit count")
+    parser.add_argument("--units", choices=("group", "node"), default="group",
+                        help="group: one unit per structural block (a layer with its bias/activation, an attention "
+                        "block, a recurrent block's projections, a Linear-act-Linear FFN; default); node: one per node")
     parser.add_argument("--cache", type=Path, help="calibration cache (default: the cache store / a fresh one)")
     parser.add_argument("--rules", type=Path, help="base precision rules (default: shipped rules)")
     parser.add_argument("-o", "--output", type=Path, help="output folder (default engines/search/<graph>[-trt-sim])")
@@ -56,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     suffix = "" if args.target == "ort" else f"-{args.target}"
     out_dir = args.output or DEFAULT_OUT_ROOT / "search" / f"{graph.name}{suffix}"
     problem = spec_problem(selection.spec, role, fp32_graphs(selection.spec), out_dir,
-                           Split(args.validation, args.held_out), args.cache, args.rules, args.target)
+                           Split(args.validation, args.held_out), args.cache, args.rules, args.target,
+                           grouping=args.units)
     result = run_search(problem, SearchOptions(budget, args.max_evals, args.top), out_dir)
     command = "quant search " + " ".join(shlex.quote(a) for a in _argv(args))
     paths = write_outputs(result, problem.base_rules, out_dir, command)
@@ -83,6 +87,7 @@ def _row(point: Any) -> str:
 def _argv(args: argparse.Namespace) -> list[str]:
     argv = [str(args.spec), "--budget", args.budget]
     for flag, value in (("--graph", args.graph), ("--target", None if args.target == "ort" else args.target),
+                        ("--units", None if args.units == "group" else args.units),
                         ("--validation", args.validation), ("--held-out", args.held_out),
                         ("--max-evals", args.max_evals), ("--top", args.top)):
         if value is not None:
