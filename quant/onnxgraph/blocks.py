@@ -4,10 +4,11 @@ attention block, one recurrent block or one feed-forward block.
 - layer: one compute node (Conv/ConvTranspose/MatMul/Gemm) with what follows it pointwise (bias, scale, activation);
 - attention: a Softmax with the activation x activation MatMuls on both sides of it (scores, probabilities x V),
   the constant-weight projections feeding them (Q, K, V) and the projection reading the result (out);
-- recurrent: an LSTM/GRU/RNN with the constant-weight layer feeding its input and the layers reading its output;
+- recurrent: an LSTM/GRU/RNN with the Linear (MatMul/Gemm) feeding its input and the layers reading its output;
 - ffn: two constant-weight MatMul/Gemm layers joined by a pointwise path with a nonlinearity (Linear-act-Linear).
 
-Arithmetic nodes (a residual Add, mask arithmetic) join the block of the latest compute node behind them.
+Arithmetic nodes (a residual Add, mask arithmetic) join the block of the latest (in graph order) of the nearest
+compute or recurrent nodes behind them: for x + f(x), the block computing f.
 """
 
 from __future__ import annotations
@@ -66,6 +67,21 @@ def _producers_behind(index: GraphIndex, tensor: str, through: frozenset[str]) -
             yield node
 
 
+def _compute_behind(index: GraphIndex, tensor: str) -> Iterator[onnx.NodeProto]:
+    """The nearest compute or recurrent nodes backwards from `tensor`, through anything else (a LayerNorm, masks)."""
+    queue, seen = [tensor], set()
+    while queue:
+        name = queue.pop()
+        node = index.producers.get(name)
+        if node is None or name in seen:
+            continue
+        seen.add(name)
+        if node.op_type in COMPUTE_OPS or node.op_type in RECURRENT_OPS:
+            yield node
+        else:
+            queue.extend(index.activation_inputs(node))
+
+
 def _consumers_after(index: GraphIndex, tensor: str, through: frozenset[str]) -> list[onnx.NodeProto]:
     reached, _ = _forward(index, tensor, through)
     return [n for t in reached for n in index.consumers.get(t, ()) if n.op_type not in through]
@@ -121,7 +137,9 @@ def _attention(index: GraphIndex, softmax: onnx.NodeProto) -> list[str]:
 
 
 def _recurrent(index: GraphIndex, cell: onnx.NodeProto) -> list[str]:
-    inputs = [n for n in _producers_behind(index, cell.input[0], LAYOUT_OPS | ACTIVATION_OPS) if is_weighted(index, n)]
+    # a Linear feeding the cell is its input projection; a Conv there is a layer of the encoder before it
+    inputs = [n for n in _producers_behind(index, cell.input[0], LAYOUT_OPS | ACTIVATION_OPS)
+              if is_weighted(index, n) and n.op_type in ("MatMul", "Gemm")]
     outputs = [n for n in _consumers_after(index, cell.output[0], LAYOUT_OPS) if is_weighted(index, n)]
     return [cell.name] + [n.name for n in inputs + outputs]
 
@@ -155,8 +173,7 @@ def block_of_nodes(index: GraphIndex) -> dict[str, str]:
                 groups.merge([node.name, partner.name], f"ffn:{node.name}")
     for node in index.nodes:
         if node.op_type in AFFINE_OPS and node.op_type not in COMPUTE_OPS:
-            behind = [p for t in index.activation_inputs(node)
-                      for p in _producers_behind(index, t, LAYOUT_OPS | ACTIVATION_OPS) if p.op_type in COMPUTE_OPS]
+            behind = [p for t in index.activation_inputs(node) for p in _compute_behind(index, t)]
             if behind:
                 groups.merge([max(behind, key=lambda p: order[p.name]).name, node.name], "")
     names = {}
