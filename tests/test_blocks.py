@@ -35,8 +35,8 @@ class Graph:
 
     def model(self, output: str, inputs: tuple[str, ...] = ("x",)) -> onnx.ModelProto:
         graph = helper.make_graph(
-            self.nodes, "g", [helper.make_tensor_value_info(i, TensorProto.FLOAT, None) for i in inputs],
-            [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)], self.inits)
+            self.nodes, "g", [helper.make_tensor_value_info(i, TensorProto.FLOAT, [2, D]) for i in inputs],
+            [helper.make_tensor_value_info(output, TensorProto.FLOAT, [2, D])], self.inits)
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
