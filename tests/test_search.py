@@ -424,3 +424,19 @@ def test_search_recovers_the_budget_the_defaults_miss_on_a_two_stage_model(third
     assert decided.decision(fragile).precision == "fp32"
     cost = json.loads(paths["json"].read_text())["cost"]
     assert cost["evaluations"] == result.evals <= 16 and cost["minutes"] > 0
+
+
+def test_spec_budget_reads_the_int8_budget_in_the_search_units():
+    from types import SimpleNamespace
+
+    from quant.search.core import SearchError
+    from quant.search.store import spec_budget
+    from quant.spec import MetricBudget
+
+    def spec(**budgets: Any) -> Any:
+        return SimpleNamespace(name="m", defaults=SimpleNamespace(budgets=SimpleNamespace(get=budgets.get)))
+
+    assert spec_budget(spec(int8=MetricBudget(pesq_wb=0.05))) == parse_budget("pesq_wb=-0.05")
+    assert spec_budget(spec(int8=MetricBudget(cer=0.003))).value == pytest.approx(0.3)  # fraction -> points
+    with pytest.raises(SearchError, match="INT8 budget"):
+        spec_budget(spec())

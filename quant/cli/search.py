@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from quant.paths import DEFAULT_OUT_ROOT
     from quant.search import SearchOptions, parse_budget, run_search, write_outputs
     from quant.search.models import Split, spec_problem
+    from quant.search.store import search_dir
 
     budget = parse_budget(args.budget)
     selection = select(args.spec, args.graph)
@@ -56,8 +57,7 @@ def run(args: argparse.Namespace) -> int:
                          "--graph ROLE (the others run FP32 in its evaluation)")
     role = selection.roles[0]
     graph = selection.spec.graph(role)
-    suffix = "" if args.target == "ort" else f"-{args.target}"
-    out_dir = args.output or DEFAULT_OUT_ROOT / "search" / f"{graph.name}{suffix}"
+    out_dir = args.output or search_dir(DEFAULT_OUT_ROOT, str(graph.name), args.target)
     problem = spec_problem(selection.spec, role, fp32_graphs(selection.spec), out_dir,
                            Split(args.validation, args.held_out), args.cache, args.rules, args.target,
                            grouping=args.units)
