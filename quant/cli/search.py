@@ -71,10 +71,12 @@ def run(args: argparse.Namespace) -> int:
     fp32 = f"FP32 {result.fp32_latency.min_ms:.2f} ms, " if result.fp32_latency else ""
     print(f"{fp32}default rules {_row(result.default)}")
     print(f"searched {_row(chosen)}" if chosen else "searched: no measured build meets the budget")
-    held = result.held_out.get("searched")
-    if held:
-        print(f"held-out ({held['n']} utterances): change {held['delta']:+.4f} [{held['ci_low']:+.4f}, "
-              f"{held['ci_high']:+.4f}] -> {held['verdict']}")
+    for label, key in (("default rules", "default-rules"), ("searched", "searched")):
+        held = result.held_out.get(key)
+        if held:
+            print(f"held-out ({held['n']} utterances), {label}: change {held['delta']:+.4f} [{held['ci_low']:+.4f}, "
+                  f"{held['ci_high']:+.4f}] -> {held['verdict']}")
+    print(f"search cost: {result.evals} builds, {result.minutes:.1f} min")
     print(f"rules: {paths['rules']}\nsearch.json: {paths['json']}\nplot: {paths['plot']}")
     return 0
 

@@ -25,6 +25,7 @@ def write_outputs(result: SearchResult, base_rules: Any, out_dir: Path, command:
     header = (f"Written by `{command}`: {result.budget.describe()}.\n"
               "Rules named search:<node> carry the measured decision for one unit; the shipped rules follow.\n"
               f"Speed: {result.speed_basis}.\n"
+              f"Search cost: {result.evals} builds, {result.minutes:.1f} min.\n"
               "Use with: quant build MODEL --precision int8 --rules THIS_FILE"
               + (" --backend trt (the rules place TensorRT's Q/DQ)" if result.backend == "trt" else ""))
     # the default-rules build chosen: its partly-INT8 groups stay as the base rules place them
