@@ -440,3 +440,31 @@ def test_spec_budget_reads_the_int8_budget_in_the_search_units():
     assert spec_budget(spec(int8=MetricBudget(cer=0.003))).value == pytest.approx(0.3)  # fraction -> points
     with pytest.raises(SearchError, match="INT8 budget"):
         spec_budget(spec())
+
+
+def test_the_default_rules_point_is_the_base_rules_build_even_with_a_partly_int8_group(tmp_path: Path):
+    """A mixed group has no INT8/float decision that reproduces the shipped rules (its first Linear float, its
+    second INT8), so the default-rules candidate is built from the base rules themselves."""
+    from test_blocks import Graph
+
+    from quant.search.core import Ledger
+
+    g = Graph()
+    model = g.model(g.linear(g.op("Relu", g.linear("x"))))
+    rules = load_rules()
+    built = []
+
+    def build(rules_file: Path, folder: Path) -> Path:
+        built.append(plan(model, load_rules(rules_file), "int8", "ort"))
+        return folder
+
+    def columns(folder: Path) -> Mapping[str, Sequence[Any]]:
+        return {"ids": ["a"], "snr_db": [50.0]}
+
+    units = find_units(model, rules)
+    assert [u.default for u in units] == ["mixed"]
+    problem_ = Problem(model, units, rules, tmp_path / "fp32", build, columns, columns, columns)
+    ledger = Ledger(tmp_path, problem_, SearchOptions(parse_budget("snr_db=30")), columns(tmp_path))
+    point = ledger.measure_default()
+    assert [built[0].decision(n).precision for n in ("n0", "n3")] == ["fp32", "int8"]
+    assert point.label == "default-rules" and point.holds and ledger.evals == 1
