@@ -599,9 +599,10 @@ class ModelRun:
             if graph.role not in caches:
                 caches[graph.role] = self.steps.calibrate(self.spec, graph, exported)
             if str(graph.name) not in rules and self.options.search:
-                rules[str(graph.name)] = run_small_search(
-                    self.spec, graph.role, exported, self.steps.root, caches[graph.role],
-                    search_utterances(self.spec, self.options), self.options.search_evals)
+                found = run_small_search(self.spec, graph.role, exported, self.steps.root, caches[graph.role],
+                                         search_utterances(self.spec, self.options), self.options.search_evals)
+                if found is not None:
+                    rules[str(graph.name)] = found
             artifacts[graph.stem] = self.steps.build(str(graph.name), "int8", "ort", exported[graph.role],
                                                      caches[graph.role], rules.get(str(graph.name)))
         return RowSpec(self.spec, "ort", SEARCHED, artifacts)

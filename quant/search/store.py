@@ -41,9 +41,10 @@ def spec_budget(spec: Any) -> TaskBudget:
 
 
 def run_small_search(spec: Any, role: str, graphs: Mapping[str, Path], out_root: Path, cache: Path,
-                     utterances: int | None, max_evals: int) -> Path:
+                     utterances: int | None, max_evals: int) -> Path | None:
     """A search of graph `role` within the spec's INT8 budget on `utterances` test utterances per half (None: the
-    whole halves), `max_evals` builds; returns the rules.toml it wrote (search_dir)."""
+    whole halves), `max_evals` builds; returns the rules.toml it wrote (search_dir), or None for a graph with
+    nothing to search (no quantizable unit: it keeps the shipped rules)."""
     from quant.search.core import SearchOptions, run_search
     from quant.search.models import Split, spec_problem
     from quant.search.output import write_outputs
@@ -53,6 +54,9 @@ def run_small_search(spec: Any, role: str, graphs: Mapping[str, Path], out_root:
     budget = spec_budget(spec)
     log.info("%s: searching INT8 precision within %s (%d builds)", graph.name, budget.describe(), max_evals)
     problem = spec_problem(spec, role, graphs, out_dir, Split(utterances, utterances), cache)
+    if not problem.units:
+        log.info("%s: no quantizable unit; the shipped rules stay", graph.name)
+        return None
     result = run_search(problem, SearchOptions(budget, max_evals=max_evals), out_dir)
     command = f"quant run --search (spec {spec.name}, graph {role}, {budget.describe()})"
     return write_outputs(result, problem.base_rules, out_dir, command)["rules"]
