@@ -201,7 +201,7 @@ class Steps:
     def build(self, graph: str, precision: str, backend: str, source: Path, cache: Path | None,
               rules: Path | None = None) -> Path:
         """The artifact file (ORT: model.onnx, TensorRT: model.engine) of one graph (by artifact name) at one
-        precision; `rules`: precision rules other than the shipped ones (the searched row's, in <precision>-searched/)."""
+        precision; `rules`: precision rules other than the shipped ones (the searched row's: <precision>-searched/)."""
         from quant.artifacts import build_artifact
         from quant.artifacts.artifact import META_FILE
 

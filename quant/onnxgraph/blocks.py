@@ -29,7 +29,7 @@ ATTENTION_GLUE = LAYOUT_OPS | {"Where", "Dropout"}
 
 
 def _is_pointwise(index: GraphIndex, node: onnx.NodeProto, reached: set[str]) -> bool:
-    """An activation, or affine arithmetic whose other operands are constants or already on the path (x * sigmoid(x))."""
+    """An activation, or affine arithmetic whose other operands are constants or on the path (x * sigmoid(x))."""
     if node.op_type in ACTIVATION_OPS:
         return True
     return node.op_type in AFFINE_OPS and all(
@@ -52,7 +52,8 @@ def _forward(index: GraphIndex, start: str, through: frozenset[str] | None) -> t
 
 
 def _producers_behind(index: GraphIndex, tensor: str, through: frozenset[str]) -> Iterator[onnx.NodeProto]:
-    """The first non-`through` producers backwards from `tensor` (through ops followed on their activation inputs)."""
+    """The first producers backwards from `tensor` that are neither `through` ops nor affine ops of one activation
+    (a bias, a scale): those are walked through (layout ops on their data input only)."""
     queue, seen = [tensor], set()
     while queue:
         name = queue.pop()

@@ -175,7 +175,8 @@ def spec_problem(spec: Any, role: str, graphs: Mapping[str, Path], out_dir: Path
         return SpecEvaluator(task, role, graphs, chosen, memo_key, fp32, target)
 
     model = onnx.load(str(source))
-    problem = Problem(model=model, units=find_units(model, base_rules, TARGETS[target], grouping), base_rules=base_rules,
+    units = find_units(model, base_rules, TARGETS[target], grouping)
+    problem = Problem(model=model, units=units, base_rules=base_rules,
                       fp32=fp32, build=ArtifactBuilder(source, cache, graph.name), validate=evaluator(validation),
                       proxy=evaluator(validation[:PROXY_UTTERANCES]), held_out=evaluator(held),
                       backend=TARGETS[target])

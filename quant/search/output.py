@@ -29,7 +29,8 @@ def write_outputs(result: SearchResult, base_rules: Any, out_dir: Path, command:
               "Use with: quant build MODEL --precision int8 --rules THIS_FILE"
               + (" --backend trt (the rules place TensorRT's Q/DQ)" if result.backend == "trt" else ""))
     # the default-rules build chosen: its partly-INT8 groups stay as the base rules place them
-    as_base = [u.name for u in result.units if u.default == "mixed"] if result.chosen and result.chosen.label == DEFAULT_LABEL else []
+    chose_default = result.chosen is not None and result.chosen.label == DEFAULT_LABEL
+    as_base = [u.name for u in result.units if u.default == "mixed"] if chose_default else []
     rules = [*config_rules(result.units, config, why, backend=result.backend, base=as_base), *base_rules]
     paths = {"rules": write_rules(out_dir / RULES_FILE, rules, header)}
     paths["json"] = atomic_write_json(out_dir / JSON_FILE, to_json(result, command))
