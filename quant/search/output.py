@@ -23,7 +23,8 @@ def write_outputs(result: SearchResult, base_rules: Any, out_dir: Path, command:
     config: Config = result.chosen.config if result.chosen else frozenset()
     why = {u.name: unit_why(result, result.sensitivities[u.name], u.name in config, command) for u in result.units}
     header = (f"Written by `{command}`: {result.budget.describe()}.\n"
-              "Rules named search:<node> carry the measured decision for one unit; the shipped rules follow.\n"
+              "Rules named search:<node> carry the measured decision of the node's unit (a group's nodes share it); "
+              "the shipped rules follow.\n"
               f"Speed: {result.speed_basis}.\n"
               f"Search cost: {result.evals} builds, {result.minutes:.1f} min.\n"
               "Use with: quant build MODEL --precision int8 --rules THIS_FILE"
