@@ -36,6 +36,8 @@ STAMP_DIR = ".pipeline"
 # backends whose rows predict another runtime's numerics on the CPU: accuracy only, never timed, and only at the
 # precisions they simulate (trt-sim: TensorRT explicit mode from the fp16 / int8 ORT builds' ONNX)
 SIMULATED = {"trt-sim": ("fp16", "int8")}
+# the INT8 build with `quant search`'s rules (engines/search/<graph>/rules.toml), an ONNX Runtime row beside int8
+SEARCHED = "int8-searched"
 # error vs FP32 is measured on fixed real feeds: the first calibration-style feed of this many test utterances (one
 # batch), and for streaming graphs the first STREAM_COMPARE_STEPS steps of the roll over the first utterance
 COMPARE_UTTERANCES = {"se": 1, "asr": 4}
@@ -63,12 +65,14 @@ class RunOptions:
     command: str = "quant run"
     executor: str = "local"  # where calibration runs (quant.executor: local | ray); evaluation and timing stay here
     ray_address: str | None = None  # with executor ray: None starts a local Ray instance, "auto" joins the cluster
+    search: bool = False  # the int8-searched row: a small `quant search` first for every graph without its rules
+    search_evals: int = 20  # builds per graph of that small search
 
     @classmethod
     def quick(cls, **overrides: Any) -> RunOptions:
         """CI smoke settings: a few utterances and short timing loops (numbers not for reporting)."""
         base = cls(se_utterances=3, asr_utterances=6, calib_utterances=8, bench=BenchOptions.quick(),
-                   command="quant run --quick")
+                   search_evals=6, command="quant run --quick")
         return replace(base, **overrides)
 
 
@@ -195,20 +199,23 @@ class Steps:
                                executor=executor_or_none(self.options.executor, self.options.ray_address))
         return Path(entry.path)
 
-    def build(self, graph: str, precision: str, backend: str, source: Path, cache: Path | None) -> Path:
+    def build(self, graph: str, precision: str, backend: str, source: Path, cache: Path | None,
+              rules: Path | None = None) -> Path:
         """The artifact file (ORT: model.onnx, TensorRT: model.engine) of one graph (by artifact name) at one
-        precision."""
+        precision; `rules`: precision rules other than the shipped ones (the searched row's: <precision>-searched/)."""
         from quant.artifacts import build_artifact
         from quant.artifacts.artifact import META_FILE
 
-        folder = self.root / graph / (precision if backend == "ort" else f"{precision}-{backend}")
+        label = f"{precision}-searched" if rules is not None else precision
+        folder = self.root / graph / (label if backend == "ort" else f"{label}-{backend}")
         artifact = folder / ("model.onnx" if backend == "ort" else "model.engine")
         key = {"source": _file_sha(source), "cache": _file_sha(cache) if cache else None, "quant": __version__,
+               "rules": _file_sha(rules) if rules is not None else None,
                "code": _sources_sha("artifacts/artifact.py", "artifacts/ort_build.py", "artifacts/qdq.py",
                                     "artifacts/calibration.py", "artifacts/trt_build.py", "onnxgraph/graph.py",
                                     "onnxgraph/patterns.py", "precision.py", "precision_default.toml",
                                     "backends/ort.py", "backends/trt.py", "backends/trt_inputs.py")}
-        name = f"build-{graph}-{precision}-{backend}"
+        name = f"build-{graph}-{label}-{backend}"
         outputs = [artifact, folder / META_FILE]  # meta.json holds the sha256 of every other file of the folder
         if not self.options.force and is_fresh(self.root, name, key, outputs) and _intact(folder):
             logger.info("build %s %s %s: up to date", graph, precision, backend)
@@ -216,6 +223,8 @@ class Steps:
         options: dict[str, Any] = {"out_dir": folder, "out_root": self.root}
         if precision == "int8" and cache is not None:
             options["cache"] = cache
+        if rules is not None:
+            options["rules"] = rules
         build_artifact(source, precision, backend, name=graph, **options)
         if not artifact.is_file():
             raise QuantError(f"build of {graph} {precision} ({backend}) wrote no {artifact}")
@@ -554,8 +563,15 @@ class ModelRun:
 
     def _combos(self) -> list[tuple[str, str]]:
         combos = [("torch", "fp32")] if self.eager else []
-        return combos + [(b, p) for b in self.backends for p in self.options.precisions
-                         if p in SIMULATED.get(b, PRECISIONS)]
+        combos += [(b, p) for b in self.backends for p in self.options.precisions if p in SIMULATED.get(b, PRECISIONS)]
+        return combos + ([("ort", SEARCHED)] if self._searched() else [])
+
+    def _searched(self) -> bool:
+        """The int8-searched row: ort int8 rows asked for, and searched rules found or --search."""
+        from quant.search.store import searched_rules
+
+        asked = "ort" in self.backends and "int8" in self.options.precisions
+        return asked and (self.options.search or bool(searched_rules(self.steps.root, self.spec)))
 
     def run(self) -> list[ResultRow]:
         try:
@@ -579,6 +595,8 @@ class ModelRun:
             try:
                 if backend == "trt-sim":
                     specs.append(trt_sim_spec(self._ort_spec(specs, precision, exported, caches), exported))
+                elif precision == SEARCHED:
+                    specs.append(self._searched_row(exported, caches))
                 else:
                     specs.append(self._build_row(backend, precision, exported, caches))
             except Exception as error:  # noqa: BLE001
@@ -606,6 +624,25 @@ class ModelRun:
                 cache = caches[graph.role]
             artifacts[graph.stem] = self.steps.build(str(graph.name), precision, backend, exported[graph.role], cache)
         return RowSpec(self.spec, backend, precision, artifacts)
+
+    def _searched_row(self, exported: Mapping[str, Path], caches: dict[str, Path]) -> RowSpec:
+        """INT8 with each graph's searched rules: `quant search`'s, or (--search) a small search run now; a graph
+        without any keeps the shipped rules (it is then the int8 row's build)."""
+        from quant.search.store import run_small_search, searched_rules
+
+        rules = searched_rules(self.steps.root, self.spec)
+        artifacts = {}
+        for graph in self.spec.graphs:
+            if graph.role not in caches:
+                caches[graph.role] = self.steps.calibrate(self.spec, graph, exported)
+            if str(graph.name) not in rules and self.options.search:
+                found = run_small_search(self.spec, graph.role, exported, self.steps.root, caches[graph.role],
+                                         search_utterances(self.spec, self.options), self.options.search_evals)
+                if found is not None:
+                    rules[str(graph.name)] = found
+            artifacts[graph.stem] = self.steps.build(str(graph.name), "int8", "ort", exported[graph.role],
+                                                     caches[graph.role], rules.get(str(graph.name)))
+        return RowSpec(self.spec, "ort", SEARCHED, artifacts)
 
     def _evaluate_all(self, specs: Sequence[RowSpec], exported: Mapping[str, Path]) -> None:
         reference = next((s for s in specs if (s.backend, s.precision) == ("ort", "fp32")), None)
@@ -708,9 +745,17 @@ def row_primary(spec: ModelSpec) -> dict[str, Any]:
     return {"graph": spec.graphs[0].stem, "metric": metric, "higher_is_better": HIGHER_IS_BETTER[metric]}
 
 
+def search_utterances(spec: ModelSpec, options: RunOptions) -> int | None:
+    """Test utterances per half (validation, held-out) of `quant run --search`'s search: the run's own limit
+    split in two (None: the whole halves)."""
+    limit = options.asr_utterances if spec.model.task == "asr" else options.se_utterances
+    return max(1, limit // 2) if limit else None
+
+
 def row_budget(spec: ModelSpec, precision: str) -> dict[str, Any] | None:
-    """The spec's accuracy budget for `precision` as the row carries it (the report judges rows, not specs)."""
-    budget = spec.defaults.budgets.get(precision)
+    """The spec's accuracy budget for `precision` as the row carries it (the report judges rows, not specs; the
+    searched row is judged by the INT8 budget it was searched to)."""
+    budget = spec.defaults.budgets.get("int8" if precision == SEARCHED else precision)
     return budget.to_row() if budget is not None else None
 
 

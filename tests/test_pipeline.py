@@ -360,3 +360,57 @@ def test_a_row_that_cannot_be_timed_fails_alone(fake_run: pipeline.RunOptions,
     assert rows["int8"]["status"] == "failed" and "timing: RuntimeError: no session" in rows["int8"]["error"]
     assert rows["fp16"]["status"] == "ok" and set(rows["fp16"]["speed"]["dpcrn"]["threads"]) == {"1", "2"}
     assert rows["fp16"]["speed"]["dpcrn"]["threads"]["2"]["interleaved"]["variants"] == ["ort fp32", "ort fp16"]
+
+
+class SearchedFakeSteps(FakeSteps):
+    """FakeSteps whose build with searched rules writes a 0.995 mask into <graph>/int8-searched/."""
+
+    def build(self, graph: str, precision: str, backend: str, source: Path, cache: Path | None,
+              rules: Path | None = None) -> Path:
+        if rules is None:
+            return super().build(graph, precision, backend, source, cache)
+        FakeSteps.calls.append(f"build {graph} {precision} {backend} rules={rules.relative_to(self.root)}")
+        return identity_dpcrn(self.root / graph / "int8-searched" / "model.onnx", gain=0.995)
+
+
+def _precisions(tmp_path: Path) -> dict[str, Any]:
+    return {row["precision"]: row for row in json.loads((tmp_path / "results.json").read_text())["rows"]}
+
+
+def test_searched_rules_add_an_int8_searched_row(fake_run: pipeline.RunOptions, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from quant.precision import load_rules
+    from quant.search.units import write_rules
+
+    monkeypatch.setattr(pipeline, "Steps", SearchedFakeSteps)
+    assert pipeline.run_all(replace(fake_run, precisions=("fp32", "int8"))).ok
+    assert set(_precisions(tmp_path)) == {"fp32", "int8"}  # no `quant search` rules, no --search: no row
+    write_rules(tmp_path / "search" / "dpcrn" / "rules.toml", load_rules())
+    result = pipeline.run_all(replace(fake_run, precisions=("fp32", "int8")))
+    assert result.ok, result.failures
+    assert "build dpcrn int8 ort rules=search/dpcrn/rules.toml" in FakeSteps.calls
+    searched = _precisions(tmp_path)["int8-searched"]
+    assert searched["backend"] == "ort" and searched["budget"] == _precisions(tmp_path)["int8"]["budget"]
+    # the 0.995 mask of the searched build: output error vs FP32 of 20*log10(1/0.005) = 46.0 dB
+    assert searched["error_vs_fp32"]["dpcrn"]["enh"]["snr_db"] == pytest.approx(46.02, abs=0.01)
+    assert "int8-searched" in (tmp_path / "results.md").read_text()
+
+
+def test_run_search_searches_first_where_no_rules_are(fake_run: pipeline.RunOptions, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import quant.search.store
+    from quant.precision import load_rules
+    from quant.search.units import write_rules
+
+    searched: list[tuple[str, int | None, int]] = []
+
+    def small_search(spec: Any, role: str, graphs: Any, out_root: Path, cache: Path, utterances: int | None,
+                     max_evals: int) -> Path:
+        searched.append((role, utterances, max_evals))
+        return write_rules(out_root / "search" / "dpcrn" / "rules.toml", load_rules())
+
+    monkeypatch.setattr(pipeline, "Steps", SearchedFakeSteps)
+    monkeypatch.setattr(quant.search.store, "run_small_search", small_search)
+    options = replace(fake_run, precisions=("fp32", "int8"), search=True, se_utterances=4, search_evals=5)
+    assert pipeline.run_all(options).ok
+    assert searched == [("enhancer", 2, 5)] and "int8-searched" in _precisions(tmp_path)

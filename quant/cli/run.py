@@ -47,6 +47,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--asr-utterances", type=positive_int, help="first N utterances of asr_test (default all)")
     parser.add_argument("--calib-utterances", type=positive_int, help="first N utterances of each calibration set "
                         "(default 32; --quick 8)")
+    parser.add_argument("--search", action="store_true",
+                        help="add the int8-searched row even where `quant search` left no rules: run a small search "
+                        "(the spec's INT8 budget, 20 builds per graph, 6 with --quick) first; without it the row "
+                        "appears only for graphs with engines/search/<graph>/rules.toml")
     add_executor_options(parser)  # calibration only: evaluation and timing stay in this process
     parser.set_defaults(handler=run)
 
@@ -79,6 +83,8 @@ def options_from(args: argparse.Namespace, command: str) -> Any:
         changes["precisions"] = args.precisions
     if args.output:
         changes["out_dir"] = args.output
+    if getattr(args, "search", False):
+        changes["search"] = True
     for name in ("se_utterances", "asr_utterances", "calib_utterances"):
         if getattr(args, name, None):
             changes[name] = getattr(args, name)

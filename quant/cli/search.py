@@ -34,6 +34,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--target", choices=("ort", "trt-sim"), default="ort",
                         help="ort: ONNX Runtime INT8, timed on this CPU (default); trt-sim: TensorRT's Q/DQ model "
                         "simulated by ONNX Runtime, rules for --backend trt, speed proxy = INT8 unit count")
+    parser.add_argument("--units", choices=("group", "node"), default="group",
+                        help="group: one unit per structural block (a layer with its bias/activation, an attention "
+                        "block, a recurrent block's projections, a Linear-act-Linear FFN; default); node: one per node")
     parser.add_argument("--cache", type=Path, help="calibration cache (default: the cache store / a fresh one)")
     parser.add_argument("--rules", type=Path, help="base precision rules (default: shipped rules)")
     parser.add_argument("-o", "--output", type=Path, help="output folder (default engines/search/<graph>[-trt-sim])")
@@ -46,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from quant.report.search import write_search_report
     from quant.search import SearchOptions, parse_budget, run_search, write_outputs
     from quant.search.models import Split, spec_problem
+    from quant.search.store import search_dir
 
     budget = parse_budget(args.budget)
     selection = select(args.spec, args.graph)
@@ -54,10 +58,10 @@ def run(args: argparse.Namespace) -> int:
                          "--graph ROLE (the others run FP32 in its evaluation)")
     role = selection.roles[0]
     graph = selection.spec.graph(role)
-    suffix = "" if args.target == "ort" else f"-{args.target}"
-    out_dir = args.output or DEFAULT_OUT_ROOT / "search" / f"{graph.name}{suffix}"
+    out_dir = args.output or search_dir(DEFAULT_OUT_ROOT, str(graph.name), args.target)
     problem = spec_problem(selection.spec, role, fp32_graphs(selection.spec), out_dir,
-                           Split(args.validation, args.held_out), args.cache, args.rules, args.target)
+                           Split(args.validation, args.held_out), args.cache, args.rules, args.target,
+                           grouping=args.units)
     result = run_search(problem, SearchOptions(budget, args.max_evals, args.top), out_dir)
     command = "quant search " + " ".join(shlex.quote(a) for a in _argv(args))
     paths = write_outputs(result, problem.base_rules, out_dir, command)
@@ -69,10 +73,12 @@ def run(args: argparse.Namespace) -> int:
     fp32 = f"FP32 {result.fp32_latency.min_ms:.2f} ms, " if result.fp32_latency else ""
     print(f"{fp32}default rules {_row(result.default)}")
     print(f"searched {_row(chosen)}" if chosen else "searched: no measured build meets the budget")
-    held = result.held_out.get("searched")
-    if held:
-        print(f"held-out ({held['n']} utterances): change {held['delta']:+.4f} [{held['ci_low']:+.4f}, "
-              f"{held['ci_high']:+.4f}] -> {held['verdict']}")
+    for label, key in (("default rules", "default-rules"), ("searched", "searched")):
+        held = result.held_out.get(key)
+        if held:
+            print(f"held-out ({held['n']} utterances), {label}: change {held['delta']:+.4f} [{held['ci_low']:+.4f}, "
+                  f"{held['ci_high']:+.4f}] -> {held['verdict']}")
+    print(f"search cost: {result.evals} builds, {result.minutes:.1f} min")
     print(f"rules: {paths['rules']}\nsearch.json: {paths['json']}\nplot: {paths['plot']}")
     print(f"report: {paths['html']} (results.json beside it)")
     return 0
@@ -86,6 +92,7 @@ def _row(point: Any) -> str:
 def _argv(args: argparse.Namespace) -> list[str]:
     argv = [str(args.spec), "--budget", args.budget]
     for flag, value in (("--graph", args.graph), ("--target", None if args.target == "ort" else args.target),
+                        ("--units", None if args.units == "group" else args.units),
                         ("--validation", args.validation), ("--held-out", args.held_out),
                         ("--max-evals", args.max_evals), ("--top", args.top)):
         if value is not None:

@@ -15,7 +15,7 @@ from quant.report.rows import METRIC_SCALE, Row
 WIDTH_IN = 7.0  # 700 px at DPI: the page scales images down to a narrow window, never up
 DPI = 100
 PERCENTILES = (("p50_ms", "p50"), ("p90_ms", "p90"), ("p99_ms", "p99"))
-COLORS = {"fp32": "tab:blue", "fp16": "tab:green", "int8": "tab:red"}
+COLORS = {"fp32": "tab:blue", "fp16": "tab:green", "int8": "tab:red", "int8-searched": "tab:purple"}
 
 
 def pyplot() -> Any:

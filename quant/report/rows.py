@@ -35,7 +35,7 @@ TASK_COLUMNS: dict[str, tuple[tuple[str, str, str], ...]] = {  # key, header, fo
 }
 # display unit of a metric stored as a fraction (error rates are shown in percentage points)
 METRIC_SCALE = {"cer": 100.0, "wer": 100.0, "cer_greedy": 100.0, "wer_greedy": 100.0}
-PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
+PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2, "int8-searched": 3}  # int8-searched: `quant search` rules
 BACKEND_ORDER = {"torch": 0, "ort": 1, "trt-sim": 2, "trt": 3}
 
 

@@ -297,11 +297,11 @@ def _num(value: float | None) -> str:
 def summary_lines(results: Mapping[str, Any]) -> list[str]:
     """A compact plain-text table for the end of `quant run`."""
     rows = sorted_rows(results["rows"])
-    lines = [f"{'model':<13} {'backend':<7} {'prec':<5} {'status':<7} {'metric':>14} {'mean ms':>9} {'RTF':>8} "
+    lines = [f"{'model':<13} {'backend':<7} {'prec':<13} {'status':<7} {'metric':>14} {'mean ms':>9} {'RTF':>8} "
              f"{'vs FP32':>8} {'vs eager':>9}"]
     for row in rows:
         if row.get("status") != "ok":
-            lines.append(f"{row['model']:<13} {row['backend']:<7} {row['precision']:<5} {row.get('status', '?'):<7} "
+            lines.append(f"{row['model']:<13} {row['backend']:<7} {row['precision']:<13} {row.get('status', '?'):<7} "
                          f"{_one_line(row.get('error'))[:60]}")
             continue
         _, metric, _, label = primary([row], row["model"])
@@ -309,7 +309,7 @@ def summary_lines(results: Mapping[str, Any]) -> list[str]:
         shown = "-" if value is None else (f"{100 * value:.2f}%" if metric == "cer" else f"{value:.3f}")
         fp32, eager = find_row(rows, row["model"], "ort", "fp32"), find_row(rows, row["model"], "torch", "fp32")
         lines.append(
-            f"{row['model']:<13} {row['backend']:<7} {row['precision']:<5} {'ok':<7} {label + ' ' + shown:>14} "
+            f"{row['model']:<13} {row['backend']:<7} {row['precision']:<13} {'ok':<7} {label + ' ' + shown:>14} "
             f"{fmt_number(primary_latency(row), '.3f'):>9} {fmt_number(row.get('rtf'), '.4f'):>8} "
             f"{_summary_ratio(row, fp32, 'vs_fp32'):>8} {_summary_ratio(row, eager, 'vs_eager'):>9}"
         )

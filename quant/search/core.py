@@ -44,6 +44,7 @@ Timer = Callable[[Sequence[Path]], Sequence[Latency]]
 Profiler = Callable[[Path], Mapping[str, float]]
 MODEL_FILE = "model.onnx"
 MIN_SAVED_SHARE = 0.002
+DEFAULT_LABEL = "default-rules"
 
 
 class SearchError(QuantError):
@@ -137,18 +138,30 @@ class Ledger:
         """The INT8 build of `config` (once per configuration); counts one evaluation."""
         if config in self.artifacts:
             return self.artifacts[config]
+        rules = [*config_rules(self.problem.units, config, backend=self.problem.backend), *self.problem.base_rules]
+        self.artifacts[config] = self._build(rules, label)
+        return self.artifacts[config]
+
+    def _build(self, rules: Sequence[Rule], label: str) -> Path:
         self.evals += 1
         folder = self.out_dir / "builds" / label
-        rules = write_rules(folder.with_suffix(".toml"), [
-            *config_rules(self.problem.units, config, backend=self.problem.backend), *self.problem.base_rules])
-        self.artifacts[config] = self.problem.build(rules, folder)
-        return self.artifacts[config]
+        return self.problem.build(write_rules(folder.with_suffix(".toml"), rules), folder)
+
+    def measure_default(self) -> Point:
+        """The build of the base rules alone, evaluated on the validation split. Not a configuration: a group the
+        base rules make partly INT8 (`mixed`) has no INT8/float decision that reproduces it."""
+        artifact = self._build(self.problem.base_rules, DEFAULT_LABEL)
+        return self._evaluate(default_config(self.problem.units), DEFAULT_LABEL, artifact)
 
     def measure(self, config: Config, label: str) -> Point:
         """Build and evaluate on the validation split (once per configuration)."""
         if config in self.points:
             return self.points[config]
-        artifact = self.build(config, label)
+        point = self._evaluate(config, label, self.build(config, label))
+        self.points[config] = point
+        return point
+
+    def _evaluate(self, config: Config, label: str, artifact: Path) -> Point:
         columns = self.problem.validate(artifact)
         verdict = self.options.budget.judge(self.reference, columns)
         point = Point(label, config, artifact, columns, _verdict_dict(verdict, self.options.budget),
@@ -156,7 +169,6 @@ class Ledger:
         log.info("%s: %d INT8 units, %s %+.4f [%+.4f, %+.4f] -> %s", label, len(config),
                  self.options.budget.metric, point.verdict["delta"], point.verdict["ci_low"],
                  point.verdict["ci_high"], "holds" if point.holds else "over")
-        self.points[config] = point
         return point
 
     def minutes(self) -> float:
@@ -325,7 +337,7 @@ def run_search(problem: Problem, options: SearchOptions, out_dir: Path) -> Searc
                           "default rules, one candidate)")
     reference = problem.validate(problem.fp32)
     ledger = Ledger(out_dir, problem, options, reference)
-    default = ledger.measure(default_config(problem.units), "default-rules")
+    default = ledger.measure_default()
     ledger.measure(all_config(problem.units), "all-int8")
     sens = measure_speed(ledger)
     reserve = min(len(problem.units) + 1, max(2, options.max_evals // 3))
@@ -334,18 +346,19 @@ def run_search(problem: Problem, options: SearchOptions, out_dir: Path) -> Searc
     steps, visited = greedy(ledger, sens) if ledger.left > 0 else (["no evaluations left for the greedy"], [])
     # timed: the default rules, all-INT8 and the greedy path (sensitivity builds with one unit changed are not
     # candidates, and timing each would cost more than the search)
-    path = list(dict.fromkeys([default.config, all_config(problem.units), *visited]))
+    path = list(dict.fromkeys([all_config(problem.units), *visited]))
     timed = dict(ledger.points)
     fp32_latency: Latency | None = None
     if problem.latency is not None:
-        latencies = problem.latency([problem.fp32, *(ledger.points[c].artifact for c in path)])
+        latencies = problem.latency([problem.fp32, default.artifact, *(ledger.points[c].artifact for c in path)])
         fp32_latency = latencies[0]
-        timed.update({c: _with_latency(ledger.points[c], lat) for c, lat in zip(path, latencies[1:])})
-    chosen = fastest_holding(list(timed.values()), problem.timed, options.budget)
-    held_out = judge_held_out(problem, options.budget, timed[default.config], chosen)
-    return SearchResult(options.budget, problem.units, sens, tuple(timed.values()), tuple(steps),
-                        timed[default.config], chosen, fp32_latency, held_out, ledger.evals, ledger.minutes(),
-                        problem.speed_basis(), problem.backend)
+        default = _with_latency(default, latencies[1])
+        timed.update({c: _with_latency(ledger.points[c], lat) for c, lat in zip(path, latencies[2:])})
+    points = [default, *timed.values()]
+    chosen = fastest_holding(points, problem.timed, options.budget)
+    held_out = judge_held_out(problem, options.budget, default, chosen)
+    return SearchResult(options.budget, problem.units, sens, tuple(points), tuple(steps), default, chosen,
+                        fp32_latency, held_out, ledger.evals, ledger.minutes(), problem.speed_basis(), problem.backend)
 
 
 def fastest_holding(points: Sequence[Point], timed: bool, budget: TaskBudget) -> Point | None:

@@ -148,10 +148,10 @@ def halves(items: Sequence[Any], split: Split) -> tuple[list[Any], list[Any]]:
 
 def spec_problem(spec: Any, role: str, graphs: Mapping[str, Path], out_dir: Path, split: Split,
                  cache: Path | None = None, rules: Path | None = None, target: str = "ort",
-                 rounds: int = 15) -> Problem:
+                 rounds: int = 15, grouping: str = "group") -> Problem:
     """The search problem of graph `role` of a model spec whose FP32 ONNX files by role are `graphs` (every graph of
     the spec: the others run FP32 in the evaluation). `cache`: the calibration cache (default: calibrate_spec, from
-    the store on a key hit)."""
+    the store on a key hit); `grouping`: units per structural block (group) or per node (quant.search.units)."""
     from quant.artifacts.artifact import build_artifact
     from quant.precision import load_rules
     from quant.tasks import FeedOptions, task_for
@@ -175,7 +175,8 @@ def spec_problem(spec: Any, role: str, graphs: Mapping[str, Path], out_dir: Path
         return SpecEvaluator(task, role, graphs, chosen, memo_key, fp32, target)
 
     model = onnx.load(str(source))
-    problem = Problem(model=model, units=find_units(model, base_rules, TARGETS[target]), base_rules=base_rules,
+    units = find_units(model, base_rules, TARGETS[target], grouping)
+    problem = Problem(model=model, units=units, base_rules=base_rules,
                       fp32=fp32, build=ArtifactBuilder(source, cache, graph.name), validate=evaluator(validation),
                       proxy=evaluator(validation[:PROXY_UTTERANCES]), held_out=evaluator(held),
                       backend=TARGETS[target])

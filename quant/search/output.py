@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from quant.fileio import atomic_write_bytes, atomic_write_json
-from quant.search.core import Point, SearchResult, Sensitivity, task_cost
+from quant.search.core import DEFAULT_LABEL, Point, SearchResult, Sensitivity, task_cost
 from quant.search.units import Config, config_rules, write_rules
 
 log = logging.getLogger(__name__)
@@ -23,11 +23,16 @@ def write_outputs(result: SearchResult, base_rules: Any, out_dir: Path, command:
     config: Config = result.chosen.config if result.chosen else frozenset()
     why = {u.name: unit_why(result, result.sensitivities[u.name], u.name in config, command) for u in result.units}
     header = (f"Written by `{command}`: {result.budget.describe()}.\n"
-              "Rules named search:<node> carry the measured decision for one unit; the shipped rules follow.\n"
+              "Rules named search:<node> carry the measured decision of the node's unit (a group's nodes share it); "
+              "the shipped rules follow.\n"
               f"Speed: {result.speed_basis}.\n"
+              f"Search cost: {result.evals} builds, {result.minutes:.1f} min.\n"
               "Use with: quant build MODEL --precision int8 --rules THIS_FILE"
               + (" --backend trt (the rules place TensorRT's Q/DQ)" if result.backend == "trt" else ""))
-    rules = [*config_rules(result.units, config, why, backend=result.backend), *base_rules]
+    # the default-rules build chosen: its partly-INT8 groups stay as the base rules place them
+    chose_default = result.chosen is not None and result.chosen.label == DEFAULT_LABEL
+    as_base = [u.name for u in result.units if u.default == "mixed"] if chose_default else []
+    rules = [*config_rules(result.units, config, why, backend=result.backend, base=as_base), *base_rules]
     paths = {"rules": write_rules(out_dir / RULES_FILE, rules, header)}
     paths["json"] = atomic_write_json(out_dir / JSON_FILE, to_json(result, command))
     paths["plot"] = plot_frontier(result, out_dir / PLOT_FILE)

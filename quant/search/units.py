@@ -1,9 +1,15 @@
 """Search units and the rules file a configuration becomes.
 
-A unit is what the search turns INT8 or keeps float as one decision. First version: one unit per node, taken from
-the ONNX Runtime INT8 plan of the base rules: every node the plan makes static INT8, plus the compute and arithmetic
-nodes a rule keeps float for a stated reason (candidates the defaults may be too careful with). Recurrent cells
-(dynamic INT8 or float), layout and state plumbing are never units: they have no static integer kernel on ORT CPU.
+A unit is what the search turns INT8 or keeps float as one decision. Its candidate nodes come from the ONNX Runtime
+INT8 plan of the base rules: every node the plan makes static INT8, plus the compute and arithmetic nodes a rule
+keeps float for a stated reason (candidates the defaults may be too careful with). Recurrent cells (dynamic INT8 or
+float), layout and state plumbing are never candidates: they have no static integer kernel on ORT CPU.
+
+Grouping `group` (the default) makes one unit of the candidates of one structural block (quant.onnxgraph.blocks: a
+layer with its bias/activation and the residual or mask arithmetic behind it, an attention block, a recurrent
+block's projections, a Linear-act-Linear FFN); `node` makes one unit per candidate node. A group's errors compound
+inside the block (Q, K and V all feed one softmax), so it is measured and decided as one; a lone layer's unit is
+named after its node either way.
 """
 
 from __future__ import annotations
@@ -17,13 +23,16 @@ from typing import Iterable, Mapping
 import onnx
 
 from quant.artifacts.ort_build import streaming_states
+from quant.onnxgraph.blocks import block_of_nodes
+from quant.onnxgraph.graph import ensure_node_names, index_graph
 from quant.fileio import atomic_write_text
-from quant.precision import DEFAULT_REASON, Rule, plan
+from quant.precision import DEFAULT_REASON, NodeDecision, Rule, plan
 
 # op types ORT's Q/DQ quantizer turns into integer kernels (QLinearConv/MatMulInteger/QLinearAdd/QLinearMul, ...)
 SEARCHABLE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Mul"})
 NEVER_UNITS = frozenset({"state-plumbing"})  # float because state error feeds back; not a speed lever
 RULE_PREFIX = "search:"
+GROUPINGS = ("group", "node")
 
 
 @dataclass(frozen=True)
@@ -31,28 +40,40 @@ class Unit:
     name: str
     nodes: tuple[str, ...]
     op_types: tuple[str, ...]
-    default: str  # the base rules' precision: int8 | fp32
-    rule: str  # the base rule that decided it
+    default: str  # the base rules' precision of its nodes: int8 | fp32 | mixed
+    rule: str  # the base rule(s) that decided them ("+"-joined when they differ)
 
 
 Config = frozenset[str]  # names of the units that are INT8
 
 
-def find_units(model: onnx.ModelProto, rules: Iterable[Rule], backend: str = "ort") -> tuple[Unit, ...]:
+def find_units(model: onnx.ModelProto, rules: Iterable[Rule], backend: str = "ort",
+               grouping: str = "group") -> tuple[Unit, ...]:
     """The searchable units of `model` under the base `rules` (the INT8 plan of `backend`: ort, or trt for the
-    Q/DQ placement of model_trt_qdq.onnx), in graph order."""
+    Q/DQ placement of model_trt_qdq.onnx), in graph order; `grouping` node | group (see the module docstring)."""
+    if grouping not in GROUPINGS:
+        raise ValueError(f"grouping {grouping!r}: expected one of {GROUPINGS}")
     int8_plan = plan(model, tuple(rules), "int8", backend, streaming_states(model))
-    units = []
-    for d in int8_plan.decisions:
-        candidate = d.precision == "int8" or (
-            d.precision == "fp32" and d.rule != DEFAULT_REASON and d.rule not in NEVER_UNITS
-            and d.op_type in SEARCHABLE_OPS)
-        if candidate:
-            units.append(Unit(d.node, (d.node,), (d.op_type,), "int8" if d.precision == "int8" else "fp32", d.rule))
-    return tuple(units)
+    candidates = [d for d in int8_plan.decisions if d.precision == "int8" or (
+        d.precision == "fp32" and d.rule != DEFAULT_REASON and d.rule not in NEVER_UNITS
+        and d.op_type in SEARCHABLE_OPS)]
+    blocks = block_of_nodes(index_graph(ensure_node_names(model))) if grouping == "group" else {}
+    members: dict[str, list[NodeDecision]] = {}
+    for decision in candidates:
+        members.setdefault(blocks.get(decision.node, decision.node), []).append(decision)
+    return tuple(_unit(name, decisions) for name, decisions in members.items())
+
+
+def _unit(name: str, decisions: list[NodeDecision]) -> Unit:
+    precisions = {"int8" if d.precision == "int8" else "fp32" for d in decisions}
+    default = precisions.pop() if len(precisions) == 1 else "mixed"
+    return Unit(name, tuple(d.node for d in decisions), tuple(d.op_type for d in decisions), default,
+                "+".join(dict.fromkeys(d.rule for d in decisions)))
 
 
 def default_config(units: Iterable[Unit]) -> Config:
+    """The units the base rules make wholly INT8 (a `mixed` group is not: the default-rules build is built from
+    the base rules themselves, not from a configuration)."""
     return frozenset(u.name for u in units if u.default == "int8")
 
 
@@ -61,13 +82,16 @@ def all_config(units: Iterable[Unit]) -> Config:
 
 
 def config_rules(units: Iterable[Unit], config: Config, why: Mapping[str, str] | None = None,
-                 backend: str = "ort") -> list[Rule]:
+                 backend: str = "ort", base: Iterable[str] = ()) -> list[Rule]:
     """One exact-name rule per unit node (int8 when the unit is in `config`, else fp32) for the backend the search
     measured (ort: ONNX Runtime's INT8 model; trt: the Q/DQ placement of model_trt_qdq.onnx), placed before the base
-    rules so it decides; the other backend keeps the base rules."""
+    rules so it decides; the other backend, and the units named in `base`, keep the base rules."""
+    base = frozenset(base)
     reasons = why or {}
     rules = []
     for unit in units:
+        if unit.name in base:
+            continue
         precision = "int8" if unit.name in config else "fp32"
         for node in unit.nodes:
             rules.append(Rule(name=f"{RULE_PREFIX}{node}", precision=precision, name_regex=f"^{re.escape(node)}$",

@@ -24,8 +24,11 @@ from models import common, se, u2pp
 DOCS_SPECS = Path(__file__).resolve().parents[2] / "docs" / "specs"
 OPSETS = (11, 13)
 KINDS = ("lstm-mask", "gru-logpower", "two-stage", "stft-gru-stream", "u2pp")
+# built on demand only (the search test), not run through every per-kind test
+EXTRA_KINDS = ("two-stage-outlier",)
 # full-batch Adam steps on 16 x 2 s mixtures: a few seconds per model on one CPU core
 TRAINING_STEPS = {"lstm-mask": 100, "gru-logpower": 100, "two-stage": 60, "stft-gru-stream": 60}
+OUTLIER_SPIKE = 1e5  # two-stage-outlier: stage 2's outlier bin (see se.OutlierFrameMasker)
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,14 @@ def _train_two_stage(spec: ModelSpec) -> tuple[dict[str, torch.nn.Module], list[
     return {"stage1": model.stage1, "stage2": model.stage2}, losses
 
 
+def _train_two_stage_outlier(spec: ModelSpec) -> tuple[dict[str, torch.nn.Module], list[float]]:
+    """two-stage, then stage 2 given an outlier bin: a deliberately fragile INT8 layer in the second stage."""
+    modules, losses = _train_two_stage(spec)
+    stage2 = modules["stage2"]
+    assert isinstance(stage2, se.FrameMasker)
+    return {**modules, "stage2": se.OutlierFrameMasker(stage2, OUTLIER_SPIKE).eval()}, losses
+
+
 def _train_stft_gru(spec: ModelSpec) -> tuple[dict[str, torch.nn.Module], list[float]]:
     model, losses = se.train_stft_gru(frontend(spec.frontend), _mixtures(), TRAINING_STEPS["stft-gru-stream"])
     return {"enhancer": model}, losses
@@ -105,6 +116,7 @@ def _untrained_u2pp(spec: ModelSpec) -> tuple[dict[str, torch.nn.Module], list[f
 
 TRAINERS: Mapping[str, Callable[[ModelSpec], tuple[dict[str, torch.nn.Module], list[float]]]] = {
     "lstm-mask": _train_lstm, "gru-logpower": _train_gru, "two-stage": _train_two_stage,
+    "two-stage-outlier": _train_two_stage_outlier,
     "stft-gru-stream": _train_stft_gru, "u2pp": _untrained_u2pp,
 }
 
@@ -146,5 +158,6 @@ def _export_u2pp(module: torch.nn.Module, graph: GraphSpec, path: Path, opset: i
 
 EXPORTERS: Mapping[str, Callable[[torch.nn.Module, GraphSpec, Path, int], None]] = {
     "lstm-mask": _export_lstm, "gru-logpower": _export_gru, "two-stage": _export_stage,
+    "two-stage-outlier": _export_stage,
     "stft-gru-stream": _export_stft_gru, "u2pp": _export_u2pp,
 }

@@ -137,6 +137,26 @@ class TwoStage(nn.Module):
         return self.stage2(self.stage1(frames))
 
 
+class OutlierFrameMasker(FrameMasker):
+    """A FrameMasker computing the same function with one outlier in its masked spectrum: the real part gets a last
+    bin fixed at `spike` that the inverse DFT weighs by zero. FP32 sees no change; INT8 does: the bin sets the
+    per-tensor scale of that inverse DFT MatMul's input (about spike / 255 per step), far above every real bin, so
+    they round to zero. Outlier channels of trained networks do this too; here it is known where."""
+
+    def __init__(self, stage: FrameMasker, spike: float) -> None:
+        super().__init__(frame=stage.cos.shape[0], hidden=stage.net1.out_features)
+        self.load_state_dict(stage.state_dict())
+        self.spike = spike
+        self.icos = torch.cat([self.icos, torch.zeros(1, self.icos.shape[1])])  # type: ignore[assignment]
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        re, im = frames @ self.cos, frames @ self.sin
+        magnitude = torch.sqrt(re * re + im * im + EPS)
+        mask = torch.sigmoid(self.net2(torch.relu(self.net1(torch.log(magnitude + 1.0)))))
+        spiked = nn.functional.pad(re * mask, (0, 1), value=self.spike)
+        return spiked @ self.icos + (im * mask) @ self.isin
+
+
 def train_two_stage(fe, mix: Mixtures, steps: int) -> tuple[TwoStage, list[float]]:
     from models.common import train
 
