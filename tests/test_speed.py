@@ -135,13 +135,17 @@ def test_latency_ratio_is_unreliable_when_spreads_overlap():
 
 
 def test_paired_ratio_follows_the_rounds_not_the_spread():
-    """A load burst slows both graphs of a round: the per-round ratio stays put while the spreads overlap."""
+    """A load burst slows both graphs of a round: the per-round ratio stays put while the spreads overlap, and the
+    ratio is reliable because every round agrees; rounds that disagree on the direction leave it unreliable."""
     from quant.eval.speed import latency_ratio, latency_stats
 
     base = [0.010, 0.030, 0.011, 0.029, 0.012]
     test = [0.005, 0.015, 0.0055, 0.0145, 0.006]
+    assert latency_ratio(latency_stats(test), latency_stats(base)).reliable is False  # spreads alone: overlap
     ratio = latency_ratio(latency_stats(test), latency_stats(base), test, base)
-    assert not ratio.reliable
+    assert ratio.reliable
+    mixed = [0.009, 0.033, 0.0125, 0.027, 0.0135]  # per round 0.9, 1.1, 1.14, 0.93, 1.13: no consistent side
+    assert not latency_ratio(latency_stats(mixed), latency_stats(base), mixed, base).reliable
     assert ratio.paired_median == pytest.approx(0.5) and ratio.paired_p10 == pytest.approx(0.5)
     assert ratio.paired_p90 == pytest.approx(0.5)
 

@@ -174,7 +174,7 @@ def interleaved_entry(row: Row | None, graph: str | None = None, threads: str = 
 def stored_ratio(row: Row | None, key: str, graph: str | None = None, threads: str = "1", batch: int | None = None
                  ) -> Mapping[str, Any] | None:
     """The interleaved ratio `key` ("vs_fp32", "vs_eager") a timing entry carries: min_ratio, median_ratio, the paired
-    per-round ratio's paired_median / paired_p10 / paired_p90, and `reliable` (False: the p10-p90 spreads overlap)."""
+    per-round ratio's paired_median / paired_p10 / paired_p90, and `reliable` (False: the p10-p90 spreads overlap and the paired p10-p90 straddles 1)."""
     entry = interleaved_entry(row, graph, threads, batch)
     value = entry.get(key) if entry is not None else None
     return value if isinstance(value, Mapping) else None

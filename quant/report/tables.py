@@ -60,8 +60,8 @@ def ratio_cell(row: Row, base: Row | None, key: str) -> str:
 
 RATIO_NOTE = ("vs FP32 ORT / vs eager: median latency over the other row's median, both timed interleaved "
               "round-robin in the same rounds (min: ratio of the minima; paired: p10-p90 of the per-round ratio); "
-              "'unreliable': the two rows' p10-p90 latency spreads overlap, so the difference is within this "
-              "machine's noise at the time")
+              "'unreliable': the two rows' p10-p90 latency spreads overlap and the paired p10-p90 straddles 1, "
+              "so the difference is within this machine's noise at the time")
 
 
 def timing_line(rows: Sequence[Row], model: str) -> str:
@@ -207,7 +207,7 @@ CSV_FIELDS = ["model", "backend", "precision", "status", "pesq_wb", "pesq_nb", "
               "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_max_ms", "latency_runs",
               "latency_mean_ms_2_threads", "rtf", "ratio_vs_fp32_ort", "ratio_vs_eager",
               # interleaved timing (ratio columns above: median over median): the ratio vs FP32 ORT's min and paired
-              # per-round p10-p90, whether it is reliable (p10-p90 spreads apart), the load around the timing
+              # per-round p10-p90, whether it is reliable (p10-p90 spreads apart or paired p10-p90 on one side of 1), the load around the timing
               "ratio_vs_fp32_min", "ratio_vs_fp32_paired_p10", "ratio_vs_fp32_paired_p90", "ratio_vs_fp32_reliable",
               "ratio_vs_eager_reliable", "timing_load_before", "timing_load_after", "min_snr_db_vs_fp32",
               # the primary metric's paired change vs the FP32 row `compared_with`, in the metric's stored units
@@ -314,7 +314,7 @@ def summary_lines(results: Mapping[str, Any]) -> list[str]:
             f"{_summary_ratio(row, fp32, 'vs_fp32'):>8} {_summary_ratio(row, eager, 'vs_eager'):>9}"
         )
     if any(_summary_ratio(row, None, key).endswith("?") for row in rows for key in ("vs_fp32", "vs_eager")):
-        lines.append("?: unreliable ratio (the two rows' p10-p90 latencies overlap); ratios are medians of "
+        lines.append("?: unreliable ratio (p10-p90 latencies overlap, paired p10-p90 straddles 1); ratios are medians of "
                      "interleaved timing")
     for goal in goals(results):
         met = goal.met_text if goal.verdict else ("n/a" if goal.met is None else ("met" if goal.met else "NOT met"))
