@@ -1,0 +1,137 @@
+"""A spec's evaluation in shards through a quant.executor seam (`--executor ray`); results equal the in-process one.
+
+Each shard is a contiguous run of the evaluated utterances (starting at a multiple of the task's `shard_unit`): the
+worker runs `task.evaluate_rows(..., part=shard)` (it reads its utterances through the manifest's paths: shared
+storage), the driver gathers the rows in set order and scores them with `task.combine`, the very functions the
+in-process `task.evaluate` is made of, so means and per-utterance columns are identical for every spec.
+
+The model files travel once per stage through the executor's shared context as bytes (Ray's object store), never by
+path: a worker opens its runners from a private temp copy, once per process, and removes the copy as soon as they are
+open, so nothing is written outside the worker's temp folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from quant.backends import Runner, open_runner
+from quant.errors import ModelError
+from quant.executor import Executor, Shard, split
+from quant.fileio import private_temp_dir
+from quant.spec import ModelSpec, resolve_manifest
+from quant.tasks import TaskResult, task_for
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHARDS = 8
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """Model files by graph role, with their names and contents, and how to open them (quant.backends.open_runner)."""
+
+    files: tuple[tuple[str, str, bytes], ...]  # (role, file name, bytes)
+    backend: str = "ort"
+    threads: int = 1
+
+    @classmethod
+    def read(cls, paths: Mapping[str, Path], backend: str = "ort", threads: int = 1) -> "Artifacts":
+        files = []
+        for role, path in paths.items():
+            if not Path(path).is_file():
+                raise ModelError(f"{path}: artifact of graph {role!r} not found; build or export it first")
+            files.append((role, Path(path).name, Path(path).read_bytes()))
+        return cls(tuple(files), backend, threads)
+
+    def digest(self) -> str:
+        digest = hashlib.sha256(f"{self.backend}/{self.threads}".encode())
+        for role, name, data in self.files:
+            digest.update(f"{role}/{name}".encode() + b"\0" + hashlib.sha256(data).digest())
+        return digest.hexdigest()
+
+    def open(self) -> dict[str, Runner]:
+        """A runner per role from private temp copies (each role in its own folder: builds share `model.onnx`;
+        the file name is kept, PyTorch eager reads the graph from it)."""
+        runners = {}
+        with private_temp_dir("quant-eval-") as tmp:
+            for role, name, data in self.files:
+                (tmp / role).mkdir()
+                (tmp / role / name).write_bytes(data)
+                runners[role] = open_runner(tmp / role / name, self.backend, self.threads)
+        return runners
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """What every shard of one evaluation needs (shipped once)."""
+
+    spec: ModelSpec
+    artifacts: Artifacts
+    manifest: str
+    limit: int | None
+
+
+def evaluate_sharded(spec: ModelSpec, artifacts: Mapping[str, Path], manifest: str | Path | None,
+                     limit: int | None, executor: Executor, backend: str = "ort", threads: int = 1,
+                     shards: int = DEFAULT_SHARDS) -> TaskResult:
+    """task_for(spec).evaluate of the artifact files by role on `manifest` (default: the spec's test manifest),
+    its utterances in `shards` shards on `executor`; the same result, `utterances` counting every one evaluated."""
+    task = task_for(spec)
+    path = str(manifest or resolve_manifest(spec.defaults.test_manifest, "test manifest"))
+    context = EvalContext(spec, Artifacts.read(artifacts, backend, threads), path, limit)
+    parts = utterance_shards(path, limit, shards, task.shard_unit)
+    log.info("%s: %d utterances in %d shards on %s", spec.name, sum(len(p.payload) for p in parts), len(parts),
+             executor.name)
+    return task.combine(gather(executor.map(evaluate_shard, parts, context), parts))
+
+
+def utterance_shards(manifest: str, limit: int | None, count: int, unit: int) -> list[Shard[range]]:
+    """Contiguous shards over positions of the first `limit` utterances of `manifest`, starting at multiples of
+    `unit`."""
+    from quant.data.manifest import read_manifest
+
+    total = len(read_manifest(manifest))
+    size = min(limit, total) if limit else total
+    return [Shard(index, part, tuple(f"utterance {i + 1}" for i in part))
+            for index, part in enumerate(split(range(size), count, unit))]
+
+
+def gather(results: Sequence[Sequence[Any]], parts: Sequence[Shard[range]]) -> list[Any]:
+    """Every shard's rows in shard order; a shard that returned fewer rows than it covers fails the stage (never a
+    silently smaller set)."""
+    rows: list[Any] = []
+    for shard, result in zip(parts, results):
+        if len(result) != len(shard.payload):
+            raise ModelError(f"{shard.label(len(parts))} returned {len(result)} of {len(shard.payload)} utterances")
+        rows.extend(result)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ worker side
+
+
+def evaluate_shard(shard: Shard[range], context: EvalContext) -> Sequence[Any]:
+    task = task_for(context.spec)
+    return task.evaluate_rows(runners(context.artifacts), context.manifest, context.limit, context.artifacts.threads,
+                              part=shard.payload)
+
+
+_RUNNERS: dict[str, dict[str, Runner]] = {}  # per worker process: further shards of the same artifacts reuse them
+
+
+def runners(artifacts: Artifacts) -> dict[str, Runner]:
+    """The artifacts' runners by role, opened once per process (the last artifacts only: a long search would
+    otherwise keep every candidate's session)."""
+    digest = artifacts.digest()
+    if digest not in _RUNNERS:
+        _RUNNERS.clear()
+        _RUNNERS[digest] = artifacts.open()
+    return _RUNNERS[digest]
+
+
+__all__ = ["Artifacts", "DEFAULT_SHARDS", "EvalContext", "evaluate_sharded", "evaluate_shard", "gather", "runners",
+           "utterance_shards"]
