@@ -47,7 +47,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--asr-utterances", type=positive_int, help="first N utterances of asr_test (default all)")
     parser.add_argument("--calib-utterances", type=positive_int, help="first N utterances of each calibration set "
                         "(default 32; --quick 8)")
-    add_executor_options(parser)  # calibration only: evaluation and timing stay in this process
+    add_executor_options(parser)  # calibration and accuracy; timing always stays in this process
     parser.set_defaults(handler=run)
 
 

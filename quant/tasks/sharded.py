@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from quant.backends import Runner, open_runner
-from quant.errors import ModelError
+from quant.errors import ModelError, QuantError
 from quant.executor import Executor, Shard, split
 from quant.fileio import private_temp_dir
 from quant.spec import ModelSpec, resolve_manifest
@@ -28,6 +28,8 @@ from quant.tasks import TaskResult, task_for
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARDS = 8
+# backends whose runners need this machine's accelerator: a Ray task asks for one CPU, never a GPU
+IN_PROCESS_BACKENDS = ("trt",)
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,9 @@ def evaluate_sharded(spec: ModelSpec, artifacts: Mapping[str, Path], manifest: s
                      shards: int = DEFAULT_SHARDS) -> TaskResult:
     """task_for(spec).evaluate of the artifact files by role on `manifest` (default: the spec's test manifest),
     its utterances in `shards` shards on `executor`; the same result, `utterances` counting every one evaluated."""
+    if backend in IN_PROCESS_BACKENDS and executor.name != "local":
+        raise QuantError(f"--backend {backend} runs on this machine's GPU; evaluate it without --executor "
+                         f"{executor.name}")
     task = task_for(spec)
     path = str(manifest or resolve_manifest(spec.defaults.test_manifest, "test manifest"))
     context = EvalContext(spec, Artifacts.read(artifacts, backend, threads), path, limit)
@@ -133,5 +138,5 @@ def runners(artifacts: Artifacts) -> dict[str, Runner]:
     return _RUNNERS[digest]
 
 
-__all__ = ["Artifacts", "DEFAULT_SHARDS", "EvalContext", "evaluate_sharded", "evaluate_shard", "gather", "runners",
+__all__ = ["Artifacts", "DEFAULT_SHARDS", "EvalContext", "IN_PROCESS_BACKENDS", "evaluate_sharded", "evaluate_shard", "gather", "runners",
            "utterance_shards"]
