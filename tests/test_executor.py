@@ -175,18 +175,21 @@ def test_local_runs_never_import_ray() -> None:
 def test_cli_commands_take_the_executor_options() -> None:
     import argparse
 
-    from quant.cli import calibrate as cli_calibrate, evaluate as cli_evaluate, run as cli_run
+    from quant.cli import calibrate as cli_calibrate, evaluate as cli_evaluate, run as cli_run, search as cli_search
     from quant.cli.executor_options import executor_changes, executor_from_args
 
     parser = argparse.ArgumentParser(prog="quant")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for module in (cli_calibrate, cli_evaluate, cli_run):
+    for module in (cli_calibrate, cli_evaluate, cli_run, cli_search):
         module.register(subparsers)
     args = parser.parse_args(["calibrate", "m.onnx", "--executor", "ray", "--ray-address", "auto"])
     executor = executor_from_args(args)
     assert isinstance(executor, RayExecutor) and executor.address == "auto"
     args = parser.parse_args(["evaluate", "dpcrn", "m.onnx", "--executor", "ray"])
     assert isinstance(executor_from_args(args), RayExecutor)
+    args = parser.parse_args(["search", "dpcrn", "--budget", "pesq_wb=-0.05", "--executor", "ray"])
+    assert isinstance(executor_from_args(args), RayExecutor)
+    assert cli_search._argv(args)[-2:] == ["--executor", "ray"]  # search.json's command reproduces the run
     args = parser.parse_args(["run", "--quick", "--executor", "ray"])
     assert executor_changes(args) == {"executor": "ray", "ray_address": None}
     with pytest.raises(Exception, match="--ray-address needs --executor ray"):

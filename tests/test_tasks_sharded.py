@@ -63,6 +63,7 @@ frame_input = "frame"
 [[streaming.states]]
 input = "h0"
 output = "acc"
+shape = [1, 257, 1]
 [output]
 name = "enh"
 kind = "spectrum"

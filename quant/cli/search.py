@@ -8,6 +8,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from quant.cli.executor_options import add_executor_options, executor_from_args
 from quant.cli.options import positive_int
 from quant.cli.specs import add_spec
 from quant.errors import QuantError
@@ -37,6 +38,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--cache", type=Path, help="calibration cache (default: the cache store / a fresh one)")
     parser.add_argument("--rules", type=Path, help="base precision rules (default: shipped rules)")
     parser.add_argument("-o", "--output", type=Path, help="output folder (default engines/search/<graph>[-trt-sim])")
+    add_executor_options(parser)  # each candidate's evaluation in shards; builds and timing stay in this process
     parser.set_defaults(handler=run)
 
 
@@ -56,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     suffix = "" if args.target == "ort" else f"-{args.target}"
     out_dir = args.output or DEFAULT_OUT_ROOT / "search" / f"{graph.name}{suffix}"
     problem = spec_problem(selection.spec, role, fp32_graphs(selection.spec), out_dir,
-                           Split(args.validation, args.held_out), args.cache, args.rules, args.target)
+                           Split(args.validation, args.held_out), args.cache, args.rules, args.target,
+                           executor=executor_from_args(args))
     result = run_search(problem, SearchOptions(budget, args.max_evals, args.top), out_dir)
     command = "quant search " + " ".join(shlex.quote(a) for a in _argv(args))
     paths = write_outputs(result, problem.base_rules, out_dir, command)
@@ -84,7 +87,9 @@ def _argv(args: argparse.Namespace) -> list[str]:
     argv = [str(args.spec), "--budget", args.budget]
     for flag, value in (("--graph", args.graph), ("--target", None if args.target == "ort" else args.target),
                         ("--validation", args.validation), ("--held-out", args.held_out),
-                        ("--max-evals", args.max_evals), ("--top", args.top)):
+                        ("--max-evals", args.max_evals), ("--top", args.top),
+                        ("--executor", None if args.executor == "local" else args.executor),
+                        ("--ray-address", args.ray_address)):
         if value is not None:
             argv += [flag, str(value)]
     return argv

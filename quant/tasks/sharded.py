@@ -33,26 +33,36 @@ IN_PROCESS_BACKENDS = ("trt",)
 
 
 @dataclass(frozen=True)
-class Artifacts:
-    """Model files by graph role, with their names and contents, and how to open them (quant.backends.open_runner)."""
+class ArtifactFile:
+    """One model file by content, the graph role it serves and the backend that opens it."""
 
-    files: tuple[tuple[str, str, bytes], ...]  # (role, file name, bytes)
+    role: str
+    name: str
+    data: bytes
     backend: str = "ort"
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """Model files by graph role, and the threads their runners take (quant.backends.open_runner)."""
+
+    files: tuple[ArtifactFile, ...]
     threads: int = 1
 
     @classmethod
     def read(cls, paths: Mapping[str, Path], backend: str = "ort", threads: int = 1) -> "Artifacts":
+        """Every file read now (a missing one fails here, naming its role), each opened with `backend`."""
         files = []
         for role, path in paths.items():
             if not Path(path).is_file():
                 raise ModelError(f"{path}: artifact of graph {role!r} not found; build or export it first")
-            files.append((role, Path(path).name, Path(path).read_bytes()))
-        return cls(tuple(files), backend, threads)
+            files.append(ArtifactFile(role, Path(path).name, Path(path).read_bytes(), backend))
+        return cls(tuple(files), threads)
 
     def digest(self) -> str:
-        digest = hashlib.sha256(f"{self.backend}/{self.threads}".encode())
-        for role, name, data in self.files:
-            digest.update(f"{role}/{name}".encode() + b"\0" + hashlib.sha256(data).digest())
+        digest = hashlib.sha256(str(self.threads).encode())
+        for item in self.files:
+            digest.update(f"{item.role}/{item.name}/{item.backend}\0".encode() + hashlib.sha256(item.data).digest())
         return digest.hexdigest()
 
     def open(self) -> dict[str, Runner]:
@@ -60,10 +70,10 @@ class Artifacts:
         the file name is kept, PyTorch eager reads the graph from it)."""
         runners = {}
         with private_temp_dir("quant-eval-") as tmp:
-            for role, name, data in self.files:
-                (tmp / role).mkdir()
-                (tmp / role / name).write_bytes(data)
-                runners[role] = open_runner(tmp / role / name, self.backend, self.threads)
+            for item in self.files:
+                (tmp / item.role).mkdir()
+                (tmp / item.role / item.name).write_bytes(item.data)
+                runners[item.role] = open_runner(tmp / item.role / item.name, item.backend, self.threads)
         return runners
 
 
@@ -138,5 +148,5 @@ def runners(artifacts: Artifacts) -> dict[str, Runner]:
     return _RUNNERS[digest]
 
 
-__all__ = ["Artifacts", "DEFAULT_SHARDS", "EvalContext", "IN_PROCESS_BACKENDS", "evaluate_sharded", "evaluate_shard", "gather", "runners",
+__all__ = ["ArtifactFile", "Artifacts", "DEFAULT_SHARDS", "EvalContext", "IN_PROCESS_BACKENDS", "evaluate_sharded", "evaluate_shard", "gather", "runners",
            "utterance_shards"]
