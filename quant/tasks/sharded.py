@@ -115,9 +115,9 @@ def utterance_shards(manifest: str, limit: int | None, count: int, unit: int) ->
             for index, part in enumerate(split(range(size), count, unit))]
 
 
-def gather(results: Sequence[Sequence[Any]], parts: Sequence[Shard[range]]) -> list[Any]:
-    """Every shard's rows in shard order; a shard that returned fewer rows than it covers fails the stage (never a
-    silently smaller set)."""
+def gather(results: Sequence[Sequence[Any]], parts: Sequence[Shard[Any]]) -> list[Any]:
+    """Every shard's rows in shard order; a shard that returned another number of rows than it covers fails the
+    stage (never a silently smaller set)."""
     rows: list[Any] = []
     for shard, result in zip(parts, results):
         if len(result) != len(shard.payload):
