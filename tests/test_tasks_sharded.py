@@ -130,6 +130,24 @@ def test_ray_names_the_shard_whose_utterance_fails(tmp_path: Path, ray_cluster: 
     lines[2]["sha256"] = "0" * 64
     (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(item) + "\n" for item in lines))
     model = soft_mask_model(tmp_path / "se.onnx")
-    with pytest.raises(ShardError, match=r"shard 2 of 2 \(utterance 3\) failed on ray: ManifestError: .*checksum mismatch"):
+    failed = r"shard 2 of 2 \(utterance 3\) failed on ray: ManifestError: .*checksum mismatch"
+    with pytest.raises(ShardError, match=failed):
         evaluate_sharded(load_spec("dpcrn"), {"enhancer": model}, tmp_path / "manifest.jsonl", None, ray_cluster,
                          shards=2)
+
+
+def test_external_data_travels_with_its_model(tmp_path: Path) -> None:
+    """A user's graph that keeps its weights in a file beside it: shipped with it, the workers' result unchanged."""
+    from quant.tasks.sharded import Artifacts, external_data
+
+    model = onnx.load(str(soft_mask_model(tmp_path / "inline.onnx")))
+    (tmp_path / "user").mkdir()
+    onnx.save(model, str(tmp_path / "user" / "se.onnx"), save_as_external_data=True, location="se.weights",
+              size_threshold=0)
+    assert external_data(tmp_path / "user" / "se.onnx") == ["se.weights"]
+    (beside,) = Artifacts.read({"enhancer": tmp_path / "user" / "se.onnx"}).files[0].beside
+    assert beside[0] == "se.weights"
+    spec = load_spec("dpcrn")
+    sharded = evaluate_sharded(spec, {"enhancer": tmp_path / "user" / "se.onnx"}, SE_TEST, 2, LocalExecutor(),
+                               shards=2)
+    assert sharded == task_for(spec).evaluate({"enhancer": tmp_path / "inline.onnx"}, SE_TEST, 2)

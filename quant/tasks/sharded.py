@@ -16,7 +16,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from quant.backends import Runner, open_runner
 from quant.errors import ModelError, QuantError
@@ -40,6 +40,7 @@ class ArtifactFile:
     name: str
     data: bytes
     backend: str = "ort"
+    beside: tuple[tuple[str, bytes], ...] = ()  # an ONNX file's external data files (relative name, bytes)
 
 
 @dataclass(frozen=True)
@@ -56,13 +57,15 @@ class Artifacts:
         for role, path in paths.items():
             if not Path(path).is_file():
                 raise ModelError(f"{path}: artifact of graph {role!r} not found; build or export it first")
-            files.append(ArtifactFile(role, Path(path).name, Path(path).read_bytes(), backend))
+            beside = tuple((name, (Path(path).parent / name).read_bytes()) for name in external_data(Path(path)))
+            files.append(ArtifactFile(role, Path(path).name, Path(path).read_bytes(), backend, beside))
         return cls(tuple(files), threads)
 
     def digest(self) -> str:
         digest = hashlib.sha256(str(self.threads).encode())
         for item in self.files:
-            digest.update(f"{item.role}/{item.name}/{item.backend}\0".encode() + hashlib.sha256(item.data).digest())
+            for name, data in ((item.name, item.data), *item.beside):
+                digest.update(f"{item.role}/{name}/{item.backend}\0".encode() + hashlib.sha256(data).digest())
         return digest.hexdigest()
 
     def open(self) -> dict[str, Runner]:
@@ -71,10 +74,41 @@ class Artifacts:
         runners = {}
         with private_temp_dir("quant-eval-") as tmp:
             for item in self.files:
-                (tmp / item.role).mkdir()
-                (tmp / item.role / item.name).write_bytes(item.data)
+                for name, data in ((item.name, item.data), *item.beside):
+                    (tmp / item.role / name).parent.mkdir(parents=True, exist_ok=True)
+                    (tmp / item.role / name).write_bytes(data)
                 runners[item.role] = open_runner(tmp / item.role / item.name, item.backend, self.threads)
         return runners
+
+
+def external_data(path: Path) -> list[str]:
+    """The files an ONNX model keeps its external tensors in, relative to its folder (none for other files); one
+    that is missing or outside the folder is an error naming it."""
+    if path.suffix != ".onnx":
+        return []
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    names = sorted({entry.value for tensor in _tensors(graph) if uses_external_data(tensor)
+                    for entry in tensor.external_data if entry.key == "location"})
+    for name in names:
+        target = (path.parent / name).resolve()
+        if not target.is_file() or not target.is_relative_to(path.parent.resolve()):
+            raise ModelError(f"{path}: external data {name!r} not found beside the model; keep it in the model's "
+                             "folder")
+    return names
+
+
+def _tensors(graph: Any) -> Iterator[Any]:
+    """Every TensorProto of a graph: initializers and node attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            yield from ([attribute.t] if attribute.HasField("t") else [])
+            yield from attribute.tensors
+            for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from _tensors(subgraph)
 
 
 @dataclass(frozen=True)
@@ -148,5 +182,5 @@ def runners(artifacts: Artifacts) -> dict[str, Runner]:
     return _RUNNERS[digest]
 
 
-__all__ = ["ArtifactFile", "Artifacts", "DEFAULT_SHARDS", "EvalContext", "IN_PROCESS_BACKENDS", "evaluate_sharded", "evaluate_shard", "gather", "runners",
-           "utterance_shards"]
+__all__ = ["ArtifactFile", "Artifacts", "DEFAULT_SHARDS", "EvalContext", "IN_PROCESS_BACKENDS", "evaluate_shard",
+           "evaluate_sharded", "external_data", "gather", "runners", "utterance_shards"]
