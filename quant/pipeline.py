@@ -63,7 +63,7 @@ class RunOptions:
     report_dir: Path | None = None  # default: the engines folder
     progress: bool = True
     command: str = "quant run"
-    executor: str = "local"  # where calibration runs (quant.executor: local | ray); evaluation and timing stay here
+    executor: str = "local"  # where calibration and accuracy run (quant.executor: local | ray); timing stays here
     ray_address: str | None = None  # with executor ray: None starts a local Ray instance, "auto" joins the cluster
     search: bool = False  # the int8-searched row: a small `quant search` first for every graph without its rules
     search_evals: int = 20  # builds per graph of that small search
@@ -287,6 +287,10 @@ class RowSpec:
         """A runner per graph role (what quant.tasks evaluates)."""
         return {g.role: self.open(g.stem, threads) for g in self.spec.graphs}
 
+    def files(self) -> dict[str, Path]:
+        """The artifact file per graph role (what a sharded evaluation ships to its workers)."""
+        return {g.role: self.artifacts[g.stem] for g in self.spec.graphs}
+
     @property
     def model(self) -> str:
         return self.spec.name
@@ -394,9 +398,18 @@ def eval_threads(spec: RowSpec, options: RunOptions) -> int:
 
 def evaluate_task(spec: RowSpec, data: TestData, options: RunOptions) -> dict[str, Any]:
     """{"task": mean metrics, "per_utterance": columns} of one row on its test set (quant.tasks); the per-utterance
-    columns let the report compare any two rows pairwise (quant.eval.stats)."""
-    result = task_for(spec.spec).evaluate(spec.runners(eval_threads(spec, options)), str(data.manifest), data.limit,
-                                          memo=data.memo)
+    columns let the report compare any two rows pairwise (quant.eval.stats). With options.executor ray the
+    utterances run in shards on Ray (quant.tasks.sharded: the same numbers), except backends that need this
+    machine's GPU."""
+    from quant.executor import executor_or_none
+    from quant.tasks.sharded import IN_PROCESS_BACKENDS, evaluate_sharded
+
+    threads = eval_threads(spec, options)
+    executor = executor_or_none(options.executor, options.ray_address)
+    if executor is None or spec.backend in IN_PROCESS_BACKENDS:
+        result = task_for(spec.spec).evaluate(spec.runners(threads), str(data.manifest), data.limit, memo=data.memo)
+    else:
+        result = evaluate_sharded(spec.spec, spec.files(), data.manifest, data.limit, executor, spec.backend, threads)
     return {"task": result.task_fields(), "per_utterance": result.per_utterance_columns()}
 
 

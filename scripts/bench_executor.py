@@ -3,8 +3,10 @@
     quant export dpcrn -o /tmp/dpcrn && python scripts/bench_executor.py /tmp/dpcrn/dpcrn.onnx --calib 6 --eval 6
 
 Each configuration runs the same shards (calibration: both range passes of the offline DPCRN on the first --calib
-utterances of se_calib, one 9 s segment per feed; evaluation: PESQ/STOI/SI-SDR on the first --eval utterances of
-se_test) and must give the same answer (checked); Ray start-up is not timed, per-worker session creation is.
+utterances of se_calib, one 9 s segment per feed; evaluation: the dpcrn spec's task evaluation, PESQ/STOI/SI-SDR on
+the first --eval utterances of se_test, one utterance per shard through quant.tasks.sharded as `quant evaluate` and
+`quant run --executor ray` run it; in-process: task.evaluate) and must give the same answer (checked); Ray start-up
+is not timed, per-worker session creation and the model's trip through the object store are.
 On a machine whose cores are shared with other work, the ratio measures the cores you actually got.
 """
 
@@ -20,9 +22,11 @@ from typing import Any, Callable
 from quant.calib.ranges import RangeOptions, collect_ranges
 from quant.calib.readers import AudioSet, OfflineSegmentReader
 from quant.calib.sharded import collect_ranges_sharded
-from quant.eval.sharded import evaluate_se_sharded
-from quant.executor import Executor, LocalExecutor, RayExecutor
+from quant.executor import Executor, RayExecutor
 from quant.paths import calib_data_dir
+from quant.spec import load_spec
+from quant.tasks import task_for
+from quant.tasks.sharded import evaluate_sharded
 
 
 def timed(work: Callable[[], Any]) -> tuple[float, Any]:
@@ -50,9 +54,14 @@ def main() -> None:
             return collect_ranges(args.model, source, "percentile", options)
         return collect_ranges_sharded(args.model, source, "percentile", options, executor)
 
-    def evaluate(executor: Executor) -> Any:
-        return evaluate_se_sharded(args.model, False, test, args.eval, executor, shards=args.eval)
+    spec = load_spec("dpcrn")
 
+    def evaluate(executor: Executor | None) -> Any:
+        if executor is None:
+            return task_for(spec).evaluate({"enhancer": args.model}, str(test), args.eval)
+        return evaluate_sharded(spec, {"enhancer": args.model}, test, args.eval, executor, shards=args.eval)
+
+    load_start = os.getloadavg()[0]
     rows: dict[str, dict[str, float]] = {}
     answers: dict[str, list[Any]] = {"calibration": [], "evaluation": []}
     for label, make in [("in-process", None), ("ray 1 CPU", 1), ("ray 2 CPUs", 2)]:
@@ -61,7 +70,7 @@ def main() -> None:
             ray.init(num_cpus=make, include_dashboard=False, log_to_driver=False)
             executor = RayExecutor()
         calib_s, ranges = timed(lambda: calibrate(executor))
-        eval_s, result = timed(lambda: evaluate(executor or LocalExecutor()))
+        eval_s, result = timed(lambda: evaluate(executor))
         answers["calibration"].append(ranges)
         answers["evaluation"].append(result)
         rows[label] = {"calibration": calib_s, "evaluation": eval_s}
@@ -70,7 +79,8 @@ def main() -> None:
     for stage, results in answers.items():
         assert all(item == results[0] for item in results), f"{stage}: the executors disagree"
     print(f"offline DPCRN, calibration {args.calib} utterances (percentile, 2 passes), evaluation {args.eval} "
-          f"utterances; os.cpu_count() {os.cpu_count()}, load average {os.getloadavg()[0]:.1f} at the end")
+          f"utterances; os.cpu_count() {os.cpu_count()}, 1-min load average {load_start:.1f} at the start, "
+          f"{os.getloadavg()[0]:.1f} at the end")
     print(f"{'':12s} {'calibration s':>14s} {'evaluation s':>13s}")
     for label, row in rows.items():
         print(f"{label:12s} {row['calibration']:14.1f} {row['evaluation']:13.1f}")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -22,3 +23,19 @@ def third_party_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str
         return built[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[Any]:
+    """A RayExecutor on a local 2-CPU Ray instance, started once per session (skipped without Ray)."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
+    from quant.executor import RayExecutor
+
+    # workers import the shard functions by name: give them the tests folder and this checkout's package too
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    try:
+        yield RayExecutor()
+    finally:
+        ray.shutdown()

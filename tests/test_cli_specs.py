@@ -98,3 +98,18 @@ def test_bench_times_a_streaming_model_whose_states_have_unrelated_names(
     rows = json.loads((tmp_path / "bench" / "results.json").read_text())["rows"]
     assert [(row["precision"], row["status"]) for row in rows] == [("fp32", "ok")]
     assert rows[0]["latency_ms"]["runs"] == 5
+
+
+def test_evaluate_on_ray_prints_the_in_process_metrics(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       ray_cluster: Any) -> None:
+    from test_tasks_sharded import ASR_TEST, asr_spec
+
+    spec = asr_spec(tmp_path)
+    argv = ["evaluate", str(spec.source), str(tmp_path / "encoder.onnx"), str(tmp_path / "decoder.onnx"),
+            "--manifest", ASR_TEST, "--limit", "10", "--json"]
+    here = json.loads(_cli(capsys, *argv))
+    on_ray = json.loads(_cli(capsys, *argv, "--executor", "ray"))
+    assert on_ray == here and on_ray["utterances"] == 10
+    assert main([*argv, "--executor", "ray", "--backend", "trt"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--backend trt runs on this machine's GPU" in err and len(err.splitlines()) == 1

@@ -1,12 +1,13 @@
-"""The executor seam: shards give the same cache bytes and the same metrics as the in-process run, locally and on a
-2-CPU local Ray cluster (skipped when Ray is not installed: pip install -e '.[ray]')."""
+"""The executor seam: shards give the same cache bytes as the in-process run, locally and on a 2-CPU local Ray
+cluster (conftest `ray_cluster`; skipped when Ray is not installed: pip install -e '.[ray]'). Evaluation in shards:
+tests/test_tasks_sharded.py."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import onnx
@@ -127,19 +128,6 @@ def test_driver_shards_ship_the_feeds_in_order(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ on Ray
 
 
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[RayExecutor]:
-    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
-    # workers import this module's shard functions by name: give them the tests folder too
-    path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": path}})
-    try:
-        yield RayExecutor()
-    finally:
-        ray.shutdown()
-
-
 def test_ray_keeps_order_and_names_a_failed_shard(ray_cluster: RayExecutor) -> None:
     assert ray_cluster.map(double, SHARDS, 10) == [10, 20, 30]
     with pytest.raises(ShardError, match=r"shard 2 of 3 \(utt1a, utt1b\) failed on ray: CalibrationError: feed"):
@@ -168,62 +156,6 @@ def test_ray_cache_is_byte_identical_to_local(tmp_path: Path, ray_cluster: RayEx
     assert {**on_ray[1], "cache_file": ""} == {**whole[1], "cache_file": ""}
 
 
-# ------------------------------------------------------------------------------------------------ evaluation
-
-
-SE_TEST = Path(__file__).parent.parent / "calib_data" / "se_test" / "manifest.jsonl"
-
-
-def soft_mask_model(path: Path) -> Path:
-    """enh = mix * sigmoid(3 * mix): a fixed-T offline SE toy whose scores differ per utterance."""
-    from quant.features import FREQ_BINS, SEGMENT_FRAMES
-
-    shape: list[str | int] = ["B", FREQ_BINS, SEGMENT_FRAMES, 2]
-    three = numpy_helper.from_array(np.array(3.0, np.float32), "three")
-    graph = helper.make_graph(
-        [helper.make_node("Mul", ["mix", "three"], ["scaled"]), helper.make_node("Sigmoid", ["scaled"], ["mask"]),
-         helper.make_node("Mul", ["mix", "mask"], ["enh"])], "soft_mask",
-        [helper.make_tensor_value_info("mix", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("enh", TensorProto.FLOAT, shape)], [three])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
-    return path
-
-
-def local_se(model: Path, limit: int) -> Any:
-    from quant.backends import open_runner
-    from quant.eval import se
-
-    runner = open_runner(model, "ort", 1)
-    return se.evaluate_se(lambda audio: se.enhance_offline(runner, audio), se.load_pairs(str(SE_TEST), limit))
-
-
-def test_local_shards_give_the_same_se_metrics(tmp_path: Path) -> None:
-    from quant.eval.sharded import evaluate_se_sharded
-
-    model = soft_mask_model(tmp_path / "se.onnx")
-    sharded = evaluate_se_sharded(model, False, SE_TEST, 3, LocalExecutor(), shards=2)
-    assert sharded == local_se(model, 3)
-    assert sharded.utterances == 3 and len(sharded.per_utterance_columns()["ids"]) == 3
-
-
-def test_ray_gives_the_same_se_metrics(tmp_path: Path, ray_cluster: RayExecutor) -> None:
-    from quant.eval.sharded import evaluate_se_sharded
-
-    model = soft_mask_model(tmp_path / "se.onnx")
-    on_ray = evaluate_se_sharded(model, False, SE_TEST, 3, ray_cluster, shards=3)
-    assert on_ray == local_se(model, 3)
-    assert on_ray.per_utterance_columns() == local_se(model, 3).per_utterance_columns()
-
-
-def test_ray_names_the_shard_whose_utterance_fails(tmp_path: Path, ray_cluster: RayExecutor) -> None:
-    from quant.eval.sharded import evaluate_se_sharded
-
-    broken = tmp_path / "broken.onnx"
-    broken.write_bytes(b"not a model")
-    with pytest.raises(ShardError, match=r"shard 1 of 2 \(utterance 1, utterance 2\) failed on ray"):
-        evaluate_se_sharded(broken, False, SE_TEST, 3, ray_cluster, shards=2)
-
-
 # ------------------------------------------------------------------------------------------------ CLI, imports
 
 
@@ -231,7 +163,7 @@ def test_local_runs_never_import_ray() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, argparse, quant.cli, quant.executor, quant.calib.sharded, quant.eval.sharded, quant.pipeline; "
+    code = ("import sys, argparse, quant.cli, quant.executor, quant.calib.sharded, quant.tasks.sharded, quant.pipeline; "
             "from quant.cli.executor_options import executor_from_args; "
             "assert executor_from_args(argparse.Namespace(executor='local', ray_address=None)) is None; "
             "print('ray' in sys.modules)")
@@ -243,18 +175,21 @@ def test_local_runs_never_import_ray() -> None:
 def test_cli_commands_take_the_executor_options() -> None:
     import argparse
 
-    from quant.cli import calibrate as cli_calibrate, evaluate as cli_evaluate, run as cli_run
+    from quant.cli import calibrate as cli_calibrate, evaluate as cli_evaluate, run as cli_run, search as cli_search
     from quant.cli.executor_options import executor_changes, executor_from_args
 
     parser = argparse.ArgumentParser(prog="quant")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for module in (cli_calibrate, cli_evaluate, cli_run):
+    for module in (cli_calibrate, cli_evaluate, cli_run, cli_search):
         module.register(subparsers)
     args = parser.parse_args(["calibrate", "m.onnx", "--executor", "ray", "--ray-address", "auto"])
     executor = executor_from_args(args)
     assert isinstance(executor, RayExecutor) and executor.address == "auto"
-    args = parser.parse_args(["evaluate", "dpcrn", "m.onnx"])
-    assert not hasattr(args, "executor")  # evaluation from a spec runs in process (not sharded yet)
+    args = parser.parse_args(["evaluate", "dpcrn", "m.onnx", "--executor", "ray"])
+    assert isinstance(executor_from_args(args), RayExecutor)
+    args = parser.parse_args(["search", "dpcrn", "--budget", "pesq_wb=-0.05", "--executor", "ray"])
+    assert isinstance(executor_from_args(args), RayExecutor)
+    assert cli_search._argv(args)[-2:] == ["--executor", "ray"]  # search.json's command reproduces the run
     args = parser.parse_args(["run", "--quick", "--executor", "ray"])
     assert executor_changes(args) == {"executor": "ray", "ray_address": None}
     with pytest.raises(Exception, match="--ray-address needs --executor ray"):

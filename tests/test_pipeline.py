@@ -414,3 +414,31 @@ def test_run_search_searches_first_where_no_rules_are(fake_run: pipeline.RunOpti
     options = replace(fake_run, precisions=("fp32", "int8"), search=True, se_utterances=4, search_evals=5)
     assert pipeline.run_all(options).ok
     assert searched == [("enhancer", 2, 5)] and "int8-searched" in _precisions(tmp_path)
+
+
+def test_ray_executor_evaluates_rows_in_shards_with_the_same_numbers(fake_run: pipeline.RunOptions, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     ray_cluster: Any) -> None:
+    from quant.tasks import sharded
+
+    def two_utterances(spec: Any, options: pipeline.RunOptions) -> pipeline.TestData:
+        return pipeline.TestData(calib_data_dir() / "se_test" / "manifest.jsonl", 2)
+
+    monkeypatch.setattr(pipeline, "load_test_data", two_utterances)
+    calls: list[str] = []
+    original = sharded.evaluate_sharded
+
+    def counting(spec: Any, artifacts: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(str(artifacts["enhancer"]))
+        return original(spec, artifacts, *args, **kwargs)
+
+    monkeypatch.setattr(sharded, "evaluate_sharded", counting)
+    local = pipeline.run_all(replace(fake_run, out_dir=tmp_path / "local"))
+    assert calls == []  # the default runs in process
+    on_ray = pipeline.run_all(replace(fake_run, out_dir=tmp_path / "ray", executor="ray"))
+    assert local.ok and on_ray.ok, (local.failures, on_ray.failures)
+    assert len(calls) == 3  # fp32, fp16, int8 rows: every accuracy evaluation went to Ray
+    for mine, theirs in zip(local.results["rows"], on_ray.results["rows"]):
+        assert mine["task"] == theirs["task"] and mine["task"]["utterances"] == 2
+        assert mine["per_utterance"] == theirs["per_utterance"]
+        assert set(theirs["speed"]["dpcrn"]["threads"]) == {"1", "2"}  # timed here, as always

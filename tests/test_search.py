@@ -468,3 +468,34 @@ def test_the_default_rules_point_is_the_base_rules_build_even_with_a_partly_int8
     point = ledger.measure_default()
     assert [built[0].decision(n).precision for n in ("n0", "n3")] == ["fp32", "int8"]
     assert point.label == "default-rules" and point.holds and ledger.evals == 1
+
+
+def test_spec_evaluator_in_shards_gives_the_in_process_columns(tmp_path: Path, ray_cluster: Any):
+    """quant search --executor ray: a candidate's per-utterance columns and output SNR vs FP32 computed in shards
+    (locally and on Ray) equal the in-process ones, so the search picks the same configuration; the second call
+    ships the noisy scores the workers computed once."""
+    from quant.eval.se import load_pairs
+    from quant.executor import LocalExecutor
+    from quant.search.models import SpecEvaluator
+    from quant.tasks import task_for
+    from test_tasks_sharded import SE_TEST, streaming_spec
+
+    spec = streaming_spec(tmp_path)  # a streaming user spec: states fed back, left out of the SNR
+    graph = onnx.load(str(tmp_path / "decay.onnx"))
+    for folder, decay in (("fp32", 0.5), ("candidate", 0.4)):
+        graph.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.array(decay, np.float32), "decay"))
+        (tmp_path / folder).mkdir()
+        onnx.save(graph, str(tmp_path / folder / "model.onnx"))
+    items = load_pairs(SE_TEST, 3)
+
+    def evaluator(executor: Any) -> SpecEvaluator:
+        return SpecEvaluator(task_for(spec), "enhancer", {"enhancer": tmp_path / "decay.onnx"}, items, "pairs",
+                             tmp_path / "fp32", executor=executor)
+
+    expected = evaluator(None)(tmp_path / "candidate")
+    assert len(expected["ids"]) == 3 and all(snr < 120.0 for snr in expected["snr_db"])
+    assert evaluator(LocalExecutor())(tmp_path / "candidate") == expected
+    on_ray = evaluator(ray_cluster)
+    assert on_ray(tmp_path / "candidate") == expected
+    assert all("noisy" in memo for memo in on_ray._memos)  # learned on the workers, shipped with the next shards
+    assert on_ray(tmp_path / "candidate") == expected

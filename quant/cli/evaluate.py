@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from quant.cli.executor_options import add_executor_options, executor_from_args
 from quant.cli.options import positive_int
 from quant.cli.specs import add_spec, fp32_graphs, select
 from quant.errors import QuantError
@@ -38,6 +39,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--threads", type=positive_int, default=2, help="ONNX Runtime / PyTorch threads (default 2)")
     parser.add_argument("--greedy", action="store_true", help="ASR: no attention rescoring (the CTC beam's best)")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    add_executor_options(parser)  # --executor ray: the test utterances in shards on Ray, the same metrics
     parser.set_defaults(handler=run)
 
 
@@ -67,20 +69,28 @@ def artifact_sets(args: argparse.Namespace, spec: Any) -> dict[str, dict[str, Pa
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """Metrics per artifact set (see artifact_sets)."""
+    """Metrics per artifact set (see artifact_sets): in this process, or with --executor ray in shards of the test
+    set on Ray (quant.tasks.sharded; the same numbers)."""
     from quant.backends import open_runner
     from quant.tasks import task_for
 
     spec = select(args.spec).spec
     task = task_for(spec)
+    executor = executor_from_args(args)
+    manifest = str(args.manifest) if args.manifest else None
     memo: dict[str, Any] = {}  # the test audio (and SE's noisy scores), loaded once for every set
     out = {}
     for label, artifacts in artifact_sets(args, spec).items():
         if args.greedy and spec.model.task == "asr":  # the encoder alone: transcripts are the beam search's best
             artifacts = {role: path for role, path in artifacts.items() if role == spec.graphs[0].role}
-        runners = {role: open_runner(path, args.backend, args.threads) for role, path in artifacts.items()}
-        manifest = str(args.manifest) if args.manifest else None
-        out[label] = task.evaluate(runners, manifest, args.limit, args.threads, memo=memo).to_dict()
+        if executor is not None:
+            from quant.tasks.sharded import evaluate_sharded
+
+            result = evaluate_sharded(spec, artifacts, manifest, args.limit, executor, args.backend, args.threads)
+        else:
+            runners = {role: open_runner(path, args.backend, args.threads) for role, path in artifacts.items()}
+            result = task.evaluate(runners, manifest, args.limit, args.threads, memo=memo)
+        out[label] = result.to_dict()
     return out
 
 

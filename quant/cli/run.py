@@ -51,7 +51,7 @@ def register(subparsers: Any) -> None:
                         help="add the int8-searched row even where `quant search` left no rules: run a small search "
                         "(the spec's INT8 budget, 20 builds per graph, 6 with --quick) first; without it the row "
                         "appears only for graphs with engines/search/<graph>/rules.toml")
-    add_executor_options(parser)  # calibration only: evaluation and timing stay in this process
+    add_executor_options(parser)  # calibration and accuracy; timing always stays in this process
     parser.set_defaults(handler=run)
 
 

@@ -8,6 +8,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from quant.cli.executor_options import add_executor_options, executor_from_args
 from quant.cli.options import positive_int
 from quant.cli.specs import add_spec
 from quant.errors import QuantError
@@ -40,6 +41,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--cache", type=Path, help="calibration cache (default: the cache store / a fresh one)")
     parser.add_argument("--rules", type=Path, help="base precision rules (default: shipped rules)")
     parser.add_argument("-o", "--output", type=Path, help="output folder (default engines/search/<graph>[-trt-sim])")
+    add_executor_options(parser)  # each candidate's evaluation in shards; builds and timing stay in this process
     parser.set_defaults(handler=run)
 
 
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir = args.output or search_dir(DEFAULT_OUT_ROOT, str(graph.name), args.target)
     problem = spec_problem(selection.spec, role, fp32_graphs(selection.spec), out_dir,
                            Split(args.validation, args.held_out), args.cache, args.rules, args.target,
-                           grouping=args.units)
+                           grouping=args.units, executor=executor_from_args(args))
     result = run_search(problem, SearchOptions(budget, args.max_evals, args.top), out_dir)
     command = "quant search " + " ".join(shlex.quote(a) for a in _argv(args))
     paths = write_outputs(result, problem.base_rules, out_dir, command)
@@ -94,7 +96,9 @@ def _argv(args: argparse.Namespace) -> list[str]:
     for flag, value in (("--graph", args.graph), ("--target", None if args.target == "ort" else args.target),
                         ("--units", None if args.units == "group" else args.units),
                         ("--validation", args.validation), ("--held-out", args.held_out),
-                        ("--max-evals", args.max_evals), ("--top", args.top)):
+                        ("--max-evals", args.max_evals), ("--top", args.top),
+                        ("--executor", None if args.executor == "local" else args.executor),
+                        ("--ray-address", args.ray_address)):
         if value is not None:
             argv += [flag, str(value)]
     return argv

@@ -190,15 +190,24 @@ def evaluate_se(
 
     `noisy_scores` (by name) skips re-scoring the unchanged noisy input when several models share a set.
     """
+    return se_result(score_rows(enhance, pairs, noisy_scores))
+
+
+SeRow = tuple[str, SeScores, SeScores]  # (name, noisy scores, enhanced scores) of one utterance
+
+
+def score_rows(enhance: Callable[[np.ndarray], np.ndarray], pairs: Iterable[NoisyClean],
+               noisy_scores: Mapping[str, SeScores] | None = None) -> list[SeRow]:
+    """The per-utterance rows evaluate_se averages (a shard of a set gives its part of them)."""
     rows = []
     for name, noisy, clean in pairs:
         enhanced = enhance(noisy)
         before = noisy_scores[name] if noisy_scores and name in noisy_scores else score(clean, noisy, name)
         rows.append((name, before, score(clean, enhanced, name)))
-    return se_result(rows)
+    return rows
 
 
-def se_result(rows: Sequence[tuple[str, SeScores, SeScores]]) -> SeResult:
+def se_result(rows: Sequence[SeRow]) -> SeResult:
     """The set result of per-utterance (name, noisy, enhanced) rows in set order (also: shards gathered)."""
     return SeResult(
         utterances=len(rows),

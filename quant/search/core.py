@@ -72,7 +72,9 @@ class Problem:
     def speed_basis(self) -> str:
         """What the search ranks speed by, for the outputs."""
         if self.timed:
-            return "ONNX Runtime CPU: kernel time per unit (profiler) and candidate builds timed interleaved"
+            # timing never leaves this process: a shared worker's latency says nothing about this machine's
+            return ("ONNX Runtime CPU: kernel time per unit (profiler) and candidate builds timed interleaved, in "
+                    "the search's own process (accuracy may run on Ray; timing never does)")
         return (f"no latency measured ({self.backend} is not timed on this machine): speed proxy = number of units "
                 f"INT8 in the {self.backend} Q/DQ plan, each counted as 1")
 

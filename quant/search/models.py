@@ -20,6 +20,7 @@ import onnx
 
 from quant.backends import Runner, open_runner
 from quant.errors import ModelError
+from quant.executor import Executor
 from quant.search.budget import SNR_CAP_DB
 from quant.search.core import MODEL_FILE, Columns, Problem
 from quant.search.speed import Feeds, interleaved_latency, node_times_ms
@@ -28,6 +29,7 @@ from quant.search.units import find_units
 log = logging.getLogger(__name__)
 
 PROXY_UTTERANCES = 2
+DEFAULT_SHARDS = 8  # evaluation shards per candidate with an executor (fewer when fewer utterances)
 TARGETS = {"ort": "ort", "trt-sim": "trt"}  # search target -> the backend whose INT8 plan the rules set
 TRT_QDQ_FILE = "model_trt_qdq.onnx"
 
@@ -88,7 +90,11 @@ class Recorder:
 class SpecEvaluator:
     """artifact folder -> per-utterance task columns (task_for(spec).evaluate on one utterance at a time, the
     spec's other graphs FP32) and `snr_db`: the searched graph's outputs (states left out) against the FP32
-    build's, per utterance. Streaming graphs run as the Task runs them, with their own states fed back."""
+    build's, per utterance. Streaming graphs run as the Task runs them, with their own states fed back.
+
+    With an `executor` (quant search --executor ray) the utterances run in shards on it: the same evaluation per
+    utterance on the worker (graphs shipped as bytes, quant.tasks.sharded), the outputs compared here, so the
+    columns, and the configuration the search picks from them, equal the in-process ones."""
 
     task: Any  # quant.tasks.Task
     role: str
@@ -97,39 +103,89 @@ class SpecEvaluator:
     memo_key: str  # where Task.evaluate's memo holds the loaded utterances ("pairs" | "samples")
     fp32: Path  # the FP32 artifact folder
     target: str = "ort"
+    executor: Executor | None = None
     _memos: list[dict[str, Any]] = field(default_factory=list)
     _reference: list[np.ndarray] = field(default_factory=list)
     _others: dict[str, Runner] = field(default_factory=dict)
 
-    def open(self, folder: Path) -> Runner:
+    def searched_file(self, folder: Path) -> tuple[Path, str]:
+        """The searched graph's file in an artifact folder and the backend that runs it."""
         if self.target == "trt-sim":
-            from quant.backends.ort import trt_sim_runner
-
             # FP32 runs as TensorRT's FP32 build would (ORT basic optimization), the candidates as their Q/DQ model
-            return trt_sim_runner(folder / (MODEL_FILE if folder == self.fp32 else TRT_QDQ_FILE))
-        return open_runner(folder / MODEL_FILE, "ort", threads=1)
+            return folder / (MODEL_FILE if folder == self.fp32 else TRT_QDQ_FILE), "trt-sim"
+        return folder / MODEL_FILE, "ort"
 
     def __call__(self, folder: Path) -> Columns:
         if not self._memos:  # the memo keeps each utterance's input scores (noisy PESQ ...) across builds
             self._memos.extend({self.memo_key: [item]} for item in self.items)
-            self._others.update({role: open_runner(path, "ort", threads=1) for role, path in self.graphs.items()
-                                 if role != self.role})
         if not self._reference and folder != self.fp32:
             self(self.fp32)
-        runner = self.open(folder)
-        recorder = Recorder(runner, state_outputs(self.task.spec, runner))
-        runners: dict[str, Any] = {**self._others, self.role: recorder}
+        results = self._sharded(folder) if self.executor is not None else self._here(folder)
         columns: dict[str, list[Any]] = {}
-        outputs = []
-        for memo in self._memos:
-            for key, values in self.task.evaluate(runners, memo=memo).per_utterance_columns().items():
+        for part, _ in results:
+            for key, values in part.items():
                 columns.setdefault(key, []).extend(values)
-            outputs.append(recorder.take())
+        outputs = [output for _, output in results]
         if not self._reference:
             self._reference.extend(outputs)
         columns["snr_db"] = [output_snr_db(ref, out) if ref.shape == out.shape else float("nan")
                              for ref, out in zip(self._reference, outputs)]
         return columns
+
+    def _here(self, folder: Path) -> list[tuple[Columns, np.ndarray]]:
+        if not self._others:
+            self._others.update({role: open_runner(path, "ort", threads=1) for role, path in self.graphs.items()
+                                 if role != self.role})
+        path, backend = self.searched_file(folder)
+        return evaluate_items(self.task, {**self._others, self.role: open_runner(path, backend, threads=1)},
+                              self.role, self._memos)
+
+    def _sharded(self, folder: Path) -> list[tuple[Columns, np.ndarray]]:
+        from quant.executor import Shard, split
+        from quant.tasks.sharded import ArtifactFile, Artifacts, gather
+
+        assert self.executor is not None
+        path, backend = self.searched_file(folder)
+        others = Artifacts.read({role: p for role, p in self.graphs.items() if role != self.role}).files
+        searched = ArtifactFile(self.role, path.name, path.read_bytes(), backend)
+        context = ItemsContext(self.task.spec, self.role, self.memo_key, Artifacts((*others, searched)))
+        shards = [Shard(index, [self._memos[i] for i in part], tuple(f"utterance {i + 1}" for i in part))
+                  for index, part in enumerate(split(self._memos, DEFAULT_SHARDS))]
+        results = gather(self.executor.map(evaluate_items_shard, shards, context), shards)
+        for memo, (_, _, learned) in zip(self._memos, results):
+            memo.update(learned)  # what the workers computed once per utterance (noisy scores) travels next time
+        return [(columns, outputs) for columns, outputs, _ in results]
+
+
+def evaluate_items(task: Any, runners: Mapping[str, Runner], role: str,
+                   memos: Sequence[dict[str, Any]]) -> list[tuple[Columns, np.ndarray]]:
+    """Per utterance (one memo each): the task's per-utterance columns and the searched graph's flat outputs."""
+    runner = runners[role]
+    recorder = Recorder(runner, state_outputs(task.spec, runner))
+    with_recorder: dict[str, Any] = {**runners, role: recorder}
+    return [(task.evaluate(with_recorder, memo=memo).per_utterance_columns(), recorder.take()) for memo in memos]
+
+
+@dataclass(frozen=True)
+class ItemsContext:
+    """What every evaluation shard of one candidate needs (shipped once): the spec, the searched role, the memo key
+    of the loaded utterances, and the graphs (the candidate and the other roles' FP32 files)."""
+
+    spec: Any
+    role: str
+    memo_key: str
+    artifacts: Any  # quant.tasks.sharded.Artifacts
+
+
+def evaluate_items_shard(shard: Any, context: ItemsContext) -> list[tuple[Columns, np.ndarray, dict[str, Any]]]:
+    """Worker side: evaluate_items on the shard's utterances; returns what each memo learned besides its audio."""
+    from quant.tasks import task_for
+    from quant.tasks.sharded import runners
+
+    memos = [dict(memo) for memo in shard.payload]
+    results = evaluate_items(task_for(context.spec), runners(context.artifacts), context.role, memos)
+    return [(columns, outputs, {k: v for k, v in memo.items() if k != context.memo_key})
+            for (columns, outputs), memo in zip(results, memos)]
 
 
 @dataclass(frozen=True)
@@ -148,10 +204,12 @@ def halves(items: Sequence[Any], split: Split) -> tuple[list[Any], list[Any]]:
 
 def spec_problem(spec: Any, role: str, graphs: Mapping[str, Path], out_dir: Path, split: Split,
                  cache: Path | None = None, rules: Path | None = None, target: str = "ort",
-                 rounds: int = 15, grouping: str = "group") -> Problem:
+                 rounds: int = 15, grouping: str = "group", executor: Executor | None = None) -> Problem:
     """The search problem of graph `role` of a model spec whose FP32 ONNX files by role are `graphs` (every graph of
     the spec: the others run FP32 in the evaluation). `cache`: the calibration cache (default: calibrate_spec, from
-    the store on a key hit); `grouping`: units per structural block (group) or per node (quant.search.units)."""
+    the store on a key hit); `grouping`: units per structural block (group) or per node (quant.search.units);
+    `executor`: where the candidates' evaluations run in shards (None: here); builds and timing always run here, never
+    on a shared worker."""
     from quant.artifacts.artifact import build_artifact
     from quant.precision import load_rules
     from quant.tasks import FeedOptions, task_for
@@ -172,7 +230,7 @@ def spec_problem(spec: Any, role: str, graphs: Mapping[str, Path], out_dir: Path
     validation, held = halves(items, split)
 
     def evaluator(chosen: Sequence[Any]) -> SpecEvaluator:
-        return SpecEvaluator(task, role, graphs, chosen, memo_key, fp32, target)
+        return SpecEvaluator(task, role, graphs, chosen, memo_key, fp32, target, executor)
 
     model = onnx.load(str(source))
     units = find_units(model, base_rules, TARGETS[target], grouping)

@@ -3,6 +3,8 @@
     task = task_for(load_spec("dpcrn-stream"))
     feeds = task.calibration_feeds("enhancer", manifest, FeedOptions(export_dir=exports))  # re-iterable feeds
     result = task.evaluate({"enhancer": "int8.onnx"}, test_manifest, limit=10)          # SeResult / AsrResult
+    result = evaluate_sharded(spec, {"enhancer": Path("int8.onnx")}, test_manifest, 10, executor)  # the same, in
+                                                                        # shards on Ray (quant.tasks.sharded)
     load = task.speed_workload("enhancer", test_manifest, FeedOptions(export_dir=exports)) # GraphWorkload
 
 A Task reads everything model-specific from the spec (front end, state pairs, chain wiring, output kind, token ids);
@@ -12,7 +14,7 @@ rescoring ASR. Graph runners come from quant.backends (sessions are made only th
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Protocol
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 from quant.backends import Runner
 from quant.eval.speed import GraphWorkload
@@ -36,8 +38,25 @@ class Task(Protocol):
     def calibration_feeds(self, role: str, manifest: str | None = None,
                           options: FeedOptions = FeedOptions()) -> Iterable[Feed]: ...
 
+    @property
+    def shard_unit(self) -> int:
+        """Utterances that must stay together in one evaluation shard (ASR: a transcription batch)."""
+        ...
+
     def evaluate(self, artifacts: Mapping[str, Artifact], manifest: str | None = None, limit: int | None = None,
-                 threads: int = 1, memo: dict[str, Any] | None = None) -> TaskResult: ...
+                 threads: int = 1, memo: dict[str, Any] | None = None) -> TaskResult:
+        """combine(evaluate_rows(...)): the in-process evaluation."""
+        ...
+
+    def evaluate_rows(self, artifacts: Mapping[str, Artifact], manifest: str | None = None, limit: int | None = None,
+                      threads: int = 1, memo: dict[str, Any] | None = None,
+                      part: range | None = None) -> Sequence[Any]:
+        """Per-utterance rows in set order, only the positions in `part` when given (one shard's share)."""
+        ...
+
+    def combine(self, rows: Sequence[Any]) -> TaskResult:
+        """The set result of every row in set order, exactly as evaluate scores it."""
+        ...
 
     def speed_workload(self, role: str, manifest: str | None = None,
                        options: FeedOptions = FeedOptions()) -> GraphWorkload: ...

@@ -49,6 +49,7 @@ BEST_INDEX = "best_index"
 LOG_PROB_OUTPUTS = ("decoder_out", "score")
 REVERSE_LOG_PROB_OUTPUTS = ("r_decoder_out", "r_score")
 REVERSED_HYPS = "r_hyps_pad_sos_eos"
+NO_AUDIO = np.zeros(0, np.float32)
 
 
 @dataclass(frozen=True)
@@ -141,10 +142,23 @@ class AsrTask:
 
     # -------------------------------------------------------------------------------------------- evaluation
 
+    @property
+    def shard_unit(self) -> int:
+        """Shards of the test set start at multiples of the transcription batch: a batch is zero-padded to its
+        longest utterance, and cutting it elsewhere could move the encoder's numbers."""
+        return AsrOptions().batch_size
+
     def evaluate(self, artifacts: Mapping[str, Artifact], manifest: str | None = None, limit: int | None = None,
                  threads: int = 1, memo: dict[str, Any] | None = None) -> AsrResult:
         """CER/WER (rescored and greedy) per utterance, overall and per source group; `artifacts` gives the encoder's
         (and the decoder's, for rescoring) ONNX file, engine or runner."""
+        return self.combine(self.evaluate_rows(artifacts, manifest, limit, threads, memo))
+
+    def evaluate_rows(self, artifacts: Mapping[str, Artifact], manifest: str | None = None, limit: int | None = None,
+                      threads: int = 1, memo: dict[str, Any] | None = None,
+                      part: range | None = None) -> list[tuple[AsrSample, Transcript]]:
+        """evaluate's per-utterance rows (the sample without its audio, its transcripts) in set order; `part`: only
+        those positions of the evaluated selection (a shard, quant.tasks.sharded; a multiple of shard_unit)."""
         if ENCODER not in artifacts:
             raise ModelError(f"{self.spec.name}: evaluation needs the {ENCODER!r} artifact; got {sorted(artifacts)}")
         encoder = open_artifact(artifacts[ENCODER], threads)
@@ -153,10 +167,15 @@ class AsrTask:
         memo = {} if memo is None else memo  # the caller's, across calls on the same manifest and limit
         if "samples" not in memo:
             path = manifest or str(resolve_manifest(self.spec.defaults.test_manifest, "test manifest"))
-            memo["samples"] = load_samples(path, limit)
+            memo["samples"] = load_samples(path, limit, part)
         samples = memo["samples"]
         transcripts = self.transcribe(encoder, decoder, [s.audio for s in samples])
-        return score(samples, transcripts, self.normalizer())
+        # scoring needs names, references and sources only: a row from a shard does not carry its audio back
+        return [(replace(s, audio=NO_AUDIO), t) for s, t in zip(samples, transcripts)]
+
+    def combine(self, rows: Sequence[tuple[AsrSample, Transcript]]) -> AsrResult:
+        """The set result of per-utterance rows in set order (one call's, or every shard's gathered)."""
+        return score([sample for sample, _ in rows], [transcript for _, transcript in rows], self.normalizer())
 
     def normalizer(self) -> Callable[[str], str]:
         return normalize_text if self.task.text_normalization == "english" else plain_text

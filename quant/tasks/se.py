@@ -25,7 +25,7 @@ import numpy as np
 
 from quant.backends import Runner, open_runner
 from quant.errors import ModelError
-from quant.eval.se import SeResult, evaluate_se, load_pairs
+from quant.eval.se import SeResult, SeRow, load_pairs, score_rows, se_result
 from quant.eval.speed import GraphWorkload
 from quant.frontends import Frontend, frontend, pad_batch
 from quant.frontends.output import output_axes, to_waveform
@@ -114,20 +114,34 @@ class SeTask:
 
     # -------------------------------------------------------------------------------------------- evaluation
 
+    # shards of the test set may start at any utterance: each utterance is enhanced on its own
+    shard_unit = 1
+
     def evaluate(self, artifacts: Mapping[str, Artifact], manifest: str | None = None, limit: int | None = None,
                  threads: int = 1, memo: dict[str, Any] | None = None) -> SeResult:
         """PESQ-WB/NB, STOI and SI-SDR of the enhanced noisy mixtures against clean speech (and of the noisy input),
         per utterance and on average; `artifacts` gives each graph role's ONNX file, engine or runner. `memo`, kept
         by the caller across calls on the same manifest and limit, holds the loaded pairs and the noisy scores (the
         same for every artifact) so they are computed once."""
+        return self.combine(self.evaluate_rows(artifacts, manifest, limit, threads, memo))
+
+    def evaluate_rows(self, artifacts: Mapping[str, Artifact], manifest: str | None = None, limit: int | None = None,
+                      threads: int = 1, memo: dict[str, Any] | None = None, part: range | None = None) -> list[SeRow]:
+        """evaluate's per-utterance rows (name, noisy scores, enhanced scores) in set order; `part`: only those
+        positions of the first `limit` utterances (a shard, quant.tasks.sharded)."""
         runners = self.runners(artifacts, threads)
         memo = {} if memo is None else memo
         if "pairs" not in memo:
             path = manifest or str(resolve_manifest(self.spec.defaults.test_manifest, "test manifest"))
-            memo["pairs"] = load_pairs(path, limit)
-        result = evaluate_se(self.enhancer(runners), memo["pairs"], memo.get("noisy"))
-        memo.setdefault("noisy", {name: before for name, before, _ in result.per_utterance})
-        return result
+            memo["pairs"] = load_pairs(path, limit, part)
+        rows = score_rows(self.enhancer(runners), memo["pairs"], memo.get("noisy"))
+        memo.setdefault("noisy", {name: before for name, before, _ in rows})
+        return rows
+
+    @staticmethod
+    def combine(rows: Sequence[SeRow]) -> SeResult:
+        """The set result of per-utterance rows in set order (one call's, or every shard's gathered)."""
+        return se_result(rows)
 
     def runners(self, artifacts: Mapping[str, Artifact], threads: int = 1) -> dict[str, Runner]:
         missing = [g.role for g in self.spec.graphs if g.role not in artifacts]
