@@ -14,6 +14,7 @@ Ray is imported only inside RayExecutor: `--executor local` (the default) never 
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Protocol, Sequence, TypeVar
 
@@ -106,6 +107,7 @@ class RayExecutor:
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
             if self.address is None and self.num_cpus is not None:
                 kwargs["num_cpus"] = self.num_cpus
+            _check_reachable(self.address)
             try:
                 ray.init(address=self.address, **kwargs)
             except (ConnectionError, RuntimeError, ValueError) as error:
@@ -113,6 +115,25 @@ class RayExecutor:
                                  f"{_first_line(error)}; start one with `ray start --head` or drop --ray-address"
                                  ) from None
         return ray
+
+
+CONNECT_TIMEOUT_S = 5.0
+
+
+def _check_reachable(address: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail at once when a HOST:PORT cluster address has nobody listening: ray.init would retry for minutes.
+    `auto`, `ray://` client addresses and None (a new local instance) are left to Ray."""
+    if address is None or address == "auto" or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise QuantError(f"--ray-address {address!r}: expected HOST:PORT (the head's GCS port, 6379 by default), "
+                         "`auto`, or ray://HOST:PORT")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        raise QuantError(f"cannot reach the Ray cluster at {address}: {error.strerror or error} (nothing answered "
+                         f"within {timeout_s:.0f} s); start one with `ray start --head` or check the address") from None
 
 
 def make_executor(kind: str = "local", address: str | None = None) -> Executor:
