@@ -440,21 +440,38 @@ def synth_packages(festival: bool) -> list[str]:
     return SYNTH_PACKAGES + (FESTIVAL_PACKAGES if festival else [])
 
 
+PREFIX_ARCHIVE = "synth-prefix.tar.xz"  # a trimmed, already unpacked prefix (make_train_pack.py asr builds it)
+
+
 def prepare_synth(debs_dir: Path, prefix: Path, festival: bool = False) -> Synth:
-    """Unpack the synthesis .debs found in debs_dir into prefix (once) and provide the libpcaudio stand-in;
-    festival=True adds festival with its kal and kdl diphone voices."""
-    names = synth_packages(festival)
-    missing = [n for n in names if deb_for(n, debs_dir) is None]
-    if missing:
-        raise PackageError(f"{debs_dir}: missing .debs for {missing}; run `make_train_pack.py asr` or "
-                           f"`apt-get download {' '.join(missing)}` there")
+    """Unpack the synthesis .debs found in debs_dir (or the trimmed PREFIX_ARCHIVE there) into prefix (once) and
+    provide the libpcaudio stand-in; festival=True adds festival with its kal and kdl diphone voices."""
     marker = prefix / (".unpacked-festival" if festival else ".unpacked")
     if not marker.is_file():
-        unpack_prefix([deb_for(n, debs_dir) for n in names], prefix)  # type: ignore[misc]
+        archive = debs_dir / PREFIX_ARCHIVE
+        if archive.is_file():
+            _extract_prefix(archive, prefix, festival)
+        else:
+            names = synth_packages(festival)
+            missing = [n for n in names if deb_for(n, debs_dir) is None]
+            if missing:
+                raise PackageError(f"{debs_dir}: missing .debs for {missing}; run `make_train_pack.py asr` or "
+                                   f"`apt-get download {' '.join(missing)}` there")
+            unpack_prefix([deb_for(n, debs_dir) for n in names], prefix)  # type: ignore[misc]
         if festival:
             _unpack_fallback(debs_dir, prefix / "fallback")
         marker.write_text("ok\n")
     return Synth(prefix, _stub_dir(debs_dir, prefix))
+
+
+def _extract_prefix(archive: Path, prefix: Path, festival: bool) -> None:
+    try:
+        with tarfile.open(archive, "r:xz") as tar:
+            tar.extractall(prefix, filter="tar")
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise PackageError(f"{archive}: cannot extract ({error}); rebuild it with make_train_pack.py asr") from None
+    if festival and not (prefix / "usr/bin/festival").is_file():
+        raise PackageError(f"{archive}: holds no festival; rebuild the pack with festival or drop --festival")
 
 
 def _unpack_fallback(debs_dir: Path, folder: Path) -> None:
