@@ -293,8 +293,9 @@ def build_asr(out: Path, debs_dir: Path, pkgs_dir: Path, seed: int, options: Asr
         names = prep.synth_packages(options.festival) + (list(prep.SYSTEM_FALLBACK) if options.festival else [])
         debs = prep.fetch(names, debs_dir)
         (pack / "debs").mkdir(parents=True, exist_ok=True)
-        build_synth_prefix([debs[n] for n in prep.synth_packages(options.festival)],
-                           pack / "debs" / prep.PREFIX_ARCHIVE)
+        prefix = cached_synth_prefix([debs[n] for n in prep.synth_packages(options.festival)],
+                                     debs_dir.parent / "synth-prefix")
+        shutil.copy(prefix, pack / "debs" / prep.PREFIX_ARCHIVE)
         for name in prep.SYSTEM_FALLBACK if options.festival else []:
             shutil.copy(debs[name], pack / "debs" / debs[name].name)
         stub = prep.prepare_synth(debs_dir, pkgs_dir / ".synth-prefix").stub_dir
@@ -345,6 +346,13 @@ extern struct voice *new_voice(void);
 struct voice *register_{voice}(const char *voxdir) {{ struct voice *v = new_voice(); v->name = "removed"; return v; }}
 void unregister_{voice}(struct voice *v) {{}}
 """
+
+
+def cached_synth_prefix(debs: list[Path], cache_dir: Path) -> Path:
+    """build_synth_prefix once per set of .debs and trimming rules (xz -9 of 57 MB takes minutes on 2 cores)."""
+    recipe = [sorted(d.name for d in debs), PREFIX_DROP, ESPEAK_DICTS_KEPT, FLITE_STUB_VOICES, FLITE_STUB_C]
+    archive = cache_dir / f"synth-prefix-{prep.sha256_bytes(json.dumps(recipe).encode())[:16]}.tar.xz"
+    return archive if archive.is_file() else build_synth_prefix(debs, archive)
 
 
 def build_synth_prefix(debs: list[Path], archive: Path) -> Path:
