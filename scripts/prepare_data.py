@@ -3,7 +3,8 @@
 
   python scripts/prepare_data.py asr-synth --debs DIR --sentences FILE -o OUTDIR
       Synthesizes every sentence with several training voices (espeak-ng en-us/en-gb variants, flite kal16/awb/rms/kal,
-      with --festival also festival's kal/kdl diphone voices; flite slt and its twin festival us-slt-hts are held out)
+      with --more-voices also festival's kal/kdl diphone voices and espeak-ng's regional English accents; flite slt
+      and its twin festival us-slt-hts are held out)
       from .debs unpacked into OUTDIR/.prefix (no system install; no soundfile needed), writes 16 kHz mono int16
       WAVs and OUTDIR/manifest.jsonl. Resumable: a rerun keeps the WAVs already written (same seed and sentences
       give the same jobs), so a long run can be split over several calls.
@@ -571,17 +572,20 @@ def finish(samples: np.ndarray, rate: int, voice: Voice, text: str) -> np.ndarra
     return samples * (0.89 / peak)
 
 
-FESTIVAL_SHARE = 0.25  # of the sentences, when festival voices are on
+FESTIVAL_SHARE = 0.25  # of the sentences, with more_voices
+ESPEAK_ACCENTS = ("en-029", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-gb-x-rp", "en-us-nyc")
 
 
-def train_voices(rng: random.Random, festival: bool = False) -> Voice:
-    """A random training voice: espeak-ng en-us/en-gb variant, a flite training voice or (festival=True) a festival
-    diphone voice, random speed/pitch. Without festival the draws are the ones calib_data/asr_calib was built with."""
-    if festival and rng.random() < FESTIVAL_SHARE:
+def train_voices(rng: random.Random, more_voices: bool = False) -> Voice:
+    """A random training voice: espeak-ng en-us/en-gb variant, a flite training voice or, with more_voices, also a
+    festival diphone voice or an espeak-ng regional accent; random speed/pitch. Without more_voices the draws are the
+    ones calib_data/asr_calib was built with."""
+    if more_voices and rng.random() < FESTIVAL_SHARE:
         return Voice("festival", rng.choice(TRAIN_FESTIVAL_VOICES), round(rng.uniform(0.85, 1.15), 2),
                      rng.randint(35, 75))
     if rng.random() < 0.6:
-        name = f"{rng.choice(['en-us', 'en-gb'])}+{rng.choice(ESPEAK_VARIANTS)}"
+        accents = ["en-us", "en-gb", *(ESPEAK_ACCENTS if more_voices else ())]
+        name = f"{rng.choice(accents)}+{rng.choice(ESPEAK_VARIANTS)}"
         return Voice("espeak-ng", name, round(rng.uniform(0.75, 1.2), 2), rng.randint(25, 75))
     return Voice("flite", rng.choice(TRAIN_FLITE_VOICES), round(rng.uniform(0.85, 1.15), 2), rng.randint(30, 70))
 
@@ -639,14 +643,14 @@ def synthesize_corpus(synth: Synth, jobs: list[SynthJob], out_dir: Path, workers
     return manifest
 
 
-def asr_synth_jobs(sentences: list[str], per_sentence: int, seed: int, festival: bool = False) -> list[SynthJob]:
+def asr_synth_jobs(sentences: list[str], per_sentence: int, seed: int, more_voices: bool = False) -> list[SynthJob]:
     """per_sentence distinct random training voices for every sentence."""
     rng = random.Random(seed)
     jobs = []
     for index, text in enumerate(sentences):
         voices: list[Voice] = []
         while len(voices) < per_sentence:
-            voice = train_voices(rng, festival)
+            voice = train_voices(rng, more_voices)
             if all(v.name != voice.name for v in voices):
                 voices.append(voice)
         jobs += [SynthJob(v, text, f"wav/{index // 1000:03d}/{index:06d}_{k}.wav") for k, v in enumerate(voices)]
@@ -657,8 +661,8 @@ def cmd_asr_synth(args: argparse.Namespace) -> int:
     sentences = [s.strip() for s in args.sentences.read_text().splitlines() if s.strip()]
     if args.limit:
         sentences = sentences[: args.limit]
-    synth = prepare_synth(args.debs, args.out / ".prefix", args.festival)
-    jobs = asr_synth_jobs(sentences, args.per_sentence, args.seed, args.festival)
+    synth = prepare_synth(args.debs, args.out / ".prefix", festival=args.more_voices)
+    jobs = asr_synth_jobs(sentences, args.per_sentence, args.seed, args.more_voices)
     started = time.time()
     manifest = synthesize_corpus(synth, jobs, args.out, args.workers)
     hours = sum(json.loads(line)["duration"] for line in manifest.read_text().splitlines()) / 3600
@@ -920,9 +924,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     synth.add_argument("--limit", type=int, default=0, help="only the first N sentences (0: all)")
     synth.add_argument("--seed", type=int, default=1234)
-    synth.add_argument("--festival", action="store_true",
-                       help=f"also festival's kal/kdl diphone voices ({FESTIVAL_SHARE:.0%} of the sentences; "
-                            "needs their .debs in --debs)")
+    synth.add_argument("--more-voices", action="store_true",
+                       help=f"also festival's kal/kdl diphone voices ({FESTIVAL_SHARE:.0%} of the sentences; needs "
+                            f"their .debs in --debs) and espeak-ng's regional accents {', '.join(ESPEAK_ACCENTS)}")
     synth.set_defaults(handler=cmd_asr_synth)
     calib = sub.add_parser("calib-sets", help="build the committed calib_data/ sets (needs soundfile and ffmpeg)")
     calib.add_argument("-o", "--out", type=Path, default=Path("calib_data"))

@@ -34,6 +34,9 @@ VOICES: dict[str, prep.Voice | None] = {  # None: piper (PyPI voice, in-process)
     "espeak-ng en-us+m3 (training)": prep.Voice("espeak-ng", "en-us+m3", 1.0, 50),
     "flite kal16 (training)": prep.Voice("flite", "kal16", 1.0, 50),
     "flite rms (training)": prep.Voice("flite", "rms", 1.0, 50),
+    "espeak-ng en-gb-scotland+m3 (new accent)": prep.Voice("espeak-ng", "en-gb-scotland+m3", 1.0, 50),
+    "espeak-ng en-029+f2 (new accent)": prep.Voice("espeak-ng", "en-029+f2", 1.0, 50),
+    "espeak-ng en-us-nyc+m5 (new accent)": prep.Voice("espeak-ng", "en-us-nyc+m5", 1.0, 50),
     "festival kal_diphone (new)": prep.Voice("festival", "kal_diphone", 1.0, 45),
     "festival ked_diphone = kdl (new)": prep.Voice("festival", "ked_diphone", 1.0, 45),
     "piper en_US-joe-medium (new)": None,
@@ -63,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debs", type=Path, default=Path("data/debs"))
     parser.add_argument("--pkgs", type=Path, default=Path("data/pkgs"))
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--only", default="", help="only voices whose name contains this text")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         sentences = prep.asr_text_splits(args.pkgs, args.seed)["calib"][: args.count]
         synth = prep.prepare_synth(args.debs, args.out / ".prefix", festival=True)
         manifests = {name: synthesize_voice(synth, voice, sentences, args.out / f"voice{k}")
-                     for k, (name, voice) in enumerate(VOICES.items())}
+                     for k, (name, voice) in enumerate(VOICES.items()) if args.only in name}
     except prep.PackageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

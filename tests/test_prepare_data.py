@@ -155,13 +155,15 @@ def test_asr_synth_command_writes_manifest_and_resumes(tmp_path: Path) -> None:
     assert (tmp_path / "out/manifest.jsonl").read_text() == first
 
 
-def test_festival_jobs_are_batched_and_never_the_held_out_speaker() -> None:
+def test_more_voices_jobs_are_batched_and_never_the_held_out_speaker() -> None:
     sentences = [f"sentence number {w}" for w in ("one", "two", "three", "four", "five")] * 40
-    jobs = prepare_data.asr_synth_jobs(sentences, per_sentence=2, seed=7, festival=True)
-    assert jobs == prepare_data.asr_synth_jobs(sentences, per_sentence=2, seed=7, festival=True)
+    jobs = prepare_data.asr_synth_jobs(sentences, per_sentence=2, seed=7, more_voices=True)
+    assert jobs == prepare_data.asr_synth_jobs(sentences, per_sentence=2, seed=7, more_voices=True)
     assert {j.voice.engine for j in jobs} == {"espeak-ng", "flite", "festival"}
     festival = [j for j in jobs if j.voice.engine == "festival"]
     assert {j.voice.name for j in festival} == set(prepare_data.TRAIN_FESTIVAL_VOICES)
+    accents = {j.voice.name.split("+")[0] for j in jobs if j.voice.engine == "espeak-ng"}
+    assert accents == {"en-us", "en-gb", *prepare_data.ESPEAK_ACCENTS}
     assert 0.15 < len(festival) / len(jobs) < 0.35
     assert not any(prepare_data.HELD_OUT_VOICE in j.voice.name for j in jobs)  # flite slt, festival us-slt-hts
     chunks = prepare_data.job_chunks(jobs, size=32)
@@ -170,8 +172,8 @@ def test_festival_jobs_are_batched_and_never_the_held_out_speaker() -> None:
     assert sum(len(c) for c in chunks if c[0].voice.engine == "festival") == len(festival)
 
 
-def test_voice_draws_without_festival_are_the_ones_asr_calib_was_built_with() -> None:
-    """calib_data/asr_calib's voices came from train_voices(Random(seed + 2)); adding festival must not move them."""
+def test_voice_draws_without_more_voices_are_the_ones_asr_calib_was_built_with() -> None:
+    """calib_data/asr_calib's voices came from train_voices(Random(seed + 2)); more voices must not move them."""
     rows = [json.loads(line) for line in (CALIB / "asr_calib/manifest.jsonl").read_text().splitlines()]
     built = [r["source"] for r in rows if r["path"].startswith("synth/")]
     rng = prepare_data.random.Random(1234 + 2)
@@ -230,7 +232,7 @@ def test_asr_synth_with_festival_writes_manifest_and_resumes(tmp_path: Path) -> 
     sentences = tmp_path / "s.txt"
     sentences.write_text("the seals were basking in the sun\nonce we are home we can rest\nit is a long way\n")
     argv = ["asr-synth", "--debs", str(DEBS), "--sentences", str(sentences), "-o", str(tmp_path / "out"),
-            "--per-sentence", "3", "--workers", "2", "--festival", "--seed", "3"]
+            "--per-sentence", "3", "--workers", "2", "--more-voices", "--seed", "3"]
     assert prepare_data.main(argv) == 0
     first = (tmp_path / "out/manifest.jsonl").read_text()
     utts = read_manifest(tmp_path / "out/manifest.jsonl", verify=True)
