@@ -277,7 +277,7 @@ ASR_TEXT_PACKAGES = ["fortunes", "fortunes-min", "wordnet-base", "asterisk-core-
 
 @dataclass(frozen=True)
 class AsrPackOptions:
-    limit_mb: float = 37.0  # the whole pack; the rest of the 64 MiB carry: code (14.7 MB with asr calib/test), fp16 init
+    limit_mb: float = 37.0  # whole pack; the rest of the 64 MiB carry: code with asr calib/test (14.7 MB), fp16 init
     prompt_format: str = "opus"  # wav | flac | opus
     festival: bool = True
     piper_cache: Path = Path("data/piper_cache")

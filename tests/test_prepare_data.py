@@ -211,8 +211,9 @@ def test_piper_pack_fills_the_size_limit_in_sentence_order(tmp_path: Path) -> No
     sentences = ["first sentence here", "second one", "third and last"]
     cache = tmp_path / "cache"
     tone = 0.3 * np.sin(np.arange(16000, dtype=np.float32) * 0.05)
-    for text in sentences[:2] + sentences[2:]:
-        make_train_pack.atomic_write_bytes(make_train_pack.piper_file(cache, text, 5), make_train_pack.encode_opus(tone))
+    for text in sentences:
+        ogg = make_train_pack.encode_opus(tone)
+        make_train_pack.atomic_write_bytes(make_train_pack.piper_file(cache, text, 5), ogg)
     size = make_train_pack.piper_file(cache, sentences[0], 5).stat().st_size
     rows = make_train_pack.pack_piper(sentences, cache, 5, tmp_path / "piper", limit_mb=2.5 * size / 1e6)
     assert [r["text"] for r in rows] == sentences[:2]  # the third does not fit
