@@ -416,7 +416,8 @@ class PiperStyle:
 
     @property
     def label(self) -> str:
-        return (f"{PIPER_VOICE} length={self.length_scale:.2f} noise={self.noise_scale:.2f} "
+        """Like prepare_data.Voice.label ("<engine> <voice> speed=..."), so training logs group by voice."""
+        return (f"{PIPER_VOICE} speed={1.0 / self.length_scale:.2f} noise={self.noise_scale:.2f} "
                 f"noise_w={self.noise_w_scale:.2f}")
 
 
