@@ -313,7 +313,7 @@ def build_asr(out: Path, debs_dir: Path, pkgs_dir: Path, seed: int, options: Asr
             shutil.copy(options.noise, pack / "noise.npz")
         atomic_write_bytes(pack / "README.txt", ASR_README.encode())
         piper_rows = pack_piper(piper_sentences(pkgs_dir, seed), options.piper_cache, seed, pack / "piper",
-                                options.limit_mb - folder_mb(pack) - 0.2)  # 0.2 MB: the piper manifest itself
+                                options.limit_mb - folder_mb(pack))
         files = [f for f in pack.rglob("*") if f.is_file()]
         for file in files:
             file.chmod(0o644)
@@ -499,9 +499,10 @@ def fill_piper_cache(sentences: list[str], cache: Path, seed: int) -> int:
 
 
 def pack_piper(sentences: list[str], cache: Path, seed: int, folder: Path, limit_mb: float) -> list[dict]:
-    """Copy cached piper clips, in sentence order, into folder until limit_mb; write folder/manifest.jsonl."""
+    """Copy cached piper clips, in sentence order, into folder while clips + manifest.jsonl stay within limit_mb."""
     import soundfile as sf
 
+    lines: list[str] = []
     rows: list[dict] = []
     total = 0
     for index, text in enumerate(sentences):
@@ -509,15 +510,17 @@ def pack_piper(sentences: list[str], cache: Path, seed: int, folder: Path, limit
         if not source.is_file():
             break
         data = source.read_bytes()
-        if total + len(data) > limit_mb * 1e6:
-            break
         name = f"{index:05d}.ogg"
+        row = {"path": name, "duration": round(sf.info(str(source)).duration, 3), "sha256": prep.sha256_bytes(data),
+               "text": text, "source": piper_style(text, seed).label, "license": PIPER_LICENSE}
+        line = json.dumps(row, sort_keys=True) + "\n"
+        if total + len(data) + len(line.encode()) > limit_mb * 1e6:
+            break
         atomic_write_bytes(folder / name, data)
-        total += len(data)
-        rows.append({"path": name, "duration": round(sf.info(str(source)).duration, 3),
-                     "sha256": prep.sha256_bytes(data), "text": text,
-                     "source": piper_style(text, seed).label, "license": PIPER_LICENSE})
-    atomic_write_bytes(folder / "manifest.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+        total += len(data) + len(line.encode())
+        rows.append(row)
+        lines.append(line)
+    atomic_write_bytes(folder / "manifest.jsonl", "".join(lines).encode())
     return rows
 
 

@@ -215,7 +215,10 @@ def test_piper_pack_fills_the_size_limit_in_sentence_order(tmp_path: Path) -> No
         ogg = make_train_pack.encode_opus(tone)
         make_train_pack.atomic_write_bytes(make_train_pack.piper_file(cache, text, 5), ogg)
     size = make_train_pack.piper_file(cache, sentences[0], 5).stat().st_size
-    rows = make_train_pack.pack_piper(sentences, cache, 5, tmp_path / "piper", limit_mb=2.5 * size / 1e6)
+    tight = 2 * size + 100  # two clips, but not their manifest rows
+    rows = make_train_pack.pack_piper(sentences, cache, 5, tmp_path / "tight", limit_mb=tight / 1e6)
+    assert len(rows) == 1 and sum(f.stat().st_size for f in (tmp_path / "tight").iterdir()) <= tight
+    rows = make_train_pack.pack_piper(sentences, cache, 5, tmp_path / "piper", limit_mb=(2.5 * size + 2000) / 1e6)
     assert [r["text"] for r in rows] == sentences[:2]  # the third does not fit
     utts = read_manifest(tmp_path / "piper/manifest.jsonl", verify=True)
     assert [u.text for u in utts] == sentences[:2] and all("piper" in u.source for u in utts)
