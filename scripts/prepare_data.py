@@ -581,8 +581,9 @@ def train_voices(rng: random.Random, more_voices: bool = False) -> Voice:
     festival diphone voice or an espeak-ng regional accent; random speed/pitch. Without more_voices the draws are the
     ones calib_data/asr_calib was built with."""
     if more_voices and rng.random() < FESTIVAL_SHARE:
-        return Voice("festival", rng.choice(TRAIN_FESTIVAL_VOICES), round(rng.uniform(0.85, 1.15), 2),
-                     rng.randint(35, 75))
+        # kal is the speaker of flite's kal and kal16 too: the new speaker kdl gets two thirds of festival's share
+        name = rng.choices(TRAIN_FESTIVAL_VOICES, weights=(1, 2))[0]
+        return Voice("festival", name, round(rng.uniform(0.85, 1.15), 2), rng.randint(35, 75))
     if rng.random() < 0.6:
         # half of the espeak-ng draws keep the standard en-us/en-gb (the test speakers are US English)
         accent = rng.choice(ESPEAK_ACCENTS) if more_voices and rng.random() < 0.5 else rng.choice(["en-us", "en-gb"])
