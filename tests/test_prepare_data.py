@@ -37,13 +37,13 @@ def test_prompt_split_is_by_text() -> None:
     assert len({t for _, t in test}) == 2 and len(train) + len(test) == 30
 
 
-def _tiny_deb(path: Path) -> Path:
+def _tiny_deb(path: Path, files: dict[str, bytes] | None = None) -> Path:
     payload = io.BytesIO()
     with tarfile.open(fileobj=payload, mode="w:xz") as tar:
-        data = b"hello\n"
-        info = tarfile.TarInfo("./usr/share/demo/hello.txt")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
+        for name, data in (files or {"usr/share/demo/hello.txt": b"hello\n"}).items():
+            info = tarfile.TarInfo(f"./{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
     members = [("debian-binary", b"2.0\n"), ("control.tar.xz", b""), ("data.tar.xz", payload.getvalue())]
     blob = b"!<arch>\n"
     for name, content in members:
@@ -151,6 +151,99 @@ def test_asr_synth_command_writes_manifest_and_resumes(tmp_path: Path) -> None:
     first = (tmp_path / "out/manifest.jsonl").read_text()
     utts = read_manifest(tmp_path / "out/manifest.jsonl", verify=True)
     assert len(utts) == 4 and all(u.text and u.source for u in utts)
+    assert prepare_data.main(argv) == 0  # resume: same files, same manifest
+    assert (tmp_path / "out/manifest.jsonl").read_text() == first
+
+
+def test_more_voices_jobs_are_batched_and_never_the_held_out_speaker() -> None:
+    sentences = [f"sentence number {w}" for w in ("one", "two", "three", "four", "five")] * 40
+    jobs = prepare_data.asr_synth_jobs(sentences, per_sentence=2, seed=7, more_voices=True)
+    assert jobs == prepare_data.asr_synth_jobs(sentences, per_sentence=2, seed=7, more_voices=True)
+    assert {j.voice.engine for j in jobs} == {"espeak-ng", "flite", "festival"}
+    festival = [j for j in jobs if j.voice.engine == "festival"]
+    assert {j.voice.name for j in festival} == set(prepare_data.TRAIN_FESTIVAL_VOICES)
+    accents = {j.voice.name.split("+")[0] for j in jobs if j.voice.engine == "espeak-ng"}
+    assert accents == {"en-us", "en-gb", *prepare_data.ESPEAK_ACCENTS}
+    assert 0.15 < len(festival) / len(jobs) < 0.35
+    assert not any(prepare_data.HELD_OUT_VOICE in j.voice.name for j in jobs)  # flite slt, festival us-slt-hts
+    chunks = prepare_data.job_chunks(jobs, size=32)
+    assert sorted(j.rel_path for c in chunks for j in c) == sorted(j.rel_path for j in jobs)
+    assert all(len(c) <= 32 and {j.voice.engine for j in c} == {"festival"} for c in chunks if len(c) > 1)
+    assert sum(len(c) for c in chunks if c[0].voice.engine == "festival") == len(festival)
+
+
+def test_voice_draws_without_more_voices_are_the_ones_asr_calib_was_built_with() -> None:
+    """calib_data/asr_calib's voices came from train_voices(Random(seed + 2)); more voices must not move them."""
+    rows = [json.loads(line) for line in (CALIB / "asr_calib/manifest.jsonl").read_text().splitlines()]
+    built = [r["source"] for r in rows if r["path"].startswith("synth/")]
+    rng = prepare_data.random.Random(1234 + 2)
+    assert [f"synthetic {prepare_data.train_voices(rng).label}" for _ in built] == built
+
+
+def test_festival_script_sets_voice_tempo_and_pitch(tmp_path: Path) -> None:
+    voice = prepare_data.Voice("festival", "ked_diphone", 1.1, 45)
+    script = prepare_data.festival_script([(voice, 'say "hi"', tmp_path / "a.wav")])
+    assert "(voice_ked_diphone)" in script and "Duration_Stretch 1.000" in script
+    assert "(target_f0_mean 105)" in script and '"say \\"hi\\""' in script
+    assert f'"{tmp_path / "a.wav"}" \'riff)' in script
+
+
+def test_synth_prefix_archive_is_trimmed_and_checked(tmp_path: Path) -> None:
+    if not (prepare_data.shutil.which("cc") or prepare_data.shutil.which("gcc")):
+        pytest.skip("no C compiler for the flite stand-ins")
+    data = make_train_pack.ESPEAK_DATA
+    deb = _tiny_deb(tmp_path / "demo_1.0_all.deb", {f"{data}/en_dict": b"en", f"{data}/de_dict": b"de",
+                                                     "usr/share/man/man1/x.1": b"man", "usr/bin/espeak-ng": b"x",
+                                                     "usr/share/doc/demo/copyright": b"license"})
+    archive = make_train_pack.build_synth_prefix([deb], tmp_path / "debs" / prepare_data.PREFIX_ARCHIVE)
+    with tarfile.open(archive) as tar:
+        names = {n.lstrip("./") for n in tar.getnames()}
+    assert f"{data}/en_dict" in names and f"{data}/de_dict" not in names
+    assert "usr/share/doc/demo/copyright" in names and not any(n.startswith("usr/share/man/") for n in names)
+    assert "usr/lib/x86_64-linux-gnu/libflite_cmu_us_slt.so.1" in names  # the stand-in, not the held-out voice
+    with pytest.raises(prepare_data.PackageError, match="holds no festival"):
+        prepare_data.prepare_synth(tmp_path / "debs", tmp_path / "prefix", festival=True)
+    synth = prepare_data.prepare_synth(tmp_path / "debs", tmp_path / "prefix2")
+    assert (synth.prefix / f"{data}/en_dict").read_bytes() == b"en"
+
+
+def test_piper_pack_fills_the_size_limit_in_sentence_order(tmp_path: Path) -> None:
+    sentences = ["first sentence here", "second one", "third and last"]
+    cache = tmp_path / "cache"
+    tone = 0.3 * np.sin(np.arange(16000, dtype=np.float32) * 0.05)
+    for text in sentences:
+        ogg = make_train_pack.encode_opus(tone)
+        make_train_pack.atomic_write_bytes(make_train_pack.piper_file(cache, text, 5), ogg)
+    size = make_train_pack.piper_file(cache, sentences[0], 5).stat().st_size
+    tight = 2 * size + 100  # two clips, but not their manifest rows
+    rows = make_train_pack.pack_piper(sentences, cache, 5, tmp_path / "tight", limit_mb=tight / 1e6)
+    assert len(rows) == 1 and sum(f.stat().st_size for f in (tmp_path / "tight").iterdir()) <= tight
+    rows = make_train_pack.pack_piper(sentences, cache, 5, tmp_path / "piper", limit_mb=(2.5 * size + 2000) / 1e6)
+    assert [r["text"] for r in rows] == sentences[:2]  # the third does not fit
+    utts = read_manifest(tmp_path / "piper/manifest.jsonl", verify=True)
+    assert [u.text for u in utts] == sentences[:2] and all("piper" in u.source for u in utts)
+    assert abs(rows[0]["duration"] - 1.0) < 0.05
+    make_train_pack.piper_file(cache, sentences[1], 5).unlink()  # a gap in the cache ends the packed run
+    assert len(make_train_pack.pack_piper(sentences, cache, 5, tmp_path / "piper2", limit_mb=100)) == 1
+    assert make_train_pack.piper_style("a b", 5) == make_train_pack.piper_style("a b", 5)
+
+
+HAVE_FESTIVAL = HAVE_DEBS and all(prepare_data.deb_for(n, DEBS) for n in prepare_data.FESTIVAL_PACKAGES)
+
+
+@pytest.mark.skipif(not HAVE_FESTIVAL, reason="festival .debs not in data/debs (run scripts/make_train_pack.py asr)")
+def test_asr_synth_with_festival_writes_manifest_and_resumes(tmp_path: Path) -> None:
+    sentences = tmp_path / "s.txt"
+    sentences.write_text("the seals were basking in the sun\nonce we are home we can rest\nit is a long way\n")
+    argv = ["asr-synth", "--debs", str(DEBS), "--sentences", str(sentences), "-o", str(tmp_path / "out"),
+            "--per-sentence", "3", "--workers", "2", "--more-voices", "--seed", "3"]
+    assert prepare_data.main(argv) == 0
+    first = (tmp_path / "out/manifest.jsonl").read_text()
+    utts = read_manifest(tmp_path / "out/manifest.jsonl", verify=True)
+    assert len(utts) == 9 and any(u.source.startswith("festival ") for u in utts)
+    for utt in utts:
+        samples, rate = prepare_data.read_wav(utt.path)
+        assert rate == 16000 and 0.5 < len(samples) / rate < 6.0, utt.source
     assert prepare_data.main(argv) == 0  # resume: same files, same manifest
     assert (tmp_path / "out/manifest.jsonl").read_text() == first
 
