@@ -299,8 +299,9 @@ def build_asr(out: Path, debs_dir: Path, pkgs_dir: Path, seed: int, options: Asr
         for name in prep.SYSTEM_FALLBACK if options.festival else []:
             shutil.copy(debs[name], pack / "debs" / debs[name].name)
         stub = prep.prepare_synth(debs_dir, pkgs_dir / ".synth-prefix").stub_dir
-        if stub is not None:
-            shutil.copy(stub / prep.STUB_NAME, pack / "debs" / prep.STUB_NAME)
+        for name in prep.STUBS if stub is not None else []:
+            if (stub / name).is_file():
+                shutil.copy(stub / name, pack / "debs" / name)
         copy_wheels(debs_dir.parent / "wheels", pack / "wheels")
         splits = prep.asr_text_splits(pkgs_dir, seed)
         atomic_write_bytes(pack / "sentences.txt", ("\n".join(splits["train"]) + "\n").encode())

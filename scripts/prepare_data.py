@@ -368,6 +368,18 @@ int audio_object_flush(struct audio_object *o) { return 0; }
 const char *audio_object_strerror(struct audio_object *o, int e) { return "no audio device (quant stub)"; }
 """
 STUB_NAME = "libpcaudio.so.0"
+PULSE_SIMPLE_STUB_C = r"""
+/* Stand-in for libpulse-simple.so.0: Debian's festival libraries link it for playback, which batch-mode
+   utt.save.wave never uses; machines without PulseAudio (the training machine) cannot load festival otherwise. */
+#include <stddef.h>
+void *pa_simple_new(const char *s, const char *n, int d, const char *dev, const char *st, const void *ss,
+                    const void *map, const void *attr, int *error) { if (error) *error = 1; return NULL; }
+void pa_simple_free(void *s) {}
+int pa_simple_write(void *s, const void *data, size_t bytes, int *error) { if (error) *error = 1; return -1; }
+int pa_simple_drain(void *s, int *error) { if (error) *error = 1; return -1; }
+"""
+# every stand-in: (C source, symbol version node or None); festival's libestbase asks for PULSE_0-versioned symbols
+STUBS = {STUB_NAME: (PCAUDIO_STUB_C, None), "libpulse-simple.so.0": (PULSE_SIMPLE_STUB_C, "PULSE_0")}
 
 
 @dataclass(frozen=True)
@@ -491,24 +503,34 @@ def _unpack_fallback(debs_dir: Path, folder: Path) -> None:
 
 
 def _stub_dir(debs_dir: Path, prefix: Path) -> Path | None:
-    """A folder holding the libpcaudio stand-in: prebuilt beside the .debs, or compiled here with cc."""
+    """A folder holding the stand-ins (STUBS): prebuilt beside the .debs, or compiled here with cc."""
     folder = prefix / "stub"
-    if (folder / STUB_NAME).is_file():
-        return folder
     folder.mkdir(parents=True, exist_ok=True)
-    if (debs_dir / STUB_NAME).is_file():
-        shutil.copy(debs_dir / STUB_NAME, folder / STUB_NAME)
-        return folder
     compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        return None  # fall back to the real libpcaudio (needs libpulse0 on the system)
-    source = folder / "pcaudio_stub.c"
-    source.write_text(PCAUDIO_STUB_C)
-    proc = subprocess.run([compiler, "-shared", "-fPIC", "-O1", f"-Wl,-soname,{STUB_NAME}", "-o",
-                           str(folder / STUB_NAME), str(source)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise PackageError(f"{source}: could not build the libpcaudio stand-in: {proc.stderr[-300:]}")
+    for name, (code, version) in STUBS.items():
+        if (folder / name).is_file():
+            continue
+        if (debs_dir / name).is_file():
+            shutil.copy(debs_dir / name, folder / name)
+            continue
+        if compiler is None:
+            return None if name == STUB_NAME else folder  # fall back to the real libraries (need libpulse0)
+        _compile_stub(compiler, folder, name, code, version)
     return folder
+
+
+def _compile_stub(compiler: str, folder: Path, name: str, code: str, version: str | None) -> None:
+    source = folder / f"{name}.c"
+    source.write_text(code)
+    flags = [f"-Wl,-soname,{name}"]
+    if version is not None:  # give the exported functions the version node the callers were linked against
+        script = folder / f"{name}.map"
+        script.write_text(f"{version} {{ global: *; }};\n")
+        flags.append(f"-Wl,--version-script,{script}")
+    proc = subprocess.run([compiler, "-shared", "-fPIC", "-O1", *flags, "-o", str(folder / name), str(source)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise PackageError(f"{source}: could not build the {name} stand-in: {proc.stderr[-300:]}")
 
 
 def read_wav(path: Path) -> tuple[np.ndarray, int]:
