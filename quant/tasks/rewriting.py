@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -39,7 +40,7 @@ def rewrite_graphs(spec: ModelSpec, graphs: Mapping[str, Path], out_root: Path,
     for role, path in graphs.items():
         names = graph_rewrites(spec, role, override)
         folder = out_root / REWRITE_DIR / str(spec.graph(role).name)
-        done[role] = rewrite_file(path, names, lambda role=role: _check_feeds(spec, role, feed_options), folder)
+        done[role] = rewrite_file(path, names, partial(_check_feeds, spec, role, feed_options), folder)
     return done
 
 
