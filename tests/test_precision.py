@@ -416,8 +416,8 @@ def test_attention_probabilities_times_values():
 
 
 def test_leakyrelu_precision_is_a_rule_not_a_default():
-    """Between two int8 convs ORT fuses an unruled LeakyRelu into QLinearLeakyRelu anyway; the shipped rules decide
-    it by name (measured on the trained DPCRN: see the rule's why), for ORT and TensorRT alike."""
+    """The shipped rules decide LeakyRelu's precision by name (measured on the trained DPCRN: see the rule's why),
+    for ORT and TensorRT alike, rather than leaving it to whatever ORT fuses around an unruled node."""
     nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
              helper.make_node("LeakyRelu", ["a"], ["b"], name="act", alpha=0.2),
              helper.make_node("Conv", ["b", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
