@@ -183,3 +183,14 @@ def test_feed_options_do_not_leak_into_the_check(tmp_path: Path) -> None:
     options = FeedOptions(graphs={"enhancer": tmp_path / "missing.onnx"})
     done = rewrite_graphs(spec, {"enhancer": tmp_path / "tiny.onnx"}, tmp_path / "engines", feed_options=options)
     assert done["enhancer"].rewritten
+
+
+@pytest.mark.parametrize("flags, expected", [([], None), (["--no-rewrites"], ()),
+                                             (["--rewrites", "deconv-to-conv"], ("deconv-to-conv",))])
+def test_run_and_bench_pass_the_override_to_the_pipeline(flags: list[str], expected: tuple[str, ...] | None) -> None:
+    from quant.cli import build_parser
+    from quant.cli.run import options_from
+
+    for command in ("run", "bench"):
+        args = build_parser().parse_args([command, *flags])
+        assert options_from(args, command).rewrites == expected
