@@ -67,6 +67,7 @@ class RunOptions:
     ray_address: str | None = None  # with executor ray: None starts a local Ray instance, "auto" joins the cluster
     search: bool = False  # the int8-searched row: a small `quant search` first for every graph without its rules
     search_evals: int = 20  # builds per graph of that small search
+    rewrites: tuple[str, ...] | None = None  # graph rewrites of every graph (--rewrites); None: each graph's spec
 
     @classmethod
     def quick(cls, **overrides: Any) -> RunOptions:
@@ -161,6 +162,19 @@ class Steps:
             graphs = [g for g in spec.graphs if g.exporter == exporter]
             paths.update(self._export(str(exporter), graphs))
         return {g.role: paths[g.role] for g in spec.graphs}
+
+    def rewrite(self, spec: ModelSpec, exported: Mapping[str, Path]) -> dict[str, Path]:
+        """The graph every build, calibration and FP32 reference of the run starts from, by role: the export with
+        the spec's rewrites (or options.rewrites) applied and checked (quant.tasks.rewriting); reused while its
+        record matches."""
+        from quant.tasks.rewriting import rewrite_graphs
+
+        done = rewrite_graphs(spec, exported, self.root, self.options.rewrites)
+        return {role: graph.path for role, graph in done.items()}
+
+    def graphs(self, spec: ModelSpec) -> dict[str, Path]:
+        """export, then rewrite: the FP32 graphs the builds use."""
+        return self.rewrite(spec, self.export(spec))
 
     def _export(self, exporter: str, graphs: Sequence[GraphSpec]) -> dict[str, Path]:
         from quant.artifacts.export import default_weights, export_model
@@ -589,18 +603,20 @@ class ModelRun:
     def run(self) -> list[ResultRow]:
         try:
             exported = self.steps.export(self.spec)
+            graphs = self.steps.rewrite(self.spec, exported)  # what every ONNX row builds from
         except Exception as error:  # noqa: BLE001 - one failing model must not stop the others
             for backend, precision in self._combos():
                 self._fail(backend, precision, error)
             return self.rows
-        specs = self._build_all(exported)
-        self._evaluate_all(specs, exported)
+        specs = self._build_all(graphs, exported)
+        self._evaluate_all(specs, graphs)
         return self.rows
 
-    def _build_all(self, exported: Mapping[str, Path]) -> list[RowSpec]:
+    def _build_all(self, exported: Mapping[str, Path], originals: Mapping[str, Path]) -> list[RowSpec]:
+        """Rows built from `exported` (the rewritten graphs); PyTorch eager runs the modules behind `originals`."""
         specs = []
         if self.eager:
-            specs.append(RowSpec(self.spec, "torch", "fp32", {g.stem: exported[g.role] for g in self.spec.graphs}))
+            specs.append(RowSpec(self.spec, "torch", "fp32", {g.stem: originals[g.role] for g in self.spec.graphs}))
         caches: dict[str, Path] = {}
         for backend, precision in self._combos():
             if backend == "torch":

@@ -19,17 +19,19 @@ TensorRT Q/DQ model built from the rewritten graph gets the same integer convolu
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from quant.errors import BuildError
+from quant.errors import BuildError, ModelError
+from quant.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -410,11 +412,17 @@ class RewriteCheck:
     def relative_error(self) -> float:
         return self.max_abs_error / max(self.output_range, 1e-30)
 
+    def within(self, tolerance: float) -> bool:
+        return bool(np.isfinite(self.max_abs_error)) and self.relative_error <= tolerance
 
-def check_rewrite(original: onnx.ModelProto, rewritten: onnx.ModelProto, feeds: Sequence[Feeds],
-                  tolerance: float = DEFAULT_TOLERANCE) -> RewriteCheck:
-    """Run both graphs in ONNX Runtime (optimizations off: the graphs as written) on every feed; a BuildError if
-    an output differs by more than `tolerance` x the original output's range."""
+    def describe(self, tolerance: float) -> str:
+        return (f"max abs error {self.max_abs_error:.3g} is {self.relative_error:.3g} of the output range "
+                f"(tolerance {tolerance:g}) on {self.feeds} feed(s)")
+
+
+def measure_rewrite(original: onnx.ModelProto, rewritten: onnx.ModelProto, feeds: Sequence[Feeds]) -> RewriteCheck:
+    """Run both graphs in ONNX Runtime (optimizations off: the graphs as written) on every feed; the largest output
+    difference. An output the rewritten graph lacks, or of another shape, is an infinite error."""
     from quant.backends.ort import OrtRunner
 
     with tempfile.TemporaryDirectory() as work:
@@ -428,12 +436,22 @@ def check_rewrite(original: onnx.ModelProto, rewritten: onnx.ModelProto, feeds: 
         for feed in feeds:
             a, b = before.run(feed), after.run(feed)
             for name, value in a.items():
-                worst = max(worst, float(np.max(np.abs(value.astype(np.float64) - b[name]))) if value.size else 0.0)
+                other = b.get(name)
+                if other is None or other.shape != value.shape:
+                    worst = float("inf")
+                    continue
+                worst = max(worst, float(np.max(np.abs(value.astype(np.float64) - other))) if value.size else 0.0)
                 scale = max(scale, float(np.max(np.abs(value))) if value.size else 0.0)
-    check = RewriteCheck(worst, scale, len(feeds))
-    if not np.isfinite(check.max_abs_error) or check.relative_error > tolerance:
-        raise BuildError(f"graph rewrite changed the outputs: max abs error {check.max_abs_error:.3g} is "
-                         f"{check.relative_error:.3g} of the output range (tolerance {tolerance:g}); not used")
+    return RewriteCheck(worst, scale, len(feeds))
+
+
+def check_rewrite(original: onnx.ModelProto, rewritten: onnx.ModelProto, feeds: Sequence[Feeds],
+                  tolerance: float = DEFAULT_TOLERANCE) -> RewriteCheck:
+    """measure_rewrite, and a BuildError if an output differs by more than `tolerance` x the original output's
+    range."""
+    check = measure_rewrite(original, rewritten, feeds)
+    if not check.within(tolerance):
+        raise BuildError(f"graph rewrite changed the outputs: {check.describe(tolerance)}; not used")
     return check
 
 
@@ -451,6 +469,140 @@ def apply_rewrites(model: onnx.ModelProto, names: Sequence[str], feeds: Sequence
         log.info("%s: rewrote %d node(s)", name, len(result.rewritten))
     check = check_rewrite(model, current, feeds, tolerance)
     return RewriteResult(current, tuple(done)), check
+
+
+# ------------------------------------------------------------------------------------- the graph a build uses
+
+CHECK_FEEDS = 2  # real feeds (the task's calibration feeds) run through original and rewritten graph
+_CODE_SHA256 = sha256_file(Path(__file__))  # a rewritten file is reused only while this code made it
+
+
+@dataclass(frozen=True)
+class RewrittenGraph:
+    """The graph builds and calibration start from (`path`) and how it was made from `source`."""
+
+    path: Path
+    source: Path
+    rewrites: tuple[str, ...]  # asked for, in order
+    nodes: Mapping[str, int]  # nodes each rewrite replaced
+    check: RewriteCheck | None  # None when no rewrite found anything (then path is source)
+
+    @property
+    def rewritten(self) -> bool:
+        return self.path != self.source
+
+
+def rewritten_name(source: Path, names: Sequence[str]) -> str:
+    return f"{source.stem}.{'+'.join(names)}.onnx"
+
+
+def rewrite_file(source: str | Path, names: Sequence[str], feeds: Callable[[], Iterable[Feeds]], out_dir: str | Path,
+                 tolerance: float = DEFAULT_TOLERANCE) -> RewrittenGraph:
+    """`source` with the named rewrites applied, written to out_dir/<stem>.<rewrites>.onnx with a JSON record beside
+    it, after checking it against `source` in ONNX Runtime on the first CHECK_FEEDS of `feeds()` (real inputs; only
+    called when a check runs). A copy whose record names this source, these rewrites and this code is reused. A
+    rewrite that changes the outputs beyond `tolerance` is a BuildError naming the file and the rewrite; one that
+    finds nothing to rewrite is a no-op, and when none finds anything `source` itself comes back."""
+    source = Path(source)
+    names = tuple(names)
+    unknown = [n for n in names if n not in REWRITES]
+    if unknown:
+        raise BuildError(f"{source}: unknown graph rewrite(s) {unknown}; known: {', '.join(REWRITES)}")
+    if not names:
+        return RewrittenGraph(source, source, (), {}, None)
+    target = Path(out_dir) / rewritten_name(source, names)
+    source_sha = sha256_file(source)
+    reused = _reuse_rewrite(source, source_sha, names, target, tolerance)
+    if reused is not None:
+        return reused
+    original = _load_model(source)
+    steps = _apply_each(original, names)
+    nodes = {name: len(result.rewritten) for name, result in zip(names, steps)}
+    if not any(nodes.values()):
+        log.info("%s: none of the rewrites %s applies; building from the graph as it is", source, list(names))
+        return RewrittenGraph(source, source, names, nodes, None)
+    taken = list(itertools.islice(iter(feeds()), CHECK_FEEDS))
+    if not taken:
+        raise BuildError(f"{source}: no feeds to check the rewrites {list(names)} on; check the calibration manifest")
+    check = measure_rewrite(original, steps[-1].model, taken)
+    if not check.within(tolerance):
+        culprit = _first_failing(original, names, steps, taken, tolerance)
+        raise BuildError(f"{source}: graph rewrite {culprit!r} changed the outputs ({check.describe(tolerance)}); "
+                         "leave it out of the spec's rewrites (or pass --rewrites without it, or --no-rewrites)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(target, steps[-1].model.SerializeToString())
+    result = RewrittenGraph(target, source, names, nodes, check)
+    atomic_write_json(_rewrite_record_path(target), {
+        "source": str(source), "source_sha256": source_sha, "sha256": sha256_file(target), "rewrites": list(names),
+        "nodes": nodes, "code_sha256": _CODE_SHA256, "onnx": onnx.__version__, "tolerance": tolerance,
+        "check": _check_record(check)})
+    log.info("%s: %s rewrote %s; max abs error %.3g vs the original (%.2g of the output range) on %d real feed(s)",
+             target, "+".join(names), nodes, check.max_abs_error, check.relative_error, check.feeds)
+    return result
+
+
+def rewrite_meta(path: Path) -> dict[str, Any] | None:
+    """The record of a file rewrite_file wrote (for a build's meta.json), when it describes exactly this file."""
+    try:
+        record = json.loads(_rewrite_record_path(path).read_text())
+        if not isinstance(record, dict) or record.get("sha256") != sha256_file(path):
+            return None
+    except (OSError, ValueError):
+        return None
+    return {key: record.get(key) for key in ("rewrites", "nodes", "source", "source_sha256", "check")}
+
+
+def _apply_each(model: onnx.ModelProto, names: Sequence[str]) -> list[RewriteResult]:
+    """The result after each rewrite in turn (the last is the full rewrite)."""
+    steps, current = [], model
+    for name in names:
+        result = REWRITES[name](current)
+        log.info("%s: rewrote %d node(s)", name, len(result.rewritten))
+        steps.append(result)
+        current = result.model
+    return steps
+
+
+def _first_failing(original: onnx.ModelProto, names: Sequence[str], steps: Sequence[RewriteResult],
+                   feeds: Sequence[Feeds], tolerance: float) -> str:
+    """The first rewrite after which the outputs leave the tolerance (the last one when each prefix passes)."""
+    for name, step in zip(names[:-1], steps[:-1]):
+        if step.rewritten and not measure_rewrite(original, step.model, feeds).within(tolerance):
+            return name
+    return names[-1]
+
+
+def _check_record(check: RewriteCheck) -> dict[str, float | int]:
+    return {"max_abs_error": check.max_abs_error, "output_range": check.output_range,
+            "relative_error": check.relative_error, "feeds": check.feeds}
+
+
+def _rewrite_record_path(target: Path) -> Path:
+    return target.with_suffix(".json")
+
+
+def _reuse_rewrite(source: Path, source_sha: str, names: tuple[str, ...], target: Path,
+                   tolerance: float) -> RewrittenGraph | None:
+    try:
+        record = json.loads(_rewrite_record_path(target).read_text())
+        if (record.get("source_sha256") != source_sha or tuple(record.get("rewrites", ())) != names
+                or record.get("code_sha256") != _CODE_SHA256 or record.get("onnx") != onnx.__version__
+                or record.get("tolerance") != tolerance or record.get("sha256") != sha256_file(target)):
+            return None
+        checked = record["check"]
+        check = RewriteCheck(float(checked["max_abs_error"]), float(checked["output_range"]), int(checked["feeds"]))
+        nodes = {str(k): int(v) for k, v in record["nodes"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # missing, unreadable or not quant's record
+        return None
+    log.debug("reusing %s: its record names source sha256 %s", target, source_sha[:12])
+    return RewrittenGraph(target, source, names, nodes, check)
+
+
+def _load_model(path: Path) -> onnx.ModelProto:
+    try:
+        return onnx.load(str(path))
+    except Exception as error:  # protobuf raises DecodeError, onnx its own: all mean "not an ONNX model"
+        raise ModelError(f"{path}: not a readable ONNX model: {error}") from None
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -40,6 +40,8 @@ SeMetric = Literal["pesq_wb", "pesq_nb", "stoi", "si_sdr"]
 AsrMetric = Literal["cer", "wer"]
 TextNormalization = Literal["english", "none"]
 StateDtype = Literal["float32", "float16"]
+# exact graph rewrites applied before every build (quant.rewrite.REWRITES implements each; tests pin the two lists)
+Rewrite = Literal["deconv-to-conv", "split-concat-conv", "prelu-to-leakyrelu"]
 
 # the axes each transform produces (layout letters): B batch, F bins, T frames, C channel (re/im for stft, else a
 # singleton the layout may add), S samples (of a frame, or of the whole waveform)
@@ -123,8 +125,12 @@ class GraphSpec:
     outputs: tuple[str, ...] = ()
     feeds: tuple[FeedSpec, ...] = ()
     calibration_method: Method | None = None  # default: [defaults] calibration_method
+    # exact rewrites (in order) of the graph that every build starts from, FP32 included; `--rewrites` overrides
+    rewrites: tuple[Rewrite, ...] = ()
 
     def __post_init__(self) -> None:
+        if len(set(self.rewrites)) != len(self.rewrites):
+            raise SchemaError("rewrites", f"graph {self.role!r} names a rewrite twice: {list(self.rewrites)}")
         if (self.path is None) == (self.export is None):
             raise SchemaError("", f"graph {self.role!r} needs exactly one of 'path' (an ONNX file) or 'export' "
                               f"({', '.join(EXPORTS)})")

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("models", nargs="+", help="dpcrn | dpcrn-stream | wenet-encoder, optionally =EXPORT.onnx")
     parser.add_argument("--variant", type=parse_variant, action="append", default=[],
                         help="LABEL=rewrite[,rewrite]: also build and time this rewritten graph (repeatable); "
-                        "rewrites: deconv-to-conv, split-concat-conv")
+                        "rewrites: deconv-to-conv, split-concat-conv, prelu-to-leakyrelu")
     parser.add_argument("--cache", type=Path, help="calibration cache of the plain export (one model only)")
     parser.add_argument("--rules", type=Path, help="precision rules for the rewritten variants' INT8 builds (default: "
                         "shipped rules; the plain build always uses the shipped rules)")

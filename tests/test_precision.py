@@ -413,3 +413,15 @@ def test_attention_probabilities_times_values():
     got = decisions(model, "int8")
     assert got["attn_v"] == ("fp32", "attention-probs")
     assert got["qk"] == ("int8", "int8-compute") and got["out_proj"] == ("int8", "int8-compute")
+
+
+def test_leakyrelu_precision_is_a_rule_not_a_default():
+    """The shipped rules decide LeakyRelu's precision by name (measured on the trained DPCRN: see the rule's why),
+    for ORT and TensorRT alike, rather than leaving it to whatever ORT fuses around an unruled node."""
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("LeakyRelu", ["a"], ["b"], name="act", alpha=0.2),
+             helper.make_node("Conv", ["b", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    model = make(nodes, [("x", [1, 2, 5, 5])], [("y", [1, 4, 5, 5])], [init("w1", 4, 2, 3, 3), init("w2", 4, 4, 3, 3)])
+    for backend in ("ort", "trt"):
+        assert decisions(model, backend=backend)["act"] == ("int8", "leakyrelu-int8")
+    assert decisions(model, precision="fp16")["act"][1] != "leakyrelu-int8"  # an int8 rule only

@@ -226,3 +226,68 @@ def test_prelu_to_leakyrelu_only_for_a_single_slope(slope: np.ndarray, rewritten
     assert result.rewritten == (("act",) if rewritten else ())
     assert result.model.graph.node[0].op_type == ("LeakyRelu" if rewritten else "PRelu")
     assert check_rewrite(model, result.model, feeds(model, (2, 4, 5, 6))).relative_error < 1e-6
+
+
+# ------------------------------------------------------------------------------------- rewrite_file: the build's graph
+
+
+def _saved(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.save(model, str(path))
+    return path
+
+
+def test_rewrite_file_writes_a_checked_recorded_copy_and_reuses_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from quant import rewrite
+
+    model = deconv_model(2, 3, (2, 3), True, strides=[1, 2])
+    source = _saved(model, tmp_path / "m.onnx")
+    calls = []
+
+    def check_feeds():
+        calls.append(1)
+        return feeds(model, (1, 2, 5, 6), count=3)
+
+    made = rewrite.rewrite_file(source, ["deconv-to-conv"], check_feeds, tmp_path / "out")
+    assert made.path == tmp_path / "out" / "m.deconv-to-conv.onnx" and made.nodes == {"deconv-to-conv": 1}
+    assert made.check is not None and made.check.feeds == rewrite.CHECK_FEEDS and calls == [1]
+    recorded = rewrite.rewrite_meta(made.path)
+    assert recorded is not None and recorded["rewrites"] == ["deconv-to-conv"] and recorded["source"] == str(source)
+    # reused without a check (the feeds are not even made) while the record matches
+    monkeypatch.setattr(rewrite, "measure_rewrite", lambda *a: pytest.fail("checked again"))
+    again = rewrite.rewrite_file(source, ["deconv-to-conv"], check_feeds, tmp_path / "out")
+    assert again == made and calls == [1]
+    # a changed file beside its record is not described by it
+    made.path.write_bytes(made.path.read_bytes() + b"\0")
+    assert rewrite.rewrite_meta(made.path) is None
+
+
+def test_rewrite_file_leaves_a_graph_with_nothing_to_rewrite_alone(tmp_path: Path):
+    from quant.rewrite import rewrite_file
+
+    model = concat_conv_model("Conv")  # no ConvTranspose, no PRelu
+    source = _saved(model, tmp_path / "m.onnx")
+    done = rewrite_file(source, ["deconv-to-conv", "prelu-to-leakyrelu"], lambda: pytest.fail("no check needed"),
+                        tmp_path / "out")
+    assert done.path == source and not done.rewritten and not (tmp_path / "out").exists()
+    assert rewrite_file(source, [], lambda: [], tmp_path / "out").path == source
+
+
+def test_rewrite_file_names_the_rewrite_that_changed_the_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from quant import rewrite
+
+    def broken(model: onnx.ModelProto) -> rewrite.RewriteResult:
+        result = convtranspose_to_conv(model)
+        for init in result.model.graph.initializer:
+            if init.name.endswith("/weight"):
+                value = numpy_helper.to_array(init).copy()
+                value.flat[0] += 0.01
+                init.CopyFrom(numpy_helper.from_array(value, init.name))
+        return result
+
+    monkeypatch.setitem(rewrite.REWRITES, "deconv-to-conv", broken)
+    model = deconv_model(2, 2, (2, 3), True, strides=[1, 2])
+    source = _saved(model, tmp_path / "m.onnx")
+    with pytest.raises(BuildError, match=r"m\.onnx: graph rewrite 'deconv-to-conv' changed the outputs"):
+        rewrite.rewrite_file(source, ["deconv-to-conv", "prelu-to-leakyrelu"],
+                             lambda: feeds(model, (1, 2, 5, 6)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written for a graph that failed its check

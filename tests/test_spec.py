@@ -311,3 +311,33 @@ def test_shipped_budgets_are_the_reports_former_table() -> None:
     for (model, precision), (metric, limit) in former.items():
         budget = load_spec(model).defaults.budgets.get(precision)
         assert budget is not None and budget.metric == metric and budget.limit == pytest.approx(limit)
+
+
+# ------------------------------------------------------------------------------------------------ graph rewrites
+
+
+def test_graph_rewrites_are_parsed_in_order(tmp_path: Path) -> None:
+    text = MINIMAL.replace('path = "tiny.onnx"', 'path = "tiny.onnx"\nrewrites = ["split-concat-conv", "deconv-to-conv"]')
+    assert load_text(tmp_path, text).graph("enhancer").rewrites == ("split-concat-conv", "deconv-to-conv")
+    assert load_text(tmp_path, MINIMAL).graph("enhancer").rewrites == ()  # the one default: none
+
+
+@pytest.mark.parametrize("rewrites, expected", [
+    ('["deconv-to-conv", "fold-bn"]', r"graphs\[1\]\.rewrites\[2\]: 'fold-bn' is not one of 'deconv-to-conv', "
+                                      r"'split-concat-conv', 'prelu-to-leakyrelu'"),
+    ('["deconv-to-conv", "deconv-to-conv"]', r"graphs\[1\]\.rewrites: graph 'enhancer' names a rewrite twice"),
+    ('"deconv-to-conv"', r"graphs\[1\]\.rewrites: expected an array"),
+])
+def test_wrong_rewrites_are_named(tmp_path: Path, rewrites: str, expected: str) -> None:
+    text = MINIMAL.replace('path = "tiny.onnx"', f'path = "tiny.onnx"\nrewrites = {rewrites}')
+    with pytest.raises(SpecError, match=expected):
+        load_text(tmp_path, text)
+
+
+def test_spec_rewrite_names_are_the_implemented_rewrites() -> None:
+    from typing import get_args
+
+    from quant.rewrite import REWRITES
+    from quant.spec import Rewrite
+
+    assert list(get_args(Rewrite)) == list(REWRITES)

@@ -3,7 +3,7 @@
 The folder is replaced whole (quant.fileio.atomic_folder) and meta.json records the sha256 of every file beside it;
 verify_artifact checks a folder against it before quant reuses it.
 
-meta.json records what the artifact was built from (source sha256), with which rules (file, sha256, per-op summary),
+meta.json records what the artifact was built from (source sha256, the graph rewrites that made it), with which rules (file, sha256, per-op summary),
 which ranges (cache file and its key), by which tool versions, and which integer kernels ORT really runs.
 """
 
@@ -30,6 +30,7 @@ from quant.errors import BuildError, ModelError
 from quant.fileio import atomic_folder, atomic_write_json, sha256_bytes, sha256_file
 from quant.paths import DEFAULT_OUT_ROOT
 from quant.precision import DEFAULT_RULES_PATH, load_rules, plan
+from quant.rewrite import rewrite_meta
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,8 @@ def _base_meta(name: str, source: Path, opts: BuildOptions, rules_sha: str) -> d
     return {
         "model": name, "source": str(source), "source_sha256": sha256_file(source),
         "precision": opts.precision, "backend": opts.backend,
+        # the exact graph rewrites `source` was made with (quant.rewrite's record beside it); None: as exported
+        "rewrites": rewrite_meta(source),
         "rules": {"path": str(opts.rules or DEFAULT_RULES_PATH), "sha256": rules_sha},
         "versions": {"quant": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
                      "onnxconverter_common": converter_version, "numpy": np.__version__},

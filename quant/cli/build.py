@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from quant.cli.options import positive_int
-from quant.cli.specs import add_spec, fp32_graphs, is_onnx, select, single_output
+from quant.cli.specs import add_rewrites, add_spec, fp32_graphs, is_onnx, select, single_output
+from quant.errors import QuantError
 
 
 def register(subparsers: Any) -> None:
@@ -34,6 +35,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--constraints", choices=("obey", "prefer"), default="obey",
                         help="TensorRT implicit mode: obey (fail if impossible) or prefer the rules' layer precisions")
     parser.add_argument("--rules", type=Path, help="precision rules TOML (default: shipped rules)")
+    add_rewrites(parser)
     parser.add_argument("-o", "--output", type=Path, help="artifact folder, with one graph (default engines/<graph "
                         "name>/<precision>)")
     parser.add_argument("--optimize", action="store_true", help="FP32: store ORT's optimized graph instead of a copy")
@@ -47,12 +49,15 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if is_onnx(args.spec):
+        if args.rewrites:
+            raise QuantError(f"--rewrites needs a model spec (the check runs on its calibration feeds), not "
+                             f"{args.spec}; give SPEC, or rewrite the file with quant.rewrite.rewrite_file")
         report(build(args, Path(args.spec), None, args.cache))
         return 0
     selection = select(args.spec, args.graph)
     single_output(selection, args.output, "-o")
     single_output(selection, args.cache, "--cache")
-    graphs = fp32_graphs(selection.spec)
+    graphs = fp32_graphs(selection.spec, args.rewrites)
     for graph in selection.graphs:
         cache = args.cache
         if args.precision == "int8" and cache is None:

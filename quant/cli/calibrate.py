@@ -9,7 +9,8 @@ from typing import Any
 
 from quant.cli.executor_options import add_executor_options, executor_from_args
 from quant.cli.options import percentile, positive_int, version_digits
-from quant.cli.specs import add_spec, fp32_graphs, is_onnx, select, single_output
+from quant.cli.specs import add_rewrites, add_spec, fp32_graphs, is_onnx, select, single_output
+from quant.errors import QuantError
 
 
 
@@ -44,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--trt-version", type=version_digits, help="version digits of the cache header, e.g. 8601 (default: installed "
                         "TensorRT, else the library default)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_rewrites(parser)  # SPEC: calibrate the graph the build will quantize (the same rewrites)
     add_executor_options(parser)
     parser.set_defaults(handler=run)
 
@@ -76,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
                                reader=reader_options(args) if is_onnx(args.spec) else None,
                                allow_outside=args.allow_outside_paths)
     if is_onnx(args.spec):
+        if args.rewrites:
+            raise QuantError(f"--rewrites needs a model spec (the check runs on its calibration feeds), not "
+                             f"{args.spec}")
         entries = [calibrate(Path(args.spec), None, args.data, args.method, args.output, options,
                              executor=executor_from_args(args))]
     else:
@@ -99,7 +104,7 @@ def calibrate_spec_graphs(args: argparse.Namespace, options: Any) -> list[Any]:
     spec = selection.spec
     if args.feeds:
         spec = replace(spec, feeds=feeds_spec(args.feeds))
-    graphs = fp32_graphs(spec)
+    graphs = fp32_graphs(spec, args.rewrites)
     feed_options = FeedOptions(limit=args.limit, batch_size=args.batch_size, frame_stride=args.every,
                                threads=args.threads, graphs=graphs, allow_outside=args.allow_outside_paths)
     return [calibrate_spec(spec, role, graphs[role], args.data, args.method, args.output, options, feed_options,
@@ -117,6 +122,4 @@ def feeds_spec(text: str) -> Any:
             return FeedsSpec(npz=Path(text).resolve())
         return FeedsSpec(function=text)
     except SchemaError as error:
-        from quant.errors import QuantError
-
         raise QuantError(f"--feeds {text!r}: {error.message}; give FILE.npz or module:function") from None

@@ -9,7 +9,7 @@ from typing import Any
 
 from quant.cli.executor_options import add_executor_options, executor_from_args
 from quant.cli.options import positive_int
-from quant.cli.specs import add_spec, fp32_graphs, select
+from quant.cli.specs import add_rewrites, add_spec, fp32_graphs, select
 from quant.errors import QuantError
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -40,6 +40,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--greedy", action="store_true", help="ASR: no attention rescoring (the CTC beam's best)")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     add_executor_options(parser)  # --executor ray: the test utterances in shards on Ray, the same metrics
+    add_rewrites(parser)  # which FP32 graph the fp32 row runs (the builds' own source is in their meta.json)
     parser.set_defaults(handler=run)
 
 
@@ -56,7 +57,7 @@ def artifact_sets(args: argparse.Namespace, spec: Any) -> dict[str, dict[str, Pa
     sets: dict[str, dict[str, Path]] = {}
     for precision in args.precisions or PRECISIONS:
         if precision == "fp32":
-            sets["fp32"] = fp32_graphs(spec)
+            sets["fp32"] = fp32_graphs(spec, args.rewrites)
             continue
         built = {g.role: DEFAULT_OUT_ROOT / str(g.name) / precision / "model.onnx" for g in spec.graphs}
         if all(path.is_file() for path in built.values()):

@@ -51,6 +51,23 @@ def version_digits(text: str) -> str:
     return text
 
 
+def rewrite_list(text: str) -> tuple[str, ...]:
+    """A comma list of graph rewrites (quant.spec.Rewrite), e.g. `--rewrites deconv-to-conv,split-concat-conv`."""
+    from typing import get_args
+
+    from quant.spec import Rewrite
+
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    known = get_args(Rewrite)
+    unknown = [name for name in names if name not in known]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown) or repr(text)}: not a graph rewrite; known: "
+                                         f"{', '.join(known)}")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r} names a rewrite twice")
+    return names
+
+
 def _int(text: str) -> int:
     if not re.fullmatch(r"\s*[+-]?[0-9]+\s*", text):  # int() would also take "1_000" and non-ASCII digits
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")

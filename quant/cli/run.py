@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 from quant.cli.executor_options import add_executor_options, executor_changes
 from quant.cli.options import positive_int, positive_int_list
+from quant.cli.specs import add_rewrites
 from quant.errors import QuantError
 
 
@@ -32,6 +33,7 @@ def add_selection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, help="output root: exports, cache store, artifacts, reports (default ./engines)")
     parser.add_argument("--force", action="store_true", help="ignore up-to-date stamps: re-export, rebuild, re-evaluate")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_rewrites(parser)
 
 
 def register(subparsers: Any) -> None:
@@ -85,6 +87,8 @@ def options_from(args: argparse.Namespace, command: str) -> Any:
         changes["out_dir"] = args.output
     if getattr(args, "search", False):
         changes["search"] = True
+    if args.rewrites is not None:
+        changes["rewrites"] = args.rewrites
     for name in ("se_utterances", "asr_utterances", "calib_utterances"):
         if getattr(args, name, None):
             changes[name] = getattr(args, name)

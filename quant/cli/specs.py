@@ -59,12 +59,25 @@ def select(text: str, role: str | None = None) -> Selection:
     return Selection(spec, roles)
 
 
-def fp32_graphs(spec: Any) -> dict[str, Path]:
-    """The FP32 ONNX file of each graph by role (quant's reference graphs exported on demand under engines/)."""
+def add_rewrites(parser: argparse.ArgumentParser) -> None:
+    """--rewrites A,B / --no-rewrites: the graph rewrites of every graph instead of each graph's spec `rewrites`."""
+    from quant.cli.options import rewrite_list
+
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--rewrites", type=rewrite_list, metavar="A,B",
+                       help="exact graph rewrites applied (and checked on real inputs) before every build, instead of "
+                       "the spec's: deconv-to-conv, split-concat-conv, prelu-to-leakyrelu")
+    group.add_argument("--no-rewrites", dest="rewrites", action="store_const", const=(),
+                       help="build from the graph as exported, whatever the spec's rewrites")
+
+
+def fp32_graphs(spec: Any, rewrites: tuple[str, ...] | None = None) -> dict[str, Path]:
+    """The FP32 ONNX file of each graph by role that builds start from: quant's reference graphs exported on demand
+    under engines/, with the spec's graph rewrites applied (`rewrites` instead, when given; () for none)."""
     from quant.paths import DEFAULT_OUT_ROOT
     from quant.pipeline import RunOptions, Steps
 
-    return Steps(DEFAULT_OUT_ROOT, RunOptions()).export(spec)
+    return Steps(DEFAULT_OUT_ROOT, RunOptions(rewrites=rewrites)).graphs(spec)
 
 
 def single_output(selection: Selection, output: Path | None, option: str) -> None:
