@@ -114,6 +114,124 @@ def test_float16_and_float64_tensors_share_the_float32_histogram() -> None:
         np.testing.assert_array_equal(histogram.counts, reference.counts)
 
 
+# ------------------------------------------------------------------------------------------------ one-pass histogram
+
+
+def pow2_histogram_of(batches: list[np.ndarray], num_bins: int = 64) -> hist.Pow2Histogram:
+    """What the one-pass collector does per tensor: cover each batch's max |x|, then count it."""
+    histogram = hist.Pow2Histogram(num_bins)
+    accumulator = hist.MinMaxAccumulator()
+    for batch in batches:
+        accumulator.add(batch)
+        histogram.cover(accumulator.amax)
+        histogram.add(batch)
+    return histogram
+
+
+def direct_pow2_counts(values: np.ndarray, exponent: int, num_bins: int) -> np.ndarray:
+    """floor(|x| * bins / 2^exponent) in exact (float64) arithmetic over every value at once."""
+    index = np.floor(np.abs(values.astype(np.float64)) * num_bins / 2.0**exponent).astype(np.int64)
+    return np.bincount(index, minlength=num_bins)
+
+
+def growing_batches() -> list[np.ndarray]:
+    """Batches whose max |x| rises over 2^-3 .. 2^9, hitting bin edges of every range exactly, plus zeros."""
+    rng = np.random.default_rng(3)
+    batches = [np.zeros(7, np.float32)]
+    for exponent in range(-3, 10, 2):
+        values = rng.laplace(scale=2.0**exponent / 8, size=500)
+        edges = np.arange(0, 65) * 2.0**exponent / 64  # exact bin edges of the range [0, 2^exponent)
+        batches.append(np.concatenate([values, edges[:-1], -edges[1:-1]]).astype(np.float32))
+    return batches
+
+
+def test_pow2_merges_equal_the_histogram_over_the_final_range() -> None:
+    batches = growing_batches()
+    grown = pow2_histogram_of(batches)
+    everything = np.concatenate(batches)
+    final = hist.Pow2Histogram(64)
+    final.cover(float(np.abs(everything).max()))  # the final range from the start: no merge at all
+    final.add(everything)
+    assert grown.exponent == final.exponent and grown.amax == final.amax
+    np.testing.assert_array_equal(grown.counts, final.counts)
+    np.testing.assert_array_equal(grown.counts, direct_pow2_counts(everything, final.exponent, 64))
+    assert grown.counts.sum() == everything.size
+
+
+def test_pow2_histogram_is_identical_in_any_batch_order_and_split() -> None:
+    batches = growing_batches()
+    reference = pow2_histogram_of(batches)
+    for seed in range(3):
+        order = np.random.default_rng(seed).permutation(len(batches))
+        shuffled = pow2_histogram_of([batches[i] for i in order])
+        np.testing.assert_array_equal(shuffled.counts, reference.counts)
+        parts = [pow2_histogram_of([batches[i] for i in order[:3]]), pow2_histogram_of([batches[i] for i in order[3:]])]
+        merged = hist.Pow2Histogram.merged(parts[::-1] if seed % 2 else parts, 64)
+        np.testing.assert_array_equal(merged.counts, reference.counts)
+        assert (merged.exponent, merged.amax) == (reference.exponent, reference.amax)
+
+
+def test_pow2_histogram_refuses_values_above_its_range() -> None:
+    histogram = hist.Pow2Histogram(64)
+    histogram.cover(1.0)
+    with pytest.raises(CalibrationError, match="above the histogram range"):
+        histogram.add(np.array([3.0], np.float32))
+    with pytest.raises(CalibrationError, match="power-of-two bin count"):
+        hist.Pow2Histogram(100)
+
+
+def test_pow2_histogram_of_float64_values_just_below_a_power_of_two() -> None:
+    values = np.array([np.nextafter(4.0, 0.0), 1.0, -0.5])  # rounds to 4.0 in float32: must stay float64
+    histogram = pow2_histogram_of([values], num_bins=8)
+    assert histogram.exponent == 2
+    np.testing.assert_array_equal(histogram.counts, direct_pow2_counts(values, 2, 8))
+
+
+def real_activations() -> dict[str, list[np.ndarray]]:
+    """Per tensor, batches of real-speech activations: STFT of the test clips, its magnitude and log power, and a
+    fixed random projection through tanh and ReLU (zero spike), one clip a batch and each clip at its own level."""
+    from quant import features
+    from quant.data.audio import load_audio
+
+    rng = np.random.default_rng(0)
+    weights = rng.normal(scale=0.1, size=(features.FREQ_BINS, 64)).astype(np.float32)
+    tensors: dict[str, list[np.ndarray]] = {"stft": [], "magnitude": [], "log_power": [], "tanh": [], "relu": []}
+    clips = sorted((Path(__file__).parent / "data").glob("librivox_*.flac"))
+    for level, clip in zip((1.0, 0.3, 2.5, 0.7, 1.6), clips):
+        spec = features.stft(level * load_audio(clip)[: 4 * features.SAMPLE_RATE]).astype(np.float32)
+        magnitude = np.sqrt(spec[..., 0] ** 2 + spec[..., 1] ** 2).reshape(-1, features.FREQ_BINS)
+        projected = magnitude @ weights
+        for name, value in (("stft", spec), ("magnitude", magnitude), ("log_power", np.log(magnitude**2 + 1e-8)),
+                            ("tanh", np.tanh(projected)), ("relu", np.maximum(projected - 0.5, 0.0))):
+            tensors[name].append(value.astype(np.float32))
+    return tensors
+
+
+def test_one_pass_thresholds_are_within_one_bin_of_the_two_pass_reference() -> None:
+    """Against the former collector: pass 1 amax, pass 2 2048 bins over [0, amax], same searches."""
+    options = RangeOptions()
+    for name, batches in real_activations().items():
+        collected = pow2_histogram_of(batches, hist.collect_bins(options.num_bins))
+        reference = histogram_of(np.concatenate([batch.reshape(-1) for batch in batches]), options.num_bins)
+        assert collected.amax == reference.amax
+        one_bin = reference.bin_width
+        percentile = hist.percentile_amax(collected, options.percentile)
+        assert abs(percentile - hist.percentile_amax(reference, options.percentile)) <= one_bin, name
+        entropy = hist.entropy_amax(hist.regrid(collected, options.num_bins))
+        assert abs(entropy - hist.entropy_amax(reference)) <= one_bin, name
+
+
+def test_regrid_keeps_every_count_and_moves_none_by_more_than_a_search_bin() -> None:
+    values = np.abs(np.random.default_rng(1).laplace(size=50000)).astype(np.float32)
+    collected = pow2_histogram_of([values], hist.collect_bins(256))
+    regridded = hist.regrid(collected, 256)
+    reference = histogram_of(values, 256).counts
+    assert regridded.counts.sum() == values.size and regridded.amax == float(values.max())
+    # a value moves by at most a quarter of a search bin, so cumulative counts lag or lead by at most one bin
+    cumulative, exact = np.cumsum(regridded.counts), np.cumsum(reference)
+    assert np.all(cumulative[1:] >= exact[:-1]) and np.all(cumulative[:-1] <= exact[1:])
+
+
 def test_all_zero_and_empty_tensors_give_zero() -> None:
     histogram = histogram_of(np.zeros(100, dtype=np.float32))
     assert histogram.amax == 0.0
@@ -179,14 +297,14 @@ def test_permuted_batches_give_bit_identical_amax(tmp_path: Path, method: str) -
     assert all(value > 0 for value in first.values())
 
 
-def test_callable_feed_source_and_one_shot_iterator(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["entropy", "minmax"])
+def test_callable_feed_source_and_one_shot_iterator(tmp_path: Path, method: str) -> None:
     path = scale_relu_model(tmp_path / "m.onnx")
     feeds = batches()
-    via_callable = collect_ranges(path, lambda: iter(feeds), "entropy", QUIET)
-    assert via_callable.amax == collect_ranges(path, feeds, "entropy", QUIET).amax
-    with pytest.raises(CalibrationError, match="one-shot iterator"):
-        collect_ranges(path, iter(feeds), "entropy", QUIET)
-    assert collect_ranges(path, iter(feeds), "minmax", QUIET).batches == len(feeds)
+    reference = collect_ranges(path, feeds, method, QUIET)
+    assert collect_ranges(path, lambda: iter(feeds), method, QUIET).amax == reference.amax
+    one_shot = collect_ranges(path, iter(feeds), method, QUIET)  # one pass: a generator is enough
+    assert one_shot.amax == reference.amax and one_shot.batches == len(feeds)
 
 
 def test_masked_softmax_input_never_becomes_infinite(tmp_path: Path) -> None:
@@ -241,7 +359,7 @@ def test_missing_model_and_missing_input_are_user_errors(tmp_path: Path) -> None
 
 def test_no_temp_folder_outlives_the_session_and_dead_runs_folders_go(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A kill -9 during the (long) passes leaves nothing in the temp dir, and what an earlier kill left is removed."""
+    """A kill -9 during the (long) pass leaves nothing in the temp dir, and what an earlier kill left is removed."""
     import subprocess
     import sys
     import tempfile
@@ -255,11 +373,11 @@ def test_no_temp_folder_outlives_the_session_and_dead_runs_folders_go(tmp_path: 
     left.mkdir()
     (left / "augmented.onnx").write_bytes(b"partial")
     path = scale_relu_model(tmp_path / "m.onnx")
-    seen_during_passes: list[list[str]] = []
+    seen_during_pass: list[list[str]] = []
 
     def feeds() -> list[dict[str, np.ndarray]]:
-        seen_during_passes.append(sorted(p.name for p in system_tmp.iterdir()))
+        seen_during_pass.append(sorted(p.name for p in system_tmp.iterdir()))
         return batches()
 
     collect_ranges(path, feeds, "entropy", QUIET)
-    assert seen_during_passes == [[], []] and not any(system_tmp.iterdir())
+    assert seen_during_pass == [[]] and not any(system_tmp.iterdir())

@@ -5,14 +5,14 @@ Phases (as ONNX Runtime's calibrators: augment -> collect -> compute, but stream
    initializers or Constant outputs) as a graph output; types come from ONNX shape inference, then ONNX Runtime's
    symbolic shape inference when some are still unknown; tensors whose type stays unknown are skipped (listed).
    Tensors inside control-flow subgraphs (If/Loop/Scan bodies) are not exposed: TensorRT names none of them either.
-2. collect: pass 1 keeps running min/max per tensor (non-finite values counted and ignored); for entropy and
-   percentile, pass 2 re-runs the feeds and counts |x| into 2048 bins over the fixed [0, amax] of pass 1, the way
-   TensorRT calibrates. Nothing but these statistics is kept between batches, so memory is one batch's activations.
-3. compute: amax per tensor by minmax (max |x|), percentile (of |x|) or entropy (TensorRT's KL search).
+2. collect: one pass over the feeds keeps running min/max per tensor (non-finite values counted and ignored) and,
+   for entropy and percentile, counts |x| into a power-of-two-range histogram that grows by exact pairwise merges
+   (quant.calib.histogram), so the counts do not depend on the batch order. Nothing but these statistics is kept
+   between batches, so memory is one batch's activations, and the feeds (a streaming roll, say) are made once.
+3. compute: amax per tensor by minmax (max |x|), percentile (of |x|) or entropy (TensorRT's KL search on 2048 bins
+   over [0, amax]).
 
-`feeds` must be re-iterable for the two-pass methods: a callable returning a fresh iterable of feed dicts, or an
-iterable whose `iter()` starts over (a list, or a reader object with `__iter__`). A one-shot iterator/generator is
-accepted only for minmax.
+`feeds` is any iterable of feed dicts (a list, a reader, a generator) or a callable returning one.
 """
 
 from __future__ import annotations
@@ -85,10 +85,22 @@ class RangeResult:
 
 @dataclass
 class TensorStats:
-    """What the collector keeps per tensor between batches: running min/max and (pass 2) the |x| histogram."""
+    """What the collector keeps per tensor between batches: running min/max and, for the histogram methods, the |x|
+    histogram over a power-of-two range."""
 
     minmax: hist.MinMaxAccumulator = field(default_factory=hist.MinMaxAccumulator)
-    histogram: hist.AbsHistogram | None = None
+    histogram: hist.Pow2Histogram | None = None
+
+    def add(self, values: np.ndarray) -> None:
+        self.minmax.add(values)
+        if self.histogram is not None:
+            self.histogram.cover(self.minmax.amax)  # first grow the range to this batch's max |x|, then count
+            self.histogram.add(values)
+
+
+def new_stats(histograms: bool, options: RangeOptions) -> TensorStats:
+    """Empty statistics of one tensor, with a histogram of the resolution `options.num_bins` asks for."""
+    return TensorStats(histogram=hist.Pow2Histogram(hist.collect_bins(options.num_bins)) if histograms else None)
 
 
 def method_params(method: str, options: RangeOptions) -> dict[str, Any]:
@@ -96,10 +108,10 @@ def method_params(method: str, options: RangeOptions) -> dict[str, Any]:
     if method == "minmax":
         return {}
     if method == "percentile":
-        return {"num_bins": options.num_bins, "percentile": options.percentile}
+        return {"num_bins": options.num_bins, "percentile": options.percentile, "collector": hist.COLLECTOR}
     if method == "entropy":
         return {"num_bins": options.num_bins, "num_levels": options.num_levels, "start_bin": options.start_bin,
-                "suppress_zero_bin": options.suppress_zero_bin}
+                "suppress_zero_bin": options.suppress_zero_bin, "collector": hist.COLLECTOR}
     raise CalibrationError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
 
 
@@ -117,7 +129,7 @@ def collect_ranges(
 def collect_statistics(
     onnx_path: str | Path, feeds: FeedSource, histograms: bool = True, options: RangeOptions | None = None
 ) -> tuple[dict[str, TensorStats], list[str], int]:
-    """Pass 1 (min/max) and, with `histograms`, pass 2 (|x| histograms). Returns (stats, skipped tensors, batches)."""
+    """Min/max and, with `histograms`, |x| histograms in one pass. Returns (stats, skipped tensors, batches)."""
     options = options or RangeOptions()
     model = _load(onnx_path)
     augmented, names, skipped = augment_model(model)
@@ -125,16 +137,11 @@ def collect_statistics(
     # run killed during them leaves nothing in the temp dir (and one killed earlier is cleaned by the next run)
     with private_temp_dir(TEMP_PREFIX) as tmp:
         session = _session(augmented, tmp, options.threads)
-    stats = {name: TensorStats() for name in names}
-    batches = _run_pass(session, names, _open(feeds, first=True), options, "ranges pass 1/2" if histograms
-                        else "ranges", lambda name, value: stats[name].minmax.add(value))
+    stats = {name: new_stats(histograms, options) for name in names}
+    batches = _run_pass(session, names, _open(feeds), options, "ranges",
+                        lambda name, value: stats[name].add(value))
     if batches == 0:
         raise CalibrationError(f"no calibration feeds for {onnx_path}: the feed source yielded nothing")
-    if histograms:
-        for item in stats.values():
-            item.histogram = hist.AbsHistogram(item.minmax.amax, options.num_bins)
-        _run_pass(session, names, _open(feeds, first=False), options, "ranges pass 2/2",
-                  lambda name, value: _histogram(stats[name]).add(value))
     return stats, skipped, batches
 
 
@@ -233,15 +240,8 @@ def _fallback_session(path: Path, threads: int) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _open(feeds: FeedSource, first: bool) -> Iterable[Feed]:
-    if callable(feeds):
-        return feeds()
-    if not first and iter(feeds) is feeds:
-        raise CalibrationError(
-            "entropy/percentile calibration reads the feeds twice, but got a one-shot iterator: pass a list, a "
-            "re-iterable reader, or a callable returning a fresh iterator"
-        )
-    return feeds
+def _open(feeds: FeedSource) -> Iterable[Feed]:
+    return feeds() if callable(feeds) else feeds
 
 
 def _run_pass(
@@ -288,11 +288,6 @@ def _split(feed: Feed, max_batch: int | None) -> Iterator[Feed]:
         yield {name: value[start : start + max_batch] for name, value in feed.items()}
 
 
-def _histogram(stats: TensorStats) -> hist.AbsHistogram:
-    assert stats.histogram is not None  # set between the passes
-    return stats.histogram
-
-
 def _tensor_range(name: str, stats: TensorStats, method: str, options: RangeOptions) -> TensorRange:
     minmax = stats.minmax
     if method == "minmax" or stats.histogram is None:
@@ -300,7 +295,8 @@ def _tensor_range(name: str, stats: TensorStats, method: str, options: RangeOpti
     elif method == "percentile":
         amax = hist.percentile_amax(stats.histogram, options.percentile)
     else:
-        amax = hist.entropy_amax(stats.histogram, options.num_levels, options.start_bin, options.suppress_zero_bin)
+        amax = hist.entropy_amax(hist.regrid(stats.histogram, options.num_bins), options.num_levels,
+                                 options.start_bin, options.suppress_zero_bin)
     if minmax.nonfinite:
         log.info("tensor %s: ignored %d non-finite values", name, minmax.nonfinite)
     minimum = minmax.minimum if minmax.count else 0.0
