@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 Feed = Mapping[str, np.ndarray]
 FeedSource = Union[Callable[[], Iterable[Feed]], Iterable[Feed]]
 METHODS = ("entropy", "minmax", "percentile")
+HISTOGRAM_METHODS = ("entropy", "percentile")
 TEMP_PREFIX = "quant-ranges-"  # work folders in the system temp dir: quant-ranges-<pid>-<random>/augmented.onnx
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 
@@ -108,11 +109,17 @@ def method_params(method: str, options: RangeOptions) -> dict[str, Any]:
     if method == "minmax":
         return {}
     if method == "percentile":
-        return {"num_bins": options.num_bins, "percentile": options.percentile, "collector": hist.COLLECTOR}
+        return {"num_bins": options.num_bins, "percentile": options.percentile, **collector_params(method)}
     if method == "entropy":
         return {"num_bins": options.num_bins, "num_levels": options.num_levels, "start_bin": options.start_bin,
-                "suppress_zero_bin": options.suppress_zero_bin, "collector": hist.COLLECTOR}
+                "suppress_zero_bin": options.suppress_zero_bin, **collector_params(method)}
     raise CalibrationError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
+
+
+def collector_params(method: str) -> dict[str, str]:
+    """The parameter naming how a method's statistics are collected: today's collector, whatever a cache recorded, so
+    ranges from an earlier collector (the two-pass one has no such entry) are a different key, never a hit."""
+    return {"collector": hist.COLLECTOR} if method in HISTOGRAM_METHODS else {}
 
 
 def collect_ranges(
