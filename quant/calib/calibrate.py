@@ -96,7 +96,7 @@ def calibrate(
     quant.calib.readers.reader_for over `manifest` (streaming ONNX, or options.reader.feature); `model_kind` is a label
     recorded in the sidecar.
     A cache at the output path with the same key is reused; one with another key is refused unless options.force.
-    `method` None: default_method(). `executor` (quant.executor) runs the two passes in shards there
+    `method` None: default_method(). `executor` (quant.executor) runs the range collection in shards there
     (quant.calib.sharded); the cache is byte-identical to the in-process one (None).
     """
     options = options or CalibrateOptions()
