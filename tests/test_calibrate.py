@@ -76,6 +76,17 @@ def test_default_output_goes_to_the_store(tmp_path: Path, monkeypatch: pytest.Mo
     assert cc.lookup(cal.default_store(tmp_path / "engines"), entry.key).hit
 
 
+@pytest.mark.parametrize("method", ["entropy", "percentile", "minmax"])
+def test_shuffled_batches_write_the_same_cache_bytes(tmp_path: Path, method: str) -> None:
+    model = tiny_model(tmp_path / "m.onnx")
+    batches = [{"x": scale * feed["x"]} for scale, feed in zip((1.0, 8.0, 0.1, 3.0), feeds())]  # ranges that grow
+    in_order = cal.calibrate(model, None, None, method, tmp_path / "a.cache", OPTIONS, feeds=batches)
+    shuffled = cal.calibrate(model, None, None, method, tmp_path / "b.cache", OPTIONS, feeds=batches[::-1][1:] +
+                             batches[-1:])
+    assert in_order.key.data_sha256 != shuffled.key.data_sha256  # the same feeds in another order
+    assert in_order.path.read_bytes() == shuffled.path.read_bytes()
+
+
 def two_pass_key(key: cc.CacheKey) -> cc.CacheKey:
     """The key the former two-pass collector wrote for the same calibration: no collector among the parameters."""
     params = {name: value for name, value in json.loads(key.params).items() if name != "collector"}
