@@ -89,9 +89,10 @@ def ort_histograms(model_path: Path, feeds: list[dict[str, np.ndarray]], names: 
     import onnxruntime as ort
     from onnxruntime.quantization.calibrate import HistogramCollector
 
-    augmented, exposed, _ = augment_model(onnx.load(str(model_path)))
+    augmented = augment_model(onnx.load(str(model_path)))
+    exposed = augmented.fetched
     with tempfile.TemporaryDirectory() as tmp:
-        onnx.save(augmented, f"{tmp}/augmented.onnx")
+        onnx.save(augmented.model, f"{tmp}/augmented.onnx")
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         session = ort.InferenceSession(f"{tmp}/augmented.onnx", options, providers=["CPUExecutionProvider"])
@@ -99,7 +100,7 @@ def ort_histograms(model_path: Path, feeds: list[dict[str, np.ndarray]], names: 
         for feed in feeds:
             outputs = dict(zip(exposed, session.run(exposed, feed)))
             with contextlib.redirect_stdout(io.StringIO()):
-                collector.collect({name: outputs[name] for name in names})
+                collector.collect({name: outputs[augmented.aliases.get(name, name)] for name in names})
     return dict(collector.get_histogram_dict())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -337,10 +338,48 @@ def test_max_batch_splits_feeds_without_changing_minmax(tmp_path: Path) -> None:
 
 def test_augment_uses_inferred_types_and_skips_non_float(tmp_path: Path) -> None:
     model = onnx.load(str(scale_relu_model(tmp_path / "m.onnx")))
-    augmented, names, skipped = augment_model(model)
-    assert names == ["x", "scaled", "relu", "y"] and skipped == []
-    assert [output.name for output in augmented.graph.output] == ["y", "shape", "x", "scaled", "relu"]
+    augmented = augment_model(model)
+    assert augmented.names == ["x", "scaled", "relu", "y"] and augmented.skipped == [] and augmented.aliases == {}
+    assert [output.name for output in augmented.model.graph.output] == ["y", "shape", "x", "scaled", "relu"]
     assert len(model.graph.output) == 2  # the original is untouched
+
+
+def rearranging_model(path: Path) -> Path:
+    """x -> Transpose -> Reshape -> Relu -> Identity (graph output); a Reshape of an initializer; a Transpose of a
+    Relu output that is a graph output too."""
+    shape = numpy_helper.from_array(np.array([4, 6], np.int64), "shape")
+    table = numpy_helper.from_array(np.arange(24, dtype=np.float32).reshape(2, 12), "table")
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0]),
+        helper.make_node("Reshape", ["xt", "shape"], ["xr"]),
+        helper.make_node("Relu", ["xr"], ["relu"]),
+        helper.make_node("Identity", ["relu"], ["y"]),
+        helper.make_node("Transpose", ["y"], ["yt"], perm=[1, 0]),
+        helper.make_node("Reshape", ["table", "shape"], ["table_r"]),
+        helper.make_node("Add", ["yt", "yt"], ["z"]),
+    ]
+    graph = helper.make_graph(nodes, "rearrange", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 6]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, [6, 4]),
+                               helper.make_tensor_value_info("table_r", TensorProto.FLOAT, [4, 6])], [shape, table])
+    return save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile", "minmax"])
+def test_rearranged_tensors_share_their_source_statistics_without_being_fetched(tmp_path: Path, method: str) -> None:
+    path = rearranging_model(tmp_path / "m.onnx")
+    augmented = augment_model(onnx.load(str(path)))
+    assert augmented.aliases == {"xt": "x", "xr": "x", "y": "relu", "yt": "relu"}  # the initializer's is fetched
+    outputs = [output.name for output in augmented.model.graph.output]
+    assert "xt" not in outputs and "xr" not in outputs and "yt" not in outputs and "y" in outputs  # y: graph output
+    feeds = [{"x": np.random.default_rng(seed).normal(size=(3, 8)).astype(np.float32)} for seed in range(3)]
+    result = collect_ranges(path, feeds, method, QUIET)
+    assert list(result.tensors) == ["x", "xt", "xr", "relu", "y", "yt", "table_r", "z"]
+    x = np.concatenate([feed["x"] for feed in feeds])
+    for name, values in (("xt", x), ("yt", np.maximum(x, 0)), ("table_r", np.arange(24.0))):
+        source = result.tensors[augmented.aliases.get(name, name)]
+        assert result.tensors[name] == replace(source, name=name)
+        assert (result.tensors[name].minimum, result.tensors[name].maximum) == (values.min(), values.max())
 
 
 def test_missing_model_and_missing_input_are_user_errors(tmp_path: Path) -> None:

@@ -115,7 +115,7 @@ class AbsHistogram:
             raise CalibrationError(f"histogram range must be a finite amax >= 0, got {amax}")
         self.amax = float(amax)
         self.num_bins = num_bins
-        self.counts = np.zeros(num_bins, dtype=np.int64)
+        self.counts: np.ndarray = np.zeros(num_bins, dtype=np.int64)
         # float32 scaling keeps the temporaries small; a subnormal amax would overflow it, then use float64
         scale = num_bins / amax if amax > 0 else 0.0
         self._dtype = np.float32 if scale < np.finfo(np.float32).max else np.float64

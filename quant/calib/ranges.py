@@ -5,6 +5,8 @@ Phases (as ONNX Runtime's calibrators: augment -> collect -> compute, but stream
    initializers or Constant outputs) as a graph output; types come from ONNX shape inference, then ONNX Runtime's
    symbolic shape inference when some are still unknown; tensors whose type stays unknown are skipped (listed).
    Tensors inside control-flow subgraphs (If/Loop/Scan bodies) are not exposed: TensorRT names none of them either.
+   The output of an op that only rearranges its input (Reshape, Transpose, Squeeze, ...) holds exactly the input's
+   values, so it shares the input's statistics and is not exposed at all (offline DPCRN: 37 % of activation values).
 2. collect: one pass over the feeds keeps running min/max per tensor (non-finite values counted and ignored) and,
    for entropy and percentile, counts |x| into a power-of-two-range histogram that grows by exact pairwise merges
    (quant.calib.histogram), so the counts do not depend on the batch order. Nothing but these statistics is kept
@@ -36,6 +38,8 @@ FeedSource = Union[Callable[[], Iterable[Feed]], Iterable[Feed]]
 METHODS = ("entropy", "minmax", "percentile")
 HISTOGRAM_METHODS = ("entropy", "percentile")
 TEMP_PREFIX = "quant-ranges-"  # work folders in the system temp dir: quant-ranges-<pid>-<random>/augmented.onnx
+# ops whose first output holds exactly the values of their first input, rearranged (same multiset, same dtype)
+_SAME_VALUES_OPS = {"Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"}
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 
 
@@ -138,22 +142,62 @@ def collect_statistics(
 ) -> tuple[dict[str, TensorStats], list[str], int]:
     """Min/max and, with `histograms`, |x| histograms in one pass. Returns (stats, skipped tensors, batches)."""
     options = options or RangeOptions()
-    model = _load(onnx_path)
-    augmented, names, skipped = augment_model(model)
-    # the augmented model is only read while the session is made: its folder goes before the long passes, so a
-    # run killed during them leaves nothing in the temp dir (and one killed earlier is cleaned by the next run)
+    augmented = augment_model(_load(onnx_path))
+    # the augmented model is only read while the session is made: its folder goes before the long pass, so a
+    # run killed during it leaves nothing in the temp dir (and one killed earlier is cleaned by the next run)
     with private_temp_dir(TEMP_PREFIX) as tmp:
-        session = _session(augmented, tmp, options.threads)
-    stats = {name: new_stats(histograms, options) for name in names}
-    batches = _run_pass(session, names, _open(feeds), options, "ranges",
+        session = _session(augmented.model, tmp, options.threads)
+    stats = {name: new_stats(histograms, options) for name in augmented.fetched}
+    batches = _run_pass(session, augmented.fetched, _open(feeds), options, "ranges",
                         lambda name, value: stats[name].add(value))
     if batches == 0:
         raise CalibrationError(f"no calibration feeds for {onnx_path}: the feed source yielded nothing")
-    return stats, skipped, batches
+    return with_aliases(stats, augmented), augmented.skipped, batches
 
 
-def augment_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], list[str]]:
-    """A copy exposing every float activation as an output. Returns (model, exposed names, skipped names)."""
+def with_aliases(stats: Mapping[str, TensorStats], augmented: Augmented) -> dict[str, TensorStats]:
+    """Statistics of every calibrated name, in graph order: an alias shares (the same object as) its source's."""
+    return {name: stats[augmented.aliases.get(name, name)] for name in augmented.names}
+
+
+@dataclass(frozen=True)
+class Augmented:
+    """The model with its activations as outputs, and which of them ONNX Runtime returns."""
+
+    model: onnx.ModelProto
+    names: list[str]  # every float activation calibrated, in graph order
+    aliases: dict[str, str]  # name -> the fetched tensor holding the same values (see _SAME_VALUES_OPS)
+    skipped: list[str]  # activations of unknown type, not calibrated
+
+    @property
+    def fetched(self) -> list[str]:
+        return [name for name in self.names if name not in self.aliases]
+
+
+def augment_model(model: onnx.ModelProto) -> Augmented:
+    """A copy exposing every float activation as an output, except those that share another's values."""
+    augmented, names, skipped = _expose(model)
+    aliases = value_aliases(model, names)
+    kept = [output for output in augmented.graph.output if output.name not in aliases or
+            any(output.name == original.name for original in model.graph.output)]
+    del augmented.graph.output[:]
+    augmented.graph.output.extend(kept)
+    return Augmented(augmented, names, aliases, skipped)
+
+
+def value_aliases(model: onnx.ModelProto, names: list[str]) -> dict[str, str]:
+    """name -> the first tensor of its chain of rearranging ops (both calibrated), whose statistics it shares."""
+    calibrated = set(names)
+    aliases: dict[str, str] = {}
+    for node in model.graph.node:  # ONNX keeps nodes in topological order: a chain's head is resolved first
+        if (node.op_type in _SAME_VALUES_OPS and node.input and node.input[0] in calibrated
+                and node.output[0] in calibrated):
+            aliases[node.output[0]] = aliases.get(node.input[0], node.input[0])
+    return aliases
+
+
+def _expose(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], list[str]]:
+    """A copy with every float activation as an output. Returns (model, their names, skipped names)."""
     inferred = _infer_types(model)
     types = _value_types(inferred)
     candidates = _activation_names(model)

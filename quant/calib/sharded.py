@@ -30,7 +30,7 @@ from typing import Any, Iterable, Sequence
 
 from quant.calib import histogram as hist
 from quant.calib.ranges import (Feed, FeedSource, RangeOptions, RangeResult, TensorStats, _load, _open, _run_pass,
-                                _session, _tensor_range, augment_model, method_params, new_stats)
+                                _session, _tensor_range, augment_model, method_params, new_stats, with_aliases)
 from quant.errors import CalibrationError
 from quant.executor import Executor, Shard, split
 from quant.fileio import private_temp_dir
@@ -64,9 +64,11 @@ def collect_ranges_sharded(onnx_path: str | Path, feeds: FeedSource, method: str
                            executor: Executor, shards: int = DEFAULT_SHARDS) -> RangeResult:
     """collect_ranges(onnx_path, feeds, method, options), its passes run as shards on `executor`."""
     params = method_params(method, options)
-    augmented, names, skipped = augment_model(_load(onnx_path))
+    augmented = augment_model(_load(onnx_path))
+    names = augmented.fetched
     histograms = method != "minmax"
-    context = ModelContext(augmented.SerializeToString(), tuple(names), replace(options, progress=False), histograms)
+    context = ModelContext(augmented.model.SerializeToString(), tuple(names), replace(options, progress=False),
+                           histograms)
     parts = feed_shards(feeds, shards)
     expected = sum(len(part.covers) for part in parts)
     results = executor.map(run_shard, parts, context)
@@ -79,8 +81,9 @@ def collect_ranges_sharded(onnx_path: str | Path, feeds: FeedSource, method: str
         raise CalibrationError(f"no calibration feeds for {onnx_path}: the feed source yielded nothing")
     log.info("ranges on %s: %d shards covering %d utterances or feeds, %d batches", executor.name, len(parts),
              covered, batches)
-    tensors = {name: _tensor_range(name, item, method, options) for name, item in stats.items()}
-    return RangeResult(method, params, tensors, tuple(skipped), batches)
+    tensors = {name: _tensor_range(name, item, method, options)
+               for name, item in with_aliases(stats, augmented).items()}
+    return RangeResult(method, params, tensors, tuple(augmented.skipped), batches)
 
 
 def merge_stats(parts: Sequence[TensorStats], histograms: bool, options: RangeOptions) -> TensorStats:
