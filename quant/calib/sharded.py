@@ -30,7 +30,7 @@ from typing import Any, Iterable, Sequence
 
 from quant.calib import histogram as hist
 from quant.calib.ranges import (Feed, FeedSource, RangeOptions, RangeResult, TensorStats, _load, _open, _run_pass,
-                                _session, _tensor_range, augment_model, method_params, new_stats, with_aliases)
+                                _session, augment_model, method_params, new_stats, tensor_ranges, with_aliases)
 from quant.errors import CalibrationError
 from quant.executor import Executor, Shard, split
 from quant.fileio import private_temp_dir
@@ -81,8 +81,7 @@ def collect_ranges_sharded(onnx_path: str | Path, feeds: FeedSource, method: str
         raise CalibrationError(f"no calibration feeds for {onnx_path}: the feed source yielded nothing")
     log.info("ranges on %s: %d shards covering %d utterances or feeds, %d batches", executor.name, len(parts),
              covered, batches)
-    tensors = {name: _tensor_range(name, item, method, options)
-               for name, item in with_aliases(stats, augmented).items()}
+    tensors = tensor_ranges(with_aliases(stats, augmented), method, options)
     return RangeResult(method, params, tensors, tuple(augmented.skipped), batches)
 
 
