@@ -3,9 +3,9 @@ augmented graph: minmax, and percentile / entropy with their |x| histograms) aga
 (one pass over its augmented graph of ReduceMin/ReduceMax outputs). Feeds are materialised once before any clock
 starts, so reading audio (and a streaming roll) is not timed. The methods alternate within each round, so a change
 of machine load hits all of them; the 1-min load average is printed before every run, with the run's wall time and
-the CPU time of this process (all its threads: ONNX Runtime's MinMax session uses every core, quant's one thread),
-which a loaded machine inflates less. The summary gives each method's medians over the rounds and their ratios to
-ORT MinMax's.
+the CPU time of this process (all its threads: ONNX Runtime's MinMax session uses every core, and so does quant with
+the default --threads), which a loaded machine inflates less. The summary gives each method's medians over the
+rounds and their ratios to ORT MinMax's.
 
     python scripts/bench_calibration_time.py dpcrn /tmp/x/dpcrn.onnx --limit 16 --rounds 2
 """
@@ -50,8 +50,8 @@ def ort_minmax(onnx_path: Path, feeds: Feeds) -> Any:
         return calibrator.compute_data()
 
 
-def contenders(onnx_path: Path, feeds: Feeds) -> dict[str, Callable[[], Any]]:
-    quiet = RangeOptions(progress=False)
+def contenders(onnx_path: Path, feeds: Feeds, threads: int) -> dict[str, Callable[[], Any]]:
+    quiet = RangeOptions(progress=False, threads=threads)
     runs: dict[str, Callable[[], Any]] = {
         f"quant {method}": (lambda method=method: collect_ranges(onnx_path, feeds, method, quiet))
         for method in ("minmax", "percentile", "entropy")
@@ -67,12 +67,14 @@ def main() -> int:
     parser.add_argument("onnx", type=Path)
     parser.add_argument("--limit", type=int, default=4, help="calibration utterances (default 4)")
     parser.add_argument("--rounds", type=int, default=1, help="times each method runs, alternating (default 1)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="quant's threads (default: every CPU, as ONNX Runtime's MinMax session uses)")
     args = parser.parse_args()
     spec, graph = reference_graph(args.model)  # the shipped spec's calibration feeds of that graph
     feeds = [dict(f) for f in task_for(spec).calibration_feeds(
         graph.role, options=FeedOptions(limit=args.limit, graphs={graph.role: args.onnx}))]
-    runs = contenders(args.onnx, feeds)
-    print(f"{len(feeds)} feeds, {args.rounds} round(s), {os.cpu_count()} CPUs")
+    runs = contenders(args.onnx, feeds, args.threads)
+    print(f"{len(feeds)} feeds, {args.rounds} round(s), {os.cpu_count()} CPUs, quant threads {args.threads}")
     wall: dict[str, list[float]] = {label: [] for label in runs}
     cpu: dict[str, list[float]] = {label: [] for label in runs}
     for round_number in range(1, args.rounds + 1):
