@@ -97,10 +97,17 @@ class TensorStats:
     histogram: hist.Pow2Histogram | None = None
 
     def add(self, values: np.ndarray) -> None:
-        self.minmax.add(values)
-        if self.histogram is not None:
-            self.histogram.cover(self.minmax.amax)  # first grow the range to this batch's max |x|, then count
-            self.histogram.add(values)
+        if self.histogram is None:
+            self.minmax.add(values)
+            return
+        flat = values.reshape(-1)
+        # chunk by chunk, so the histogram's passes read what the min/max passes just brought into the cache; the
+        # range grows chunk by chunk too, which the exact merges make irrelevant to the counts
+        for start in range(0, flat.size, hist.CHUNK_ELEMENTS):
+            chunk = flat[start : start + hist.CHUNK_ELEMENTS]
+            self.minmax.add(chunk)
+            self.histogram.cover(self.minmax.amax)  # first grow the range to this chunk's max |x|, then count
+            self.histogram.add(chunk)
 
 
 def new_stats(histograms: bool, options: RangeOptions) -> TensorStats:
@@ -313,7 +320,9 @@ def _run_pass(
                 if missing:
                     raise CalibrationError(f"calibration feed lacks model input(s) {missing}; it has {sorted(part)}")
                 outputs = _run(session, names, {name: part[name] for name in input_names})
-                list(pool.map(update, names, outputs))  # list(): waits, and raises an update's error here
+                largest_first = sorted(range(len(names)), key=lambda index: -outputs[index].size)  # no long tail
+                # list(): waits, and raises an update's error here
+                list(pool.map(lambda index: update(names[index], outputs[index]), largest_first))
                 del outputs
                 batches += 1
     return batches
