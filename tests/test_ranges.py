@@ -345,6 +345,43 @@ def test_max_batch_splits_feeds_without_changing_minmax(tmp_path: Path) -> None:
     assert split.batches == 3 * whole.batches
 
 
+def concat_model(path: Path) -> Path:
+    """cat = Concat(x, Relu(x), x) (a union of activations), its Transpose, and a Concat with an initializer."""
+    table = numpy_helper.from_array(np.full((3, 2), 7.0, np.float32), "table")
+    nodes = [
+        helper.make_node("Relu", ["x"], ["relu"]),
+        helper.make_node("Concat", ["x", "relu", "x"], ["cat"], axis=1),
+        helper.make_node("Transpose", ["cat"], ["cat_t"], perm=[1, 0]),
+        helper.make_node("Concat", ["relu", "table"], ["with_table"], axis=1),
+        helper.make_node("Add", ["cat_t", "cat_t"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "concat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [24, 3]),
+                               helper.make_tensor_value_info("with_table", TensorProto.FLOAT, [3, 10])], [table])
+    return save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile", "minmax"])
+def test_a_concat_of_activations_gets_the_exact_merge_of_their_statistics(tmp_path: Path, method: str) -> None:
+    path = concat_model(tmp_path / "m.onnx")
+    augmented = augment_model(onnx.load(str(path)))
+    assert augmented.unions == {"cat": ("x", "relu", "x")} and augmented.aliases == {"cat_t": "cat"}
+    assert augmented.fetched == ["x", "relu", "with_table", "y"]
+    levels = (1.0, 9.0, 0.2)  # each batch its own power-of-two range: the merge has to grow histograms
+    feeds = [{"x": level * np.random.default_rng(seed).normal(size=(3, 8)).astype(np.float32)}
+             for seed, level in enumerate(levels)]
+    result = collect_ranges(path, feeds, method, QUIET)
+    per_batch = [np.concatenate([f["x"], np.maximum(f["x"], 0), f["x"]], axis=1) for f in feeds]
+    values = np.concatenate([batch.reshape(-1) for batch in per_batch])
+    cat = result.tensors["cat"]
+    assert (cat.minimum, cat.maximum, cat.count) == (values.min(), values.max(), values.size)
+    assert result.tensors["cat_t"] == replace(cat, name="cat_t")
+    collected = pow2_histogram_of(per_batch, hist.collect_bins(QUIET.num_bins))  # as if fetched and counted
+    expected = {"minmax": float(np.abs(values).max()), "percentile": hist.percentile_amax(collected, QUIET.percentile),
+                "entropy": hist.entropy_amax(hist.regrid(collected, QUIET.num_bins))}[method]
+    assert cat.amax == expected
+
+
 def test_augment_uses_inferred_types_and_skips_non_float(tmp_path: Path) -> None:
     model = onnx.load(str(scale_relu_model(tmp_path / "m.onnx")))
     augmented = augment_model(model)

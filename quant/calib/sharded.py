@@ -25,12 +25,11 @@ import hashlib
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
-
-from quant.calib import histogram as hist
 from quant.calib.ranges import (Feed, FeedSource, RangeOptions, RangeResult, TensorStats, _load, _open, _run_pass,
-                                _session, augment_model, method_params, new_stats, tensor_ranges, with_aliases)
+                                _session, augment_model, merge_stats, method_params, new_stats, tensor_ranges,
+                                with_derived)
 from quant.errors import CalibrationError
 from quant.executor import Executor, Shard, split
 from quant.fileio import private_temp_dir
@@ -81,28 +80,8 @@ def collect_ranges_sharded(onnx_path: str | Path, feeds: FeedSource, method: str
         raise CalibrationError(f"no calibration feeds for {onnx_path}: the feed source yielded nothing")
     log.info("ranges on %s: %d shards covering %d utterances or feeds, %d batches", executor.name, len(parts),
              covered, batches)
-    tensors = tensor_ranges(with_aliases(stats, augmented), method, options)
+    tensors = tensor_ranges(with_derived(stats, augmented, histograms, options), method, options)
     return RangeResult(method, params, tensors, tuple(augmented.skipped), batches)
-
-
-def merge_stats(parts: Sequence[TensorStats], histograms: bool, options: RangeOptions) -> TensorStats:
-    """One tensor's statistics as if one process had seen every shard's batches (exact in any order)."""
-    merged = TensorStats(merge_minmax([part.minmax for part in parts]))
-    if histograms:
-        merged.histogram = hist.Pow2Histogram.merged([part.histogram for part in parts if part.histogram is not None],
-                                                     hist.collect_bins(options.num_bins))
-    return merged
-
-
-def merge_minmax(parts: Sequence[hist.MinMaxAccumulator]) -> hist.MinMaxAccumulator:
-    """One accumulator as if it had seen every part's values: min, max and integer sums (order independent)."""
-    merged = hist.MinMaxAccumulator()
-    for part in parts:
-        merged.minimum = min(merged.minimum, part.minimum)
-        merged.maximum = max(merged.maximum, part.maximum)
-        merged.count += part.count
-        merged.nonfinite += part.nonfinite
-    return merged
 
 
 # ------------------------------------------------------------------------------------------------ shards
