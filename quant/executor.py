@@ -1,7 +1,7 @@
 """Where shard-independent work runs: in this process (LocalExecutor) or on a Ray cluster (RayExecutor).
 
-The stages that split into independent shards (calibration pass 1 = amax per tensor, a max-reduce; pass 2 = fixed-range
-histograms, a sum-reduce; evaluation = per-utterance metrics, a gather) call `executor.map(fn, shards, context)` and
+The stages that split into independent shards (calibration = min/max per tensor, a max-reduce, and power-of-two-range
+histograms, a grow-and-sum reduce; evaluation = per-utterance metrics, a gather) call `executor.map(fn, shards, context)` and
 reduce the results themselves, so the answer never depends on which executor ran them or in what order shards
 finished: `map` returns results in shard order.
 

@@ -89,9 +89,10 @@ def ort_histograms(model_path: Path, feeds: list[dict[str, np.ndarray]], names: 
     import onnxruntime as ort
     from onnxruntime.quantization.calibrate import HistogramCollector
 
-    augmented, exposed, _ = augment_model(onnx.load(str(model_path)))
+    augmented = augment_model(onnx.load(str(model_path)))
+    exposed = augmented.fetched
     with tempfile.TemporaryDirectory() as tmp:
-        onnx.save(augmented, f"{tmp}/augmented.onnx")
+        onnx.save(augmented.model, f"{tmp}/augmented.onnx")
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         session = ort.InferenceSession(f"{tmp}/augmented.onnx", options, providers=["CPUExecutionProvider"])
@@ -99,7 +100,7 @@ def ort_histograms(model_path: Path, feeds: list[dict[str, np.ndarray]], names: 
         for feed in feeds:
             outputs = dict(zip(exposed, session.run(exposed, feed)))
             with contextlib.redirect_stdout(io.StringIO()):
-                collector.collect({name: outputs[name] for name in names})
+                collector.collect({name: outputs[augmented.aliases.get(name, name)] for name in names})
     return dict(collector.get_histogram_dict())
 
 
@@ -168,9 +169,9 @@ def run_benchmark(args: argparse.Namespace) -> None:
         print(f"model: {model_path} ({origin}); {args.segments} segments of 9 s real speech (LibriVox)")
         start = time.perf_counter()
         stats, _, _ = collect_statistics(model_path, feeds, True, RangeOptions(progress=False))
-        print(f"histogram collection (2 passes, {len(stats)} tensors): {time.perf_counter() - start:.1f} s")
-        usable = {name: item.histogram for name, item in stats.items()
-                  if item.histogram is not None and item.histogram.amax > 0}
+        print(f"histogram collection (1 pass, {len(stats)} tensors): {time.perf_counter() - start:.1f} s")
+        usable = {name: hist.regrid(item.histogram, hist.NUM_BINS) for name, item in stats.items()
+                  if item.histogram is not None and item.histogram.amax > 0}  # the 2048 bins the search reads
         names = list(usable)
         picked = [names[int(i)] for i in np.linspace(0, len(names) - 1, min(args.max_tensors, len(names)))]
         ours_hist = {name: usable[name] for name in picked}

@@ -1,20 +1,25 @@
-"""Calibration wall time on the same feeds, side by side in one process: quant's range collection (percentile: two
-passes, amax then 2048-bin histograms; minmax: one pass) against ONNX Runtime's MinMax calibrator (one pass over its
-augmented graph). Feeds are materialised once before any clock starts, so reading audio is not timed; the 1-min load
-average is printed before and after.
+"""Calibration wall time on the same feeds, side by side in one process: quant's range collection (one pass over the
+augmented graph: minmax, and percentile / entropy with their |x| histograms) against ONNX Runtime's MinMax calibrator
+(one pass over its augmented graph of ReduceMin/ReduceMax outputs). Feeds are materialised once before any clock
+starts, so reading audio (and a streaming roll) is not timed. The methods alternate within each round, so a change
+of machine load hits all of them; the 1-min load average is printed before every run, with the run's wall time and
+the CPU time of this process (all its threads: ONNX Runtime's MinMax session uses every core, and so does quant with
+the default --threads), which a loaded machine inflates less. The summary gives each method's medians over the
+rounds and their ratios to ORT MinMax's.
 
-    python scripts/bench_calibration_time.py dpcrn /tmp/x/dpcrn.onnx --limit 4
+    python scripts/bench_calibration_time.py dpcrn /tmp/x/dpcrn.onnx --limit 16 --rounds 2
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -22,50 +27,72 @@ from quant.calib.ranges import RangeOptions, collect_ranges
 from quant.tasks import FeedOptions, task_for
 from quant.timing import reference_graph
 
+Feeds = list[dict[str, np.ndarray]]
+
 
 class _Reader:
     """ORT's CalibrationDataReader over a list of feeds."""
 
-    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+    def __init__(self, feeds: Feeds) -> None:
         self._items: Iterator[dict[str, np.ndarray]] = iter(feeds)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._items, None)
 
 
-def ort_minmax(onnx_path: Path, feeds: list[dict[str, np.ndarray]]) -> tuple[float, Any]:
+def ort_minmax(onnx_path: Path, feeds: Feeds) -> Any:
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 
     with tempfile.TemporaryDirectory() as work:
-        start = time.perf_counter()
         calibrator = create_calibrator(str(onnx_path), None, augmented_model_path=str(Path(work) / "aug.onnx"),
                                        calibrate_method=CalibrationMethod.MinMax)
         calibrator.collect_data(_Reader(feeds))
-        ranges = calibrator.compute_data()
-        return time.perf_counter() - start, ranges
+        return calibrator.compute_data()
+
+
+def contenders(onnx_path: Path, feeds: Feeds, threads: int) -> dict[str, Callable[[], Any]]:
+    quiet = RangeOptions(progress=False, threads=threads)
+    runs: dict[str, Callable[[], Any]] = {
+        f"quant {method}": (lambda method=method: collect_ranges(onnx_path, feeds, method, quiet))
+        for method in ("minmax", "percentile", "entropy")
+    }
+    runs["ORT MinMax"] = lambda: ort_minmax(onnx_path, feeds)
+    return runs
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="dpcrn | dpcrn-stream | wenet-encoder (the shipped graph whose calibration feeds are used)")
+    parser.add_argument("model", help="dpcrn | dpcrn-stream | wenet-encoder (the shipped graph whose calibration feeds "
+                                      "are used)")
     parser.add_argument("onnx", type=Path)
     parser.add_argument("--limit", type=int, default=4, help="calibration utterances (default 4)")
+    parser.add_argument("--rounds", type=int, default=1, help="times each method runs, alternating (default 1)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="quant's threads (default: every CPU, as ONNX Runtime's MinMax session uses)")
     args = parser.parse_args()
     spec, graph = reference_graph(args.model)  # the shipped spec's calibration feeds of that graph
     feeds = [dict(f) for f in task_for(spec).calibration_feeds(
         graph.role, options=FeedOptions(limit=args.limit, graphs={graph.role: args.onnx}))]
-    print(f"{len(feeds)} feeds; load average before {os.getloadavg()[0]:.2f}")
-    times = {}
-    for label, run in (("quant percentile (2 passes)", lambda: collect_ranges(args.onnx, feeds, "percentile",
-                                                                              RangeOptions(progress=False))),
-                       ("quant minmax (1 pass)", lambda: collect_ranges(args.onnx, feeds, "minmax",
-                                                                      RangeOptions(progress=False))),
-                       ("ORT MinMax", lambda: ort_minmax(args.onnx, feeds))):
-        start = time.perf_counter()
-        run()
-        times[label] = time.perf_counter() - start
-        print(f"{label:<30}{times[label]:8.1f} s", flush=True)
-    print(f"load average after {os.getloadavg()[0]:.2f}")
+    runs = contenders(args.onnx, feeds, args.threads)
+    print(f"{len(feeds)} feeds, {args.rounds} round(s), {os.cpu_count()} CPUs, quant threads {args.threads}")
+    wall: dict[str, list[float]] = {label: [] for label in runs}
+    cpu: dict[str, list[float]] = {label: [] for label in runs}
+    for round_number in range(1, args.rounds + 1):
+        order = list(runs) if round_number % 2 else list(reversed(runs))  # alternate who goes first
+        for label in order:
+            load = os.getloadavg()[0]
+            start, start_cpu = time.perf_counter(), time.process_time()
+            runs[label]()
+            wall[label].append(time.perf_counter() - start)
+            cpu[label].append(time.process_time() - start_cpu)
+            print(f"round {round_number}  {label:<18} wall {wall[label][-1]:7.1f} s  cpu {cpu[label][-1]:7.1f} s  "
+                  f"(load average before {load:.2f})", flush=True)
+    wall_ref, cpu_ref = statistics.median(wall["ORT MinMax"]), statistics.median(cpu["ORT MinMax"])
+    print(f"\nmedians over {args.rounds} round(s), load average now {os.getloadavg()[0]:.2f}")
+    for label in runs:
+        wall_s, cpu_s = statistics.median(wall[label]), statistics.median(cpu[label])
+        print(f"{label:<18} wall {wall_s:7.1f} s ({wall_s / wall_ref:4.2f}x ORT MinMax)  "
+              f"cpu {cpu_s:7.1f} s ({cpu_s / cpu_ref:4.2f}x)")
     return 0
 
 

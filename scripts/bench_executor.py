@@ -78,7 +78,7 @@ def main() -> None:
             ray.shutdown()
     for stage, results in answers.items():
         assert all(item == results[0] for item in results), f"{stage}: the executors disagree"
-    print(f"offline DPCRN, calibration {args.calib} utterances (percentile, 2 passes), evaluation {args.eval} "
+    print(f"offline DPCRN, calibration {args.calib} utterances (percentile, 1 pass), evaluation {args.eval} "
           f"utterances; os.cpu_count() {os.cpu_count()}, 1-min load average {load_start:.1f} at the start, "
           f"{os.getloadavg()[0]:.1f} at the end")
     print(f"{'':12s} {'calibration s':>14s} {'evaluation s':>13s}")

@@ -13,6 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from quant.calib import cache as cc
+from quant.calib import histogram as hist
 from quant.calib import calibrate as cal
 from quant.calib.ranges import RangeOptions
 from quant.cli import cache as cli_cache
@@ -71,8 +72,43 @@ def test_default_output_goes_to_the_store(tmp_path: Path, monkeypatch: pytest.Mo
     options = replace(OPTIONS, out_root=tmp_path / "engines")
     entry = cal.calibrate(model, None, None, "percentile", None, options, feeds=feeds())
     assert entry.path.parent == tmp_path / "engines" / "cache" and entry.path.name.startswith("m-percentile-")
-    assert json.loads(entry.key.params) == {"num_bins": 2048, "percentile": 99.99}
+    assert json.loads(entry.key.params) == {"num_bins": 2048, "percentile": 99.99, "collector": hist.COLLECTOR}
     assert cc.lookup(cal.default_store(tmp_path / "engines"), entry.key).hit
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile", "minmax"])
+def test_shuffled_batches_write_the_same_cache_bytes(tmp_path: Path, method: str) -> None:
+    model = tiny_model(tmp_path / "m.onnx")
+    batches = [{"x": scale * feed["x"]} for scale, feed in zip((1.0, 8.0, 0.1, 3.0), feeds())]  # ranges that grow
+    in_order = cal.calibrate(model, None, None, method, tmp_path / "a.cache", OPTIONS, feeds=batches)
+    shuffled = cal.calibrate(model, None, None, method, tmp_path / "b.cache", OPTIONS, feeds=batches[::-1][1:] +
+                             batches[-1:])
+    assert in_order.key.data_sha256 != shuffled.key.data_sha256  # the same feeds in another order
+    assert in_order.path.read_bytes() == shuffled.path.read_bytes()
+
+
+def two_pass_key(key: cc.CacheKey) -> cc.CacheKey:
+    """The key the former two-pass collector wrote for the same calibration: no collector among the parameters."""
+    params = {name: value for name, value in json.loads(key.params).items() if name != "collector"}
+    return cc.CacheKey.create(key.model_sha256, key.data_sha256, key.method, params, json.loads(key.versions))
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_a_cache_of_the_two_pass_collector_is_never_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           method: str) -> None:
+    model = tiny_model(tmp_path / "m.onnx")
+    store = tmp_path / "engines"
+    fresh = cal.calibrate(model, None, None, method, None, replace(OPTIONS, out_root=store), feeds=feeds())
+    old = cc.write_entry(tmp_path / "old.cache", two_pass_key(fresh.key), cal.collect_ranges(model, feeds(), method,
+                                                                                             OPTIONS.ranges))
+    with pytest.raises(CacheMismatch, match="method parameters differ.*collector"):
+        cal.calibrate(model, None, None, method, old.path, OPTIONS, feeds=feeds())
+    assert not cc.lookup(cal.default_store(store), old.key).hit  # the store holds only today's key
+    monkeypatch.setattr(cal, "read_entry", lambda path: old)  # verify against a manifest-less feed list:
+    monkeypatch.setattr(cal, "required_manifest", lambda *args: tmp_path / "none.jsonl")
+    monkeypatch.setattr(cal, "reader", lambda *args: feeds())
+    reasons = cal.verify(old.path, model)
+    assert len(reasons) == 1 and "method parameters differ" in reasons[0] and "re-run quant calibrate" in reasons[0]
 
 
 def test_batches_split_one_item_at_a_time_give_the_same_ranges(tmp_path: Path) -> None:

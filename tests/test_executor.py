@@ -144,6 +144,21 @@ def test_driver_shards_ship_the_feeds_in_order(tmp_path: Path) -> None:
         model, feeds, "entropy", options)
 
 
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_shards_of_different_ranges_merge_exactly(tmp_path: Path, method: str) -> None:
+    """Each shard's histograms cover another power-of-two range (levels 2^-3 .. 2^5): merged, they equal one pass over
+    every feed in process, in either order of the feeds."""
+    from quant.calib.ranges import collect_ranges
+
+    levels = [2.0**exponent for exponent in (5, -3, 0, 2, -1, 3)]
+    feeds = [{"x": level * RNG.standard_normal((1, 4000)).astype(np.float32)} for level in levels]
+    model = waveform_model(tmp_path / "w.onnx")
+    options = RangeOptions(progress=False)
+    whole = collect_ranges(model, feeds, method, options)
+    assert collect_ranges_sharded(model, feeds, method, options, LocalExecutor()) == whole
+    assert collect_ranges_sharded(model, feeds[::-1], method, options, LocalExecutor(), shards=2) == whole
+
+
 # ------------------------------------------------------------------------------------------------ on Ray
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,125 @@ def test_float16_and_float64_tensors_share_the_float32_histogram() -> None:
         np.testing.assert_array_equal(histogram.counts, reference.counts)
 
 
+# ------------------------------------------------------------------------------------------------ one-pass histogram
+
+
+def pow2_histogram_of(batches: list[np.ndarray], num_bins: int = 64) -> hist.Pow2Histogram:
+    """What the one-pass collector does per tensor: cover each batch's max |x|, then count it."""
+    histogram = hist.Pow2Histogram(num_bins)
+    accumulator = hist.MinMaxAccumulator()
+    for batch in batches:
+        accumulator.add(batch)
+        histogram.cover(accumulator.amax)
+        histogram.add(batch)
+    return histogram
+
+
+def direct_pow2_counts(values: np.ndarray, exponent: int, num_bins: int) -> np.ndarray:
+    """floor(|x| * bins / 2^exponent) in exact (float64) arithmetic over every value at once."""
+    index = np.floor(np.abs(values.astype(np.float64)) * num_bins / 2.0**exponent).astype(np.int64)
+    return np.bincount(index, minlength=num_bins)
+
+
+def growing_batches() -> list[np.ndarray]:
+    """Batches whose max |x| rises over 2^-3 .. 2^9, hitting bin edges of every range exactly, plus zeros."""
+    rng = np.random.default_rng(3)
+    batches = [np.zeros(7, np.float32)]
+    for exponent in range(-3, 10, 2):
+        values = rng.laplace(scale=2.0**exponent / 8, size=500)
+        edges = np.arange(0, 65) * 2.0**exponent / 64  # exact bin edges of the range [0, 2^exponent)
+        batches.append(np.concatenate([values, edges[:-1], -edges[1:-1]]).astype(np.float32))
+    return batches
+
+
+def test_pow2_merges_equal_the_histogram_over_the_final_range() -> None:
+    batches = growing_batches()
+    grown = pow2_histogram_of(batches)
+    everything = np.concatenate(batches)
+    final = hist.Pow2Histogram(64)
+    final.cover(float(np.abs(everything).max()))  # the final range from the start: no merge at all
+    final.add(everything)
+    assert grown.exponent == final.exponent and grown.amax == final.amax
+    np.testing.assert_array_equal(grown.counts, final.counts)
+    np.testing.assert_array_equal(grown.counts, direct_pow2_counts(everything, final.exponent, 64))
+    assert grown.counts.sum() == everything.size
+
+
+def test_pow2_histogram_is_identical_in_any_batch_order_and_split() -> None:
+    batches = growing_batches()
+    reference = pow2_histogram_of(batches)
+    for seed in range(3):
+        order = np.random.default_rng(seed).permutation(len(batches))
+        shuffled = pow2_histogram_of([batches[i] for i in order])
+        np.testing.assert_array_equal(shuffled.counts, reference.counts)
+        parts = [pow2_histogram_of([batches[i] for i in order[:3]]), pow2_histogram_of([batches[i] for i in order[3:]])]
+        merged = hist.Pow2Histogram.merged(parts[::-1] if seed % 2 else parts, 64)
+        np.testing.assert_array_equal(merged.counts, reference.counts)
+        assert (merged.exponent, merged.amax) == (reference.exponent, reference.amax)
+
+
+def test_pow2_histogram_refuses_values_above_its_range() -> None:
+    histogram = hist.Pow2Histogram(64)
+    histogram.cover(1.0)
+    with pytest.raises(CalibrationError, match="above the histogram range"):
+        histogram.add(np.array([3.0], np.float32))
+    with pytest.raises(CalibrationError, match="power-of-two bin count"):
+        hist.Pow2Histogram(100)
+
+
+def test_pow2_histogram_of_float64_values_just_below_a_power_of_two() -> None:
+    values = np.array([np.nextafter(4.0, 0.0), 1.0, -0.5])  # rounds to 4.0 in float32: must stay float64
+    histogram = pow2_histogram_of([values], num_bins=8)
+    assert histogram.exponent == 2
+    np.testing.assert_array_equal(histogram.counts, direct_pow2_counts(values, 2, 8))
+
+
+def real_activations() -> dict[str, list[np.ndarray]]:
+    """Per tensor, batches of real-speech activations: STFT of the test clips, its magnitude and log power, and a
+    fixed random projection through tanh and ReLU (zero spike), one clip a batch and each clip at its own level."""
+    from quant import features
+    from quant.data.audio import load_audio
+
+    rng = np.random.default_rng(0)
+    weights = rng.normal(scale=0.1, size=(features.FREQ_BINS, 64)).astype(np.float32)
+    tensors: dict[str, list[np.ndarray]] = {"stft": [], "magnitude": [], "log_power": [], "tanh": [], "relu": []}
+    clips = sorted((Path(__file__).parent / "data").glob("librivox_*.flac"))
+    for level, clip in zip((1.0, 0.3, 2.5, 0.7, 1.6), clips):
+        spec = features.stft(level * load_audio(clip)[: 4 * features.SAMPLE_RATE]).astype(np.float32)
+        magnitude = np.sqrt(spec[..., 0] ** 2 + spec[..., 1] ** 2).reshape(-1, features.FREQ_BINS)
+        projected = magnitude @ weights
+        for name, value in (("stft", spec), ("magnitude", magnitude), ("log_power", np.log(magnitude**2 + 1e-8)),
+                            ("tanh", np.tanh(projected)), ("relu", np.maximum(projected - 0.5, 0.0))):
+            tensors[name].append(value.astype(np.float32))
+    return tensors
+
+
+def test_one_pass_thresholds_are_within_one_bin_of_the_two_pass_reference() -> None:
+    """Against the former collector: pass 1 amax, pass 2 2048 bins over [0, amax], same searches."""
+    options = RangeOptions()
+    for name, batches in real_activations().items():
+        collected = pow2_histogram_of(batches, hist.collect_bins(options.num_bins))
+        reference = histogram_of(np.concatenate([batch.reshape(-1) for batch in batches]), options.num_bins)
+        assert collected.amax == reference.amax
+        one_bin = reference.bin_width
+        percentile = hist.percentile_amax(collected, options.percentile)
+        assert abs(percentile - hist.percentile_amax(reference, options.percentile)) <= one_bin, name
+        entropy = hist.entropy_amax(hist.regrid(collected, options.num_bins))
+        assert abs(entropy - hist.entropy_amax(reference)) <= one_bin, name
+
+
+def test_regrid_keeps_every_count_and_moves_none_by_more_than_a_search_bin() -> None:
+    values = np.abs(np.random.default_rng(1).laplace(size=50000)).astype(np.float32)
+    collected = pow2_histogram_of([values], hist.collect_bins(256))
+    regridded = hist.regrid(collected, 256)
+    reference = histogram_of(values, 256).counts
+    assert regridded.counts.sum() == values.size and regridded.amax == float(values.max())
+    # interpolation spreads a count within its collected bin (an eighth of a search bin or less), so the cumulative
+    # counts at the search edges lag or lead the exact ones by at most one search bin
+    cumulative, exact = np.cumsum(regridded.counts), np.cumsum(reference)
+    assert np.all(cumulative[1:] >= exact[:-1]) and np.all(cumulative[:-1] <= exact[1:])
+
+
 def test_all_zero_and_empty_tensors_give_zero() -> None:
     histogram = histogram_of(np.zeros(100, dtype=np.float32))
     assert histogram.amax == 0.0
@@ -179,14 +299,22 @@ def test_permuted_batches_give_bit_identical_amax(tmp_path: Path, method: str) -
     assert all(value > 0 for value in first.values())
 
 
-def test_callable_feed_source_and_one_shot_iterator(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["entropy", "percentile", "minmax"])
+def test_threads_never_change_a_result(tmp_path: Path, method: str) -> None:
+    path = scale_relu_model(tmp_path / "m.onnx")
+    feeds = batches(seed=2, count=5)
+    assert collect_ranges(path, feeds, method, RangeOptions(progress=False, threads=3)) == collect_ranges(
+        path, feeds, method, QUIET)
+
+
+@pytest.mark.parametrize("method", ["entropy", "minmax"])
+def test_callable_feed_source_and_one_shot_iterator(tmp_path: Path, method: str) -> None:
     path = scale_relu_model(tmp_path / "m.onnx")
     feeds = batches()
-    via_callable = collect_ranges(path, lambda: iter(feeds), "entropy", QUIET)
-    assert via_callable.amax == collect_ranges(path, feeds, "entropy", QUIET).amax
-    with pytest.raises(CalibrationError, match="one-shot iterator"):
-        collect_ranges(path, iter(feeds), "entropy", QUIET)
-    assert collect_ranges(path, iter(feeds), "minmax", QUIET).batches == len(feeds)
+    reference = collect_ranges(path, feeds, method, QUIET)
+    assert collect_ranges(path, lambda: iter(feeds), method, QUIET).amax == reference.amax
+    one_shot = collect_ranges(path, iter(feeds), method, QUIET)  # one pass: a generator is enough
+    assert one_shot.amax == reference.amax and one_shot.batches == len(feeds)
 
 
 def test_masked_softmax_input_never_becomes_infinite(tmp_path: Path) -> None:
@@ -217,12 +345,87 @@ def test_max_batch_splits_feeds_without_changing_minmax(tmp_path: Path) -> None:
     assert split.batches == 3 * whole.batches
 
 
+def concat_model(path: Path) -> Path:
+    """cat = Concat(x, Relu(x), x) (a union of activations), its Transpose, and a Concat with an initializer."""
+    table = numpy_helper.from_array(np.full((3, 2), 7.0, np.float32), "table")
+    nodes = [
+        helper.make_node("Relu", ["x"], ["relu"]),
+        helper.make_node("Concat", ["x", "relu", "x"], ["cat"], axis=1),
+        helper.make_node("Transpose", ["cat"], ["cat_t"], perm=[1, 0]),
+        helper.make_node("Concat", ["relu", "table"], ["with_table"], axis=1),
+        helper.make_node("Add", ["cat_t", "cat_t"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "concat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [24, 3]),
+                               helper.make_tensor_value_info("with_table", TensorProto.FLOAT, [3, 10])], [table])
+    return save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile", "minmax"])
+def test_a_concat_of_activations_gets_the_exact_merge_of_their_statistics(tmp_path: Path, method: str) -> None:
+    path = concat_model(tmp_path / "m.onnx")
+    augmented = augment_model(onnx.load(str(path)))
+    assert augmented.unions == {"cat": ("x", "relu", "x")} and augmented.aliases == {"cat_t": "cat"}
+    assert augmented.fetched == ["x", "relu", "with_table", "y"]
+    levels = (1.0, 9.0, 0.2)  # each batch its own power-of-two range: the merge has to grow histograms
+    feeds = [{"x": level * np.random.default_rng(seed).normal(size=(3, 8)).astype(np.float32)}
+             for seed, level in enumerate(levels)]
+    result = collect_ranges(path, feeds, method, QUIET)
+    per_batch = [np.concatenate([f["x"], np.maximum(f["x"], 0), f["x"]], axis=1) for f in feeds]
+    values = np.concatenate([batch.reshape(-1) for batch in per_batch])
+    cat = result.tensors["cat"]
+    assert (cat.minimum, cat.maximum, cat.count) == (values.min(), values.max(), values.size)
+    assert result.tensors["cat_t"] == replace(cat, name="cat_t")
+    collected = pow2_histogram_of(per_batch, hist.collect_bins(QUIET.num_bins))  # as if fetched and counted
+    expected = {"minmax": float(np.abs(values).max()), "percentile": hist.percentile_amax(collected, QUIET.percentile),
+                "entropy": hist.entropy_amax(hist.regrid(collected, QUIET.num_bins))}[method]
+    assert cat.amax == expected
+
+
 def test_augment_uses_inferred_types_and_skips_non_float(tmp_path: Path) -> None:
     model = onnx.load(str(scale_relu_model(tmp_path / "m.onnx")))
-    augmented, names, skipped = augment_model(model)
-    assert names == ["x", "scaled", "relu", "y"] and skipped == []
-    assert [output.name for output in augmented.graph.output] == ["y", "shape", "x", "scaled", "relu"]
+    augmented = augment_model(model)
+    assert augmented.names == ["x", "scaled", "relu", "y"] and augmented.skipped == [] and augmented.aliases == {}
+    assert [output.name for output in augmented.model.graph.output] == ["y", "shape", "x", "scaled", "relu"]
     assert len(model.graph.output) == 2  # the original is untouched
+
+
+def rearranging_model(path: Path) -> Path:
+    """x -> Transpose -> Reshape -> Relu -> Identity (graph output); a Reshape of an initializer; a Transpose of a
+    Relu output that is a graph output too."""
+    shape = numpy_helper.from_array(np.array([4, 6], np.int64), "shape")
+    table = numpy_helper.from_array(np.arange(24, dtype=np.float32).reshape(2, 12), "table")
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0]),
+        helper.make_node("Reshape", ["xt", "shape"], ["xr"]),
+        helper.make_node("Relu", ["xr"], ["relu"]),
+        helper.make_node("Identity", ["relu"], ["y"]),
+        helper.make_node("Transpose", ["y"], ["yt"], perm=[1, 0]),
+        helper.make_node("Reshape", ["table", "shape"], ["table_r"]),
+        helper.make_node("Add", ["yt", "yt"], ["z"]),
+    ]
+    graph = helper.make_graph(nodes, "rearrange", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 6]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, [6, 4]),
+                               helper.make_tensor_value_info("table_r", TensorProto.FLOAT, [4, 6])], [shape, table])
+    return save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile", "minmax"])
+def test_rearranged_tensors_share_their_source_statistics_without_being_fetched(tmp_path: Path, method: str) -> None:
+    path = rearranging_model(tmp_path / "m.onnx")
+    augmented = augment_model(onnx.load(str(path)))
+    assert augmented.aliases == {"xt": "x", "xr": "x", "y": "relu", "yt": "relu"}  # the initializer's is fetched
+    outputs = [output.name for output in augmented.model.graph.output]
+    assert "xt" not in outputs and "xr" not in outputs and "yt" not in outputs and "y" in outputs  # y: graph output
+    feeds = [{"x": np.random.default_rng(seed).normal(size=(3, 8)).astype(np.float32)} for seed in range(3)]
+    result = collect_ranges(path, feeds, method, QUIET)
+    assert list(result.tensors) == ["x", "xt", "xr", "relu", "y", "yt", "table_r", "z"]
+    x = np.concatenate([feed["x"] for feed in feeds])
+    for name, values in (("xt", x), ("yt", np.maximum(x, 0)), ("table_r", np.arange(24.0))):
+        source = result.tensors[augmented.aliases.get(name, name)]
+        assert result.tensors[name] == replace(source, name=name)
+        assert (result.tensors[name].minimum, result.tensors[name].maximum) == (values.min(), values.max())
 
 
 def test_missing_model_and_missing_input_are_user_errors(tmp_path: Path) -> None:
@@ -241,7 +444,7 @@ def test_missing_model_and_missing_input_are_user_errors(tmp_path: Path) -> None
 
 def test_no_temp_folder_outlives_the_session_and_dead_runs_folders_go(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A kill -9 during the (long) passes leaves nothing in the temp dir, and what an earlier kill left is removed."""
+    """A kill -9 during the (long) pass leaves nothing in the temp dir, and what an earlier kill left is removed."""
     import subprocess
     import sys
     import tempfile
@@ -255,11 +458,11 @@ def test_no_temp_folder_outlives_the_session_and_dead_runs_folders_go(tmp_path: 
     left.mkdir()
     (left / "augmented.onnx").write_bytes(b"partial")
     path = scale_relu_model(tmp_path / "m.onnx")
-    seen_during_passes: list[list[str]] = []
+    seen_during_pass: list[list[str]] = []
 
     def feeds() -> list[dict[str, np.ndarray]]:
-        seen_during_passes.append(sorted(p.name for p in system_tmp.iterdir()))
+        seen_during_pass.append(sorted(p.name for p in system_tmp.iterdir()))
         return batches()
 
     collect_ranges(path, feeds, "entropy", QUIET)
-    assert seen_during_passes == [[], []] and not any(system_tmp.iterdir())
+    assert seen_during_pass == [[]] and not any(system_tmp.iterdir())

@@ -282,7 +282,8 @@ class CacheKey:
         if self.method != wanted.method:
             reasons.append(f"method differs: cache {self.method}, requested {wanted.method}")
         elif self.params != wanted.params:
-            reasons.append(f"method parameters differ: cache {self.params}, requested {wanted.params}")
+            reasons.append(f"method parameters differ: cache {self.params}, requested {wanted.params} -> re-run "
+                           "quant calibrate")
         if self.versions != wanted.versions:
             mine, theirs = json.loads(self.versions), json.loads(wanted.versions)
             changed = [f"{tool} {mine.get(tool)} -> {theirs.get(tool)}" for tool in sorted(set(mine) | set(theirs))

@@ -26,7 +26,7 @@ import numpy as np
 from quant.calib.cache import (CacheEntry, CacheKey, check_entry, ensure_writable, entry_exists, read_entry, store_path,
                                write_entry)
 from quant.calib.histstore import write_histograms
-from quant.calib.ranges import FeedSource, RangeOptions, collect_ranges, method_params
+from quant.calib.ranges import FeedSource, RangeOptions, collect_ranges, collector_params, method_params
 from quant.errors import CacheMismatch, CalibrationError
 from quant.executor import Executor
 from quant.fileio import sha256_file
@@ -97,7 +97,7 @@ def calibrate(
     quant.calib.readers.reader_for over `manifest` (streaming ONNX, or options.reader.feature); `model_kind` is a label
     recorded in the sidecar.
     A cache at the output path with the same key is reused; one with another key is refused unless options.force.
-    `method` None: default_method(). `executor` (quant.executor) runs the two passes in shards there
+    `method` None: default_method(). `executor` (quant.executor) runs the range collection in shards there
     (quant.calib.sharded); the cache is byte-identical to the in-process one (None).
     """
     options = options or CalibrateOptions()
@@ -176,13 +176,13 @@ def verify(cache_path: str | Path, onnx_path: str | Path, model_kind: str | None
            manifest: str | Path | None = None) -> list[str]:
     """Why the cache at `cache_path` is not valid for this model and data today (empty list: a hit).
 
-    The cache's own method, parameters and reader settings are kept; model sha256, calibration-set sha256 and tool
-    versions are recomputed."""
+    The cache's own method, parameters and reader settings are kept; model sha256, calibration-set sha256, tool
+    versions and the statistics collector are today's."""
     entry = read_entry(cache_path)
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise CalibrationError(f"ONNX model {onnx_path} not found")
-    params = json.loads(entry.key.params)
+    params = {**json.loads(entry.key.params), **collector_params(entry.key.method)}
     options = _reader_options(params.get("reader"))
     data_hash = _manifest_sha256(Path(manifest), _allow_outside(options)) if manifest is not None else None
     if data_hash is None or "feeds" in params:  # the reader as it would be built today, from the recorded options

@@ -1,8 +1,22 @@
-"""Range statistics in numpy: running min/max, fixed-range |x| histograms, and the amax searches on them.
+"""Range statistics in numpy: running min/max, |x| histograms, and the amax searches on them.
 
-Everything here is order independent by construction. Pass 1 of a calibration keeps exact running min/max (and so
-amax = max|x|); pass 2 counts |x| into `num_bins` integer bins over the fixed range [0, amax]. Integer counts add
-commutatively, so any batch order gives the same histogram and therefore bit-identical thresholds.
+Everything here is order independent by construction, in one pass over the data. A calibration keeps exact running
+min/max (so amax = max|x|) and counts |x| into a `Pow2Histogram`: `collect_bins(num_bins)` integer bins over
+[0, 2^e), the smallest power-of-two range above every value seen so far. When a batch raises amax past 2^e the range
+doubles (as often as needed) and bins merge pairwise: with scaling by powers of two exact in floating point,
+floor(|x| * bins / 2^(e+1)) == floor(floor(|x| * bins / 2^e) / 2), so the merged counts are exactly those a histogram
+over the final range would have had from the start. Integer counts add commutatively, so any batch order (and any
+split into shards) gives the same histogram and therefore bit-identical thresholds.
+
+Resolution: 2^(e-1) <= amax < 2^e, so with 16x the search bins over [0, 2^e) a collected bin is at most an eighth
+of a search bin (amax / num_bins). Percentile reads the collected bins directly: its threshold is the upper edge of
+the bin holding the percentile, so it is within one search bin of the one a fixed [0, amax] histogram gives. Entropy
+search runs on `num_bins` bins over [0, amax] regridded from the collected ones (`regrid`: the cumulative counts
+interpolated linearly at the search bins' edges). The KL search is not continuous in its histogram, though: where two
+candidates' divergences nearly tie, a small change of counts moves the winner far. Measured on the offline DPCRN's 116
+tensors (8 utterances) against the former two passes: 112 entropy thresholds within one search bin at 16x (the other
+4 moved 4, 14, 14 and 168 bins, where the former histogram's own KL is within 2.8 % of its minimum), 105 at 8x;
+assigning whole collected bins to the search bin of their centre instead of interpolating: 74 at 16x (aliasing).
 
 Entropy search (TensorRT's IInt8EntropyCalibrator2 algorithm as presented at GTC 2017 and implemented by
 pytorch-quantization): for every candidate i in [start_bin, num_bins] keep the first i bins as the reference P with all
@@ -24,8 +38,10 @@ The KL of all candidates is computed at once from prefix sums (no Python loop ov
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
+from typing import Iterable, Protocol
 
 import numpy as np
 
@@ -35,7 +51,12 @@ NUM_BINS = 2048
 NUM_LEVELS = 128
 START_BIN = 128
 DEFAULT_PERCENTILE = 99.99
-_CHUNK_ELEMENTS = 1 << 20  # histogram updates work on chunks of 1 Mi elements in reused buffers
+COLLECT_BINS_PER_SEARCH_BIN = 16  # bins over [0, 2^e) per search bin over [0, amax]: >= 8 per search bin (module doc)
+# what produced the histograms (part of a cache key: a different collector is a different calibration, never a hit)
+COLLECTOR = "one-pass-pow2-x16-interp"
+# histogram updates work on chunks in reused buffers; 256 Ki elements (1 MiB float32 + 1 MiB int32 stay in cache
+# between the passes) measured 16 % less CPU than 1 Mi on a 32768-bin histogram
+CHUNK_ELEMENTS = 1 << 18
 
 
 @dataclass
@@ -73,11 +94,22 @@ class MinMaxAccumulator:
         return max(abs(self.minimum), abs(self.maximum))
 
 
-class AbsHistogram:
-    """Integer counts of |x| in `num_bins` equal bins over [0, amax]; amax is fixed when the histogram is made.
+class Histogram(Protocol):
+    """What the threshold searches read: counts of |x| in equal bins from 0, and the exact max |x|."""
 
-    Values above amax land in the last bin (pass 2 sees the same data as pass 1, so there are none unless the
-    feeds changed); non-finite values are skipped (pass 1 counted them).
+    counts: np.ndarray
+    amax: float
+
+    @property
+    def bin_width(self) -> float: ...
+
+
+class AbsHistogram:
+    """Counts of |x| in `num_bins` equal bins over [0, amax]; amax is fixed when the histogram is made. Integers when
+    filled by `add`; fractional when made by `regrid`.
+
+    Values above amax land in the last bin; non-finite values are skipped (the min/max accumulator counts them). The
+    entropy search's input (see `regrid`), and a two-pass reference collection when filled with `add`.
     """
 
     def __init__(self, amax: float, num_bins: int = NUM_BINS) -> None:
@@ -85,7 +117,7 @@ class AbsHistogram:
             raise CalibrationError(f"histogram range must be a finite amax >= 0, got {amax}")
         self.amax = float(amax)
         self.num_bins = num_bins
-        self.counts = np.zeros(num_bins, dtype=np.int64)
+        self.counts: np.ndarray = np.zeros(num_bins, dtype=np.int64)
         # float32 scaling keeps the temporaries small; a subnormal amax would overflow it, then use float64
         scale = num_bins / amax if amax > 0 else 0.0
         self._dtype = np.float32 if scale < np.finfo(np.float32).max else np.float64
@@ -100,8 +132,8 @@ class AbsHistogram:
             return
         flat = values.reshape(-1)
         scaled_buffer, index_buffer = _scratch(self._dtype)
-        for start in range(0, flat.size, _CHUNK_ELEMENTS):
-            chunk = flat[start : start + _CHUNK_ELEMENTS]
+        for start in range(0, flat.size, CHUNK_ELEMENTS):
+            chunk = flat[start : start + CHUNK_ELEMENTS]
             self._add_chunk(chunk, scaled_buffer[: chunk.size], index_buffer[: chunk.size])
 
     def _add_chunk(self, chunk: np.ndarray, scaled: np.ndarray, index: np.ndarray) -> None:
@@ -115,14 +147,118 @@ class AbsHistogram:
         self.counts += np.bincount(index, minlength=self.num_bins)
 
 
+class Pow2Histogram:
+    """Integer counts of |x| in `num_bins` (a power of two) equal bins over [0, 2^exponent), the smallest power-of-two
+    range above every value seen; `amax` is the largest |x| covered. Call `cover(amax)` with the batch's max |x| before
+    `add(batch)`: the range grows by exact pairwise merges (module doc), so the result does not depend on the order."""
+
+    def __init__(self, num_bins: int) -> None:
+        if num_bins < 2 or num_bins > 1 << 30 or num_bins & (num_bins - 1):  # int32 bin indices
+            raise CalibrationError(f"a power-of-two histogram needs a power-of-two bin count in [2, 2^30], "
+                                   f"got {num_bins}")
+        self.num_bins = num_bins
+        self._bins_exponent = num_bins.bit_length() - 1  # num_bins = 2^_bins_exponent
+        self.exponent: int | None = None  # None until a value above 0 is covered; zeros count into bin 0 anyway
+        self.amax = 0.0
+        self.counts = np.zeros(num_bins, dtype=np.int64)
+
+    @property
+    def bin_width(self) -> float:
+        return 0.0 if self.exponent is None else math.ldexp(1.0, self.exponent) / self.num_bins
+
+    def cover(self, amax: float) -> None:
+        """Grow the range to the smallest power of two above `amax` (a finite max |x|)."""
+        if not np.isfinite(amax) or amax < 0:
+            raise CalibrationError(f"histogram range must be a finite amax >= 0, got {amax}")
+        self.amax = max(self.amax, float(amax))
+        if amax == 0:
+            return
+        exponent = math.frexp(amax)[1]  # amax = m * 2^exponent with 0.5 <= m < 1, so amax < 2^exponent
+        if self.exponent is None:
+            self.exponent = exponent
+        elif exponent > self.exponent:
+            self.counts = _merge_pairs(self.counts, exponent - self.exponent)
+            self.exponent = exponent
+
+    def add(self, values: np.ndarray) -> None:
+        """Count the finite |x| of `values`, all of which must lie below the covered range."""
+        flat = values.reshape(-1)
+        if self.exponent is None:  # nothing above 0 covered: every finite value is a zero
+            self.counts[0] += int(np.count_nonzero(np.isfinite(flat)))
+            return
+        scale = math.ldexp(1.0, self._bins_exponent - self.exponent)  # bins / 2^exponent
+        # a power-of-two scale keeps the bin index exact; float64 inputs (and a scale float32 cannot hold) stay float64
+        wide = flat.dtype == np.float64 or scale > float(np.finfo(np.float32).max)
+        scaled_buffer, index_buffer = _scratch(np.float64 if wide else np.float32)
+        for start in range(0, flat.size, CHUNK_ELEMENTS):
+            chunk = flat[start : start + CHUNK_ELEMENTS]
+            scaled, index = scaled_buffer[: chunk.size], index_buffer[: chunk.size]
+            np.abs(chunk, out=scaled, casting="unsafe")  # float16/bfloat16 widen exactly
+            scaled *= scaled.dtype.type(scale)
+            if not np.isfinite(scaled.max(initial=0.0)):  # NaN or inf present (max propagates NaN)
+                scaled = scaled[np.isfinite(scaled)]
+                index = index[: scaled.size]
+            np.copyto(index, scaled, casting="unsafe")  # truncation = floor for values >= 0
+            counts = np.bincount(index)  # up to the largest bin used: small tensors (a streaming frame) stay cheap
+            if counts.size > self.num_bins:
+                raise CalibrationError(f"|x| up to {float(np.max(np.abs(chunk)))} lies above the histogram range "
+                                       f"[0, {self.bin_width * self.num_bins}): cover() it first")
+            self.counts[: counts.size] += counts
+
+    @classmethod
+    def merged(cls, parts: Iterable["Pow2Histogram"], num_bins: int) -> "Pow2Histogram":
+        """One histogram as if it had seen every part's values (exact in any order)."""
+        merged = cls(num_bins)
+        for part in parts:
+            if part.num_bins != num_bins:
+                raise CalibrationError(f"cannot merge a {part.num_bins}-bin histogram into a {num_bins}-bin one")
+            merged.cover(part.amax)
+            counts = part.counts
+            if part.exponent is not None and merged.exponent is not None and merged.exponent > part.exponent:
+                counts = _merge_pairs(counts, merged.exponent - part.exponent)
+            merged.counts = merged.counts + counts
+        return merged
+
+
+def _merge_pairs(counts: np.ndarray, doublings: int) -> np.ndarray:
+    """Counts over a range 2^doublings times wider: groups of 2^doublings adjacent bins summed, then zeros."""
+    group = 1 << min(doublings, int(math.log2(counts.size)))
+    merged = np.zeros_like(counts)
+    merged[: counts.size // group] = counts.reshape(-1, group).sum(axis=1)
+    return merged
+
+
+def collect_bins(num_bins: int) -> int:
+    """Bins of the power-of-two histogram behind a `num_bins` search: 16x, rounded up to a power of two."""
+    return 1 << max(1, (COLLECT_BINS_PER_SEARCH_BIN * num_bins - 1).bit_length())
+
+
+def regrid(histogram: Pow2Histogram, num_bins: int) -> AbsHistogram:
+    """`num_bins` bins over [0, histogram.amax]: the collected cumulative counts interpolated linearly at their edges
+    (values spread evenly within a collected bin), so the counts are fractional and sum to the collected total."""
+    search = AbsHistogram(histogram.amax, num_bins)
+    total = histogram.counts.sum(dtype=np.float64)
+    if histogram.amax == 0:
+        search.counts = np.concatenate(([total], np.zeros(num_bins - 1)))
+        return search
+    collected_edges = np.arange(histogram.num_bins + 1) * histogram.bin_width
+    cumulative = np.concatenate(([0.0], np.cumsum(histogram.counts, dtype=np.float64)))
+    at_edges = np.interp(np.linspace(0.0, histogram.amax, num_bins + 1), collected_edges, cumulative)
+    at_edges[-1] = total  # the last search edge is amax itself: every value counted lies at or below it
+    search.counts = np.diff(at_edges)
+    return search
+
+
 _SCRATCH = threading.local()
 
 
 def _scratch(dtype: type) -> tuple[np.ndarray, np.ndarray]:
-    """Per-thread reusable buffers for one chunk: no allocation (and page faults) per tensor and batch."""
+    """Per-thread reusable buffers for one chunk: no allocation (and page faults) per tensor and batch. Bin indices
+    are int32: numpy converts float32 to int32 with SIMD, about 10x faster than to int64 (measured), and bincount
+    takes them as they are."""
     buffers = getattr(_SCRATCH, "buffers", {})
     if dtype not in buffers:
-        buffers[dtype] = (np.empty(_CHUNK_ELEMENTS, dtype), np.empty(_CHUNK_ELEMENTS, np.intp))
+        buffers[dtype] = (np.empty(CHUNK_ELEMENTS, dtype), np.empty(CHUNK_ELEMENTS, np.int32))
         _SCRATCH.buffers = buffers
     return buffers[dtype]
 
@@ -196,7 +332,7 @@ def entropy_amax(histogram: AbsHistogram, num_levels: int = NUM_LEVELS, start_bi
     return entropy_bin(histogram.counts, num_levels, start_bin, suppress_zero_bin) * histogram.bin_width
 
 
-def percentile_amax(histogram: AbsHistogram, percentile: float = DEFAULT_PERCENTILE) -> float:
+def percentile_amax(histogram: Histogram, percentile: float = DEFAULT_PERCENTILE) -> float:
     """Upper edge of the bin holding the `percentile`-th |x|, so at least that share of values lies within amax."""
     if not 0 < percentile <= 100:
         raise CalibrationError(f"percentile must be in (0, 100], got {percentile}")

@@ -6,7 +6,7 @@ sha256 of the cache bytes it was written for, so a file left by an earlier cache
 --force, or replaced by TensorRT's calibrator) is foreign: `read_histograms` ignores it with a note, as it does a
 missing or unreadable file. It is written atomically after the pair is committed, outside the pair protocol: a
 failure to write it is a warning, never a failed calibration. `quant cache rm` removes it with the pair.
-Loaded with pickle off: names are a unicode array, counts int64, ranges float64.
+Loaded with pickle off: names are a unicode array, counts float64 (interpolated from the collector's power-of-two bins, so fractional), ranges float64.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def histogram_path(cache_path: str | Path) -> Path:
 
 @dataclass(frozen=True)
 class StoredHistogram:
-    """Counts of |x| in equal bins over [0, amax] (amax: pass 1's largest |x|, the histogram's fixed range)."""
+    """Counts of |x| in equal bins over [0, amax] (amax: the largest |x| seen; the collector's power-of-two bins interpolated onto this range, as the entropy search sees them)."""
 
     amax: float
     counts: np.ndarray
@@ -76,7 +76,7 @@ def write_histograms(cache_path: str | Path, cache_sha256: str, histograms: Mapp
     buffer = io.BytesIO()
     np.savez_compressed(buffer, meta=np.array(json.dumps({"format": FORMAT, "cache_sha256": cache_sha256})),
                         names=np.array(names, dtype=str), amax=np.array([histograms[n].amax for n in names]),
-                        counts=np.stack([histograms[n].counts for n in names]).astype(np.int64))
+                        counts=np.stack([histograms[n].counts for n in names]).astype(np.float64))
     try:
         return atomic_write_bytes(target, buffer.getvalue())
     except QuantError as error:

@@ -1,6 +1,7 @@
 """Calibration feed sources: re-iterable objects whose iteration yields `{input_name: np.ndarray}` for one ONNX model.
 
-Every source starts over on each `iter()`, so the range collector can make two passes (min/max, then histograms).
+Every source starts over on each `iter()`, so a source can be read more than once (the cache key's hash of the feeds,
+then the range collector's pass).
 The same source drives ONNX Runtime's CalibrationDataReader protocol (OrtCalibrationDataReader), the TensorRT
 calibrator (TrtFeedSource) and quant.calib.ranges.
 

@@ -40,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=positive_int, help="use only the first N utterances of the manifest")
     parser.add_argument("--batch-size", type=positive_int, help="utterances/segments per feed (reader default 4)")
     parser.add_argument("--every", type=positive_int, help="streaming models: keep every k-th frame (reader default 4)")
-    parser.add_argument("--threads", type=positive_int, default=1, help="ONNX Runtime intra-op threads (default 1)")
+    parser.add_argument("--threads", type=positive_int, default=1,
+                        help="ONNX Runtime intra-op threads, also updating the range statistics (default 1)")
     parser.add_argument("--max-batch", type=positive_int, help="split feed batches along axis 0 to bound memory")
     parser.add_argument("--trt-version", type=version_digits, help="version digits of the cache header, e.g. 8601 (default: installed "
                         "TensorRT, else the library default)")

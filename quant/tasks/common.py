@@ -42,7 +42,7 @@ class FeedOptions:
 
 @dataclass(frozen=True)
 class Reiterable:
-    """Feeds that start over on each iter() (the range collector makes two passes)."""
+    """Feeds that start over on each iter() (the cache key hashes the feeds, then the range collector reads them)."""
 
     make: Callable[[], Iterator[Feed]]
 
