@@ -525,12 +525,14 @@ def pack_piper(sentences: list[str], cache: Path, seed: int, folder: Path, limit
     return rows
 
 
-SOUNDFILE_WHEELS = ["soundfile", "cffi", "pycparser", "typing_extensions"]
+# soundfile (FLAC/Opus sets) with its pure dependencies, and kaldi-native-fbank (quant.features.fbank: the training
+# features); the training machine has no package index
+SOUNDFILE_WHEELS = ["soundfile", "cffi", "pycparser", "typing_extensions", "kaldi_native_fbank"]
 
 
 def copy_wheels(cache: Path, dest: Path) -> None:
-    """soundfile and its pure dependencies as Python 3.12 manylinux wheels (FLAC sets on the training machine):
-    `pip install --no-index --no-deps wheels/*.whl` there. Downloaded once into `cache` with pip."""
+    """SOUNDFILE_WHEELS as Python 3.12 manylinux wheels for the training machine:
+    `python3 -m pip install --no-index --no-deps --target /tmp/site wheels/*.whl` there (PYTHONPATH=/tmp/site). Downloaded once into `cache` with pip."""
     if not all(list(cache.glob(f"{name}-*.whl")) for name in SOUNDFILE_WHEELS):
         cache.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
