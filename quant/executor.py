@@ -103,11 +103,11 @@ class RayExecutor:
             import ray
         except ImportError:
             raise QuantError("--executor ray needs Ray: pip install -e '.[ray]' (or pip install 'ray>=2.9')") from None
+        _check_reachable(self.address)  # also when this process already joined a cluster: the address must answer
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
             if self.address is None and self.num_cpus is not None:
                 kwargs["num_cpus"] = self.num_cpus
-            _check_reachable(self.address)
             try:
                 ray.init(address=self.address, **kwargs)
             except (ConnectionError, RuntimeError, ValueError) as error:
