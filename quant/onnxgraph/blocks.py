@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 import onnx
 
 from quant.onnxgraph.graph import LAYOUT_OPS, GraphIndex
-from quant.onnxgraph.patterns import COMPUTE_OPS
+from quant.onnxgraph.patterns import COMPUTE_OPS, walk_back
 
 RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
 ACTIVATION_OPS = frozenset({"Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "Gelu", "Erf",
@@ -54,33 +54,29 @@ def _forward(index: GraphIndex, start: str, through: frozenset[str] | None) -> t
 def _producers_behind(index: GraphIndex, tensor: str, through: frozenset[str]) -> Iterator[onnx.NodeProto]:
     """The first producers backwards from `tensor` that are neither `through` ops nor affine ops of one activation
     (a bias, a scale): those are walked through (layout ops on their data input only)."""
-    queue, seen = [tensor], set()
-    while queue:
-        name = queue.pop()
-        node = index.producers.get(name)
-        if node is None or name in seen:
-            continue
-        seen.add(name)
-        if node.op_type in through or (node.op_type in AFFINE_OPS and len(index.activation_inputs(node)) == 1):
-            queue.extend(index.activation_inputs(node)[:1] if node.op_type in LAYOUT_OPS
-                         else index.activation_inputs(node))
-        else:
-            yield node
+
+    def passes(node: onnx.NodeProto) -> bool:
+        return node.op_type in through or (node.op_type in AFFINE_OPS and len(index.activation_inputs(node)) == 1)
+
+    def follow(node: onnx.NodeProto) -> list[str]:
+        if not passes(node):
+            return []
+        inputs = list(index.activation_inputs(node))
+        return inputs[:1] if node.op_type in LAYOUT_OPS else inputs
+
+    return (node for node in walk_back(index, tensor, follow) if not passes(node))
 
 
 def _compute_behind(index: GraphIndex, tensor: str) -> Iterator[onnx.NodeProto]:
     """The nearest compute or recurrent nodes backwards from `tensor`, through anything else (a LayerNorm, masks)."""
-    queue, seen = [tensor], set()
-    while queue:
-        name = queue.pop()
-        node = index.producers.get(name)
-        if node is None or name in seen:
-            continue
-        seen.add(name)
-        if node.op_type in COMPUTE_OPS or node.op_type in RECURRENT_OPS:
-            yield node
-        else:
-            queue.extend(index.activation_inputs(node))
+
+    def stops(node: onnx.NodeProto) -> bool:
+        return node.op_type in COMPUTE_OPS or node.op_type in RECURRENT_OPS
+
+    def follow(node: onnx.NodeProto) -> list[str]:
+        return [] if stops(node) else list(index.activation_inputs(node))
+
+    return (node for node in walk_back(index, tensor, follow) if stops(node))
 
 
 def _consumers_after(index: GraphIndex, tensor: str, through: frozenset[str]) -> list[onnx.NodeProto]:

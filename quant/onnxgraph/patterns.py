@@ -184,7 +184,7 @@ def find_input_layer(index: GraphIndex, model: onnx.ModelProto, mapping: Mapping
             if node.op_type in COMPUTE_OPS and any(t in reached for t in index.activation_inputs(node))}
 
 
-def _walk_back(
+def walk_back(
     index: GraphIndex, tensor: str, follow: Callable[[onnx.NodeProto], Iterable[str]]
 ) -> Iterator[onnx.NodeProto]:
     """Producer nodes reachable backwards from `tensor`, each once; `follow(node)` names the inputs to go on through."""
@@ -208,7 +208,7 @@ def _concats_behind(index: GraphIndex, tensor: str) -> list[onnx.NodeProto]:
             return node.input
         return node.input[:1] if node.op_type in LAYOUT_OPS else ()
 
-    return [node for node in _walk_back(index, tensor, follow) if node.op_type == "Concat"]
+    return [node for node in walk_back(index, tensor, follow) if node.op_type == "Concat"]
 
 
 def find_skip_concat(index: GraphIndex, mapping: Mapping[str, str] | None = None) -> set[str]:
@@ -234,7 +234,7 @@ def _reads_softmax(index: GraphIndex, tensor: str) -> bool:
             else node.input
         return [t for t in data if t and not index.is_constant(t)]
 
-    return any(node.op_type == "Softmax" for node in _walk_back(index, tensor, follow))
+    return any(node.op_type == "Softmax" for node in walk_back(index, tensor, follow))
 
 
 def find_attention_probs(index: GraphIndex) -> set[str]:
