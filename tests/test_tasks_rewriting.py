@@ -3,11 +3,8 @@ single-slope PRelu and a Conv over a channel Concat, built through the CLI from 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import onnx
@@ -20,20 +17,11 @@ from quant.cli import main
 from quant.spec import load_spec
 from quant.tasks import FeedOptions, task_for
 from quant.tasks.rewriting import rewrite_graphs
+from test_cli_specs import working_dir
 from test_tasks_se import tiny_manifest
 
 F = 257
 ALL = "deconv-to-conv,split-concat-conv,prelu-to-leakyrelu"
-
-
-@contextlib.contextmanager
-def working_dir(path: Path) -> Iterator[None]:
-    previous = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
 
 
 def tiny_graph(path: Path) -> Path:
