@@ -92,8 +92,9 @@ class RayExecutor:
             try:
                 results.append(ray.get(ref))
             except Exception as error:  # noqa: BLE001 - RayTaskError wraps the worker's exception; name the shard
-                for other in pending:
-                    ray.cancel(other)
+                # the other shards are left to finish and their results dropped: ray.cancel racing a task that is just
+                # completing aborted the whole driver process (Ray 2.60: "Check failed: it != submissible_tasks_.end()"
+                # in TaskManager::CompletePendingTask, seen in CI), which would turn a named shard error into a crash
                 cause = getattr(error, "cause", None) or error
                 raise ShardError(f"{shard.label(len(shards))} failed on ray: {_first_line(cause)}") from None
         return results
