@@ -194,7 +194,51 @@ class ProfileComparison:
             "int8_overhead_ms": self.overhead_ms, "integer_share": self.integer_share,
             "profiled_ratio": self.ratio, "ceiling_ratio": self.ceiling_ratio,
             "ceiling_free_ratio": self.ceiling_free_ratio, "runs": self.fp32.runs,
+            "holdback": [part.to_dict() for part in holdback(self)],
         }
+
+
+@dataclass(frozen=True)
+class HoldbackPart:
+    """One part of an INT8 build's whole-run time that is not an integer kernel, as a share of the FP32 whole run."""
+
+    what: str  # "float <op type>", "Q/DQ and reorders", "per-run overhead"
+    ms: float  # per run, in the INT8 build
+    share: float  # ms / the FP32 build's whole-run time: the parts and the integer kernels add up to the profiled ratio
+    above_ceiling: float  # the part's share the ceiling does not count: conversions and per-run overhead whole,
+    # float ops only by what they cost beyond their FP32 time
+
+    def to_dict(self) -> dict[str, object]:
+        return {"what": self.what, "ms": self.ms, "share": self.share, "above_ceiling": self.above_ceiling}
+
+
+def holdback(comparison: ProfileComparison) -> list[HoldbackPart]:
+    """What holds an INT8 build's ratio up, largest first: the float ops by the op type ORT ran them as (what keeps
+    the ceiling above zero), the conversions between float and integer kernels (Q/DQ, reorders, layout) and the
+    session's per-run cost outside the kernels beyond the FP32 build's (both of which the ceiling counts free)."""
+    base = max(comparison.fp32.total_ms, 1e-12)
+    float_int8: dict[str, float] = {}
+    float_fp32: dict[str, float] = {}
+    for row in comparison.rows:
+        if not row.integer:
+            float_int8[row.int8_op] = float_int8.get(row.int8_op, 0.0) + row.int8_ms
+            float_fp32[row.int8_op] = float_fp32.get(row.int8_op, 0.0) + row.fp32_ms
+    parts = [HoldbackPart(f"float {op}", ms, ms / base, max(0.0, ms - float_fp32[op]) / base)
+             for op, ms in float_int8.items() if op != "-"]
+    parts.append(HoldbackPart("Q/DQ and reorders", comparison.overhead_ms, comparison.overhead_ms / base,
+                              comparison.overhead_ms / base))
+    run_cost = comparison.int8.total_ms - comparison.int8.node_ms
+    extra = max(0.0, run_cost - (comparison.fp32.total_ms - comparison.fp32.node_ms))
+    parts.append(HoldbackPart("per-run overhead", run_cost, run_cost / base, extra / base))
+    return sorted(parts, key=lambda part: -part.ms)
+
+
+def format_holdback(parts: Sequence[HoldbackPart], top: int = 4) -> str:
+    """One line: the largest parts as shares of the FP32 run, e.g. `float GRU 0.41, Q/DQ and reorders 0.22 (+0.22)`
+    (in brackets: the share above the ceiling)."""
+    shown = [f"{part.what} {part.share:.2f}" + (f" (+{part.above_ceiling:.2f})" if part.above_ceiling >= 0.005 else "")
+             for part in parts[:top]]
+    return ", ".join(shown)
 
 
 def compare_profiles(fp32: GraphProfile, int8: GraphProfile, source: onnx.ModelProto) -> ProfileComparison:
@@ -257,6 +301,8 @@ def format_profile(comparison: ProfileComparison, top: int = 15) -> str:
                  f"interleaved timing is the real ratio); ceiling {comparison.ceiling_ratio:.2f} (integer ops at "
                  f"their INT8 kernel time, other ops at FP32 time, conversions free); "
                  f"{comparison.ceiling_free_ratio:.2f} if integer ops were free")
+    lines.append("What holds it, as shares of the FP32 run (in brackets: beyond the ceiling): "
+                 + format_holdback(holdback(comparison), top=6))
     return "\n".join(lines)
 
 

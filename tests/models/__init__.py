@@ -29,6 +29,14 @@ EXTRA_KINDS = ("two-stage-outlier",)
 # full-batch Adam steps on 16 x 2 s mixtures: a few seconds per model on one CPU core
 TRAINING_STEPS = {"lstm-mask": 100, "gru-logpower": 100, "two-stage": 60, "stft-gru-stream": 60}
 OUTLIER_SPIKE = 1e5  # two-stage-outlier: stage 2's outlier bin (see se.OutlierFrameMasker)
+# `size`: "test" (what every test builds: 7-13 k parameters) or "published", the SE models at widths of the published
+# models they imitate (NSNet2's GRU masker, DTLN's 128 units, LSTM maskers of 256 units), for speed measurements only
+# (scripts/bench_test_models.py --size published); u2pp has only the test size
+SIZES: Mapping[str, Mapping[str, Mapping[str, int]]] = {
+    "test": {},
+    "published": {"lstm-mask": {"hidden": 256}, "gru-logpower": {"hidden": 256}, "two-stage": {"hidden": 128},
+                  "stft-gru-stream": {"hidden": 128, "channels": 16}},
+}
 
 
 @dataclass(frozen=True)
@@ -44,13 +52,16 @@ def docs_spec(kind: str) -> ModelSpec:
     return quant.load_spec(DOCS_SPECS / f"{kind}.toml")
 
 
-def build(kind: str, root: Path, opsets: tuple[int, ...] = OPSETS) -> BuiltModel:
-    """Train (SE) and export `kind` once per opset under root/opset<N>/, with its spec copied there."""
+def build(kind: str, root: Path, opsets: tuple[int, ...] = OPSETS, size: str = "test") -> BuiltModel:
+    """Train (SE) and export `kind` once per opset under root/opset<N>/, with its spec copied there; `size` one of
+    SIZES (the tests build "test")."""
     spec = docs_spec(kind)
+    if size != "test" and kind not in SIZES[size]:
+        raise ValueError(f"{kind} has no {size!r} size; sizes: {sorted(SIZES)}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation (and the CI box is shared)
     try:
-        modules, losses = TRAINERS[kind](spec)
+        modules, losses = TRAINERS[kind](spec, dict(SIZES[size].get(kind, {})))
     finally:
         torch.set_num_threads(threads)
     specs = {}
@@ -80,41 +91,43 @@ def _mixtures() -> common.Mixtures:
     return common.training_mixtures()
 
 
-def _train_lstm(spec: ModelSpec) -> tuple[dict[str, torch.nn.Module], list[float]]:
-    model, losses = se.train_lstm_mask(frontend(spec.frontend), _mixtures(), TRAINING_STEPS["lstm-mask"])
+def _train_lstm(spec: ModelSpec, size: dict[str, int]) -> tuple[dict[str, torch.nn.Module], list[float]]:
+    model, losses = se.train_lstm_mask(frontend(spec.frontend), _mixtures(), TRAINING_STEPS["lstm-mask"], **size)
     return {"masker": model}, losses
 
 
-def _train_gru(spec: ModelSpec) -> tuple[dict[str, torch.nn.Module], list[float]]:
-    model, losses = se.train_gru_logpower(frontend(spec.frontend), _mixtures(), TRAINING_STEPS["gru-logpower"])
+def _train_gru(spec: ModelSpec, size: dict[str, int]) -> tuple[dict[str, torch.nn.Module], list[float]]:
+    model, losses = se.train_gru_logpower(frontend(spec.frontend), _mixtures(), TRAINING_STEPS["gru-logpower"],
+                                          **size)
     return {"masker": model}, losses
 
 
-def _train_two_stage(spec: ModelSpec) -> tuple[dict[str, torch.nn.Module], list[float]]:
-    model, losses = se.train_two_stage(frontend(spec.frontend), _mixtures(), TRAINING_STEPS["two-stage"])
+def _train_two_stage(spec: ModelSpec, size: dict[str, int]) -> tuple[dict[str, torch.nn.Module], list[float]]:
+    model, losses = se.train_two_stage(frontend(spec.frontend), _mixtures(), TRAINING_STEPS["two-stage"], **size)
     return {"stage1": model.stage1, "stage2": model.stage2}, losses
 
 
-def _train_two_stage_outlier(spec: ModelSpec) -> tuple[dict[str, torch.nn.Module], list[float]]:
+def _train_two_stage_outlier(spec: ModelSpec, size: dict[str, int]) -> tuple[dict[str, torch.nn.Module], list[float]]:
     """two-stage, then stage 2 given an outlier bin: a deliberately fragile INT8 layer in the second stage."""
-    modules, losses = _train_two_stage(spec)
+    modules, losses = _train_two_stage(spec, size)
     stage2 = modules["stage2"]
     assert isinstance(stage2, se.FrameMasker)
     return {**modules, "stage2": se.OutlierFrameMasker(stage2, OUTLIER_SPIKE).eval()}, losses
 
 
-def _train_stft_gru(spec: ModelSpec) -> tuple[dict[str, torch.nn.Module], list[float]]:
-    model, losses = se.train_stft_gru(frontend(spec.frontend), _mixtures(), TRAINING_STEPS["stft-gru-stream"])
+def _train_stft_gru(spec: ModelSpec, size: dict[str, int]) -> tuple[dict[str, torch.nn.Module], list[float]]:
+    model, losses = se.train_stft_gru(frontend(spec.frontend), _mixtures(), TRAINING_STEPS["stft-gru-stream"],
+                                      **size)
     return {"enhancer": model}, losses
 
 
-def _untrained_u2pp(spec: ModelSpec) -> tuple[dict[str, torch.nn.Module], list[float]]:
+def _untrained_u2pp(spec: ModelSpec, size: dict[str, int]) -> tuple[dict[str, torch.nn.Module], list[float]]:
     torch.manual_seed(0)
     encoder, decoder = u2pp.Encoder().eval(), u2pp.BidirectionalDecoder().eval()
     return {"encoder": encoder, "decoder": decoder}, []
 
 
-TRAINERS: Mapping[str, Callable[[ModelSpec], tuple[dict[str, torch.nn.Module], list[float]]]] = {
+TRAINERS: Mapping[str, Callable[[ModelSpec, dict[str, int]], tuple[dict[str, torch.nn.Module], list[float]]]] = {
     "lstm-mask": _train_lstm, "gru-logpower": _train_gru, "two-stage": _train_two_stage,
     "two-stage-outlier": _train_two_stage_outlier,
     "stft-gru-stream": _train_stft_gru, "u2pp": _untrained_u2pp,

@@ -55,11 +55,11 @@ class LstmMask(nn.Module):
         return self(magnitude, *self.states(magnitude.shape[0]))[0]
 
 
-def train_lstm_mask(fe, mix: Mixtures, steps: int) -> tuple[LstmMask, list[float]]:
+def train_lstm_mask(fe, mix: Mixtures, steps: int, **size: int) -> tuple[LstmMask, list[float]]:
     from models.common import train
 
     torch.manual_seed(0)
-    model = LstmMask()
+    model = LstmMask(**size)
     noisy, clean = _tensor(fe.features(mix.noisy)), _tensor(fe.features(mix.clean))  # (B, T, F) magnitudes
     losses = train(model, lambda: _compressed_magnitude_loss(model.offline(noisy) * noisy, clean), steps)
     return model, losses
@@ -83,11 +83,11 @@ class GruLogPower(nn.Module):
         return torch.sigmoid(self.out(x))
 
 
-def train_gru_logpower(fe, mix: Mixtures, steps: int) -> tuple[GruLogPower, list[float]]:
+def train_gru_logpower(fe, mix: Mixtures, steps: int, **size: int) -> tuple[GruLogPower, list[float]]:
     from models.common import train
 
     torch.manual_seed(0)
-    model = GruLogPower()
+    model = GruLogPower(**size)
     features = _tensor(fe.features(mix.noisy))
     noisy = torch.sqrt(10.0 ** features)
     clean = torch.sqrt(10.0 ** _tensor(fe.features(mix.clean)))
@@ -128,10 +128,10 @@ class FrameMasker(nn.Module):
 
 
 class TwoStage(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, hidden: int = 8) -> None:
         super().__init__()
-        self.stage1 = FrameMasker()
-        self.stage2 = FrameMasker()
+        self.stage1 = FrameMasker(hidden=hidden)
+        self.stage2 = FrameMasker(hidden=hidden)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         return self.stage2(self.stage1(frames))
@@ -157,11 +157,11 @@ class OutlierFrameMasker(FrameMasker):
         return spiked @ self.icos + (im * mask) @ self.isin
 
 
-def train_two_stage(fe, mix: Mixtures, steps: int) -> tuple[TwoStage, list[float]]:
+def train_two_stage(fe, mix: Mixtures, steps: int, **size: int) -> tuple[TwoStage, list[float]]:
     from models.common import train
 
     torch.manual_seed(0)
-    model = TwoStage()
+    model = TwoStage(**size)
     # (B, T, 512) raw frames; the stages work frame by frame, so every 4th frame is as good and 4x cheaper
     noisy, clean = _tensor(fe.features(mix.noisy)[:, ::4]), _tensor(fe.features(mix.clean)[:, ::4])
     losses = train(model, lambda: (model(noisy) - clean).pow(2).mean() / clean.pow(2).mean(), steps)
@@ -211,11 +211,11 @@ class StftGruStream(nn.Module):
         return self(spec, *caches)[0]
 
 
-def train_stft_gru(fe, mix: Mixtures, steps: int) -> tuple[StftGruStream, list[float]]:
+def train_stft_gru(fe, mix: Mixtures, steps: int, **size: int) -> tuple[StftGruStream, list[float]]:
     from models.common import train
 
     torch.manual_seed(0)
-    model = StftGruStream()
+    model = StftGruStream(**size)
     noisy, clean = _tensor(fe.features(mix.noisy)), _tensor(fe.features(mix.clean))  # (B, 2, T, 257)
 
     def loss() -> torch.Tensor:  # complex MSE relative to the clean energy (magnitude-only losses did worse)

@@ -1,0 +1,163 @@
+"""INT8 vs FP32 speed of the test models (tests/models: the third-party-style specs of docs/specs/), each graph
+built the way `quant run` builds it, timed interleaved and set against the ceiling its profile computes.
+
+    python scripts/bench_test_models.py                       # every test model, test size (7-13 k parameters)
+    python scripts/bench_test_models.py gru-logpower --size published --json out.json
+
+Per model: train and export it with the tests' own builder (tests/models `build`, opset 13), calibrate each graph on
+its spec's feeds (`--limit` utterances, cache store under --output), build FP32 and INT8 with the default precision
+rules, time both round-robin in one process on the spec's speed workload (quant.eval.speed.measure_interleaved,
+1 thread; streaming graphs per frame, 10 frames per variant per round), and profile the pair with ONNX Runtime's
+profiler (quant.eval.profile.profile_pair). The table gives INT8/FP32 of the median latency with the paired per-round
+ratio's p10-p90, the profile's ceiling (integer ops at their INT8 kernel time, everything else at FP32 time,
+conversions free), the share of FP32 time in ops that became integer kernels, the 1-minute load average around the
+timing, and per graph what holds the INT8 run (quant.eval.profile.holdback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the test models' builder (tests/models)
+
+from quant.errors import QuantError  # noqa: E402
+
+BASELINES = {"vs_fp32": "ort fp32"}
+
+
+@dataclass(frozen=True)
+class GraphResult:
+    model: str
+    graph: str
+    parameters: int
+    unit: str
+    timing: dict[str, Any]  # measure_interleaved's entry per variant at 1 thread
+    profile: Any  # ProfileComparison
+
+    def row(self) -> dict[str, Any]:
+        fp32, int8 = self.timing["ort fp32"], self.timing["ort int8"]
+        ratio = int8["vs_fp32"]
+        info = int8["interleaved"]
+        return {
+            "model": self.model, "graph": self.graph, "parameters": self.parameters, "unit": self.unit,
+            "fp32_median_ms": fp32["latency_ms"]["p50_ms"], "int8_median_ms": int8["latency_ms"]["p50_ms"],
+            "median_ratio": ratio["median_ratio"], "paired_median": ratio["paired_median"],
+            "paired_p10": ratio["paired_p10"], "paired_p90": ratio["paired_p90"], "reliable": ratio["reliable"],
+            "ceiling_ratio": self.profile.ceiling_ratio, "ceiling_free_ratio": self.profile.ceiling_free_ratio,
+            "integer_share": self.profile.integer_share, "rounds": info["rounds"],
+            "calls_per_round": info["calls_per_round"], "load_before": info["load_before"],
+            "load_after": info["load_after"],
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import models
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("kinds", nargs="*", default=list(models.KINDS), help=f"test models (default: {models.KINDS})")
+    parser.add_argument("--size", choices=sorted(models.SIZES), default="test",
+                        help="test: what the tests build; published: the SE models at published widths")
+    parser.add_argument("--limit", type=int, default=4, help="calibration utterances (as `quant calibrate --limit`)")
+    parser.add_argument("--runs", type=int, default=200, help="interleaved rounds of a stateless graph")
+    parser.add_argument("--stream-runs", type=int, default=1000, help="frames per variant of a streaming graph")
+    parser.add_argument("--profile-runs", type=int, default=20, help="profiled runs per build")
+    parser.add_argument("--rules", type=Path, help="precision rules for the INT8 build (e.g. `quant search`'s)")
+    parser.add_argument("-o", "--output", type=Path, help="models, caches and builds (default: a temp folder)")
+    parser.add_argument("--json", type=Path, help="also write the rows and profiles here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.output is not None:
+            return bench(args, args.output)
+        with tempfile.TemporaryDirectory(prefix="bench_test_models") as work:
+            return bench(args, Path(work))
+    except QuantError as error:
+        print(f"bench_test_models: error: {error}", file=sys.stderr)
+        return 2
+
+
+def bench(args: argparse.Namespace, root: Path) -> int:
+    results = [result for kind in args.kinds for result in bench_model(kind, args, root)]
+    print(format_table(results, args.size))
+    if args.json:
+        from quant.fileio import atomic_write_json
+
+        atomic_write_json(args.json, {"size": args.size, "rows": [r.row() for r in results],
+                                      "profiles": {f"{r.model}/{r.graph}": r.profile.to_dict() for r in results}})
+        print(f"wrote {args.json}")
+    return 0
+
+
+def bench_model(kind: str, args: argparse.Namespace, root: Path) -> list[GraphResult]:
+    import models
+
+    from quant.artifacts import build_artifact
+    from quant.artifacts.artifact import MODEL_FILE
+    from quant.backends.ort import OrtRunner
+    from quant.calib.calibrate import CalibrateOptions
+    from quant.eval.profile import profile_pair
+    from quant.eval.speed import BenchOptions, measure_interleaved
+    from quant.pipeline import RunOptions, Steps
+    from quant.search.models import timing_feeds
+    from quant.spec import load_spec
+    from quant.tasks import FeedOptions, task_for
+    from quant.tasks.calibration import calibrate_spec
+
+    built = models.build(kind, root / "models" / args.size / kind, opsets=(13,), size=args.size)
+    spec = load_spec(built.specs[13])
+    graphs = Steps(root, RunOptions()).graphs(spec)  # the spec's rewrites applied, as `quant run` does
+    feed_options = FeedOptions(graphs=dict(graphs))
+    options = BenchOptions(runs=args.runs, stream_runs=args.stream_runs, threads=(1,), batches=())
+    out: list[GraphResult] = []
+    for graph in spec.graphs:
+        role = graph.role
+        cache = calibrate_spec(spec, role, graphs[role], options=CalibrateOptions(out_root=root),
+                               feed_options=FeedOptions(graphs=dict(graphs), limit=args.limit)).path
+        folder = root / "builds" / args.size / kind / str(graph.name)
+        fp32 = build_artifact(graphs[role], "fp32", name=graph.name, out_dir=folder / "fp32") / MODEL_FILE
+        int8 = build_artifact(graphs[role], "int8", name=graph.name, out_dir=folder / "int8", cache=cache,
+                              **({"rules": args.rules} if args.rules else {})) / MODEL_FILE
+        workload = task_for(spec).speed_workload(role, options=feed_options)
+        runners = {"ort fp32": OrtRunner(fp32, threads=1), "ort int8": OrtRunner(int8, threads=1)}
+        timing = measure_interleaved(workload, lambda _count: runners, options, (1,), BASELINES)
+        profile = profile_pair(fp32, int8, timing_feeds(spec, workload), args.profile_runs)
+        out.append(GraphResult(kind, str(graph.name), built.parameters, workload.unit,
+                               {label: entry["threads"]["1"] for label, entry in timing.items()}, profile))
+    return out
+
+
+def format_table(results: list[GraphResult], size: str) -> str:
+    from quant.eval.profile import format_holdback, holdback
+
+    lines = [f"size {size}; ONNX Runtime CPU, 1 thread; INT8 = default precision rules; ratio = INT8/FP32 median "
+             "latency, paired = per-round ratio median (p10-p90)",
+             f"{'model/graph':<28}{'params':>8}{'FP32 ms':>9}{'INT8 ms':>9}{'ratio':>7}{'paired (p10-p90)':>20}"
+             f"{'ceiling':>9}{'int share':>10}{'load':>12}"]
+    for result in results:
+        r = result.row()
+        name = f"{r['model']}/{r['graph']}"
+        paired = f"{r['paired_median']:.2f} ({r['paired_p10']:.2f}-{r['paired_p90']:.2f})"
+        flag = "" if r["reliable"] else " ?"
+        lines.append(f"{name:<28}{r['parameters']:>8}{r['fp32_median_ms']:>9.3f}{r['int8_median_ms']:>9.3f}"
+                     f"{r['median_ratio']:>7.2f}{paired:>20}{r['ceiling_ratio']:>9.2f}"
+                     f"{100 * r['integer_share']:>9.0f}%{r['load_before']:>6.2f}-{r['load_after']:<5.2f}{flag}")
+    lines.append("? = unreliable: the p10-p90 spreads overlap and the paired ratio straddles 1")
+    lines.append("")
+    lines.append("What holds each INT8 run, as shares of the FP32 run (in brackets: the part beyond the ceiling):")
+    for result in results:
+        lines.append(f"  {result.model}/{result.graph} ({result.unit}): "
+                     f"{format_holdback(holdback(result.profile), top=5)}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
