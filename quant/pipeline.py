@@ -516,6 +516,47 @@ def measure_speed(specs: Sequence[RowSpec], loads: Sequence[Any], bench: BenchOp
     return ModelSpeed({label: s for label, s in speed.items() if label not in errors}, errors)
 
 
+def profile_rows(specs: Sequence[RowSpec], loads: Sequence[Any], runs: int) -> dict[str, dict[str, Any]]:
+    """Time accounting of each INT8 ORT row against the ORT FP32 row, per graph (quant.eval.profile.profile_pair on
+    one run of the graph's speed workload): {row label: {graph: ProfileComparison.to_dict()}}, from which the report
+    states the ceiling and what holds the rest. A graph that cannot be profiled is logged and left out: its timing
+    stands without it."""
+    from quant.eval.profile import profile_pair
+
+    base = next((s for s in specs if (s.backend, s.precision) == ("ort", "fp32")), None)
+    if base is None or runs < 1:
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        if spec.backend != "ort" or not spec.precision.startswith("int8"):
+            continue
+        for load in loads:
+            try:
+                comparison = profile_pair(base.artifacts[load.graph], spec.artifacts[load.graph], _one_run(load), runs)
+            except Exception as error:  # noqa: BLE001 - the profile is an explanation; the row stands without it
+                logger.warning("%s %s: not profiled: %s", spec.label, load.graph, error)
+                continue
+            out.setdefault(spec.label_in_model, {})[load.graph] = comparison.to_dict()
+    return out
+
+
+def _one_run(load: Any) -> dict[str, np.ndarray]:
+    """The feeds of one run of a speed workload: its batch-1 feeds, or a streaming graph's first frame with the
+    initial states."""
+    if load.feeds is not None:
+        return dict(load.feeds)
+    return {load.frame_input: load.frames[0], **dict(load.states or {})}
+
+
+def with_profiles(speed: ModelSpeed, profiles: Mapping[str, Mapping[str, Any]]) -> ModelSpeed:
+    """speed with each profiled graph's entry given its "profile" (profile_rows)."""
+    merged = {label: {graph: ({**entry, "profile": profiles[label][graph]}
+                              if graph in profiles.get(label, {}) else entry)
+                      for graph, entry in graphs.items()}
+              for label, graphs in speed.speed.items()}
+    return ModelSpeed(merged, speed.errors)
+
+
 def thread_counts(backend: str, bench: BenchOptions) -> tuple[int, ...]:
     """ORT at every configured count; PyTorch eager at the first (the baseline the ratios use); TensorRT once."""
     if backend == "ort":
@@ -688,6 +729,7 @@ class ModelRun:
             loads = workloads(self.spec, data, exported)
             timed = [spec for spec in specs if spec.backend not in SIMULATED]  # simulations' speed means nothing
             speed = measure_speed(timed, loads, self.options.bench)
+            speed = with_profiles(speed, profile_rows(timed, loads, self.options.bench.profile_runs))
         except Exception as error:  # noqa: BLE001
             for spec in specs:
                 self._fail(spec.backend, spec.precision, error)

@@ -104,6 +104,7 @@ def bench_model(kind: str, args: argparse.Namespace, root: Path) -> list[GraphRe
     from quant.artifacts.artifact import MODEL_FILE
     from quant.backends.ort import OrtRunner
     from quant.calib.calibrate import CalibrateOptions
+    from quant.calib.ranges import RangeOptions
     from quant.eval.profile import profile_pair
     from quant.eval.speed import BenchOptions, measure_interleaved
     from quant.pipeline import RunOptions, Steps
@@ -120,7 +121,7 @@ def bench_model(kind: str, args: argparse.Namespace, root: Path) -> list[GraphRe
     out: list[GraphResult] = []
     for graph in spec.graphs:
         role = graph.role
-        cache = calibrate_spec(spec, role, graphs[role], options=CalibrateOptions(out_root=root),
+        cache = calibrate_spec(spec, role, graphs[role], options=CalibrateOptions(RangeOptions(progress=False), out_root=root),
                                feed_options=FeedOptions(graphs=dict(graphs), limit=args.limit)).path
         folder = root / "builds" / args.size / kind / str(graph.name)
         fp32 = build_artifact(graphs[role], "fp32", name=graph.name, out_dir=folder / "fp32") / MODEL_FILE

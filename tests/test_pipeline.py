@@ -28,7 +28,7 @@ DATA = Path(__file__).parent / "data"
 def identity_dpcrn(path: Path, gain: float = 1.0) -> Path:
     shape: list[Any] = ["B", FREQ_BINS, SEGMENT_FRAMES, 2]
     graph = helper.make_graph(
-        [helper.make_node("Mul", ["mix", "gain"], ["enh"])], "identity_mask",
+        [helper.make_node("Mul", ["mix", "gain"], ["enh"], name="mask")], "identity_mask",
         [helper.make_tensor_value_info("mix", TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info("enh", TensorProto.FLOAT, shape)],
         [helper.make_tensor("gain", TensorProto.FLOAT, [], [gain])],
@@ -337,7 +337,8 @@ def test_a_models_rows_are_timed_together_afresh_every_run(fake_run: pipeline.Ru
     assert len(measured) == 2
     rows = {row["precision"]: row for row in again.results["rows"]}
     for precision, row in rows.items():
-        assert row["speed"] == measured[1].speed[f"ort {precision}"]
+        timed = {graph: {k: v for k, v in entry.items() if k != "profile"} for graph, entry in row["speed"].items()}
+        assert timed == measured[1].speed[f"ort {precision}"]
         for count in ("1", "2"):
             entry = row["speed"]["dpcrn"]["threads"][count]
             assert entry["interleaved"]["variants"] == ["ort fp32", "ort fp16", "ort int8"]
@@ -345,6 +346,41 @@ def test_a_models_rows_are_timed_together_afresh_every_run(fake_run: pipeline.Ru
             assert ("vs_fp32" in entry) == (precision != "fp32")
     ratio = rows["int8"]["speed"]["dpcrn"]["threads"]["1"]["vs_fp32"]
     assert isinstance(ratio["reliable"], bool) and ratio["paired_p10"] <= ratio["paired_p90"]
+
+
+def test_int8_rows_carry_their_profile_against_fp32_and_the_report_states_the_ceiling(
+        fake_run: pipeline.RunOptions, tmp_path: Path) -> None:
+    """Each INT8 ORT row's graph gets the time accounting against the ORT FP32 build (profile_pair on the speed
+    workload), and results.md turns it into the ceiling and what holds the INT8 run."""
+    result = pipeline.run_all(fake_run)
+    assert result.ok, result.failures
+    rows = {row["precision"]: row for row in result.results["rows"]}
+    assert "profile" not in rows["fp32"]["speed"]["dpcrn"] and "profile" not in rows["fp16"]["speed"]["dpcrn"]
+    profile = rows["int8"]["speed"]["dpcrn"]["profile"]
+    # the fake INT8 build is a float Mul: no integer kernel, so the ceiling is the FP32 time and the Mul holds it
+    assert profile["integer_share"] == 0.0 and profile["ceiling_ratio"] == pytest.approx(1.0)
+    assert profile["runs"] == fake_run.bench.profile_runs
+    assert any(part["what"] == "float Mul" for part in profile["holdback"])
+    markdown = (tmp_path / "results.md").read_text()
+    assert "INT8 time accounting" in markdown and "| dpcrn | ort int8 |" in markdown and "float Mul" in markdown
+
+
+def test_profile_rows_profiles_each_int8_ort_row_against_the_ort_fp32_row(tmp_path: Path) -> None:
+    from quant.eval.speed import GraphWorkload
+
+    spec = pipeline.load_spec("dpcrn")
+    fp32, int8 = identity_dpcrn(tmp_path / "fp32.onnx"), identity_dpcrn(tmp_path / "int8.onnx", gain=0.99)
+    broken = tmp_path / "broken.onnx"
+    broken.write_text("not onnx")
+    load = GraphWorkload("dpcrn", "9 s segment", 9.0,
+                         feeds={"mix": np.ones((1, FREQ_BINS, SEGMENT_FRAMES, 2), np.float32)})
+    rows = [pipeline.RowSpec(spec, "ort", precision, {"dpcrn": path}) for precision, path in
+            (("fp32", fp32), ("fp16", fp32), ("int8", int8), ("int8-searched", int8), ("int8-broken", broken))]
+    profiles = pipeline.profile_rows(rows, [load], runs=2)
+    assert set(profiles) == {"ort int8", "ort int8-searched"}  # fp16 is not INT8; the broken build is left out
+    assert profiles["ort int8"]["dpcrn"]["runs"] == 2 and "ceiling_ratio" in profiles["ort int8"]["dpcrn"]
+    assert pipeline.profile_rows(rows[2:], [load], runs=2) == {}  # no FP32 row: nothing to account against
+    assert pipeline.profile_rows(rows, [load], runs=0) == {}
 
 
 def test_a_row_that_cannot_be_timed_fails_alone(fake_run: pipeline.RunOptions,

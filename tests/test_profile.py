@@ -11,7 +11,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from quant.eval.profile import compare_profiles, format_profile, profile_graph, profile_pair, source_node
+from quant.eval.profile import (GraphProfile, NodeRow, NodeTime, ProfileComparison, compare_profiles, format_holdback,
+                                format_profile, holdback, profile_graph, profile_pair, source_node)
 from quant.fileio import sha256_file
 
 SHAPE = [1, 8, 32, 32]
@@ -126,3 +127,38 @@ def test_bench_profile_takes_the_graph_as_its_spec_argument(monkeypatch: pytest.
     assert seen == ["dpcrn"]
     assert main(["bench", "dpcrn", "wenet", "--profile"]) == 2
     assert "takes one shipped graph" in capsys.readouterr().err
+
+
+def synthetic_comparison() -> ProfileComparison:
+    """FP32: a MatMul (3 ms) and a GRU (5 ms), 10 ms a run; INT8: the MatMul as QLinearMatMul (1 ms), the GRU float
+    but slower (6 ms), 0.5 ms of Q/DQ, 9 ms a run."""
+    fp32 = GraphProfile((NodeTime("mm", "MatMul", 3.0), NodeTime("gru", "GRU", 5.0)), total_ms=10.0, runs=4)
+    int8 = GraphProfile((NodeTime("mm", "QLinearMatMul", 1.0), NodeTime("gru", "GRU", 6.0),
+                         NodeTime("mm_in_QuantizeLinear", "QuantizeLinear", 0.5)), total_ms=9.0, runs=4)
+    rows = (NodeRow("mm", "MatMul", 3.0, "QLinearMatMul", 1.0), NodeRow("gru", "GRU", 5.0, "GRU", 6.0))
+    return ProfileComparison(fp32, int8, rows, overhead_ms=0.5)
+
+
+def test_holdback_splits_the_int8_run_into_float_ops_conversions_and_per_run_cost():
+    comparison = synthetic_comparison()
+    parts = {part.what: part for part in holdback(comparison)}
+    assert list(parts) == ["float GRU", "per-run overhead", "Q/DQ and reorders"]  # largest first
+    # shares of the FP32 whole run (10 ms); with the integer kernels they add up to the profiled ratio
+    assert parts["float GRU"].share == pytest.approx(0.6)
+    assert parts["Q/DQ and reorders"].share == pytest.approx(0.05)
+    assert parts["per-run overhead"].ms == pytest.approx(9.0 - 7.5)
+    assert sum(p.ms for p in parts.values()) + comparison.integer_int8_ms == pytest.approx(comparison.int8.total_ms)
+    # beyond the ceiling: the GRU's extra 1 ms, all of Q/DQ, the per-run cost beyond FP32's (1.5 - 2.0 < 0: none)
+    assert parts["float GRU"].above_ceiling == pytest.approx(0.1)
+    assert parts["Q/DQ and reorders"].above_ceiling == pytest.approx(0.05)
+    assert parts["per-run overhead"].above_ceiling == 0.0
+    assert comparison.to_dict()["holdback"][0] == parts["float GRU"].to_dict()
+    assert format_holdback(holdback(comparison), top=2) == "float GRU 0.60 (+0.10), per-run overhead 0.15"
+
+
+def test_holdback_of_a_real_pair_accounts_for_the_whole_int8_run(builds: tuple[Path, Path]):
+    comparison = profile_pair(*builds, feeds(9), runs=3)
+    parts = holdback(comparison)
+    assert "float Conv" in {part.what for part in parts}  # the input-layer conv stays float
+    assert sum(p.ms for p in parts) + comparison.integer_int8_ms == pytest.approx(comparison.int8.total_ms)
+    assert "What holds it" in format_profile(comparison)

@@ -33,11 +33,12 @@ class BenchOptions:
     throughput_runs: int = 20
     batches: tuple[int, ...] = (1, 4, 8, 16)
     threads: tuple[int, ...] = (1, 2)
+    profile_runs: int = 10  # ORT-profiled runs of the FP32 and each INT8 build (the ceiling and what holds the rest)
 
     @classmethod
     def quick(cls) -> BenchOptions:
         return cls(runs=20, stream_runs=100, secondary_runs=10, warmup=3, throughput_runs=5, batches=(1, 8),
-                   threads=(1, 2))
+                   threads=(1, 2), profile_runs=3)
 
 
 @dataclass(frozen=True)

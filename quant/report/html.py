@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 from quant.report import artifacts, examples, figures
+from quant.report.ceiling import CEILING_CAPTION, ceiling_table, profiled
 from quant.report.compare import Comparison, comparisons
 from quant.report.goals import goals
 from quant.report.plots import render_plot, search_points
@@ -151,15 +152,25 @@ def _latency(model: str, results: Mapping[str, Any], rows: Sequence[Row]) -> lis
 
 
 def _profile(model: str, results: Mapping[str, Any], rows: Sequence[Row]) -> list[str]:
-    """Per-op time of rows with a "profile" ({op type: ms per run}), e.g. FP32 vs INT8."""
+    """The INT8 rows' ceiling and what holds the rest (report/ceiling.py), and per-op time: of each INT8 row's
+    profiled primary graph, FP32 vs INT8, or of rows with a "profile" ({op type: ms per run}) in older results."""
+    out = []
+    table = ceiling_table(rows)
+    if table is not None:
+        out = ["<h3>INT8 time accounting</h3>", f"<p class=note>{_e(CEILING_CAPTION)}</p>",
+               _table(table, (0, 1, 6))]
     profiles = {f"{r['backend']} {r['precision']}": r["profile"] for r in ok_rows({"rows": rows}) if r.get("profile")}
+    for row, graph, profile in profiled(rows):
+        if graph == primary(rows, model).graph:
+            profiles.setdefault("ort fp32", profile["fp32"])
+            profiles[f"{row['backend']} {row['precision']}"] = profile["int8"]
     if not profiles:
-        return []
+        return out
     ops = sorted({op for p in profiles.values() for op in p}, key=lambda op: -max(p.get(op, 0) for p in
                                                                                     profiles.values()))
     table = (["op type", *[f"{name} ms" for name in profiles]],
              [[op, *[fmt_number(p.get(op), ".3f") for p in profiles.values()]] for op in ops])
-    return ["<h3>Time per op type</h3>", _figure(figures.op_profile(profiles), f"{model} time per op type"),
+    return [*out, "<h3>Time per op type</h3>", _figure(figures.op_profile(profiles), f"{model} time per op type"),
             "<details><summary>all op types</summary>" + _table(table, (0,)) + "</details>"]
 
 

@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence
 
 from quant.report.compare import (CHANGE_METRICS, Comparison, change_metric, comparisons, format_change,
                                   verdict_text)
+from quant.report.ceiling import CEILING_CAPTION, ceiling_table
 from quant.report.goals import goals
 from quant.report.rows import (METRIC_SCALE, TASK_COLUMNS, Row, RowKey, find_row, graph_latency, interleaved_entry,
                                min_snr_db, model_order, primary, primary_latency, ratio, ratio_text, row_key,
@@ -127,6 +128,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             lines += ["", f"trt-sim rows: {simulation_note('trt-sim')}."]
         lines += noisy_line(rows)
         lines += _change_table(model, rows, changes)
+        lines += _ceiling_table(rows)
         timed = [r for r in rows if r.get("status") == "ok" and r.get("speed")]
         for graph in timed_graphs(timed, model):  # graphs timed at several batch sizes (WeNet's): throughput
             lines += _throughput_table(timed, graph)
@@ -194,6 +196,11 @@ def change_table(model: str, rows: Sequence[Row], changes: Mapping[RowKey, Compa
 def _change_table(model: str, rows: Sequence[Row], changes: Mapping[RowKey, Comparison]) -> list[str]:
     table = change_table(model, rows, changes)
     return [] if table is None else ["", CHANGE_CAPTION, "", *markdown_table(table)]
+
+
+def _ceiling_table(rows: Sequence[Row]) -> list[str]:
+    table = ceiling_table(rows)
+    return [] if table is None else ["", CEILING_CAPTION, "", *markdown_table(table)]
 
 
 def _graph_latency_lines(rows: Sequence[Row], graph: str) -> list[str]:

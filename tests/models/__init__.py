@@ -9,6 +9,7 @@ spec), with the input and output names the spec declares, so a spec that disagre
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,12 +72,32 @@ def build(kind: str, root: Path, opsets: tuple[int, ...] = OPSETS, size: str = "
         for graph in spec.graphs:
             EXPORTERS[kind](modules[graph.role], graph, folder / _relative(graph), opset)
         target = folder / f"{kind}.toml"
-        shutil.copyfile(DOCS_SPECS / f"{kind}.toml", target)
+        if size == "test":
+            shutil.copyfile(DOCS_SPECS / f"{kind}.toml", target)
+        else:  # a wider model's streaming states are wider: the spec's state shapes follow the module
+            target.write_text(_sized_spec(kind, modules), encoding="utf-8")
         if kind == "u2pp":
             u2pp.write_units(folder / spec.task.units.name)  # type: ignore[union-attr]
         specs[opset] = target
     parameters = sum(common.parameter_count(module) for module in modules.values())
     return BuiltModel(kind, specs, modules, parameters, tuple(losses))
+
+
+def _sized_spec(kind: str, modules: Mapping[str, torch.nn.Module]) -> str:
+    """The docs spec with each `[[streaming.states]]` shape (in the spec's order) set to the built module's."""
+    text = (DOCS_SPECS / f"{kind}.toml").read_text(encoding="utf-8")
+    module = next(iter(modules.values()))
+    if isinstance(module, se.LstmMask):
+        shapes = [tuple(state.shape) for state in module.states()]
+    elif isinstance(module, se.StftGruStream):
+        shapes = list(module.cache_shapes().values())
+    else:
+        return text
+    found = iter(shapes)
+    sized = re.sub(r"(?m)^shape = \[[0-9, ]*\]$", lambda _: f"shape = {list(next(found))}", text)
+    if next(found, None) is not None:
+        raise AssertionError(f"{kind}: the spec lists fewer states than the module has")
+    return sized
 
 
 def _relative(graph: GraphSpec) -> Path:
