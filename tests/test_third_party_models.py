@@ -9,6 +9,7 @@ Built once per session by the `third_party_model` fixture (conftest.py): about 3
 from __future__ import annotations
 
 import shutil
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -255,3 +256,25 @@ def test_built_precision_keeps_the_gain(third_party_model, kind: str, precision:
         fp32, low = si_sdr(clean, enhance(spec, noisy)), si_sdr(clean, enhance(built, noisy))
         print(f"{kind} {precision}: noisy {si_sdr(clean, noisy):.2f} fp32 {fp32:.2f} {precision} {low:.2f} dB")
         assert abs(low - fp32) < 1.0
+
+
+@pytest.mark.parametrize("kind", STREAMING)
+def test_published_size_spec_declares_the_wider_states(kind: str) -> None:
+    """A published-size streaming model (scripts/bench_test_models.py --size published) is described by a spec whose
+    state shapes are the wider module's, the rest of the docs spec unchanged; the test size keeps the docs spec."""
+    import models
+    from models import se
+
+    size = dict(models.SIZES["published"][kind])
+    module = se.LstmMask(**size) if kind == "lstm-mask" else se.StftGruStream(**size)
+    text = models._sized_spec(kind, {"graph": module})
+    spec = quant.spec.parse_spec(tomllib.loads(text), models.DOCS_SPECS / f"{kind}.toml")
+    docs = models.docs_spec(kind)
+    assert spec.streaming is not None and docs.streaming is not None
+    expected = ([tuple(s.shape) for s in module.states()] if isinstance(module, se.LstmMask)
+                else list(module.cache_shapes().values()))
+    assert [tuple(s.shape) for s in spec.streaming.states] == expected
+    assert [s.input for s in spec.streaming.states] == [s.input for s in docs.streaming.states]
+    assert [tuple(s.shape) for s in spec.streaming.states] != [tuple(s.shape) for s in docs.streaming.states]
+    with pytest.raises(ValueError, match="no 'published' size"):
+        models.build("u2pp", Path("unused"), size="published")
