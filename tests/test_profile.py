@@ -142,18 +142,18 @@ def synthetic_comparison() -> ProfileComparison:
 def test_holdback_splits_the_int8_run_into_float_ops_conversions_and_per_run_cost():
     comparison = synthetic_comparison()
     parts = {part.what: part for part in holdback(comparison)}
-    assert list(parts) == ["float GRU", "per-run overhead", "Q/DQ and reorders"]  # largest first
+    assert list(parts) == ["float GRU", "outside kernels", "Q/DQ and reorders"]  # largest first
     # shares of the FP32 whole run (10 ms); with the integer kernels they add up to the profiled ratio
     assert parts["float GRU"].share == pytest.approx(0.6)
     assert parts["Q/DQ and reorders"].share == pytest.approx(0.05)
-    assert parts["per-run overhead"].ms == pytest.approx(9.0 - 7.5)
+    assert parts["outside kernels"].ms == pytest.approx(9.0 - 7.5)
     assert sum(p.ms for p in parts.values()) + comparison.integer_int8_ms == pytest.approx(comparison.int8.total_ms)
     # beyond the ceiling: the GRU's extra 1 ms, all of Q/DQ, the per-run cost beyond FP32's (1.5 - 2.0 < 0: none)
     assert parts["float GRU"].above_ceiling == pytest.approx(0.1)
     assert parts["Q/DQ and reorders"].above_ceiling == pytest.approx(0.05)
-    assert parts["per-run overhead"].above_ceiling == 0.0
+    assert parts["outside kernels"].above_ceiling == 0.0
     assert comparison.to_dict()["holdback"][0] == parts["float GRU"].to_dict()
-    assert format_holdback(holdback(comparison), top=2) == "float GRU 0.60 (+0.10), per-run overhead 0.15"
+    assert format_holdback(holdback(comparison), top=2) == "float GRU 0.60 (+0.10), outside kernels 0.15"
 
 
 def test_holdback_of_a_real_pair_accounts_for_the_whole_int8_run(builds: tuple[Path, Path]):

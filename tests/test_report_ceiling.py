@@ -12,7 +12,7 @@ from quant.report.tables import render_markdown
 
 HOLDBACK = [{"what": "float GRU", "ms": 0.30, "share": 0.45, "above_ceiling": 0.0},
             {"what": "Q/DQ and reorders", "ms": 0.04, "share": 0.06, "above_ceiling": 0.06},
-            {"what": "per-run overhead", "ms": 0.02, "share": 0.03, "above_ceiling": 0.001}]
+            {"what": "outside kernels", "ms": 0.02, "share": 0.03, "above_ceiling": 0.001}]
 
 
 def row(precision: str, profile: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -45,7 +45,7 @@ def test_ceiling_table_sets_the_measured_ratio_beside_the_profile_ceiling() -> N
     header, cells = table
     assert header[:5] == ["graph", "build", "measured INT8/FP32", "ceiling", "above ceiling"]
     assert cells == [["masker", "ort int8", "1.03 (0.95-1.12)", "0.98", "+0.05", "40 %",
-                      "float GRU 0.45, Q/DQ and reorders 0.06 (+0.06), per-run overhead 0.03"]]
+                      "float GRU 0.45, Q/DQ and reorders 0.06 (+0.06), outside kernels 0.03"]]
 
 
 def test_a_row_timed_before_paired_ratios_shows_its_median_ratio() -> None:

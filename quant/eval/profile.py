@@ -203,10 +203,11 @@ class ProfileComparison:
 class HoldbackPart:
     """One part of an INT8 build's whole-run time that is not an integer kernel, as a share of the FP32 whole run."""
 
-    what: str  # "float <op type>", "Q/DQ and reorders", "per-run overhead"
+    what: str  # "float <op type>", "Q/DQ and reorders", "outside kernels" (the whole run minus its kernels:
+    # ORT's per-run and per-node dispatch, and on a busy machine the waits between kernels)
     ms: float  # per run, in the INT8 build
     share: float  # ms / the FP32 build's whole-run time: the parts and the integer kernels add up to the profiled ratio
-    above_ceiling: float  # the part's share the ceiling does not count: conversions and per-run overhead whole,
+    above_ceiling: float  # the part's share the ceiling does not count: conversions and outside kernels whole,
     # float ops only by what they cost beyond their FP32 time
 
     def to_dict(self) -> dict[str, object]:
@@ -216,7 +217,7 @@ class HoldbackPart:
 def holdback(comparison: ProfileComparison) -> list[HoldbackPart]:
     """What holds an INT8 build's ratio up, largest first: the float ops by the op type ORT ran them as (what keeps
     the ceiling above zero), the conversions between float and integer kernels (Q/DQ, reorders, layout) and the
-    session's per-run cost outside the kernels beyond the FP32 build's (both of which the ceiling counts free)."""
+    run's time outside its kernels beyond the FP32 build's (both of which the ceiling counts free)."""
     base = max(comparison.fp32.total_ms, 1e-12)
     float_int8: dict[str, float] = {}
     float_fp32: dict[str, float] = {}
@@ -230,7 +231,7 @@ def holdback(comparison: ProfileComparison) -> list[HoldbackPart]:
                               comparison.overhead_ms / base))
     run_cost = comparison.int8.total_ms - comparison.int8.node_ms
     extra = max(0.0, run_cost - (comparison.fp32.total_ms - comparison.fp32.node_ms))
-    parts.append(HoldbackPart("per-run overhead", run_cost, run_cost / base, extra / base))
+    parts.append(HoldbackPart("outside kernels", run_cost, run_cost / base, extra / base))
     return sorted(parts, key=lambda part: -part.ms)
 
 

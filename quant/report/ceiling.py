@@ -13,11 +13,12 @@ from quant.report.rows import Row
 
 Table = tuple[list[str], list[list[str]]]
 
-CEILING_CAPTION = ("INT8 time accounting (ONNX Runtime's profiler, FP32 and INT8 runs alternating): measured = "
-                   "INT8/FP32 of the interleaved timing, paired per-round median (p10-p90); ceiling = the ratio if "
-                   "every op with an integer kernel ran at its INT8 kernel time and everything else at FP32 time, "
-                   "conversions free; what holds the INT8 run, as shares of the FP32 run (in brackets: the part "
-                   "beyond the ceiling: Q/DQ, per-run cost, float ops slower than in FP32)")
+CEILING_CAPTION = ("INT8 time accounting (ONNX Runtime's profiler, FP32 and INT8 runs alternating, medians): "
+                   "measured = INT8/FP32 of the interleaved timing, paired per-round median (p10-p90); ceiling = the "
+                   "ratio if every op with an integer kernel ran at its INT8 kernel time and everything else at FP32 "
+                   "time, conversions free; what holds the INT8 run, as shares of the FP32 run (in brackets: the part "
+                   "beyond the ceiling: Q/DQ, time outside kernels (ORT's dispatch; waits on a busy machine), float "
+                   "ops slower than in FP32)")
 HOLDBACK_SHOWN = 4
 
 
