@@ -156,6 +156,16 @@ def test_holdback_splits_the_int8_run_into_float_ops_conversions_and_per_run_cos
     assert format_holdback(holdback(comparison), top=2) == "float GRU 0.60 (+0.10), outside kernels 0.15"
 
 
+def test_time_outside_kernels_beyond_the_ceiling_is_at_most_the_int8_runs_own():
+    """With medians the FP32 whole run can come out below the sum of its kernels (here by 0.5 ms): the INT8 run's
+    1.5 ms outside kernels is then all beyond the ceiling, not 2 ms of it."""
+    base = synthetic_comparison()
+    fp32 = GraphProfile(base.fp32.nodes, total_ms=7.5, runs=4)
+    comparison = ProfileComparison(fp32, base.int8, base.rows, base.overhead_ms)
+    outside = next(part for part in holdback(comparison) if part.what == "outside kernels")
+    assert outside.ms == pytest.approx(1.5) and outside.above_ceiling == pytest.approx(1.5 / 7.5)
+
+
 def test_holdback_of_a_real_pair_accounts_for_the_whole_int8_run(builds: tuple[Path, Path]):
     comparison = profile_pair(*builds, feeds(9), runs=3)
     parts = holdback(comparison)

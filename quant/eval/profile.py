@@ -230,7 +230,8 @@ def holdback(comparison: ProfileComparison) -> list[HoldbackPart]:
     parts.append(HoldbackPart("Q/DQ and reorders", comparison.overhead_ms, comparison.overhead_ms / base,
                               comparison.overhead_ms / base))
     run_cost = comparison.int8.total_ms - comparison.int8.node_ms
-    extra = max(0.0, run_cost - (comparison.fp32.total_ms - comparison.fp32.node_ms))
+    # medians: a build's whole run can come out a little below the sum of its kernels; neither side goes below zero
+    extra = min(max(run_cost, 0.0), max(0.0, run_cost - max(0.0, comparison.fp32.total_ms - comparison.fp32.node_ms)))
     parts.append(HoldbackPart("outside kernels", run_cost, run_cost / base, extra / base))
     return sorted(parts, key=lambda part: -part.ms)
 
