@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", type=Path, help="models, caches and builds (default: a temp folder)")
     parser.add_argument("--json", type=Path, help="also write the rows and profiles here")
     args = parser.parse_args(argv)
+    unknown = [kind for kind in args.kinds if kind not in models.KINDS]
+    unsized = [kind for kind in args.kinds if args.size != "test" and kind not in models.SIZES[args.size]]
+    if unknown or unsized:
+        parser.error(f"unknown test models {unknown}" if unknown else f"{unsized} have no {args.size!r} size")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.output is not None:
