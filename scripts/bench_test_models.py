@@ -125,7 +125,8 @@ def bench_model(kind: str, args: argparse.Namespace, root: Path) -> list[GraphRe
     out: list[GraphResult] = []
     for graph in spec.graphs:
         role = graph.role
-        cache = calibrate_spec(spec, role, graphs[role], options=CalibrateOptions(RangeOptions(progress=False), out_root=root),
+        calibrate = CalibrateOptions(RangeOptions(progress=False), out_root=root)
+        cache = calibrate_spec(spec, role, graphs[role], options=calibrate,
                                feed_options=FeedOptions(graphs=dict(graphs), limit=args.limit)).path
         folder = root / "builds" / args.size / kind / str(graph.name)
         fp32 = build_artifact(graphs[role], "fp32", name=graph.name, out_dir=folder / "fp32") / MODEL_FILE
