@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def bench(args: argparse.Namespace, root: Path) -> int:
     results = [result for kind in args.kinds for result in bench_model(kind, args, root)]
-    print(format_table(results, args.size))
+    print(format_table(results, args.size, args.rules))
     if args.json:
         from quant.fileio import atomic_write_json
 
@@ -141,11 +141,12 @@ def bench_model(kind: str, args: argparse.Namespace, root: Path) -> list[GraphRe
     return out
 
 
-def format_table(results: list[GraphResult], size: str) -> str:
+def format_table(results: list[GraphResult], size: str, rules: Path | None = None) -> str:
     from quant.eval.profile import format_holdback, holdback
 
-    lines = [f"size {size}; ONNX Runtime CPU, 1 thread; INT8 = default precision rules; ratio = INT8/FP32 median "
-             "latency, paired = per-round ratio median (p10-p90)",
+    built = f"precision rules {rules}" if rules else "default precision rules"
+    lines = [f"size {size}; ONNX Runtime CPU, 1 thread; INT8 = {built}; ratio = INT8/FP32 median latency, "
+             "paired = per-round ratio median (p10-p90)",
              f"{'model/graph':<28}{'params':>8}{'FP32 ms':>9}{'INT8 ms':>9}{'ratio':>7}{'paired (p10-p90)':>20}"
              f"{'ceiling':>9}{'int share':>10}{'load':>12}"]
     for result in results:
