@@ -70,23 +70,41 @@ class ModelProfile:
     fp32: Path  # the FP32 artifact's ONNX file
     int8: Path
     comparison: ProfileComparison
+    source: Path  # the graph both were built from: the export with the spec's rewrites (or the override) applied
+
+
+def build_graphs(model: str, rewrites: Sequence[str] | None = None, out_root: Path = DEFAULT_OUT_ROOT
+                 ) -> dict[str, Path]:
+    """The FP32 graphs, by role, that the builds of a shipped graph's spec start from: the exports with the spec's
+    rewrites (`rewrites` instead when given; () for the exports as they are) applied and checked
+    (quant.tasks.rewriting), as `quant build` and `quant run` make them. Every exported graph of the spec is there:
+    a chained graph's feeds run its upstream graph (the WeNet decoder's, the encoder)."""
+    from quant.tasks.rewriting import rewrite_graphs
+
+    spec, _graph = reference_graph(model)
+    exports = {g.role: reference_export(str(g.name), out_root) for g in spec.graphs if g.exporter}
+    return {role: done.path for role, done in rewrite_graphs(spec, exports, out_root, rewrites).items()}
 
 
 def profile_model(model: str, runs: int = 10, threads: int = 1, cache: Path | None = None,
-                  out_dir: Path | None = None) -> ModelProfile:
-    """Build (or rebuild) the model's FP32 and INT8 ORT artifacts under out_dir (default engines/<model>/) and
-    account their time per node and op type on real feeds."""
+                  out_dir: Path | None = None, rewrites: Sequence[str] | None = None) -> ModelProfile:
+    """Build (or rebuild) the model's FP32 and INT8 ORT artifacts under out_dir (default engines/<model>/) from the
+    graph the builds use (build_graphs: the spec's rewrites, or `rewrites`) and account their time per node and op
+    type on real feeds."""
     from quant.artifacts import build_artifact
     from quant.artifacts.artifact import MODEL_FILE
+    from quant.tasks import FeedOptions
     from quant.tasks.calibration import calibrate_spec
 
     spec, graph = reference_graph(model)
-    source = reference_export(model)
+    graphs = build_graphs(model, rewrites)
+    source = graphs[graph.role]
     folder = {p: (out_dir / p if out_dir else None) for p in ("fp32", "int8")}
     fp32 = build_artifact(source, "fp32", name=graph.name, out_dir=folder["fp32"]) / MODEL_FILE
-    cache = cache if cache is not None else Path(calibrate_spec(spec, graph.role, source).path)
+    if cache is None:  # calibrated on the graph built from (its sha256 keys the cache), upstream graphs as built
+        cache = Path(calibrate_spec(spec, graph.role, source, feed_options=FeedOptions(graphs=graphs)).path)
     int8 = build_artifact(source, "int8", name=graph.name, out_dir=folder["int8"], cache=cache) / MODEL_FILE
-    return ModelProfile(fp32, int8, profile_pair(fp32, int8, timing_feeds(model, fp32), runs, threads))
+    return ModelProfile(fp32, int8, profile_pair(fp32, int8, timing_feeds(model, fp32), runs, threads), source)
 
 
 @dataclass(frozen=True)

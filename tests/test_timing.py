@@ -39,3 +39,60 @@ def test_time_interleaved_reports_every_build_its_ratio_and_the_load(tmp_path: P
 def test_timing_feeds_names_the_models_it_knows(tmp_path: Path):
     with pytest.raises(ModelError, match="bench_int8.py"):
         timing_feeds("not-a-model", tmp_path / "x.onnx")
+
+
+@pytest.mark.parametrize("rewrites", [None, (), ("deconv-to-conv",)])
+def test_profile_model_profiles_the_graph_the_builds_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         rewrites: tuple[str, ...] | None):
+    """`quant bench --profile` builds, calibrates and profiles the spec's rewritten graph (it used to profile the
+    plain export while every build started from the rewritten one); --rewrites/--no-rewrites override the spec."""
+    from types import SimpleNamespace
+
+    import quant.artifacts
+    import quant.tasks.calibration
+    import quant.tasks.rewriting
+    from quant import timing
+
+    export = tmp_path / "export" / "dpcrn.onnx"
+    rewritten = tmp_path / "rewrite" / "dpcrn.rewritten.onnx"
+    seen: dict[str, object] = {}
+
+    def rewrite_graphs(spec: object, graphs: dict[str, Path], out_root: Path, override: object = None) -> object:
+        seen["exports"], seen["override"] = dict(graphs), override
+        return {role: SimpleNamespace(path=rewritten) for role in graphs}
+
+    def build_artifact(source: Path, precision: str, **options: object) -> Path:
+        seen[f"build {precision}"] = source
+        return tmp_path / precision
+
+    def calibrate_spec(spec: object, role: str, path: Path, **options: object) -> object:
+        seen["calibrated"] = path
+        return SimpleNamespace(path=tmp_path / "calib.cache")
+
+    monkeypatch.setattr(timing, "reference_export", lambda name, out_root=None: export)
+    monkeypatch.setattr(quant.tasks.rewriting, "rewrite_graphs", rewrite_graphs)
+    monkeypatch.setattr(quant.artifacts, "build_artifact", build_artifact)
+    monkeypatch.setattr(quant.tasks.calibration, "calibrate_spec", calibrate_spec)
+    monkeypatch.setattr(timing, "timing_feeds", lambda model, path: {})
+    monkeypatch.setattr(timing, "profile_pair", lambda *args: "profiled")
+    profiled = timing.profile_model("dpcrn", 2, 1, None, tmp_path / "out", rewrites)
+    assert seen["exports"] == {"enhancer": export} and seen["override"] == rewrites
+    assert seen["build fp32"] == seen["build int8"] == seen["calibrated"] == rewritten == profiled.source
+
+
+@pytest.mark.parametrize("flags, expected", [([], None), (["--no-rewrites"], ()),
+                                             (["--rewrites", "deconv-to-conv"], ("deconv-to-conv",))])
+def test_bench_profile_honours_the_rewrite_flags(monkeypatch: pytest.MonkeyPatch, flags: list[str],
+                                                 expected: tuple[str, ...] | None):
+    from quant import timing
+    from quant.cli import main
+
+    seen: list[object] = []
+
+    def stop(model: str, runs: int, threads: int, cache: object, out_dir: object, rewrites: object) -> None:
+        seen.append(rewrites)
+        raise ModelError("stopped here")
+
+    monkeypatch.setattr(timing, "profile_model", stop)
+    assert main(["bench", "dpcrn", "--profile", *flags]) == 2
+    assert seen == [expected]
