@@ -96,3 +96,46 @@ def test_bench_profile_honours_the_rewrite_flags(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(timing, "profile_model", stop)
     assert main(["bench", "dpcrn", "--profile", *flags]) == 2
     assert seen == [expected]
+
+
+def stream_model(path: Path) -> Path:
+    """A streaming graph: y = x + state, state_out = state + 1 (so the states a roll carries are visible)."""
+    one = numpy_helper.from_array(np.ones((1, 4), np.float32), "one")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "state"], ["y"], name="out"),
+         helper.make_node("Add", ["state", "one"], ["state_out"], name="next")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+         helper.make_tensor_value_info("state", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4]),
+         helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [1, 4])], [one])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
+    return path
+
+
+def test_time_interleaved_rolls_a_streaming_workload_with_its_states(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch):
+    """`quant bench dpcrn-stream --profile` and bench_int8.py time a streaming graph as it runs: every frame of the
+    utterance in turn, each build carrying its own states (they used to run the first frame with zero states over
+    and over)."""
+    from quant import timing
+    from quant.backends.ort import OrtRunner
+    from quant.eval.speed import STREAM_ROUND_FRAMES, GraphWorkload
+
+    fed: dict[str, list[tuple[float, float]]] = {}
+    run = OrtRunner.run
+
+    def spy(self: OrtRunner, feeds: dict[str, np.ndarray], outputs: object = None) -> dict[str, np.ndarray]:
+        fed.setdefault(self.path.name, []).append((float(feeds["x"][0, 0]), float(feeds["state"][0, 0])))
+        return run(self, feeds)
+
+    monkeypatch.setattr(OrtRunner, "run", spy)
+    frames = tuple(np.full((1, 4), i, np.float32) for i in range(3))
+    workload = GraphWorkload("s", "frame", 0.016, frames=frames, states={"state": np.zeros((1, 4), np.float32)},
+                             frame_input="x", state_outputs={"state": "state_out"})
+    models = {"fp32": stream_model(tmp_path / "a.onnx"), "int8": stream_model(tmp_path / "b.onnx")}
+    result = timing.time_interleaved(models, workload, runs=4, warmup=1)
+    assert {label: len(values) for label, values in result.seconds.items()} == {"fp32": 4, "int8": 4}
+    assert result.frames_per_round == STREAM_ROUND_FRAMES
+    calls = (4 + 1) * STREAM_ROUND_FRAMES  # warm-up round + timed rounds, every frame of the roll in turn
+    assert fed["a.onnx"] == [(float(i % 3), float(i)) for i in range(calls)] == fed["b.onnx"]
+    assert "streaming frames" in format_interleaved(result, "fp32")

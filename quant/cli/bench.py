@@ -39,7 +39,7 @@ def run_profile(args: argparse.Namespace) -> int:
     from quant.errors import QuantError
     from quant.eval.profile import format_profile
     from quant.fileio import atomic_write_json
-    from quant.timing import format_interleaved, profile_model, time_interleaved, timing_feeds
+    from quant.timing import format_interleaved, profile_model, time_interleaved, timing_workload
 
     if len(args.specs) != 1:
         raise QuantError("quant bench --profile takes one shipped graph: dpcrn, dpcrn-stream, wenet-encoder or "
@@ -52,7 +52,8 @@ def run_profile(args: argparse.Namespace) -> int:
     comparison = profiled.comparison
     print(format_profile(comparison))
     paths = {"fp32": profiled.fp32, "int8": profiled.int8}
-    timed = time_interleaved(paths, timing_feeds(model, paths["fp32"]), args.runs or INTERLEAVED_RUNS, threads)
+    # a streaming graph is rolled (states carried frame to frame, real frames) as `quant bench` times it
+    timed = time_interleaved(paths, timing_workload(model, paths["fp32"]), args.runs or INTERLEAVED_RUNS, threads)
     print("\n" + format_interleaved(timed, "fp32"))
     if args.json:
         atomic_write_json(args.json, {"profile": comparison.to_dict(), "interleaved": timed.to_dict("fp32")})
