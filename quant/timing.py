@@ -110,7 +110,8 @@ def profile_model(model: str, runs: int = 10, threads: int = 1, cache: Path | No
     fp32 = build_artifact(source, "fp32", name=graph.name, out_dir=folder["fp32"]) / MODEL_FILE
     if cache is None:  # calibrated on the graph built from (its sha256 keys the cache), upstream graphs as built
         cache = Path(calibrate_spec(spec, graph.role, source, feed_options=FeedOptions(graphs=graphs)).path)
-    int8 = build_artifact(source, "int8", name=graph.name, out_dir=folder["int8"], cache=cache) / MODEL_FILE
+    int8 = build_artifact(source, "int8", name=graph.name, out_dir=folder["int8"], cache=cache,
+                          rules_off=graph.rules_off) / MODEL_FILE
     return ModelProfile(fp32, int8, profile_pair(fp32, int8, timing_feeds(model, fp32), runs, threads), source)
 
 
