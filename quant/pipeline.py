@@ -214,9 +214,10 @@ class Steps:
         return Path(entry.path)
 
     def build(self, graph: str, precision: str, backend: str, source: Path, cache: Path | None,
-              rules: Path | None = None) -> Path:
+              rules: Path | None = None, rules_off: tuple[str, ...] = ()) -> Path:
         """The artifact file (ORT: model.onnx, TensorRT: model.engine) of one graph (by artifact name) at one
-        precision; `rules`: precision rules other than the shipped ones (the searched row's: <precision>-searched/)."""
+        precision; `rules`: precision rules other than the shipped ones (the searched row's: <precision>-searched/);
+        `rules_off`: shipped rules left out (the spec graph's rules_off)."""
         from quant.artifacts import build_artifact
         from quant.artifacts.artifact import META_FILE
 
@@ -225,6 +226,7 @@ class Steps:
         artifact = folder / ("model.onnx" if backend == "ort" else "model.engine")
         key = {"source": _file_sha(source), "cache": _file_sha(cache) if cache else None, "quant": __version__,
                "rules": _file_sha(rules) if rules is not None else None,
+               **({"rules_off": list(rules_off)} if rules_off else {}),
                "code": _sources_sha("artifacts/artifact.py", "artifacts/ort_build.py", "artifacts/qdq.py",
                                     "artifacts/calibration.py", "artifacts/trt_build.py", "onnxgraph/graph.py",
                                     "onnxgraph/patterns.py", "precision.py", "precision_default.toml",
@@ -239,6 +241,8 @@ class Steps:
             options["cache"] = cache
         if rules is not None:
             options["rules"] = rules
+        if rules_off:
+            options["rules_off"] = rules_off
         build_artifact(source, precision, backend, name=graph, **options)
         if not artifact.is_file():
             raise QuantError(f"build of {graph} {precision} ({backend}) wrote no {artifact}")
@@ -692,7 +696,8 @@ class ModelRun:
                 if graph.role not in caches:
                     caches[graph.role] = self.steps.calibrate(self.spec, graph, exported)
                 cache = caches[graph.role]
-            artifacts[graph.stem] = self.steps.build(str(graph.name), precision, backend, exported[graph.role], cache)
+            artifacts[graph.stem] = self.steps.build(str(graph.name), precision, backend, exported[graph.role], cache,
+                                                     rules_off=graph.rules_off)
         return RowSpec(self.spec, backend, precision, artifacts)
 
     def _searched_row(self, exported: Mapping[str, Path], caches: dict[str, Path]) -> RowSpec:

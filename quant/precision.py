@@ -130,6 +130,16 @@ def load_rules(path: str | Path | None = None) -> tuple[Rule, ...]:
     return tuple(_rule_from_table(source, position, table) for position, table in enumerate(tables, 1))
 
 
+def without_rules(rules: Iterable[Rule], names: Iterable[str], where: str = "rules_off") -> tuple[Rule, ...]:
+    """`rules` less the rules named in `names` (a spec's `rules_off`: shipped rules a model's measurements overrule);
+    a name that is no rule of the set is a BuildError naming `where`."""
+    rule_list, off = tuple(rules), tuple(names)
+    unknown = [n for n in off if n not in {r.name for r in rule_list}]
+    if unknown:
+        raise BuildError(f"{where}: {unknown} name no precision rule; the rules are {[r.name for r in rule_list]}")
+    return tuple(r for r in rule_list if r.name not in off)
+
+
 def _rule_from_table(source: Path, position: int, table: dict[str, Any]) -> Rule:
     known = {f.name for f in fields(Rule)}
     unknown = sorted(set(table) - known)

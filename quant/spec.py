@@ -127,10 +127,15 @@ class GraphSpec:
     calibration_method: Method | None = None  # default: [defaults] calibration_method
     # exact rewrites (in order) of the graph that every build starts from, FP32 included; `--rewrites` overrides
     rewrites: tuple[Rewrite, ...] = ()
+    # shipped precision rules (quant/precision_default.toml, by name) this graph's builds leave out, where measurements
+    # on this model overrule them; a `--rules FILE` or a searched rules file is a whole plan and ignores it
+    rules_off: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if len(set(self.rewrites)) != len(self.rewrites):
             raise SchemaError("rewrites", f"graph {self.role!r} names a rewrite twice: {list(self.rewrites)}")
+        if len(set(self.rules_off)) != len(self.rules_off):
+            raise SchemaError("rules_off", f"graph {self.role!r} names a rule twice: {list(self.rules_off)}")
         if (self.path is None) == (self.export is None):
             raise SchemaError("", f"graph {self.role!r} needs exactly one of 'path' (an ONNX file) or 'export' "
                               f"({', '.join(EXPORTS)})")

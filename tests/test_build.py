@@ -395,3 +395,17 @@ def test_build_refuses_to_replace_a_folder_of_other_files(model_and_cache: tuple
     (legacy / ".model.onnx.k2j4h5g6.tmp.onnx").write_text("partial")
     out = build_artifact(source, "fp32", out_dir=legacy)
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "model.onnx"]
+
+
+def test_rules_off_leaves_shipped_rules_out_of_the_plan(model_and_cache: tuple[Path, Path], tmp_path: Path):
+    """A spec graph's `rules_off` (measured on that model) removes shipped rules from its builds' plan, is recorded
+    in meta.json and the cache key, and a name that is no rule is refused with the rule names."""
+    source, cache = model_and_cache
+    plain = json.loads((build_artifact(source, "int8", cache=cache, out_dir=tmp_path / "a") / "meta.json").read_text())
+    out = build_artifact(source, "int8", cache=cache, out_dir=tmp_path / "b", rules_off=("input-layer",))
+    meta = json.loads((out / "meta.json").read_text())
+    assert plain["plan"]["Conv"] == {"fp32 (input-layer)": 1, "int8 (int8-compute)": 2}
+    assert meta["plan"]["Conv"] == {"int8 (int8-compute)": 3} and meta["plan_trt"]["Conv"] == {"int8 (int8-compute)": 3}
+    assert meta["rules"]["off"] == ["input-layer"] and meta["cache_key"] != plain["cache_key"]
+    with pytest.raises(BuildError, match=r"tiny: rules_off: \['no-such-rule'\] name no precision rule"):
+        build_artifact(source, "int8", name="tiny", cache=cache, out_dir=tmp_path / "c", rules_off=("no-such-rule",))

@@ -113,3 +113,28 @@ def test_evaluate_on_ray_prints_the_in_process_metrics(tmp_path: Path, capsys: p
     assert main([*argv, "--executor", "ray", "--backend", "trt"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--backend trt runs on this machine's GPU" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra, expected", [([], ("skip-concat",)), (["--rules", "my_rules.toml"], ())])
+def test_build_applies_the_specs_rules_off_unless_rules_are_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str],
+                                                                   extra: list[str], expected: tuple[str, ...]) -> None:
+    """`quant build SPEC` leaves the spec graph's rules_off out of the shipped rules; a --rules file is a whole plan."""
+    import quant.artifacts
+    import quant.cli.build
+
+    spec = tmp_path / "tiny.toml"
+    spec.write_text('[model]\nname = "tiny"\ntask = "se"\n\n[[graphs]]\nrole = "enhancer"\npath = "tiny.onnx"\n'
+                    'rules_off = ["skip-concat"]\n\n[frontend]\ntransform = "stft"\n\n[output]\nname = "enh"\n'
+                    'kind = "spectrum"\n')
+    seen: list[object] = []
+
+    def build_artifact(source: Path, precision: str, backend: str, **options: object) -> Path:
+        seen.append(options["rules_off"])
+        (tmp_path / "meta.json").write_text(json.dumps({"model": "tiny", "precision": precision, "backend": backend}))
+        return tmp_path
+
+    monkeypatch.setattr(quant.cli.build, "fp32_graphs", lambda spec, rewrites: {"enhancer": tmp_path / "tiny.onnx"})
+    monkeypatch.setattr(quant.artifacts, "build_artifact", build_artifact)
+    _cli(capsys, "build", str(spec), "--precision", "fp32", *extra)
+    assert seen == [expected]

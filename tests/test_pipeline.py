@@ -72,8 +72,10 @@ class FakeSteps:
         FakeSteps.calls.append(f"calibrate {graph.name}")
         return exported[graph.role]
 
-    def build(self, graph: str, precision: str, backend: str, source: Path, cache: Path | None) -> Path:
-        FakeSteps.calls.append(f"build {graph} {precision} {backend} cache={cache is not None}")
+    def build(self, graph: str, precision: str, backend: str, source: Path, cache: Path | None,
+              rules_off: tuple[str, ...] = ()) -> Path:
+        FakeSteps.calls.append(f"build {graph} {precision} {backend} cache={cache is not None}"
+                               + (f" rules_off={','.join(rules_off)}" if rules_off else ""))
         if precision == "int8" and FakeSteps.fail_int8:
             raise BuildError("int8 build failed on purpose")
         target = self.root / graph / precision / "model.onnx"
@@ -217,6 +219,28 @@ def test_stamps(tmp_path: Path) -> None:
     assert pipeline.is_fresh(tmp_path, "step", {"a": 1}, [out])
     out.unlink()
     assert not pipeline.is_fresh(tmp_path, "step", {"a": 1}, [out])
+
+
+def test_build_step_passes_the_specs_rules_off_and_rebuilds_when_it_changes(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's builds leave the spec graph's rules_off out of the shipped rules; a changed rules_off is another
+    build (the stamp names it), not an up-to-date one."""
+    import quant.artifacts
+
+    real_build = quant.artifacts.build_artifact
+    seen: list[object] = []
+
+    def build(source: Path, precision: str, backend: str, **options: Any) -> Path:
+        seen.append(options.get("rules_off", ()))
+        return real_build(source, precision, backend, **options)
+
+    monkeypatch.setattr(quant.artifacts, "build_artifact", build)
+    source = identity_dpcrn(tmp_path / "a.onnx", gain=1.0)
+    steps = pipeline.Steps(tmp_path / "engines", pipeline.RunOptions(progress=False))
+    steps.build("dpcrn", "fp32", "ort", source, None)
+    steps.build("dpcrn", "fp32", "ort", source, None, rules_off=("skip-concat",))
+    steps.build("dpcrn", "fp32", "ort", source, None, rules_off=("skip-concat",))  # up to date
+    assert seen == [(), ("skip-concat",)]
 
 
 def test_build_step_rebuilds_an_artifact_replaced_after_its_stamp(tmp_path: Path,
@@ -404,9 +428,9 @@ class SearchedFakeSteps(FakeSteps):
     """FakeSteps whose build with searched rules writes a 0.995 mask into <graph>/int8-searched/."""
 
     def build(self, graph: str, precision: str, backend: str, source: Path, cache: Path | None,
-              rules: Path | None = None) -> Path:
+              rules: Path | None = None, rules_off: tuple[str, ...] = ()) -> Path:
         if rules is None:
-            return super().build(graph, precision, backend, source, cache)
+            return super().build(graph, precision, backend, source, cache, rules_off)
         FakeSteps.calls.append(f"build {graph} {precision} {backend} rules={rules.relative_to(self.root)}")
         return identity_dpcrn(self.root / graph / "int8-searched" / "model.onnx", gain=0.995)
 

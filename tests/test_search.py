@@ -499,3 +499,17 @@ def test_spec_evaluator_in_shards_gives_the_in_process_columns(tmp_path: Path, r
     assert on_ray(tmp_path / "candidate") == expected
     assert all("noisy" in memo for memo in on_ray._memos)  # learned on the workers, shipped with the next shards
     assert on_ray(tmp_path / "candidate") == expected
+
+
+def test_a_search_starts_from_the_plan_the_specs_builds_use(tmp_path: Path):
+    """dpcrn-stream leaves skip-concat and leakyrelu-int8 out of its builds' rules: its search's base plan does too
+    (a given rules file is a whole plan)."""
+    import quant
+    from quant.search.models import base_rules_of
+
+    names = [rule.name for rule in base_rules_of(quant.load_spec("dpcrn-stream"), "enhancer")]
+    assert "skip-concat" not in names and "leakyrelu-int8" not in names and "lstm-dynamic" in names
+    assert [r.name for r in base_rules_of(quant.load_spec("dpcrn"), "enhancer")] == [r.name for r in load_rules()]
+    given = tmp_path / "rules.toml"
+    given.write_text('[[rule]]\nname = "only"\nop_types = ["Conv"]\nprecision = "int8"\n')
+    assert [r.name for r in base_rules_of(quant.load_spec("dpcrn-stream"), "enhancer", given)] == ["only"]

@@ -341,3 +341,25 @@ def test_spec_rewrite_names_are_the_implemented_rewrites() -> None:
     from quant.spec import Rewrite
 
     assert list(get_args(Rewrite)) == list(REWRITES)
+
+
+# ------------------------------------------------------------------------------------------------ rules_off
+
+
+def test_rules_off_is_parsed_and_refuses_a_repeated_name(tmp_path: Path) -> None:
+    text = MINIMAL.replace('path = "tiny.onnx"', 'path = "tiny.onnx"\nrules_off = ["skip-concat", "leakyrelu-int8"]')
+    assert load_text(tmp_path, text).graph("enhancer").rules_off == ("skip-concat", "leakyrelu-int8")
+    assert load_text(tmp_path, MINIMAL).graph("enhancer").rules_off == ()  # the one default: the shipped rules
+    twice = MINIMAL.replace('path = "tiny.onnx"', 'path = "tiny.onnx"\nrules_off = ["skip-concat", "skip-concat"]')
+    with pytest.raises(SpecError, match=r"graphs\[1\]\.rules_off: graph 'enhancer' names a rule twice"):
+        load_text(tmp_path, twice)
+
+
+def test_shipped_specs_leave_out_only_shipped_rules() -> None:
+    """The spec loader cannot see the rules (it sits below them); the names are checked here and at build time."""
+    from quant.precision import load_rules
+
+    names = {rule.name for rule in load_rules()}
+    for spec in map(load_spec, shipped_specs()):
+        for graph in spec.graphs:
+            assert set(graph.rules_off) <= names, (spec.name, graph.role, graph.rules_off)

@@ -39,3 +39,103 @@ def test_time_interleaved_reports_every_build_its_ratio_and_the_load(tmp_path: P
 def test_timing_feeds_names_the_models_it_knows(tmp_path: Path):
     with pytest.raises(ModelError, match="bench_int8.py"):
         timing_feeds("not-a-model", tmp_path / "x.onnx")
+
+
+@pytest.mark.parametrize("rewrites", [None, (), ("deconv-to-conv",)])
+def test_profile_model_profiles_the_graph_the_builds_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         rewrites: tuple[str, ...] | None):
+    """`quant bench --profile` builds, calibrates and profiles the spec's rewritten graph (it used to profile the
+    plain export while every build started from the rewritten one); --rewrites/--no-rewrites override the spec."""
+    from types import SimpleNamespace
+
+    import quant.artifacts
+    import quant.tasks.calibration
+    import quant.tasks.rewriting
+    from quant import timing
+
+    export = tmp_path / "export" / "dpcrn.onnx"
+    rewritten = tmp_path / "rewrite" / "dpcrn.rewritten.onnx"
+    seen: dict[str, object] = {}
+
+    def rewrite_graphs(spec: object, graphs: dict[str, Path], out_root: Path, override: object = None) -> object:
+        seen["exports"], seen["override"] = dict(graphs), override
+        return {role: SimpleNamespace(path=rewritten) for role in graphs}
+
+    def build_artifact(source: Path, precision: str, **options: object) -> Path:
+        seen[f"build {precision}"] = source
+        return tmp_path / precision
+
+    def calibrate_spec(spec: object, role: str, path: Path, **options: object) -> object:
+        seen["calibrated"] = path
+        return SimpleNamespace(path=tmp_path / "calib.cache")
+
+    monkeypatch.setattr(timing, "reference_export", lambda name, out_root=None: export)
+    monkeypatch.setattr(quant.tasks.rewriting, "rewrite_graphs", rewrite_graphs)
+    monkeypatch.setattr(quant.artifacts, "build_artifact", build_artifact)
+    monkeypatch.setattr(quant.tasks.calibration, "calibrate_spec", calibrate_spec)
+    monkeypatch.setattr(timing, "timing_feeds", lambda model, path: {})
+    monkeypatch.setattr(timing, "profile_pair", lambda *args: "profiled")
+    profiled = timing.profile_model("dpcrn", 2, 1, None, tmp_path / "out", rewrites)
+    assert seen["exports"] == {"enhancer": export} and seen["override"] == rewrites
+    assert seen["build fp32"] == seen["build int8"] == seen["calibrated"] == rewritten == profiled.source
+
+
+@pytest.mark.parametrize("flags, expected", [([], None), (["--no-rewrites"], ()),
+                                             (["--rewrites", "deconv-to-conv"], ("deconv-to-conv",))])
+def test_bench_profile_honours_the_rewrite_flags(monkeypatch: pytest.MonkeyPatch, flags: list[str],
+                                                 expected: tuple[str, ...] | None):
+    from quant import timing
+    from quant.cli import main
+
+    seen: list[object] = []
+
+    def stop(model: str, runs: int, threads: int, cache: object, out_dir: object, rewrites: object) -> None:
+        seen.append(rewrites)
+        raise ModelError("stopped here")
+
+    monkeypatch.setattr(timing, "profile_model", stop)
+    assert main(["bench", "dpcrn", "--profile", *flags]) == 2
+    assert seen == [expected]
+
+
+def stream_model(path: Path) -> Path:
+    """A streaming graph: y = x + state, state_out = state + 1 (so the states a roll carries are visible)."""
+    one = numpy_helper.from_array(np.ones((1, 4), np.float32), "one")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "state"], ["y"], name="out"),
+         helper.make_node("Add", ["state", "one"], ["state_out"], name="next")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+         helper.make_tensor_value_info("state", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4]),
+         helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [1, 4])], [one])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
+    return path
+
+
+def test_time_interleaved_rolls_a_streaming_workload_with_its_states(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch):
+    """`quant bench dpcrn-stream --profile` and bench_int8.py time a streaming graph as it runs: every frame of the
+    utterance in turn, each build carrying its own states (they used to run the first frame with zero states over
+    and over)."""
+    from quant import timing
+    from quant.backends.ort import OrtRunner
+    from quant.eval.speed import STREAM_ROUND_FRAMES, GraphWorkload
+
+    fed: dict[str, list[tuple[float, float]]] = {}
+    run = OrtRunner.run
+
+    def spy(self: OrtRunner, feeds: dict[str, np.ndarray], outputs: object = None) -> dict[str, np.ndarray]:
+        fed.setdefault(self.path.name, []).append((float(feeds["x"][0, 0]), float(feeds["state"][0, 0])))
+        return run(self, feeds)
+
+    monkeypatch.setattr(OrtRunner, "run", spy)
+    frames = tuple(np.full((1, 4), i, np.float32) for i in range(3))
+    workload = GraphWorkload("s", "frame", 0.016, frames=frames, states={"state": np.zeros((1, 4), np.float32)},
+                             frame_input="x", state_outputs={"state": "state_out"})
+    models = {"fp32": stream_model(tmp_path / "a.onnx"), "int8": stream_model(tmp_path / "b.onnx")}
+    result = timing.time_interleaved(models, workload, runs=4, warmup=1)
+    assert {label: len(values) for label, values in result.seconds.items()} == {"fp32": 4, "int8": 4}
+    assert result.frames_per_round == STREAM_ROUND_FRAMES
+    calls = (4 + 1) * STREAM_ROUND_FRAMES  # warm-up round + timed rounds, every frame of the roll in turn
+    assert fed["a.onnx"] == [(float(i % 3), float(i)) for i in range(calls)] == fed["b.onnx"]
+    assert "streaming frames" in format_interleaved(result, "fp32")

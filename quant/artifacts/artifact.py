@@ -29,7 +29,7 @@ from quant.calib.opset import MIN_QDQ_OPSET, UpgradeResult, ensure_opset
 from quant.errors import BuildError, ModelError
 from quant.fileio import atomic_folder, atomic_write_json, sha256_bytes, sha256_file
 from quant.paths import DEFAULT_OUT_ROOT
-from quant.precision import DEFAULT_RULES_PATH, load_rules, plan
+from quant.precision import DEFAULT_RULES_PATH, load_rules, plan, without_rules
 from quant.rewrite import rewrite_meta
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class BuildOptions:
     mode: str = "explicit"  # TensorRT: explicit (Q/DQ) | implicit (calibration cache + layer precision, TRT <= 10)
     cache: Path | None = None
     rules: Path | None = None
+    rules_off: tuple[str, ...] = ()  # rules of that set left out (a spec graph's `rules_off`)
     out_dir: Path | None = None  # default out_root/<model>/<precision>
     out_root: Path = DEFAULT_OUT_ROOT  # exports of known models (export/), the cache store (cache/), artifacts
     optimize_fp32: bool = False
@@ -107,7 +108,7 @@ def build_artifact(source: str | Path, precision: str, backend: str = "ort", nam
 
 def _build_into(work: Path, name: str, source: Path, opts: BuildOptions) -> dict[str, Any]:
     onnx_model = _load(source)
-    rules = load_rules(opts.rules)
+    rules = without_rules(load_rules(opts.rules), opts.rules_off, f"{name}: rules_off")
     meta = _base_meta(name, source, opts, rules_text_sha(opts.rules))
     if opts.precision == "fp32":
         meta["fp32"] = build_fp32(source, work / MODEL_FILE, opts.optimize_fp32)
@@ -226,11 +227,12 @@ def _base_meta(name: str, source: Path, opts: BuildOptions, rules_sha: str) -> d
         "precision": opts.precision, "backend": opts.backend,
         # the exact graph rewrites `source` was made with (quant.rewrite's record beside it); None: as exported
         "rewrites": rewrite_meta(source),
-        "rules": {"path": str(opts.rules or DEFAULT_RULES_PATH), "sha256": rules_sha},
+        "rules": {"path": str(opts.rules or DEFAULT_RULES_PATH), "sha256": rules_sha, "off": list(opts.rules_off)},
         "versions": {"quant": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
                      "onnxconverter_common": converter_version, "numpy": np.__version__},
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "cache_key": sha256_bytes(f"{sha256_file(source)}:{opts.precision}:{rules_sha}".encode()),
+        "cache_key": sha256_bytes((f"{sha256_file(source)}:{opts.precision}:{rules_sha}"
+                                   + (f":off={','.join(opts.rules_off)}" if opts.rules_off else "")).encode()),
     }
 
 
@@ -243,7 +245,7 @@ def _build_trt(name: str, source: Path, out_dir: Path, opts: BuildOptions, cache
     from quant.artifacts.trt_build import TrtBuildOptions, build_trt, engine_onnx
 
     trt_opts = TrtBuildOptions(precision=opts.precision, mode=opts.mode, constraints=opts.constraints, cache=cache,
-                               rules=opts.rules, out_root=opts.out_root)
+                               rules=opts.rules, rules_off=opts.rules_off, out_root=opts.out_root)
     engine = build_trt(name, source, out_dir, trt_opts)
     onnx_path = engine_onnx(out_dir, source, opts.precision, opts.mode)
     return {"engine": str(engine), "onnx": str(onnx_path), "mode": opts.mode}

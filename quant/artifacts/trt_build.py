@@ -139,6 +139,7 @@ class TrtBuildOptions:
     # calibrator "tensorrt": re-iterable calibration feeds, e.g. quant.tasks' task_for(spec).calibration_feeds(role)
     feeds: Iterable[Feed] | None = field(default=None, compare=False)
     rules: Path | None = None
+    rules_off: tuple[str, ...] = ()  # rules of that set left out (a spec graph's `rules_off`)
     batch_size: int = 4  # calibration batch (TensorRT calibrates at this one shape)
     out_root: Path = DEFAULT_OUT_ROOT  # the cache store (cache/) and TensorRT's timing cache live here
 
@@ -172,10 +173,11 @@ def _layer_precisions(onnx_path: Path, options: TrtBuildOptions) -> dict[str, st
     import onnx
 
     from quant.artifacts.ort_build import streaming_states
-    from quant.precision import load_rules, plan, trt_layer_precisions
+    from quant.precision import load_rules, plan, trt_layer_precisions, without_rules
 
     model = onnx.load(str(onnx_path))
-    trt_plan = plan(model, load_rules(options.rules), options.precision, "trt", streaming_states(model))
+    rules = without_rules(load_rules(options.rules), options.rules_off, f"{onnx_path}: rules_off")
+    trt_plan = plan(model, rules, options.precision, "trt", streaming_states(model))
     return dict(trt_layer_precisions(trt_plan))
 
 

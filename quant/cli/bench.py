@@ -26,7 +26,8 @@ def register(subparsers: Any) -> None:
                         "model spec files (default: the three shipped models)")
     add_selection(parser)
     parser.add_argument("--profile", action="store_true",
-                        help="time accounting of MODEL's FP32 and INT8 builds instead: per op type and per node "
+                        help="time accounting of MODEL's FP32 and INT8 builds instead (built from the graph the builds use: "
+                        "the spec's rewrites, or --rewrites/--no-rewrites): per op type and per node "
                         "(ORT profiler, --runs runs, default 10), the share of FP32 time in ops with integer kernels, "
                         "the ceiling INT8/FP32 ratio, and FP32 vs INT8 timed interleaved (min/median/p10-p90)")
     parser.add_argument("--cache", type=Path, help="with --profile: calibration cache for the INT8 build")
@@ -38,7 +39,7 @@ def run_profile(args: argparse.Namespace) -> int:
     from quant.errors import QuantError
     from quant.eval.profile import format_profile
     from quant.fileio import atomic_write_json
-    from quant.timing import format_interleaved, profile_model, time_interleaved, timing_feeds
+    from quant.timing import format_interleaved, profile_model, time_interleaved, timing_workload
 
     if len(args.specs) != 1:
         raise QuantError("quant bench --profile takes one shipped graph: dpcrn, dpcrn-stream, wenet-encoder or "
@@ -46,11 +47,13 @@ def run_profile(args: argparse.Namespace) -> int:
     model = args.specs[0]
     threads = args.threads[0] if args.threads else 1
     out_dir = args.output / model if args.output else None
-    profiled = profile_model(model, args.runs or PROFILE_RUNS, threads, args.cache, out_dir)
+    profiled = profile_model(model, args.runs or PROFILE_RUNS, threads, args.cache, out_dir, args.rewrites)
+    print(f"profiled graph: {profiled.source}")
     comparison = profiled.comparison
     print(format_profile(comparison))
     paths = {"fp32": profiled.fp32, "int8": profiled.int8}
-    timed = time_interleaved(paths, timing_feeds(model, paths["fp32"]), args.runs or INTERLEAVED_RUNS, threads)
+    # a streaming graph is rolled (states carried frame to frame, real frames) as `quant bench` times it
+    timed = time_interleaved(paths, timing_workload(model, paths["fp32"]), args.runs or INTERLEAVED_RUNS, threads)
     print("\n" + format_interleaved(timed, "fp32"))
     if args.json:
         atomic_write_json(args.json, {"profile": comparison.to_dict(), "interleaved": timed.to_dict("fp32")})

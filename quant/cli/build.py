@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         if args.rewrites:
             raise QuantError(f"--rewrites needs a model spec (the check runs on its calibration feeds), not "
                              f"{args.spec}; give SPEC, or rewrite the file with quant.rewrite.rewrite_file")
-        report(build(args, Path(args.spec), None, args.cache))
+        report(build(args, Path(args.spec), None, args.cache, ()))
         return 0
     selection = select(args.spec, args.graph)
     single_output(selection, args.output, "-o")
@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
         cache = args.cache
         if args.precision == "int8" and cache is None:
             cache = calibrated(selection.spec, graph.role, graphs, args.method, args.limit)
-        report(build(args, graphs[graph.role], graph.name, cache))
+        # the spec's rules_off edits the shipped rules; a --rules file is a whole plan of its own
+        report(build(args, graphs[graph.role], graph.name, cache, graph.rules_off if args.rules is None else ()))
     return 0
 
 
@@ -75,11 +76,13 @@ def calibrated(spec: Any, role: str, graphs: dict[str, Path], method: str | None
     return Path(calibrate_spec(spec, role, graphs[role], method=method, feed_options=feeds).path)
 
 
-def build(args: argparse.Namespace, source: Path, name: str | None, cache: Path | None) -> Path:
+def build(args: argparse.Namespace, source: Path, name: str | None, cache: Path | None,
+          rules_off: tuple[str, ...]) -> Path:
     from quant.artifacts import build_artifact
 
     return build_artifact(
         source, args.precision, args.backend, name=name, mode=args.mode, cache=cache, rules=args.rules,
+        rules_off=rules_off,
         out_dir=args.output, optimize_fp32=args.optimize, activation_uint8=not args.int8_activations,
         unwrap_kernel_outputs=args.unwrap_kernel_outputs, method=args.method, constraints=args.constraints,
     )

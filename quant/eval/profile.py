@@ -106,7 +106,7 @@ def _read_trace(trace: Path, runs: int) -> GraphProfile:
 
 
 def node_times_ms(model_path: Path, feeds: Feeds, runs: int = 10, threads: int = 1) -> dict[str, float]:
-    """Mean kernel time per run (ms) of every node of the graph ORT runs (after its fusions), by node name."""
+    """Median kernel time per run (ms) of every node of the graph ORT runs (after its fusions), by node name."""
     return {node.name: node.ms for node in profile_graph(model_path, feeds, runs, threads).nodes}
 
 

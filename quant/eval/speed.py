@@ -344,6 +344,21 @@ def _stream_step(runner: Runner, workload: GraphWorkload) -> Step:
     return stateful_step(runner, workload.frames, workload.states, workload.frame_input, workload.state_outputs)
 
 
+def rolled_seconds(runners: Mapping[str, Runner], workload: GraphWorkload, rounds: int, warmup: int = 3
+                   ) -> dict[str, list[float]]:
+    """Per-frame seconds of compared streaming graphs, each rolling its own states over the workload's real frames
+    as an application runs it (stateful_step), timed round-robin: a round is STREAM_ROUND_FRAMES consecutive frames
+    of each variant in turn (as measure_interleaved). One value per round and label, the round's mean frame time, so
+    value i of every label comes from the same round (a single frame's time is mostly scheduling noise)."""
+    if not runners:
+        raise ValueError("rolled_seconds needs at least one runner")
+    steps = {label: _stream_step(runner, workload) for label, runner in runners.items()}
+    seconds = round_robin(steps, rounds, warmup * STREAM_ROUND_FRAMES, STREAM_ROUND_FRAMES)
+    starts = np.arange(0, rounds * STREAM_ROUND_FRAMES, STREAM_ROUND_FRAMES)
+    return {label: (np.add.reduceat(np.asarray(values), starts) / STREAM_ROUND_FRAMES).tolist()
+            for label, values in seconds.items()}
+
+
 def time_group(steps: Mapping[str, Step], rounds: int, warmup: int, calls: int, baselines: Mapping[str, str]
                ) -> dict[str, tuple[LatencyStats, dict[str, object]]]:
     """round_robin with the load average around it; per label its stats and the entry's additions (the paired ratio

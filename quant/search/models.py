@@ -202,6 +202,16 @@ def halves(items: Sequence[Any], split: Split) -> tuple[list[Any], list[Any]]:
     return list(items[:half][: split.validation]), list(items[half:][: split.held_out])
 
 
+def base_rules_of(spec: Any, role: str, rules: Path | None = None) -> tuple[Any, ...]:
+    """The plan a search of graph `role` starts from, as its builds make it: the shipped rules less the graph's
+    `rules_off`, or a given rules file whole."""
+    from quant.precision import load_rules, without_rules
+
+    if rules is not None:
+        return load_rules(rules)
+    return without_rules(load_rules(), spec.graph(role).rules_off, f"{spec.name} graph {role!r}: rules_off")
+
+
 def spec_problem(spec: Any, role: str, graphs: Mapping[str, Path], out_dir: Path, split: Split,
                  cache: Path | None = None, rules: Path | None = None, target: str = "ort",
                  rounds: int = 15, grouping: str = "group", executor: Executor | None = None) -> Problem:
@@ -211,14 +221,13 @@ def spec_problem(spec: Any, role: str, graphs: Mapping[str, Path], out_dir: Path
     `executor`: where the candidates' evaluations run in shards (None: here); builds and timing always run here, never
     on a shared worker."""
     from quant.artifacts.artifact import build_artifact
-    from quant.precision import load_rules
     from quant.tasks import FeedOptions, task_for
 
     if target not in TARGETS:
         raise ModelError(f"--target {target!r}: expected one of {', '.join(TARGETS)}")
     graph = spec.graph(role)
     source = Path(graphs[role])
-    base_rules = load_rules(rules)
+    base_rules = base_rules_of(spec, role, rules)
     feed_options = FeedOptions(graphs=dict(graphs))
     if cache is None:
         from quant.tasks.calibration import calibrate_spec
