@@ -333,6 +333,33 @@ def test_recorder_compares_outputs_not_fed_back_states():
     assert recorder.take().size == 0
 
 
+class _IndexRunner:
+    """A stand-in encoder: float scores and the int64 index of the best one (a near tie flips it)."""
+
+    input_names = ("x",)
+    output_names = ("scores", "best")
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"scores": feeds["x"], "best": np.argmax(feeds["x"], axis=-1).astype(np.int64)}
+
+
+def test_recorder_output_snr_ignores_integer_outputs():
+    """A near tie that swaps the argmax changes the index by 9; the SNR must see only the float scores' 1e-3."""
+    from quant.search.models import Recorder, output_snr_db
+
+    recorder = Recorder(_IndexRunner())
+    x = np.zeros(10, np.float32)
+    x[0], x[9] = 1.0, 0.999
+    recorder.run({"x": x})
+    reference = recorder.take()
+    flipped = x.copy()
+    flipped[9] = 1.001
+    recorder.run({"x": flipped})
+    test = recorder.take()
+    assert reference.shape == (10,)  # the scores only
+    assert output_snr_db(reference, test) > 50.0
+
+
 def test_spec_evaluator_runs_a_chain_with_the_other_graph_fp32(third_party_model, tmp_path: Path):
     """Searching stage 2 of a two-stage enhancer: stage 1 runs FP32, stage 2 as built; the FP32 build compares
     bit-identical with itself and an INT8 stage 2 does not."""
