@@ -34,7 +34,7 @@ DEFAULT_RULES_PATH = Path(__file__).with_name("precision_default.toml")
 DEFAULT_REASON = "default"
 # Ops whose weight input (index 1) gets per-channel Q/DQ, with the output-channel axis.
 WEIGHT_AXIS = {"Conv": 0, "ConvTranspose": 1, "MatMul": 1, "Gemm": 0}
-ORT_DYNAMIC_OPS = frozenset({"LSTM"})  # ONNX Runtime has DynamicQuantizeLSTM, nothing for GRU/RNN
+ORT_DYNAMIC_OPS = frozenset({"LSTM", "MatMul"})  # DynamicQuantizeLSTM, DynamicQuantizeMatMul; nothing for GRU/RNN
 
 
 @dataclass(frozen=True)

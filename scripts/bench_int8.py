@@ -9,6 +9,11 @@ accuracy budgets are judged by `quant run` / `quant search`, not here).
     python scripts/bench_int8.py dpcrn --variant deconv=deconv-to-conv \\
         --variant split=deconv-to-conv,split-concat-conv --calib-limit 4 --runs 30 --json /tmp/bench.json
 
+    python scripts/bench_int8.py wenet-encoder --int8-rules before=/tmp/rules_before.toml --runs 60
+
+times the shipped rules' INT8 (int8) and the same graph's INT8 under another rules file (int8-before) in the same
+rounds.
+
 MODEL is a reference model (dpcrn, dpcrn-stream, wenet-encoder) optionally with its export: dpcrn=/tmp/x/dpcrn.onnx
 (default: engines/export/, exported on demand). --cache gives the plain export's calibration cache; rewritten
 graphs are calibrated afresh on the first --calib-limit utterances (their new tensors need ranges)."""
@@ -46,15 +51,26 @@ def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
     return label, tuple(n.strip() for n in names.split(",") if n.strip())
 
 
+def parse_rules(text: str) -> tuple[str, Path]:
+    label, _, path = text.partition("=")
+    if not label or not path or not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"--int8-rules {text!r}: expected LABEL=RULES.toml of an existing file")
+    return label, Path(path)
+
+
 def snr_db(reference: dict[str, np.ndarray], test: dict[str, np.ndarray]) -> float:
-    noise = sum(float(((reference[k].astype(np.float64) - test[k]) ** 2).sum()) for k in reference)
-    power = sum(float((reference[k].astype(np.float64) ** 2).sum()) for k in reference)
+    """Over the float outputs: an index output (the WeNet encoder's top-k) swaps on near ties, not a noise power."""
+    keys = [k for k in reference if np.issubdtype(reference[k].dtype, np.floating)]
+    noise = sum(float(((reference[k].astype(np.float64) - test[k]) ** 2).sum()) for k in keys)
+    power = sum(float((reference[k].astype(np.float64) ** 2).sum()) for k in keys)
     return float("inf") if noise == 0 else 10 * float(np.log10(max(power, 1e-30) / noise))
 
 
 def prepare(model: str, source: Path, label: str, rewrites: tuple[str, ...], work: Path, feeds: dict[str, np.ndarray],
-            cache: Path | None, calib_limit: int, rules: Path | None = None) -> dict[str, Path]:
-    """FP32 and INT8 model.onnx of one variant."""
+            cache: Path | None, calib_limit: int, rules: Path | None = None,
+            int8_rules: tuple[tuple[str, Path], ...] = ()) -> dict[str, Path]:
+    """FP32 and INT8 model.onnx of one variant, and one more INT8 build per (label, rules file) of `int8_rules`
+    (same graph, same calibration cache: only the precision rules differ)."""
     folder = work / model / label
     if rewrites:
         result, check = apply_rewrites(onnx.load(str(source)), rewrites, [feeds])
@@ -72,7 +88,9 @@ def prepare(model: str, source: Path, label: str, rewrites: tuple[str, ...], wor
     fp32 = build_artifact(source, "fp32", out_dir=folder / "fp32") / MODEL_FILE
     int8 = build_artifact(source, "int8", out_dir=folder / "int8", cache=cache,
                           rules=rules if rewrites else None) / MODEL_FILE
-    return {"fp32": fp32, "int8": int8}
+    extra = {f"int8-{name}": build_artifact(source, "int8", out_dir=folder / f"int8-{name}", cache=cache,
+                                            rules=path) / MODEL_FILE for name, path in int8_rules}
+    return {"fp32": fp32, "int8": int8, **extra}
 
 
 def bench_model(spec: str, args: argparse.Namespace) -> dict[str, object]:
@@ -82,14 +100,15 @@ def bench_model(spec: str, args: argparse.Namespace) -> dict[str, object]:
     builds: dict[str, Path] = {}
     for label, rewrites in [("plain", ()), *args.variant]:
         for precision, path in prepare(model, source, label, rewrites, args.work, feeds, args.cache if not rewrites
-                                       else None, args.calib_limit, args.rules).items():
+                                       else None, args.calib_limit, args.rules,
+                                       tuple(args.int8_rules) if label == "plain" else ()).items():
             builds[f"{precision}" if label == "plain" else f"{precision}+{label}"] = path
     from quant.backends.ort import OrtRunner
 
     snrs = {}
     for label, path in builds.items():
         if label.startswith("int8"):
-            fp32_label = label.replace("int8", "fp32", 1)
+            fp32_label = "fp32" + label.partition("+")[1] + label.partition("+")[2]
             snrs[label] = snr_db(OrtRunner(builds[fp32_label]).run(feeds), OrtRunner(path).run(feeds))
     # streaming graphs are rolled over real frames with their states carried (per frame: a round's mean)
     result = time_interleaved(builds, timing_workload(model, source), args.runs, args.threads)
@@ -119,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, help="calibration cache of the plain export (one model only)")
     parser.add_argument("--rules", type=Path, help="precision rules for the rewritten variants' INT8 builds (default: "
                         "shipped rules; the plain build always uses the shipped rules)")
+    parser.add_argument("--int8-rules", type=parse_rules, action="append", default=[],
+                        help="LABEL=RULES.toml: also build the plain export's INT8 with these precision rules (same "
+                        "cache) and time it as int8-LABEL in the same rounds (repeatable), e.g. the rules before a "
+                        "change against the shipped ones")
     parser.add_argument("--calib-limit", type=int, default=4, help="utterances to calibrate with (default 4)")
     parser.add_argument("--runs", type=int, default=30, help="interleaved rounds (default 30)")
     parser.add_argument("--threads", type=int, default=1)

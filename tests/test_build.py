@@ -409,3 +409,42 @@ def test_rules_off_leaves_shipped_rules_out_of_the_plan(model_and_cache: tuple[P
     assert meta["rules"]["off"] == ["input-layer"] and meta["cache_key"] != plain["cache_key"]
     with pytest.raises(BuildError, match=r"tiny: rules_off: \['no-such-rule'\] name no precision rule"):
         build_artifact(source, "int8", name="tiny", cache=cache, out_dir=tmp_path / "c", rules_off=("no-such-rule",))
+
+
+# ---- dynamic INT8 Linear layers on ONNX Runtime ----------------------------------------------------------------------
+
+
+def test_linear_matmuls_build_as_dynamic_int8_on_ort(tmp_path: Path):
+    """The shipped rules make a MatMul by a constant weight dynamic INT8 on ORT: no calibrated range needed, no
+    Q/DQ around it, an integer kernel in the built model."""
+    from quant.artifacts.ort_build import build_int8_ort
+    from quant.precision import load_rules, plan
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Sigmoid", ["x"], ["s"], name="gate"),  # linear1 is not the input layer
+             helper.make_node("MatMul", ["s", "w1"], ["h"], name="linear1"),
+             helper.make_node("Add", ["h", "b1"], ["hb"], name="bias1"),
+             helper.make_node("Relu", ["hb"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="linear2")]
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("w1", (16, 32)), ("b1", (32,)), ("w2", (32, 8)))]
+    graph = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    int8_plan = plan(model, load_rules(), "int8", "ort")
+    assert {d.node: d.precision for d in int8_plan.decisions if d.op_type == "MatMul"} == {
+        "linear1": "int8-dynamic", "linear2": "int8-dynamic"}
+    target = tmp_path / "model.onnx"
+    facts = build_int8_ort(model, int8_plan, {}, target)
+    assert facts["dynamic_nodes"] == 2 and facts["static_nodes"] == 0
+    built = onnx.load(str(target))
+    ops = [n.op_type for n in built.graph.node]
+    assert ops.count("MatMulInteger") == 2 and "QuantizeLinear" not in ops
+    x = {"x": rng.standard_normal((4, 16)).astype(np.float32)}
+    assert snr_db(OrtRunner(model_path(model, tmp_path)).run(x)["y"], OrtRunner(target).run(x)["y"]) > 25
+
+
+def model_path(model: onnx.ModelProto, folder: Path) -> Path:
+    path = folder / "source.onnx"
+    onnx.save(model, str(path))
+    return path

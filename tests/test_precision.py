@@ -15,8 +15,9 @@ from quant.precision import (
 )
 
 RNG = np.random.default_rng(0)
-# The tiny graphs start with the op under test right at the graph input; the input-layer rule has its own test.
-RULES = tuple(r for r in load_rules() if r.name != "input-layer")
+# The tiny graphs start with the op under test right at the graph input, and their weight MatMuls stand for any
+# static INT8 compute op; the input-layer and linear-dynamic-ort rules have their own tests.
+RULES = tuple(r for r in load_rules() if r.name not in ("input-layer", "linear-dynamic-ort"))
 
 
 def init(name: str, *shape: int) -> onnx.TensorProto:
@@ -206,6 +207,24 @@ def test_lstm_dynamic_on_ort_fp32_on_trt():
     assert decisions(lstm_model(), "fp16", "ort")["lstm"] == ("fp32", "recurrent")
 
 
+def test_weight_matmul_dynamic_on_ort_static_on_trt():
+    """A Linear layer's MatMul (constant weight) is DynamicQuantizeMatMul on ORT; a product of two activations
+    (attention scores) keeps the static kernel; TensorRT has no dynamic INT8 and gets the static plan."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["q"], name="linear"),
+             helper.make_node("Transpose", ["x"], ["xt"], name="t", perm=[1, 0]),
+             helper.make_node("MatMul", ["q", "xt"], ["y"], name="scores")]
+    model = make(nodes, [("x", [2, 4])], [("y", [2, 2])], [init("w", 4, 4)])
+    shipped = tuple(r for r in load_rules() if r.name != "input-layer")
+    ort = decisions(model, "int8", "ort", shipped)
+    assert ort["linear"] == ("int8-dynamic", "linear-dynamic-ort")
+    assert ort["scores"] == ("int8", "int8-compute")
+    assert decisions(model, "int8", "trt", shipped)["linear"] == ("int8", "int8-compute")
+    assert decisions(model, "fp16", "ort", shipped)["linear"] == ("fp16", "default")
+    spec = ort_quant_spec(plan(model, shipped, "int8", "ort"))
+    assert spec.dynamic_nodes == ("linear",) and spec.dynamic_op_types == ("MatMul",)
+    assert spec.nodes_to_quantize == ("scores",)
+
+
 def test_gru_never_dynamic_on_ort():
     rules = (Rule(name="all-dynamic", precision="int8-dynamic", op_types=("GRU", "LSTM"), builds=("int8",)),)
     hidden = 2
@@ -340,7 +359,7 @@ def test_input_layer_reads_the_raw_feature_but_not_states():
              numpy_helper.from_array(np.array([8], np.int64), "ends"),
              numpy_helper.from_array(np.array([1], np.int64), "axes")]
     model = make(nodes, [("x", [1, 4]), ("cache", [1, 4])], [("z", [1, 4]), ("cache_out", [1, 4])], inits)
-    got = decisions(model, "int8", rules=None)
+    got = decisions(model, "int8", rules=tuple(r for r in load_rules() if r.name != "linear-dynamic-ort"))
     assert got["first"] == ("fp32", "input-layer")
     assert got["second"] == ("int8", "int8-compute")
     assert got["state_reader"] == ("int8", "int8-compute")  # reads only a recurrent state

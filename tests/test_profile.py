@@ -4,6 +4,7 @@ times never exceed the whole run. No wall-clock values are asserted."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np

@@ -186,9 +186,13 @@ def test_profiler_times_attribute_kernels_and_qdq_to_units(model_and_cache: tupl
     rules = write_rules(tmp_path / "all.toml", [*config_rules(units, all_config(units)), *load_rules()])
     int8 = ArtifactBuilder(source, cache_path)(rules, tmp_path / "int8")
     times = node_times_ms(int8 / MODEL_FILE, inputs(0, 1)[0], runs=3)
-    assert {"big", "fragile1", "fragile2"} <= set(times) and any(name.endswith("_QuantizeLinear") for name in times)
+    # big is static (QLinearMatMul keeps its name); the fragile Linear MatMuls are dynamic by the shipped rules and
+    # ORT's dynamic quantizer names their kernels <node>_quant
+    assert {"big", "fragile1_quant", "fragile2_quant"} <= set(times)
+    assert any(name.endswith("_QuantizeLinear") for name in times)
     per_unit = unit_times_ms(times, units, graph)
     assert per_unit["big"] > times["big"]  # its input Q (x_QuantizeLinear) counted with it
+    assert per_unit["fragile1"] >= times["fragile1_quant"] > 0
     latencies = interleaved_latency([source, int8 / MODEL_FILE], inputs(0, 1)[0], rounds=3, calls=1)
     assert [lat.runs for lat in latencies] == [3, 3]  # one timing per round and build (values are not asserted)
 
@@ -333,6 +337,33 @@ def test_recorder_compares_outputs_not_fed_back_states():
     assert recorder.take().size == 0
 
 
+class _IndexRunner:
+    """A stand-in encoder: float scores and the int64 index of the best one (a near tie flips it)."""
+
+    input_names = ("x",)
+    output_names = ("scores", "best")
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"scores": feeds["x"], "best": np.argmax(feeds["x"], axis=-1).astype(np.int64)}
+
+
+def test_recorder_output_snr_ignores_integer_outputs():
+    """A near tie that swaps the argmax changes the index by 9; the SNR must see only the float scores' 1e-3."""
+    from quant.search.models import Recorder, output_snr_db
+
+    recorder = Recorder(_IndexRunner())
+    x = np.zeros(10, np.float32)
+    x[0], x[9] = 1.0, 0.999
+    recorder.run({"x": x})
+    reference = recorder.take()
+    flipped = x.copy()
+    flipped[9] = 1.001
+    recorder.run({"x": flipped})
+    test = recorder.take()
+    assert reference.shape == (10,)  # the scores only
+    assert output_snr_db(reference, test) > 50.0
+
+
 def test_spec_evaluator_runs_a_chain_with_the_other_graph_fp32(third_party_model, tmp_path: Path):
     """Searching stage 2 of a two-stage enhancer: stage 1 runs FP32, stage 2 as built; the FP32 build compares
     bit-identical with itself and an INT8 stage 2 does not."""
@@ -360,7 +391,7 @@ def test_spec_evaluator_runs_a_chain_with_the_other_graph_fp32(third_party_model
 def test_group_units_follow_the_blocks_and_a_partly_int8_group_keeps_the_base_rules(tmp_path: Path):
     """x -> Linear -> ReLU -> Linear: one FFN unit in group mode, two in node mode; the first Linear reads the graph
     input (input-layer rule: float), so the group's default is mixed and the written rules leave it to the base
-    rules when asked to."""
+    rules when asked to. INT8 keeps each node's INT8 form: the second Linear is dynamic by the shipped rules."""
     from test_blocks import Graph
 
     g = Graph()
@@ -371,8 +402,10 @@ def test_group_units_follow_the_blocks_and_a_partly_int8_group_keeps_the_base_ru
     groups = find_units(model, rules, grouping="group")
     assert [u.nodes for u in nodes] == [("n0",), ("n3",)] and [u.default for u in nodes] == ["fp32", "int8"]
     assert [(u.name, u.nodes, u.default) for u in groups] == [("ffn:n0", ("n0", "n3"), "mixed")]
-    assert {r.name: r.precision for r in config_rules(groups, frozenset({"ffn:n0"}))} == {"search:n0": "int8",
-                                                                                           "search:n3": "int8"}
+    assert {r.name: r.precision for r in config_rules(groups, frozenset({"ffn:n0"}))} == {
+        "search:n0": "int8", "search:n3": "int8-dynamic"}
+    assert {r.name: r.precision for r in config_rules(groups, frozenset())} == {"search:n0": "fp32",
+                                                                               "search:n3": "fp32"}
     assert config_rules(groups, frozenset(), base=["ffn:n0"]) == []
     with pytest.raises(ValueError):
         find_units(model, rules, grouping="layer")
@@ -444,7 +477,7 @@ def test_spec_budget_reads_the_int8_budget_in_the_search_units():
 
 def test_the_default_rules_point_is_the_base_rules_build_even_with_a_partly_int8_group(tmp_path: Path):
     """A mixed group has no INT8/float decision that reproduces the shipped rules (its first Linear float, its
-    second INT8), so the default-rules candidate is built from the base rules themselves."""
+    second dynamic INT8), so the default-rules candidate is built from the base rules themselves."""
     from test_blocks import Graph
 
     from quant.search.core import Ledger
@@ -466,7 +499,7 @@ def test_the_default_rules_point_is_the_base_rules_build_even_with_a_partly_int8
     problem_ = Problem(model, units, rules, tmp_path / "fp32", build, columns, columns, columns)
     ledger = Ledger(tmp_path, problem_, SearchOptions(parse_budget("snr_db=30")), columns(tmp_path))
     point = ledger.measure_default()
-    assert [built[0].decision(n).precision for n in ("n0", "n3")] == ["fp32", "int8"]
+    assert [built[0].decision(n).precision for n in ("n0", "n3")] == ["fp32", "int8-dynamic"]
     assert point.label == "default-rules" and point.holds and ledger.evals == 1
 
 

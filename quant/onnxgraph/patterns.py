@@ -13,6 +13,8 @@
 - input_layer: the compute ops (Conv/ConvTranspose/MatMul/Gemm) that read a float graph input (not a recurrent
   state) through layout, padding and arithmetic ops only: the layer that sees the raw feature (an STFT spans far
   more than 8 bits of dynamic range).
+- weight_matmul: a MatMul by a constant matrix (a Linear layer's projection), not a product of two activations
+  (attention scores, probabilities x V): what ONNX Runtime's dynamic quantizer turns into DynamicQuantizeMatMul.
 """
 
 from __future__ import annotations
@@ -242,6 +244,11 @@ def find_attention_probs(index: GraphIndex) -> set[str]:
             if node.op_type in COMPUTE_OPS and any(_reads_softmax(index, t) for t in index.activation_inputs(node))}
 
 
+def find_weight_matmul(index: GraphIndex) -> set[str]:
+    return {node.name for node in index.nodes
+            if node.op_type == "MatMul" and len(node.input) == 2 and index.is_constant(node.input[1])}
+
+
 PatternFinder = Callable[[GraphIndex, onnx.ModelProto, "Mapping[str, str] | None"], set[str]]
 PATTERNS: dict[str, PatternFinder] = {
     "layernorm": lambda index, model, states: find_layernorm(index),
@@ -252,4 +259,5 @@ PATTERNS: dict[str, PatternFinder] = {
     "input_layer": find_input_layer,
     "skip_concat": lambda index, model, states: find_skip_concat(index, states),
     "attention_probs": lambda index, model, states: find_attention_probs(index),
+    "weight_matmul": lambda index, model, states: find_weight_matmul(index),
 }

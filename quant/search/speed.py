@@ -18,6 +18,8 @@ from quant.errors import ModelError
 from quant.eval.profile import TENSOR_SUFFIXES, Feeds, node_times_ms
 from quant.search.units import Unit
 
+DYNAMIC_SUFFIX = "_quant"  # ORT's dynamic quantizer names a node's integer replacement <node>_quant
+
 __all__ = ["Feeds", "Latency", "interleaved_latency", "node_times_ms", "unit_times_ms"]
 
 
@@ -35,7 +37,8 @@ def unit_times_ms(times: Mapping[str, float], units: Iterable[Unit], model: onnx
     """Kernel time per unit: its nodes by exact name (ORT keeps the name when it fuses DQ -> MatMul -> Q into an
     integer kernel), plus the nodes ORT names after a tensor the unit reads or writes (a tensor between two units
     counts for the first): the quantizer's `<tensor>_QuantizeLinear` / `_DequantizeLinear` and the NCHWc pass's
-    `<output>_nchwc` float Conv. Anything else (layout reorders, float ops) is not a unit's."""
+    `<output>_nchwc` float Conv; and the dynamic quantizer's `<node>_quant` (DynamicQuantizeMatMul,
+    MatMulIntegerToFloat). Anything else (layout reorders, float ops) is not a unit's."""
     unit_list = list(units)
     owners = {node: unit.name for unit in unit_list for node in unit.nodes}
     tensors: dict[str, str] = {}
@@ -45,7 +48,7 @@ def unit_times_ms(times: Mapping[str, float], units: Iterable[Unit], model: onnx
                 tensors.setdefault(tensor, owners[node.name])
     result = {unit.name: 0.0 for unit in unit_list}
     for name, ms in times.items():
-        owner = owners.get(name)
+        owner = owners.get(name) or owners.get(name.removesuffix(DYNAMIC_SUFFIX))
         for suffix in TENSOR_SUFFIXES:
             if owner is None and name.endswith(suffix):
                 owner = tensors.get(name[: -len(suffix)])

@@ -1,7 +1,8 @@
 """Search units and the rules file a configuration becomes.
 
 A unit is what the search turns INT8 or keeps float as one decision. Its candidate nodes come from the ONNX Runtime
-INT8 plan of the base rules: every node the plan makes static INT8, plus the compute and arithmetic nodes a rule
+INT8 plan of the base rules: every node the plan makes static INT8, every MatMul it makes dynamic INT8 (a Linear
+layer as DynamicQuantizeMatMul: INT8 keeps it dynamic, float reverts it), plus the compute and arithmetic nodes a rule
 keeps float for a stated reason (candidates the defaults may be too careful with). Recurrent cells (dynamic INT8 or
 float), layout and state plumbing are never candidates: they have no static integer kernel on ORT CPU.
 
@@ -40,8 +41,9 @@ class Unit:
     name: str
     nodes: tuple[str, ...]
     op_types: tuple[str, ...]
-    default: str  # the base rules' precision of its nodes: int8 | fp32 | mixed
+    default: str  # the base rules' precision of its nodes: int8 (static or dynamic) | fp32 | mixed
     rule: str  # the base rule(s) that decided them ("+"-joined when they differ)
+    dynamic: tuple[str, ...] = ()  # nodes whose INT8 form is dynamic (the base rules' int8-dynamic MatMuls)
 
 
 Config = frozenset[str]  # names of the units that are INT8
@@ -55,7 +57,7 @@ def find_units(model: onnx.ModelProto, rules: Iterable[Rule], backend: str = "or
         raise ValueError(f"grouping {grouping!r}: expected one of {GROUPINGS}")
     int8_plan = plan(model, tuple(rules), "int8", backend, streaming_states(model))
     candidates = [d for d in int8_plan.decisions if d.precision == "int8" or (
-        d.precision == "fp32" and d.rule != DEFAULT_REASON and d.rule not in NEVER_UNITS
+        d.precision in ("fp32", "int8-dynamic") and d.rule != DEFAULT_REASON and d.rule not in NEVER_UNITS
         and d.op_type in SEARCHABLE_OPS)]
     blocks = block_of_nodes(index_graph(ensure_node_names(model))) if grouping == "group" else {}
     members: dict[str, list[NodeDecision]] = {}
@@ -65,10 +67,11 @@ def find_units(model: onnx.ModelProto, rules: Iterable[Rule], backend: str = "or
 
 
 def _unit(name: str, decisions: list[NodeDecision]) -> Unit:
-    precisions = {"int8" if d.precision == "int8" else "fp32" for d in decisions}
+    precisions = {"int8" if d.precision in ("int8", "int8-dynamic") else "fp32" for d in decisions}
     default = precisions.pop() if len(precisions) == 1 else "mixed"
     return Unit(name, tuple(d.node for d in decisions), tuple(d.op_type for d in decisions), default,
-                "+".join(dict.fromkeys(d.rule for d in decisions)))
+                "+".join(dict.fromkeys(d.rule for d in decisions)),
+                tuple(d.node for d in decisions if d.precision == "int8-dynamic"))
 
 
 def default_config(units: Iterable[Unit]) -> Config:
@@ -92,8 +95,8 @@ def config_rules(units: Iterable[Unit], config: Config, why: Mapping[str, str] |
     for unit in units:
         if unit.name in base:
             continue
-        precision = "int8" if unit.name in config else "fp32"
         for node in unit.nodes:
+            precision = ("int8-dynamic" if node in unit.dynamic else "int8") if unit.name in config else "fp32"
             rules.append(Rule(name=f"{RULE_PREFIX}{node}", precision=precision, name_regex=f"^{re.escape(node)}$",
                               builds=("int8",), backends=(backend,),
                               why=reasons.get(unit.name, f"quant search: {precision} in this configuration")))
