@@ -5,7 +5,8 @@ starts, so reading audio (and a streaming roll) is not timed. The methods altern
 of machine load hits all of them; the 1-min load average is printed before every run, with the run's wall time and
 the CPU time of this process (all its threads: ONNX Runtime's MinMax session uses every core, and so does quant with
 the default --threads), which a loaded machine inflates less. The summary gives each method's medians over the
-rounds and their ratios to ORT MinMax's.
+rounds and their ratios to ORT MinMax's. quant runs the graph on the next feed while the statistics of the previous
+one update (RangeOptions.overlap); --sequential also times percentile without that overlap.
 
     python scripts/bench_calibration_time.py dpcrn /tmp/x/dpcrn.onnx --limit 16 --rounds 2
 """
@@ -18,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -50,12 +52,15 @@ def ort_minmax(onnx_path: Path, feeds: Feeds) -> Any:
         return calibrator.compute_data()
 
 
-def contenders(onnx_path: Path, feeds: Feeds, threads: int) -> dict[str, Callable[[], Any]]:
+def contenders(onnx_path: Path, feeds: Feeds, threads: int, sequential: bool) -> dict[str, Callable[[], Any]]:
     quiet = RangeOptions(progress=False, threads=threads)
     runs: dict[str, Callable[[], Any]] = {
         f"quant {method}": (lambda method=method: collect_ranges(onnx_path, feeds, method, quiet))
         for method in ("minmax", "percentile", "entropy")
     }
+    if sequential:  # the graph run and the statistics updates one after the other, as before the overlap
+        runs["quant percentile seq"] = lambda: collect_ranges(onnx_path, feeds, "percentile",
+                                                              replace(quiet, overlap=False))
     runs["ORT MinMax"] = lambda: ort_minmax(onnx_path, feeds)
     return runs
 
@@ -67,13 +72,15 @@ def main() -> int:
     parser.add_argument("onnx", type=Path)
     parser.add_argument("--limit", type=int, default=4, help="calibration utterances (default 4)")
     parser.add_argument("--rounds", type=int, default=1, help="times each method runs, alternating (default 1)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="also time quant percentile without overlapping graph runs and statistics updates")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="quant's threads (default: every CPU, as ONNX Runtime's MinMax session uses)")
     args = parser.parse_args()
     spec, graph = reference_graph(args.model)  # the shipped spec's calibration feeds of that graph
     feeds = [dict(f) for f in task_for(spec).calibration_feeds(
         graph.role, options=FeedOptions(limit=args.limit, graphs={graph.role: args.onnx}))]
-    runs = contenders(args.onnx, feeds, args.threads)
+    runs = contenders(args.onnx, feeds, args.threads, args.sequential)
     print(f"{len(feeds)} feeds, {args.rounds} round(s), {os.cpu_count()} CPUs, quant threads {args.threads}")
     wall: dict[str, list[float]] = {label: [] for label in runs}
     cpu: dict[str, list[float]] = {label: [] for label in runs}
@@ -85,13 +92,13 @@ def main() -> int:
             runs[label]()
             wall[label].append(time.perf_counter() - start)
             cpu[label].append(time.process_time() - start_cpu)
-            print(f"round {round_number}  {label:<18} wall {wall[label][-1]:7.1f} s  cpu {cpu[label][-1]:7.1f} s  "
+            print(f"round {round_number}  {label:<20} wall {wall[label][-1]:7.1f} s  cpu {cpu[label][-1]:7.1f} s  "
                   f"(load average before {load:.2f})", flush=True)
     wall_ref, cpu_ref = statistics.median(wall["ORT MinMax"]), statistics.median(cpu["ORT MinMax"])
     print(f"\nmedians over {args.rounds} round(s), load average now {os.getloadavg()[0]:.2f}")
     for label in runs:
         wall_s, cpu_s = statistics.median(wall[label]), statistics.median(cpu[label])
-        print(f"{label:<18} wall {wall_s:7.1f} s ({wall_s / wall_ref:4.2f}x ORT MinMax)  "
+        print(f"{label:<20} wall {wall_s:7.1f} s ({wall_s / wall_ref:4.2f}x ORT MinMax)  "
               f"cpu {cpu_s:7.1f} s ({cpu_s / cpu_ref:4.2f}x)")
     return 0
 
