@@ -6,7 +6,9 @@ of machine load hits all of them; the 1-min load average is printed before every
 the CPU time of this process (all its threads: ONNX Runtime's MinMax session uses every core, and so does quant with
 the default --threads), which a loaded machine inflates less. The summary gives each method's medians over the
 rounds and their ratios to ORT MinMax's. quant runs the graph on the next feed while the statistics of the previous
-one update (RangeOptions.overlap); --sequential also times percentile without that overlap.
+one update (RangeOptions.overlap); --sequential also times percentile without that overlap. quant runs the feeds as
+`quant calibrate` does (the offline DPCRN one 9 s segment at a time, for memory), and ORT MinMax gets exactly those
+batches; where that splits the reader's batches, "ORT MinMax as fed" also times ORT on the reader's batches.
 
     python scripts/bench_calibration_time.py dpcrn /tmp/x/dpcrn.onnx --limit 16 --rounds 2
 """
@@ -25,8 +27,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from quant.calib.ranges import RangeOptions, collect_ranges
+from quant.calib.ranges import RangeOptions, collect_ranges, split_feed
 from quant.tasks import FeedOptions, task_for
+from quant.tasks.calibration import spec_range_options
 from quant.timing import reference_graph
 
 Feeds = list[dict[str, np.ndarray]]
@@ -52,8 +55,7 @@ def ort_minmax(onnx_path: Path, feeds: Feeds) -> Any:
         return calibrator.compute_data()
 
 
-def contenders(onnx_path: Path, feeds: Feeds, threads: int, sequential: bool) -> dict[str, Callable[[], Any]]:
-    quiet = RangeOptions(progress=False, threads=threads)
+def contenders(onnx_path: Path, feeds: Feeds, quiet: RangeOptions, sequential: bool) -> dict[str, Callable[[], Any]]:
     runs: dict[str, Callable[[], Any]] = {
         f"quant {method}": (lambda method=method: collect_ranges(onnx_path, feeds, method, quiet))
         for method in ("minmax", "percentile", "entropy")
@@ -61,7 +63,11 @@ def contenders(onnx_path: Path, feeds: Feeds, threads: int, sequential: bool) ->
     if sequential:  # the graph run and the statistics updates one after the other, as before the overlap
         runs["quant percentile seq"] = lambda: collect_ranges(onnx_path, feeds, "percentile",
                                                               replace(quiet, overlap=False))
-    runs["ORT MinMax"] = lambda: ort_minmax(onnx_path, feeds)
+    # ORT gets the very batches quant runs; when quant splits the reader's batches, also the reader's batches
+    batches = [part for feed in feeds for part in split_feed(feed, quiet.max_batch)]
+    runs["ORT MinMax"] = lambda: ort_minmax(onnx_path, batches)
+    if len(batches) != len(feeds):
+        runs["ORT MinMax as fed"] = lambda: ort_minmax(onnx_path, feeds)
     return runs
 
 
@@ -80,8 +86,11 @@ def main() -> int:
     spec, graph = reference_graph(args.model)  # the shipped spec's calibration feeds of that graph
     feeds = [dict(f) for f in task_for(spec).calibration_feeds(
         graph.role, options=FeedOptions(limit=args.limit, graphs={graph.role: args.onnx}))]
-    runs = contenders(args.onnx, feeds, args.threads, args.sequential)
-    print(f"{len(feeds)} feeds, {args.rounds} round(s), {os.cpu_count()} CPUs, quant threads {args.threads}")
+    # quant as `quant calibrate` runs it (the offline DPCRN one 9 s segment at a time); ORT gets the feeds as they are
+    quiet = spec_range_options(spec, RangeOptions(progress=False, threads=args.threads))
+    runs = contenders(args.onnx, feeds, quiet, args.sequential)
+    print(f"{len(feeds)} feeds, {args.rounds} round(s), {os.cpu_count()} CPUs, quant threads {args.threads}, "
+          f"quant batches of at most {quiet.max_batch or 'every'} item(s)")
     wall: dict[str, list[float]] = {label: [] for label in runs}
     cpu: dict[str, list[float]] = {label: [] for label in runs}
     for round_number in range(1, args.rounds + 1):

@@ -374,7 +374,7 @@ def _run_pass(
         updating: list[Future[None]] = []
         try:
             for feed in tqdm(feeds, desc=label, unit="batch", disable=not options.progress, leave=False):
-                for part in _split(feed, options.max_batch):
+                for part in split_feed(feed, options.max_batch):
                     missing = [name for name in input_names if name not in part]
                     if missing:
                         raise CalibrationError(f"calibration feed lacks model input(s) {missing}; it has "
@@ -411,7 +411,8 @@ def _run(session: Any, names: list[str], feed: Feed) -> list[np.ndarray]:
                                f"{str(error).splitlines()[0]}") from None
 
 
-def _split(feed: Feed, max_batch: int | None) -> Iterator[Feed]:
+def split_feed(feed: Feed, max_batch: int | None) -> Iterator[Feed]:
+    """`feed` in batches of at most `max_batch` items along axis 0 (None: as it is)."""
     if max_batch is None:
         yield feed
         return
