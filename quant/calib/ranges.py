@@ -11,7 +11,8 @@ Phases (as ONNX Runtime's calibrators: augment -> collect -> compute, but stream
 2. collect: one pass over the feeds keeps running min/max per tensor (non-finite values counted and ignored) and,
    for entropy and percentile, counts |x| into a power-of-two-range histogram that grows by exact pairwise merges
    (quant.calib.histogram), so the counts do not depend on the batch order. Nothing but these statistics is kept
-   between batches, so memory is one batch's activations, and the feeds (a streaming roll, say) are made once.
+   between batches, so memory is one batch's activations (two with `overlap`: the graph runs on the next batch
+   while this one's statistics update), and the feeds (a streaming roll, say) are made once.
 3. compute: amax per tensor by minmax (max |x|), percentile (of |x|) or entropy (TensorRT's KL search on 2048 bins
    over [0, amax]).
 
@@ -58,7 +59,7 @@ class RangeOptions:
     threads: int = 1  # ONNX Runtime intra-op threads, and threads updating the tensors' statistics after each run
     max_batch: int | None = None  # split feeds along axis 0 into chunks of this size (all inputs must share dim 0)
     # run the graph on the next batch while the statistics of this one update (same result; holds two batches'
-    # activations at once instead of one)
+    # activations at once: offline DPCRN, 8 segments one at a time, peak RSS 949 MB vs 825 MB without)
     overlap: bool = True
     progress: bool = True
 
@@ -368,8 +369,8 @@ def _run_pass(
     batches = 0
     # each tensor's statistics get one update per batch, batches in order (a batch's updates all finish before the
     # next batch's start), so neither the threads nor the overlap ever change a result; numpy releases the GIL in the
-    # histogram's array passes and ONNX Runtime in run(), so with `overlap` the graph runs on batch k+1 (and the feed
-    # source makes it) while the pool updates batch k's statistics
+    # histogram's array passes (2 threads: 1.4x on 2 CPUs, measured) and ONNX Runtime in run(), so with `overlap` the
+    # graph runs on batch k+1 (and the feed source makes it) while the pool updates batch k's statistics
     with ThreadPoolExecutor(options.threads) as pool:
         updating: list[Future[None]] = []
         try:
