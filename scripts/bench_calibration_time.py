@@ -56,15 +56,14 @@ def ort_minmax(onnx_path: Path, feeds: Feeds) -> Any:
 
 
 def contenders(onnx_path: Path, feeds: Feeds, quiet: RangeOptions, sequential: bool) -> dict[str, Callable[[], Any]]:
-    runs: dict[str, Callable[[], Any]] = {
-        f"quant {method}": (lambda method=method: collect_ranges(onnx_path, feeds, method, quiet))
-        for method in ("minmax", "percentile", "entropy")
-    }
+    def quant(method: str, options: RangeOptions) -> Callable[[], Any]:
+        return lambda: collect_ranges(onnx_path, feeds, method, options)
+
+    runs = {f"quant {method}": quant(method, quiet) for method in ("minmax", "percentile", "entropy")}
     if sequential:  # the graph run and the statistics updates one after the other, as before the overlap
-        runs["quant percentile seq"] = lambda: collect_ranges(onnx_path, feeds, "percentile",
-                                                              replace(quiet, overlap=False))
+        runs["quant percentile seq"] = quant("percentile", replace(quiet, overlap=False))
     # ORT gets the very batches quant runs; when quant splits the reader's batches, also the reader's batches
-    batches = [part for feed in feeds for part in split_feed(feed, quiet.max_batch)]
+    batches: Feeds = [dict(part) for feed in feeds for part in split_feed(feed, quiet.max_batch)]
     runs["ORT MinMax"] = lambda: ort_minmax(onnx_path, batches)
     if len(batches) != len(feeds):
         runs["ORT MinMax as fed"] = lambda: ort_minmax(onnx_path, feeds)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import onnx
 from onnx import numpy_helper
@@ -53,7 +54,8 @@ def main() -> None:
     spec = load_spec(args.spec)
     graph = spec.graphs[0]
     fp32 = args.fp32
-    task, memo = task_for(spec), {}
+    task = task_for(spec)
+    memo: dict[str, Any] = {}  # the test pairs and noisy scores, loaded once
 
     def scores(path: Path, backend: str) -> PerUtterance:
         result = task.evaluate({graph.role: open_runner(path, backend, 1)}, None, args.limit, 1, memo)
