@@ -401,6 +401,17 @@ def test_an_update_error_stops_the_pass_and_is_raised() -> None:
     assert log == [("run", 0), ("run", 1), ("run", 2)]  # batch 1's error surfaces once batch 2 has run, no later
 
 
+def test_the_calibration_session_does_not_spin(tmp_path: Path) -> None:
+    """Idle ONNX Runtime threads would spin on the CPUs the overlapped statistics updates need."""
+    from quant.calib.ranges import _session
+
+    augmented = augment_model(onnx.load(str(scale_relu_model(tmp_path / "m.onnx")))).model
+    work = tmp_path / "work"
+    work.mkdir()
+    options = _session(augmented, work, threads=2).get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 @pytest.mark.parametrize("method", ["entropy", "minmax"])
 def test_callable_feed_source_and_one_shot_iterator(tmp_path: Path, method: str) -> None:
     path = scale_relu_model(tmp_path / "m.onnx")

@@ -339,7 +339,10 @@ def _session(model: onnx.ModelProto, tmp: Path, threads: int) -> Any:
         from quant.backends.ort import make_session
     except ImportError:
         return _fallback_session(path, threads)
-    return make_session(path, threads=threads)
+    # ORT's idle threads would spin-wait through every gap between kernels on the CPUs the statistics updates need:
+    # without spinning, offline DPCRN percentile (8 segments, 2 threads, interleaved x4, load 6) took 6.1 s of CPU
+    # instead of 7.1 s, and as much less wall time
+    return make_session(path, threads=threads, spinning=False)
 
 
 def _fallback_session(path: Path, threads: int) -> Any:
@@ -349,6 +352,7 @@ def _fallback_session(path: Path, threads: int) -> Any:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.enable_cpu_mem_arena = False  # activations of one batch are freed, not kept in an arena
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as in _session
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
