@@ -286,3 +286,13 @@ def test_verify_reports_changed_feed_settings(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(cal, "read_entry", lambda path: entry)
     reasons = cal.verify(tmp_path / "c.cache", model, None, data / "manifest.jsonl")
     assert len(reasons) == 1 and reasons[0].startswith("method parameters differ")
+
+
+def test_spec_range_options_split_offline_batch_major_feeds_only() -> None:
+    from quant import load_spec
+    from quant.tasks.calibration import spec_range_options
+
+    options = RangeOptions(progress=False)
+    assert spec_range_options(load_spec("dpcrn"), options).max_batch == 1  # 9 s segments, batch-major
+    assert spec_range_options(load_spec("dpcrn-stream"), options) == options  # one frame a feed: kept as fed
+    assert spec_range_options(load_spec("dpcrn"), replace(options, max_batch=3)).max_batch == 3  # asked: kept

@@ -61,6 +61,8 @@ def test_session_options(tmp_path: Path):
     assert options.intra_op_num_threads == 1
     assert options.execution_mode.name == "ORT_SEQUENTIAL"
     assert options.graph_optimization_level.name == "ORT_ENABLE_BASIC"
+    quiet = make_session(two_input_model(tmp_path / "m.onnx"), threads=2, spinning=False).get_session_options()
+    assert quiet.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def test_runner_binds_by_name(tmp_path: Path):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import onnx
@@ -11,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from quant.calib import histogram as hist
-from quant.calib.ranges import RangeOptions, augment_model, collect_ranges
+from quant.calib.ranges import RangeOptions, _run_pass, augment_model, collect_ranges
 from quant.errors import CalibrationError, ModelError
 
 QUIET = RangeOptions(progress=False)
@@ -188,6 +191,27 @@ def test_pow2_histogram_of_float64_values_just_below_a_power_of_two() -> None:
     np.testing.assert_array_equal(histogram.counts, direct_pow2_counts(values, 2, 8))
 
 
+def test_pow2_histogram_of_float16_values_in_a_tiny_range() -> None:
+    """The bin scale (2^(bins - exponent) = 2^20 here) does not fit float16: the product must be formed in float32."""
+    values = (np.random.default_rng(8).normal(size=3000) * 1e-3).astype(np.float16)
+    histogram = pow2_histogram_of([values], num_bins=64)
+    assert histogram.exponent is not None and histogram.exponent < -5
+    np.testing.assert_array_equal(histogram.counts, direct_pow2_counts(values, histogram.exponent, 64))
+
+
+def test_pow2_histogram_counts_only_finite_values_and_negatives_by_their_magnitude() -> None:
+    values = np.array([0.5, -0.5, np.nan, -np.inf, np.inf, -0.26, 0.26, -0.0], np.float32)
+    histogram = hist.Pow2Histogram(8)
+    histogram.cover(0.5)
+    histogram.add(values)
+    np.testing.assert_array_equal(histogram.counts, direct_pow2_counts(values[np.isfinite(values)], 0, 8))
+    assert histogram.counts.sum() == 5 and histogram.counts[2] == 2 and histogram.counts[4] == 2
+    known_finite = hist.Pow2Histogram(8)
+    known_finite.cover(0.5)
+    known_finite.add(values[np.isfinite(values)], finite=True)
+    np.testing.assert_array_equal(known_finite.counts, histogram.counts)
+
+
 def real_activations() -> dict[str, list[np.ndarray]]:
     """Per tensor, batches of real-speech activations: STFT of the test clips, its magnitude and log power, and a
     fixed random projection through tanh and ReLU (zero spike), one clip a batch and each clip at its own level."""
@@ -305,6 +329,87 @@ def test_threads_never_change_a_result(tmp_path: Path, method: str) -> None:
     feeds = batches(seed=2, count=5)
     assert collect_ranges(path, feeds, method, RangeOptions(progress=False, threads=3)) == collect_ranges(
         path, feeds, method, QUIET)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("method", ["entropy", "percentile", "minmax"])
+def test_overlapped_collection_equals_the_sequential_one(tmp_path: Path, method: str, threads: int) -> None:
+    path = scale_relu_model(tmp_path / "m.onnx")
+    feeds = batches(seed=6, count=7)
+    sequential = collect_ranges(path, feeds, method, RangeOptions(progress=False, threads=threads, overlap=False))
+    overlapped = collect_ranges(path, feeds, method, RangeOptions(progress=False, threads=threads, overlap=True))
+    assert overlapped == sequential
+    assert overlapped.tensors["x"].count == sum(feed["x"].size for feed in feeds)
+    assert overlapped.histograms.keys() == sequential.histograms.keys()
+    for name, histogram in overlapped.histograms.items():
+        np.testing.assert_array_equal(histogram.counts, sequential.histograms[name].counts)
+
+
+class RecordingSession:
+    """A stand-in for an ONNX Runtime session: run() returns the feed's `x` under every name and logs its batch."""
+
+    def __init__(self, log: list[tuple[str, int]], started: list[threading.Event]) -> None:
+        self.log, self.started = log, started
+
+    def get_inputs(self) -> list[Any]:
+        return [SimpleNamespace(name="x")]
+
+    def run(self, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        batch = int(feed["x"][0])
+        self.log.append(("run", batch))
+        self.started[batch].set()
+        return [feed["x"] for _ in names]
+
+
+def test_overlap_runs_the_next_batch_while_one_tensor_at_a_time_updates_in_batch_order() -> None:
+    count, names = 4, ["a", "b", "c"]
+    log: list[tuple[str, int]] = []
+    started = [threading.Event() for _ in range(count)]
+    lock = threading.Lock()
+    busy: set[str] = set()
+    seen: dict[str, list[int]] = {name: [] for name in names}
+    overlapped: list[bool] = []
+
+    def update(name: str, value: np.ndarray) -> None:
+        batch = int(value[0])
+        with lock:
+            assert name not in busy, f"two updates of {name} at once"
+            busy.add(name)
+        if batch + 1 < count:  # batch k's update waits for the graph run of batch k+1: only overlap lets it start
+            overlapped.append(started[batch + 1].wait(timeout=10))
+        with lock:
+            seen[name].append(batch)
+            busy.discard(name)
+
+    feeds = [{"x": np.full(3, batch, np.float32)} for batch in range(count)]
+    done = _run_pass(RecordingSession(log, started), names, feeds, RangeOptions(progress=False, threads=2), "t",
+                     update)
+    assert done == count and all(overlapped) and len(overlapped) == len(names) * (count - 1)
+    assert all(order == list(range(count)) for order in seen.values())  # every tensor saw the batches in order
+
+
+def test_an_update_error_stops_the_pass_and_is_raised() -> None:
+    def update(name: str, value: np.ndarray) -> None:
+        if int(value[0]) == 1:
+            raise CalibrationError(f"bad batch for {name}")
+
+    feeds = [{"x": np.full(3, batch, np.float32)} for batch in range(5)]
+    log: list[tuple[str, int]] = []
+    session = RecordingSession(log, [threading.Event() for _ in range(5)])
+    with pytest.raises(CalibrationError, match="bad batch for a"):
+        _run_pass(session, ["a"], feeds, RangeOptions(progress=False, threads=1), "t", update)
+    assert log == [("run", 0), ("run", 1), ("run", 2)]  # batch 1's error surfaces once batch 2 has run, no later
+
+
+def test_the_calibration_session_does_not_spin(tmp_path: Path) -> None:
+    """Idle ONNX Runtime threads would spin on the CPUs the overlapped statistics updates need."""
+    from quant.calib.ranges import _session
+
+    augmented = augment_model(onnx.load(str(scale_relu_model(tmp_path / "m.onnx")))).model
+    work = tmp_path / "work"
+    work.mkdir()
+    options = _session(augmented, work, threads=2).get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 @pytest.mark.parametrize("method", ["entropy", "minmax"])

@@ -58,10 +58,13 @@ def make_session(
     optimization: str = "all",
     optimized_model_path: str | os.PathLike[str] | None = None,
     profile_prefix: str | os.PathLike[str] | None = None,
+    spinning: bool = True,
 ) -> Any:
     """An InferenceSession with `threads` intra-op threads, sequential execution and the given graph optimization
     level. `optimized_model_path` asks ORT to write the graph it will actually run; `profile_prefix` turns on ORT's
-    profiler (per-node kernel times; `session.end_profiling()` writes `<prefix>_<date>.json` and returns its path)."""
+    profiler (per-node kernel times; `session.end_profiling()` writes `<prefix>_<date>.json` and returns its path).
+    `spinning=False`: idle intra-op threads sleep instead of spin-waiting for the next kernel, leaving the CPU to other
+    threads of this process (the calibration's statistics updates)."""
     ort = _ort()
     file = Path(path)
     if not file.is_file():
@@ -79,6 +82,8 @@ def make_session(
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization]
     options.log_severity_level = 3
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
     if profile_prefix is not None:

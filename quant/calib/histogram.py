@@ -180,25 +180,26 @@ class Pow2Histogram:
             self.counts = _merge_pairs(self.counts, exponent - self.exponent)
             self.exponent = exponent
 
-    def add(self, values: np.ndarray) -> None:
-        """Count the finite |x| of `values`, all of which must lie below the covered range."""
+    def add(self, values: np.ndarray, finite: bool = False) -> None:
+        """Count the finite |x| of `values`, all of which must lie below the covered range; `finite`: the caller
+        knows every value is finite (its min/max were), which saves a pass."""
         flat = values.reshape(-1)
         if self.exponent is None:  # nothing above 0 covered: every finite value is a zero
-            self.counts[0] += int(np.count_nonzero(np.isfinite(flat)))
+            self.counts[0] += flat.size if finite else int(np.count_nonzero(np.isfinite(flat)))
             return
         scale = math.ldexp(1.0, self._bins_exponent - self.exponent)  # bins / 2^exponent
         # a power-of-two scale keeps the bin index exact; float64 inputs (and a scale float32 cannot hold) stay float64
         wide = flat.dtype == np.float64 or scale > float(np.finfo(np.float32).max)
-        scaled_buffer, index_buffer = _scratch(np.float64 if wide else np.float32)
+        dtype = np.float64 if wide else np.float32
+        _, index_buffer = _scratch(dtype)
         for start in range(0, flat.size, CHUNK_ELEMENTS):
             chunk = flat[start : start + CHUNK_ELEMENTS]
-            scaled, index = scaled_buffer[: chunk.size], index_buffer[: chunk.size]
-            np.abs(chunk, out=scaled, casting="unsafe")  # float16/bfloat16 widen exactly
-            scaled *= scaled.dtype.type(scale)
-            if not np.isfinite(scaled.max(initial=0.0)):  # NaN or inf present (max propagates NaN)
-                scaled = scaled[np.isfinite(scaled)]
-                index = index[: scaled.size]
-            np.copyto(index, scaled, casting="unsafe")  # truncation = floor for values >= 0
+            if not finite and not (np.isfinite(chunk.min()) and np.isfinite(chunk.max())):  # NaN propagates
+                chunk = chunk[np.isfinite(chunk)]
+            index = index_buffer[: chunk.size]
+            # floor(|x| * scale) in two passes: x * scale truncated toward zero (float16 widens exactly), then |.|
+            np.multiply(chunk, scale, out=index, dtype=dtype, casting="unsafe")
+            np.abs(index, out=index)
             counts = np.bincount(index)  # up to the largest bin used: small tensors (a streaming frame) stay cheap
             if counts.size > self.num_bins:
                 raise CalibrationError(f"|x| up to {float(np.max(np.abs(chunk)))} lies above the histogram range "

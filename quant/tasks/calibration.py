@@ -14,6 +14,7 @@ import numpy as np
 
 from quant.calib.cache import CacheEntry
 from quant.calib.calibrate import CalibrateOptions, calibrate
+from quant.calib.ranges import RangeOptions
 from quant.executor import Executor
 from quant.spec import ModelSpec, resolve_manifest
 from quant.tasks import task_for
@@ -53,19 +54,24 @@ def calibrate_spec(spec: ModelSpec, role: str, onnx_path: str | Path | None = No
         manifest if manifest is not None else resolve_manifest(spec.defaults.calibration_manifest,
                                                                "calibration manifest"))
     options = options or CalibrateOptions()
-    if spec.streaming is None and spec.frontend is not None and spec.frontend.axes.startswith("B") \
-            and options.ranges.max_batch is None:
-        # batch-major inputs may be run one item at a time: the offline DPCRN exposes ~300 M activation values per
-        # 9 s segment, peak RSS 1.1 GB at batch 1 vs 3.6 GB at batch 4 (scripts/bench_calibration.py
-        # --memory-segments); splitting never changes the ranges
-        options = replace(options, ranges=replace(options.ranges, max_batch=1))
-    options = replace(options, allow_outside=options.allow_outside or feed_options.allow_outside)
+    options = replace(options, ranges=spec_range_options(spec, options.ranges),
+                      allow_outside=options.allow_outside or feed_options.allow_outside)
     if feeds is None:
         given = manifest if manifest is not None else data  # the escape hatch's function may read the audio
         feeds = task_for(spec).calibration_feeds(role, str(given) if given is not None else None, feed_options)
     source = SpecFeeds(feeds, _spec_settings(spec, role, feed_options))
     return calibrate(path, graph.name, data, method or spec.method(graph), out_cache, options, feeds=source,
                      executor=executor)
+
+
+def spec_range_options(spec: ModelSpec, options: RangeOptions) -> RangeOptions:
+    """`options` as a spec's calibration runs them: batch-major inputs one item at a time (unless `max_batch` is
+    set). The offline DPCRN exposes ~300 M activation values per 9 s segment, peak RSS 1.1 GB at batch 1 vs
+    3.6 GB at batch 4 (scripts/bench_calibration.py --memory-segments); splitting never changes the ranges."""
+    if spec.streaming is None and spec.frontend is not None and spec.frontend.axes.startswith("B") \
+            and options.max_batch is None:
+        return replace(options, max_batch=1)
+    return options
 
 
 def _spec_settings(spec: ModelSpec, role: str, options: FeedOptions) -> dict[str, Any]:
