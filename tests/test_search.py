@@ -459,7 +459,7 @@ def test_the_default_rules_point_is_the_base_rules_build_even_with_a_partly_int8
         return folder
 
     def columns(folder: Path) -> Mapping[str, Sequence[Any]]:
-        return {"ids": ["a"], "snr_db": [50.0]}
+        return {"ids": ["a", "b", "c"], "snr_db": [50.0, 51.0, 52.0]}
 
     units = find_units(model, rules)
     assert [u.default for u in units] == ["mixed"]

@@ -73,13 +73,17 @@ def run(args: argparse.Namespace) -> int:
           f"{budget.describe()}")
     print(f"speed: {result.speed_basis}")
     fp32 = f"FP32 {result.fp32_latency.min_ms:.2f} ms, " if result.fp32_latency else ""
+    if result.resolution:
+        found = result.resolution
+        print(f"validation: {found['n']} utterances, 95 % interval +-{found['half_width']:.4f} ({found['probe']}) "
+              f"against the budget's {found['limit']:.4f}")
     print(f"{fp32}default rules {_row(result.default)}")
     print(f"searched {_row(chosen)}" if chosen else "searched: no measured build meets the budget")
     for label, key in (("default rules", "default-rules"), ("searched", "searched")):
         held = result.held_out.get(key)
         if held:
             print(f"held-out ({held['n']} utterances), {label}: change {held['delta']:+.4f} [{held['ci_low']:+.4f}, "
-                  f"{held['ci_high']:+.4f}] -> {held['verdict']}")
+                  f"{held['ci_high']:+.4f}] -> {held.get('verdict_text', held['verdict'])}")
     print(f"search cost: {result.evals} builds, {result.minutes:.1f} min")
     print(f"rules: {paths['rules']}\nsearch.json: {paths['json']}\nplot: {paths['plot']}")
     print(f"report: {paths['html']} (results.json beside it)")
@@ -88,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _row(point: Any) -> str:
     latency = f"{point.latency.min_ms:.2f} ms (median {point.latency.median_ms:.2f}), " if point.latency else ""
-    return f"{latency}{len(point.config)} INT8 units, validation change {point.verdict['delta']:+.4f}"
+    verdict = point.verdict
+    return (f"{latency}{len(point.config)} INT8 units, validation change {verdict['delta']:+.4f} "
+            f"[{verdict['ci_low']:+.4f}, {verdict['ci_high']:+.4f}] {verdict['verdict']}")
 
 
 def _argv(args: argparse.Namespace) -> list[str]:

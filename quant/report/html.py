@@ -233,7 +233,7 @@ def _search(model: str, results: Mapping[str, Any], rows: Sequence[Row]) -> list
     if held:
         facts.append(f"held-out ({held.get('n')} utterances): change {fmt_number(held.get('delta'), '+.4f')} "
                      f"[{fmt_number(held.get('ci_low'), '+.4f')}, {fmt_number(held.get('ci_high'), '+.4f')}], "
-                     f"{held.get('verdict', '')}")
+                     f"{held.get('verdict_text', held.get('verdict', ''))}")
     points = sorted(entry.get("points") or [], key=lambda p: (-int(p["int8_units"]), p["label"]))
     table = (["configuration", "INT8 units", "latency ms", f"{entry.get('metric', '')} change", "95 % interval",
               "within budget", "frontier"],

@@ -10,11 +10,14 @@ Works on a `Problem`, a handful of callables, so any model (a reference model to
   INT8 in the backend's plan counts as one unit of benefit and the fastest build is the one with most INT8 units.
 
 Steps (every build counted as one evaluation):
+0. resolution: FP32, the default rules and all-INT8 on the validation split; when even the quieter of the two
+   INT8 builds' paired changes has a 95 % interval wider than the budget at this split size, no candidate could be
+   proven within budget, and the search stops with the size that would tell (quant.search.budget);
 1. speed: profile the FP32 build and the all-units-INT8 build, attribute kernel time (with its Q/DQ) to units;
 2. proxy sensitivity: per unit, add-one-in (only it INT8) and leave-one-out (all others INT8) output SNR;
 3. task sensitivity: the `top` units with the lowest add-one-in SNR get both measured on the validation metric;
 4. greedy: start from every unit INT8 that saves time, revert the unit with the worst cost per ms saved until the
-   budget holds, building and measuring each step (the frontier);
+   budget holds (proven within on validation, not just an estimate inside), building and measuring each step;
 5. verify: time the frontier, FP32 and the default-rules build interleaved; judge the chosen one on held-out data.
 """
 
@@ -30,8 +33,9 @@ import numpy as np
 import onnx
 
 from quant.errors import QuantError
+from quant.eval.stats import verdict_text
 from quant.precision import Rule
-from quant.search.budget import TaskBudget
+from quant.search.budget import Resolution, TaskBudget
 from quant.search.speed import Latency, unit_times_ms
 from quant.search.units import Config, Unit, all_config, config_rules, default_config, write_rules
 
@@ -328,6 +332,7 @@ class SearchResult:
     minutes: float
     speed_basis: str  # what "fastest" was judged by (Problem.speed_basis)
     backend: str = "ort"
+    resolution: dict[str, Any] | None = None  # the validation split's resolution (check_resolution); None: a floor
 
 
 def run_search(problem: Problem, options: SearchOptions, out_dir: Path) -> SearchResult:
@@ -340,7 +345,7 @@ def run_search(problem: Problem, options: SearchOptions, out_dir: Path) -> Searc
     reference = problem.validate(problem.fp32)
     ledger = Ledger(out_dir, problem, options, reference)
     default = ledger.measure_default()
-    ledger.measure(all_config(problem.units), "all-int8")
+    resolution = check_resolution(options.budget, [default, ledger.measure(all_config(problem.units), "all-int8")])
     sens = measure_speed(ledger)
     reserve = min(len(problem.units) + 1, max(2, options.max_evals // 3))
     sens = measure_proxy(ledger, sens, reserve, reserve + 2 * options.top)
@@ -360,7 +365,37 @@ def run_search(problem: Problem, options: SearchOptions, out_dir: Path) -> Searc
     chosen = fastest_holding(points, problem.timed, options.budget)
     held_out = judge_held_out(problem, options.budget, default, chosen)
     return SearchResult(options.budget, problem.units, sens, tuple(points), tuple(steps), default, chosen,
-                        fp32_latency, held_out, ledger.evals, ledger.minutes(), problem.speed_basis(), problem.backend)
+                        fp32_latency, held_out, ledger.evals, ledger.minutes(), problem.speed_basis(), problem.backend,
+                        resolution)
+
+
+def check_resolution(budget: TaskBudget, probes: Sequence[Point]) -> dict[str, Any] | None:
+    """Whether the validation split can resolve the budget, from the paired changes of the default-rules and
+    all-INT8 builds: a candidate is at best as quiet as the quieter of them, so when even its 95 % interval at this
+    split size is wider than the budget, no candidate can be proven within it and every verdict the greedy steered
+    by would be noise. Raises SearchError naming the split size and the size that would tell."""
+    quietest = min(probes, key=lambda p: float(p.verdict["spread"]))
+    n = int(quietest.verdict["n"])
+    found = budget.resolution(float(quietest.verdict["spread"]), n)
+    if found is None:
+        return None
+    summary = _resolution_dict(found, quietest.label)
+    log.info("validation split: %d utterances, 95 %% half-width %.4f (%s) against the budget %.4f", n,
+             summary["half_width"], quietest.label, summary["limit"])
+    if not found.resolves:
+        would = (f"about {found.needed} utterances would tell: give --validation {found.needed} (and a test set "
+                 f"of at least {2 * found.needed}, half of it held out)" if found.needed is not None
+                 else "no split size can tell a zero budget")
+        raise SearchError(f"the validation split of {n} utterances cannot resolve the budget "
+                          f"({budget.describe()}): the 95 % interval of the {quietest.label} build's change is "
+                          f"+-{summary['half_width']:.4f} wide, not narrower than the budget's "
+                          f"{summary['limit']:.4f}; {would}")
+    return summary
+
+
+def _resolution_dict(found: Resolution, probe: str) -> dict[str, Any]:
+    return {"n": found.n, "half_width": found.half_width * found.scale, "limit": found.limit * found.scale,
+            "needed": found.needed, "probe": probe, "resolves": found.resolves}
 
 
 def fastest_holding(points: Sequence[Point], timed: bool, budget: TaskBudget) -> Point | None:
@@ -384,7 +419,8 @@ def judge_held_out(problem: Problem, budget: TaskBudget, default: Point, chosen:
             continue
         columns = problem.held_out(point.artifact)
         verdict = budget.judge(reference, columns)
-        rows[label] = {**_summary(columns, budget), **_verdict_dict(verdict, budget), "holds": budget.holds(verdict)}
+        rows[label] = {**_summary(columns, budget), **_verdict_dict(verdict, budget), "holds": budget.holds(verdict),
+                       "verdict_text": verdict_text(verdict)}
     return rows
 
 
