@@ -499,3 +499,110 @@ def test_spec_evaluator_in_shards_gives_the_in_process_columns(tmp_path: Path, r
     assert on_ray(tmp_path / "candidate") == expected
     assert all("noisy" in memo for memo in on_ray._memos)  # learned on the workers, shipped with the next shards
     assert on_ray(tmp_path / "candidate") == expected
+
+
+# ------------------------------------------------------------------------------------------------ split resolution
+
+
+def pesq_problem(tmp_path: Path, validation: int, held_out_changes: Sequence[float]) -> Problem:
+    """A problem whose builds are not built: every INT8 candidate changes the per-utterance PESQ-WB of FP32 by a
+    fixed pattern of paired changes (mean -0.02, spread 0.04), the held-out half by `held_out_changes`."""
+    from test_blocks import Graph
+
+    g = Graph()
+    model = g.model(g.op("Relu", g.linear(g.op("Relu", g.linear("x")))))
+    rules = load_rules()
+    fp32 = tmp_path / "fp32"
+
+    def build(rules_file: Path, folder: Path) -> Path:
+        return folder
+
+    def columns(count: int, changes: Sequence[float]) -> Any:
+        def evaluate(folder: Path) -> Mapping[str, Sequence[Any]]:
+            shift = [0.0] * count if folder == fp32 else [changes[i % len(changes)] for i in range(count)]
+            return {"ids": [f"u{i}" for i in range(count)], "pesq_wb": [2.0 + 0.1 * i + shift[i] for i in range(count)],
+                    "snr_db": [120.0 if folder == fp32 else 40.0] * count}
+        return evaluate
+
+    pattern = (-0.02, 0.02, -0.06)
+    return Problem(model, find_units(model, rules), rules, fp32, build, columns(validation, pattern),
+                   columns(2, pattern), columns(len(held_out_changes), held_out_changes))
+
+
+def test_search_refuses_a_validation_split_too_small_to_resolve_the_budget(tmp_path: Path):
+    """3 utterances whose changes spread by 0.04: a 95 % interval of +-0.099 cannot tell a lossless build from one
+    at the -0.05 line, so the search stops before steering by noise (it once chose a build 0.20 PESQ-WB over)."""
+    from quant.search.core import SearchError
+
+    with pytest.raises(SearchError, match=r"split of 3 utterances cannot resolve.*about 5 utterances would tell"):
+        run_search(pesq_problem(tmp_path, 3, (0.0,)), SearchOptions(parse_budget("pesq_wb=-0.05"), max_evals=8),
+                   tmp_path / "search")
+
+
+def test_search_on_a_resolving_split_reports_its_resolution_and_a_held_out_size_that_cannot_tell(tmp_path: Path):
+    held_out = (-0.10, 0.04, -0.08, 0.02)  # mean -0.03, interval across the -0.05 line
+    result = run_search(pesq_problem(tmp_path, 30, held_out), SearchOptions(parse_budget("pesq_wb=-0.05"),
+                                                                           max_evals=8), tmp_path / "search")
+    assert result.resolution is not None and result.resolution["resolves"] and result.resolution["n"] == 30
+    assert result.resolution["half_width"] < 0.05
+    assert result.chosen is not None and result.chosen.holds and result.chosen.verdict["verdict"] == "within budget"
+    held = result.held_out["searched"]
+    assert not held["holds"]
+    assert held["verdict_text"].startswith("cannot tell at n=4; about ") and "utterances would tell" in held["verdict_text"]
+
+
+def test_a_build_whose_interval_reaches_over_the_line_does_not_hold():
+    """Estimate inside the budget (-0.03 vs -0.05), 95 % interval reaching beyond it: not proven, not chosen."""
+    budget = parse_budget("pesq_wb=-0.05")
+    reference = {"ids": [f"u{i}" for i in range(6)], "pesq_wb": [2.0] * 6}
+    candidate = {"ids": reference["ids"], "pesq_wb": [2.0 + d for d in (-0.12, 0.05, -0.10, 0.04, -0.06, 0.01)]}
+    verdict = budget.judge(reference, candidate)
+    assert verdict.change.delta > -0.05 and verdict.change.ci_low < -0.05
+    assert not budget.holds(verdict)
+
+
+def test_a_handful_of_utterances_needs_the_student_t_width_not_the_bootstrap_alone():
+    """Three utterances: the percentile bootstrap's interval [-0.04, 0] sits inside a -0.05 budget, Student's t on
+    the same spread (+-0.050 around -0.02) reaches past it; the budget does not hold."""
+    budget = parse_budget("pesq_wb=-0.05")
+    reference = {"ids": ["a", "b", "c"], "pesq_wb": [2.0, 2.0, 2.0]}
+    candidate = {"ids": ["a", "b", "c"], "pesq_wb": [2.0, 1.98, 1.96]}
+    verdict = budget.judge(reference, candidate)
+    assert verdict.verdict == "within budget"  # the bootstrap alone would pass it
+    assert not budget.holds(verdict)
+    many = {"ids": [f"u{i}" for i in range(30)], "pesq_wb": [2.0] * 30}
+    shifted = {"ids": many["ids"], "pesq_wb": [2.0 - (0.0, 0.02, 0.04)[i % 3] for i in range(30)]}
+    assert budget.holds(budget.judge(many, shifted))  # the same spread over 30 utterances is proven within
+
+
+def test_a_default_split_too_small_grows_to_the_size_that_tells_a_given_one_does_not(tmp_path: Path):
+    from quant.search.core import SplitTooSmall
+    from quant.search.models import Split, search_widening
+
+    sizes: list[int | None] = []
+
+    def make(split: Split) -> Problem:
+        sizes.append(split.validation)
+        return pesq_problem(tmp_path, split.validation or 3, (0.0,))  # the default split: 3 utterances
+
+    options = SearchOptions(parse_budget("pesq_wb=-0.05"), max_evals=6)
+    _, result = search_widening(make, Split(), options, tmp_path / "search", size=40)
+    assert sizes == [None, 5] and result.resolution is not None and result.resolution["n"] == 5
+    sizes.clear()
+    with pytest.raises(SplitTooSmall, match="about 5 utterances would tell"):
+        search_widening(make, Split(3), options, tmp_path / "search", size=40)  # --validation 3: the user's
+    assert sizes == [3]
+    with pytest.raises(SplitTooSmall):
+        search_widening(make, Split(), options, tmp_path / "search", size=5)  # nothing would be left held out
+
+
+def test_halves_take_the_first_utterances_for_validation_and_never_overlap():
+    from quant.errors import ModelError
+    from quant.search.models import Split, halves
+
+    items = list(range(40))
+    assert halves(items, Split()) == (items[:20], items[20:])
+    assert halves(items, Split(4, 4)) == (items[:4], items[20:24])  # short splits: held out from the second half
+    assert halves(items, Split(25)) == (items[:25], items[25:])  # a validation split longer than half
+    with pytest.raises(ModelError, match="--validation 40"):
+        halves(items, Split(40))

@@ -55,6 +55,16 @@ class SearchError(QuantError):
     """The search cannot run as asked (no units, evaluation budget too small, ...)."""
 
 
+class SplitTooSmall(SearchError):
+    """The validation split cannot resolve the budget (check_resolution); `needed`: the size that would tell
+    (None: none would, a zero budget)."""
+
+    def __init__(self, message: str, n: int, needed: int | None) -> None:
+        super().__init__(message)
+        self.n = n
+        self.needed = needed
+
+
 @dataclass(frozen=True)
 class Problem:
     model: onnx.ModelProto  # the FP32 graph the units name
@@ -383,13 +393,13 @@ def check_resolution(budget: TaskBudget, probes: Sequence[Point]) -> dict[str, A
     log.info("validation split: %d utterances, 95 %% half-width %.4f (%s) against the budget %.4f", n,
              summary["half_width"], quietest.label, summary["limit"])
     if not found.resolves:
-        would = (f"about {found.needed} utterances would tell: give --validation {found.needed} (and a test set "
-                 f"of at least {2 * found.needed}, half of it held out)" if found.needed is not None
+        would = (f"about {found.needed} utterances would tell: give --validation {found.needed} on a test set with "
+                 "more utterances left for the held-out numbers" if found.needed is not None
                  else "no split size can tell a zero budget")
-        raise SearchError(f"the validation split of {n} utterances cannot resolve the budget "
-                          f"({budget.describe()}): the 95 % interval of the {quietest.label} build's change is "
-                          f"+-{summary['half_width']:.4f} wide, not narrower than the budget's "
-                          f"{summary['limit']:.4f}; {would}")
+        raise SplitTooSmall(f"the validation split of {n} utterances cannot resolve the budget "
+                            f"({budget.describe()}): the 95 % interval of the {quietest.label} build's change is "
+                            f"+-{summary['half_width']:.4f} wide, not narrower than the budget's "
+                            f"{summary['limit']:.4f}; {would}", n, found.needed)
     return summary
 
 
