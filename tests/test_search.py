@@ -606,3 +606,28 @@ def test_halves_take_the_first_utterances_for_validation_and_never_overlap():
     assert halves(items, Split(25)) == (items[:25], items[25:])  # a validation split longer than half
     with pytest.raises(ModelError, match="--validation 40"):
         halves(items, Split(40))
+
+
+def test_a_burst_of_load_during_one_profile_does_not_decide_which_units_save_time(
+        model_and_cache: tuple[Path, Path], tmp_path: Path):
+    """The first profile of the all-INT8 build runs while the machine is busy (every kernel 10 ms slower): with one
+    profile per build, `big` (faster in INT8) would look slower than FP32 and leave the greedy's start."""
+    from dataclasses import replace
+
+    from quant.search.core import Ledger, greedy_start, measure_speed
+
+    search_problem = problem(model_and_cache, tmp_path)
+    profiles: list[Path] = []
+
+    def busy_first_int8_profile(folder: Path) -> dict[str, float]:
+        profiles.append(folder)
+        times = modelled_node_times(folder)
+        first_int8 = folder != search_problem.fp32 and sum(f != search_problem.fp32 for f in profiles) == 1
+        return {name: ms + 10.0 for name, ms in times.items()} if first_int8 else times
+
+    busy = replace(search_problem, node_times=busy_first_int8_profile)
+    ledger = Ledger(tmp_path / "search", busy, SearchOptions(parse_budget("snr_db=30")),
+                    busy.validate(busy.fp32))
+    sens = measure_speed(ledger)
+    assert sens["big"].int8_ms < sens["big"].fp32_ms
+    assert "big" in greedy_start(sens)

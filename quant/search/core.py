@@ -13,7 +13,8 @@ Steps (every build counted as one evaluation):
 0. resolution: FP32, the default rules and all-INT8 on the validation split; when even the quieter of the two
    INT8 builds' paired changes has a 95 % interval wider than the budget at this split size, no candidate could be
    proven within budget, and the search stops with the size that would tell (quant.search.budget);
-1. speed: profile the FP32 build and the all-units-INT8 build, attribute kernel time (with its Q/DQ) to units;
+1. speed: profile the FP32 build and the all-units-INT8 build in turn, a few rounds, attribute kernel time (with
+   its Q/DQ) to units, the minimum over rounds;
 2. proxy sensitivity: per unit, add-one-in (only it INT8) and leave-one-out (all others INT8) output SNR;
 3. task sensitivity: the `top` units with the lowest add-one-in SNR get both measured on the validation metric;
 4. greedy: start from every unit INT8 that saves time, revert the unit with the worst cost per ms saved until the
@@ -48,6 +49,7 @@ Timer = Callable[[Sequence[Path]], Sequence[Latency]]
 Profiler = Callable[[Path], Mapping[str, float]]
 MODEL_FILE = "model.onnx"
 MIN_SAVED_SHARE = 0.002
+PROFILE_ROUNDS = 3  # FP32 and all-INT8 profiled in turn; per unit the minimum (measure_speed)
 DEFAULT_LABEL = "default-rules"
 
 
@@ -213,14 +215,20 @@ def loss(verdict: Mapping[str, Any], budget: TaskBudget) -> float:
 
 
 def measure_speed(ledger: Ledger) -> dict[str, Sensitivity]:
-    """Kernel time of each unit in the FP32 build and in the all-units-INT8 build; without a profiler (TensorRT
-    simulated) each unit saves one unit of the proxy (fp32 1, int8 0)."""
+    """Kernel time of each unit in the FP32 build and in the all-units-INT8 build: both profiled in turn for
+    PROFILE_ROUNDS rounds, each unit's minimum over the rounds (one profile of each, minutes apart on a shared
+    machine, let a burst of load decide which units save time); without a profiler (TensorRT simulated) each unit
+    saves one unit of the proxy (fp32 1, int8 0)."""
     problem = ledger.problem
     everything = ledger.build(all_config(problem.units), "all-int8")
     if problem.node_times is None:
         return {u.name: Sensitivity(u.name, 1.0, 0.0) for u in problem.units}
-    fp32 = unit_times_ms(problem.node_times(problem.fp32), problem.units, problem.model)
-    int8 = unit_times_ms(problem.node_times(everything), problem.units, problem.model)
+    rounds: dict[Path, list[dict[str, float]]] = {problem.fp32: [], everything: []}
+    for _ in range(PROFILE_ROUNDS):
+        for folder, times in rounds.items():
+            times.append(unit_times_ms(problem.node_times(folder), problem.units, problem.model))
+    fp32, int8 = ({u.name: min(t[u.name] for t in rounds[folder]) for u in problem.units}
+                  for folder in (problem.fp32, everything))
     return {u.name: Sensitivity(u.name, fp32[u.name], int8[u.name]) for u in problem.units}
 
 
