@@ -405,7 +405,7 @@ def test_search_recovers_the_budget_the_defaults_miss_on_a_two_stage_model(third
     graphs = {g.role: g.onnx_path(None) for g in spec.graphs}
     cache = calibrate_spec(spec, "stage2", graphs["stage2"], out_cache=tmp_path / "stage2.cache",
                            feed_options=FeedOptions(limit=4, graphs=graphs)).path
-    problem_ = modelled(spec_problem(spec, "stage2", graphs, tmp_path / "search", Split(4, 6), Path(cache)))
+    problem_ = modelled(spec_problem(spec, "stage2", graphs, tmp_path / "search", Split(12, 6), Path(cache)))
     graph = onnx.load(str(graphs["stage2"]))
     producers = {o: n.op_type for n in graph.graph.node for o in n.output}
     fragile = next(n.name for n in graph.graph.node if n.op_type == "MatMul" and producers.get(n.input[0]) == "Pad")
