@@ -6,7 +6,12 @@ Student's t on the same spread. On a handful of utterances the percentile bootst
 (its resamples cannot show more spread than the few utterances have) and Student's t is the honest width there;
 from a few tens of utterances on the two agree. The same t width decides whether a validation split can resolve the
 budget at all (`resolution`): a 3-utterance split once steered a search to a build that lost 0.20 PESQ-WB on the
-full test set against a 0.05 budget."""
+full test set against a 0.05 budget.
+
+No interval computed from a few utterances can see what those utterances do not show: on the first 3 utterances of
+se_test the all-INT8 offline DPCRN measured -0.015 [-0.020, -0.008] PESQ-WB, proven within -0.05 by both intervals,
+while the first 20 measured -0.116 [-0.244, -0.013] (`quant search dpcrn --budget pesq_wb=-0.05 --validation 3` and
+the default split). So a change budget is never judged on fewer than MIN_UTTERANCES utterances."""
 
 from __future__ import annotations
 
@@ -18,13 +23,15 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from quant.errors import QuantError
-from quant.eval.stats import CONFIDENCE, WITHIN, Budget, PerUtterance, Verdict, from_columns, judge_change
+from quant.eval.stats import (CONFIDENCE, WITHIN, Budget, PerUtterance, Verdict, from_columns, judge_change,
+                              verdict_text)
 
 HIGHER_IS_BETTER: Mapping[str, bool] = {"pesq_wb": True, "pesq_nb": True, "stoi": True, "si_sdr": True,
                                         "snr_db": True, "cer": False, "wer": False}
 ERROR_RATES = frozenset({"cer", "wer"})  # budgets and reports in percentage points, columns hold edit counts
 FLOORS = frozenset({"snr_db"})  # an absolute floor, not a change against FP32
 SNR_CAP_DB = 120.0  # output SNR of a bit-identical output (infinite) is reported as this
+MIN_UTTERANCES = 10  # a change budget judged on fewer cannot hold (module docstring)
 
 
 class BudgetError(QuantError):
@@ -74,6 +81,8 @@ class TaskBudget:
         side of the line. A point estimate inside with an interval reaching over does not hold: picking such builds
         is how a small split passes a build the full test set finds over budget."""
         change = verdict.change
+        if not self.is_floor and change.n < MIN_UTTERANCES:
+            return False
         width = t_half_width(change.spread, change.n)
         worst = change.delta - width if verdict.budget.higher_is_better else change.delta + width
         inside = worst >= verdict.budget.line if verdict.budget.higher_is_better else worst <= verdict.budget.line
@@ -85,7 +94,16 @@ class TaskBudget:
         if self.is_floor:
             return None
         limit = self.stats_budget().limit
-        return Resolution(n, t_half_width(spread, n), limit, utterances_to_resolve(spread, limit), self.scale)
+        needed = utterances_to_resolve(spread, limit)
+        width = t_half_width(spread, n) if n >= MIN_UTTERANCES else math.inf
+        return Resolution(n, width, limit, None if needed is None else max(needed, MIN_UTTERANCES), self.scale)
+
+    def verdict_text(self, verdict: Verdict) -> str:
+        """quant.eval.stats.verdict_text, and 'cannot tell' below MIN_UTTERANCES for a change budget."""
+        if not self.is_floor and verdict.change.n < MIN_UTTERANCES:
+            return (f"cannot tell at n={verdict.change.n}; at least {MIN_UTTERANCES} utterances would tell "
+                    f"(fewer may all miss what the set does; the interval says {verdict.verdict})")
+        return verdict_text(verdict)
 
     def describe(self) -> str:
         if self.is_floor:

@@ -25,6 +25,7 @@ Steps (every build counted as one evaluation):
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +35,8 @@ import numpy as np
 import onnx
 
 from quant.errors import QuantError
-from quant.eval.stats import verdict_text
 from quant.precision import Rule
-from quant.search.budget import Resolution, TaskBudget
+from quant.search.budget import MIN_UTTERANCES, Resolution, TaskBudget
 from quant.search.speed import Latency, unit_times_ms
 from quant.search.units import Config, Unit, all_config, config_rules, default_config, write_rules
 
@@ -404,10 +404,11 @@ def check_resolution(budget: TaskBudget, probes: Sequence[Point]) -> dict[str, A
         would = (f"about {found.needed} utterances would tell: give --validation {found.needed} on a test set with "
                  "more utterances left for the held-out numbers" if found.needed is not None
                  else "no split size can tell a zero budget")
+        why = (f"the 95 % interval of the {quietest.label} build's change is +-{summary['half_width']:.4f} wide, "
+               f"not narrower than the budget's {summary['limit']:.4f}" if math.isfinite(found.half_width) else
+               f"fewer than {MIN_UTTERANCES} utterances may all miss what the test set does")
         raise SplitTooSmall(f"the validation split of {n} utterances cannot resolve the budget "
-                            f"({budget.describe()}): the 95 % interval of the {quietest.label} build's change is "
-                            f"+-{summary['half_width']:.4f} wide, not narrower than the budget's "
-                            f"{summary['limit']:.4f}; {would}", n, found.needed)
+                            f"({budget.describe()}): {why}; {would}", n, found.needed)
     return summary
 
 
@@ -438,7 +439,7 @@ def judge_held_out(problem: Problem, budget: TaskBudget, default: Point, chosen:
         columns = problem.held_out(point.artifact)
         verdict = budget.judge(reference, columns)
         rows[label] = {**_summary(columns, budget), **_verdict_dict(verdict, budget), "holds": budget.holds(verdict),
-                       "verdict_text": verdict_text(verdict)}
+                       "verdict_text": budget.verdict_text(verdict)}
     return rows
 
 
