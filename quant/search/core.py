@@ -186,7 +186,7 @@ class Ledger:
                       self.options.budget.holds(verdict))
         log.info("%s: %d INT8 units, %s %+.4f [%+.4f, %+.4f] -> %s", label, len(config),
                  self.options.budget.metric, point.verdict["delta"], point.verdict["ci_low"],
-                 point.verdict["ci_high"], "holds" if point.holds else "over")
+                 point.verdict["ci_high"], "holds" if point.holds else "not proven within")
         return point
 
     def minutes(self) -> float:
@@ -321,7 +321,7 @@ def greedy(ledger: Ledger, sens: Mapping[str, Sensitivity]) -> tuple[list[str], 
         reverted.append(worst)
         point = ledger.measure(current, f"step{len(steps)}-revert-{_safe(worst)}")
         visited.append(current)
-        steps.append(f"revert {worst}: {'holds' if point.holds else 'over budget'}")
+        steps.append(f"revert {worst}: {'holds' if point.holds else 'not proven within budget'}")
     if not point.holds:
         return steps, visited
     for name in sorted(reverted[:-1], key=lambda n: revert_priority(sens[n], everything, budget)):
@@ -329,7 +329,7 @@ def greedy(ledger: Ledger, sens: Mapping[str, Sensitivity]) -> tuple[list[str], 
             break
         trial = ledger.measure(current | {name}, f"step{len(steps)}-add-{_safe(name)}")
         visited.append(trial.config)
-        steps.append(f"add {name}: {'kept' if trial.holds else 'over budget'}")
+        steps.append(f"add {name}: {'kept' if trial.holds else 'not proven within budget'}")
         if trial.holds:
             current, point = trial.config, trial
     return steps, visited
