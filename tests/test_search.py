@@ -210,9 +210,10 @@ def test_parse_budget_refuses(text: str):
 
 def test_error_rate_budget_judges_edit_counts():
     budget = parse_budget("cer=+1")
-    reference = {"ids": ["a", "b"], "cer_errors": [10, 10], "cer_length": [100, 100]}
-    worse = {"ids": ["a", "b"], "cer_errors": [11, 11], "cer_length": [100, 100]}
-    much_worse = {"ids": ["a", "b"], "cer_errors": [20, 20], "cer_length": [100, 100]}
+    ids, lengths = [f"u{i}" for i in range(10)], [100] * 10  # MIN_UTTERANCES: a change budget needs 10
+    reference = {"ids": ids, "cer_errors": [10] * 10, "cer_length": lengths}
+    worse = {"ids": ids, "cer_errors": [11] * 10, "cer_length": lengths}
+    much_worse = {"ids": ids, "cer_errors": [20] * 10, "cer_length": lengths}
     assert budget.holds(budget.judge(reference, worse))  # +1 pp: on the line
     assert not budget.holds(budget.judge(reference, much_worse))
 
