@@ -214,14 +214,15 @@ class Steps:
         return Path(entry.path)
 
     def build(self, graph: str, precision: str, backend: str, source: Path, cache: Path | None,
-              rules: Path | None = None, rules_off: tuple[str, ...] = ()) -> Path:
+              rules: Path | None = None, rules_off: tuple[str, ...] = (), label: str | None = None) -> Path:
         """The artifact file (ORT: model.onnx, TensorRT: model.engine) of one graph (by artifact name) at one
         precision; `rules`: precision rules other than the shipped ones (the searched row's: <precision>-searched/);
-        `rules_off`: shipped rules left out (the spec graph's rules_off)."""
+        `rules_off`: shipped rules left out (the spec graph's rules_off); `label`: the folder's name when one
+        precision has builds from several rules (default as above)."""
         from quant.artifacts import build_artifact
         from quant.artifacts.artifact import META_FILE
 
-        label = f"{precision}-searched" if rules is not None else precision
+        label = label or (f"{precision}-searched" if rules is not None else precision)
         folder = self.root / graph / (label if backend == "ort" else f"{label}-{backend}")
         artifact = folder / ("model.onnx" if backend == "ort" else "model.engine")
         key = {"source": _file_sha(source), "cache": _file_sha(cache) if cache else None, "quant": __version__,
@@ -636,14 +637,16 @@ class ModelRun:
     def _combos(self) -> list[tuple[str, str]]:
         combos = [("torch", "fp32")] if self.eager else []
         combos += [(b, p) for b in self.backends for p in self.options.precisions if p in SIMULATED.get(b, PRECISIONS)]
-        return combos + ([("ort", SEARCHED)] if self._searched() else [])
+        return combos + [(backend, SEARCHED) for backend in ("ort", "trt-sim") if self._searched(backend)]
 
-    def _searched(self) -> bool:
-        """The int8-searched row: ort int8 rows asked for, and searched rules found or --search."""
+    def _searched(self, backend: str) -> bool:
+        """The int8-searched row of `backend`: its int8 rows asked for, and rules a `quant search` for it left
+        (ort: engines/search/<graph>/, trt-sim: engines/search/<graph>-trt-sim/) or, ort only, --search."""
         from quant.search.store import searched_rules
 
-        asked = "ort" in self.backends and "int8" in self.options.precisions
-        return asked and (self.options.search or bool(searched_rules(self.steps.root, self.spec)))
+        asked = backend in self.backends and "int8" in self.options.precisions
+        found = bool(searched_rules(self.steps.root, self.spec, backend))
+        return asked and (found or (backend == "ort" and self.options.search))
 
     def run(self) -> list[ResultRow]:
         try:
@@ -667,7 +670,9 @@ class ModelRun:
             if backend == "torch":
                 continue
             try:
-                if backend == "trt-sim":
+                if backend == "trt-sim" and precision == SEARCHED:
+                    specs.append(trt_sim_spec(self._searched_row(exported, caches, "trt-sim"), exported))
+                elif backend == "trt-sim":
                     specs.append(trt_sim_spec(self._ort_spec(specs, precision, exported, caches), exported))
                 elif precision == SEARCHED:
                     specs.append(self._searched_row(exported, caches))
@@ -700,23 +705,29 @@ class ModelRun:
                                                      rules_off=graph.rules_off)
         return RowSpec(self.spec, backend, precision, artifacts)
 
-    def _searched_row(self, exported: Mapping[str, Path], caches: dict[str, Path]) -> RowSpec:
-        """INT8 with each graph's searched rules: `quant search`'s, or (--search) a small search run now; a graph
-        without any keeps the shipped rules (it is then the int8 row's build)."""
+    def _searched_row(self, exported: Mapping[str, Path], caches: dict[str, Path], target: str = "ort") -> RowSpec:
+        """The ONNX Runtime INT8 build with each graph's rules from a `quant search` for `target`, or (ort, --search)
+        a small search run now; a graph without any keeps the shipped rules (it is then the int8 row's build). A
+        trt-sim search's rules place TensorRT's Q/DQ: the row reads the build's model_trt_qdq.onnx (trt_sim_spec),
+        built into its own folder (int8-searched-trt-sim) beside the ORT search's."""
         from quant.search.store import run_small_search, searched_rules
 
-        rules = searched_rules(self.steps.root, self.spec)
+        rules = searched_rules(self.steps.root, self.spec, target)
+        label = SEARCHED if target == "ort" else f"{SEARCHED}-{target}"
         artifacts = {}
         for graph in self.spec.graphs:
             if graph.role not in caches:
                 caches[graph.role] = self.steps.calibrate(self.spec, graph, exported)
-            if str(graph.name) not in rules and self.options.search:
+            if str(graph.name) not in rules and self.options.search and target == "ort":
                 found = run_small_search(self.spec, graph.role, exported, self.steps.root, caches[graph.role],
                                          search_utterances(self.spec, self.options), self.options.search_evals)
                 if found is not None:
                     rules[str(graph.name)] = found
+            graph_rules = rules.get(str(graph.name))
             artifacts[graph.stem] = self.steps.build(str(graph.name), "int8", "ort", exported[graph.role],
-                                                     caches[graph.role], rules.get(str(graph.name)))
+                                                     caches[graph.role], graph_rules,
+                                                     rules_off=graph.rules_off if graph_rules is None else (),
+                                                     label=label if graph_rules is not None else None)
         return RowSpec(self.spec, "ort", SEARCHED, artifacts)
 
     def _evaluate_all(self, specs: Sequence[RowSpec], exported: Mapping[str, Path]) -> None:
@@ -753,7 +764,8 @@ def trt_sim_spec(ort_spec: RowSpec, exported: Mapping[str, Path]) -> RowSpec:
     from quant.artifacts.trt_build import engine_onnx
 
     sources = {graph.stem: exported[graph.role] for graph in ort_spec.spec.graphs}
-    artifacts = {graph_stem: engine_onnx(path.parent, sources[graph_stem], ort_spec.precision, "explicit")
+    built = "int8" if ort_spec.precision == SEARCHED else ort_spec.precision  # searched: INT8 with other rules
+    artifacts = {graph_stem: engine_onnx(path.parent, sources[graph_stem], built, "explicit")
                  for graph_stem, path in ort_spec.artifacts.items()}
     return RowSpec(ort_spec.spec, "trt-sim", ort_spec.precision, artifacts)
 

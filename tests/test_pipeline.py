@@ -428,11 +428,14 @@ class SearchedFakeSteps(FakeSteps):
     """FakeSteps whose build with searched rules writes a 0.995 mask into <graph>/int8-searched/."""
 
     def build(self, graph: str, precision: str, backend: str, source: Path, cache: Path | None,
-              rules: Path | None = None, rules_off: tuple[str, ...] = ()) -> Path:
+              rules: Path | None = None, rules_off: tuple[str, ...] = (), label: str | None = None) -> Path:
         if rules is None:
             return super().build(graph, precision, backend, source, cache, rules_off)
-        FakeSteps.calls.append(f"build {graph} {precision} {backend} rules={rules.relative_to(self.root)}")
-        return identity_dpcrn(self.root / graph / "int8-searched" / "model.onnx", gain=0.995)
+        FakeSteps.calls.append(f"build {graph} {precision} {backend} rules={rules.relative_to(self.root)} "
+                               f"into {label}")
+        folder = self.root / graph / (label or "int8-searched")
+        symmetric_qdq_dpcrn(folder / "model_trt_qdq.onnx", scale=0.01)  # what a trt-sim row of this build reads
+        return identity_dpcrn(folder / "model.onnx", gain=0.995)
 
 
 def _precisions(tmp_path: Path) -> dict[str, Any]:
@@ -450,12 +453,39 @@ def test_searched_rules_add_an_int8_searched_row(fake_run: pipeline.RunOptions, 
     write_rules(tmp_path / "search" / "dpcrn" / "rules.toml", load_rules())
     result = pipeline.run_all(replace(fake_run, precisions=("fp32", "int8")))
     assert result.ok, result.failures
-    assert "build dpcrn int8 ort rules=search/dpcrn/rules.toml" in FakeSteps.calls
+    assert "build dpcrn int8 ort rules=search/dpcrn/rules.toml into int8-searched" in FakeSteps.calls
     searched = _precisions(tmp_path)["int8-searched"]
     assert searched["backend"] == "ort" and searched["budget"] == _precisions(tmp_path)["int8"]["budget"]
     # the 0.995 mask of the searched build: output error vs FP32 of 20*log10(1/0.005) = 46.0 dB
     assert searched["error_vs_fp32"]["dpcrn"]["enh"]["snr_db"] == pytest.approx(46.02, abs=0.01)
     assert "int8-searched" in (tmp_path / "results.md").read_text()
+
+
+def test_trt_sim_search_rules_add_a_trt_sim_int8_searched_row_and_its_report_section(
+        fake_run: pipeline.RunOptions, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`quant search --target trt-sim` leaves engines/search/<graph>-trt-sim/: the run builds INT8 with those rules
+    into their own folder and simulates TensorRT on its model_trt_qdq.onnx; ORT gets no searched row from them."""
+    from quant.precision import load_rules
+    from quant.search.units import write_rules
+    from tests.test_report_search import write_search_json
+
+    monkeypatch.setattr(pipeline, "Steps", SearchedFakeSteps)
+    write_rules(tmp_path / "search" / "dpcrn-trt-sim" / "rules.toml", load_rules())
+    write_search_json(tmp_path / "search" / "dpcrn-trt-sim")
+    result = pipeline.run_all(replace(fake_run, precisions=("fp32", "int8"), backends=("ort", "trt-sim")))
+    assert result.ok, result.failures
+    assert "build dpcrn int8 ort rules=search/dpcrn-trt-sim/rules.toml into int8-searched-trt-sim" in FakeSteps.calls
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    searched = [row for row in rows if row["precision"] == "int8-searched"]
+    assert [row["backend"] for row in searched] == ["trt-sim"]
+    assert searched[0]["artifacts"]["dpcrn"].endswith("int8-searched-trt-sim/model_trt_qdq.onnx")
+    # the symmetric Q/DQ with step 0.01 the fake build wrote, not the int8 row's 0.02: the searched build's own file
+    int8 = next(row for row in rows if (row["backend"], row["precision"]) == ("trt-sim", "int8"))
+    snr = searched[0]["error_vs_fp32"]["dpcrn"]["enh"]["snr_db"]
+    assert snr != pytest.approx(int8["error_vs_fp32"]["dpcrn"]["enh"]["snr_db"], abs=0.1)
+    sections = json.loads((tmp_path / "results.json").read_text())["search"]
+    assert list(sections) == ["dpcrn/trt-sim"] and sections["dpcrn/trt-sim"]["model"] == "dpcrn"
+    assert "Precision search (TensorRT, simulated" in (tmp_path / "report.html").read_text()
 
 
 def test_run_search_searches_first_where_no_rules_are(fake_run: pipeline.RunOptions, tmp_path: Path,

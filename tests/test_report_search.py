@@ -89,6 +89,16 @@ def test_run_takes_the_first_searched_graph_of_each_model(tmp_path: Path) -> Non
     assert list(found) == ["wenet"] and found["wenet"]["graph"] == "wenet-decoder"
 
 
+def test_run_takes_a_trt_sim_search_beside_the_ort_one_and_the_page_shows_both(tmp_path: Path) -> None:
+    write_search_json(tmp_path / "search" / "dpcrn")
+    write_search_json(tmp_path / "search" / "dpcrn-trt-sim")  # quant search dpcrn --target trt-sim
+    found = search_sections(tmp_path / "search", {"dpcrn": ["dpcrn"]})
+    assert list(found) == ["dpcrn", "dpcrn/trt-sim"] and [e["model"] for e in found.values()] == ["dpcrn", "dpcrn"]
+    text = render_html({"rows": [se_row("fp32", 3.0, 120.0)], "search": found}, HtmlOptions(examples=False))
+    assert text.count("<h3>Precision search") == 2 and "Precision search (TensorRT, simulated" in text
+    assert text.count('<h2 id="dpcrn">') == 1  # one model, two searches
+
+
 def test_run_page_shows_the_search_sections(tmp_path: Path) -> None:
     entry = search_section(write_search_json(tmp_path / "dpcrn"))
     results = {"rows": [se_row("fp32", 3.0, 120.0)], "search": {"dpcrn": entry}}
@@ -113,7 +123,9 @@ def fake_search(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(quant.cli.specs, "fp32_graphs", lambda spec: {"enhancer": tmp_path / "dpcrn.onnx"})
     monkeypatch.setattr(quant.search.models, "spec_problem",
                         lambda *args, **kwargs: SimpleNamespace(units=UNITS, base_rules=()))
-    monkeypatch.setattr(quant.search, "run_search", lambda *args, **kwargs: search_result())
+    monkeypatch.setattr(quant.search.models, "search_widening",
+                        lambda make_problem, split, *args: (make_problem(split), search_result()))
+    monkeypatch.setattr(quant.search.models, "test_set_size", lambda spec: 40)
 
 
 def test_quant_search_writes_results_json_and_report_html(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -214,9 +214,10 @@ def test_parse_budget_refuses(text: str):
 
 def test_error_rate_budget_judges_edit_counts():
     budget = parse_budget("cer=+1")
-    reference = {"ids": ["a", "b"], "cer_errors": [10, 10], "cer_length": [100, 100]}
-    worse = {"ids": ["a", "b"], "cer_errors": [11, 11], "cer_length": [100, 100]}
-    much_worse = {"ids": ["a", "b"], "cer_errors": [20, 20], "cer_length": [100, 100]}
+    ids, lengths = [f"u{i}" for i in range(10)], [100] * 10  # MIN_UTTERANCES: a change budget needs 10
+    reference = {"ids": ids, "cer_errors": [10] * 10, "cer_length": lengths}
+    worse = {"ids": ids, "cer_errors": [11] * 10, "cer_length": lengths}
+    much_worse = {"ids": ids, "cer_errors": [20] * 10, "cer_length": lengths}
     assert budget.holds(budget.judge(reference, worse))  # +1 pp: on the line
     assert not budget.holds(budget.judge(reference, much_worse))
 
@@ -300,7 +301,7 @@ def test_spec_search_runs_on_a_user_spec(third_party_model, tmp_path: Path):
     assert problem.units and problem.timed
     reference = problem.validate(problem.fp32)
     assert len(reference["ids"]) == len(reference["pesq_wb"]) == 2 and reference["snr_db"] == [120.0, 120.0]
-    result = run_search(problem, SearchOptions(parse_budget("pesq_wb=-0.5"), max_evals=4, top=1),
+    result = run_search(problem, SearchOptions(parse_budget("snr_db=10"), max_evals=4, top=1),
                         tmp_path / "search")
     assert result.evals <= 4 and result.fp32_latency is not None
     held = result.held_out
@@ -438,7 +439,7 @@ def test_search_recovers_the_budget_the_defaults_miss_on_a_two_stage_model(third
     graphs = {g.role: g.onnx_path(None) for g in spec.graphs}
     cache = calibrate_spec(spec, "stage2", graphs["stage2"], out_cache=tmp_path / "stage2.cache",
                            feed_options=FeedOptions(limit=4, graphs=graphs)).path
-    problem_ = modelled(spec_problem(spec, "stage2", graphs, tmp_path / "search", Split(4, 6), Path(cache)))
+    problem_ = modelled(spec_problem(spec, "stage2", graphs, tmp_path / "search", Split(12, 10), Path(cache)))
     graph = onnx.load(str(graphs["stage2"]))
     producers = {o: n.op_type for n in graph.graph.node for o in n.output}
     fragile = next(n.name for n in graph.graph.node if n.op_type == "MatMul" and producers.get(n.input[0]) == "Pad")
@@ -492,7 +493,7 @@ def test_the_default_rules_point_is_the_base_rules_build_even_with_a_partly_int8
         return folder
 
     def columns(folder: Path) -> Mapping[str, Sequence[Any]]:
-        return {"ids": ["a"], "snr_db": [50.0]}
+        return {"ids": ["a", "b", "c"], "snr_db": [50.0, 51.0, 52.0]}
 
     units = find_units(model, rules)
     assert [u.default for u in units] == ["mixed"]
@@ -546,3 +547,150 @@ def test_a_search_starts_from_the_plan_the_specs_builds_use(tmp_path: Path):
     given = tmp_path / "rules.toml"
     given.write_text('[[rule]]\nname = "only"\nop_types = ["Conv"]\nprecision = "int8"\n')
     assert [r.name for r in base_rules_of(quant.load_spec("dpcrn-stream"), "enhancer", given)] == ["only"]
+
+
+# ------------------------------------------------------------------------------------------------ split resolution
+
+
+def pesq_problem(tmp_path: Path, validation: int, held_out_changes: Sequence[float]) -> Problem:
+    """A problem whose builds are not built: every INT8 candidate changes the per-utterance PESQ-WB of FP32 by a
+    fixed pattern of paired changes (mean -0.02, spread 0.04), the held-out half by `held_out_changes`."""
+    from test_blocks import Graph
+
+    g = Graph()
+    model = g.model(g.op("Relu", g.linear(g.op("Relu", g.linear("x")))))
+    rules = load_rules()
+    fp32 = tmp_path / "fp32"
+
+    def build(rules_file: Path, folder: Path) -> Path:
+        return folder
+
+    def columns(count: int, changes: Sequence[float]) -> Any:
+        def evaluate(folder: Path) -> Mapping[str, Sequence[Any]]:
+            shift = [0.0] * count if folder == fp32 else [changes[i % len(changes)] for i in range(count)]
+            return {"ids": [f"u{i}" for i in range(count)], "pesq_wb": [2.0 + 0.1 * i + shift[i] for i in range(count)],
+                    "snr_db": [120.0 if folder == fp32 else 40.0] * count}
+        return evaluate
+
+    pattern = (-0.02, 0.02, -0.06)
+    return Problem(model, find_units(model, rules), rules, fp32, build, columns(validation, pattern),
+                   columns(2, pattern), columns(len(held_out_changes), held_out_changes))
+
+
+def test_search_refuses_a_validation_split_too_small_to_resolve_the_budget(tmp_path: Path):
+    """3 utterances: fewer than MIN_UTTERANCES, so the search stops before steering by them (3 once chose a build
+    0.20 PESQ-WB over a 0.05 budget); 5 with these changes (spread 0.035) would resolve it by the t interval, but
+    the floor of 10 decides."""
+    from quant.search.core import SearchError
+
+    with pytest.raises(SearchError, match=r"split of 3 utterances cannot resolve.*about 10 utterances would tell"):
+        run_search(pesq_problem(tmp_path, 3, (0.0,)), SearchOptions(parse_budget("pesq_wb=-0.05"), max_evals=8),
+                   tmp_path / "search")
+
+
+def test_search_on_a_resolving_split_reports_its_resolution_and_a_held_out_size_that_cannot_tell(tmp_path: Path):
+    held_out = (-0.10, 0.04, -0.08, 0.02) * 3  # mean -0.03, interval across the -0.05 line
+    result = run_search(pesq_problem(tmp_path, 30, held_out), SearchOptions(parse_budget("pesq_wb=-0.05"),
+                                                                           max_evals=8), tmp_path / "search")
+    assert result.resolution is not None and result.resolution["resolves"] and result.resolution["n"] == 30
+    assert result.resolution["half_width"] < 0.05
+    assert result.chosen is not None and result.chosen.holds and result.chosen.verdict["verdict"] == "within budget"
+    held = result.held_out["searched"]
+    assert not held["holds"]
+    assert held["verdict_text"].startswith("cannot tell at n=12; about ")
+    assert held["verdict_text"].endswith("utterances would tell")
+
+
+def test_a_build_whose_interval_reaches_over_the_line_does_not_hold():
+    """Estimate inside the budget (-0.03 vs -0.05), 95 % interval reaching beyond it: not proven, not chosen."""
+    budget = parse_budget("pesq_wb=-0.05")
+    reference = {"ids": [f"u{i}" for i in range(12)], "pesq_wb": [2.0] * 12}
+    candidate = {"ids": reference["ids"], "pesq_wb": [2.0 + d for d in (-0.12, 0.05, -0.10, 0.04, -0.06, 0.01) * 2]}
+    verdict = budget.judge(reference, candidate)
+    assert verdict.change.delta > -0.05 and verdict.change.ci_low < -0.05
+    assert not budget.holds(verdict)
+
+
+def test_ten_utterances_need_the_student_t_width_not_the_bootstrap_alone():
+    """10 utterances alternating -0.03 +- 0.03: the percentile bootstrap's interval (low end -0.048) sits inside a
+    -0.05 budget, Student's t on the same spread (low end -0.053) reaches past it; the budget does not hold."""
+    budget = parse_budget("pesq_wb=-0.05")
+    reference = {"ids": [f"u{i}" for i in range(10)], "pesq_wb": [2.0] * 10}
+    candidate = {"ids": reference["ids"], "pesq_wb": [2.0 - 0.03 + 0.03 * (-1) ** i for i in range(10)]}
+    verdict = budget.judge(reference, candidate)
+    assert verdict.verdict == "within budget"  # the bootstrap alone would pass it
+    assert not budget.holds(verdict)
+    many = {"ids": [f"u{i}" for i in range(30)], "pesq_wb": [2.0] * 30}
+    shifted = {"ids": many["ids"], "pesq_wb": [2.0 - (0.0, 0.02, 0.04)[i % 3] for i in range(30)]}
+    assert budget.holds(budget.judge(many, shifted))  # a smaller spread over 30 utterances is proven within
+
+
+def test_three_mild_utterances_never_hold_a_change_budget():
+    """The all-INT8 DPCRN on se_test's first 3 utterances: both intervals inside -0.05, yet the first 20 put it at
+    -0.116. Below MIN_UTTERANCES a change budget cannot hold and the verdict says how many would tell."""
+    budget = parse_budget("pesq_wb=-0.05")
+    reference = {"ids": ["a", "b", "c"], "pesq_wb": [2.0, 2.0, 2.0]}
+    candidate = {"ids": ["a", "b", "c"], "pesq_wb": [1.99, 1.985, 1.98]}
+    verdict = budget.judge(reference, candidate)
+    assert verdict.verdict == "within budget" and not budget.holds(verdict)
+    assert budget.verdict_text(verdict).startswith("cannot tell at n=3; at least 10 utterances would tell")
+    floor = parse_budget("snr_db=30")  # a floor on output SNR vs FP32 is not a change on a noisy metric
+    assert floor.holds(floor.judge(reference, {"ids": ["a", "b", "c"], "snr_db": [40.0, 41.0, 42.0]}))
+
+
+def test_a_default_split_too_small_grows_to_the_size_that_tells_a_given_one_does_not(tmp_path: Path):
+    from quant.search.core import SplitTooSmall
+    from quant.search.models import Split, search_widening
+
+    sizes: list[int | None] = []
+
+    def make(split: Split) -> Problem:
+        sizes.append(split.validation)
+        return pesq_problem(tmp_path, split.validation or 3, (0.0,))  # the default split: 3 utterances
+
+    options = SearchOptions(parse_budget("pesq_wb=-0.05"), max_evals=6)
+    _, result = search_widening(make, Split(), options, tmp_path / "search", size=40)
+    assert sizes == [None, 10] and result.resolution is not None and result.resolution["n"] == 10
+    sizes.clear()
+    with pytest.raises(SplitTooSmall, match="about 10 utterances would tell"):
+        search_widening(make, Split(3), options, tmp_path / "search", size=40)  # --validation 3: the user's
+    assert sizes == [3]
+    with pytest.raises(SplitTooSmall):
+        search_widening(make, Split(), options, tmp_path / "search", size=10)  # nothing would be left held out
+
+
+def test_halves_take_the_first_utterances_for_validation_and_never_overlap():
+    from quant.errors import ModelError
+    from quant.search.models import Split, halves
+
+    items = list(range(40))
+    assert halves(items, Split()) == (items[:20], items[20:])
+    assert halves(items, Split(4, 4)) == (items[:4], items[20:24])  # short splits: held out from the second half
+    assert halves(items, Split(25)) == (items[:25], items[25:])  # a validation split longer than half
+    with pytest.raises(ModelError, match="--validation 40"):
+        halves(items, Split(40))
+
+
+def test_a_burst_of_load_during_one_profile_does_not_decide_which_units_save_time(
+        model_and_cache: tuple[Path, Path], tmp_path: Path):
+    """The first profile of the all-INT8 build runs while the machine is busy (every kernel 10 ms slower): with one
+    profile per build, `big` (faster in INT8) would look slower than FP32 and leave the greedy's start."""
+    from dataclasses import replace
+
+    from quant.search.core import Ledger, greedy_start, measure_speed
+
+    search_problem = problem(model_and_cache, tmp_path)
+    profiles: list[Path] = []
+
+    def busy_first_int8_profile(folder: Path) -> dict[str, float]:
+        profiles.append(folder)
+        times = modelled_node_times(folder)
+        first_int8 = folder != search_problem.fp32 and sum(f != search_problem.fp32 for f in profiles) == 1
+        return {name: ms + 10.0 for name, ms in times.items()} if first_int8 else times
+
+    busy = replace(search_problem, node_times=busy_first_int8_profile)
+    ledger = Ledger(tmp_path / "search", busy, SearchOptions(parse_budget("snr_db=30")),
+                    busy.validate(busy.fp32))
+    sens = measure_speed(ledger)
+    assert sens["big"].int8_ms < sens["big"].fp32_ms
+    assert "big" in greedy_start(sens)

@@ -27,8 +27,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--budget", required=True,
                         help="METRIC=VALUE: pesq_wb=-0.05, stoi=-0.01, cer=+0.3 (percentage points), snr_db=25 "
                         "(floor on output SNR vs FP32)")
-    parser.add_argument("--validation", type=positive_int, help="utterances of the validation half (default: all of it)")
-    parser.add_argument("--held-out", type=positive_int, help="utterances of the held-out half (default: all of it)")
+    parser.add_argument("--validation", type=positive_int,
+                        help="the first N test utterances validate the search (default: the first half, grown to "
+                        "the size that resolves the budget when half cannot)")
+    parser.add_argument("--held-out", type=positive_int,
+                        help="utterances of the held-out part, after the validation split (default: all of them)")
     parser.add_argument("--max-evals", type=positive_int, default=60, help="candidate builds, all steps together (default 60)")
     parser.add_argument("--top", type=positive_int, default=6,
                         help="units whose sensitivity is measured on the task metric after the SNR ranking (default 6)")
@@ -49,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
     from quant.cli.specs import fp32_graphs, select
     from quant.paths import DEFAULT_OUT_ROOT
     from quant.report.search import write_search_report
-    from quant.search import SearchOptions, parse_budget, run_search, write_outputs
-    from quant.search.models import Split, spec_problem
+    from quant.search import SearchOptions, parse_budget, write_outputs
+    from quant.search.models import Split, search_widening, spec_problem, test_set_size
     from quant.search.store import search_dir
 
     budget = parse_budget(args.budget)
@@ -61,10 +64,15 @@ def run(args: argparse.Namespace) -> int:
     role = selection.roles[0]
     graph = selection.spec.graph(role)
     out_dir = args.output or search_dir(DEFAULT_OUT_ROOT, str(graph.name), args.target)
-    problem = spec_problem(selection.spec, role, fp32_graphs(selection.spec), out_dir,
-                           Split(args.validation, args.held_out), args.cache, args.rules, args.target,
-                           grouping=args.units, executor=executor_from_args(args))
-    result = run_search(problem, SearchOptions(budget, args.max_evals, args.top), out_dir)
+    graphs, executor = fp32_graphs(selection.spec), executor_from_args(args)
+
+    def problem_for(split: Split) -> Any:
+        return spec_problem(selection.spec, role, graphs, out_dir, split, args.cache, args.rules, args.target,
+                            grouping=args.units, executor=executor)
+
+    problem, result = search_widening(problem_for, Split(args.validation, args.held_out),
+                                      SearchOptions(budget, args.max_evals, args.top), out_dir,
+                                      test_set_size(selection.spec))
     command = "quant search " + " ".join(shlex.quote(a) for a in _argv(args))
     paths = write_outputs(result, problem.base_rules, out_dir, command)
     paths.update(write_search_report(selection.spec.name, str(graph.name), paths["json"], out_dir, command))
@@ -73,13 +81,17 @@ def run(args: argparse.Namespace) -> int:
           f"{budget.describe()}")
     print(f"speed: {result.speed_basis}")
     fp32 = f"FP32 {result.fp32_latency.min_ms:.2f} ms, " if result.fp32_latency else ""
+    if result.resolution:
+        found = result.resolution
+        print(f"validation: {found['n']} utterances, 95 % interval +-{found['half_width']:.4f} ({found['probe']}) "
+              f"against the budget's {found['limit']:.4f}")
     print(f"{fp32}default rules {_row(result.default)}")
     print(f"searched {_row(chosen)}" if chosen else "searched: no measured build meets the budget")
     for label, key in (("default rules", "default-rules"), ("searched", "searched")):
         held = result.held_out.get(key)
         if held:
             print(f"held-out ({held['n']} utterances), {label}: change {held['delta']:+.4f} [{held['ci_low']:+.4f}, "
-                  f"{held['ci_high']:+.4f}] -> {held['verdict']}")
+                  f"{held['ci_high']:+.4f}] -> {held.get('verdict_text', held['verdict'])}")
     print(f"search cost: {result.evals} builds, {result.minutes:.1f} min")
     print(f"rules: {paths['rules']}\nsearch.json: {paths['json']}\nplot: {paths['plot']}")
     print(f"report: {paths['html']} (results.json beside it)")
@@ -88,7 +100,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _row(point: Any) -> str:
     latency = f"{point.latency.min_ms:.2f} ms (median {point.latency.median_ms:.2f}), " if point.latency else ""
-    return f"{latency}{len(point.config)} INT8 units, validation change {point.verdict['delta']:+.4f}"
+    verdict = point.verdict
+    return (f"{latency}{len(point.config)} INT8 units, validation change {verdict['delta']:+.4f} "
+            f"[{verdict['ci_low']:+.4f}, {verdict['ci_high']:+.4f}] {verdict['verdict']}")
 
 
 def _argv(args: argparse.Namespace) -> list[str]:

@@ -163,6 +163,15 @@ def utterances_to_tell(change: Change, line: float) -> int | None:
     return max(change.n + 1, math.ceil((Z95 * change.spread / margin) ** 2))
 
 
+def verdict_text(verdict: Verdict) -> str:
+    """The verdict as reports print it: 'cannot tell' names the test-set size and the size that would tell."""
+    if verdict.verdict != CANNOT_TELL:
+        return verdict.verdict
+    if verdict.n_to_tell is None:
+        return f"cannot tell at n={verdict.change.n}: the change sits on the budget line"
+    return f"cannot tell at n={verdict.change.n}; about {verdict.n_to_tell} utterances would tell"
+
+
 def judge_change(reference: PerUtterance, candidate: PerUtterance, budget: Budget,
                  seed: int = SEED, resamples: int = RESAMPLES) -> Verdict:
     """The paired change of candidate vs reference judged against `budget` (the entry point `quant search` uses)."""

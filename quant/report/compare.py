@@ -122,9 +122,4 @@ def format_change(change: stats.Change | None, key: str) -> str:
             f"{format(scale * change.ci_high, fmt)}] n={change.n}, {100 * change.share_worse:.0f} % worse")
 
 
-def verdict_text(verdict: stats.Verdict) -> str:
-    if verdict.verdict != stats.CANNOT_TELL:
-        return verdict.verdict
-    if verdict.n_to_tell is None:
-        return f"cannot tell at n={verdict.change.n}: the change sits on the budget line"
-    return f"cannot tell at n={verdict.change.n}; about {verdict.n_to_tell} utterances would tell"
+verdict_text = stats.verdict_text

@@ -20,6 +20,7 @@ from quant.report.ceiling import CEILING_CAPTION, ceiling_table, profiled
 from quant.report.compare import Comparison, comparisons
 from quant.report.goals import goals
 from quant.report.plots import render_plot, search_points
+from quant.report.search import entries_of
 from quant.report.rows import (
     Row, RowKey, model_order, ok_rows, primary, simulation_note, sorted_rows, task_kind, timed_graphs,
 )
@@ -55,7 +56,8 @@ def render_html(results: Mapping[str, Any], options: HtmlOptions = HtmlOptions()
     changes = comparisons(results)
     searched = results.get("search") or {}
     models = model_order(rows)
-    models += sorted(m for m in searched if m not in models)  # `quant search`'s own page: no rows, only its search
+    # `quant search`'s own page: no rows, only its search
+    models += sorted({str(entry.get("model", key)) for key, entry in searched.items()} - set(models))
     body = [f"<h1>quant report</h1><p class=note>{_e(results.get('created_utc', ''))} &middot; "
             f"<code>{_e(results.get('command', ''))}</code></p>",
             "<nav>" + "".join(f'<a href="#{_e(m)}">{_e(m)}</a>' for m in models)
@@ -231,9 +233,13 @@ def _calibration(model: str, results: Mapping[str, Any], rows: Sequence[Row]) ->
 def _search(model: str, results: Mapping[str, Any], rows: Sequence[Row]) -> list[str]:
     """What `quant search` measured for the model (results.json "search", quant.report.search): the configurations
     with their frontier, the chosen one and its held-out verdict, and each unit's sensitivity."""
-    entry = (results.get("search") or {}).get(model)
-    if not entry:
-        return []
+    return [part for entry in entries_of(results.get("search") or {}, model) for part in _search_entry(model, entry)]
+
+
+def _search_entry(model: str, entry: Mapping[str, Any]) -> list[str]:
+    """One search of the model (ONNX Runtime, or TensorRT simulated: --target trt-sim)."""
+    simulated = entry.get("target", "trt-sim" if entry.get("backend") == "trt" else "ort") == "trt-sim"
+    target = " (TensorRT, simulated: --target trt-sim)" if simulated else ""
     cost = entry.get("cost") or {}
     chosen = entry.get("chosen")
     held = (entry.get("held_out") or {}).get("searched")
@@ -244,7 +250,7 @@ def _search(model: str, results: Mapping[str, Any], rows: Sequence[Row]) -> list
     if held:
         facts.append(f"held-out ({held.get('n')} utterances): change {fmt_number(held.get('delta'), '+.4f')} "
                      f"[{fmt_number(held.get('ci_low'), '+.4f')}, {fmt_number(held.get('ci_high'), '+.4f')}], "
-                     f"{held.get('verdict', '')}")
+                     f"{held.get('verdict_text', held.get('verdict', ''))}")
     points = sorted(entry.get("points") or [], key=lambda p: (-int(p["int8_units"]), p["label"]))
     table = (["configuration", "INT8 units", "latency ms", f"{entry.get('metric', '')} change", "95 % interval",
               "within budget", "frontier"],
@@ -252,7 +258,7 @@ def _search(model: str, results: Mapping[str, Any], rows: Sequence[Row]) -> list
                str(p["int8_units"]), fmt_number(p.get("latency_ms"), ".2f"), fmt_number(p["delta"], "+.4f"),
                f"[{fmt_number(p['ci_low'], '+.4f')}, {fmt_number(p['ci_high'], '+.4f')}]",
                "yes" if p.get("holds") else "no", "yes" if p.get("frontier") else ""] for p in points])
-    out = ["<h3>Precision search</h3>", f"<p class=note>{_e('; '.join(facts))}. Command: "
+    out = [f"<h3>Precision search{_e(target)}</h3>", f"<p class=note>{_e('; '.join(facts))}. Command: "
            f"<code>{_e(entry.get('command', ''))}</code></p>",
            _figure(figures.search_frontier(entry), f"{model} searched configurations",
                    "Every configuration the search built, measured on the validation split; line: the Pareto "

@@ -97,24 +97,38 @@ def _unit(unit: Mapping[str, Any], int8: set[str]) -> dict[str, Any]:
             "delta": task.get("delta"), "saved_ms": unit.get("saved_ms"), "int8": unit["name"] in int8}
 
 
+SEARCH_TARGETS = ("ort", "trt-sim")  # `quant search --target`: <graph>/ and <graph>-trt-sim/ under the search root
+
+
 def search_sections(search_root: str | Path, graphs: Mapping[str, Sequence[str]]) -> dict[str, dict[str, Any]]:
-    """{model: entry} for the models whose graphs (model -> graph names, the spec's order) have a search output under
-    `search_root` (<out_root>/search/<graph>/search.json, as `quant search` writes it): the first such graph. A broken
-    search.json is skipped with a warning: a run's report never fails on it."""
+    """{key: entry} for the models whose graphs (model -> graph names, the spec's order) have a search output under
+    `search_root` (<out_root>/search/<graph>[-trt-sim]/search.json, as `quant search` writes it): per target, the
+    first such graph. The ORT search's key is the model, another target's `<model>/<target>`; every entry names its
+    "model" (entries_of). A broken search.json is skipped with a warning: a run's report never fails on it."""
     from quant.search.output import JSON_FILE
+    from quant.search.store import search_folder
 
     found: dict[str, dict[str, Any]] = {}
     for model, names in graphs.items():
-        for name in names:
-            path = Path(search_root) / name / JSON_FILE
-            if not path.is_file():
-                continue
-            try:
-                found[model] = search_section(path, name)
+        for target in SEARCH_TARGETS:
+            for name in names:
+                path = Path(search_root) / search_folder(name, target) / JSON_FILE
+                if not path.is_file():
+                    continue
+                try:
+                    entry = search_section(path, name)
+                except ReportError as error:
+                    logger.warning("search results left out of the report: %s", error)
+                    continue
+                found[model if target == "ort" else f"{model}/{target}"] = {**entry, "model": model, "target": target}
                 break
-            except ReportError as error:
-                logger.warning("search results left out of the report: %s", error)
     return found
+
+
+def entries_of(searched: Mapping[str, Mapping[str, Any]], model: str) -> list[Mapping[str, Any]]:
+    """The search entries of one model (results.json "search"), the ORT search's first; results.json files from
+    before entries named their model are keyed by it."""
+    return [entry for key, entry in searched.items() if entry.get("model", key) == model]
 
 
 def write_search_report(model: str, graph: str, search_json: str | Path, out_dir: str | Path, command: str = ""

@@ -10,17 +10,22 @@ Works on a `Problem`, a handful of callables, so any model (a reference model to
   INT8 in the backend's plan counts as one unit of benefit and the fastest build is the one with most INT8 units.
 
 Steps (every build counted as one evaluation):
-1. speed: profile the FP32 build and the all-units-INT8 build, attribute kernel time (with its Q/DQ) to units;
+0. resolution: FP32, the default rules and all-INT8 on the validation split; when even the quieter of the two
+   INT8 builds' paired changes has a 95 % interval wider than the budget at this split size, no candidate could be
+   proven within budget, and the search stops with the size that would tell (quant.search.budget);
+1. speed: profile the FP32 build and the all-units-INT8 build in turn, a few rounds, attribute kernel time (with
+   its Q/DQ) to units, the minimum over rounds;
 2. proxy sensitivity: per unit, add-one-in (only it INT8) and leave-one-out (all others INT8) output SNR;
 3. task sensitivity: the `top` units with the lowest add-one-in SNR get both measured on the validation metric;
 4. greedy: start from every unit INT8 that saves time, revert the unit with the worst cost per ms saved until the
-   budget holds, building and measuring each step (the frontier);
+   budget holds (proven within on validation, not just an estimate inside), building and measuring each step;
 5. verify: time the frontier, FP32 and the default-rules build interleaved; judge the chosen one on held-out data.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +36,7 @@ import onnx
 
 from quant.errors import QuantError
 from quant.precision import Rule
-from quant.search.budget import TaskBudget
+from quant.search.budget import MIN_UTTERANCES, Resolution, TaskBudget
 from quant.search.speed import Latency, unit_times_ms
 from quant.search.units import Config, Unit, all_config, config_rules, default_config, write_rules
 
@@ -44,11 +49,22 @@ Timer = Callable[[Sequence[Path]], Sequence[Latency]]
 Profiler = Callable[[Path], Mapping[str, float]]
 MODEL_FILE = "model.onnx"
 MIN_SAVED_SHARE = 0.002
+PROFILE_ROUNDS = 3  # FP32 and all-INT8 profiled in turn; per unit the minimum (measure_speed)
 DEFAULT_LABEL = "default-rules"
 
 
 class SearchError(QuantError):
     """The search cannot run as asked (no units, evaluation budget too small, ...)."""
+
+
+class SplitTooSmall(SearchError):
+    """The validation split cannot resolve the budget (check_resolution); `needed`: the size that would tell
+    (None: none would, a zero budget)."""
+
+    def __init__(self, message: str, n: int, needed: int | None) -> None:
+        super().__init__(message)
+        self.n = n
+        self.needed = needed
 
 
 @dataclass(frozen=True)
@@ -170,7 +186,7 @@ class Ledger:
                       self.options.budget.holds(verdict))
         log.info("%s: %d INT8 units, %s %+.4f [%+.4f, %+.4f] -> %s", label, len(config),
                  self.options.budget.metric, point.verdict["delta"], point.verdict["ci_low"],
-                 point.verdict["ci_high"], "holds" if point.holds else "over")
+                 point.verdict["ci_high"], "holds" if point.holds else "not proven within")
         return point
 
     def minutes(self) -> float:
@@ -199,14 +215,20 @@ def loss(verdict: Mapping[str, Any], budget: TaskBudget) -> float:
 
 
 def measure_speed(ledger: Ledger) -> dict[str, Sensitivity]:
-    """Kernel time of each unit in the FP32 build and in the all-units-INT8 build; without a profiler (TensorRT
-    simulated) each unit saves one unit of the proxy (fp32 1, int8 0)."""
+    """Kernel time of each unit in the FP32 build and in the all-units-INT8 build: both profiled in turn for
+    PROFILE_ROUNDS rounds, each unit's minimum over the rounds (one profile of each, minutes apart on a shared
+    machine, let a burst of load decide which units save time); without a profiler (TensorRT simulated) each unit
+    saves one unit of the proxy (fp32 1, int8 0)."""
     problem = ledger.problem
     everything = ledger.build(all_config(problem.units), "all-int8")
     if problem.node_times is None:
         return {u.name: Sensitivity(u.name, 1.0, 0.0) for u in problem.units}
-    fp32 = unit_times_ms(problem.node_times(problem.fp32), problem.units, problem.model)
-    int8 = unit_times_ms(problem.node_times(everything), problem.units, problem.model)
+    rounds: dict[Path, list[dict[str, float]]] = {problem.fp32: [], everything: []}
+    for _ in range(PROFILE_ROUNDS):
+        for folder, times in rounds.items():
+            times.append(unit_times_ms(problem.node_times(folder), problem.units, problem.model))
+    fp32, int8 = ({u.name: min(t[u.name] for t in rounds[folder]) for u in problem.units}
+                  for folder in (problem.fp32, everything))
     return {u.name: Sensitivity(u.name, fp32[u.name], int8[u.name]) for u in problem.units}
 
 
@@ -299,7 +321,7 @@ def greedy(ledger: Ledger, sens: Mapping[str, Sensitivity]) -> tuple[list[str], 
         reverted.append(worst)
         point = ledger.measure(current, f"step{len(steps)}-revert-{_safe(worst)}")
         visited.append(current)
-        steps.append(f"revert {worst}: {'holds' if point.holds else 'over budget'}")
+        steps.append(f"revert {worst}: {'holds' if point.holds else 'not proven within budget'}")
     if not point.holds:
         return steps, visited
     for name in sorted(reverted[:-1], key=lambda n: revert_priority(sens[n], everything, budget)):
@@ -307,7 +329,7 @@ def greedy(ledger: Ledger, sens: Mapping[str, Sensitivity]) -> tuple[list[str], 
             break
         trial = ledger.measure(current | {name}, f"step{len(steps)}-add-{_safe(name)}")
         visited.append(trial.config)
-        steps.append(f"add {name}: {'kept' if trial.holds else 'over budget'}")
+        steps.append(f"add {name}: {'kept' if trial.holds else 'not proven within budget'}")
         if trial.holds:
             current, point = trial.config, trial
     return steps, visited
@@ -328,6 +350,7 @@ class SearchResult:
     minutes: float
     speed_basis: str  # what "fastest" was judged by (Problem.speed_basis)
     backend: str = "ort"
+    resolution: dict[str, Any] | None = None  # the validation split's resolution (check_resolution); None: a floor
 
 
 def run_search(problem: Problem, options: SearchOptions, out_dir: Path) -> SearchResult:
@@ -340,7 +363,7 @@ def run_search(problem: Problem, options: SearchOptions, out_dir: Path) -> Searc
     reference = problem.validate(problem.fp32)
     ledger = Ledger(out_dir, problem, options, reference)
     default = ledger.measure_default()
-    ledger.measure(all_config(problem.units), "all-int8")
+    resolution = check_resolution(options.budget, [default, ledger.measure(all_config(problem.units), "all-int8")])
     sens = measure_speed(ledger)
     reserve = min(len(problem.units) + 1, max(2, options.max_evals // 3))
     sens = measure_proxy(ledger, sens, reserve, reserve + 2 * options.top)
@@ -360,7 +383,38 @@ def run_search(problem: Problem, options: SearchOptions, out_dir: Path) -> Searc
     chosen = fastest_holding(points, problem.timed, options.budget)
     held_out = judge_held_out(problem, options.budget, default, chosen)
     return SearchResult(options.budget, problem.units, sens, tuple(points), tuple(steps), default, chosen,
-                        fp32_latency, held_out, ledger.evals, ledger.minutes(), problem.speed_basis(), problem.backend)
+                        fp32_latency, held_out, ledger.evals, ledger.minutes(), problem.speed_basis(), problem.backend,
+                        resolution)
+
+
+def check_resolution(budget: TaskBudget, probes: Sequence[Point]) -> dict[str, Any] | None:
+    """Whether the validation split can resolve the budget, from the paired changes of the default-rules and
+    all-INT8 builds: a candidate is at best as quiet as the quieter of them, so when even its 95 % interval at this
+    split size is wider than the budget, no candidate can be proven within it and every verdict the greedy steered
+    by would be noise. Raises SearchError naming the split size and the size that would tell."""
+    quietest = min(probes, key=lambda p: float(p.verdict["spread"]))
+    n = int(quietest.verdict["n"])
+    found = budget.resolution(float(quietest.verdict["spread"]), n)
+    if found is None:
+        return None
+    summary = _resolution_dict(found, quietest.label)
+    log.info("validation split: %d utterances, 95 %% half-width %.4f (%s) against the budget %.4f", n,
+             summary["half_width"], quietest.label, summary["limit"])
+    if not found.resolves:
+        would = (f"about {found.needed} utterances would tell: give --validation {found.needed} on a test set with "
+                 "more utterances left for the held-out numbers" if found.needed is not None
+                 else "no split size can tell a zero budget")
+        why = (f"the 95 % interval of the {quietest.label} build's change is +-{summary['half_width']:.4f} wide, "
+               f"not narrower than the budget's {summary['limit']:.4f}" if math.isfinite(found.half_width) else
+               f"fewer than {MIN_UTTERANCES} utterances may all miss what the test set does")
+        raise SplitTooSmall(f"the validation split of {n} utterances cannot resolve the budget "
+                            f"({budget.describe()}): {why}; {would}", n, found.needed)
+    return summary
+
+
+def _resolution_dict(found: Resolution, probe: str) -> dict[str, Any]:
+    return {"n": found.n, "half_width": found.half_width * found.scale, "limit": found.limit * found.scale,
+            "needed": found.needed, "probe": probe, "resolves": found.resolves}
 
 
 def fastest_holding(points: Sequence[Point], timed: bool, budget: TaskBudget) -> Point | None:
@@ -384,7 +438,8 @@ def judge_held_out(problem: Problem, budget: TaskBudget, default: Point, chosen:
             continue
         columns = problem.held_out(point.artifact)
         verdict = budget.judge(reference, columns)
-        rows[label] = {**_summary(columns, budget), **_verdict_dict(verdict, budget), "holds": budget.holds(verdict)}
+        rows[label] = {**_summary(columns, budget), **_verdict_dict(verdict, budget), "holds": budget.holds(verdict),
+                       "verdict_text": budget.verdict_text(verdict)}
     return rows
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -22,7 +22,7 @@ from quant.backends import Runner, open_runner
 from quant.errors import ModelError
 from quant.executor import Executor
 from quant.search.budget import SNR_CAP_DB
-from quant.search.core import MODEL_FILE, Columns, Problem
+from quant.search.core import MODEL_FILE, Columns, Problem, SearchOptions, SearchResult, SplitTooSmall, run_search
 from quant.search.speed import Feeds, interleaved_latency, node_times_ms
 from quant.search.units import find_units
 
@@ -193,16 +193,47 @@ def evaluate_items_shard(shard: Any, context: ItemsContext) -> list[tuple[Column
 
 @dataclass(frozen=True)
 class Split:
-    validation: int | None = None  # utterances of the first half used by the search (None: the whole half)
-    held_out: int | None = None  # utterances of the second half for the final numbers (None: the whole half)
+    validation: int | None = None  # the first utterances, used by the search (None: the first half)
+    held_out: int | None = None  # utterances after the second half's start, or after the validation split when that
+    # is longer than half, for the final numbers (None: all of them)
+    grown: bool = False  # `validation` is search_widening's, grown from the default: it may grow again
 
 
 def halves(items: Sequence[Any], split: Split) -> tuple[list[Any], list[Any]]:
+    """Validation: the first `split.validation` utterances (default half); held-out: from the second half's start
+    (or after a validation split longer than half), never overlapping."""
     if len(items) < 2:
         raise ModelError(f"the test set has {len(items)} utterance(s); the search needs at least 2 (validation and "
                          "held-out halves)")
     half = len(items) // 2
-    return list(items[:half][: split.validation]), list(items[half:][: split.held_out])
+    validation = half if split.validation is None else split.validation
+    if validation >= len(items):
+        raise ModelError(f"--validation {validation}: the test set has {len(items)} utterances; leave some for the "
+                         "held-out numbers")
+    return list(items[:validation]), list(items[max(half, validation):][: split.held_out])
+
+
+def search_widening(make_problem: Callable[[Split], Problem], split: Split, options: SearchOptions, out_dir: Path,
+                    size: int) -> tuple[Problem, SearchResult]:
+    """run_search on `make_problem(split)`; when the split is the default (no --validation) and too small to resolve
+    the budget (SplitTooSmall), again with the validation split grown to the size that would tell, while the test
+    set of `size` utterances leaves some held out. A --validation the user gave is never changed."""
+    while True:
+        problem = make_problem(split)
+        try:
+            return problem, run_search(problem, options, out_dir)
+        except SplitTooSmall as error:
+            chosen_by_user = split.validation is not None and not split.grown
+            if chosen_by_user or error.needed is None or not error.n < error.needed < size:
+                raise
+            log.warning("%s; searching again with the first %d of %d utterances as the validation split",
+                        error, error.needed, size)
+            split = Split(error.needed, split.held_out, grown=True)
+
+
+def test_set_size(spec: Any) -> int:
+    """Utterances in the spec's test set (what --validation and --held-out split)."""
+    return len(_test_items(spec)[1])
 
 
 def base_rules_of(spec: Any, role: str, rules: Path | None = None) -> tuple[Any, ...]:

@@ -85,6 +85,7 @@ def to_json(result: SearchResult, command: str) -> dict[str, Any]:
         "chosen": chosen.to_dict(result.units) if chosen else None,
         "met_budget": chosen is not None,
         "held_out": result.held_out,
+        "validation_resolution": result.resolution,
     }
 
 
@@ -133,7 +134,7 @@ def plot_frontier(result: SearchResult, path: Path) -> Path:
     unit = " (pp)" if result.budget.scale != 1.0 else ""
     axes.set_ylabel(f"{result.budget.metric} change vs FP32{unit}" if not result.budget.is_floor
                     else f"{result.budget.metric} above the floor")
-    axes.set_title("quant search: candidate builds (green: estimate within budget; bars: 95 % CI)")
+    axes.set_title("quant search: candidate builds (green: proven within budget; bars: 95 % CI)")
     axes.legend(fontsize=8)
     figure.tight_layout()
     buffer = io.BytesIO()

@@ -18,14 +18,20 @@ RUN_SEARCH_EVALS = 20  # builds of the small search `quant run --search` runs pe
 
 def search_dir(out_root: Path, graph_name: str, target: str = "ort") -> Path:
     """engines/search/<graph>[-<target>]: the folder `quant search` writes rules.toml, search.json, frontier.png to."""
-    return Path(out_root) / SEARCH_DIR / (graph_name if target == "ort" else f"{graph_name}-{target}")
+    return Path(out_root) / SEARCH_DIR / search_folder(graph_name, target)
 
 
-def searched_rules(out_root: Path, spec: Any) -> dict[str, Path]:
-    """Graph name -> the rules.toml a `quant search` of that graph (ORT target) left under `out_root`."""
+def search_folder(graph_name: str, target: str = "ort") -> str:
+    """The search folder's name under the search root: <graph> for ONNX Runtime, <graph>-<target> for another."""
+    return graph_name if target == "ort" else f"{graph_name}-{target}"
+
+
+def searched_rules(out_root: Path, spec: Any, target: str = "ort") -> dict[str, Path]:
+    """Graph name -> the rules.toml a `quant search` of that graph for `target` (ort | trt-sim) left under
+    `out_root`."""
     from quant.search.output import RULES_FILE
 
-    found = {str(g.name): search_dir(out_root, str(g.name)) / RULES_FILE for g in spec.graphs}
+    found = {str(g.name): search_dir(out_root, str(g.name), target) / RULES_FILE for g in spec.graphs}
     return {name: path for name, path in found.items() if path.is_file()}
 
 
