@@ -657,6 +657,10 @@ def test_a_default_split_too_small_grows_to_the_size_that_tells_a_given_one_does
     assert sizes == [3]
     with pytest.raises(SplitTooSmall):
         search_widening(make, Split(), options, tmp_path / "search", size=10)  # nothing would be left held out
+    with pytest.raises(SplitTooSmall):  # 9 held out: too few to judge the chosen build
+        search_widening(make, Split(), options, tmp_path / "search", size=19)
+    _, result = search_widening(make, Split(), options, tmp_path / "search", size=20)  # 10 held out
+    assert result.resolution is not None and result.resolution["n"] == 10
 
 
 def test_halves_take_the_first_utterances_for_validation_and_never_overlap():
