@@ -73,7 +73,9 @@ def test_every_command_from_a_spec(third_party_model, kind: str, tmp_path: Path,
             assert loss <= SE_TOLERANCE[precision], f"{precision} loses {loss:.3f} PESQ-WB against FP32"
     rows = {row["precision"]: row for row in _bench(capsys, spec, tmp_path / "bench-run")["rows"]}
     assert {rows[p]["status"] for p in ("fp32", "int8")} == {"ok"}
-    assert rows["int8"]["latency_ms"]["mean_ms"] > 0 and rows["fp32"]["latency_ms"]["mean_ms"] > 0
+    for precision in ("fp32", "int8"):  # timed: the latency record is complete (its values are this machine's)
+        latency = rows[precision]["latency_ms"]
+        assert latency["runs"] >= 1 and all(math.isfinite(latency[k]) for k in ("min_ms", "p50_ms", "mean_ms"))
 
 
 def test_graph_option_names_the_roles(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

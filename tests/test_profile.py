@@ -59,7 +59,7 @@ def test_profile_graph_attributes_every_node_and_sums_by_op_type(builds: tuple[P
     for path in builds:
         profile = profile_graph(path, feeds(9), runs=3)
         assert profile.runs == 3 and profile.nodes
-        assert all(node.ms >= 0 for node in profile.nodes)
+        assert all(node.op_type != "?" for node in profile.nodes)  # every kernel event named its op type
         assert sum(profile.by_op_type().values()) == pytest.approx(profile.node_ms)
 
 
