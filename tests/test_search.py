@@ -698,3 +698,25 @@ def test_a_burst_of_load_during_one_profile_does_not_decide_which_units_save_tim
     sens = measure_speed(ledger)
     assert sens["big"].int8_ms < sens["big"].fp32_ms
     assert "big" in greedy_start(sens)
+
+
+def test_quant_run_search_names_its_own_flag_when_its_split_cannot_resolve_the_budget(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`quant run --search` searches on the run's own utterances: too few is one line naming --se-utterances (not
+    `quant search`'s --validation) and the command that grows the split."""
+    from types import SimpleNamespace
+
+    import quant.search.models
+    from quant.search.core import SearchError
+    from quant.search.store import run_small_search
+    from quant.spec import MetricBudget
+
+    spec = SimpleNamespace(name="enh", model=SimpleNamespace(task="se"),
+                           graph=lambda role: SimpleNamespace(name="enh_graph"),
+                           defaults=SimpleNamespace(budgets={"int8": MetricBudget(pesq_wb=0.05)}))
+    monkeypatch.setattr(quant.search.models, "spec_problem", lambda *args, **kwargs: pesq_problem(tmp_path, 3, (0.0,)))
+    with pytest.raises(SearchError) as caught:
+        run_small_search(spec, "enhancer", {}, tmp_path, tmp_path / "c.cache", 3, 8)
+    message = str(caught.value)
+    assert "run's 3 test utterances per half" in message and "--se-utterances" in message
+    assert "quant search enh --graph enhancer" in message and "--validation" not in message

@@ -51,7 +51,7 @@ def run_small_search(spec: Any, role: str, graphs: Mapping[str, Path], out_root:
     """A search of graph `role` within the spec's INT8 budget on `utterances` test utterances per half (None: the
     whole halves), `max_evals` builds; returns the rules.toml it wrote (search_dir), or None for a graph with
     nothing to search (no quantizable unit: it keeps the shipped rules)."""
-    from quant.search.core import SearchOptions, run_search
+    from quant.search.core import SearchError, SearchOptions, SplitTooSmall, run_search
     from quant.search.models import Split, spec_problem
     from quant.search.output import write_outputs
 
@@ -63,6 +63,14 @@ def run_small_search(spec: Any, role: str, graphs: Mapping[str, Path], out_root:
     if not problem.units:
         log.info("%s: no quantizable unit; the shipped rules stay", graph.name)
         return None
-    result = run_search(problem, SearchOptions(budget, max_evals=max_evals), out_dir)
+    try:
+        result = run_search(problem, SearchOptions(budget, max_evals=max_evals), out_dir)
+    except SplitTooSmall as error:
+        # say it in quant run's terms: its own split comes from --se-utterances / --asr-utterances
+        flag = "--asr-utterances" if spec.model.task == "asr" else "--se-utterances"
+        would = f"about {error.needed} per half would tell" if error.needed is not None else "no size would tell"
+        raise SearchError(f"quant run --search: graph {graph.name}: the run's {error.n} test utterances per half "
+                          f"cannot resolve {budget.describe()} ({would}); give a larger {flag} (or none), or run "
+                          f"`quant search {spec.name} --graph {role}` first, which grows its split") from None
     command = f"quant run --search (spec {spec.name}, graph {role}, {budget.describe()})"
     return write_outputs(result, problem.base_rules, out_dir, command)["rules"]
