@@ -537,20 +537,12 @@ def profile_rows(specs: Sequence[RowSpec], loads: Sequence[Any], runs: int) -> d
             continue
         for load in loads:
             try:
-                comparison = profile_pair(base.artifacts[load.graph], spec.artifacts[load.graph], _one_run(load), runs)
+                comparison = profile_pair(base.artifacts[load.graph], spec.artifacts[load.graph], load.first_run(), runs)
             except Exception as error:  # noqa: BLE001 - the profile is an explanation; the row stands without it
                 logger.warning("%s %s: not profiled: %s", spec.label, load.graph, error)
                 continue
             out.setdefault(spec.label_in_model, {})[load.graph] = comparison.to_dict()
     return out
-
-
-def _one_run(load: Any) -> dict[str, np.ndarray]:
-    """The feeds of one run of a speed workload: its batch-1 feeds, or a streaming graph's first frame with the
-    initial states."""
-    if load.feeds is not None:
-        return dict(load.feeds)
-    return {load.frame_input: load.frames[0], **dict(load.states or {})}
 
 
 def with_profiles(speed: ModelSpeed, profiles: Mapping[str, Mapping[str, Any]]) -> ModelSpeed:

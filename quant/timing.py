@@ -61,15 +61,10 @@ def timing_feeds(model: str, fp32_onnx: Path, utterances: int = TIMING_UTTERANCE
     """One run's inputs for a reference model, from real test audio: the first 9 s segment (offline), the first
     frame with the initial states (streaming: what the profiler runs), the median-length utterance (ASR)."""
     load = timing_workload(model, fp32_onnx, utterances)
-    if load.feeds is not None:
-        return dict(load.feeds)
-    states = dict(load.states or {})
-    from quant.backends.ort import OrtRunner
-
-    frame_inputs = [n for n in OrtRunner(fp32_onnx).input_names if n not in states]
-    if len(frame_inputs) != 1 or not load.frames:
-        raise ModelError(f"{fp32_onnx}: expected one frame input beside the states, found {frame_inputs}")
-    return {frame_inputs[0]: load.frames[0], **states}
+    try:
+        return load.first_run()
+    except ValueError as error:
+        raise ModelError(f"{fp32_onnx}: {error}") from None
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ from quant.artifacts.artifact import build_artifact  # noqa: E402
 from quant.cli.specs import fp32_graphs, select  # noqa: E402
 from quant.errors import QuantError  # noqa: E402
 from quant.search.core import MODEL_FILE  # noqa: E402
-from quant.search.models import timing_feeds  # noqa: E402
 from quant.search.speed import Latency, interleaved_latency  # noqa: E402
 from quant.tasks import FeedOptions, task_for  # noqa: E402
 from quant.tasks.calibration import calibrate_spec  # noqa: E402
@@ -68,7 +67,7 @@ def bench(args: argparse.Namespace) -> int:
         "searched int8": build_artifact(source, "int8", name=graph.name, cache=cache, rules=args.rules,
                                         out_dir=out / "searched"),
     }
-    feeds = timing_feeds(spec, task_for(spec).speed_workload(role, options=options))
+    feeds = task_for(spec).speed_workload(role, options=options).first_run()
     load_before = os.getloadavg()[0]
     latencies = interleaved_latency([folder / MODEL_FILE for folder in builds.values()], feeds, args.rounds,
                                     args.calls)

@@ -112,7 +112,6 @@ def bench_model(kind: str, args: argparse.Namespace, root: Path) -> list[GraphRe
     from quant.eval.profile import profile_pair
     from quant.eval.speed import BenchOptions, measure_interleaved
     from quant.pipeline import RunOptions, Steps
-    from quant.search.models import timing_feeds
     from quant.spec import load_spec
     from quant.tasks import FeedOptions, task_for
     from quant.tasks.calibration import calibrate_spec
@@ -135,7 +134,7 @@ def bench_model(kind: str, args: argparse.Namespace, root: Path) -> list[GraphRe
         workload = task_for(spec).speed_workload(role, options=feed_options)
         runners = {"ort fp32": OrtRunner(fp32, threads=1), "ort int8": OrtRunner(int8, threads=1)}
         timing = measure_interleaved(workload, lambda _count: runners, options, (1,), BASELINES)
-        profile = profile_pair(fp32, int8, timing_feeds(spec, workload), args.profile_runs)
+        profile = profile_pair(fp32, int8, workload.first_run(), args.profile_runs)
         out.append(GraphResult(kind, str(graph.name), built.parameters, workload.unit,
                                {label: entry["threads"]["1"] for label, entry in timing.items()}, profile))
     return out

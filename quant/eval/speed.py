@@ -276,6 +276,15 @@ class GraphWorkload:
     def streaming(self) -> bool:
         return self.states is not None
 
+    def first_run(self) -> dict[str, np.ndarray]:
+        """The feeds of one run: the batch-1 feeds, or a streaming graph's first frame with the initial states (what
+        a profiler or a one-shot comparison runs)."""
+        if self.feeds is not None:
+            return dict(self.feeds)
+        if not self.frames or not self.frame_input:
+            raise ValueError(f"{self.graph}: a streaming workload without frames or a frame input")
+        return {self.frame_input: self.frames[0], **dict(self.states or {})}
+
 
 def measure_graph(
     workload: GraphWorkload, make_runner: Callable[[int], Runner], options: BenchOptions,

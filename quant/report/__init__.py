@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from quant.errors import ReportError
+from quant.eval.stats import verdict_text
 from quant.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from quant.report.compare import (CHANGE_METRICS, Comparison, budget_for, change_metric, compare, comparisons,
-                                  format_change, reference_row, verdict_text, with_comparisons)
+                                  format_change, reference_row, with_comparisons)
 from quant.report.goals import Goal, goals
 from quant.report.html import HtmlOptions, render_html
 from quant.report.plots import PlotPoint, metric_limits, place_labels, plot_points, reference_lines, render_plot

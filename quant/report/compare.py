@@ -121,5 +121,3 @@ def format_change(change: stats.Change | None, key: str) -> str:
     return (f"{format(scale * change.delta, fmt)} [{format(scale * change.ci_low, fmt)}, "
             f"{format(scale * change.ci_high, fmt)}] n={change.n}, {100 * change.share_worse:.0f} % worse")
 
-
-verdict_text = stats.verdict_text

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from quant.eval import stats
-from quant.report.compare import Comparison, budget_for, comparisons, format_change, reference_row, verdict_text
+from quant.eval.stats import verdict_text
+from quant.report.compare import Comparison, budget_for, comparisons, format_change, reference_row
 from quant.report.rows import (METRIC_SCALE, Row, RowKey, batch_latency, find_row, graph_latency, ok_rows,
                                primary_latency, ratio, ratio_text, row_key, sorted_rows, stored_ratio, task_value)
 from quant.report.targets import (EAGER_SPEEDUP, ENCODER_BATCH_GOALS, ENCODER_BATCH_RATIO,

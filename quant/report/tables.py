@@ -6,8 +6,8 @@ import csv
 import io
 from typing import Any, Mapping, Sequence
 
-from quant.report.compare import (CHANGE_METRICS, Comparison, change_metric, comparisons, format_change,
-                                  verdict_text)
+from quant.eval.stats import verdict_text
+from quant.report.compare import CHANGE_METRICS, Comparison, change_metric, comparisons, format_change
 from quant.report.ceiling import CEILING_CAPTION, ceiling_table
 from quant.report.goals import goals
 from quant.report.rows import (METRIC_SCALE, TASK_COLUMNS, Row, RowKey, find_row, graph_latency, interleaved_entry,

@@ -23,7 +23,7 @@ from quant.errors import ModelError
 from quant.executor import Executor
 from quant.search.budget import MIN_UTTERANCES, SNR_CAP_DB
 from quant.search.core import MODEL_FILE, Columns, Problem, SearchOptions, SearchResult, SplitTooSmall, run_search
-from quant.search.speed import Feeds, interleaved_latency, node_times_ms
+from quant.search.speed import interleaved_latency, node_times_ms
 from quant.search.units import find_units
 
 log = logging.getLogger(__name__)
@@ -285,7 +285,7 @@ def spec_problem(spec: Any, role: str, graphs: Mapping[str, Path], out_dir: Path
                       backend=TARGETS[target])
     if target != "ort":
         return problem
-    feeds = timing_feeds(spec, task.speed_workload(role, options=feed_options))
+    feeds = task.speed_workload(role, options=feed_options).first_run()
     return replace(problem, latency=lambda folders: interleaved_latency([f / MODEL_FILE for f in folders], feeds,
                                                                          rounds),
                    node_times=lambda folder: node_times_ms(folder / MODEL_FILE, feeds))
@@ -303,14 +303,6 @@ def state_outputs(spec: Any, runner: Runner) -> frozenset[str]:
         return frozenset(pairs.values())
     inputs = set(runner.input_names)
     return frozenset(o for o in runner.output_names if o.endswith(STATE_SUFFIX) and o[: -len(STATE_SUFFIX)] in inputs)
-
-
-def timing_feeds(spec: Any, workload: Any) -> Feeds:
-    """One run's feeds from a Task's GraphWorkload: the stateless feeds, or a streaming graph's first frame with
-    its initial states."""
-    if workload.feeds is not None:
-        return dict(workload.feeds)
-    return {spec.streaming.frame_input: workload.frames[0], **dict(workload.states or {})}
 
 
 def _test_items(spec: Any) -> tuple[str, list[Any]]:
