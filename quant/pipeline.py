@@ -718,7 +718,7 @@ class ModelRun:
             graph_rules = rules.get(str(graph.name))
             artifacts[graph.stem] = self.steps.build(str(graph.name), "int8", "ort", exported[graph.role],
                                                      caches[graph.role], graph_rules,
-                                                     rules_off=graph.rules_off if graph_rules is None else (),
+                                                     rules_off=graph.rules_off,
                                                      label=label if graph_rules is not None else None)
         return RowSpec(self.spec, "ort", SEARCHED, artifacts)
 

@@ -50,7 +50,7 @@ class BuildOptions:
     mode: str = "explicit"  # TensorRT: explicit (Q/DQ) | implicit (calibration cache + layer precision, TRT <= 10)
     cache: Path | None = None
     rules: Path | None = None
-    rules_off: tuple[str, ...] = ()  # rules of that set left out (a spec graph's `rules_off`)
+    rules_off: tuple[str, ...] = ()  # shipped rules left out (a spec graph's `rules_off`); see rules_left_out
     out_dir: Path | None = None  # default out_root/<model>/<precision>
     out_root: Path = DEFAULT_OUT_ROOT  # exports of known models (export/), the cache store (cache/), artifacts
     optimize_fp32: bool = False
@@ -69,6 +69,12 @@ class BuildOptions:
                                       ("constraints", self.constraints, ("obey", "prefer"))):
             if value not in allowed:
                 raise BuildError(f"{label} {value!r} is not one of {', '.join(allowed)}")
+
+    @property
+    def rules_left_out(self) -> tuple[str, ...]:
+        """rules_off as it applies: to the shipped rules only; a `rules` file is a whole plan of its own (a user's
+        --rules, a searched rules.toml) and is used as it is."""
+        return self.rules_off if self.rules is None else ()
 
 
 def check_source(source: str | Path) -> Path:
@@ -108,7 +114,7 @@ def build_artifact(source: str | Path, precision: str, backend: str = "ort", nam
 
 def _build_into(work: Path, name: str, source: Path, opts: BuildOptions) -> dict[str, Any]:
     onnx_model = _load(source)
-    rules = without_rules(load_rules(opts.rules), opts.rules_off, f"{name}: rules_off")
+    rules = without_rules(load_rules(opts.rules), opts.rules_left_out, f"{name}: rules_off")
     meta = _base_meta(name, source, opts, rules_text_sha(opts.rules))
     if opts.precision == "fp32":
         meta["fp32"] = build_fp32(source, work / MODEL_FILE, opts.optimize_fp32)
@@ -227,12 +233,12 @@ def _base_meta(name: str, source: Path, opts: BuildOptions, rules_sha: str) -> d
         "precision": opts.precision, "backend": opts.backend,
         # the exact graph rewrites `source` was made with (quant.rewrite's record beside it); None: as exported
         "rewrites": rewrite_meta(source),
-        "rules": {"path": str(opts.rules or DEFAULT_RULES_PATH), "sha256": rules_sha, "off": list(opts.rules_off)},
+        "rules": {"path": str(opts.rules or DEFAULT_RULES_PATH), "sha256": rules_sha, "off": list(opts.rules_left_out)},
         "versions": {"quant": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
                      "onnxconverter_common": converter_version, "numpy": np.__version__},
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cache_key": sha256_bytes((f"{sha256_file(source)}:{opts.precision}:{rules_sha}"
-                                   + (f":off={','.join(opts.rules_off)}" if opts.rules_off else "")).encode()),
+                                   + (f":off={','.join(opts.rules_left_out)}" if opts.rules_left_out else "")).encode()),
     }
 
 
@@ -245,7 +251,7 @@ def _build_trt(name: str, source: Path, out_dir: Path, opts: BuildOptions, cache
     from quant.artifacts.trt_build import TrtBuildOptions, build_trt, engine_onnx
 
     trt_opts = TrtBuildOptions(precision=opts.precision, mode=opts.mode, constraints=opts.constraints, cache=cache,
-                               rules=opts.rules, rules_off=opts.rules_off, out_root=opts.out_root)
+                               rules=opts.rules, rules_off=opts.rules_left_out, out_root=opts.out_root)
     engine = build_trt(name, source, out_dir, trt_opts)
     onnx_path = engine_onnx(out_dir, source, opts.precision, opts.mode)
     return {"engine": str(engine), "onnx": str(onnx_path), "mode": opts.mode}

@@ -62,8 +62,7 @@ def run(args: argparse.Namespace) -> int:
         cache = args.cache
         if args.precision == "int8" and cache is None:
             cache = calibrated(selection.spec, graph.role, graphs, args.method, args.limit)
-        # the spec's rules_off edits the shipped rules; a --rules file is a whole plan of its own
-        report(build(args, graphs[graph.role], graph.name, cache, graph.rules_off if args.rules is None else ()))
+        report(build(args, graphs[graph.role], graph.name, cache, graph.rules_off))  # a --rules file ignores it
     return 0
 
 
