@@ -131,8 +131,10 @@ def test_build_applies_the_specs_rules_off_unless_rules_are_given(tmp_path: Path
                     'kind = "spectrum"\n')
     seen: list[object] = []
 
-    def build_artifact(source: Path, precision: str, backend: str, **options: object) -> Path:
-        seen.append(options["rules_off"])
+    def build_artifact(source: Path, precision: str, backend: str, **options: Any) -> Path:
+        from quant.artifacts.artifact import BuildOptions
+
+        seen.append(BuildOptions(precision, rules=options["rules"], rules_off=options["rules_off"]).rules_left_out)
         (tmp_path / "meta.json").write_text(json.dumps({"model": "tiny", "precision": precision, "backend": backend}))
         return tmp_path
 
