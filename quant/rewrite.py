@@ -10,8 +10,10 @@
   along its input channels. Each part then gets its own INT8 scale, so a U-Net skip joined to the decoder path no
   longer forces two distributions under one scale (the reason quant's skip-concat rule keeps such convs float).
 - `prelu_to_leakyrelu`: a PRelu with one slope value is a LeakyRelu (fused into FP32 convs; QLinearLeakyRelu).
+- `gru_step_to_matmul`: a GRU of sequence length 1 (a streaming graph's per-frame GRU) -> its two products as
+  MatMuls by constant weights plus the gate arithmetic. ONNX Runtime has no integer GRU; weight MatMuls it has.
 
-Both only re-associate float sums; `check_rewrite` runs original and rewritten graph in ONNX Runtime on the given
+All only re-associate float sums; `check_rewrite` runs original and rewritten graph in ONNX Runtime on the given
 (real) inputs and refuses a rewrite whose outputs differ by more than float tolerance. They are plain ONNX, so the
 TensorRT Q/DQ model built from the rewritten graph gets the same integer convolutions.
 """
@@ -393,12 +395,197 @@ def prelu_to_leakyrelu(model: onnx.ModelProto) -> RewriteResult:
     return RewriteResult(model, tuple(done))
 
 
+# ---------------------------------------------------------------------------------- GRU one step -> MatMuls
+
+
+DEFAULT_GRU_ACTIVATIONS = ("Sigmoid", "Tanh")
+
+
+def gru_step_to_matmul(model: onnx.ModelProto) -> RewriteResult:
+    """Every GRU that runs one time step (sequence length statically 1: a streaming graph's per-frame GRU with its
+    state fed back) -> MatMul(x, W^T) + MatMul(h, R^T) + biases and the gate arithmetic, writing the GRU's Y and Y_h.
+    ONNX Runtime has no integer GRU kernel; the two MatMuls by constant weights are then ordinary weight MatMuls the
+    precision rules quantize. A GRU this cannot express exactly is left alone and the reason logged (gru_refusal)."""
+    model = _copy(model)
+    graph = model.graph
+    constants = _constants(graph)
+    grus = [n for n in graph.node if n.op_type == "GRU"]
+    if not grus:
+        return RewriteResult(model, ())
+    lengths = _leading_dims(model, [n.input[0] for n in grus])
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    new_nodes: list[onnx.NodeProto] = []
+    new_inits: list[onnx.TensorProto] = []
+    done = []
+    for node in graph.node:
+        reason = gru_refusal(node, constants, lengths.get(node.input[0])) if node.op_type == "GRU" else "not a GRU"
+        if reason:
+            if node.op_type == "GRU":
+                log.info("gru-step-to-matmul leaves %s alone: %s", node.name or node.output[0], reason)
+            new_nodes.append(node)
+            continue
+        step = _GruStep(node, constants, opset)
+        new_nodes.extend(step.nodes)
+        new_inits.extend(step.tensors)
+        done.append(node.name or node.output[0])
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    graph.initializer.extend(new_inits)
+    _drop_unused_initializers(graph)
+    return RewriteResult(model, tuple(done))
+
+
+def gru_refusal(node: onnx.NodeProto, constants: Mapping[str, np.ndarray], sequence_length: int | None) -> str:
+    """Why this GRU cannot become one unrolled step ("" when it can)."""
+    attrs = _attributes(node)
+    activations = tuple(a.decode() if isinstance(a, bytes) else a for a in attrs.get("activations", ()))
+    inputs = list(node.input) + [""] * (6 - len(node.input))
+    weights = [inputs[1], inputs[2]] + ([inputs[3]] if inputs[3] else [])
+    checks = [
+        (sequence_length != 1, f"its input {inputs[0]!r} has sequence length {sequence_length or 'unknown'}, "
+                               "not a static 1 (an offline GRU over all frames)"),
+        (_text(attrs.get("direction", "forward")) == "bidirectional", "direction is bidirectional"),
+        (activations not in ((), DEFAULT_GRU_ACTIVATIONS), f"activations {list(activations)} are not the default "
+                                                           f"{list(DEFAULT_GRU_ACTIVATIONS)}"),
+        ("activation_alpha" in attrs or "activation_beta" in attrs, "activation_alpha/beta are set"),
+        ("clip" in attrs, "clip is set"),
+        (int(attrs.get("layout", 0)) != 0, "layout is 1 (batch first)"),
+        (bool(inputs[4]), "sequence_lens is given"),
+        (any(w not in constants for w in weights), "W, R or B is not a constant"),
+    ]
+    return next((reason for failed, reason in checks if failed), "")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class _GruStep:
+    """The nodes of one GRU step on X (1, batch, input) and h (1, batch, hidden), ONNX's equations with gates in
+    z, r, h order: z = f(x Wz + h Rz + Wbz + Rbz), r likewise, n = g(x Wh + r (h Rh + Rbh) + Wbh) when
+    linear_before_reset else g(x Wh + (r h) Rh + Rbh + Wbh), H = (1 - z) n + z h, written n + z (h - n)."""
+
+    def __init__(self, node: onnx.NodeProto, constants: Mapping[str, np.ndarray], opset: int) -> None:
+        self.prefix = f"{node.name or node.output[0]}/step"
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.tensors: list[onnx.TensorProto] = []
+        inputs = list(node.input) + [""] * (6 - len(node.input))
+        w, r = constants[inputs[1]][0], constants[inputs[2]][0]  # (3H, input), (3H, H): one direction
+        hidden = r.shape[1]
+        bias = constants[inputs[3]][0] if inputs[3] else np.zeros(6 * hidden, w.dtype)
+        w_bias, r_bias = bias[:3 * hidden], bias[3 * hidden:]
+        before_reset = bool(_attributes(node).get("linear_before_reset", 0))
+        h = inputs[5] or None
+        outputs = list(node.output) + [""] * (2 - len(node.output))
+        # reset-independent recurrent biases (z, r; and h's unless linear_before_reset) go with the input's
+        x_bias = w_bias + np.concatenate([r_bias[:2 * hidden], np.zeros_like(r_bias[2 * hidden:]) if before_reset
+                                          else r_bias[2 * hidden:]])
+        gx_zr, gx_n = self.split(self.linear(inputs[0], w.T, x_bias, "x"), 2 * hidden, hidden, "x")
+        if before_reset:
+            h_bias = np.concatenate([np.zeros_like(r_bias[:2 * hidden]), r_bias[2 * hidden:]])
+            if h is None:  # h = 0: the recurrent product is its bias (none for z and r: in x_bias)
+                gh_zr = None
+                gh_n = self.constant(r_bias[2 * hidden:], "h_bias") if r_bias[2 * hidden:].any() else None
+            else:
+                gh_zr, gh_n = self.split(self.linear(h, r.T, h_bias, "h"), 2 * hidden, hidden, "h")
+            z, reset = self.gates(gx_zr, gh_zr, hidden)
+            rh = self.op("Mul", [reset, gh_n], "r_h") if gh_n is not None else None
+        else:
+            gh_zr = self.linear(h, r[:2 * hidden].T, None, "h_zr") if h is not None else None
+            z, reset = self.gates(gx_zr, gh_zr, hidden)
+            rh = None if h is None else self.linear(self.op("Mul", [reset, h], "r_times_h"), r[2 * hidden:].T, None,
+                                                    "rh")
+        n = self.op("Tanh", [self.op("Add", [gx_n, rh], "n_in") if rh is not None else gx_n], "n")
+        h_out = outputs[1] or f"{self.prefix}/h_new"
+        if h is None:  # (1 - z) n
+            one = self.constant(np.ones(1, w.dtype), "one")
+            self.op("Mul", [self.op("Sub", [one, z], "keep"), n], "h_new", output=h_out)
+        else:
+            moved = self.op("Mul", [z, self.op("Sub", [h, n], "h_minus_n")], "z_times")
+            self.op("Add", [n, moved], "h_new", output=h_out)
+        if outputs[0]:  # Y (1, 1, batch, hidden): the one step with the one direction axis
+            self.axes_op("Unsqueeze", h_out, [1], outputs[0])
+
+    def op(self, op_type: str, inputs: Sequence[str], label: str, output: str | None = None, **attrs: Any) -> str:
+        out = output or f"{self.prefix}/{label}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=f"{self.prefix}/{label}", **attrs))
+        return out
+
+    def constant(self, value: np.ndarray, label: str) -> str:
+        name = f"{self.prefix}/{label}"
+        self.tensors.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def linear(self, source: str, weight: np.ndarray, bias: np.ndarray | None, label: str) -> str:
+        """MatMul by a constant weight, then its bias Add (the pair ORT's dynamic quantizer fuses)."""
+        product = self.op("MatMul", [source, self.constant(weight, f"{label}_weight")], f"{label}_matmul")
+        if bias is None or not bias.any():
+            return product
+        return self.op("Add", [product, self.constant(bias, f"{label}_bias")], f"{label}_bias_add")
+
+    def split(self, source: str, first: int, second: int, label: str) -> tuple[str, str]:
+        outs = [f"{self.prefix}/{label}_{part}" for part in ("a", "b")]
+        name = f"{self.prefix}/{label}_split"
+        if self.opset >= 13:
+            sizes = self.constant(np.array([first, second], np.int64), f"{label}_sizes")
+            self.nodes.append(helper.make_node("Split", [source, sizes], outs, name=name, axis=-1))
+        else:
+            self.nodes.append(helper.make_node("Split", [source], outs, name=name, axis=-1, split=[first, second]))
+        return outs[0], outs[1]
+
+    def gates(self, gx_zr: str, gh_zr: str | None, hidden: int) -> tuple[str, str]:
+        """(z, r): one Sigmoid over both gates, then split."""
+        total = self.op("Add", [gx_zr, gh_zr], "zr_in") if gh_zr is not None else gx_zr
+        return self.split(self.op("Sigmoid", [total], "zr"), hidden, hidden, "zr")
+
+    def axes_op(self, op_type: str, source: str, axes: list[int], output: str) -> None:
+        if self.opset >= 13:
+            self.op(op_type, [source, self.constant(np.array(axes, np.int64), "y_axes")], "y", output=output)
+        else:
+            self.op(op_type, [source], "y", output=output, axes=axes)
+
+
+def _leading_dims(model: onnx.ModelProto, tensors: Sequence[str]) -> dict[str, int | None]:
+    """Axis 0 of each tensor where shape inference knows it statically: ONNX's, then ONNX Runtime's symbolic
+    inference (which follows the computed Reshape shapes of a torch export, where ONNX's stops)."""
+    found: dict[str, int | None] = {}
+    for attempt in (_onnx_inferred, _symbolic_inferred):
+        inferred = attempt(model)
+        infos = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
+        for info in infos:
+            dims = info.type.tensor_type.shape.dim
+            if info.name in tensors and dims and dims[0].HasField("dim_value"):
+                found[info.name] = int(dims[0].dim_value)
+        if all(t in found for t in tensors):
+            break
+    return found
+
+
+def _onnx_inferred(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(model)
+    except Exception:  # a graph ONNX's inference cannot follow: the symbolic inference may
+        return model
+
+
+def _symbolic_inferred(model: onnx.ModelProto) -> onnx.ModelProto:
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # its failures are assertions and KeyErrors on graphs it does not know: no length known
+        return model
+    return inferred if inferred is not None else model
+
+
 # ----------------------------------------------------------------------------------------------------- checks
 
 REWRITES: dict[str, Callable[[onnx.ModelProto], RewriteResult]] = {
     "deconv-to-conv": convtranspose_to_conv,
     "split-concat-conv": split_concat_conv,
     "prelu-to-leakyrelu": prelu_to_leakyrelu,
+    "gru-step-to-matmul": gru_step_to_matmul,
 }
 
 

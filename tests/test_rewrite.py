@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from quant.errors import BuildError
-from quant.rewrite import apply_rewrites, check_rewrite, convtranspose_to_conv, split_concat_conv
+from quant.rewrite import apply_rewrites, check_rewrite, convtranspose_to_conv, gru_step_to_matmul, split_concat_conv
 
 OPSET = 13
 
@@ -291,3 +291,125 @@ def test_rewrite_file_names_the_rewrite_that_changed_the_outputs(tmp_path: Path,
         rewrite.rewrite_file(source, ["deconv-to-conv", "prelu-to-leakyrelu"],
                              lambda: feeds(model, (1, 2, 5, 6)), tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing written for a graph that failed its check
+
+
+# ------------------------------------------------------------------------------------------- gru-step-to-matmul
+
+
+def gru_model(batch: int | str = 3, steps: int | str = 1, bias: bool = True, initial_h: bool = True,
+              opset: int = OPSET, outputs: tuple[str, str] = ("y", "y_h"), **attrs) -> onnx.ModelProto:
+    """One GRU (input 5, hidden 4) on x (steps, batch, 5), weights random and large enough that every gate works."""
+    hidden, size = 4, 5
+    rng = np.random.default_rng(11)
+    inits = [numpy_helper.from_array(rng.standard_normal((1, 3 * hidden, size)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((1, 3 * hidden, hidden)).astype(np.float32), "r")]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal((1, 6 * hidden)).astype(np.float32), "b"))
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [steps, batch, size])]
+    if initial_h:
+        inputs.append(helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, batch, hidden]))
+    node = helper.make_node("GRU", ["x", "w", "r", "b" if bias else "", "", "h0" if initial_h else ""],
+                            list(outputs), name="gru", hidden_size=hidden, **attrs)
+    declared = [_any_shape(name, rank) for name, rank in zip(outputs, (4, 3)) if name]
+    graph = helper.make_graph([node], "g", inputs, declared, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
+    onnx.checker.check_model(model)
+    return model
+
+
+def gru_feeds(model: onnx.ModelProto, batch: int = 3, count: int = 3) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(5)
+    names = {i.name for i in model.graph.input}
+    return [{name: rng.standard_normal(shape).astype(np.float32) for name, shape in
+             (("x", (1, batch, 5)), ("h0", (1, batch, 4))) if name in names} for _ in range(count)]
+
+
+@pytest.mark.parametrize("linear_before_reset", [0, 1])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("initial_h", [True, False])
+def test_gru_step_to_matmul_matches_onnx_runtimes_gru(linear_before_reset: int, bias: bool, initial_h: bool):
+    model = gru_model(bias=bias, initial_h=initial_h, linear_before_reset=linear_before_reset)
+    result = gru_step_to_matmul(model)
+    assert result.rewritten == ("gru",)
+    ops = [n.op_type for n in result.model.graph.node]
+    # x W^T; with a state also h R^T, which without linear_before_reset is two: h R_zr^T and (r h) R_h^T
+    assert "GRU" not in ops and ops.count("MatMul") == (3 - linear_before_reset if initial_h else 1)
+    onnx.checker.check_model(result.model)
+    check = check_rewrite(model, result.model, gru_feeds(model))
+    assert check.relative_error < 1e-5 and check.output_range > 0
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17])
+@pytest.mark.parametrize("outputs", [("y", "y_h"), ("", "y_h"), ("y",)])
+def test_gru_step_to_matmul_writes_the_outputs_the_gru_had(opset: int, outputs: tuple[str, ...]):
+    model = gru_model(batch="n", opset=opset, outputs=outputs, linear_before_reset=1)
+    result = gru_step_to_matmul(model)
+    assert result.rewritten == ("gru",)
+    produced = {t for n in result.model.graph.node for t in n.output}
+    assert {name for name in outputs if name} <= produced
+    for batch in (1, 4):  # a dynamic batch: the step runs at any batch size
+        check = check_rewrite(model, result.model, gru_feeds(model, batch=batch))
+        assert check.relative_error < 1e-5
+
+
+def test_gru_step_to_matmul_leaves_weight_matmuls_the_precision_rules_quantize():
+    from quant.precision import plan
+
+    model = gru_model(linear_before_reset=0)
+    model.graph.node[0].input[0] = "features"  # behind a Relu: not the input layer (a rule keeps that float)
+    model.graph.node.insert(0, helper.make_node("Relu", ["x"], ["features"], name="relu"))
+    result = gru_step_to_matmul(model)
+    decisions = {d.node: d for d in plan(result.model, states={"h0": "y_h"}).decisions}
+    matmuls = [n.name for n in result.model.graph.node if n.op_type == "MatMul"]
+    assert len(matmuls) == 3  # x W^T, h R_zr^T, (r h) R_h^T
+    assert {decisions[m].rule for m in matmuls} == {"linear-dynamic-ort"}
+    assert {decisions[m].precision for m in matmuls} == {"int8-dynamic"}
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(steps=2), "sequence length 2, not a static 1"),
+    (dict(steps="t"), "sequence length unknown, not a static 1"),
+    (dict(direction="bidirectional"), "direction is bidirectional"),
+    (dict(activations=["Relu", "Tanh"]), "activations ['Relu', 'Tanh'] are not the default"),
+    (dict(clip=3.0), "clip is set"),
+])
+def test_gru_step_to_matmul_refuses_what_it_cannot_write_exactly(change: dict, reason: str,
+                                                                 caplog: pytest.LogCaptureFixture):
+    model = gru_model(**change)
+    with caplog.at_level("INFO", logger="quant.rewrite"):
+        result = gru_step_to_matmul(model)
+    assert result.rewritten == ()
+    assert [n.op_type for n in result.model.graph.node] == ["GRU"]
+    assert f"gru-step-to-matmul leaves gru alone: " in caplog.text and reason in caplog.text
+
+
+def test_gru_step_to_matmul_refuses_sequence_lens_and_computed_weights(caplog: pytest.LogCaptureFixture):
+    model = gru_model()
+    model.graph.node[0].input[4] = "lens"
+    model.graph.input.append(helper.make_tensor_value_info("lens", TensorProto.INT32, [3]))
+    weights = gru_model()
+    weights.graph.initializer.pop(0)  # W becomes a graph input
+    weights.graph.input.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, [1, 12, 5]))
+    with caplog.at_level("INFO", logger="quant.rewrite"):
+        assert gru_step_to_matmul(model).rewritten == () and gru_step_to_matmul(weights).rewritten == ()
+    assert "sequence_lens is given" in caplog.text and "W, R or B is not a constant" in caplog.text
+
+
+def test_gru_step_to_matmul_follows_a_computed_reshape_to_the_sequence_length():
+    """A torch export reshapes with a shape computed from Shape: ONNX's inference loses the length there, ONNX
+    Runtime's symbolic inference follows it."""
+    base = gru_model(batch=3)
+    x = helper.make_tensor_value_info("frames", TensorProto.FLOAT, [3, 5])
+    nodes = [helper.make_node("Shape", ["frames"], ["shape"], name="shape"),
+             helper.make_node("Concat", ["one", "shape"], ["x_shape"], name="x_shape", axis=0),
+             helper.make_node("Reshape", ["frames", "x_shape"], ["x"], name="reshape"),
+             *base.graph.node]
+    inits = [*base.graph.initializer, numpy_helper.from_array(np.array([1], np.int64), "one")]
+    graph = helper.make_graph(nodes, "g", [x, base.graph.input[1]], list(base.graph.output), inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=7)
+    result = gru_step_to_matmul(model)
+    assert result.rewritten == ("gru",)
+    rng = np.random.default_rng(2)
+    feeds = [{"frames": rng.standard_normal((3, 5)).astype(np.float32),
+              "h0": rng.standard_normal((1, 3, 4)).astype(np.float32)}]
+    assert check_rewrite(model, result.model, feeds).relative_error < 1e-5
