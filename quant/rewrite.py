@@ -395,38 +395,52 @@ def prelu_to_leakyrelu(model: onnx.ModelProto) -> RewriteResult:
     return RewriteResult(model, tuple(done))
 
 
-# ---------------------------------------------------------------------------------- GRU one step -> MatMuls
+# ------------------------------------------------------------------------------- GRU / LSTM one step -> MatMuls
 
 
 DEFAULT_GRU_ACTIVATIONS = ("Sigmoid", "Tanh")
+DEFAULT_LSTM_ACTIVATIONS = ("Sigmoid", "Tanh", "Tanh")
 
 
 def gru_step_to_matmul(model: onnx.ModelProto) -> RewriteResult:
     """Every GRU that runs one time step (sequence length statically 1: a streaming graph's per-frame GRU with its
     state fed back) -> MatMul(x, W^T) + MatMul(h, R^T) + biases and the gate arithmetic, writing the GRU's Y and Y_h.
     ONNX Runtime has no integer GRU kernel; the two MatMuls by constant weights are then ordinary weight MatMuls the
-    precision rules quantize. A GRU this cannot express exactly is left alone and the reason logged (gru_refusal)."""
+    precision rules quantize. A GRU this cannot express exactly is left alone and the reason logged (step_refusal)."""
+    return _unroll_steps(model, "GRU", "gru-step-to-matmul", _GruStep)
+
+
+def lstm_step_to_matmul(model: onnx.ModelProto) -> RewriteResult:
+    """The same for an LSTM of one time step (no peepholes, no input_forget): MatMul(x, W^T) + MatMul(h, R^T) +
+    biases, the gates and the cell update, writing Y, Y_h and Y_c (ORT's alternative: DynamicQuantizeLSTM)."""
+    return _unroll_steps(model, "LSTM", "lstm-step-to-matmul", _LstmStep)
+
+
+def _unroll_steps(model: onnx.ModelProto, op_type: str, rewrite: str,
+                  step: Callable[[onnx.NodeProto, Mapping[str, np.ndarray], int], _StepNodes]) -> RewriteResult:
     model = _copy(model)
     graph = model.graph
-    constants = _constants(graph)
-    grus = [n for n in graph.node if n.op_type == "GRU"]
-    if not grus:
+    cells = [n for n in graph.node if n.op_type == op_type]
+    if not cells:
         return RewriteResult(model, ())
-    lengths = _leading_dims(model, [n.input[0] for n in grus])
+    constants = _constants(graph)
+    lengths = _leading_dims(model, [n.input[0] for n in cells])
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     new_nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
     done = []
     for node in graph.node:
-        reason = gru_refusal(node, constants, lengths.get(node.input[0])) if node.op_type == "GRU" else "not a GRU"
-        if reason:
-            if node.op_type == "GRU":
-                log.info("gru-step-to-matmul leaves %s alone: %s", node.name or node.output[0], reason)
+        if node.op_type != op_type:
             new_nodes.append(node)
             continue
-        step = _GruStep(node, constants, opset)
-        new_nodes.extend(step.nodes)
-        new_inits.extend(step.tensors)
+        reason = step_refusal(node, constants, lengths.get(node.input[0]))
+        if reason:
+            log.info("%s leaves %s alone: %s", rewrite, node.name or node.output[0], reason)
+            new_nodes.append(node)
+            continue
+        unrolled = step(node, constants, opset)
+        new_nodes.extend(unrolled.nodes)
+        new_inits.extend(unrolled.tensors)
         done.append(node.name or node.output[0])
     del graph.node[:]
     graph.node.extend(new_nodes)
@@ -435,22 +449,25 @@ def gru_step_to_matmul(model: onnx.ModelProto) -> RewriteResult:
     return RewriteResult(model, tuple(done))
 
 
-def gru_refusal(node: onnx.NodeProto, constants: Mapping[str, np.ndarray], sequence_length: int | None) -> str:
-    """Why this GRU cannot become one unrolled step ("" when it can)."""
+def step_refusal(node: onnx.NodeProto, constants: Mapping[str, np.ndarray], sequence_length: int | None) -> str:
+    """Why this GRU or LSTM cannot become one unrolled step ("" when it can)."""
     attrs = _attributes(node)
-    activations = tuple(a.decode() if isinstance(a, bytes) else a for a in attrs.get("activations", ()))
-    inputs = list(node.input) + [""] * (6 - len(node.input))
+    lstm = node.op_type == "LSTM"
+    default = DEFAULT_LSTM_ACTIVATIONS if lstm else DEFAULT_GRU_ACTIVATIONS
+    activations = tuple(_text(a) for a in attrs.get("activations", ()))
+    inputs = list(node.input) + [""] * (8 - len(node.input))
     weights = [inputs[1], inputs[2]] + ([inputs[3]] if inputs[3] else [])
     checks = [
         (sequence_length != 1, f"its input {inputs[0]!r} has sequence length {sequence_length or 'unknown'}, "
-                               "not a static 1 (an offline GRU over all frames)"),
+                               "not a static 1 (an offline cell over all frames)"),
         (_text(attrs.get("direction", "forward")) == "bidirectional", "direction is bidirectional"),
-        (activations not in ((), DEFAULT_GRU_ACTIVATIONS), f"activations {list(activations)} are not the default "
-                                                           f"{list(DEFAULT_GRU_ACTIVATIONS)}"),
+        (activations not in ((), default), f"activations {list(activations)} are not the default {list(default)}"),
         ("activation_alpha" in attrs or "activation_beta" in attrs, "activation_alpha/beta are set"),
         ("clip" in attrs, "clip is set"),
         (int(attrs.get("layout", 0)) != 0, "layout is 1 (batch first)"),
         (bool(inputs[4]), "sequence_lens is given"),
+        (lstm and bool(inputs[7]), "it has peepholes (P)"),
+        (lstm and bool(attrs.get("input_forget", 0)), "input_forget is set"),
         (any(w not in constants for w in weights), "W, R or B is not a constant"),
     ]
     return next((reason for failed, reason in checks if failed), "")
@@ -460,52 +477,14 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class _GruStep:
-    """The nodes of one GRU step on X (1, batch, input) and h (1, batch, hidden), ONNX's equations with gates in
-    z, r, h order: z = f(x Wz + h Rz + Wbz + Rbz), r likewise, n = g(x Wh + r (h Rh + Rbh) + Wbh) when
-    linear_before_reset else g(x Wh + (r h) Rh + Rbh + Wbh), H = (1 - z) n + z h, written n + z (h - n)."""
+class _StepNodes:
+    """Nodes and constants of one unrolled cell step, named under `<cell>/step/`."""
 
-    def __init__(self, node: onnx.NodeProto, constants: Mapping[str, np.ndarray], opset: int) -> None:
+    def __init__(self, node: onnx.NodeProto, opset: int) -> None:
         self.prefix = f"{node.name or node.output[0]}/step"
         self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
         self.tensors: list[onnx.TensorProto] = []
-        inputs = list(node.input) + [""] * (6 - len(node.input))
-        w, r = constants[inputs[1]][0], constants[inputs[2]][0]  # (3H, input), (3H, H): one direction
-        hidden = r.shape[1]
-        bias = constants[inputs[3]][0] if inputs[3] else np.zeros(6 * hidden, w.dtype)
-        w_bias, r_bias = bias[:3 * hidden], bias[3 * hidden:]
-        before_reset = bool(_attributes(node).get("linear_before_reset", 0))
-        h = inputs[5] or None
-        outputs = list(node.output) + [""] * (2 - len(node.output))
-        # reset-independent recurrent biases (z, r; and h's unless linear_before_reset) go with the input's
-        x_bias = w_bias + np.concatenate([r_bias[:2 * hidden], np.zeros_like(r_bias[2 * hidden:]) if before_reset
-                                          else r_bias[2 * hidden:]])
-        gx_zr, gx_n = self.split(self.linear(inputs[0], w.T, x_bias, "x"), 2 * hidden, hidden, "x")
-        if before_reset:
-            h_bias = np.concatenate([np.zeros_like(r_bias[:2 * hidden]), r_bias[2 * hidden:]])
-            if h is None:  # h = 0: the recurrent product is its bias (none for z and r: in x_bias)
-                gh_zr = None
-                gh_n = self.constant(r_bias[2 * hidden:], "h_bias") if r_bias[2 * hidden:].any() else None
-            else:
-                gh_zr, gh_n = self.split(self.linear(h, r.T, h_bias, "h"), 2 * hidden, hidden, "h")
-            z, reset = self.gates(gx_zr, gh_zr, hidden)
-            rh = self.op("Mul", [reset, gh_n], "r_h") if gh_n is not None else None
-        else:
-            gh_zr = self.linear(h, r[:2 * hidden].T, None, "h_zr") if h is not None else None
-            z, reset = self.gates(gx_zr, gh_zr, hidden)
-            rh = None if h is None else self.linear(self.op("Mul", [reset, h], "r_times_h"), r[2 * hidden:].T, None,
-                                                    "rh")
-        n = self.op("Tanh", [self.op("Add", [gx_n, rh], "n_in") if rh is not None else gx_n], "n")
-        h_out = outputs[1] or f"{self.prefix}/h_new"
-        if h is None:  # (1 - z) n
-            one = self.constant(np.ones(1, w.dtype), "one")
-            self.op("Mul", [self.op("Sub", [one, z], "keep"), n], "h_new", output=h_out)
-        else:
-            moved = self.op("Mul", [z, self.op("Sub", [h, n], "h_minus_n")], "z_times")
-            self.op("Add", [n, moved], "h_new", output=h_out)
-        if outputs[0]:  # Y (1, 1, batch, hidden): the one step with the one direction axis
-            self.axes_op("Unsqueeze", h_out, [1], outputs[0])
 
     def op(self, op_type: str, inputs: Sequence[str], label: str, output: str | None = None, **attrs: Any) -> str:
         out = output or f"{self.prefix}/{label}"
@@ -524,26 +503,109 @@ class _GruStep:
             return product
         return self.op("Add", [product, self.constant(bias, f"{label}_bias")], f"{label}_bias_add")
 
-    def split(self, source: str, first: int, second: int, label: str) -> tuple[str, str]:
-        outs = [f"{self.prefix}/{label}_{part}" for part in ("a", "b")]
+    def split(self, source: str, sizes: Sequence[int], label: str) -> list[str]:
+        outs = [f"{self.prefix}/{label}_{part}" for part in range(len(sizes))]
         name = f"{self.prefix}/{label}_split"
         if self.opset >= 13:
-            sizes = self.constant(np.array([first, second], np.int64), f"{label}_sizes")
-            self.nodes.append(helper.make_node("Split", [source, sizes], outs, name=name, axis=-1))
+            split = self.constant(np.array(sizes, np.int64), f"{label}_sizes")
+            self.nodes.append(helper.make_node("Split", [source, split], outs, name=name, axis=-1))
         else:
-            self.nodes.append(helper.make_node("Split", [source], outs, name=name, axis=-1, split=[first, second]))
-        return outs[0], outs[1]
+            self.nodes.append(helper.make_node("Split", [source], outs, name=name, axis=-1, split=list(sizes)))
+        return outs
 
-    def gates(self, gx_zr: str, gh_zr: str | None, hidden: int) -> tuple[str, str]:
-        """(z, r): one Sigmoid over both gates, then split."""
-        total = self.op("Add", [gx_zr, gh_zr], "zr_in") if gh_zr is not None else gx_zr
-        return self.split(self.op("Sigmoid", [total], "zr"), hidden, hidden, "zr")
+    def add(self, first: str, second: str | None, label: str) -> str:
+        return self.op("Add", [first, second], label) if second is not None else first
 
-    def axes_op(self, op_type: str, source: str, axes: list[int], output: str) -> None:
+    def sequence_output(self, state: str, output: str) -> None:
+        """Y (1, 1, batch, hidden): the one step's state with the one direction axis."""
         if self.opset >= 13:
-            self.op(op_type, [source, self.constant(np.array(axes, np.int64), "y_axes")], "y", output=output)
+            self.op("Unsqueeze", [state, self.constant(np.array([1], np.int64), "y_axes")], "y", output=output)
         else:
-            self.op(op_type, [source], "y", output=output, axes=axes)
+            self.op("Unsqueeze", [state], "y", output=output, axes=[1])
+
+
+def _cell_inputs(node: onnx.NodeProto, constants: Mapping[str, np.ndarray], gates: int
+                 ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Input names padded to 8, W (gates*H, input) and R (gates*H, H) of the one direction, their biases."""
+    inputs = list(node.input) + [""] * (8 - len(node.input))
+    w, r = constants[inputs[1]][0], constants[inputs[2]][0]
+    hidden = r.shape[1]
+    bias = constants[inputs[3]][0] if inputs[3] else np.zeros(2 * gates * hidden, w.dtype)
+    return inputs, w, r, bias[:gates * hidden], bias[gates * hidden:]
+
+
+class _GruStep(_StepNodes):
+    """One GRU step on X (1, batch, input) and h (1, batch, hidden), ONNX's equations with gates in z, r, h order:
+    z = f(x Wz + h Rz + Wbz + Rbz), r likewise, n = g(x Wh + r (h Rh + Rbh) + Wbh) when linear_before_reset else
+    g(x Wh + (r h) Rh + Rbh + Wbh), H = (1 - z) n + z h, written n + z (h - n). One direction: forward and reverse
+    are the same single step."""
+
+    def __init__(self, node: onnx.NodeProto, constants: Mapping[str, np.ndarray], opset: int) -> None:
+        super().__init__(node, opset)
+        inputs, w, r, w_bias, r_bias = _cell_inputs(node, constants, 3)
+        hidden = r.shape[1]
+        zr, new = slice(0, 2 * hidden), slice(2 * hidden, 3 * hidden)
+        before_reset = bool(_attributes(node).get("linear_before_reset", 0))
+        h = inputs[5] or None
+        outputs = list(node.output) + [""] * (2 - len(node.output))
+        # the recurrent biases outside the reset product go with the input's
+        x_bias = w_bias + np.concatenate([r_bias[zr], 0 * r_bias[new] if before_reset else r_bias[new]])
+        gx_zr, gx_n = self.split(self.linear(inputs[0], w.T, x_bias, "x"), [2 * hidden, hidden], "x")
+        gh_zr: str | None = None
+        reset_term: str | None = None  # what r multiplies (before_reset) or r (h Rh) itself
+        if before_reset:
+            gh_n: str | None = None
+            if h is not None:
+                h_bias = np.concatenate([0 * r_bias[zr], r_bias[new]])
+                gh_zr, gh_n = self.split(self.linear(h, r.T, h_bias, "h"), [2 * hidden, hidden], "h")
+            elif r_bias[new].any():  # h = 0: the recurrent product is its bias
+                gh_n = self.constant(r_bias[new], "h_bias")
+            z, reset = self.split(self.op("Sigmoid", [self.add(gx_zr, gh_zr, "zr_in")], "zr"), [hidden] * 2, "zr")
+            reset_term = self.op("Mul", [reset, gh_n], "r_h") if gh_n is not None else None
+        else:
+            if h is not None:
+                gh_zr = self.linear(h, r[zr].T, None, "h_zr")
+            z, reset = self.split(self.op("Sigmoid", [self.add(gx_zr, gh_zr, "zr_in")], "zr"), [hidden] * 2, "zr")
+            if h is not None:
+                reset_term = self.linear(self.op("Mul", [reset, h], "r_times_h"), r[new].T, None, "rh")
+        n = self.op("Tanh", [self.add(gx_n, reset_term, "n_in")], "n")
+        h_out = outputs[1] or f"{self.prefix}/h_new"
+        if h is None:  # (1 - z) n
+            keep = self.op("Sub", [self.constant(np.ones(1, w.dtype), "one"), z], "keep")
+            self.op("Mul", [keep, n], "h_new", output=h_out)
+        else:
+            moved = self.op("Mul", [z, self.op("Sub", [h, n], "h_minus_n")], "z_times")
+            self.op("Add", [n, moved], "h_new", output=h_out)
+        if outputs[0]:
+            self.sequence_output(h_out, outputs[0])
+
+
+class _LstmStep(_StepNodes):
+    """One LSTM step, ONNX's gates in i, o, f, c order: [i o f] = f(x W + h R + Wb + Rb) (one Sigmoid over the
+    three), c~ = g(...), C = f C0 + i c~, H = o h(C)."""
+
+    def __init__(self, node: onnx.NodeProto, constants: Mapping[str, np.ndarray], opset: int) -> None:
+        super().__init__(node, opset)
+        inputs, w, r, w_bias, r_bias = _cell_inputs(node, constants, 4)
+        hidden = r.shape[1]
+        h, c = inputs[5] or None, inputs[6] or None
+        outputs = list(node.output) + [""] * (3 - len(node.output))
+        total = self.linear(inputs[0], w.T, w_bias + r_bias, "x")
+        if h is not None:
+            total = self.add(total, self.linear(h, r.T, None, "h"), "gates_in")
+        sigmoid_in, cell_in = self.split(total, [3 * hidden, hidden], "gates")
+        i, o, f = self.split(self.op("Sigmoid", [sigmoid_in], "iof"), [hidden] * 3, "iof")
+        candidate = self.op("Tanh", [cell_in], "candidate")
+        c_out = outputs[2] or f"{self.prefix}/c_new"
+        if c is None:
+            self.op("Mul", [i, candidate], "c_new", output=c_out)
+        else:
+            self.op("Add", [self.op("Mul", [f, c], "forget"), self.op("Mul", [i, candidate], "write")], "c_new",
+                    output=c_out)
+        h_out = outputs[1] or f"{self.prefix}/h_new"
+        self.op("Mul", [o, self.op("Tanh", [c_out], "c_tanh")], "h_new", output=h_out)
+        if outputs[0]:
+            self.sequence_output(h_out, outputs[0])
 
 
 def _leading_dims(model: onnx.ModelProto, tensors: Sequence[str]) -> dict[str, int | None]:
@@ -586,6 +648,7 @@ REWRITES: dict[str, Callable[[onnx.ModelProto], RewriteResult]] = {
     "split-concat-conv": split_concat_conv,
     "prelu-to-leakyrelu": prelu_to_leakyrelu,
     "gru-step-to-matmul": gru_step_to_matmul,
+    "lstm-step-to-matmul": lstm_step_to_matmul,
 }
 
 
