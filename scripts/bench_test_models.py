@@ -13,10 +13,11 @@ ratio's p10-p90, the profile's ceiling (integer ops at their INT8 kernel time, e
 conversions free), the share of FP32 time in ops that became integer kernels, the 1-minute load average around the
 timing, and per graph what holds the INT8 run (quant.eval.profile.holdback).
 
-    python scripts/bench_test_models.py stft-gru-stream --size published --variant gru=gru-step-to-matmul \
+    python scripts/bench_test_models.py stft-gru-stream --size published --variant plain= \
         --int8-rules static=RULES.toml
 
-also builds each graph with other rewrites (`--variant LABEL=REWRITE[,REWRITE]`, FP32 and INT8, as `--rewrites`)
+also builds each graph with other rewrites (`--variant LABEL=REWRITE[,REWRITE]`, FP32 and INT8, as `--rewrites`;
+`LABEL=` as `--no-rewrites`)
 and INT8 under other precision rules (`--int8-rules LABEL=RULES.toml`, for the spec's graph and every variant), all
 timed in the same rounds. Each INT8 build's row is its ratio against the fastest FP32 build (the honest ratio when a
 rewrite also speeds FP32 up), its ceiling that of its own graph's FP32/INT8 profile.
@@ -89,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream-runs", type=int, default=1000, help="frames per variant of a streaming graph")
     parser.add_argument("--profile-runs", type=int, default=20, help="profiled runs per build")
     parser.add_argument("--rules", type=Path, help="precision rules for the INT8 build (e.g. `quant search`'s)")
-    parser.add_argument("--variant", type=_labelled, action="append", default=[], metavar="LABEL=REWRITE[,REWRITE]",
-                        help="also FP32 and INT8 of the graph with these rewrites (as --rewrites), same rounds")
-    parser.add_argument("--int8-rules", type=_labelled, action="append", default=[], metavar="LABEL=RULES.toml",
+    parser.add_argument("--variant", type=_variant, action="append", default=[], metavar="LABEL=REWRITE[,REWRITE]",
+                        help="also FP32 and INT8 of the graph with these rewrites (as --rewrites; LABEL= as "
+                        "--no-rewrites), same rounds")
+    parser.add_argument("--int8-rules", type=_rules, action="append", default=[], metavar="LABEL=RULES.toml",
                         help="also INT8 under these precision rules, for every variant, same rounds")
     parser.add_argument("-o", "--output", type=Path, help="models, caches and builds (default: a temp folder)")
     parser.add_argument("--json", type=Path, help="also write the rows and profiles here")
@@ -145,7 +147,7 @@ def bench_model(kind: str, args: argparse.Namespace, root: Path) -> list[GraphRe
     variants = {SPEC_GRAPH: Steps(root, RunOptions()).graphs(spec)}
     for label, rewrites in args.variant:
         variants[label] = Steps(root, RunOptions(rewrites=rewrites)).graphs(spec)
-    rules = {"": args.rules, **{label: Path(path) for label, (path,) in args.int8_rules}}
+    rules = {"": args.rules, **dict(args.int8_rules)}
     feed_options = FeedOptions(graphs=dict(variants[SPEC_GRAPH]))
     options = BenchOptions(runs=args.runs, stream_runs=args.stream_runs, threads=(1,), batches=())
     out: list[GraphResult] = []
@@ -176,11 +178,19 @@ def bench_model(kind: str, args: argparse.Namespace, root: Path) -> list[GraphRe
     return out
 
 
-def _labelled(text: str) -> tuple[str, tuple[str, ...]]:
-    label, _, values = text.partition("=")
-    if not label or not values or " " in label:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL=VALUE[,VALUE...] (a label without spaces)")
-    return label, tuple(v.strip() for v in values.split(",") if v.strip())
+def _variant(text: str) -> tuple[str, tuple[str, ...]]:
+    label, equals, names = text.partition("=")
+    if not label or not equals or " " in label or label == SPEC_GRAPH:
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected LABEL=REWRITE[,REWRITE] (LABEL= for none; a "
+                                         f"label without spaces, not {SPEC_GRAPH!r})")
+    return label, tuple(n.strip() for n in names.split(",") if n.strip())
+
+
+def _rules(text: str) -> tuple[str, Path]:
+    label, _, path = text.partition("=")
+    if not label or " " in label or not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"--int8-rules {text!r}: expected LABEL=RULES.toml of an existing file")
+    return label, Path(path)
 
 
 def _baseline_key(fp32_label: str) -> str:
