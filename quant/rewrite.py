@@ -395,52 +395,38 @@ def prelu_to_leakyrelu(model: onnx.ModelProto) -> RewriteResult:
     return RewriteResult(model, tuple(done))
 
 
-# ------------------------------------------------------------------------------- GRU / LSTM one step -> MatMuls
+# ---------------------------------------------------------------------------------- GRU one step -> MatMuls
 
 
 DEFAULT_GRU_ACTIVATIONS = ("Sigmoid", "Tanh")
-DEFAULT_LSTM_ACTIVATIONS = ("Sigmoid", "Tanh", "Tanh")
 
 
 def gru_step_to_matmul(model: onnx.ModelProto) -> RewriteResult:
     """Every GRU that runs one time step (sequence length statically 1: a streaming graph's per-frame GRU with its
     state fed back) -> MatMul(x, W^T) + MatMul(h, R^T) + biases and the gate arithmetic, writing the GRU's Y and Y_h.
     ONNX Runtime has no integer GRU kernel; the two MatMuls by constant weights are then ordinary weight MatMuls the
-    precision rules quantize. A GRU this cannot express exactly is left alone and the reason logged (step_refusal)."""
-    return _unroll_steps(model, "GRU", "gru-step-to-matmul", _GruStep)
-
-
-def lstm_step_to_matmul(model: onnx.ModelProto) -> RewriteResult:
-    """The same for an LSTM of one time step (no peepholes, no input_forget): MatMul(x, W^T) + MatMul(h, R^T) +
-    biases, the gates and the cell update, writing Y, Y_h and Y_c (ORT's alternative: DynamicQuantizeLSTM)."""
-    return _unroll_steps(model, "LSTM", "lstm-step-to-matmul", _LstmStep)
-
-
-def _unroll_steps(model: onnx.ModelProto, op_type: str, rewrite: str,
-                  step: Callable[[onnx.NodeProto, Mapping[str, np.ndarray], int], _StepNodes]) -> RewriteResult:
+    precision rules quantize. A GRU this cannot express exactly is left alone and the reason logged (gru_refusal)."""
     model = _copy(model)
     graph = model.graph
-    cells = [n for n in graph.node if n.op_type == op_type]
-    if not cells:
+    grus = [n for n in graph.node if n.op_type == "GRU"]
+    if not grus:
         return RewriteResult(model, ())
     constants = _constants(graph)
-    lengths = _leading_dims(model, [n.input[0] for n in cells])
+    lengths = _leading_dims(model, [n.input[0] for n in grus])
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     new_nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
     done = []
     for node in graph.node:
-        if node.op_type != op_type:
-            new_nodes.append(node)
-            continue
-        reason = step_refusal(node, constants, lengths.get(node.input[0]))
+        reason = gru_refusal(node, constants, lengths.get(node.input[0])) if node.op_type == "GRU" else "not a GRU"
         if reason:
-            log.info("%s leaves %s alone: %s", rewrite, node.name or node.output[0], reason)
+            if node.op_type == "GRU":
+                log.info("gru-step-to-matmul leaves %s alone: %s", node.name or node.output[0], reason)
             new_nodes.append(node)
             continue
-        unrolled = step(node, constants, opset)
-        new_nodes.extend(unrolled.nodes)
-        new_inits.extend(unrolled.tensors)
+        step = _GruStep(node, constants, opset)
+        new_nodes.extend(step.nodes)
+        new_inits.extend(step.tensors)
         done.append(node.name or node.output[0])
     del graph.node[:]
     graph.node.extend(new_nodes)
@@ -449,25 +435,22 @@ def _unroll_steps(model: onnx.ModelProto, op_type: str, rewrite: str,
     return RewriteResult(model, tuple(done))
 
 
-def step_refusal(node: onnx.NodeProto, constants: Mapping[str, np.ndarray], sequence_length: int | None) -> str:
-    """Why this GRU or LSTM cannot become one unrolled step ("" when it can)."""
+def gru_refusal(node: onnx.NodeProto, constants: Mapping[str, np.ndarray], sequence_length: int | None) -> str:
+    """Why this GRU cannot become one unrolled step ("" when it can)."""
     attrs = _attributes(node)
-    lstm = node.op_type == "LSTM"
-    default = DEFAULT_LSTM_ACTIVATIONS if lstm else DEFAULT_GRU_ACTIVATIONS
     activations = tuple(_text(a) for a in attrs.get("activations", ()))
-    inputs = list(node.input) + [""] * (8 - len(node.input))
+    inputs = list(node.input) + [""] * (6 - len(node.input))
     weights = [inputs[1], inputs[2]] + ([inputs[3]] if inputs[3] else [])
     checks = [
         (sequence_length != 1, f"its input {inputs[0]!r} has sequence length {sequence_length or 'unknown'}, "
-                               "not a static 1 (an offline cell over all frames)"),
+                               "not a static 1 (an offline GRU over all frames)"),
         (_text(attrs.get("direction", "forward")) == "bidirectional", "direction is bidirectional"),
-        (activations not in ((), default), f"activations {list(activations)} are not the default {list(default)}"),
+        (activations not in ((), DEFAULT_GRU_ACTIVATIONS),
+         f"activations {list(activations)} are not the default {list(DEFAULT_GRU_ACTIVATIONS)}"),
         ("activation_alpha" in attrs or "activation_beta" in attrs, "activation_alpha/beta are set"),
         ("clip" in attrs, "clip is set"),
         (int(attrs.get("layout", 0)) != 0, "layout is 1 (batch first)"),
         (bool(inputs[4]), "sequence_lens is given"),
-        (lstm and bool(inputs[7]), "it has peepholes (P)"),
-        (lstm and bool(attrs.get("input_forget", 0)), "input_forget is set"),
         (any(w not in constants for w in weights), "W, R or B is not a constant"),
     ]
     return next((reason for failed, reason in checks if failed), "")
@@ -478,7 +461,7 @@ def _text(value: Any) -> str:
 
 
 class _StepNodes:
-    """Nodes and constants of one unrolled cell step, named under `<cell>/step/`."""
+    """Nodes and constants of one unrolled cell step, named under `<cell>/step/` (the writing; _GruStep the math)."""
 
     def __init__(self, node: onnx.NodeProto, opset: int) -> None:
         self.prefix = f"{node.name or node.output[0]}/step"
@@ -524,16 +507,6 @@ class _StepNodes:
             self.op("Unsqueeze", [state], "y", output=output, axes=[1])
 
 
-def _cell_inputs(node: onnx.NodeProto, constants: Mapping[str, np.ndarray], gates: int
-                 ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Input names padded to 8, W (gates*H, input) and R (gates*H, H) of the one direction, their biases."""
-    inputs = list(node.input) + [""] * (8 - len(node.input))
-    w, r = constants[inputs[1]][0], constants[inputs[2]][0]
-    hidden = r.shape[1]
-    bias = constants[inputs[3]][0] if inputs[3] else np.zeros(2 * gates * hidden, w.dtype)
-    return inputs, w, r, bias[:gates * hidden], bias[gates * hidden:]
-
-
 class _GruStep(_StepNodes):
     """One GRU step on X (1, batch, input) and h (1, batch, hidden), ONNX's equations with gates in z, r, h order:
     z = f(x Wz + h Rz + Wbz + Rbz), r likewise, n = g(x Wh + r (h Rh + Rbh) + Wbh) when linear_before_reset else
@@ -542,8 +515,11 @@ class _GruStep(_StepNodes):
 
     def __init__(self, node: onnx.NodeProto, constants: Mapping[str, np.ndarray], opset: int) -> None:
         super().__init__(node, opset)
-        inputs, w, r, w_bias, r_bias = _cell_inputs(node, constants, 3)
+        inputs = list(node.input) + [""] * (6 - len(node.input))
+        w, r = constants[inputs[1]][0], constants[inputs[2]][0]  # (3H, input), (3H, H): the one direction
         hidden = r.shape[1]
+        bias = constants[inputs[3]][0] if inputs[3] else np.zeros(6 * hidden, w.dtype)
+        w_bias, r_bias = bias[:3 * hidden], bias[3 * hidden:]
         zr, new = slice(0, 2 * hidden), slice(2 * hidden, 3 * hidden)
         before_reset = bool(_attributes(node).get("linear_before_reset", 0))
         h = inputs[5] or None
@@ -576,34 +552,6 @@ class _GruStep(_StepNodes):
         else:
             moved = self.op("Mul", [z, self.op("Sub", [h, n], "h_minus_n")], "z_times")
             self.op("Add", [n, moved], "h_new", output=h_out)
-        if outputs[0]:
-            self.sequence_output(h_out, outputs[0])
-
-
-class _LstmStep(_StepNodes):
-    """One LSTM step, ONNX's gates in i, o, f, c order: [i o f] = f(x W + h R + Wb + Rb) (one Sigmoid over the
-    three), c~ = g(...), C = f C0 + i c~, H = o h(C)."""
-
-    def __init__(self, node: onnx.NodeProto, constants: Mapping[str, np.ndarray], opset: int) -> None:
-        super().__init__(node, opset)
-        inputs, w, r, w_bias, r_bias = _cell_inputs(node, constants, 4)
-        hidden = r.shape[1]
-        h, c = inputs[5] or None, inputs[6] or None
-        outputs = list(node.output) + [""] * (3 - len(node.output))
-        total = self.linear(inputs[0], w.T, w_bias + r_bias, "x")
-        if h is not None:
-            total = self.add(total, self.linear(h, r.T, None, "h"), "gates_in")
-        sigmoid_in, cell_in = self.split(total, [3 * hidden, hidden], "gates")
-        i, o, f = self.split(self.op("Sigmoid", [sigmoid_in], "iof"), [hidden] * 3, "iof")
-        candidate = self.op("Tanh", [cell_in], "candidate")
-        c_out = outputs[2] or f"{self.prefix}/c_new"
-        if c is None:
-            self.op("Mul", [i, candidate], "c_new", output=c_out)
-        else:
-            self.op("Add", [self.op("Mul", [f, c], "forget"), self.op("Mul", [i, candidate], "write")], "c_new",
-                    output=c_out)
-        h_out = outputs[1] or f"{self.prefix}/h_new"
-        self.op("Mul", [o, self.op("Tanh", [c_out], "c_tanh")], "h_new", output=h_out)
         if outputs[0]:
             self.sequence_output(h_out, outputs[0])
 
@@ -648,7 +596,6 @@ REWRITES: dict[str, Callable[[onnx.ModelProto], RewriteResult]] = {
     "split-concat-conv": split_concat_conv,
     "prelu-to-leakyrelu": prelu_to_leakyrelu,
     "gru-step-to-matmul": gru_step_to_matmul,
-    "lstm-step-to-matmul": lstm_step_to_matmul,
 }
 
 

@@ -41,8 +41,7 @@ AsrMetric = Literal["cer", "wer"]
 TextNormalization = Literal["english", "none"]
 StateDtype = Literal["float32", "float16"]
 # exact graph rewrites applied before every build (quant.rewrite.REWRITES implements each; tests pin the two lists)
-Rewrite = Literal["deconv-to-conv", "split-concat-conv", "prelu-to-leakyrelu", "gru-step-to-matmul",
-                  "lstm-step-to-matmul"]
+Rewrite = Literal["deconv-to-conv", "split-concat-conv", "prelu-to-leakyrelu", "gru-step-to-matmul"]
 
 # the axes each transform produces (layout letters): B batch, F bins, T frames, C channel (re/im for stft, else a
 # singleton the layout may add), S samples (of a frame, or of the whole waveform)

@@ -11,8 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from quant.errors import BuildError
-from quant.rewrite import (apply_rewrites, check_rewrite, convtranspose_to_conv, gru_step_to_matmul, lstm_step_to_matmul,
-                           split_concat_conv)
+from quant.rewrite import apply_rewrites, check_rewrite, convtranspose_to_conv, gru_step_to_matmul, split_concat_conv
 
 OPSET = 13
 
@@ -415,54 +414,3 @@ def test_gru_step_to_matmul_follows_a_computed_reshape_to_the_sequence_length():
               "h0": rng.standard_normal((1, 3, 4)).astype(np.float32)}]
     assert check_rewrite(model, result.model, feeds).relative_error < 1e-5
 
-
-def lstm_model(initial: tuple[bool, bool] = (True, True), bias: bool = True, peepholes: bool = False,
-               **attrs) -> onnx.ModelProto:
-    """One LSTM (input 5, hidden 4) on x (1, 3, 5): dpcrn-stream's time LSTMs in small (one step, states in)."""
-    hidden, size, batch = 4, 5, 3
-    rng = np.random.default_rng(13)
-    arrays = {"w": (1, 4 * hidden, size), "r": (1, 4 * hidden, hidden), "b": (1, 8 * hidden), "p": (1, 3 * hidden)}
-    used = {"w", "r"} | ({"b"} if bias else set()) | ({"p"} if peepholes else set())
-    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
-             for name, shape in arrays.items() if name in used]
-    states = [name if wanted else "" for name, wanted in zip(("h0", "c0"), initial)]
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, batch, size])]
-    inputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, batch, hidden]) for name in states if name]
-    node = helper.make_node("LSTM", ["x", "w", "r", "b" if bias else "", "", *states, "p" if peepholes else ""],
-                            ["y", "y_h", "y_c"], name="lstm", hidden_size=hidden, **attrs)
-    outputs = [_any_shape("y", 4), _any_shape("y_h", 3), _any_shape("y_c", 3)]
-    model = helper.make_model(helper.make_graph([node], "g", inputs, outputs, inits),
-                              opset_imports=[helper.make_opsetid("", OPSET)], ir_version=7)
-    onnx.checker.check_model(model)
-    return model
-
-
-def lstm_feeds(model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(3)
-    return [{i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32)
-             for i in model.graph.input} for _ in range(3)]
-
-
-@pytest.mark.parametrize("initial", [(True, True), (True, False), (False, True), (False, False)])
-@pytest.mark.parametrize("bias", [True, False])
-def test_lstm_step_to_matmul_matches_onnx_runtimes_lstm(initial: tuple[bool, bool], bias: bool):
-    model = lstm_model(initial, bias)
-    result = lstm_step_to_matmul(model)
-    assert result.rewritten == ("lstm",)
-    ops = [n.op_type for n in result.model.graph.node]
-    assert "LSTM" not in ops and ops.count("MatMul") == (2 if initial[0] else 1)
-    onnx.checker.check_model(result.model)
-    check = check_rewrite(model, result.model, lstm_feeds(model))
-    assert check.relative_error < 1e-5 and check.output_range > 0
-
-
-@pytest.mark.parametrize("change, reason", [
-    (dict(peepholes=True), "it has peepholes (P)"),
-    (dict(input_forget=1), "input_forget is set"),
-    (dict(activations=["Sigmoid", "Tanh", "Relu"]), "activations ['Sigmoid', 'Tanh', 'Relu'] are not the default"),
-])
-def test_lstm_step_to_matmul_refuses_what_it_cannot_write_exactly(change: dict, reason: str,
-                                                                  caplog: pytest.LogCaptureFixture):
-    with caplog.at_level("INFO", logger="quant.rewrite"):
-        assert lstm_step_to_matmul(lstm_model(**change)).rewritten == ()
-    assert "lstm-step-to-matmul leaves lstm alone: " in caplog.text and reason in caplog.text

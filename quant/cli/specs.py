@@ -66,8 +66,7 @@ def add_rewrites(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--rewrites", type=rewrite_list, metavar="A,B",
                        help="exact graph rewrites applied (and checked on real inputs) before every build, instead of "
-                       "the spec's: deconv-to-conv, split-concat-conv, prelu-to-leakyrelu, gru-step-to-matmul, "
-                       "lstm-step-to-matmul")
+                       "the spec's: deconv-to-conv, split-concat-conv, prelu-to-leakyrelu, gru-step-to-matmul")
     group.add_argument("--no-rewrites", dest="rewrites", action="store_const", const=(),
                        help="build from the graph as exported, whatever the spec's rewrites")
 
