@@ -352,6 +352,13 @@ def test_gru_step_to_matmul_writes_the_outputs_the_gru_had(opset: int, outputs: 
         assert check.relative_error < 1e-5
 
 
+def test_gru_step_to_matmul_runs_a_reverse_gru_as_the_same_single_step():
+    model = gru_model(direction="reverse", linear_before_reset=0)
+    result = gru_step_to_matmul(model)
+    assert result.rewritten == ("gru",)
+    assert check_rewrite(model, result.model, gru_feeds(model)).relative_error < 1e-5
+
+
 def test_gru_step_to_matmul_leaves_weight_matmuls_the_precision_rules_quantize():
     from quant.precision import plan
 
@@ -372,6 +379,7 @@ def test_gru_step_to_matmul_leaves_weight_matmuls_the_precision_rules_quantize()
     (dict(direction="bidirectional"), "direction is bidirectional"),
     (dict(activations=["Relu", "Tanh"]), "activations ['Relu', 'Tanh'] are not the default"),
     (dict(clip=3.0), "clip is set"),
+    (dict(opset=14, layout=1), "layout is 1 (batch first)"),
 ])
 def test_gru_step_to_matmul_refuses_what_it_cannot_write_exactly(change: dict, reason: str,
                                                                  caplog: pytest.LogCaptureFixture):
