@@ -6,8 +6,8 @@ Times, interleaved in one process (1 thread, random weights of gru-logpower's pu
 same GRU with input size 1 (its recurrence: the input GEMM all but gone); its input GEMM alone in FP32 and dynamic
 int8 (what an int8 input projection would save, if ONNX's GRU could take one); and the GRU as a Scan over frames
 with the input GEMM hoisted out (one MatMul over all frames) and the recurrent MatMul in the body as FP32, as ORT's
-dynamic quantizer writes it (MatMulInteger chain) and as one fused DynamicQuantizeMatMul, plus a Scan whose body only
-passes the state on (Scan's own cost per frame). Prints median and min ms and each against the GRU node; the Scan
+dynamic quantizer writes it (MatMulInteger chain), as one fused DynamicQuantizeMatMul, and with the hoisted input GEMM
+a fused DynamicQuantizeMatMul too, plus a Scan whose body only passes the state on (Scan's own cost per frame). Prints median and min ms and each against the GRU node; the Scan
 graphs' max abs difference from the GRU node's output.
 """
 
@@ -54,12 +54,9 @@ def _step_body(r: np.ndarray, b: np.ndarray, recurrent: str) -> onnx.GraphProto:
               numpy_helper.from_array(np.array([2 * hidden, hidden], np.int64), "sz"),
               numpy_helper.from_array(np.array([hidden, hidden], np.int64), "sz2")]
     if recurrent == "fused":
-        scale = np.float32(np.abs(rt).max() / 127)
         product = helper.make_node("DynamicQuantizeMatMul", ["h", "rt_q", "rt_scale", "rt_zero"], ["gh0"],
                                    domain="com.microsoft")
-        consts += [numpy_helper.from_array(np.round(rt / scale).astype(np.int8), "rt_q"),
-                   numpy_helper.from_array(np.array(scale, np.float32), "rt_scale"),
-                   numpy_helper.from_array(np.array(0, np.int8), "rt_zero")]
+        consts += _int8_weight(rt, "rt")
     else:
         product = helper.make_node("MatMul", ["h", "rt"], ["gh0"])
         consts.append(numpy_helper.from_array(rt, "rt"))
@@ -85,14 +82,30 @@ def _body(nodes: list[onnx.NodeProto], hidden: int, consts: list[onnx.TensorProt
                              [_value("h_new", [1, hidden]), _value("y_t", [1, hidden])], consts)
 
 
-def _scan(w: np.ndarray, b: np.ndarray, body: onnx.GraphProto, frames: int) -> onnx.GraphProto:
-    """gx = x W^T + biases over all frames (one MatMul), then the body once per frame."""
+def _int8_weight(weight: np.ndarray, name: str) -> list[onnx.TensorProto]:
+    """A (K, N) weight as DynamicQuantizeMatMul's int8 B, per-tensor symmetric scale, zero point 0."""
+    scale = np.float32(np.abs(weight).max() / 127)
+    return [numpy_helper.from_array(np.round(weight / scale).astype(np.int8), f"{name}_q"),
+            numpy_helper.from_array(np.array(scale, np.float32), f"{name}_scale"),
+            numpy_helper.from_array(np.array(0, np.int8), f"{name}_zero")]
+
+
+def _scan(w: np.ndarray, b: np.ndarray, body: onnx.GraphProto, frames: int, int8_input: bool = False
+          ) -> onnx.GraphProto:
+    """gx = x W^T + biases over all frames (one MatMul; int8_input: a fused DynamicQuantizeMatMul), then the body
+    once per frame."""
     hidden = w.shape[1] // 3
     x_bias = b[0, :3 * hidden] + np.concatenate([b[0, 3 * hidden:5 * hidden], np.zeros(hidden, np.float32)])
-    nodes = [helper.make_node("MatMul", ["x", "wt"], ["gx0"]), helper.make_node("Add", ["gx0", "bx"], ["gx"]),
-             helper.make_node("Scan", ["h0", "gx"], ["h_last", "y"], num_scan_inputs=1, body=body)]
-    inits = [numpy_helper.from_array(np.ascontiguousarray(w[0].T), "wt"), numpy_helper.from_array(x_bias, "bx"),
-             numpy_helper.from_array(np.zeros((1, hidden), np.float32), "h0")]
+    wt = np.ascontiguousarray(w[0].T)
+    if int8_input:
+        gemm = helper.make_node("DynamicQuantizeMatMul", ["x", "wt_q", "wt_scale", "wt_zero", "bx"], ["gx"],
+                                domain="com.microsoft")
+        nodes, inits = [gemm], _int8_weight(wt, "wt")
+    else:
+        nodes = [helper.make_node("MatMul", ["x", "wt"], ["gx0"]), helper.make_node("Add", ["gx0", "bx"], ["gx"])]
+        inits = [numpy_helper.from_array(wt, "wt")]
+    nodes.append(helper.make_node("Scan", ["h0", "gx"], ["h_last", "y"], num_scan_inputs=1, body=body))
+    inits += [numpy_helper.from_array(x_bias, "bx"), numpy_helper.from_array(np.zeros((1, hidden), np.float32), "h0")]
     return helper.make_graph(nodes, "scan", [_value("x", [frames, 1, w.shape[2]])], [_value("y")], inits)
 
 
@@ -113,6 +126,8 @@ def build(work: Path, frames: int, size: int, hidden: int) -> dict[str, str]:
         "Scan GRU FP32": _save(_scan(w, b, _step_body(r, b, "fp32"), frames), work / "scan.onnx"),
         "Scan GRU, fused DynamicQuantizeMatMul": _save(_scan(w, b, _step_body(r, b, "fused"), frames),
                                                        work / "scan_fused.onnx"),
+        "Scan GRU, both products fused int8": _save(_scan(w, b, _step_body(r, b, "fused"), frames, int8_input=True),
+                                                    work / "scan_int8.onnx"),
         "Scan, body passes h on (overhead)": _save(_scan(w, b, passing, frames), work / "scan_empty.onnx"),
     }
     for label, source in (("input GEMM dynamic int8", "input GEMM FP32"),
