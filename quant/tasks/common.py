@@ -14,7 +14,7 @@ import numpy as np
 from quant.backends import Runner, open_runner
 from quant.calib.readers import batched  # noqa: F401  (the tasks' batching is the readers' own)
 from quant.errors import ModelError
-from quant.spec import GraphSpec, ModelSpec, StreamingSpec, resolve_manifest
+from quant.spec import GraphSpec, ModelSpec, SpecError, StreamingSpec, resolve_manifest
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,36 @@ def segments(audio: np.ndarray, samples: int) -> np.ndarray:
 
 
 def fp32_path(spec: ModelSpec, role: str, options: FeedOptions) -> Path:
-    """The FP32 ONNX file of a graph: options.graphs[role], else the spec's path or quant's export."""
+    """The FP32 ONNX file of a graph: options.graphs[role], else the spec's path or quant's export (checked
+    against the names the spec declares)."""
     if role in options.graphs:
         return Path(options.graphs[role])
-    return spec.graph(role).onnx_path(options.export_dir)
+    return graph_file(spec, spec.graph(role), options.export_dir)
+
+
+def graph_file(spec: ModelSpec, graph: GraphSpec, export_dir: Path | None = None) -> Path:
+    """The graph's ONNX file, which must have every input and output the spec names for it (`inputs`, `outputs`
+    and the `feeds` inputs): a wrong name fails here, in one line naming the spec key and the file's names, instead
+    of in the middle of a calibration or, for builds, not at all."""
+    path = graph.onnx_path(export_dir)
+    file_inputs, file_outputs = io_names(path)
+    index = spec.graphs.index(graph) + 1
+    wanted = {"inputs": (*graph.inputs, *(f.input for f in graph.feeds)), "outputs": graph.outputs}
+    for kind, there in (("inputs", file_inputs), ("outputs", file_outputs)):
+        missing = [name for name in dict.fromkeys(wanted[kind]) if name not in there]
+        if missing:
+            raise SpecError(f"{spec.source or spec.name}: graphs[{index}] ({graph.role!r}) names {kind} {missing} "
+                            f"that {path} does not have (its {kind}: {', '.join(there)}); fix the names in the spec")
+    return path
+
+
+def io_names(path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """An ONNX file's graph input names (initializers left out) and output names."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    constants = {init.name for init in graph.initializer}
+    return (tuple(v.name for v in graph.input if v.name not in constants), tuple(v.name for v in graph.output))
 
 
 def open_artifact(artifact: Artifact, threads: int = 1) -> Runner:
