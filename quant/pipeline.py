@@ -23,7 +23,7 @@ from quant import __version__
 from quant.backends import Runner, open_runner
 from quant.errors import BackendUnavailable, QuantError
 from quant.eval.speed import BenchOptions
-from quant.fileio import atomic_write_json, sha256_bytes, sha256_file
+from quant.fileio import atomic_write_json, ensure_writable_folder, sha256_bytes, sha256_file
 from quant.paths import DEFAULT_OUT_ROOT, PACKAGE_DIR
 from quant.report.rows import ResultRow
 from quant.spec import HIGHER_IS_BETTER, GraphSpec, ModelSpec, load_spec, resolve_manifest, shipped_specs
@@ -850,6 +850,8 @@ def _run_models(options: RunOptions, specs: Sequence[ModelSpec], root: Path) -> 
     from quant.report import write_results
     from quant.report.search import search_sections
 
+    for folder in dict.fromkeys((root, options.report_dir or root)):  # an unwritable output stops before any work
+        ensure_writable_folder(folder)
     backends = resolve_backends(options.backends)
     if not options.accuracy:  # a speed-only run has nothing to show for simulated rows
         backends = tuple(b for b in backends if b not in SIMULATED)
