@@ -29,6 +29,10 @@ layout = "B T F"
 [output]
 name = "gain"
 kind = "mask_magnitude"
+
+[defaults]
+calibration_manifest = "calib_data:se_calib"
+test_manifest = "calib_data:se_test"
 """
 
 

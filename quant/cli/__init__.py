@@ -18,7 +18,8 @@ from quant.errors import FileAccessError, QuantError
 
 log = logging.getLogger(__name__)
 
-COMMAND_MODULES = ("export", "calibrate", "cache", "inspect", "build", "evaluate", "bench", "run", "search", "report")
+COMMAND_MODULES = ("spec_commands", "export", "calibrate", "cache", "inspect", "build", "evaluate", "bench", "run",
+                   "search", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
