@@ -291,3 +291,21 @@ def test_run_and_bench_refuse_an_unwritable_output_root_before_any_work(
                            "--backends", "ort", "--precisions", "fp32", "--no-eager"], capsys)
     assert_one_line_error(code, lines, f"quant {command}: error: cannot write {out}", "read-only")
     assert len(lines) == 1 and list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("verbose, library_info", [([], False), (["-v"], True)])
+def test_the_cli_logs_quant_at_info_and_other_libraries_only_from_warnings(verbose: list[str], library_info: bool) -> None:
+    """ONNX Runtime's quantizer logs an INFO line per tensor it leaves unquantized on the root logger (90 lines in a
+    `quant run --quick`): hidden unless -v; quant's own INFO progress stays."""
+    import logging
+
+    root, quant_logger = logging.getLogger(), logging.getLogger("quant")
+    saved = root.level, quant_logger.level
+    try:
+        assert main([*verbose, "specs", "list"]) == 0
+        assert logging.getLogger("quant.pipeline").isEnabledFor(logging.INFO)
+        assert root.isEnabledFor(logging.INFO) is library_info
+        assert logging.getLogger("onnxruntime").isEnabledFor(logging.INFO) is library_info
+    finally:
+        root.setLevel(saved[0])
+        quant_logger.setLevel(saved[1])
