@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence, Union
@@ -177,14 +178,33 @@ def hatch_feeds(spec: ModelSpec, role: str, audio: Iterable[np.ndarray]) -> Iter
     return Reiterable(lambda: iter(function(spec, graph, audio)))
 
 
+NPZ_HOW = "numpy.savez(path, input_name=array, ...)"
+
+
+def _open_npz(path: Path) -> Any:
+    """The .npz archive at `path` (pickled objects never load): anything else is one line naming the file."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # text, pickle, a truncated zip
+        raise ModelError(f"{path}: not a .npz archive of arrays; write it with {NPZ_HOW}") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ModelError(f"{path}: one .npy array, not a .npz archive of arrays named by input; write it with "
+                         f"{NPZ_HOW}")
+    return loaded
+
+
 def _npz_feeds(spec: ModelSpec, role: str) -> Iterator[Feed]:
     path = spec.feeds.npz if spec.feeds else None
     assert path is not None
     if not path.is_file():
         raise ModelError(f"{path}: feeds .npz not found (spec [feeds] npz)")
-    with np.load(path) as archive:
-        prefix = f"{role}/" if len(spec.graphs) > 1 else ""
-        arrays = {name[len(prefix):]: archive[name] for name in archive.files if name.startswith(prefix)}
+    prefix = f"{role}/" if len(spec.graphs) > 1 else ""
+    with _open_npz(path) as archive:
+        try:
+            arrays = {name[len(prefix):]: archive[name] for name in archive.files if name.startswith(prefix)}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # a damaged or pickled member
+            raise ModelError(f"{path}: an array cannot be read ({error}); write the file again with "
+                             f"{NPZ_HOW}") from None
     if not arrays:
         raise ModelError(f"{path}: no arrays for graph {role!r} (name them by input, or '{role}/<input>')")
     counts = {len(value) for value in arrays.values()}
