@@ -9,6 +9,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from quant import load_spec
+from quant.errors import ModelError
 from quant.spec import SpecError
 from quant.tasks.common import graph_file, io_names
 
@@ -73,3 +74,10 @@ def test_graph_file_names_a_declared_tensor_the_file_lacks(tmp_path: Path, input
     message = str(raised.value)
     assert str(tmp_path / "tiny.toml") in message and str(tmp_path / "tiny.onnx") in message
     assert wrong in message and "'masker'" in message and len(message.splitlines()) == 1
+
+
+def test_a_file_that_is_no_onnx_model_is_named(tmp_path: Path) -> None:
+    spec = load_spec(_spec(tmp_path, '["noisy_mag"]'))
+    (tmp_path / "tiny.onnx").write_text("not an ONNX model")
+    with pytest.raises(ModelError, match=f"^{tmp_path / 'tiny.onnx'}: not a readable ONNX model"):
+        graph_file(spec, spec.graph("masker"))

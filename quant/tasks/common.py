@@ -112,7 +112,10 @@ def io_names(path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """An ONNX file's graph input names (initializers left out) and output names."""
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as error:  # protobuf's DecodeError and friends: the file is not an ONNX model
+        raise ModelError(f"{path}: not a readable ONNX model: {error}") from None
     constants = {init.name for init in graph.initializer}
     return (tuple(v.name for v in graph.input if v.name not in constants), tuple(v.name for v in graph.output))
 
