@@ -405,3 +405,14 @@ def test_goals_are_about_the_models_of_the_run() -> None:
     failed_eager = {"model": "my-masker", "backend": "torch", "precision": "fp32", "status": "failed", "error": "x"}
     eager = [g for g in report.goals({"rows": [*rows, failed_eager]}) if "vs PyTorch eager" in g.name]
     assert [g.met_text for g in eager] == ["n/a", "n/a"]  # eager was asked for and failed: still shown
+
+
+def test_a_speed_only_run_shows_no_accuracy_goals() -> None:
+    """`quant bench` rows carry their budgets but no task metrics: no 'n/a' accuracy goal for each of them."""
+    rows = [se_row("ort", "fp32", 3.00, 200.0), se_row("ort", "int8", 2.96, 100.0)]
+    rows[1]["budget"] = {"metric": "pesq_wb", "limit": 0.05, "higher_is_better": True}
+    assert any("change vs FP32" in g.name for g in report.goals({"rows": rows}))
+    for row in rows:
+        row["task"] = {}
+        row.pop("per_utterance", None)
+    assert not any("change vs FP32" in g.name for g in report.goals({"rows": rows}))
