@@ -81,3 +81,13 @@ def test_a_file_that_is_no_onnx_model_is_named(tmp_path: Path) -> None:
     (tmp_path / "tiny.onnx").write_text("not an ONNX model")
     with pytest.raises(ModelError, match=f"^{tmp_path / 'tiny.onnx'}: not a readable ONNX model"):
         graph_file(spec, spec.graph("masker"))
+
+
+def test_io_names_reads_a_file_written_again(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.onnx"
+    _tiny_graph(path)
+    assert io_names(path)[0] == ("noisy_mag",)
+    model = onnx.load(str(path))
+    model.graph.input[0].name = model.graph.node[0].input[0] = "features"  # a re-export with another input name
+    onnx.save(model, str(path))
+    assert io_names(path)[0] == ("features",)

@@ -3,6 +3,7 @@ escape hatch (.npz / module:function feeds), graph wiring and the streaming roll
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import zipfile
@@ -110,6 +111,14 @@ def graph_file(spec: ModelSpec, graph: GraphSpec, export_dir: Path | None = None
 
 def io_names(path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """An ONNX file's graph input names (initializers left out) and output names."""
+    status = path.stat()
+    return _io_names(str(path), status.st_mtime_ns, status.st_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _io_names(path: str, mtime_ns: int, size: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    # keyed by the file's mtime and size: a task resolves its graph file several times a run, and parsing a large
+    # model's protobuf each time would cost more than the check
     import onnx
 
     try:
