@@ -203,6 +203,20 @@ def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
+def ensure_writable_folder(folder: str | os.PathLike[str]) -> Path:
+    """Fail early, in one line, when files cannot be created in `folder` (read-only file system, no permission):
+    before a run's minutes of work rather than at its end. Creates the folder; leaves nothing else in it."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=_temp_prefix("write-probe"), suffix=".tmp", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise FileAccessError.from_os_error(error, "write", path) from error
+    return path
+
+
 @contextmanager
 def private_temp_dir(prefix: str) -> Iterator[Path]:
     """A work folder in the system temp dir named PREFIX<pid>-RANDOM, removed on exit; folders of the same prefix

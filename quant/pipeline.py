@@ -23,11 +23,12 @@ from quant import __version__
 from quant.backends import Runner, open_runner
 from quant.errors import BackendUnavailable, QuantError
 from quant.eval.speed import BenchOptions
-from quant.fileio import atomic_write_json, sha256_bytes, sha256_file
+from quant.fileio import atomic_write_json, ensure_writable_folder, sha256_bytes, sha256_file
 from quant.paths import DEFAULT_OUT_ROOT, PACKAGE_DIR
 from quant.report.rows import ResultRow
 from quant.spec import HIGHER_IS_BETTER, GraphSpec, ModelSpec, load_spec, resolve_manifest, shipped_specs
 from quant.tasks import FeedOptions, task_for
+from quant.tasks.common import graph_file
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ class Steps:
     def export(self, spec: ModelSpec) -> dict[str, Path]:
         """The FP32 ONNX file of each graph by role: the spec's own files, or quant's exports of the reference
         graphs under engines/export/<exporter>/ (skipped when weights and code match)."""
-        paths = {g.role: g.onnx_path() for g in spec.graphs if g.path is not None}
+        paths = {g.role: graph_file(spec, g) for g in spec.graphs if g.path is not None}
         for exporter in dict.fromkeys(g.exporter for g in spec.graphs if g.exporter):
             graphs = [g for g in spec.graphs if g.exporter == exporter]
             paths.update(self._export(str(exporter), graphs))
@@ -849,6 +850,8 @@ def _run_models(options: RunOptions, specs: Sequence[ModelSpec], root: Path) -> 
     from quant.report import write_results
     from quant.report.search import search_sections
 
+    for folder in dict.fromkeys((root, options.report_dir or root)):  # an unwritable output stops before any work
+        ensure_writable_folder(folder)
     backends = resolve_backends(options.backends)
     if not options.accuracy:  # a speed-only run has nothing to show for simulated rows
         backends = tuple(b for b in backends if b not in SIMULATED)

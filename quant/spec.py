@@ -658,7 +658,9 @@ def _manifest(ref: str | None, base: Path) -> str | None:
 def resolve_manifest(ref: str | None, what: str = "manifest") -> Path:
     """The manifest file a spec names (a path, or calib_data:<set>); it must exist now."""
     if ref is None:
-        raise SpecError(f"no {what} given and the spec names none; pass one or set [defaults] in the spec")
+        key = what.replace(" ", "_") if what in ("calibration manifest", "test manifest") else "calibration_manifest"
+        raise SpecError(f"no {what} given and the spec names none; pass one or set [defaults] {key} in the spec (a "
+                        "JSONL manifest, relative to the spec, or a committed set such as \"calib_data:se_calib\")")
     if ref.startswith(CALIB_DATA_PREFIX):
         from quant.paths import calib_data_dir
 

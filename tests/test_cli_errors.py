@@ -276,3 +276,36 @@ def test_library_options_check_their_values_too() -> None:
                  lambda: ReaderOptions(batch_size=-3), lambda: CalibrateOptions(trt_version="86 01")):
         with pytest.raises(CalibrationError):
             make()
+
+
+@pytest.mark.parametrize("command", ["run", "bench"])
+def test_run_and_bench_refuse_an_unwritable_output_root_before_any_work(
+        tmp_path: Path, read_only_dir: Path, capsys: pytest.CaptureFixture[str], command: str) -> None:
+    """`quant run|bench --output RO`: one line naming the folder, exit 2, before a model is built or timed (not a
+    failed row per precision and then the error at the end)."""
+    from test_tasks_common import _spec
+
+    spec = _spec(tmp_path, '["noisy_mag"]')
+    out = read_only_dir / "engines"
+    code, lines = run_cli([command, "--model", str(spec), "--output", str(out), "--quick", "--no-progress",
+                           "--backends", "ort", "--precisions", "fp32", "--no-eager"], capsys)
+    assert_one_line_error(code, lines, f"quant {command}: error: cannot write {out}", "read-only")
+    assert len(lines) == 1 and list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("verbose, library_info", [([], False), (["-v"], True)])
+def test_the_cli_logs_quant_at_info_and_other_libraries_only_from_warnings(verbose: list[str], library_info: bool) -> None:
+    """ONNX Runtime's quantizer logs an INFO line per tensor it leaves unquantized on the root logger (90 lines in a
+    `quant run --quick`): hidden unless -v; quant's own INFO progress stays."""
+    import logging
+
+    root, quant_logger = logging.getLogger(), logging.getLogger("quant")
+    saved = root.level, quant_logger.level
+    try:
+        assert main([*verbose, "specs", "list"]) == 0
+        assert logging.getLogger("quant.pipeline").isEnabledFor(logging.INFO)
+        assert root.isEnabledFor(logging.INFO) is library_info
+        assert logging.getLogger("onnxruntime").isEnabledFor(logging.INFO) is library_info
+    finally:
+        root.setLevel(saved[0])
+        quant_logger.setLevel(saved[1])

@@ -142,3 +142,19 @@ def test_build_applies_the_specs_rules_off_unless_rules_are_given(tmp_path: Path
     monkeypatch.setattr(quant.artifacts, "build_artifact", build_artifact)
     _cli(capsys, "build", str(spec), "--precision", "fp32", *extra)
     assert seen == [expected]
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["build", "--precision", "fp32"]])
+def test_a_declared_name_the_onnx_file_lacks_stops_every_command(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                 command: list[str]) -> None:
+    """A spec whose `inputs` names a tensor its ONNX file does not have: one line naming the spec, the graph and the
+    file's names, exit 2, and no build folder (docs/specs.md: the names are checked when the file is opened)."""
+    from test_tasks_common import _spec
+
+    spec = _spec(tmp_path, '["noisy_spec"]')
+    with working_dir(tmp_path):
+        assert main([command[0], str(spec), *command[1:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"quant {command[0]}: error: {spec}" in err
+    assert "inputs ['noisy_spec']" in err and "its inputs: noisy_mag" in err
+    assert not (tmp_path / "engines" / "tiny").exists()

@@ -124,3 +124,20 @@ def test_atomic_folder_through_a_symlink_replaces_the_folder_it_names(tmp_path: 
     with atomic_folder(tmp_path / "link") as work:
         (work / "model.onnx").write_text("new")
     assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "model.onnx").read_text() == "new"
+
+
+def test_ensure_writable_folder_creates_the_folder_and_leaves_nothing_in_it(tmp_path: Path) -> None:
+    folder = tmp_path / "a" / "b"
+    assert fileio.ensure_writable_folder(folder) == folder
+    assert folder.is_dir() and list(folder.iterdir()) == []
+
+
+def test_ensure_writable_folder_names_the_folder_it_cannot_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    def read_only(*args: object, **kwargs: object) -> object:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(kwargs.get("dir")))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(fileio.FileAccessError, match=f"cannot write {tmp_path}: the file system is read-only"):
+        fileio.ensure_writable_folder(tmp_path)

@@ -45,6 +45,14 @@ def test_bad_json_names_file_and_line(tmp_path: Path) -> None:
         read_manifest(manifest)
 
 
+def test_a_truncated_line_reads_as_one_sentence(tmp_path: Path) -> None:
+    manifest, row = _setup(tmp_path)
+    _write(manifest, [row, '{"path": "librivox_08'])  # a line cut inside a string, as a partial copy leaves it
+    with pytest.raises(ManifestError) as raised:
+        read_manifest(manifest)
+    assert str(raised.value).endswith("manifest.jsonl:2: not valid JSON (Unterminated string starting at: column 10)")
+
+
 @pytest.mark.parametrize("field", ["path", "sha256", "duration", "source", "license"])
 def test_missing_field(tmp_path: Path, field: str) -> None:
     manifest, row = _setup(tmp_path)

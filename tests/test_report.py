@@ -391,3 +391,28 @@ def test_interleaved_ratios_and_their_reliability_reach_every_output(results: di
     assert f"{median:.2f}x?" in summary and "?: unreliable ratio" in summary
     page = report.render_html(results)
     assert int8_cell in page and "load average 1.25 before" in page
+
+
+def test_goals_are_about_the_models_of_the_run() -> None:
+    """A run of a user's spec alone (no PyTorch eager module): no reference model's speed goal and no speed-up over
+    eager, each of which could only say 'n/a'; its budget goal stays."""
+    rows = [se_row("ort", "fp32", 3.00, 200.0), se_row("ort", "int8", 2.96, 100.0)]
+    for row in rows:
+        row["model"] = "my-masker"
+    rows[1]["budget"] = {"metric": "pesq_wb", "limit": 0.05, "higher_is_better": True}
+    names = [g.name for g in report.goals({"rows": rows})]
+    assert names == ["my-masker ORT int8 PESQ-WB change vs FP32 (int8 - fp32)"]
+    failed_eager = {"model": "my-masker", "backend": "torch", "precision": "fp32", "status": "failed", "error": "x"}
+    eager = [g for g in report.goals({"rows": [*rows, failed_eager]}) if "vs PyTorch eager" in g.name]
+    assert [g.met_text for g in eager] == ["n/a", "n/a"]  # eager was asked for and failed: still shown
+
+
+def test_a_speed_only_run_shows_no_accuracy_goals() -> None:
+    """`quant bench` rows carry their budgets but no task metrics: no 'n/a' accuracy goal for each of them."""
+    rows = [se_row("ort", "fp32", 3.00, 200.0), se_row("ort", "int8", 2.96, 100.0)]
+    rows[1]["budget"] = {"metric": "pesq_wb", "limit": 0.05, "higher_is_better": True}
+    assert any("change vs FP32" in g.name for g in report.goals({"rows": rows}))
+    for row in rows:
+        row["task"] = {}
+        row.pop("per_utterance", None)
+    assert not any("change vs FP32" in g.name for g in report.goals({"rows": rows}))

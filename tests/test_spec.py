@@ -142,6 +142,14 @@ def test_paths_are_relative_to_the_spec_and_checked_at_use(tmp_path: Path) -> No
         resolve_manifest(spec.defaults.calibration_manifest, "calibration manifest")
 
 
+@pytest.mark.parametrize("what, key", [("calibration manifest", "calibration_manifest"),
+                                       ("test manifest", "test_manifest")])
+def test_a_spec_without_a_manifest_says_which_key_to_set(what: str, key: str) -> None:
+    with pytest.raises(SpecError) as raised:
+        resolve_manifest(None, what)
+    assert f"set [defaults] {key} in the spec" in str(raised.value) and "calib_data:" in str(raised.value)
+
+
 def test_minimal_spec_gets_the_documented_defaults(tmp_path: Path) -> None:
     spec = load_text(tmp_path, MINIMAL)
     assert spec.defaults == DefaultsSpec()

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from quant.backends import open_runner
 from quant.calib.readers import AudioSet, OfflineSegmentReader, StreamingStateReader
 from quant.data.manifest import load_noisy_clean, read_manifest
+from quant.errors import ModelError
 from quant.eval import se
 from quant.paths import calib_data_dir
 from quant.spec import load_spec
@@ -230,3 +231,26 @@ kind = "waveform"
     task = task_for(load_spec(tmp_path / "hatch.toml"))
     feeds = list(task.calibration_feeds("enhancer", SE_CALIB, FeedOptions(limit=1)))
     assert [f["x"].tolist() for f in feeds] == [[[0, 1, 2, 3]], [[4, 5, 6, 7]], [[8, 9, 10, 11]]]
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"input,value\n1,2\n", "not a .npz archive of arrays"),  # text (numpy would try to unpickle it)
+    (b"PK\x03\x04truncated", "not a .npz archive of arrays"),  # a zip cut short
+    (None, "one .npy array, not a .npz archive of arrays named by input"),  # np.save'd under a .npz name
+])
+def test_npz_escape_hatch_refuses_a_file_that_is_no_npz_in_one_line(tmp_path: Path, content: bytes | None,
+                                                                     expected: str) -> None:
+    path = tmp_path / "feeds.npz"
+    if content is None:
+        with open(path, "wb") as handle:
+            np.save(handle, np.zeros(3, dtype=np.float32))
+    else:
+        path.write_bytes(content)
+    (tmp_path / "hatch.toml").write_text('[model]\nname = "hatch"\ntask = "se"\n[[graphs]]\nrole = "enhancer"\n'
+                                         'path = "missing.onnx"\n[feeds]\nnpz = "feeds.npz"\n[output]\nname = "y"\n'
+                                         'kind = "waveform"\n')
+    task = task_for(load_spec(tmp_path / "hatch.toml"))
+    with pytest.raises(ModelError) as raised:
+        list(task.calibration_feeds("enhancer", SE_CALIB, FeedOptions(limit=1)))
+    message = str(raised.value)
+    assert message.startswith(f"{path}: {expected}") and "numpy.savez" in message and len(message.splitlines()) == 1

@@ -18,7 +18,8 @@ from quant.errors import FileAccessError, QuantError
 
 log = logging.getLogger(__name__)
 
-COMMAND_MODULES = ("export", "calibrate", "cache", "inspect", "build", "evaluate", "bench", "run", "search", "report")
+COMMAND_MODULES = ("spec_commands", "export", "calibrate", "cache", "inspect", "build", "evaluate", "bench", "run",
+                   "search", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,9 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    # quant's progress at INFO; other libraries only warnings (ONNX Runtime's quantizer logs one INFO line per tensor
+    # it leaves unquantized on the root logger: noise, not news); -v shows everything
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    logging.getLogger("quant").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.handler(args) or 0)
     except QuantError as error:

@@ -95,7 +95,7 @@ def _parse_line(manifest: Path, number: int, line: str, verify: bool, allow_outs
     try:
         row = json.loads(line)
     except json.JSONDecodeError as error:
-        raise ManifestError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+        raise ManifestError(f"{where}: not valid JSON ({error.msg}: column {error.colno})") from None
     except (ValueError, RecursionError) as error:  # a 5000-digit integer, deep nesting
         raise ManifestError(f"{where}: not a usable JSON line ({str(error)[:80]})") from None
     if not isinstance(row, dict):

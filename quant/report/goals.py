@@ -54,18 +54,22 @@ def goals(results: Mapping[str, Any], changes: Mapping[RowKey, Comparison] | Non
     """The issue's speed and accuracy goals, evaluated from one results.json (one run, one machine); accuracy
     budgets are judged on the paired 95 % interval of the change (`changes`: comparisons(results), reused)."""
     rows = ok_rows(results)
+    # a goal is about a model of this run: a run of a user's spec shows no reference model's goals, and a model
+    # without PyTorch eager rows (no eager module, or --no-eager) no speed-up over eager; a failed row still counts
+    present = {row["model"] for row in results["rows"]}
+    with_eager = {row["model"] for row in results["rows"] if row["backend"] == "torch"}
     out: list[Goal] = []
-    for model, graph, limit, name in SPEED_RATIO_GOALS:
+    for model, graph, limit, name in (goal for goal in SPEED_RATIO_GOALS if goal[0] in present):
         fp32, int8 = find_row(rows, model, "ort", "fp32"), find_row(rows, model, "ort", "int8")
         value = ratio(graph_latency(int8, graph) if int8 else None, graph_latency(fp32, graph) if fp32 else None)
         out.append(_ratio_goal(name, value, limit, stored_ratio(int8, "vs_fp32", graph) if fp32 else None))
     fp32, int8 = find_row(rows, "wenet", "ort", "fp32"), find_row(rows, "wenet", "ort", "int8")
-    for batch in ENCODER_BATCH_GOALS:
+    for batch in ENCODER_BATCH_GOALS if "wenet" in present else ():
         value = ratio(batch_latency(int8, "encoder", batch) if int8 else None,
                       batch_latency(fp32, "encoder", batch) if fp32 else None)
         out.append(_ratio_goal(f"WeNet encoder INT8 / FP32 at batch {batch} (ORT)", value, ENCODER_BATCH_RATIO,
                                stored_ratio(int8, "vs_fp32", "encoder", batch=batch) if fp32 else None))
-    for row in (r for r in sorted_rows(rows) if r["backend"] == "ort"):
+    for row in (r for r in sorted_rows(rows) if r["backend"] == "ort" and r["model"] in with_eager):
         eager = find_row(rows, row["model"], "torch", "fp32")
         value = ratio(primary_latency(eager) if eager else None, primary_latency(row))
         stored = stored_ratio(row, "vs_eager") if eager else None
@@ -74,7 +78,8 @@ def goals(results: Mapping[str, Any], changes: Mapping[RowKey, Comparison] | Non
         out.append(Goal(f"{row['model']} ORT {row['precision']} speed-up vs PyTorch eager", value,
                         f">= {EAGER_SPEEDUP:g}x", None if value is None else value >= EAGER_SPEEDUP,
                         interval=ratio_text(stored, invert=True) if stored is not None else ""))
-    out.extend(_accuracy_goals(rows, comparisons(results) if changes is None else changes))
+    if any(row.get("task") for row in results["rows"]):  # a speed-only run (quant bench) measured no accuracy
+        out.extend(_accuracy_goals(rows, comparisons(results) if changes is None else changes))
     return out
 
 

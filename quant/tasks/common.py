@@ -3,8 +3,10 @@ escape hatch (.npz / module:function feeds), graph wiring and the streaming roll
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence, Union
@@ -14,7 +16,7 @@ import numpy as np
 from quant.backends import Runner, open_runner
 from quant.calib.readers import batched  # noqa: F401  (the tasks' batching is the readers' own)
 from quant.errors import ModelError
-from quant.spec import GraphSpec, ModelSpec, StreamingSpec, resolve_manifest
+from quant.spec import GraphSpec, ModelSpec, SpecError, StreamingSpec, resolve_manifest
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +86,47 @@ def segments(audio: np.ndarray, samples: int) -> np.ndarray:
 
 
 def fp32_path(spec: ModelSpec, role: str, options: FeedOptions) -> Path:
-    """The FP32 ONNX file of a graph: options.graphs[role], else the spec's path or quant's export."""
+    """The FP32 ONNX file of a graph: options.graphs[role], else the spec's path or quant's export (checked
+    against the names the spec declares)."""
     if role in options.graphs:
         return Path(options.graphs[role])
-    return spec.graph(role).onnx_path(options.export_dir)
+    return graph_file(spec, spec.graph(role), options.export_dir)
+
+
+def graph_file(spec: ModelSpec, graph: GraphSpec, export_dir: Path | None = None) -> Path:
+    """The graph's ONNX file, which must have every input and output the spec names for it (`inputs`, `outputs`
+    and the `feeds` inputs): a wrong name fails here, in one line naming the spec key and the file's names, instead
+    of in the middle of a calibration or, for builds, not at all."""
+    path = graph.onnx_path(export_dir)
+    file_inputs, file_outputs = io_names(path)
+    index = spec.graphs.index(graph) + 1
+    wanted = {"inputs": (*graph.inputs, *(f.input for f in graph.feeds)), "outputs": graph.outputs}
+    for kind, there in (("inputs", file_inputs), ("outputs", file_outputs)):
+        missing = [name for name in dict.fromkeys(wanted[kind]) if name not in there]
+        if missing:
+            raise SpecError(f"{spec.source or spec.name}: graphs[{index}] ({graph.role!r}) names {kind} {missing} "
+                            f"that {path} does not have (its {kind}: {', '.join(there)}); fix the names in the spec")
+    return path
+
+
+def io_names(path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """An ONNX file's graph input names (initializers left out) and output names."""
+    status = path.stat()
+    return _io_names(str(path), status.st_mtime_ns, status.st_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _io_names(path: str, mtime_ns: int, size: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    # keyed by the file's mtime and size: a task resolves its graph file several times a run, and parsing a large
+    # model's protobuf each time would cost more than the check
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as error:  # protobuf's DecodeError and friends: the file is not an ONNX model
+        raise ModelError(f"{path}: not a readable ONNX model: {error}") from None
+    constants = {init.name for init in graph.initializer}
+    return (tuple(v.name for v in graph.input if v.name not in constants), tuple(v.name for v in graph.output))
 
 
 def open_artifact(artifact: Artifact, threads: int = 1) -> Runner:
@@ -151,14 +190,33 @@ def hatch_feeds(spec: ModelSpec, role: str, audio: Iterable[np.ndarray]) -> Iter
     return Reiterable(lambda: iter(function(spec, graph, audio)))
 
 
+NPZ_HOW = "numpy.savez(path, input_name=array, ...)"
+
+
+def _open_npz(path: Path) -> Any:
+    """The .npz archive at `path` (pickled objects never load): anything else is one line naming the file."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # text, pickle, a truncated zip
+        raise ModelError(f"{path}: not a .npz archive of arrays; write it with {NPZ_HOW}") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ModelError(f"{path}: one .npy array, not a .npz archive of arrays named by input; write it with "
+                         f"{NPZ_HOW}")
+    return loaded
+
+
 def _npz_feeds(spec: ModelSpec, role: str) -> Iterator[Feed]:
     path = spec.feeds.npz if spec.feeds else None
     assert path is not None
     if not path.is_file():
         raise ModelError(f"{path}: feeds .npz not found (spec [feeds] npz)")
-    with np.load(path) as archive:
-        prefix = f"{role}/" if len(spec.graphs) > 1 else ""
-        arrays = {name[len(prefix):]: archive[name] for name in archive.files if name.startswith(prefix)}
+    prefix = f"{role}/" if len(spec.graphs) > 1 else ""
+    with _open_npz(path) as archive:
+        try:
+            arrays = {name[len(prefix):]: archive[name] for name in archive.files if name.startswith(prefix)}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # a damaged or pickled member
+            raise ModelError(f"{path}: an array cannot be read ({error}); write the file again with "
+                             f"{NPZ_HOW}") from None
     if not arrays:
         raise ModelError(f"{path}: no arrays for graph {role!r} (name them by input, or '{role}/<input>')")
     counts = {len(value) for value in arrays.values()}
