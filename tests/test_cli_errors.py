@@ -309,3 +309,35 @@ def test_the_cli_logs_quant_at_info_and_other_libraries_only_from_warnings(verbo
     finally:
         root.setLevel(saved[0])
         quant_logger.setLevel(saved[1])
+
+
+def test_search_without_budget_and_none_in_the_spec_says_where_to_give_one(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]):
+    spec = tmp_path / "masker.toml"
+    spec.write_text('[model]\nname = "masker"\ntask = "se"\n\n[[graphs]]\nrole = "masker"\npath = "m.onnx"\n'
+                    'inputs = ["features"]\noutputs = ["mask"]\nfeeds = [{ input = "features", from = "frontend" }]\n\n'
+                    '[frontend]\ntransform = "log10_power"\nframe = 320\nhop = 160\nn_fft = 320\nwindow = "hann"\n'
+                    'layout = "B T F"\n\n[output]\nname = "mask"\nkind = "mask_magnitude"\n\n[defaults]\n'
+                    'calibration_manifest = "calib_data:se_calib"\ntest_manifest = "calib_data:se_test"\n')
+    code, lines = run_cli(["search", str(spec), "-o", str(tmp_path / "out")], capsys)
+    assert_one_line_error(code, lines, "masker: the spec sets no INT8 budget", "--budget METRIC=VALUE")
+    assert not (tmp_path / "out").exists()
+
+
+def test_search_without_budget_searches_to_the_specs_int8_budget(monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]):
+    import quant.cli.specs
+    import quant.search.models
+    from quant.errors import QuantError
+
+    seen = {}
+
+    def stop(problem_for, split, options, out_dir, size):  # noqa: ANN001, ANN202 - stands in for the search
+        seen["budget"] = options.budget
+        raise QuantError("stopped before the search")
+
+    monkeypatch.setattr(quant.cli.specs, "fp32_graphs", lambda spec: {})
+    monkeypatch.setattr(quant.search.models, "search_widening", stop)
+    code, lines = run_cli(["search", "dpcrn"], capsys)
+    assert_one_line_error(code, lines, "stopped before the search")
+    assert seen["budget"].text() == "pesq_wb=-0.05"  # dpcrn's [defaults.budgets] int8 = { pesq_wb = 0.05 }

@@ -723,3 +723,23 @@ def test_quant_run_search_names_its_own_flag_when_its_split_cannot_resolve_the_b
     message = str(caught.value)
     assert "run's 3 test utterances per half" in message and "--se-utterances" in message
     assert "quant search enh --graph enhancer" in message and "--validation" not in message
+
+
+@pytest.mark.parametrize("text", ["pesq_wb=-0.05", "cer=+0.3", "snr_db=25", "stoi=-0.01"])
+def test_a_budget_spelt_out_parses_back_to_itself(text: str):
+    """`quant search` without --budget searches to the spec's and prints it in its rerun command."""
+    assert parse_budget(parse_budget(text).text()) == parse_budget(text)
+
+
+def test_the_search_log_says_why_a_build_is_not_proven_within():
+    """An interval inside the budget on 4 utterances reads 'not proven within', with the reason, not as a loss."""
+    budget = parse_budget("pesq_wb=-0.05")
+    few = {"ids": ["a", "b", "c", "d"], "pesq_wb": [2.0] * 4}
+    assert budget.hold_text(budget.judge(few, {"ids": few["ids"], "pesq_wb": [2.0003] * 4})) == (
+        "not proven within: 4 utterances, a change budget needs 10")
+    ten = {"ids": [f"u{i}" for i in range(10)], "pesq_wb": [2.0] * 10}
+    alternating = {"ids": ten["ids"], "pesq_wb": [2.0 - 0.03 + 0.03 * (-1) ** i for i in range(10)]}
+    assert budget.hold_text(budget.judge(ten, alternating)).startswith("not proven within: Student's t interval")
+    over = {"ids": ten["ids"], "pesq_wb": [1.8] * 10}
+    assert budget.hold_text(budget.judge(ten, over)) == "not proven within: over budget"
+    assert budget.hold_text(budget.judge(ten, {"ids": ten["ids"], "pesq_wb": [2.0] * 10})) == "holds"

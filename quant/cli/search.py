@@ -1,4 +1,4 @@
-"""`quant search SPEC [--graph ROLE] --budget METRIC=VALUE [--target ort|trt-sim]`: the fastest INT8 mixed-precision
+"""`quant search SPEC [--graph ROLE] [--budget METRIC=VALUE] [--target ort|trt-sim]`: the fastest INT8 mixed-precision
 rules within a task-metric budget, for one graph of a model spec."""
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ def register(subparsers: Any) -> None:
         "accuracy is TensorRT's simulated on the CPU (model_trt_qdq.onnx) and no latency is measured.",
     )
     add_spec(parser)
-    parser.add_argument("--budget", required=True,
+    parser.add_argument("--budget",
                         help="METRIC=VALUE: pesq_wb=-0.05, stoi=-0.01, cer=+0.3 (percentage points), snr_db=25 "
-                        "(floor on output SNR vs FP32)")
+                        "(floor on output SNR vs FP32); default: the spec's INT8 budget ([defaults.budgets] int8)")
     parser.add_argument("--validation", type=positive_int,
                         help="the first N test utterances validate the search (default: the first half, grown to "
                         "the size that resolves the budget when half cannot)")
@@ -54,10 +54,10 @@ def run(args: argparse.Namespace) -> int:
     from quant.report.search import write_search_report
     from quant.search import SearchOptions, parse_budget, write_outputs
     from quant.search.models import Split, search_widening, spec_problem, test_set_size
-    from quant.search.store import search_dir
+    from quant.search.store import search_dir, spec_budget
 
-    budget = parse_budget(args.budget)
     selection = select(args.spec, args.graph)
+    budget = parse_budget(args.budget) if args.budget else spec_budget(selection.spec)
     if len(selection.roles) > 1:
         raise QuantError(f"{selection.spec.name} has graphs {list(selection.roles)}; the search acts on one: give "
                          "--graph ROLE (the others run FP32 in its evaluation)")
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     problem, result = search_widening(problem_for, Split(args.validation, args.held_out),
                                       SearchOptions(budget, args.max_evals, args.top), out_dir,
                                       test_set_size(selection.spec))
-    command = "quant search " + " ".join(shlex.quote(a) for a in _argv(args))
+    command = "quant search " + " ".join(shlex.quote(a) for a in _argv(args, budget.text()))
     paths = write_outputs(result, problem.base_rules, out_dir, command)
     paths.update(write_search_report(selection.spec.name, str(graph.name), paths["json"], out_dir, command))
     chosen = result.chosen
@@ -105,8 +105,8 @@ def _row(point: Any) -> str:
             f"[{verdict['ci_low']:+.4f}, {verdict['ci_high']:+.4f}] {verdict['verdict']}")
 
 
-def _argv(args: argparse.Namespace) -> list[str]:
-    argv = [str(args.spec), "--budget", args.budget]
+def _argv(args: argparse.Namespace, budget: str) -> list[str]:
+    argv = [str(args.spec), "--budget", budget]  # the spec's budget spelt out: the command reruns the same search
     for flag, value in (("--graph", args.graph), ("--target", None if args.target == "ort" else args.target),
                         ("--units", None if args.units == "group" else args.units),
                         ("--validation", args.validation), ("--held-out", args.held_out),

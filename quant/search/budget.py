@@ -52,6 +52,10 @@ class TaskBudget:
         """Display units per column unit (error rates: percentage points)."""
         return 100.0 if self.metric in ERROR_RATES else 1.0
 
+    def text(self) -> str:
+        """As `--budget` takes it (parse_budget(b.text()) == b)."""
+        return f"{self.metric}={self.value:g}" if self.is_floor else f"{self.metric}={self.value:+g}"
+
     def stats_budget(self) -> Budget:
         if self.is_floor:
             return Budget(0.0, True)
@@ -87,6 +91,19 @@ class TaskBudget:
         worst = change.delta - width if verdict.budget.higher_is_better else change.delta + width
         inside = worst >= verdict.budget.line if verdict.budget.higher_is_better else worst <= verdict.budget.line
         return verdict.verdict == WITHIN and inside
+
+    def hold_text(self, verdict: Verdict) -> str:
+        """Why a build holds or does not, for the search's log: 'holds', or what is missing (too few utterances,
+        the Student-t interval reaching over the line, or the verdict itself)."""
+        if self.holds(verdict):
+            return "holds"
+        change = verdict.change
+        if not self.is_floor and change.n < MIN_UTTERANCES:
+            return f"not proven within: {change.n} utterances, a change budget needs {MIN_UTTERANCES}"
+        if verdict.verdict == WITHIN:
+            width = t_half_width(change.spread, change.n) * self.scale
+            return f"not proven within: Student's t interval (+-{width:.4f}) reaches over the line"
+        return f"not proven within: {self.verdict_text(verdict)}"
 
     def resolution(self, spread: float, n: int) -> Resolution | None:
         """Can n utterances with this per-utterance spread (column units) tell a build without loss from one on the

@@ -186,7 +186,7 @@ class Ledger:
                       self.options.budget.holds(verdict))
         log.info("%s: %d INT8 units, %s %+.4f [%+.4f, %+.4f] -> %s", label, len(config),
                  self.options.budget.metric, point.verdict["delta"], point.verdict["ci_low"],
-                 point.verdict["ci_high"], "holds" if point.holds else "not proven within")
+                 point.verdict["ci_high"], self.options.budget.hold_text(verdict))
         return point
 
     def minutes(self) -> float:

@@ -39,8 +39,8 @@ def spec_budget(spec: Any) -> TaskBudget:
     """The spec's INT8 budget ([defaults.budgets] int8 = { metric = allowed loss }) as a search budget."""
     budget = spec.defaults.budgets.get("int8")
     if budget is None:
-        raise SearchError(f"{spec.name}: `quant run --search` needs the spec's INT8 budget ([defaults.budgets] "
-                          "int8 = { pesq_wb = 0.05 }), or run `quant search SPEC --budget METRIC=VALUE` first")
+        raise SearchError(f"{spec.name}: the spec sets no INT8 budget to search to: add one to it ([defaults.budgets] "
+                          "int8 = { pesq_wb = 0.05 }) or give `quant search SPEC --budget METRIC=VALUE`")
     row = budget.to_row()
     scaled = TaskBudget(row["metric"], 0.0).scale * row["limit"]
     return TaskBudget(row["metric"], -scaled if row["higher_is_better"] else scaled)
