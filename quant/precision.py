@@ -37,8 +37,9 @@ WEIGHT_AXIS = {"Conv": 0, "ConvTranspose": 1, "MatMul": 1, "Gemm": 0}
 ORT_DYNAMIC_OPS = frozenset({"LSTM", "MatMul"})  # DynamicQuantizeLSTM, DynamicQuantizeMatMul; nothing for GRU/RNN
 # Ops that only move or copy values. In INT8 they run on the uint8/int8 tensor under their input's scale (ONNX
 # Runtime drops DequantizeLinear -> op -> QuantizeLinear around them; Concat becomes QLinearConcat; TensorRT runs them
-# in int8), which pays only where the input already is an integer kernel's output: `plan` keeps such a node INT8 only
-# then (see _settle_data_movement). Only their first input is data (Concat: every input).
+# in int8), which can pay only where the input already is an integer kernel's output: when a rule makes one INT8,
+# `plan` keeps it INT8 only then (_settle_data_movement). No shipped rule does (measured no faster on the DPCRNs:
+# README); a rules file opts in. Only their first input is data (Concat: every input).
 DATA_MOVEMENT_OPS = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Pad", "Concat"})
 FLOAT_INPUT_REASON = "float input"
 

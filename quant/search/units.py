@@ -6,7 +6,7 @@ layer as DynamicQuantizeMatMul: INT8 keeps it dynamic, float reverts it), plus t
 keeps float for a stated reason (candidates the defaults may be too careful with), LeakyRelu included (the shipped
 rule leakyrelu-float: QLinearLeakyRelu exists, but all of them INT8 cost the DPCRN its budget). Recurrent cells
 (dynamic INT8 or float), layout and state plumbing are never candidates: they have no static integer kernel on ORT
-CPU; data movement between integer ops follows its producer by itself (precision rule data-movement-int8).
+CPU; data movement that a rule makes INT8 follows its producer by itself (quant.precision: DATA_MOVEMENT_OPS).
 
 Grouping `group` (the default) makes one unit of the candidates of one structural block (quant.onnxgraph.blocks: a
 layer with its bias/activation and the residual or mask arithmetic behind it, an attention block, a recurrent
