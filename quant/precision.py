@@ -15,7 +15,7 @@ import logging
 import re
 import tomllib
 from collections import Counter
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -35,6 +35,13 @@ DEFAULT_REASON = "default"
 # Ops whose weight input (index 1) gets per-channel Q/DQ, with the output-channel axis.
 WEIGHT_AXIS = {"Conv": 0, "ConvTranspose": 1, "MatMul": 1, "Gemm": 0}
 ORT_DYNAMIC_OPS = frozenset({"LSTM", "MatMul"})  # DynamicQuantizeLSTM, DynamicQuantizeMatMul; nothing for GRU/RNN
+# Ops that only move or copy values. In INT8 they run on the uint8/int8 tensor under their input's scale (ONNX
+# Runtime drops DequantizeLinear -> op -> QuantizeLinear around them; Concat becomes QLinearConcat; TensorRT runs them
+# in int8), which can pay only where the input already is an integer kernel's output: when a rule makes one INT8,
+# `plan` keeps it INT8 only then (_settle_data_movement). No shipped rule does (measured no faster on the DPCRNs:
+# README); a rules file opts in. Only their first input is data (Concat: every input).
+DATA_MOVEMENT_OPS = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Pad", "Concat"})
+FLOAT_INPUT_REASON = "float input"
 
 
 @dataclass(frozen=True)
@@ -169,7 +176,29 @@ def plan(
     active = [r for r in rule_list if precision != "fp32" and r.applies(precision, backend)]
     pattern_nodes = {r.pattern: PATTERNS[r.pattern](index, named, states) for r in active if r.pattern}
     decisions = tuple(_decide(node, active, pattern_nodes, precision, backend) for node in index.nodes)
-    return PrecisionPlan(build=precision, backend=backend, decisions=decisions, rules=rule_list)
+    return PrecisionPlan(build=precision, backend=backend, decisions=_settle_data_movement(index, decisions),
+                         rules=rule_list)
+
+
+def data_inputs(node: onnx.NodeProto) -> list[str]:
+    """The inputs of a data-movement node that carry values (not a shape, axes, starts or pads)."""
+    return [t for t in node.input if t] if node.op_type == "Concat" else list(node.input[:1])
+
+
+def _settle_data_movement(index: GraphIndex, decisions: tuple[NodeDecision, ...]) -> tuple[NodeDecision, ...]:
+    """A data-movement node a rule made INT8 stays INT8 only when every data input it reads is the output of a node
+    that is static INT8 itself (an integer kernel, or data movement already on the integer tensor); otherwise it
+    would add a QuantizeLinear in front of a float copy, and it becomes fp32 with the reason `<rule>: float input`.
+    Decided in graph order, so a chain of data movement behind an integer kernel stays INT8 as a whole."""
+    settled = {d.node: d for d in decisions}
+    for node in index.nodes:
+        decision = settled[node.name]
+        if decision.precision != "int8" or node.op_type not in DATA_MOVEMENT_OPS:
+            continue
+        producers = [index.producers.get(t) for t in data_inputs(node)]
+        if not producers or any(p is None or settled[p.name].precision != "int8" for p in producers):
+            settled[node.name] = replace(decision, precision="fp32", rule=f"{decision.rule}: {FLOAT_INPUT_REASON}")
+    return tuple(settled[d.node] for d in decisions)
 
 
 def _decide(

@@ -12,7 +12,7 @@ accuracy budgets are judged by `quant run` / `quant search`, not here).
     python scripts/bench_int8.py wenet-encoder --int8-rules before=/tmp/rules_before.toml --runs 60
 
 times the shipped rules' INT8 (int8) and the same graph's INT8 under another rules file (int8-before) in the same
-rounds.
+rounds, and prints their paired ratio; with --variant, every rewritten graph gets its int8-LABEL build too.
 
 MODEL is a reference model (dpcrn, dpcrn-stream, wenet-encoder) optionally with its export: dpcrn=/tmp/x/dpcrn.onnx
 (default: engines/export/, exported on demand). --cache gives the plain export's calibration cache; rewritten
@@ -101,7 +101,7 @@ def bench_model(spec: str, args: argparse.Namespace) -> dict[str, object]:
     for label, rewrites in [("plain", ()), *args.variant]:
         for precision, path in prepare(model, source, label, rewrites, args.work, feeds, args.cache if not rewrites
                                        else None, args.calib_limit, args.rules,
-                                       tuple(args.int8_rules) if label == "plain" else ()).items():
+                                       tuple(args.int8_rules)).items():
             builds[f"{precision}" if label == "plain" else f"{precision}+{label}"] = path
     from quant.backends.ort import OrtRunner
 
@@ -124,7 +124,17 @@ def bench_model(spec: str, args: argparse.Namespace) -> dict[str, object]:
                   f"paired {ratio.paired_median:.3f} ({ratio.paired_p10:.3f}-{ratio.paired_p90:.3f})"
                   f"{'' if ratio.reliable else ' (unreliable: spreads overlap)'}; output SNR vs its FP32 "
                   f"{snrs[label]:.1f} dB")
+    same_graph = {}
+    for label in builds:
+        if label.startswith("int8-"):  # an --int8-rules build against the same graph's int8 build, same rounds
+            name, _, variant = label.partition("+")
+            base = "int8" + (f"+{variant}" if variant else "")
+            same_graph[label] = ratio = result.ratios(base)[label]
+            print(f"{label} / {base}: min {ratio.min_ratio:.3f}, median {ratio.median_ratio:.3f}, paired "
+                  f"{ratio.paired_median:.3f} ({ratio.paired_p10:.3f}-{ratio.paired_p90:.3f})"
+                  f"{'' if ratio.reliable else ' (unreliable: spreads overlap)'}")
     return {"model": model, "source": str(source), "threads": args.threads, "variants": dict(args.variant),
+            "vs_same_graph_int8": {k: v.to_dict() for k, v in same_graph.items()},
             "fastest_fp32": best, **result.to_dict("fp32"),
             "vs_fastest_fp32": {k: v.to_dict() for k, v in honest.items()}, "int8_output_snr_db": snrs}
 
@@ -139,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rules", type=Path, help="precision rules for the rewritten variants' INT8 builds (default: "
                         "shipped rules; the plain build always uses the shipped rules)")
     parser.add_argument("--int8-rules", type=parse_rules, action="append", default=[],
-                        help="LABEL=RULES.toml: also build the plain export's INT8 with these precision rules (same "
+                        help="LABEL=RULES.toml: also build every graph's INT8 with these precision rules (same "
                         "cache) and time it as int8-LABEL in the same rounds (repeatable), e.g. the rules before a "
-                        "change against the shipped ones")
+                        "change against the shipped ones (the plain export's int8: shipped rules; a variant's: --rules)")
     parser.add_argument("--calib-limit", type=int, default=4, help="utterances to calibrate with (default 4)")
     parser.add_argument("--runs", type=int, default=30, help="interleaved rounds (default 30)")
     parser.add_argument("--threads", type=int, default=1)

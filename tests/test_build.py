@@ -448,3 +448,53 @@ def model_path(model: onnx.ModelProto, folder: Path) -> Path:
     path = folder / "source.onnx"
     onnx.save(model, str(path))
     return path
+
+
+# ---- data movement between integer ops ----------------------------------------------------------------------------
+
+
+def test_a_slice_between_two_int8_convs_runs_on_the_integer_tensor(tmp_path: Path):
+    """A rule making data movement INT8: the Slice between two QLinearConvs reads the first one's uint8 output in
+    ONNX Runtime's optimized graph (no DequantizeLinear -> float Slice -> QuantizeLinear); with the shipped rules
+    alone it does not (the Slice's own range gives it another scale, so ORT cannot drop the pair by itself)."""
+    from quant.artifacts.calibration import TensorRange
+    from quant.artifacts.ort_build import build_int8_ort
+    from quant.backends.ort import optimized_graph
+    from quant.precision import DATA_MOVEMENT_OPS, Rule, load_rules, plan
+
+    data_movement = Rule(name="data-movement-int8", op_types=tuple(sorted(DATA_MOVEMENT_OPS)), precision="int8",
+                         builds=("int8",))
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Sigmoid", ["x"], ["s"], name="gate"),  # conv1 is not the input layer
+             helper.make_node("Conv", ["s", "w1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Slice", ["a", "starts", "ends", "axes"], ["t"], name="crop"),
+             helper.make_node("Conv", ["t", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    w1 = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    w1[4:] *= 10  # the channels the Slice drops hold the largest values: its output gets a range of its own
+    inits = [numpy_helper.from_array(w1, "w1"),
+             numpy_helper.from_array(rng.standard_normal((8, 4, 3, 3)).astype(np.float32), "w2")]
+    inits += [numpy_helper.from_array(np.array([v], np.int64), name)
+              for name, v in (("starts", 0), ("ends", 4), ("axes", 1))]
+    graph = helper.make_graph(nodes, "crop", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    x = {"x": rng.standard_normal((1, 4, 6, 10)).astype(np.float32)}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in ("s", "a", "t"))
+    values = OrtRunner(model_path(probe, tmp_path)).run(x)
+    ranges = {k: TensorRange(float(np.abs(v).max()), float(v.min()), float(v.max())) for k, v in values.items()}
+
+    def slice_input_op(rules, label: str) -> str:
+        (tmp_path / label).mkdir()
+        target = tmp_path / label / "int8.onnx"
+        build_int8_ort(model, plan(model, rules, "int8", "ort"), ranges, target)
+        optimized = optimized_graph(target, tmp_path / label)
+        producers = {out: n for n in optimized.graph.node for out in n.output}
+        (crop,) = [n for n in optimized.graph.node if n.op_type == "Slice"]
+        assert snr_db(values["y"], OrtRunner(target).run(x)["y"]) > 25
+        return producers[crop.input[0]].op_type
+
+    assert slice_input_op((*load_rules(), data_movement), "with") == "QLinearConv"
+    assert slice_input_op(load_rules(), "without") == "DequantizeLinear"

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quant.errors import BuildError
 from quant.precision import (
-    Rule, fp16_block_lists, load_rules, ort_quant_spec, plan, qdq_sites, trt_layer_precisions,
+    DATA_MOVEMENT_OPS, Rule, fp16_block_lists, load_rules, ort_quant_spec, plan, qdq_sites, trt_layer_precisions,
 )
 
 RNG = np.random.default_rng(0)
@@ -442,5 +442,54 @@ def test_leakyrelu_precision_is_a_rule_not_a_default():
              helper.make_node("Conv", ["b", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
     model = make(nodes, [("x", [1, 2, 5, 5])], [("y", [1, 4, 5, 5])], [init("w1", 4, 2, 3, 3), init("w2", 4, 4, 3, 3)])
     for backend in ("ort", "trt"):
-        assert decisions(model, backend=backend)["act"] == ("int8", "leakyrelu-int8")
-    assert decisions(model, precision="fp16")["act"][1] != "leakyrelu-int8"  # an int8 rule only
+        assert decisions(model, backend=backend)["act"] == ("fp32", "leakyrelu-float")
+    assert decisions(model, precision="fp16")["act"][1] != "leakyrelu-float"  # an int8 rule only
+
+
+# ---- data movement between integer ops (an opt-in rule: not shipped, measured no faster on the DPCRNs) ---------------
+
+DATA_MOVEMENT = Rule(name="data-movement-int8", op_types=tuple(sorted(DATA_MOVEMENT_OPS)), precision="int8",
+                     builds=("int8",))
+
+
+def test_data_movement_behind_an_integer_conv_is_int8_as_a_chain():
+    """A Reshape -> Transpose chain between two INT8 convs runs on the integer tensor (no DQ -> copy -> Q)."""
+    nodes = [helper.make_node("Sigmoid", ["x"], ["s"], name="gate"),  # conv1 is not the input layer
+             helper.make_node("Conv", ["s", "w1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Reshape", ["a", "shape"], ["r"], name="reshape"),
+             helper.make_node("Transpose", ["r"], ["t"], name="swap", perm=[0, 1, 3, 2]),
+             helper.make_node("Conv", ["t", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    inits = [init("w1", 4, 2, 3, 3), init("w2", 4, 4, 3, 3),
+             numpy_helper.from_array(np.array([1, 4, 5, 5], np.int64), "shape")]
+    model = make(nodes, [("x", [1, 2, 5, 5])], [("y", [1, 4, 5, 5])], inits)
+    for backend in ("ort", "trt"):  # TensorRT runs such copies in int8 too
+        got = decisions(model, backend=backend, rules=(*RULES, DATA_MOVEMENT))
+        assert got["reshape"] == got["swap"] == ("int8", "data-movement-int8")
+        assert got["conv1"] == got["conv2"] == ("int8", "int8-compute")
+
+
+def test_data_movement_after_a_float_op_stays_float():
+    """A Transpose reading a float op's output (here feeding an LSTM, which takes float input) would only add a
+    QuantizeLinear: it stays fp32 and the plan says why."""
+    hidden = 3
+    nodes = [helper.make_node("Sigmoid", ["x"], ["s"], name="gate"),
+             helper.make_node("Transpose", ["s"], ["t"], name="to_time_major", perm=[1, 0, 2]),
+             helper.make_node("LSTM", ["t", "w", "r"], ["y"], name="lstm", hidden_size=hidden)]
+    inits = [init("w", 1, 4 * hidden, 4), init("r", 1, 4 * hidden, hidden)]
+    model = make(nodes, [("x", [2, 5, 4])], [("y", [5, 1, 2, hidden])], inits)
+    got = decisions(model, rules=(*RULES, DATA_MOVEMENT))
+    assert got["to_time_major"] == ("fp32", "data-movement-int8: float input")
+    assert got["lstm"] == ("int8-dynamic", "lstm-dynamic")
+
+
+def test_a_concat_is_int8_only_when_every_input_is():
+    nodes = [helper.make_node("Sigmoid", ["x"], ["s"], name="gate"),
+             helper.make_node("Conv", ["s", "w1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["s", "w2"], ["b"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Concat", ["a", "b"], ["ab"], name="both_int8", axis=1),
+             helper.make_node("Concat", ["a", "s"], ["as"], name="one_float", axis=1)]
+    inits = [init("w1", 4, 2, 3, 3), init("w2", 4, 2, 3, 3)]
+    model = make(nodes, [("x", [1, 2, 5, 5])], [("ab", [1, 8, 5, 5]), ("as", [1, 6, 5, 5])], inits)
+    got = decisions(model, rules=(*RULES, DATA_MOVEMENT))
+    assert got["both_int8"] == ("int8", "data-movement-int8")
+    assert got["one_float"] == ("fp32", "data-movement-int8: float input")

@@ -136,6 +136,28 @@ def test_units_cover_the_int8_plan_and_the_rule_kept_compute(model_and_cache: tu
     assert units["fragile1"].default == units["fragile2"].default == "int8"
 
 
+def test_a_float_leakyrelu_is_a_unit_of_its_own_beside_its_conv():
+    """The shipped rule leakyrelu-float keeps LeakyRelu float; the search may make each one INT8 on its own, apart
+    from the INT8 conv before it (the default: conv INT8, activation float), also with --units group."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Sigmoid", ["x"], ["s"], name="gate"),  # conv1 is not the input layer
+             helper.make_node("Conv", ["s", "w1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("LeakyRelu", ["a"], ["b"], name="act", alpha=0.2),
+             helper.make_node("Conv", ["b", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("w1", (4, 2, 3, 3)), ("w2", (4, 4, 3, 3)))]
+    graph = helper.make_graph(nodes, "act", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 5, 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    for grouping in ("group", "node"):
+        units = {u.name: u for u in find_units(model, load_rules(), grouping=grouping)}
+        assert units["act"].nodes == ("act",) and units["act"].default == "fp32"
+        assert units["act"].rule == "leakyrelu-float"
+        assert units["conv1"].default == "int8" and "act" not in units["conv1"].nodes
+    rules = config_rules(tuple(units.values()), frozenset({"conv1", "conv2", "act"}))
+    assert plan(model, [*rules, *load_rules()], "int8", "ort").decision("act").precision == "int8"
+
+
 def test_config_rules_round_trip_through_load_rules(model_and_cache: tuple[Path, Path], tmp_path: Path):
     graph = onnx.load(str(model_and_cache[0]))
     units = find_units(graph, load_rules())
@@ -536,13 +558,13 @@ def test_spec_evaluator_in_shards_gives_the_in_process_columns(tmp_path: Path, r
 
 
 def test_a_search_starts_from_the_plan_the_specs_builds_use(tmp_path: Path):
-    """dpcrn-stream leaves skip-concat and leakyrelu-int8 out of its builds' rules: its search's base plan does too
+    """dpcrn-stream leaves skip-concat out of its builds' rules: its search's base plan does too
     (a given rules file is a whole plan)."""
     import quant
     from quant.search.models import base_rules_of
 
     names = [rule.name for rule in base_rules_of(quant.load_spec("dpcrn-stream"), "enhancer")]
-    assert "skip-concat" not in names and "leakyrelu-int8" not in names and "lstm-dynamic" in names
+    assert "skip-concat" not in names and "leakyrelu-float" in names and "lstm-dynamic" in names
     assert [r.name for r in base_rules_of(quant.load_spec("dpcrn"), "enhancer")] == [r.name for r in load_rules()]
     given = tmp_path / "rules.toml"
     given.write_text('[[rule]]\nname = "only"\nop_types = ["Conv"]\nprecision = "int8"\n')

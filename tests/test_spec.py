@@ -356,8 +356,8 @@ def test_spec_rewrite_names_are_the_implemented_rewrites() -> None:
 
 
 def test_rules_off_is_parsed_and_refuses_a_repeated_name(tmp_path: Path) -> None:
-    text = MINIMAL.replace('path = "tiny.onnx"', 'path = "tiny.onnx"\nrules_off = ["skip-concat", "leakyrelu-int8"]')
-    assert load_text(tmp_path, text).graph("enhancer").rules_off == ("skip-concat", "leakyrelu-int8")
+    text = MINIMAL.replace('path = "tiny.onnx"', 'path = "tiny.onnx"\nrules_off = ["skip-concat", "leakyrelu-float"]')
+    assert load_text(tmp_path, text).graph("enhancer").rules_off == ("skip-concat", "leakyrelu-float")
     assert load_text(tmp_path, MINIMAL).graph("enhancer").rules_off == ()  # the one default: the shipped rules
     twice = MINIMAL.replace('path = "tiny.onnx"', 'path = "tiny.onnx"\nrules_off = ["skip-concat", "skip-concat"]')
     with pytest.raises(SpecError, match=r"graphs\[1\]\.rules_off: graph 'enhancer' names a rule twice"):

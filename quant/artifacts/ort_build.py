@@ -17,8 +17,10 @@ from quant.artifacts.qdq import insert_qdq, sort_topologically, unwrap_float_nod
 from quant.backends import ort as ort_backend
 from quant.errors import BuildError, CalibrationError, ModelError
 from quant.fileio import atomic_write_bytes, temp_path_beside
-from quant.onnxgraph.graph import detach_graph_outputs, ensure_node_names, index_graph, remove_identities, state_pairs
-from quant.precision import PrecisionPlan, fp16_block_lists, ort_quant_spec, qdq_sites, trt_layer_precisions
+from quant.onnxgraph.graph import (GraphIndex, detach_graph_outputs, ensure_node_names, index_graph, remove_identities,
+                                   state_pairs)
+from quant.precision import (DATA_MOVEMENT_OPS, PrecisionPlan, data_inputs, fp16_block_lists, ort_quant_spec,
+                             qdq_sites, trt_layer_precisions)
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +123,18 @@ def unquantized_nodes(model: onnx.ModelProto, nodes: tuple[str, ...]) -> list[st
 def _require_ranges(model: onnx.ModelProto, nodes: tuple[str, ...], ranges: Mapping[str, TensorRange]) -> None:
     index = index_graph(model)
     wanted = set(nodes)
-    missing = sorted({t for n in index.nodes if n.name in wanted for t in index.activation_inputs(n)[:2]
-                      if t not in ranges})
+    missing = sorted({t for n in index.nodes if n.name in wanted for t in _ranged_inputs(index, n) if t not in ranges})
     if missing:
         raise CalibrationError(f"no calibrated range for {len(missing)} tensors that int8 nodes read, e.g. "
                                f"{missing[:5]}; calibrate this exact export (`quant calibrate`)")
+
+
+def _ranged_inputs(index: GraphIndex, node: onnx.NodeProto) -> list[str]:
+    """The activations of an int8 node that need a calibrated range: a data-movement node's data inputs (its shape,
+    starts or pads are integers), else the first two activation inputs (data, and a second operand)."""
+    if node.op_type in DATA_MOVEMENT_OPS:
+        return [t for t in data_inputs(node) if not index.is_constant(t)]
+    return list(index.activation_inputs(node)[:2])
 
 
 def build_int8_trt_qdq(

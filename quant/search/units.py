@@ -3,14 +3,17 @@
 A unit is what the search turns INT8 or keeps float as one decision. Its candidate nodes come from the ONNX Runtime
 INT8 plan of the base rules: every node the plan makes static INT8, every MatMul it makes dynamic INT8 (a Linear
 layer as DynamicQuantizeMatMul: INT8 keeps it dynamic, float reverts it), plus the compute and arithmetic nodes a rule
-keeps float for a stated reason (candidates the defaults may be too careful with). Recurrent cells (dynamic INT8 or
-float), layout and state plumbing are never candidates: they have no static integer kernel on ORT CPU.
+keeps float for a stated reason (candidates the defaults may be too careful with), LeakyRelu included (the shipped
+rule leakyrelu-float: QLinearLeakyRelu exists, but all of them INT8 cost the DPCRN its budget). Recurrent cells
+(dynamic INT8 or float), layout and state plumbing are never candidates: they have no static integer kernel on ORT
+CPU; data movement that a rule makes INT8 follows its producer by itself (quant.precision: DATA_MOVEMENT_OPS).
 
 Grouping `group` (the default) makes one unit of the candidates of one structural block (quant.onnxgraph.blocks: a
 layer with its bias/activation and the residual or mask arithmetic behind it, an attention block, a recurrent
 block's projections, a Linear-act-Linear FFN); `node` makes one unit per candidate node. A group's errors compound
 inside the block (Q, K and V all feed one softmax), so it is measured and decided as one; a lone layer's unit is
-named after its node either way.
+named after its node either way. An activation candidate (LeakyRelu) is always its own unit: INT8 or float is a
+separate choice from its layer's kernel (an INT8 conv with a float activation is the shipped default).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from quant.fileio import atomic_write_text
 from quant.precision import DEFAULT_REASON, NodeDecision, Rule, plan
 
 # op types ORT's Q/DQ quantizer turns into integer kernels (QLinearConv/MatMulInteger/QLinearAdd/QLinearMul, ...)
-SEARCHABLE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Mul"})
+SEARCHABLE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Mul", "LeakyRelu"})
+OWN_UNIT_OPS = frozenset({"LeakyRelu"})  # activations: decided apart from the layer they follow
 NEVER_UNITS = frozenset({"state-plumbing"})  # float because state error feeds back; not a speed lever
 RULE_PREFIX = "search:"
 GROUPINGS = ("group", "node")
@@ -62,7 +66,8 @@ def find_units(model: onnx.ModelProto, rules: Iterable[Rule], backend: str = "or
     blocks = block_of_nodes(index_graph(ensure_node_names(model))) if grouping == "group" else {}
     members: dict[str, list[NodeDecision]] = {}
     for decision in candidates:
-        members.setdefault(blocks.get(decision.node, decision.node), []).append(decision)
+        own = decision.op_type in OWN_UNIT_OPS
+        members.setdefault(decision.node if own else blocks.get(decision.node, decision.node), []).append(decision)
     return tuple(_unit(name, decisions) for name, decisions in members.items())
 
 
