@@ -227,7 +227,7 @@ def test_cli_commands_take_the_executor_options() -> None:
     assert isinstance(executor_from_args(args), RayExecutor)
     args = parser.parse_args(["search", "dpcrn", "--budget", "pesq_wb=-0.05", "--executor", "ray"])
     assert isinstance(executor_from_args(args), RayExecutor)
-    assert cli_search._argv(args)[-2:] == ["--executor", "ray"]  # search.json's command reproduces the run
+    assert cli_search._argv(args, "pesq_wb=-0.05")[-2:] == ["--executor", "ray"]  # search.json's command reproduces the run
     args = parser.parse_args(["run", "--quick", "--executor", "ray"])
     assert executor_changes(args) == {"executor": "ray", "ray_address": None}
     with pytest.raises(Exception, match="--ray-address needs --executor ray"):
