@@ -235,7 +235,7 @@ class Steps:
         name = f"build-{graph}-{label}-{backend}"
         outputs = [artifact, folder / META_FILE]  # meta.json holds the sha256 of every other file of the folder
         if not self.options.force and is_fresh(self.root, name, key, outputs) and _intact(folder):
-            logger.info("build %s %s %s: up to date", graph, precision, backend)
+            logger.info("build %s %s %s: up to date", graph, label, backend)
             return artifact
         options: dict[str, Any] = {"out_dir": folder, "out_root": self.root}
         if precision == "int8" and cache is not None:
@@ -505,8 +505,10 @@ class ModelSpeed:
 
 # results.json key -> the row label(s) it divides by; vs_fp32: the faster, in each timed group, of the FP32 build of
 # the graphs the builds use and (where the spec rewrites them) of the plain export, so no rewrite that slows FP32
-# flatters INT8 (quant.eval.speed.group_bases; each ratio and group names its base)
-SPEED_BASELINES = {"vs_fp32": ("ort fp32", f"ort {PLAIN_FP32}"), "vs_eager": ("torch fp32",)}
+# flatters INT8 (quant.eval.speed.group_bases; each ratio and group names its base). FP32_ROW: the ORT FP32 row of
+# the graphs the builds use (the accuracy reference; profile_rows accounts each INT8 build against it)
+FP32_ROW = "ort fp32"
+SPEED_BASELINES = {"vs_fp32": (FP32_ROW, f"ort {PLAIN_FP32}"), "vs_eager": ("torch fp32",)}
 
 
 def measure_speed(specs: Sequence[RowSpec], loads: Sequence[Any], bench: BenchOptions) -> ModelSpeed:
@@ -532,7 +534,7 @@ def profile_rows(specs: Sequence[RowSpec], loads: Sequence[Any], runs: int) -> d
     stands without it."""
     from quant.eval.profile import profile_pair
 
-    base = next((s for s in specs if s.label_in_model == PROFILED_FP32), None)
+    base = next((s for s in specs if s.label_in_model == FP32_ROW), None)
     if base is None or runs < 1:
         return {}
     out: dict[str, dict[str, Any]] = {}
@@ -556,15 +558,12 @@ def with_profiles(speed: ModelSpeed, profiles: Mapping[str, Mapping[str, Any]]) 
         if graph not in profiles.get(label, {}):
             return entry
         profile = profiles[label][graph]
-        baseline = profile_baseline(profile, entry, speed.speed.get(PROFILED_FP32, {}).get(graph, {}))
+        baseline = profile_baseline(profile, entry, speed.speed.get(FP32_ROW, {}).get(graph, {}))
         return {**entry, "profile": {**profile, **({"baseline": baseline} if baseline else {})}}
 
     merged = {label: {graph: profiled(label, graph, entry) for graph, entry in graphs.items()}
               for label, graphs in speed.speed.items()}
     return ModelSpeed(merged, speed.errors)
-
-
-PROFILED_FP32 = "ort fp32"  # the FP32 build profile_rows accounts each INT8 build against
 
 
 def profile_baseline(profile: Mapping[str, Any], int8_entry: Mapping[str, Any], fp32_entry: Mapping[str, Any]
@@ -577,13 +576,13 @@ def profile_baseline(profile: Mapping[str, Any], int8_entry: Mapping[str, Any], 
     if base is None:
         return None
     scale = 1.0
-    if base != PROFILED_FP32:
+    if base != FP32_ROW:
         to_base = _one_thread_ratio(fp32_entry)
         if to_base.get("base") != base:
             return None
         paired = float(to_base.get("paired_median", float("nan")))
         scale = paired if paired == paired else float(to_base["median_ratio"])  # nan: no per-round pairs
-    return {"label": base, "profiled": PROFILED_FP32, "scale": scale,
+    return {"label": base, "profiled": FP32_ROW, "scale": scale,
             "ceiling_ratio": float(profile["ceiling_ratio"]) * scale}
 
 
@@ -698,9 +697,9 @@ class ModelRun:
         """specs with, right after the ORT FP32 row, the FP32 build of each graph the spec's rewrites changed, as
         exported (the fp32-plain row): timed with the others so every "vs FP32" ratio divides by the faster FP32.
         Speed only: the rewrites are exact (checked against the export on real inputs), so its accuracy is the FP32
-        row's. None when nothing was rewritten or there is no ORT FP32 row."""
+        row's. specs as they are when nothing was rewritten or there is no ORT FP32 row."""
         changed = [g for g in self.spec.graphs if rewritten[g.role] != exported[g.role]]
-        index = next((i for i, s in enumerate(specs) if s.label_in_model == PROFILED_FP32), None)
+        index = next((i for i, s in enumerate(specs) if s.label_in_model == FP32_ROW), None)
         if not changed or index is None:
             return specs
         try:
@@ -709,7 +708,8 @@ class ModelRun:
         except Exception as error:  # noqa: BLE001 - the other rows stand; their ratios use the rewritten FP32
             self._fail("ort", PLAIN_FP32, error)
             return specs
-        plain = RowSpec(self.spec, "ort", PLAIN_FP32, artifacts, plain_note({g.stem: rewritten[g.role] for g in changed}))
+        note = plain_note({g.stem: rewritten[g.role] for g in changed})
+        plain = RowSpec(self.spec, "ort", PLAIN_FP32, artifacts, note)
         return [*specs[:index + 1], plain, *specs[index + 1:]]
 
     def _build_all(self, exported: Mapping[str, Path], originals: Mapping[str, Path]) -> list[RowSpec]:

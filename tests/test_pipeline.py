@@ -597,6 +597,7 @@ def test_rewritten_specs_time_the_plain_export_and_divide_by_the_faster_fp32(
     assert "0.80x (min 0.80x; paired 0.80-0.80) vs ort fp32-plain" in markdown
     assert "Ratios vs FP32 ORT divide by ort fp32-plain" in markdown
     assert "ort fp32-plain: FP32 build of the graph as exported" in markdown
+    assert "ort fp32-plain: FP32 build of the graph as exported" in (tmp_path / "report.html").read_text()
     assert "| dpcrn | ort int8 | 0.80 (0.80-0.80) vs ort fp32-plain | 1.05 |" in markdown  # ceiling 1.0 x 1.05
     csv_rows = {r["precision"]: r for r in csv.DictReader((tmp_path / "results.csv").open())}
     assert csv_rows["int8"]["ratio_vs_fp32_base"] == "ort fp32-plain"

@@ -171,8 +171,8 @@ def test_bench_profile_divides_by_the_faster_fp32_and_says_which(
         def to_dict(self) -> dict[str, object]:
             return {}
 
-    profiled = ModelProfile(paths["fp32"], paths["int8"], Comparison(), tmp_path / "rewritten.onnx",  # type: ignore[arg-type]
-                            paths["fp32-plain"])
+    profiled = ModelProfile(paths["fp32"], paths["int8"], Comparison(),  # type: ignore[arg-type]
+                            tmp_path / "rewritten.onnx", paths["fp32-plain"])
     monkeypatch.setattr(timing, "profile_model", lambda *args: profiled)
     monkeypatch.setattr(timing, "time_interleaved", time_interleaved)
     monkeypatch.setattr(timing, "timing_workload", lambda model, path: None)
