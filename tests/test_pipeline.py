@@ -602,6 +602,10 @@ def test_rewritten_specs_time_the_plain_export_and_divide_by_the_faster_fp32(
     csv_rows = {r["precision"]: r for r in csv.DictReader((tmp_path / "results.csv").open())}
     assert csv_rows["int8"]["ratio_vs_fp32_base"] == "ort fp32-plain"
     assert any("dpcrn: vs FP32 divides by ort fp32-plain" in line for line in pipeline_summary(result))
+    from quant.report.tables import ratio_cell
+
+    assert ratio_cell(plain, rows["fp32"], "vs_fp32") == "1.00x"  # the base itself, not its mean over ort fp32's
+    assert csv_rows["fp32-plain"]["ratio_vs_fp32_ort"] == "1"
 
 
 def pipeline_summary(result: pipeline.RunResult) -> list[str]:

@@ -57,7 +57,7 @@ def ratio_cell(row: Row, base: Row | None, key: str) -> str:
     stored = stored_ratio(row, key)
     if stored is not None:
         return ratio_text(stored)
-    return fmt_number(ratio(primary_latency(row), primary_latency(base) if base else None), "x")
+    return fmt_number(speed_ratio(row, base, key), "x")
 
 
 RATIO_NOTE = ("vs FP32 ORT / vs eager: median latency over the other row's median, both timed interleaved "
@@ -302,10 +302,15 @@ def _csv_change(row: Row, comparison: Comparison) -> dict[str, Any]:
 
 
 def speed_ratio(row: Row, base: Row | None, key: str) -> float | None:
-    """The median ratio of the interleaved timing the row carries, else (older results.json) the ratio of means."""
+    """The median ratio of the interleaved timing the row carries; 1 for the row its group divided by (with two FP32
+    rows, the faster); else (older results.json) the ratio of means."""
     stored = stored_ratio(row, key)
     if stored is not None:
         return float(stored["median_ratio"])
+    entry = interleaved_entry(row)
+    bases = (entry["interleaved"].get("baselines") or {}) if entry is not None else {}
+    if bases.get(key) == f"{row['backend']} {row['precision']}":
+        return 1.0
     return ratio(primary_latency(row), primary_latency(base) if base else None)
 
 
