@@ -38,8 +38,8 @@ METRIC_SCALE = {"cer": 100.0, "wer": 100.0, "cer_greedy": 100.0, "wer_greedy": 1
 # fp32-plain: the FP32 build of the graph as exported, before the spec's rewrites; speed only (its accuracy is the
 # fp32 row's: the rewrites are exact), timed beside the others so each "vs FP32" ratio divides by the faster FP32
 PLAIN_FP32 = "fp32-plain"
-PRECISION_ORDER = {"fp32": 0, PLAIN_FP32: 1, "fp16": 2, "int8": 3, "int8-searched": 4}  # int8-searched: `quant search`
-# rules
+# int8-searched: the INT8 build with `quant search` rules
+PRECISION_ORDER = {"fp32": 0, PLAIN_FP32: 1, "fp16": 2, "int8": 3, "int8-searched": 4}
 USUAL_BASES = ("ort fp32", "torch fp32")  # the rows "vs_fp32" / "vs_eager" divide by unless a faster FP32 ran
 BACKEND_ORDER = {"torch": 0, "ort": 1, "trt-sim": 2, "trt": 3}
 
