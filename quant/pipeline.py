@@ -25,7 +25,7 @@ from quant.errors import BackendUnavailable, QuantError
 from quant.eval.speed import BenchOptions
 from quant.fileio import atomic_write_json, ensure_writable_folder, sha256_bytes, sha256_file
 from quant.paths import DEFAULT_OUT_ROOT, PACKAGE_DIR
-from quant.report.rows import ResultRow
+from quant.report.rows import PLAIN_FP32, ResultRow
 from quant.spec import HIGHER_IS_BETTER, GraphSpec, ModelSpec, load_spec, resolve_manifest, shipped_specs
 from quant.tasks import FeedOptions, task_for
 from quant.tasks.common import graph_file
@@ -236,7 +236,7 @@ class Steps:
         name = f"build-{graph}-{label}-{backend}"
         outputs = [artifact, folder / META_FILE]  # meta.json holds the sha256 of every other file of the folder
         if not self.options.force and is_fresh(self.root, name, key, outputs) and _intact(folder):
-            logger.info("build %s %s %s: up to date", graph, precision, backend)
+            logger.info("build %s %s %s: up to date", graph, label, backend)
             return artifact
         options: dict[str, Any] = {"out_dir": folder, "out_root": self.root}
         if precision == "int8" and cache is not None:
@@ -299,6 +299,7 @@ class RowSpec:
     backend: str
     precision: str
     artifacts: Mapping[str, Path]  # GraphSpec.stem (dpcrn, dpcrn_stream, encoder, decoder...) -> file
+    note: str | None = None  # the plain-export FP32 row's: speed only, and why (ResultRow.note)
 
     def open(self, stem: str, threads: int) -> Runner:
         return open_runner(self.artifacts[stem], self.backend, threads)
@@ -503,7 +504,12 @@ class ModelSpeed:
     errors: Mapping[str, str]
 
 
-SPEED_BASELINES = {"vs_fp32": "ort fp32", "vs_eager": "torch fp32"}  # results.json key -> the row label it divides by
+# results.json key -> the row label(s) it divides by; vs_fp32: the faster, in each timed group, of the FP32 build of
+# the graphs the builds use and (where the spec rewrites them) of the plain export, so no rewrite that slows FP32
+# flatters INT8 (quant.eval.speed.group_bases; each ratio and group names its base). FP32_ROW: the ORT FP32 row of
+# the graphs the builds use (the accuracy reference; profile_rows accounts each INT8 build against it)
+FP32_ROW = "ort fp32"
+SPEED_BASELINES = {"vs_fp32": (FP32_ROW, f"ort {PLAIN_FP32}"), "vs_eager": ("torch fp32",)}
 
 
 def measure_speed(specs: Sequence[RowSpec], loads: Sequence[Any], bench: BenchOptions) -> ModelSpeed:
@@ -529,7 +535,7 @@ def profile_rows(specs: Sequence[RowSpec], loads: Sequence[Any], runs: int) -> d
     stands without it."""
     from quant.eval.profile import profile_pair
 
-    base = next((s for s in specs if (s.backend, s.precision) == ("ort", "fp32")), None)
+    base = next((s for s in specs if s.label_in_model == FP32_ROW), None)
     if base is None or runs < 1:
         return {}
     out: dict[str, dict[str, Any]] = {}
@@ -547,12 +553,43 @@ def profile_rows(specs: Sequence[RowSpec], loads: Sequence[Any], runs: int) -> d
 
 
 def with_profiles(speed: ModelSpeed, profiles: Mapping[str, Mapping[str, Any]]) -> ModelSpeed:
-    """speed with each profiled graph's entry given its "profile" (profile_rows)."""
-    merged = {label: {graph: ({**entry, "profile": profiles[label][graph]}
-                              if graph in profiles.get(label, {}) else entry)
-                      for graph, entry in graphs.items()}
+    """speed with each profiled graph's entry given its "profile" (profile_rows) and the FP32 it is read against
+    (profile_baseline)."""
+    def profiled(label: str, graph: str, entry: Mapping[str, Any]) -> Mapping[str, Any]:
+        if graph not in profiles.get(label, {}):
+            return entry
+        profile = profiles[label][graph]
+        baseline = profile_baseline(profile, entry, speed.speed.get(FP32_ROW, {}).get(graph, {}))
+        return {**entry, "profile": {**profile, **({"baseline": baseline} if baseline else {})}}
+
+    merged = {label: {graph: profiled(label, graph, entry) for graph, entry in graphs.items()}
               for label, graphs in speed.speed.items()}
     return ModelSpeed(merged, speed.errors)
+
+
+def profile_baseline(profile: Mapping[str, Any], int8_entry: Mapping[str, Any], fp32_entry: Mapping[str, Any]
+                     ) -> dict[str, Any] | None:
+    """The FP32 the time accounting of one INT8 graph is read against: the base of its measured 1-thread ratio
+    ("label": the faster FP32 of the group), the profiled FP32 build's paired ratio to it ("scale", 1 when they are
+    the same build) and the profile's ceiling in that base ("ceiling_ratio" = the profiled one x scale: what the plan
+    could reach over the fastest FP32). None when the ratios are missing (the row was not timed at 1 thread)."""
+    base = _one_thread_ratio(int8_entry).get("base")
+    if base is None:
+        return None
+    scale = 1.0
+    if base != FP32_ROW:
+        to_base = _one_thread_ratio(fp32_entry)
+        if to_base.get("base") != base:
+            return None
+        paired = float(to_base.get("paired_median", float("nan")))
+        scale = paired if paired == paired else float(to_base["median_ratio"])  # nan: no per-round pairs
+    return {"label": base, "profiled": FP32_ROW, "scale": scale,
+            "ceiling_ratio": float(profile["ceiling_ratio"]) * scale}
+
+
+def _one_thread_ratio(entry: Mapping[str, Any]) -> Mapping[str, Any]:
+    ratio = entry.get("threads", {}).get("1", {}).get("vs_fp32")
+    return ratio if isinstance(ratio, Mapping) else {}
 
 
 def thread_counts(backend: str, bench: BenchOptions) -> tuple[int, ...]:
@@ -572,6 +609,8 @@ def _opener(specs: Sequence[RowSpec], graph: str, bench: BenchOptions, errors: d
         runners = {}
         for spec in specs:
             label = spec.label_in_model
+            if graph not in spec.artifacts:  # the plain-export row has only the graphs the spec rewrites
+                continue
             if count in thread_counts(spec.backend, bench) and label not in errors:
                 try:
                     runners[label] = spec.open(graph, count)
@@ -586,14 +625,15 @@ def _opener(specs: Sequence[RowSpec], graph: str, bench: BenchOptions, errors: d
 
 
 def primary_numbers(spec: ModelSpec, speed: Mapping[str, Any]) -> tuple[dict[str, float] | None, float | None]:
-    """(latency stats of the first graph at 1 thread, RTF of the whole task per audio second: every graph's)."""
+    """(latency stats of the first graph at 1 thread, RTF of the whole task per audio second: every graph's; each
+    None where a graph it needs was not timed, e.g. the plain-export row of a graph the spec does not rewrite)."""
     graphs = [g.stem for g in spec.graphs]
     entries = [speed.get(g, {}).get("threads", {}).get("1") for g in graphs]
-    if any(entry is None for entry in entries):
-        return None, None
     first = entries[0]
-    assert first is not None
-    return first["latency_ms"], float(sum(entry["rtf"] for entry in entries if entry is not None))
+    latency = first["latency_ms"] if first is not None else None
+    if any(entry is None for entry in entries):
+        return latency, None
+    return latency, float(sum(entry["rtf"] for entry in entries if entry is not None))
 
 
 # ------------------------------------------------------------------------------------------------ orchestration
@@ -649,9 +689,29 @@ class ModelRun:
             for backend, precision in self._combos():
                 self._fail(backend, precision, error)
             return self.rows
-        specs = self._build_all(graphs, exported)
+        specs = self._with_plain_fp32(self._build_all(graphs, exported), exported, graphs)
         self._evaluate_all(specs, graphs)
         return self.rows
+
+    def _with_plain_fp32(self, specs: list[RowSpec], exported: Mapping[str, Path], rewritten: Mapping[str, Path]
+                         ) -> list[RowSpec]:
+        """specs with, right after the ORT FP32 row, the FP32 build of each graph the spec's rewrites changed, as
+        exported (the fp32-plain row): timed with the others so every "vs FP32" ratio divides by the faster FP32.
+        Speed only: the rewrites are exact (checked against the export on real inputs), so its accuracy is the FP32
+        row's. specs as they are when nothing was rewritten or there is no ORT FP32 row."""
+        changed = [g for g in self.spec.graphs if rewritten[g.role] != exported[g.role]]
+        index = next((i for i, s in enumerate(specs) if s.label_in_model == FP32_ROW), None)
+        if not changed or index is None:
+            return specs
+        try:
+            artifacts = {g.stem: self.steps.build(str(g.name), "fp32", "ort", exported[g.role], None,
+                                                  rules_off=g.rules_off, label=PLAIN_FP32) for g in changed}
+        except Exception as error:  # noqa: BLE001 - the other rows stand; their ratios use the rewritten FP32
+            self._fail("ort", PLAIN_FP32, error)
+            return specs
+        note = plain_note({g.stem: rewritten[g.role] for g in changed})
+        plain = RowSpec(self.spec, "ort", PLAIN_FP32, artifacts, note)
+        return [*specs[:index + 1], plain, *specs[index + 1:]]
 
     def _build_all(self, exported: Mapping[str, Path], originals: Mapping[str, Path]) -> list[RowSpec]:
         """Rows built from `exported` (the rewritten graphs); PyTorch eager runs the modules behind `originals`."""
@@ -751,6 +811,22 @@ class ModelRun:
                 self._fail(spec.backend, spec.precision, error)
 
 
+def plain_note(rewritten: Mapping[str, Path]) -> str:
+    """What the fp32-plain row is, naming each graph's rewrites and their check (quant.rewrite's record)."""
+    from quant.rewrite import rewrite_meta
+
+    parts = []
+    for stem, path in rewritten.items():
+        record = rewrite_meta(path) or {}
+        check = record.get("check") or {}
+        error = (f", outputs within {float(check['relative_error']):.1g} of the output range on "
+                 f"{check.get('feeds', '?')} real feed(s)" if "relative_error" in check else "")
+        parts.append(f"{stem}: {', '.join(record.get('rewrites') or ['rewrites'])}{error}")
+    return ("FP32 build of the graph as exported, without the spec's exact rewrites (" + "; ".join(parts)
+            + "); timed beside the other rows so that every ratio vs FP32 divides by the faster FP32 build; speed "
+            "only: its accuracy is the ort fp32 row's, the rewrites being checked against this export")
+
+
 def trt_sim_spec(ort_spec: RowSpec, exported: Mapping[str, Path]) -> RowSpec:
     """The trt-sim row of an ORT fp16/int8 row: per graph, the ONNX TensorRT's explicit mode builds from (int8: the
     symmetric Q/DQ model_trt_qdq.onnx beside ORT's model.onnx; fp16: the FP16 model.onnx itself)."""
@@ -797,7 +873,7 @@ def evaluate_row(spec: RowSpec, context: EvalContext, root: Path, options: RunOp
            "code": _eval_code_sha()}
     name = f"eval-{spec.model}-{spec.backend}-{spec.precision}"
     cached = read_stamp_payload(root, name)
-    if not options.accuracy:
+    if not options.accuracy or spec.precision == PLAIN_FP32:  # the plain export: speed only (plain_note)
         accuracy: dict[str, Any] = {"task": {}, "error_vs_fp32": {}}
     elif not options.force and _has_per_utterance(cached) and is_fresh(root, name, key, spec.artifacts.values()):
         logger.info("%s: accuracy up to date (cached)", spec.label)
@@ -816,7 +892,7 @@ def evaluate_row(spec: RowSpec, context: EvalContext, root: Path, options: RunOp
         artifacts={g: str(p) for g, p in spec.artifacts.items()}, task=accuracy["task"],
         per_utterance=accuracy.get("per_utterance", {}), error_vs_fp32=accuracy["error_vs_fp32"], speed=speed,
         latency_ms=latency, rtf=rtf, budget=row_budget(spec.spec, spec.precision), primary=row_primary(spec.spec),
-        spec=str(spec.spec.source) if spec.spec.source else None,
+        spec=str(spec.spec.source) if spec.spec.source else None, note=spec.note,
     )
 
 

@@ -73,6 +73,8 @@ class ModelProfile:
     int8: Path
     comparison: ProfileComparison
     source: Path  # the graph both were built from: the export with the spec's rewrites (or the override) applied
+    plain_fp32: Path | None = None  # the FP32 build of the export as it is, where the rewrites changed it (timed
+    # beside the others: the INT8 ratio divides by the faster FP32)
 
 
 def build_graphs(model: str, rewrites: Sequence[str] | None = None, out_root: Path = DEFAULT_OUT_ROOT
@@ -107,7 +109,11 @@ def profile_model(model: str, runs: int = 10, threads: int = 1, cache: Path | No
         cache = Path(calibrate_spec(spec, graph.role, source, feed_options=FeedOptions(graphs=graphs)).path)
     int8 = build_artifact(source, "int8", name=graph.name, out_dir=folder["int8"], cache=cache,
                           rules_off=graph.rules_off) / MODEL_FILE
-    return ModelProfile(fp32, int8, profile_pair(fp32, int8, timing_feeds(model, fp32), runs, threads), source)
+    export = reference_export(str(graph.name))
+    plain = None if source == export else build_artifact(  # beside fp32, as `quant run` names it
+        export, "fp32", name=graph.name, out_dir=(out_dir or DEFAULT_OUT_ROOT / str(graph.name)) / "fp32-plain"
+    ) / MODEL_FILE
+    return ModelProfile(fp32, int8, profile_pair(fp32, int8, timing_feeds(model, fp32), runs, threads), source, plain)
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,11 @@ class InterleavedResult:
     @property
     def stats(self) -> dict[str, LatencyStats]:
         return {label: latency_stats(values) for label, values in self.seconds.items()}
+
+    def fastest(self, labels: Sequence[str]) -> str:
+        """Of `labels` (e.g. the FP32 builds with and without rewrites), the one with the lowest median latency: the
+        base an honest ratio divides by."""
+        return min((label for label in labels if label in self.seconds), key=lambda label: self.stats[label].p50_ms)
 
     def ratios(self, base: str) -> dict[str, Ratio]:
         stats = self.stats

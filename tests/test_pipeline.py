@@ -534,3 +534,130 @@ def test_ray_executor_evaluates_rows_in_shards_with_the_same_numbers(fake_run: p
         assert mine["task"] == theirs["task"] and mine["task"]["utterances"] == 2
         assert mine["per_utterance"] == theirs["per_utterance"]
         assert set(theirs["speed"]["dpcrn"]["threads"]) == {"1", "2"}  # timed here, as always
+
+
+class RewritingFakeSteps(FakeSteps):
+    """FakeSteps whose spec 'rewrites' the export: an identical copy under rewrite/ (what a rewrite that found
+    something returns: another file); builds with a label write into <graph>/<label>/."""
+
+    def rewrite(self, spec: Any, exported: dict[str, Path]) -> dict[str, Path]:
+        target = self.root / "rewrite" / "dpcrn" / "dpcrn.deconv-to-conv.onnx"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(exported["enhancer"], target)
+        return {"enhancer": target}
+
+    def build(self, graph: str, precision: str, backend: str, source: Path, cache: Path | None,
+              rules_off: tuple[str, ...] = (), label: str | None = None) -> Path:
+        if label is None:
+            return super().build(graph, precision, backend, source, cache, rules_off)
+        FakeSteps.calls.append(f"build {graph} {precision} {backend} from {source.relative_to(self.root)} into {label}")
+        target = self.root / graph / label / "model.onnx"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+        return target
+
+
+def fixed_timing(monkeypatch: pytest.MonkeyPatch, ms: dict[str, float]) -> None:
+    """Every interleaved round gives each row label its `ms` (the timing seam: quant.eval.speed.round_robin)."""
+    from quant.eval import speed
+
+    def round_robin(steps: Any, rounds: int, warmup: int = 3, calls_per_round: int = 1) -> dict[str, list[float]]:
+        return {label: [ms[label] / 1000.0] * (rounds * calls_per_round) for label in steps}
+
+    monkeypatch.setattr(speed, "round_robin", round_robin)
+
+
+def test_rewritten_specs_time_the_plain_export_and_divide_by_the_faster_fp32(
+        fake_run: pipeline.RunOptions, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spec whose rewrites change a graph gets an `ort fp32-plain` row (the export as it is, speed only); when it
+    is faster than the rewritten FP32, every vs-FP32 ratio, the time accounting and the goals divide by it and say
+    so."""
+    monkeypatch.setattr(pipeline, "Steps", RewritingFakeSteps)
+    fixed_timing(monkeypatch, {"ort fp32": 10.5, "ort fp32-plain": 10.0, "ort fp16": 11.0, "ort int8": 8.0})
+    evaluated = count_evaluations(monkeypatch)
+    result = pipeline.run_all(fake_run)
+    assert result.ok, result.failures
+    assert "build dpcrn fp32 ort from export/dpcrn/dpcrn.onnx into fp32-plain" in FakeSteps.calls
+    assert len(evaluated) == 3  # fp32, fp16, int8: the plain row's accuracy is the FP32 row's, not evaluated again
+    rows = {row["precision"]: row for row in result.results["rows"]}
+    plain = rows["fp32-plain"]
+    assert plain["status"] == "ok" and plain["task"] == {} and "without the spec's exact rewrites" in plain["note"]
+    entry = rows["int8"]["speed"]["dpcrn"]["threads"]["1"]
+    assert entry["interleaved"]["variants"] == ["ort fp32", "ort fp32-plain", "ort fp16", "ort int8"]
+    assert entry["interleaved"]["baselines"] == {"vs_fp32": "ort fp32-plain"}
+    assert entry["vs_fp32"]["base"] == "ort fp32-plain"
+    assert entry["vs_fp32"]["median_ratio"] == pytest.approx(0.8)  # 8.0 / 10.0, not 8.0 / 10.5
+    assert rows["fp32"]["speed"]["dpcrn"]["threads"]["1"]["vs_fp32"]["median_ratio"] == pytest.approx(1.05)
+    assert "vs_fp32" not in plain["speed"]["dpcrn"]["threads"]["1"]
+    # the time accounting profiled INT8 against the rewritten FP32: its ceiling is read against the plain one
+    profile = rows["int8"]["speed"]["dpcrn"]["profile"]
+    assert profile["baseline"]["label"] == "ort fp32-plain" and profile["baseline"]["scale"] == pytest.approx(1.05)
+    assert profile["baseline"]["ceiling_ratio"] == pytest.approx(1.05 * profile["ceiling_ratio"])
+    markdown = (tmp_path / "results.md").read_text()
+    assert "0.80x (min 0.80x; paired 0.80-0.80) vs ort fp32-plain" in markdown
+    assert "Ratios vs FP32 ORT divide by ort fp32-plain" in markdown
+    assert "ort fp32-plain: FP32 build of the graph as exported" in markdown
+    assert "ort fp32-plain: FP32 build of the graph as exported" in (tmp_path / "report.html").read_text()
+    assert "| dpcrn | ort int8 | 0.80 (0.80-0.80) vs ort fp32-plain | 1.05 |" in markdown  # ceiling 1.0 x 1.05
+    csv_rows = {r["precision"]: r for r in csv.DictReader((tmp_path / "results.csv").open())}
+    assert csv_rows["int8"]["ratio_vs_fp32_base"] == "ort fp32-plain"
+    assert any("dpcrn: vs FP32 divides by ort fp32-plain" in line for line in pipeline_summary(result))
+    from quant.report.tables import ratio_cell
+
+    assert ratio_cell(plain, rows["fp32"], "vs_fp32") == "1.00x"  # the base itself, not its mean over ort fp32's
+    assert csv_rows["fp32-plain"]["ratio_vs_fp32_ort"] == "1"
+
+
+def pipeline_summary(result: pipeline.RunResult) -> list[str]:
+    from quant.report import summary_lines
+
+    return summary_lines(result.results)
+
+
+def test_the_rewritten_fp32_stays_the_base_where_it_is_faster(fake_run: pipeline.RunOptions, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline, "Steps", RewritingFakeSteps)
+    fixed_timing(monkeypatch, {"ort fp32": 10.0, "ort fp32-plain": 10.4, "ort fp16": 11.0, "ort int8": 8.0})
+    result = pipeline.run_all(fake_run)
+    assert result.ok, result.failures
+    rows = {row["precision"]: row for row in result.results["rows"]}
+    entry = rows["int8"]["speed"]["dpcrn"]["threads"]["1"]
+    assert entry["vs_fp32"]["base"] == "ort fp32" and entry["vs_fp32"]["median_ratio"] == pytest.approx(0.8)
+    assert rows["fp32-plain"]["speed"]["dpcrn"]["threads"]["1"]["vs_fp32"]["median_ratio"] == pytest.approx(1.04)
+    profile = rows["int8"]["speed"]["dpcrn"]["profile"]
+    assert profile["baseline"] == {"label": "ort fp32", "profiled": "ort fp32", "scale": 1.0,
+                                   "ceiling_ratio": profile["ceiling_ratio"]}
+    markdown = (tmp_path / "results.md").read_text()
+    assert "Ratios vs FP32 ORT divide by ort fp32, the faster" in markdown and "vs ort fp32-plain" not in markdown
+
+
+def test_no_plain_export_row_without_rewrites(fake_run: pipeline.RunOptions, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    fixed_timing(monkeypatch, {"ort fp32": 10.0, "ort fp16": 11.0, "ort int8": 8.0})
+    result = pipeline.run_all(fake_run)  # FakeSteps: the real rewrite step, which finds nothing in the identity mask
+    rows = {row["precision"]: row for row in result.results["rows"]}
+    assert set(rows) == {"fp32", "fp16", "int8"} and not any("into fp32-plain" in c for c in FakeSteps.calls)
+    entry = rows["int8"]["speed"]["dpcrn"]["threads"]["1"]
+    assert entry["interleaved"]["baselines"] == {"vs_fp32": "ort fp32"} and entry["vs_fp32"]["base"] == "ort fp32"
+    assert "Ratios vs FP32 ORT divide" not in (tmp_path / "results.md").read_text()
+
+
+def test_the_plain_export_build_is_reused_like_the_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its own folder and stamp beside the rewritten FP32's: both are up to date on a second run."""
+    import quant.artifacts
+
+    real_build = quant.artifacts.build_artifact
+    built: list[str] = []
+
+    def build(source: Path, precision: str, backend: str, **options: Any) -> Path:
+        built.append(Path(options["out_dir"]).name)
+        return real_build(source, precision, backend, **options)
+
+    monkeypatch.setattr(quant.artifacts, "build_artifact", build)
+    export, rewritten = identity_dpcrn(tmp_path / "a.onnx"), identity_dpcrn(tmp_path / "b.onnx", gain=0.5)
+    steps = pipeline.Steps(tmp_path / "engines", pipeline.RunOptions(progress=False))
+    for _ in range(2):
+        fp32 = steps.build("dpcrn", "fp32", "ort", rewritten, None)
+        plain = steps.build("dpcrn", "fp32", "ort", export, None, label="fp32-plain")
+    assert built == ["fp32", "fp32-plain"]
+    assert plain == tmp_path / "engines" / "dpcrn" / "fp32-plain" / "model.onnx" and plain != fp32

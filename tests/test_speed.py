@@ -268,3 +268,22 @@ def test_streaming_ratio_is_paired_per_round_not_per_frame():
     assert stats.runs == 40 and extra["interleaved"]["calls_per_round"] == 10
     ratio = extra["vs_fp32"]
     assert ratio["paired_p10"] == pytest.approx(1.0) and ratio["paired_p90"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("plain_s, base", [(0.010, "fp32-plain"), (0.0110, "fp32")])
+def test_a_ratio_with_two_fp32_candidates_divides_by_the_faster_and_names_it(plain_s: float, base: str) -> None:
+    """The FP32 of the rewritten graph (10.5 ms) and of the plain export: vs_fp32 is against whichever has the lower
+    median in the group, for INT8 and for the slower FP32 alike; the faster FP32 itself carries no ratio."""
+    seconds = {"fp32": 0.0105, "fp32-plain": plain_s, "int8": 0.008}
+    steps = {label: (lambda value=value: value) for label, value in seconds.items()}
+    groups = speed.time_group(steps, rounds=5, warmup=0, calls=1, baselines={"vs_fp32": ("fp32", "fp32-plain"),
+                                                                              "vs_eager": "torch fp32"})
+    other = "fp32" if base == "fp32-plain" else "fp32-plain"
+    for label, (_stats, extra) in groups.items():
+        assert extra["interleaved"]["baselines"] == {"vs_fp32": base}  # no eager ran: no vs_eager base
+        assert "vs_eager" not in extra
+    int8 = groups["int8"][1]["vs_fp32"]
+    assert int8["base"] == base and int8["median_ratio"] == pytest.approx(0.008 / seconds[base])
+    assert groups[other][1]["vs_fp32"]["base"] == base
+    assert groups[other][1]["vs_fp32"]["median_ratio"] == pytest.approx(seconds[other] / seconds[base])
+    assert "vs_fp32" not in groups[base][1]

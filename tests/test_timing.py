@@ -59,11 +59,12 @@ def test_profile_model_profiles_the_graph_the_builds_use(tmp_path: Path, monkeyp
 
     def rewrite_graphs(spec: object, graphs: dict[str, Path], out_root: Path, override: object = None) -> object:
         seen["exports"], seen["override"] = dict(graphs), override
-        return {role: SimpleNamespace(path=rewritten) for role in graphs}
+        return {role: SimpleNamespace(path=export if override == () else rewritten) for role in graphs}
 
     def build_artifact(source: Path, precision: str, **options: object) -> Path:
-        seen[f"build {precision}"] = source
-        return tmp_path / precision
+        folder = Path(str(options["out_dir"]))
+        seen[f"build {folder.name}"] = source
+        return folder
 
     def calibrate_spec(spec: object, role: str, path: Path, **options: object) -> object:
         seen["calibrated"] = path
@@ -77,7 +78,11 @@ def test_profile_model_profiles_the_graph_the_builds_use(tmp_path: Path, monkeyp
     monkeypatch.setattr(timing, "profile_pair", lambda *args: "profiled")
     profiled = timing.profile_model("dpcrn", 2, 1, None, tmp_path / "out", rewrites)
     assert seen["exports"] == {"enhancer": export} and seen["override"] == rewrites
-    assert seen["build fp32"] == seen["build int8"] == seen["calibrated"] == rewritten == profiled.source
+    built_from = export if rewrites == () else rewritten
+    assert seen["build fp32"] == seen["build int8"] == seen["calibrated"] == built_from == profiled.source
+    # the export as it is also gets an FP32 build, timed beside them (the faster FP32 is the base), where rewritten
+    assert profiled.plain_fp32 == (None if rewrites == () else tmp_path / "out" / "fp32-plain" / "model.onnx")
+    assert seen.get("build fp32-plain") == (None if rewrites == () else export)
 
 
 @pytest.mark.parametrize("flags, expected", [([], None), (["--no-rewrites"], ()),
@@ -139,3 +144,44 @@ def test_time_interleaved_rolls_a_streaming_workload_with_its_states(tmp_path: P
     calls = (4 + 1) * STREAM_ROUND_FRAMES  # warm-up round + timed rounds, every frame of the roll in turn
     assert fed["a.onnx"] == [(float(i % 3), float(i)) for i in range(calls)] == fed["b.onnx"]
     assert "streaming frames" in format_interleaved(result, "fp32")
+
+
+@pytest.mark.parametrize("plain_ms, base", [(10.0, "fp32-plain"), (11.0, "fp32")])
+def test_bench_profile_divides_by_the_faster_fp32_and_says_which(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], plain_ms: float,
+        base: str):
+    """Where the spec's rewrites changed the graph, `quant bench --profile` times the plain export's FP32 beside
+    the rewritten FP32 and INT8 (injected per-round times) and divides by the faster one."""
+    import json
+
+    import quant.eval.profile
+    from quant import timing
+    from quant.cli import main
+    from quant.timing import InterleavedResult, ModelProfile
+
+    paths = {"fp32": tmp_path / "fp32.onnx", "fp32-plain": tmp_path / "plain.onnx", "int8": tmp_path / "int8.onnx"}
+    ms = {"fp32": 10.5, "fp32-plain": plain_ms, "int8": 8.4}
+    timed: list[dict[str, Path]] = []
+
+    def time_interleaved(models: dict[str, Path], feeds: object, runs: int, threads: int) -> InterleavedResult:
+        timed.append(dict(models))
+        return InterleavedResult({label: [ms[label] / 1000.0] * 4 for label in models}, 1.0, 1.0)
+
+    class Comparison:
+        def to_dict(self) -> dict[str, object]:
+            return {}
+
+    profiled = ModelProfile(paths["fp32"], paths["int8"], Comparison(),  # type: ignore[arg-type]
+                            tmp_path / "rewritten.onnx", paths["fp32-plain"])
+    monkeypatch.setattr(timing, "profile_model", lambda *args: profiled)
+    monkeypatch.setattr(timing, "time_interleaved", time_interleaved)
+    monkeypatch.setattr(timing, "timing_workload", lambda model, path: None)
+    monkeypatch.setattr(quant.eval.profile, "format_profile", lambda comparison: "profile")
+    out = tmp_path / "bench.json"
+    assert main(["bench", "dpcrn", "--profile", "--json", str(out)]) == 0
+    assert timed == [paths]
+    written = json.loads(out.read_text())["interleaved"]
+    assert written["ratios_vs"] == base
+    assert written["ratios"]["int8"]["median_ratio"] == pytest.approx(8.4 / ms[base])
+    text = capsys.readouterr().out
+    assert ("ratios are against fp32-plain" in text) == (base == "fp32-plain")

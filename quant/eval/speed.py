@@ -303,16 +303,21 @@ STREAM_ROUND_FRAMES = 10  # streaming: consecutive frames per variant per round 
 # runs it; short, so a load change lands inside few rounds and hits every variant alike)
 
 
+Baselines = Mapping[str, str | Sequence[str]]  # results key ("vs_fp32") -> the variant it divides by, or candidates
+# of which the group's fastest (median latency) is the base: an FP32 build with and without graph rewrites
+
+
 def measure_interleaved(
     workload: GraphWorkload, runners_at: Callable[[int], Mapping[str, Runner]], options: BenchOptions,
-    threads: Sequence[int], baselines: Mapping[str, str] | None = None,
+    threads: Sequence[int], baselines: Baselines | None = None,
 ) -> dict[str, dict[str, object]]:
     """measure_graph for compared variants of one graph (FP32/FP16/INT8 builds, PyTorch eager) timed interleaved:
     at each thread count the variants `runners_at(count)` opens run round-robin (round_robin; streaming: a round is
     STREAM_ROUND_FRAMES frames of each variant's own roll), and at the first count so does the batch sweep, per batch
     size. Returns measure_graph's dict per variant label; every timing entry also carries "interleaved" (rounds,
-    calls per round, the variants, the 1-minute load average before and after) and, for each `baselines` key whose
-    variant ran in the same rounds (e.g. {"vs_fp32": "ort fp32"}), the latency_ratio against it."""
+    calls per round, the variants, the 1-minute load average before and after, and the base of each ratio) and, for
+    each `baselines` key whose variant ran in the same rounds (e.g. {"vs_fp32": "ort fp32"}; with candidates, the
+    fastest of them there: {"vs_fp32": ("ort fp32", "ort fp32-plain")}), the latency_ratio against it."""
     by_threads: dict[str, dict[str, object]] = {}  # label -> thread count -> entry
     sweeps: dict[str, dict[str, object]] = {}  # label -> batch -> entry
     for index, count in enumerate(threads):
@@ -368,25 +373,38 @@ def rolled_seconds(runners: Mapping[str, Runner], workload: GraphWorkload, round
             for label, values in seconds.items()}
 
 
-def time_group(steps: Mapping[str, Step], rounds: int, warmup: int, calls: int, baselines: Mapping[str, str]
+def time_group(steps: Mapping[str, Step], rounds: int, warmup: int, calls: int, baselines: Baselines
                ) -> dict[str, tuple[LatencyStats, dict[str, object]]]:
     """round_robin with the load average around it; per label its stats and the entry's additions (the paired ratio
-    per round: the sum of the round's `calls` calls of each variant)."""
+    per round: the sum of the round's `calls` calls of each variant; "base": the variant it divides by)."""
     before = load_average()
     seconds = round_robin(steps, rounds, warmup, calls)
     after = load_average()
     stats = {label: latency_stats(values) for label, values in seconds.items()}
+    bases = group_bases(baselines, stats)
     info = {"rounds": rounds, "calls_per_round": calls, "variants": list(steps), "load_before": before,
-            "load_after": after}
+            "load_after": after, "baselines": bases}
     out: dict[str, tuple[LatencyStats, dict[str, object]]] = {}
     # the paired ratio compares a round's stretch of calls (a single frame's time is mostly scheduling noise)
     per_round = {label: np.add.reduceat(np.asarray(values), np.arange(0, len(values), calls)).tolist()
                  for label, values in seconds.items()}
     for label in steps:
         extra: dict[str, object] = {"interleaved": info}
-        for key, base in baselines.items():
-            if base in steps and base != label:
+        for key, base in bases.items():
+            if base != label:
                 ratio = latency_ratio(stats[label], stats[base], per_round[label], per_round[base])
-                extra[key] = ratio.to_dict()
+                extra[key] = {**ratio.to_dict(), "base": base}
         out[label] = (stats[label], extra)
     return out
+
+
+def group_bases(baselines: Baselines, stats: Mapping[str, LatencyStats]) -> dict[str, str]:
+    """The variant each ratio of one timed group divides by: of a key's candidates that ran in the group, the one
+    with the lowest median latency (a ratio is honest only against the best baseline: a graph rewrite that slows the
+    FP32 build would flatter INT8); keys none of whose candidates ran are left out."""
+    bases = {}
+    for key, wanted in baselines.items():
+        present = [label for label in ((wanted,) if isinstance(wanted, str) else wanted) if label in stats]
+        if present:
+            bases[key] = min(present, key=lambda label: stats[label].p50_ms)
+    return bases

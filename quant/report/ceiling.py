@@ -18,7 +18,9 @@ CEILING_CAPTION = ("INT8 time accounting (ONNX Runtime's profiler, FP32 and INT8
                    "ratio if every op with an integer kernel ran at its INT8 kernel time and everything else at FP32 "
                    "time, conversions free; what holds the INT8 run, as shares of the FP32 run (in brackets: the part "
                    "beyond the ceiling: Q/DQ, time outside kernels (ORT's dispatch; waits on a busy machine), float "
-                   "ops slower than in FP32)")
+                   "ops slower than in FP32). All against the faster FP32 build of the interleaved timing: where "
+                   "that is the plain export (named), the profiled FP32's ceiling and shares are scaled by its "
+                   "measured ratio to it")
 HOLDBACK_SHOWN = 4
 
 
@@ -44,21 +46,34 @@ def ceiling_table(rows: Sequence[Row]) -> Table | None:
     out = []
     for row, graph, profile in found:
         measured = _measured(row, graph)
-        ceiling = float(profile["ceiling_ratio"])
+        base, scale = _baseline(profile)
+        ceiling = float(profile["ceiling_ratio"]) * scale
         gap = "-" if measured is None else f"{measured[0] - ceiling:+.2f}"
+        against = f" vs {base}" if base else ""
         out.append([graph, f"{row['backend']} {row['precision']}",
-                    "-" if measured is None else f"{measured[0]:.2f} ({measured[1]:.2f}-{measured[2]:.2f})",
+                    "-" if measured is None else f"{measured[0]:.2f} ({measured[1]:.2f}-{measured[2]:.2f}){against}",
                     f"{ceiling:.2f}", gap, f"{100 * float(profile['integer_share']):.0f} %",
-                    holdback_text(profile.get("holdback") or [])])
+                    holdback_text(profile.get("holdback") or [], scale=scale)])
     return header, out
 
 
-def holdback_text(parts: Sequence[Mapping[str, Any]], shown: int = HOLDBACK_SHOWN) -> str:
-    """`float GRU 0.45, Q/DQ and reorders 0.06 (+0.06), ...`: the largest parts as shares of the FP32 run."""
+def _baseline(profile: Mapping[str, Any]) -> tuple[str | None, float]:
+    """(the FP32 row the accounting is read against when it is not the profiled one, the profiled FP32's ratio to
+    it): quant.pipeline.profile_baseline's record; (None, 1) without one or when they are the same build."""
+    baseline = profile.get("baseline")
+    if not isinstance(baseline, Mapping) or baseline.get("label") == baseline.get("profiled"):
+        return None, 1.0
+    return str(baseline["label"]), float(baseline["scale"])
+
+
+def holdback_text(parts: Sequence[Mapping[str, Any]], shown: int = HOLDBACK_SHOWN, scale: float = 1.0) -> str:
+    """`float GRU 0.45, Q/DQ and reorders 0.06 (+0.06), ...`: the largest parts as shares of the FP32 run (x
+    `scale`: of another FP32 run, the profiled one's ratio to it)."""
     cells = []
     for part in list(parts)[:shown]:
-        above = float(part.get("above_ceiling", 0.0))
-        cells.append(f"{part['what']} {float(part['share']):.2f}" + (f" (+{above:.2f})" if above >= 0.005 else ""))
+        above = scale * float(part.get("above_ceiling", 0.0))
+        cells.append(f"{part['what']} {scale * float(part['share']):.2f}"
+                     + (f" (+{above:.2f})" if above >= 0.005 else ""))
     return ", ".join(cells) or "-"
 
 

@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 from quant.eval import stats
 from quant.eval.stats import verdict_text
 from quant.report.compare import Comparison, budget_for, comparisons, format_change, reference_row
-from quant.report.rows import (METRIC_SCALE, Row, RowKey, batch_latency, find_row, graph_latency, ok_rows,
+from quant.report.rows import (METRIC_SCALE, PLAIN_FP32, Row, RowKey, batch_latency, find_row, graph_latency, ok_rows,
                                primary_latency, ratio, ratio_text, row_key, sorted_rows, stored_ratio, task_value)
 from quant.report.targets import (EAGER_SPEEDUP, ENCODER_BATCH_GOALS, ENCODER_BATCH_RATIO,
                                    SPEED_RATIO_GOALS)
@@ -69,7 +69,9 @@ def goals(results: Mapping[str, Any], changes: Mapping[RowKey, Comparison] | Non
                       batch_latency(fp32, "encoder", batch) if fp32 else None)
         out.append(_ratio_goal(f"WeNet encoder INT8 / FP32 at batch {batch} (ORT)", value, ENCODER_BATCH_RATIO,
                                stored_ratio(int8, "vs_fp32", "encoder", batch=batch) if fp32 else None))
-    for row in (r for r in sorted_rows(rows) if r["backend"] == "ort" and r["model"] in with_eager):
+    # the plain export's FP32 row is a baseline, not a build to ship: no goal of its own
+    for row in (r for r in sorted_rows(rows) if r["backend"] == "ort" and r["model"] in with_eager
+                and r["precision"] != PLAIN_FP32):
         eager = find_row(rows, row["model"], "torch", "fp32")
         value = ratio(primary_latency(eager) if eager else None, primary_latency(row))
         stored = stored_ratio(row, "vs_eager") if eager else None

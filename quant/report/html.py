@@ -24,8 +24,8 @@ from quant.report.search import entries_of
 from quant.report.rows import (
     Row, RowKey, model_order, ok_rows, primary, simulation_note, sorted_rows, task_kind, timed_graphs,
 )
-from quant.report.tables import (CHANGE_CAPTION, Table, change_table, fmt_number, model_table, noisy_line, timing_line,
-                                 unit_line)
+from quant.report.tables import (CHANGE_CAPTION, Table, change_table, fmt_number, model_table, noisy_line, row_notes,
+                                 timing_line, unit_line)
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ def _model_section(model: str, results: Mapping[str, Any], rows: Sequence[Row], 
     timing = timing_line(rows, model)
     if timing:
         out.append(f"<p class=note>{_e(timing)}</p>")
+    out += [f"<p class=note>{_e(note)}</p>" for note in row_notes(rows)]
     if any(r["backend"] == "trt-sim" for r in rows):
         out.append(f"<p class=note>trt-sim rows: {_e(simulation_note('trt-sim'))}.</p>")
     out += [f"<p class=note>{_e(line)}</p>" for line in noisy_line(rows) if line]

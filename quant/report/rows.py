@@ -35,7 +35,12 @@ TASK_COLUMNS: dict[str, tuple[tuple[str, str, str], ...]] = {  # key, header, fo
 }
 # display unit of a metric stored as a fraction (error rates are shown in percentage points)
 METRIC_SCALE = {"cer": 100.0, "wer": 100.0, "cer_greedy": 100.0, "wer_greedy": 100.0}
-PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2, "int8-searched": 3}  # int8-searched: `quant search` rules
+# fp32-plain: the FP32 build of the graph as exported, before the spec's rewrites; speed only (its accuracy is the
+# fp32 row's: the rewrites are exact), timed beside the others so each "vs FP32" ratio divides by the faster FP32
+PLAIN_FP32 = "fp32-plain"
+# int8-searched: the INT8 build with `quant search` rules
+PRECISION_ORDER = {"fp32": 0, PLAIN_FP32: 1, "fp16": 2, "int8": 3, "int8-searched": 4}
+USUAL_BASES = ("ort fp32", "torch fp32")  # the rows "vs_fp32" / "vs_eager" divide by unless a faster FP32 ran
 BACKEND_ORDER = {"torch": 0, "ort": 1, "trt-sim": 2, "trt": 3}
 
 
@@ -60,6 +65,7 @@ class ResultRow:
     budget: Mapping[str, Any] | None = None  # {"metric", "limit", "higher_is_better"} of the spec, this precision
     primary: Mapping[str, Any] | None = None  # {"graph", "metric", "higher_is_better"} of the spec
     spec: str | None = None  # the spec file the row was run from (the report re-runs SE examples through it)
+    note: str | None = None  # what the row is when not an ordinary build (fp32-plain: speed only, and why)
 
     @classmethod
     def failed(cls, model: str, backend: str, precision: str, error: str) -> ResultRow:
@@ -75,7 +81,7 @@ class ResultRow:
                 "status": self.status, "error": self.error, "artifacts": dict(self.artifacts), "task": dict(self.task),
                 "per_utterance": dict(self.per_utterance), "error_vs_fp32": dict(self.error_vs_fp32),
                 "speed": dict(self.speed), "latency_ms": self.latency_ms, "rtf": self.rtf, "budget": self.budget,
-                "primary": self.primary, "spec": self.spec}
+                "primary": self.primary, "spec": self.spec, **({"note": self.note} if self.note else {})}
 
     @classmethod
     def from_json(cls, row: Mapping[str, Any]) -> ResultRow:
@@ -181,15 +187,24 @@ def stored_ratio(row: Row | None, key: str, graph: str | None = None, threads: s
 
 
 def ratio_text(stored: Mapping[str, Any], invert: bool = False) -> str:
-    """"0.82x (min 0.80x; paired 0.78-0.86)" with "unreliable" appended when the spreads overlap; `invert`: the
-    speed-up base / row instead."""
+    """"0.82x (min 0.80x; paired 0.78-0.86)" with "unreliable" appended when the spreads overlap and the base named
+    when it is not the usual row (ratio_base); `invert`: the speed-up base / row instead."""
     def value(key: str) -> float:
         number = float(stored[key])
         return 1.0 / number if invert and number else number
 
     low, high = sorted((value("paired_p10"), value("paired_p90")))
     text = f"{value('median_ratio'):.2f}x (min {value('min_ratio'):.2f}x; paired {low:.2f}-{high:.2f})"
-    return text if stored.get("reliable") else f"{text} unreliable"
+    text = text if stored.get("reliable") else f"{text} unreliable"
+    base = ratio_base(stored)
+    return f"{text} vs {base}" if base else text
+
+
+def ratio_base(stored: Mapping[str, Any] | None) -> str | None:
+    """The row a stored ratio divides by when it is not the usual one (USUAL_BASES): the plain export's FP32 where
+    it was faster than the rewritten graph's; None otherwise (and for results.json that does not say)."""
+    base = stored.get("base") if stored is not None else None
+    return str(base) if base and base not in USUAL_BASES else None
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:

@@ -10,9 +10,10 @@ from quant.eval.stats import verdict_text
 from quant.report.compare import CHANGE_METRICS, Comparison, change_metric, comparisons, format_change
 from quant.report.ceiling import CEILING_CAPTION, ceiling_table
 from quant.report.goals import goals
-from quant.report.rows import (METRIC_SCALE, TASK_COLUMNS, Row, RowKey, find_row, graph_latency, interleaved_entry,
-                               min_snr_db, model_order, primary, primary_latency, ratio, ratio_text, row_key,
-                               simulation_note, sorted_rows, stored_ratio, task_kind, task_value, timed_graphs)
+from quant.report.rows import (METRIC_SCALE, PLAIN_FP32, TASK_COLUMNS, Row, RowKey, find_row, graph_latency,
+                               interleaved_entry, min_snr_db, model_order, primary, primary_latency, ratio,
+                               ratio_base, ratio_text, row_key, simulation_note, sorted_rows, stored_ratio, task_kind,
+                               task_value, timed_graphs)
 
 
 def fmt_number(value: float | None, fmt: str) -> str:
@@ -56,7 +57,7 @@ def ratio_cell(row: Row, base: Row | None, key: str) -> str:
     stored = stored_ratio(row, key)
     if stored is not None:
         return ratio_text(stored)
-    return fmt_number(ratio(primary_latency(row), primary_latency(base) if base else None), "x")
+    return fmt_number(speed_ratio(row, base, key), "x")
 
 
 RATIO_NOTE = ("vs FP32 ORT / vs eager: median latency over the other row's median, both timed interleaved "
@@ -73,7 +74,23 @@ def timing_line(rows: Sequence[Row], model: str) -> str:
     info = entries[0]["interleaved"]  # the primary graph's group at 1 thread: every row of it shares the record
     return (f"Timed interleaved: {', '.join(info['variants'])} rotating round-robin in one process, "
             f"{info['rounds']} rounds x {info['calls_per_round']} call(s) each at 1 thread; 1-minute load average "
-            f"{float(info['load_before']):.2f} before, {float(info['load_after']):.2f} after. {RATIO_NOTE}.")
+            f"{float(info['load_before']):.2f} before, {float(info['load_after']):.2f} after. {RATIO_NOTE}."
+            + fp32_base_text(info))
+
+
+def fp32_base_text(info: Mapping[str, Any]) -> str:
+    """Which FP32 row "vs FP32 ORT" divides by in a timed group when the spec's rewrites gave it two."""
+    base = (info.get("baselines") or {}).get("vs_fp32")
+    if base is None or f"ort {PLAIN_FP32}" not in info["variants"]:
+        return ""
+    return (f" Ratios vs FP32 ORT divide by {base}, the faster in these rounds of the two FP32 builds (ort fp32: the "
+            f"graph the builds use, rewritten; ort {PLAIN_FP32}: the export as it is).")
+
+
+def row_notes(rows: Sequence[Row]) -> list[str]:
+    """"<backend> <precision>: <note>" of each ok row that says what it is (the plain export's FP32 row)."""
+    return [f"{row['backend']} {row['precision']}: {row['note']}." for row in rows
+            if row.get("status") == "ok" and row.get("note")]
 
 
 def markdown_table(table: Table) -> list[str]:
@@ -124,6 +141,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         lines += markdown_table(model_table(model, rows, all_rows))
         timing = timing_line(rows, model)
         lines += ["", timing] if timing else []
+        lines += [line for note in row_notes(rows) for line in ("", note)]
         if any(r["backend"] == "trt-sim" for r in rows):
             lines += ["", f"trt-sim rows: {simulation_note('trt-sim')}."]
         lines += noisy_line(rows)
@@ -216,6 +234,7 @@ CSV_FIELDS = ["model", "backend", "precision", "status", "pesq_wb", "pesq_nb", "
               # interleaved timing (ratio columns above: median over median): the ratio vs FP32 ORT's min and paired
               # per-round p10-p90, whether it is reliable (p10-p90 spreads apart or paired p10-p90 on one side of 1), the load around the timing
               "ratio_vs_fp32_min", "ratio_vs_fp32_paired_p10", "ratio_vs_fp32_paired_p90", "ratio_vs_fp32_reliable",
+              "ratio_vs_fp32_base",  # the FP32 row the ratio divides by (the faster of rewritten and plain export)
               "ratio_vs_eager_reliable", "timing_load_before", "timing_load_after", "min_snr_db_vs_fp32",
               # the primary metric's paired change vs the FP32 row `compared_with`, in the metric's stored units
               "compared_with", "change_metric", "delta", "ci_low", "ci_high", "n", "share_worse", "budget",
@@ -257,7 +276,8 @@ def _csv_row(row: Row, rows: Sequence[Row]) -> dict[str, Any]:
     stored, to_eager = stored_ratio(row, "vs_fp32"), stored_ratio(row, "vs_eager")
     if stored is not None:
         out.update(ratio_vs_fp32_min=_num(stored["min_ratio"]), ratio_vs_fp32_paired_p10=_num(stored["paired_p10"]),
-                   ratio_vs_fp32_paired_p90=_num(stored["paired_p90"]), ratio_vs_fp32_reliable=bool(stored["reliable"]))
+                   ratio_vs_fp32_paired_p90=_num(stored["paired_p90"]), ratio_vs_fp32_reliable=bool(stored["reliable"]),
+                   ratio_vs_fp32_base=stored.get("base", ""))
     if to_eager is not None:
         out["ratio_vs_eager_reliable"] = bool(to_eager["reliable"])
     entry = interleaved_entry(row)
@@ -282,10 +302,15 @@ def _csv_change(row: Row, comparison: Comparison) -> dict[str, Any]:
 
 
 def speed_ratio(row: Row, base: Row | None, key: str) -> float | None:
-    """The median ratio of the interleaved timing the row carries, else (older results.json) the ratio of means."""
+    """The median ratio of the interleaved timing the row carries; 1 for the row its group divided by (with two FP32
+    rows, the faster); else (older results.json) the ratio of means."""
     stored = stored_ratio(row, key)
     if stored is not None:
         return float(stored["median_ratio"])
+    entry = interleaved_entry(row)
+    bases = (entry["interleaved"].get("baselines") or {}) if entry is not None else {}
+    if bases.get(key) == f"{row['backend']} {row['precision']}":
+        return 1.0
     return ratio(primary_latency(row), primary_latency(base) if base else None)
 
 
@@ -320,6 +345,12 @@ def summary_lines(results: Mapping[str, Any]) -> list[str]:
             f"{fmt_number(primary_latency(row), '.3f'):>9} {fmt_number(row.get('rtf'), '.4f'):>8} "
             f"{_summary_ratio(row, fp32, 'vs_fp32'):>8} {_summary_ratio(row, eager, 'vs_eager'):>9}"
         )
+    for model in dict.fromkeys(row["model"] for row in rows):
+        bases = {base for row in rows if row["model"] == model
+                 for base in [ratio_base(stored_ratio(row, "vs_fp32"))] if base}
+        if bases:
+            lines.append(f"{model}: vs FP32 divides by {', '.join(sorted(bases))}, the faster FP32 build (the export "
+                         "without the spec's rewrites)")
     if any(_summary_ratio(row, None, key).endswith("?") for row in rows for key in ("vs_fp32", "vs_eager")):
         lines.append("?: unreliable ratio (p10-p90 latencies overlap, paired p10-p90 straddles 1); ratios are medians of "
                      "interleaved timing")
