@@ -487,6 +487,72 @@ def test_a_concat_of_activations_gets_the_exact_merge_of_their_statistics(tmp_pa
     assert cat.amax == expected
 
 
+def pad_model(path: Path) -> Path:
+    """padded = Pad(Relu(x)) with zeros (a constant 0 given), x_padded = Pad(x) (value left out: 0, pads computed
+    from constants as torch exports them); Pads of Relu(x) with 1.5, in reflect mode, cropping (a negative pad) and
+    with pads computed from x's shape, none of which holds just its input's values and zeros."""
+    pads = numpy_helper.from_array(np.array([0, 1, 0, 2], np.int64), "pads")
+    crop = numpy_helper.from_array(np.array([0, -1, 0, 4], np.int64), "crop")
+    zero = numpy_helper.from_array(np.array(0.0, np.float32), "zero")
+    one_and_half = numpy_helper.from_array(np.array(1.5, np.float32), "one_and_half")
+    two = numpy_helper.from_array(np.array([2], np.int64), "two")
+    nodes = [
+        helper.make_node("Constant", [], ["begin"], value=numpy_helper.from_array(np.array([0, 1], np.int64))),
+        helper.make_node("Concat", ["begin", "begin", "two"], ["folded"], axis=0),  # [0, 1, 0, 1, 2]
+        helper.make_node("Slice", ["folded", "one", "five"], ["folded_pads"]),  # [1, 0, 1, 2]: a row, 3 columns
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Concat", ["begin", "shape"], ["from_shape"], axis=0),  # [0, 1, B, 8]: not a constant
+        helper.make_node("Relu", ["x"], ["relu"]),
+        helper.make_node("Pad", ["relu", "pads", "zero"], ["padded"]),
+        helper.make_node("Pad", ["x", "folded_pads"], ["x_padded"]),
+        helper.make_node("Pad", ["relu", "pads", "one_and_half"], ["padded_one"]),
+        helper.make_node("Pad", ["relu", "pads"], ["reflected"], mode="reflect"),
+        helper.make_node("Pad", ["relu", "crop"], ["cropped"]),
+        helper.make_node("Pad", ["relu", "from_shape"], ["shape_padded"]),
+        helper.make_node("Add", ["relu", "relu"], ["y"]),
+    ]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["B", "W"])
+               for name in ("y", "padded_one", "reflected", "cropped", "shape_padded")]
+    ends = [numpy_helper.from_array(np.array([value], np.int64), name) for value, name in ((1, "one"), (5, "five"))]
+    graph = helper.make_graph(nodes, "pad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 8])], outputs,
+                              [pads, crop, zero, one_and_half, two, *ends])
+    return save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile", "minmax"])
+def test_a_zero_pad_gets_its_inputs_statistics_and_the_zeros_it_added(tmp_path: Path, method: str) -> None:
+    from quant.calib.ranges import ZERO_COUNT_SUFFIX
+    from quant.calib.sharded import collect_ranges_sharded
+    from quant.executor import LocalExecutor
+
+    path = pad_model(tmp_path / "m.onnx")
+    augmented = augment_model(onnx.load(str(path)))
+    counts = ("padded" + ZERO_COUNT_SUFFIX, "x_padded" + ZERO_COUNT_SUFFIX)
+    assert augmented.unions == {"padded": ("relu", counts[0]), "x_padded": ("x", counts[1])}
+    assert augmented.zero_counts == counts
+    assert augmented.fetched == ["x", "relu", "padded_one", "reflected", "cropped", "shape_padded", "y", *counts]
+    levels = (1.0, 9.0, 0.2, -1.0)  # each batch its own power-of-two range; the last has no value above 0 in relu
+    feeds = [{"x": level * np.abs(np.random.default_rng(seed).normal(size=(3, 8))).astype(np.float32)}
+             for seed, level in enumerate(levels)]
+    result = collect_ranges(path, feeds, method, QUIET)
+    assert collect_ranges_sharded(path, feeds[::-1], method, QUIET, LocalExecutor(), shards=2) == result
+    for name, source, widths in (("padded", lambda x: np.maximum(x, 0), ((0, 0), (1, 2))),
+                                 ("x_padded", lambda x: x, ((1, 1), (0, 2)))):
+        per_batch = [np.pad(source(feed["x"]), widths) for feed in feeds]  # what the Pad outputs
+        values = np.concatenate([batch.reshape(-1) for batch in per_batch])
+        padded = result.tensors[name]
+        assert (padded.minimum, padded.maximum, padded.count) == (values.min(), values.max(), values.size)
+        collected = pow2_histogram_of(per_batch, hist.collect_bins(QUIET.num_bins))  # as if fetched and counted
+        expected = {"minmax": float(np.abs(values).max()),
+                    "percentile": hist.percentile_amax(collected, QUIET.percentile),
+                    "entropy": hist.entropy_amax(hist.regrid(collected, QUIET.num_bins))}[method]
+        assert padded.amax == expected
+        if method != "minmax":
+            np.testing.assert_array_equal(result.histograms[name].counts, hist.regrid(collected, QUIET.num_bins).counts)
+    assert set(result.tensors) == {"x", "relu", "padded", "x_padded", "padded_one", "reflected", "cropped",
+                                   "shape_padded", "y"}
+
+
 def test_augment_uses_inferred_types_and_skips_non_float(tmp_path: Path) -> None:
     model = onnx.load(str(scale_relu_model(tmp_path / "m.onnx")))
     augmented = augment_model(model)

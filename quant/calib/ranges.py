@@ -282,28 +282,55 @@ def value_unions(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[st
 
 
 def zero_pads(model: onnx.ModelProto, names: list[str]) -> dict[str, str]:
-    """name -> the input of the Pad that made it, for Pads that add zeros (mode constant, value 0) to a calibrated
-    activation: the output's values are exactly the input's plus zeros."""
+    """name -> the input of the Pad that made it, for Pads that only add zeros to a calibrated activation (mode
+    constant, value 0, pads that are constants >= 0: a negative pad crops), whose output holds exactly the input's
+    values plus zeros. Pads computed from constants (as torch's export writes them) are folded here."""
     calibrated = set(names)
-    constants = _constant_values(model)
     pads = {}
     for node in model.graph.node:
+        if node.op_type != "Pad" or node.input[0] not in calibrated or node.output[0] not in calibrated:
+            continue
         attributes = {attribute.name: onnx.helper.get_attribute_value(attribute) for attribute in node.attribute}
-        value_input = node.input[2] if len(node.input) > 2 else ""
-        value = constants.get(value_input) if value_input else np.array(attributes.get("value", 0.0))
-        if (node.op_type == "Pad" and attributes.get("mode", b"constant") == b"constant" and node.input[0] in calibrated
-                and node.output[0] in calibrated and value is not None and value.size == 1 and float(value) == 0.0):
+        if attributes.get("mode", b"constant") != b"constant":
+            continue
+        if len(node.input) > 1:  # opset >= 11: pads and the value are inputs (the value defaults to 0)
+            widths = constant_value(model, node.input[1])
+            value = constant_value(model, node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(1)
+        else:
+            widths, value = np.array(attributes.get("pads", [])), np.array(attributes.get("value", 0.0))
+        if widths is not None and value is not None and np.all(widths >= 0) and value.size == 1 and value.item() == 0:
             pads[node.output[0]] = node.input[0]
     return pads
 
 
-def _constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Initializers and Constant node outputs (tensor-valued) by name."""
-    values = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            values[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
-    return values
+def constant_value(model: onnx.ModelProto, name: str) -> np.ndarray | None:
+    """The value of tensor `name` when it follows from initializers and Constant nodes alone, else None."""
+    makers = {output: node for node in model.graph.node for output in node.output}
+    initializers = {init.name: init for init in model.graph.initializer}
+    needed: list[onnx.NodeProto] = []
+    pending, seen = [name], set()
+    while pending:
+        tensor = pending.pop()
+        if tensor in seen or tensor in initializers or not tensor:
+            continue
+        seen.add(tensor)
+        if tensor not in makers:  # a graph input: not a constant
+            return None
+        needed.append(makers[tensor])
+        pending.extend(makers[tensor].input)
+    order = {id(node): index for index, node in enumerate(model.graph.node)}
+    nodes = sorted({id(node): node for node in needed}.values(), key=lambda node: order[id(node)])
+    used = {tensor for node in nodes for tensor in node.input} | {name}
+    graph = onnx.helper.make_graph(nodes, "constant", [], [onnx.helper.make_tensor_value_info(name, 0, None)],
+                                   [initializers[tensor] for tensor in used if tensor in initializers])
+    try:
+        from onnx.reference import ReferenceEvaluator
+
+        subgraph = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+        return np.asarray(ReferenceEvaluator(subgraph).run(None, {})[0])
+    except Exception as error:  # noqa: BLE001 - an op the reference cannot run: treated as not constant
+        log.debug("could not fold %s: %s", name, error)
+        return None
 
 
 def _add_zero_count(graph: onnx.GraphProto, name: str, source: str) -> str:
