@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from quant.calib import histogram as hist
-from quant.calib.ranges import RangeOptions, _run_pass, augment_model, collect_ranges
+from quant.calib.ranges import RangeOptions, _run_pass, augment_model, collect_ranges, new_stats
 from quant.errors import CalibrationError, ModelError
 
 QUIET = RangeOptions(progress=False)
@@ -173,6 +173,27 @@ def test_pow2_histogram_is_identical_in_any_batch_order_and_split() -> None:
         merged = hist.Pow2Histogram.merged(parts[::-1] if seed % 2 else parts, 64)
         np.testing.assert_array_equal(merged.counts, reference.counts)
         assert (merged.exponent, merged.amax) == (reference.exponent, reference.amax)
+
+
+def test_small_batches_wait_and_give_the_statistics_of_counting_each_at_once() -> None:
+    """Streaming frames are counted a chunk at a time: the same min/max, counts and histogram as one update per
+    batch, non-finite values included."""
+    batches = [*growing_batches(), np.array([np.nan, -np.inf, 2.5], np.float32), np.zeros(0, np.float32)]
+    one_by_one, grouped = new_stats(True, QUIET), new_stats(True, QUIET)
+    for batch in batches:
+        one_by_one.add(batch)
+        one_by_one.flush()
+        grouped.add(batch)
+    assert grouped.pending_size == sum(batch.size for batch in batches)  # nothing counted yet
+    grouped.flush()
+    assert grouped.minmax == one_by_one.minmax and grouped.pending == []
+    assert grouped.histogram is not None and one_by_one.histogram is not None
+    assert (grouped.histogram.exponent, grouped.histogram.amax) == (one_by_one.histogram.exponent,
+                                                                    one_by_one.histogram.amax)
+    np.testing.assert_array_equal(grouped.histogram.counts, one_by_one.histogram.counts)
+    big = new_stats(False, QUIET)
+    big.add(np.ones(hist.CHUNK_ELEMENTS, np.float32))  # a chunk's worth is counted at once
+    assert big.pending == [] and big.minmax.count == hist.CHUNK_ELEMENTS
 
 
 def test_pow2_histogram_refuses_values_above_its_range() -> None:
