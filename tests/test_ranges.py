@@ -550,7 +550,7 @@ def test_a_zero_pad_gets_its_inputs_statistics_and_the_zeros_it_added(tmp_path: 
     augmented = augment_model(onnx.load(str(path)))
     counts = ("padded" + ZERO_COUNT_SUFFIX, "x_padded" + ZERO_COUNT_SUFFIX)
     assert augmented.unions == {"padded": ("relu", counts[0]), "x_padded": ("x", counts[1])}
-    assert augmented.zero_counts == counts
+    assert augmented.extra_outputs == counts
     assert augmented.fetched == ["x", "relu", "padded_one", "reflected", "cropped", "shape_padded", "y", *counts]
     levels = (1.0, 9.0, 0.2, -1.0)  # each batch its own power-of-two range; the last has no value above 0 in relu
     feeds = [{"x": level * np.abs(np.random.default_rng(seed).normal(size=(3, 8))).astype(np.float32)}
@@ -572,6 +572,67 @@ def test_a_zero_pad_gets_its_inputs_statistics_and_the_zeros_it_added(tmp_path: 
             np.testing.assert_array_equal(result.histograms[name].counts, hist.regrid(collected, QUIET.num_bins).counts)
     assert set(result.tensors) == {"x", "relu", "padded", "x_padded", "padded_one", "reflected", "cropped",
                                    "shape_padded", "y"}
+
+
+def slice_model(path: Path) -> Path:
+    """Slices along one axis, step 1: of x (empty: start 6 > end 3), of Relu(x) (negative end) and of that slice
+    (a chain, on the batch axis), of Neg(x) (int32 indices, negative start and axis); a second slice of x and a
+    step-2 slice of Abs(x), which derive nothing."""
+    def indices(name: str, values: list[int], dtype: type = np.int64) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.array(values, dtype), name)
+
+    constants = [indices("six", [6]), indices("three", [3]), indices("one", [1]), indices("two", [2]),
+                 indices("minus_one", [-1]), indices("zero", [0]), indices("ten", [10]),
+                 indices("minus_four32", [-4], np.int32), indices("hundred32", [100], np.int32),
+                 indices("minus_one32", [-1], np.int32)]
+    nodes = [
+        helper.make_node("Slice", ["x", "six", "three", "one"], ["empty"]),
+        helper.make_node("Slice", ["x", "two", "ten", "one"], ["x_again"]),
+        helper.make_node("Relu", ["x"], ["relu"]),
+        helper.make_node("Slice", ["relu", "two", "minus_one", "one"], ["relu_cut"]),
+        helper.make_node("Slice", ["relu_cut", "zero", "one", "zero"], ["relu_cut_row"]),
+        helper.make_node("Neg", ["x"], ["neg"]),
+        helper.make_node("Slice", ["neg", "minus_four32", "hundred32", "minus_one32"], ["neg_tail"]),
+        helper.make_node("Abs", ["x"], ["abs"]),
+        helper.make_node("Slice", ["abs", "zero", "ten", "one", "two"], ["abs_even"]),
+    ]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["B", "W"])
+               for name in ("empty", "x_again", "relu_cut_row", "neg_tail", "abs_even")]
+    graph = helper.make_graph(nodes, "slice", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 10])],
+                              outputs, constants)
+    return save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile", "minmax"])
+def test_a_sliced_activation_gets_the_statistics_of_its_slice_and_the_parts_left_out(tmp_path: Path,
+                                                                                     method: str) -> None:
+    from quant.calib.sharded import collect_ranges_sharded
+    from quant.executor import LocalExecutor
+
+    path = slice_model(tmp_path / "m.onnx")
+    augmented = augment_model(onnx.load(str(path)))
+    assert {name: parts[0] for name, parts in augmented.unions.items()} == {
+        "x": "empty", "relu": "relu_cut", "relu_cut": "relu_cut_row", "neg": "neg_tail"}
+    assert augmented.fetched[:6] == ["empty", "x_again", "relu_cut_row", "neg_tail", "abs", "abs_even"]
+    assert len(augmented.extra_outputs) == 8  # before and after each of the 4 slices
+    levels = (1.0, 9.0, 0.2)  # each batch its own power-of-two range
+    feeds = [{"x": level * np.random.default_rng(seed).normal(size=(3, 10)).astype(np.float32)}
+             for seed, level in enumerate(levels)]
+    result = collect_ranges(path, feeds, method, QUIET)
+    assert collect_ranges_sharded(path, feeds[::-1], method, QUIET, LocalExecutor(), shards=2) == result
+    expected_values = {"x": lambda x: x, "relu": lambda x: np.maximum(x, 0),
+                       "relu_cut": lambda x: np.maximum(x, 0)[:, 2:-1], "neg": lambda x: -x}
+    for name, values_of in expected_values.items():
+        per_batch = [values_of(feed["x"]) for feed in feeds]
+        values = np.concatenate([batch.reshape(-1) for batch in per_batch])
+        derived = result.tensors[name]
+        assert (derived.minimum, derived.maximum, derived.count) == (values.min(), values.max(), values.size)
+        collected = pow2_histogram_of(per_batch, hist.collect_bins(QUIET.num_bins))  # as if fetched and counted
+        expected = {"minmax": float(np.abs(values).max()),
+                    "percentile": hist.percentile_amax(collected, QUIET.percentile),
+                    "entropy": hist.entropy_amax(hist.regrid(collected, QUIET.num_bins))}[method]
+        assert derived.amax == expected, name
+    assert result.tensors["empty"].count == 0
 
 
 def test_augment_uses_inferred_types_and_skips_non_float(tmp_path: Path) -> None:

@@ -215,17 +215,21 @@ def collect_statistics(
 
 def with_derived(stats: Mapping[str, TensorStats], augmented: Augmented, histograms: bool, options: RangeOptions
                  ) -> dict[str, TensorStats]:
-    """Statistics of every calibrated name, in graph order (sources first): an alias shares (the same object as) its
-    source's, a union is the exact merge of its inputs'."""
+    """Statistics of every calibrated name: an alias shares (the same object as) its source's, a union is the exact
+    merge of its parts' (a Slice's input is derived from its output, which may be derived in turn)."""
     for item in stats.values():
         item.flush()
     every = dict(stats)
-    for name in augmented.names:
-        if name in augmented.unions:
-            every[name] = merge_stats([every[source] for source in augmented.unions[name]], histograms, options)
-        elif name in augmented.aliases:
-            every[name] = every[augmented.aliases[name]]
-    return {name: every[name] for name in augmented.names}
+
+    def resolve(name: str) -> TensorStats:
+        if name not in every:
+            if name in augmented.unions:
+                every[name] = merge_stats([resolve(part) for part in augmented.unions[name]], histograms, options)
+            else:
+                every[name] = resolve(augmented.aliases[name])
+        return every[name]
+
+    return {name: resolve(name) for name in augmented.names}
 
 
 def merge_stats(parts: Sequence[TensorStats], histograms: bool, options: RangeOptions) -> TensorStats:
@@ -257,31 +261,38 @@ class Augmented:
     model: onnx.ModelProto
     names: list[str]  # every float activation calibrated, in graph order
     aliases: dict[str, str]  # name -> the tensor holding the same values (see _SAME_VALUES_OPS)
-    # name -> the tensors whose values it holds, all of them (see _UNION_OPS); a zero Pad: its input and zero count
+    # name -> the tensors whose values it holds, all of them: a Concat's inputs (_UNION_OPS), a zero Pad's input and
+    # zero count, a Slice's input: the slice and the two parts left out
     unions: dict[str, tuple[str, ...]]
     skipped: list[str]  # activations of unknown type, not calibrated
-    zero_counts: tuple[str, ...] = ()  # int64 outputs added to the graph: zeros a Pad added (ZERO_COUNT_SUFFIX)
+    # outputs added to the graph, parts of unions but not calibrated themselves: the zeros a Pad added (int64), the
+    # parts of a Slice's input before and after the slice
+    extra_outputs: tuple[str, ...] = ()
 
     @property
     def fetched(self) -> list[str]:
-        """The outputs to run: activations whose statistics follow from no other's, then the zero counts."""
+        """The outputs to run: activations whose statistics follow from no other's, then the extra outputs."""
         activations = [name for name in self.names if name not in self.aliases and name not in self.unions]
-        return activations + list(self.zero_counts)
+        return activations + list(self.extra_outputs)
 
 
 def augment_model(model: onnx.ModelProto) -> Augmented:
     """A copy exposing every float activation as an output, except those whose statistics follow from others'."""
     augmented, names, skipped = _expose(model)
     aliases, unions = value_aliases(model, names), value_unions(model, names)
-    padded = {name: source for name, source in zero_pads(model, names).items() if name not in aliases}
-    zero_counts = tuple(_add_zero_count(augmented.graph, name, source) for name, source in padded.items())
-    unions.update({name: (source, count) for (name, source), count in zip(padded.items(), zero_counts)})
+    extra: list[str] = []
+    for name, source in zero_pads(model, names).items():
+        unions[name] = (source, _add_zero_count(augmented.graph, name, source))
+        extra.append(unions[name][1])
+    for name, node in sliced_inputs(model, names, set(aliases) | set(unions)).items():
+        unions[name] = (node.output[0], *_add_slice_complement(augmented.graph, node))
+        extra.extend(unions[name][1:])
     originals = {output.name for output in model.graph.output}
     kept = [output for output in augmented.graph.output
             if output.name in originals or (output.name not in aliases and output.name not in unions)]
     del augmented.graph.output[:]
     augmented.graph.output.extend(kept)
-    return Augmented(augmented, names, aliases, unions, skipped, zero_counts)
+    return Augmented(augmented, names, aliases, unions, skipped, tuple(extra))
 
 
 def value_aliases(model: onnx.ModelProto, names: list[str]) -> dict[str, str]:
@@ -323,6 +334,56 @@ def zero_pads(model: onnx.ModelProto, names: list[str]) -> dict[str, str]:
         if widths is not None and value is not None and np.all(widths >= 0) and value.size == 1 and value.item() == 0:
             pads[node.output[0]] = node.input[0]
     return pads
+
+
+def sliced_inputs(model: onnx.ModelProto, names: list[str], derived: set[str]) -> dict[str, onnx.NodeProto]:
+    """name -> a Slice of it along one axis with step 1 (both calibrated, the input not derived otherwise): its
+    values are exactly those of the slice and of the parts before and after it (`_add_slice_complement`)."""
+    calibrated = set(names)
+    slices: dict[str, onnx.NodeProto] = {}
+    for node in model.graph.node:
+        source = node.input[0] if node.input else ""
+        if (node.op_type != "Slice" or len(node.input) < 4 or source not in calibrated or source in derived
+                or source in slices or node.output[0] not in calibrated or node.output[0] in derived):
+            continue
+        axes = constant_value(model, node.input[3]) if node.input[3] else None
+        steps = constant_value(model, node.input[4]) if len(node.input) > 4 and node.input[4] else np.ones(1)
+        if axes is not None and axes.size == 1 and steps is not None and np.all(steps == 1):
+            slices[source] = node
+    return slices
+
+
+def _add_slice_complement(graph: onnx.GraphProto, node: onnx.NodeProto) -> tuple[str, str]:
+    """Add the parts of a one-axis, step-1 Slice's input before and after the slice to `graph` as outputs; returns
+    their names. The slice starts at s = clamp(start (+ dim if < 0), 0, dim), as ONNX defines it, and is as long as
+    its output is along the axis, so the parts are input[:s] and input[s + len:], also for an empty slice."""
+    source, sliced, starts, axes = node.input[0], node.output[0], node.input[1], node.input[3]
+    prefix = sliced + "/quant_"
+    constants = {"zero": [0], "last": [np.iinfo(np.int64).max]}
+    graph.node.extend([onnx.helper.make_node("Constant", [], [prefix + key], value=onnx.numpy_helper.from_array(
+        np.array(value, np.int64))) for key, value in constants.items()])
+    make = onnx.helper.make_node
+    int64 = onnx.TensorProto.INT64
+    graph.node.extend([
+        make("Cast", [axes], [prefix + "axes"], to=int64),
+        make("Cast", [starts], [prefix + "start"], to=int64),
+        make("Shape", [source], [prefix + "shape"]),
+        make("Gather", [prefix + "shape", prefix + "axes"], [prefix + "dim"]),
+        make("Less", [prefix + "start", prefix + "zero"], [prefix + "negative"]),
+        make("Add", [prefix + "start", prefix + "dim"], [prefix + "wrapped"]),
+        make("Where", [prefix + "negative", prefix + "wrapped", prefix + "start"], [prefix + "unclamped"]),
+        make("Max", [prefix + "unclamped", prefix + "zero"], [prefix + "positive"]),
+        make("Min", [prefix + "positive", prefix + "dim"], [prefix + "begin"]),
+        make("Shape", [sliced], [prefix + "sliced_shape"]),
+        make("Gather", [prefix + "sliced_shape", prefix + "axes"], [prefix + "length"]),
+        make("Add", [prefix + "begin", prefix + "length"], [prefix + "end"]),
+        make("Slice", [source, prefix + "zero", prefix + "begin", prefix + "axes"], [prefix + "before"]),
+        make("Slice", [source, prefix + "end", prefix + "last", prefix + "axes"], [prefix + "after"]),
+    ])
+    parts = (prefix + "before", prefix + "after")
+    elem_type = next(output.type.tensor_type.elem_type for output in graph.output if output.name == source)
+    graph.output.extend(onnx.helper.make_tensor_value_info(part, elem_type, None) for part in parts)
+    return parts
 
 
 def constant_value(model: onnx.ModelProto, name: str) -> np.ndarray | None:
