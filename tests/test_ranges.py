@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from quant.calib import histogram as hist
-from quant.calib.ranges import RangeOptions, _run_pass, augment_model, collect_ranges, new_stats
+from quant.calib.ranges import RangeOptions, _run_pass, augment_model, balanced_groups, collect_ranges, new_stats
 from quant.errors import CalibrationError, ModelError
 
 QUIET = RangeOptions(progress=False)
@@ -194,6 +194,12 @@ def test_small_batches_wait_and_give_the_statistics_of_counting_each_at_once() -
     big = new_stats(False, QUIET)
     big.add(np.ones(hist.CHUNK_ELEMENTS, np.float32))  # a chunk's worth is counted at once
     assert big.pending == [] and big.minmax.count == hist.CHUNK_ELEMENTS
+
+
+def test_a_batch_updates_in_one_work_item_per_thread_of_about_equal_size() -> None:
+    assert balanced_groups([5, 1, 4, 2, 3], 2) == [[0, 3, 1], [2, 4]]  # 8 and 7 values
+    assert balanced_groups([7, 7], 4) == [[0], [1]]  # no empty work items
+    assert balanced_groups([], 2) == []
 
 
 def test_pow2_histogram_refuses_values_above_its_range() -> None:
