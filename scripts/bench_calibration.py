@@ -172,7 +172,8 @@ def run_benchmark(args: argparse.Namespace) -> None:
         print(f"histogram collection (1 pass, {len(stats)} tensors): {time.perf_counter() - start:.1f} s")
         usable = {name: hist.regrid(item.histogram, hist.NUM_BINS) for name, item in stats.items()
                   if item.histogram is not None and item.histogram.amax > 0}  # the 2048 bins the search reads
-        names = list(usable)
+        augmented = augment_model(onnx.load(str(model_path)))  # ORT's collector sees fetched tensors (and aliases)
+        names = [name for name in usable if augmented.aliases.get(name, name) in set(augmented.fetched)]
         picked = [names[int(i)] for i in np.linspace(0, len(names) - 1, min(args.max_tensors, len(names)))]
         ours_hist = {name: usable[name] for name in picked}
         ort_hist = ort_histograms(model_path, feeds, picked)

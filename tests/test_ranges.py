@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from quant.calib import histogram as hist
-from quant.calib.ranges import RangeOptions, _run_pass, augment_model, collect_ranges
+from quant.calib.ranges import RangeOptions, _run_pass, augment_model, balanced_groups, collect_ranges, new_stats
 from quant.errors import CalibrationError, ModelError
 
 QUIET = RangeOptions(progress=False)
@@ -173,6 +173,33 @@ def test_pow2_histogram_is_identical_in_any_batch_order_and_split() -> None:
         merged = hist.Pow2Histogram.merged(parts[::-1] if seed % 2 else parts, 64)
         np.testing.assert_array_equal(merged.counts, reference.counts)
         assert (merged.exponent, merged.amax) == (reference.exponent, reference.amax)
+
+
+def test_small_batches_wait_and_give_the_statistics_of_counting_each_at_once() -> None:
+    """Streaming frames are counted a chunk at a time: the same min/max, counts and histogram as one update per
+    batch, non-finite values included."""
+    batches = [*growing_batches(), np.array([np.nan, -np.inf, 2.5], np.float32), np.zeros(0, np.float32)]
+    one_by_one, grouped = new_stats(True, QUIET), new_stats(True, QUIET)
+    for batch in batches:
+        one_by_one.add(batch)
+        one_by_one.flush()
+        grouped.add(batch)
+    assert grouped.pending_size == sum(batch.size for batch in batches)  # nothing counted yet
+    grouped.flush()
+    assert grouped.minmax == one_by_one.minmax and grouped.pending == []
+    assert grouped.histogram is not None and one_by_one.histogram is not None
+    assert (grouped.histogram.exponent, grouped.histogram.amax) == (one_by_one.histogram.exponent,
+                                                                    one_by_one.histogram.amax)
+    np.testing.assert_array_equal(grouped.histogram.counts, one_by_one.histogram.counts)
+    big = new_stats(False, QUIET)
+    big.add(np.ones(hist.CHUNK_ELEMENTS, np.float32))  # a chunk's worth is counted at once
+    assert big.pending == [] and big.minmax.count == hist.CHUNK_ELEMENTS
+
+
+def test_a_batch_updates_in_one_work_item_per_thread_of_about_equal_size() -> None:
+    assert balanced_groups([5, 1, 4, 2, 3], 2) == [[0, 3, 1], [2, 4]]  # 8 and 7 values
+    assert balanced_groups([7, 7], 4) == [[0], [1]]  # no empty work items
+    assert balanced_groups([], 2) == []
 
 
 def test_pow2_histogram_refuses_values_above_its_range() -> None:
@@ -485,6 +512,133 @@ def test_a_concat_of_activations_gets_the_exact_merge_of_their_statistics(tmp_pa
     expected = {"minmax": float(np.abs(values).max()), "percentile": hist.percentile_amax(collected, QUIET.percentile),
                 "entropy": hist.entropy_amax(hist.regrid(collected, QUIET.num_bins))}[method]
     assert cat.amax == expected
+
+
+def pad_model(path: Path) -> Path:
+    """padded = Pad(Relu(x)) with zeros (a constant 0 given), x_padded = Pad(x) (value left out: 0, pads computed
+    from constants as torch exports them); Pads of Relu(x) with 1.5, in reflect mode, cropping (a negative pad) and
+    with pads computed from x's shape, none of which holds just its input's values and zeros."""
+    pads = numpy_helper.from_array(np.array([0, 1, 0, 2], np.int64), "pads")
+    crop = numpy_helper.from_array(np.array([0, -1, 0, 4], np.int64), "crop")
+    zero = numpy_helper.from_array(np.array(0.0, np.float32), "zero")
+    one_and_half = numpy_helper.from_array(np.array(1.5, np.float32), "one_and_half")
+    two = numpy_helper.from_array(np.array([2], np.int64), "two")
+    nodes = [
+        helper.make_node("Constant", [], ["begin"], value=numpy_helper.from_array(np.array([0, 1], np.int64))),
+        helper.make_node("Concat", ["begin", "begin", "two"], ["folded"], axis=0),  # [0, 1, 0, 1, 2]
+        helper.make_node("Slice", ["folded", "one", "five"], ["folded_pads"]),  # [1, 0, 1, 2]: a row, 3 columns
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Concat", ["begin", "shape"], ["from_shape"], axis=0),  # [0, 1, B, 8]: not a constant
+        helper.make_node("Relu", ["x"], ["relu"]),
+        helper.make_node("Pad", ["relu", "pads", "zero"], ["padded"]),
+        helper.make_node("Pad", ["x", "folded_pads"], ["x_padded"]),
+        helper.make_node("Pad", ["relu", "pads", "one_and_half"], ["padded_one"]),
+        helper.make_node("Pad", ["relu", "pads"], ["reflected"], mode="reflect"),
+        helper.make_node("Pad", ["relu", "crop"], ["cropped"]),
+        helper.make_node("Pad", ["relu", "from_shape"], ["shape_padded"]),
+        helper.make_node("Add", ["relu", "relu"], ["y"]),
+    ]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["B", "W"])
+               for name in ("y", "padded_one", "reflected", "cropped", "shape_padded")]
+    ends = [numpy_helper.from_array(np.array([value], np.int64), name) for value, name in ((1, "one"), (5, "five"))]
+    graph = helper.make_graph(nodes, "pad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 8])], outputs,
+                              [pads, crop, zero, one_and_half, two, *ends])
+    return save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile", "minmax"])
+def test_a_zero_pad_gets_its_inputs_statistics_and_the_zeros_it_added(tmp_path: Path, method: str) -> None:
+    from quant.calib.ranges import ZERO_COUNT_SUFFIX
+    from quant.calib.sharded import collect_ranges_sharded
+    from quant.executor import LocalExecutor
+
+    path = pad_model(tmp_path / "m.onnx")
+    augmented = augment_model(onnx.load(str(path)))
+    counts = ("padded" + ZERO_COUNT_SUFFIX, "x_padded" + ZERO_COUNT_SUFFIX)
+    assert augmented.unions == {"padded": ("relu", counts[0]), "x_padded": ("x", counts[1])}
+    assert augmented.extra_outputs == counts
+    assert augmented.fetched == ["x", "relu", "padded_one", "reflected", "cropped", "shape_padded", "y", *counts]
+    levels = (1.0, 9.0, 0.2, -1.0)  # each batch its own power-of-two range; the last has no value above 0 in relu
+    feeds = [{"x": level * np.abs(np.random.default_rng(seed).normal(size=(3, 8))).astype(np.float32)}
+             for seed, level in enumerate(levels)]
+    result = collect_ranges(path, feeds, method, QUIET)
+    assert collect_ranges_sharded(path, feeds[::-1], method, QUIET, LocalExecutor(), shards=2) == result
+    for name, source, widths in (("padded", lambda x: np.maximum(x, 0), ((0, 0), (1, 2))),
+                                 ("x_padded", lambda x: x, ((1, 1), (0, 2)))):
+        per_batch = [np.pad(source(feed["x"]), widths) for feed in feeds]  # what the Pad outputs
+        values = np.concatenate([batch.reshape(-1) for batch in per_batch])
+        padded = result.tensors[name]
+        assert (padded.minimum, padded.maximum, padded.count) == (values.min(), values.max(), values.size)
+        collected = pow2_histogram_of(per_batch, hist.collect_bins(QUIET.num_bins))  # as if fetched and counted
+        expected = {"minmax": float(np.abs(values).max()),
+                    "percentile": hist.percentile_amax(collected, QUIET.percentile),
+                    "entropy": hist.entropy_amax(hist.regrid(collected, QUIET.num_bins))}[method]
+        assert padded.amax == expected
+        if method != "minmax":
+            np.testing.assert_array_equal(result.histograms[name].counts, hist.regrid(collected, QUIET.num_bins).counts)
+    assert set(result.tensors) == {"x", "relu", "padded", "x_padded", "padded_one", "reflected", "cropped",
+                                   "shape_padded", "y"}
+
+
+def slice_model(path: Path) -> Path:
+    """Slices along one axis, step 1: of x (empty: start 6 > end 3), of Relu(x) (negative end) and of that slice
+    (a chain, on the batch axis), of Neg(x) (int32 indices, negative start and axis); a second slice of x and a
+    step-2 slice of Abs(x), which derive nothing."""
+    def indices(name: str, values: list[int], dtype: type = np.int64) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.array(values, dtype), name)
+
+    constants = [indices("six", [6]), indices("three", [3]), indices("one", [1]), indices("two", [2]),
+                 indices("minus_one", [-1]), indices("zero", [0]), indices("ten", [10]),
+                 indices("minus_four32", [-4], np.int32), indices("hundred32", [100], np.int32),
+                 indices("minus_one32", [-1], np.int32)]
+    nodes = [
+        helper.make_node("Slice", ["x", "six", "three", "one"], ["empty"]),
+        helper.make_node("Slice", ["x", "two", "ten", "one"], ["x_again"]),
+        helper.make_node("Relu", ["x"], ["relu"]),
+        helper.make_node("Slice", ["relu", "two", "minus_one", "one"], ["relu_cut"]),
+        helper.make_node("Slice", ["relu_cut", "zero", "one", "zero"], ["relu_cut_row"]),
+        helper.make_node("Neg", ["x"], ["neg"]),
+        helper.make_node("Slice", ["neg", "minus_four32", "hundred32", "minus_one32"], ["neg_tail"]),
+        helper.make_node("Abs", ["x"], ["abs"]),
+        helper.make_node("Slice", ["abs", "zero", "ten", "one", "two"], ["abs_even"]),
+    ]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["B", "W"])
+               for name in ("empty", "x_again", "relu_cut_row", "neg_tail", "abs_even")]
+    graph = helper.make_graph(nodes, "slice", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 10])],
+                              outputs, constants)
+    return save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile", "minmax"])
+def test_a_sliced_activation_gets_the_statistics_of_its_slice_and_the_parts_left_out(tmp_path: Path,
+                                                                                     method: str) -> None:
+    from quant.calib.sharded import collect_ranges_sharded
+    from quant.executor import LocalExecutor
+
+    path = slice_model(tmp_path / "m.onnx")
+    augmented = augment_model(onnx.load(str(path)))
+    assert {name: parts[0] for name, parts in augmented.unions.items()} == {
+        "x": "empty", "relu": "relu_cut", "relu_cut": "relu_cut_row", "neg": "neg_tail"}
+    assert augmented.fetched[:6] == ["empty", "x_again", "relu_cut_row", "neg_tail", "abs", "abs_even"]
+    assert len(augmented.extra_outputs) == 8  # before and after each of the 4 slices
+    levels = (1.0, 9.0, 0.2)  # each batch its own power-of-two range
+    feeds = [{"x": level * np.random.default_rng(seed).normal(size=(3, 10)).astype(np.float32)}
+             for seed, level in enumerate(levels)]
+    result = collect_ranges(path, feeds, method, QUIET)
+    assert collect_ranges_sharded(path, feeds[::-1], method, QUIET, LocalExecutor(), shards=2) == result
+    expected_values = {"x": lambda x: x, "relu": lambda x: np.maximum(x, 0),
+                       "relu_cut": lambda x: np.maximum(x, 0)[:, 2:-1], "neg": lambda x: -x}
+    for name, values_of in expected_values.items():
+        per_batch = [values_of(feed["x"]) for feed in feeds]
+        values = np.concatenate([batch.reshape(-1) for batch in per_batch])
+        derived = result.tensors[name]
+        assert (derived.minimum, derived.maximum, derived.count) == (values.min(), values.max(), values.size)
+        collected = pow2_histogram_of(per_batch, hist.collect_bins(QUIET.num_bins))  # as if fetched and counted
+        expected = {"minmax": float(np.abs(values).max()),
+                    "percentile": hist.percentile_amax(collected, QUIET.percentile),
+                    "entropy": hist.entropy_amax(hist.regrid(collected, QUIET.num_bins))}[method]
+        assert derived.amax == expected, name
+    assert result.tensors["empty"].count == 0
 
 
 def test_augment_uses_inferred_types_and_skips_non_float(tmp_path: Path) -> None:

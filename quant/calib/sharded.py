@@ -133,6 +133,8 @@ def run_shard(shard: Shard[Any], context: ModelContext) -> ShardStats:
     stats = {name: new_stats(context.histograms, context.options) for name in context.names}
     batches = _run_pass(session, list(context.names), _shard_feeds(shard), context.options, "shard",
                         lambda name, value: stats[name].add(value))
+    for item in stats.values():  # nothing pending travels back
+        item.flush()
     return ShardStats(stats, batches, len(shard.covers))
 
 
