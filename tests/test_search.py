@@ -156,6 +156,9 @@ def test_a_float_leakyrelu_is_a_unit_of_its_own_beside_its_conv():
         assert units["conv1"].default == "int8" and "act" not in units["conv1"].nodes
     rules = config_rules(tuple(units.values()), frozenset({"conv1", "conv2", "act"}))
     assert plan(model, [*rules, *load_rules()], "int8", "ort").decision("act").precision == "int8"
+    # TensorRT fuses the activation into conv1: on the trt plan an INT8 LeakyRelu is one more quantization point
+    trt_units = {u.name for u in find_units(model, load_rules(), backend="trt")}
+    assert "act" not in trt_units and {"conv1", "conv2"} <= trt_units
 
 
 def test_config_rules_round_trip_through_load_rules(model_and_cache: tuple[Path, Path], tmp_path: Path):

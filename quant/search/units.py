@@ -35,6 +35,9 @@ from quant.precision import DEFAULT_REASON, NodeDecision, Rule, plan
 # op types ORT's Q/DQ quantizer turns into integer kernels (QLinearConv/MatMulInteger/QLinearAdd/QLinearMul, ...)
 SEARCHABLE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Mul", "LeakyRelu"})
 OWN_UNIT_OPS = frozenset({"LeakyRelu"})  # activations: decided apart from the layer they follow
+# TensorRT fuses a pointwise activation into the conv/GEMM before it (the fused layer's output precision is the
+# layer's), so on the trt plan a float activation made INT8 adds a quantization point before it and saves nothing
+FUSED_ON_TRT = OWN_UNIT_OPS
 NEVER_UNITS = frozenset({"state-plumbing"})  # float because state error feeds back; not a speed lever
 RULE_PREFIX = "search:"
 GROUPINGS = ("group", "node")
@@ -62,7 +65,7 @@ def find_units(model: onnx.ModelProto, rules: Iterable[Rule], backend: str = "or
     int8_plan = plan(model, tuple(rules), "int8", backend, streaming_states(model))
     candidates = [d for d in int8_plan.decisions if d.precision == "int8" or (
         d.precision in ("fp32", "int8-dynamic") and d.rule != DEFAULT_REASON and d.rule not in NEVER_UNITS
-        and d.op_type in SEARCHABLE_OPS)]
+        and d.op_type in SEARCHABLE_OPS and not (backend == "trt" and d.op_type in FUSED_ON_TRT))]
     blocks = block_of_nodes(index_graph(ensure_node_names(model))) if grouping == "group" else {}
     members: dict[str, list[NodeDecision]] = {}
     for decision in candidates:
