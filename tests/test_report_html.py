@@ -131,7 +131,7 @@ def test_page_is_self_contained_and_well_formed(results: dict[str, Any]) -> None
 def test_plan_and_calibration_come_from_the_artifacts(results: dict[str, Any]) -> None:
     text = render_html(results, HtmlOptions(examples=False))
     assert "input-layer" in text and "int8-compute" in text  # the rules that decided, with their reasons
-    assert "the layer reading the raw input feature" in text  # input-layer's why in precision_default.toml
+    assert "the first compute layer on the graph input" in text  # input-layer's why in precision_default.toml
     assert "Shape 3 (fp32)" in text  # no rule matched: listed, not tabled
     calibration = text[text.index("<h3>Calibration"):]
     # /enc/conv_out: |x| up to 10, percentile amax 2 -> 80 % of the range clipped, listed before /dec/add_out (2.5 %)
