@@ -416,3 +416,15 @@ def test_a_speed_only_run_shows_no_accuracy_goals() -> None:
         row["task"] = {}
         row.pop("per_utterance", None)
     assert not any("change vs FP32" in g.name for g in report.goals({"rows": rows}))
+
+
+def test_the_trade_off_plot_places_a_row_at_its_median_latency_like_the_search_points():
+    """A busy machine's few preempted runs pull a mean far from the median; the plot (and the searched points beside
+    the rows, which the search gives as medians) use the median."""
+    from quant.report.plots import plot_points
+
+    row = {"model": "dpcrn", "backend": "ort", "precision": "int8", "status": "ok",
+           "task": {"pesq_wb": 1.7}, "speed": speed("dpcrn", 200.0)}
+    row["speed"]["dpcrn"]["threads"]["1"]["latency_ms"]["mean_ms"] = 900.0  # outliers
+    (point,) = plot_points("dpcrn", [row], {})
+    assert point.x == 200.0

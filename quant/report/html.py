@@ -131,7 +131,7 @@ def _tradeoff(model: str, results: Mapping[str, Any], rows: Sequence[Row]) -> li
                 "the change the search measured on its validation split); line: their frontier."
                 if search_points(results, model, primary(rows, model).metric) else "")
     return ["<h3>Trade-off</h3>", _figure(render_plot(results, [model]), f"{model} task metric against latency",
-                                          "Task metric against mean latency for every timed backend and precision "
+                                          "Task metric against median latency for every timed backend and precision "
                                           "(simulated rows have no latency)." + searched)]
 
 

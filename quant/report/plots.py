@@ -29,14 +29,19 @@ class PlotPoint:
     color: str
 
 
+PLOT_LATENCY = "p50_ms"  # the latency statistic the trade-off plot places rows by
+
+
 def plot_points(model: str, rows: Sequence[Row], changes: Mapping[RowKey, Comparison]) -> list[PlotPoint]:
-    """A row's mean with, as its error bar, its FP32 reference's mean plus the paired change's interval: the
-    uncertainty that matters when choosing a precision (the unpaired spread over utterances would hide it)."""
+    """A row at its median latency (as the ratios and the search's points: a few preempted runs move a mean on a busy
+    machine) and its metric value, with, as its error bar, its FP32 reference's value plus the paired change's
+    interval: the uncertainty that matters when choosing a precision (the unpaired spread over utterances would hide
+    it)."""
     metric = primary(rows, model).metric
     scale = METRIC_SCALE.get(metric, 1.0)
     points = []
     for row in rows:
-        x, y = primary_latency(row), task_value(row, metric)
+        x, y = primary_latency(row, PLOT_LATENCY), task_value(row, metric)
         if x is None or y is None:
             continue
         low = high = y
@@ -114,7 +119,7 @@ def _marker_box(ax: Any, point: PlotPoint, half_px: float = 5.0) -> Any:
 
 
 def render_plot(results: Mapping[str, Any], models: Sequence[str] | None = None) -> bytes:
-    """PNG: primary task metric vs mean latency (1 thread), one panel per model (all, or `models`), one marker per
+    """PNG: primary task metric vs median latency (1 thread), one panel per model (all, or `models`), one marker per
     backend, error bars for the 95 % interval of each row's change vs FP32, reference lines for FP32 and the noisy
     input, and the searched configurations with their frontier where results.json has a "search" entry."""
     import matplotlib
@@ -179,7 +184,7 @@ def _draw_panel(ax: Any, model: str, profile: Primary, points: Sequence[PlotPoin
                                metric in METRIC_SCALE))
     ax.margins(x=0.15)  # room for labels beside the outermost points
     ax.set_title(f"{model}: bars = 95 % interval of the change vs FP32", fontsize=9)
-    ax.set_xlabel(f"{graph} mean latency, ms (1 thread)")
+    ax.set_xlabel(f"{graph} median latency, ms (1 thread)")
     ax.set_ylabel(f"{PLOT_AXIS.get(metric, metric)}, {'higher' if higher else 'lower'} is better")
     ax.grid(True, alpha=0.3)
     if references or searched:
