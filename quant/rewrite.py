@@ -34,6 +34,7 @@ from onnx import helper, numpy_helper
 
 from quant.errors import BuildError, ModelError
 from quant.fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from quant.onnxgraph.graph import default_opset
 
 log = logging.getLogger(__name__)
 
@@ -422,7 +423,7 @@ def gru_step_to_matmul(model: onnx.ModelProto) -> RewriteResult:
         return RewriteResult(model, ())
     constants = _constants(graph)
     lengths = _leading_dims(model, [n.input[0] for n in grus])
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    opset = default_opset(model) or 13
     new_nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
     done = []

@@ -16,8 +16,8 @@ import numpy as np
 from quant.errors import ModelError
 from quant.paths import DEFAULT_OUT_ROOT
 from quant.eval.profile import Feeds, ProfileComparison, profile_pair
-from quant.eval.speed import (GraphWorkload, LatencyStats, Ratio, interleaved_seconds, latency_ratio, latency_stats,
-                              STREAM_ROUND_FRAMES, load_average, rolled_seconds)
+from quant.eval.speed import (GraphWorkload, LatencyStats, Ratio, group_bases, interleaved_seconds, latency_ratio,
+                              latency_stats, STREAM_ROUND_FRAMES, load_average, rolled_seconds)
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class InterleavedResult:
     def fastest(self, labels: Sequence[str]) -> str:
         """Of `labels` (e.g. the FP32 builds with and without rewrites), the one with the lowest median latency: the
         base an honest ratio divides by."""
-        return min((label for label in labels if label in self.seconds), key=lambda label: self.stats[label].p50_ms)
+        return group_bases({"base": tuple(labels)}, self.stats)["base"]
 
     def ratios(self, base: str) -> dict[str, Ratio]:
         stats = self.stats

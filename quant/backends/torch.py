@@ -94,16 +94,6 @@ GRAPHS: dict[str, Callable[[Path | None], tuple[torch.nn.Module, list[str], list
 }
 
 
-def onnx_io_names(path: Path) -> tuple[list[str], list[str]]:
-    """Graph input (non-initializer) and output names of an ONNX file, without loading its weights."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    initializers = {init.name for init in model.graph.initializer}
-    inputs = [value.name for value in model.graph.input if value.name not in initializers]
-    return inputs, [value.name for value in model.graph.output]
-
-
 def torch_runner(
     graph: str | os.PathLike[str] | torch.nn.Module, threads: int = 1, weights: str | os.PathLike[str] | None = None
 ) -> TorchRunner:
@@ -117,7 +107,10 @@ def torch_runner(
         raise ModelError(f"{graph}: no PyTorch module for graph {name!r}; expected one of {sorted(GRAPHS)}")
     module, inputs, outputs = GRAPHS[name](Path(weights) if weights is not None else None)
     if path.suffix == ".onnx" and path.is_file():
-        onnx_inputs, onnx_outputs = onnx_io_names(path)
+        from quant.onnxgraph.graph import graph_interface
+
+        interface = graph_interface(path)
+        onnx_inputs, onnx_outputs = list(interface.inputs), list(interface.outputs)
         _check_names(path, inputs, onnx_inputs, "inputs")
         outputs = onnx_outputs[: len(outputs)] if len(onnx_outputs) >= len(outputs) else outputs
     return TorchRunner(module, inputs, outputs, threads)

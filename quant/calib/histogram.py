@@ -86,6 +86,12 @@ class MinMaxAccumulator:
         self.minimum = min(self.minimum, low)
         self.maximum = max(self.maximum, high)
 
+    def add_zeros(self, count: int) -> None:
+        """As if `count` zeros were added (a zero Pad's padding), without making them."""
+        if count > 0:
+            self.minimum, self.maximum = min(self.minimum, 0.0), max(self.maximum, 0.0)
+            self.count += count
+
     @property
     def amax(self) -> float:
         """max |x| over the finite values seen; 0 when nothing finite was seen."""
@@ -179,6 +185,10 @@ class Pow2Histogram:
         elif exponent > self.exponent:
             self.counts = _merge_pairs(self.counts, exponent - self.exponent)
             self.exponent = exponent
+
+    def add_zeros(self, count: int) -> None:
+        """As if `count` zeros were counted (bin 0 holds zero in every range)."""
+        self.counts[0] += max(count, 0)
 
     def add(self, values: np.ndarray, finite: bool = False) -> None:
         """Count the finite |x| of `values`, all of which must lie below the covered range; `finite`: the caller

@@ -22,6 +22,7 @@ import onnx
 from onnx import version_converter
 
 from quant.errors import BuildError, ModelError
+from quant.onnxgraph.graph import default_opset
 from quant.fileio import atomic_write_bytes, atomic_write_json, sha256_file, temp_path_beside
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,6 @@ class UpgradeResult:
     def to_meta(self) -> dict[str, Any]:
         return {"path": str(self.path), "source_opset": self.source_opset, "opset": self.opset,
                 "max_abs_error": self.max_abs_error, "check_inputs": self.check_inputs, "fallback": self.fallback}
-
-
-def default_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def ensure_opset(model_path: str | Path, min_opset: int = MIN_QDQ_OPSET, out_dir: str | Path | None = None,

@@ -156,13 +156,9 @@ class TensorStats:
 
     def add_zeros(self, count: int) -> None:
         """As if `count` zeros were added."""
-        if count <= 0:
-            return
-        self.minmax.minimum = min(self.minmax.minimum, 0.0)
-        self.minmax.maximum = max(self.minmax.maximum, 0.0)
-        self.minmax.count += count
+        self.minmax.add_zeros(count)
         if self.histogram is not None:
-            self.histogram.counts[0] += count
+            self.histogram.add_zeros(count)
 
 
 def new_stats(histograms: bool, options: RangeOptions) -> TensorStats:

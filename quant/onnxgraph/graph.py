@@ -3,17 +3,61 @@ which graph inputs are recurrent states. Shared by the precision rules, the Q/DQ
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
 from typing import Mapping
 
 import onnx
+
+from quant.errors import ModelError
 
 STATE_OUTPUT_SUFFIXES = ("_out", "_new")
 LAYOUT_OPS = frozenset(
     {"Slice", "Gather", "Split", "Squeeze", "Unsqueeze", "Reshape", "Transpose", "Concat", "Identity", "Flatten",
      "Expand", "Cast"}
 )
+
+
+Shape = tuple[int | str, ...]  # declared dimensions; a dynamic one is its symbol, or '?'
+
+
+@dataclass(frozen=True)
+class GraphInterface:
+    """What callers see of an ONNX file: its inputs (initializers left out) with their declared shapes, in order, its
+    output names and its default-domain opset."""
+
+    inputs: Mapping[str, Shape]
+    outputs: tuple[str, ...]
+    opset: int
+
+
+def graph_interface(path: str | Path) -> GraphInterface:
+    """The interface of the ONNX file at `path`, parsed once per version of the file (its mtime and size): tasks
+    resolve their graph files several times a run, and parsing a large model each time would cost more than the
+    checks that ask. A file that is no ONNX model is a ModelError naming it."""
+    status = Path(path).stat()
+    return _graph_interface(str(path), status.st_mtime_ns, status.st_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _graph_interface(path: str, mtime_ns: int, size: int) -> GraphInterface:
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as error:  # protobuf's DecodeError and friends: the file is not an ONNX model
+        raise ModelError(f"{path}: not a readable ONNX model: {error}") from None
+    constants = {init.name for init in model.graph.initializer}
+    inputs = {value.name: tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                                for d in value.type.tensor_type.shape.dim)
+              for value in model.graph.input if value.name not in constants}
+    return GraphInterface(MappingProxyType(inputs), tuple(v.name for v in model.graph.output), default_opset(model))
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's default-domain (ai.onnx) opset; 0 when it imports none."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ import numpy as np
 from quant.errors import ModelError
 from quant.spec import ModelSpec, SpecError
 from quant.tasks import task_for
-from quant.tasks.common import FeedOptions, input_shapes, io_names, open_artifact, select, utterances
+from quant.onnxgraph.graph import graph_interface
+from quant.tasks.common import FeedOptions, open_artifact, select, utterances
 
 Shape = tuple[Any, ...]
 
@@ -68,8 +69,6 @@ def check_spec(spec: ModelSpec, graphs: Mapping[str, Path]) -> SpecCheck:
 
 
 def _check_graph(spec: ModelSpec, role: str, path: Path, feeds: Any) -> GraphCheck:
-    import onnx
-
     if spec.streaming is not None and role == _streaming_role(spec):
         _check_shapes(spec, role, path, {s.input: np.zeros(s.shape) for s in spec.streaming.states if s.shape})
     try:
@@ -83,15 +82,14 @@ def _check_graph(spec: ModelSpec, role: str, path: Path, feeds: Any) -> GraphChe
     _check_shapes(spec, role, path, feed)
     runner = open_artifact(path)
     runner.run(select(runner, feed, role))  # anything else the graph refuses: one line naming the input
-    opset = next((o.version for o in onnx.load(str(path), load_external_data=False).opset_import
-                  if o.domain in ("", "ai.onnx")), 0)
-    return GraphCheck(role, path, opset, input_shapes(path), io_names(path)[1],
+    interface = graph_interface(path)
+    return GraphCheck(role, path, interface.opset, interface.inputs, interface.outputs,
                       {name: tuple(np.shape(value)) for name, value in feed.items()})
 
 
 def _check_shapes(spec: ModelSpec, role: str, path: Path, feed: Mapping[str, Any]) -> None:
     """Each fed array against the graph's fixed dimensions, naming the spec table that shaped it."""
-    declared = input_shapes(path)
+    declared = graph_interface(path).inputs
     for name, value in feed.items():
         want, got = declared.get(name), tuple(np.shape(value))
         if want is None:

@@ -3,7 +3,6 @@ escape hatch (.npz / module:function feeds), graph wiring and the streaming roll
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import zipfile
@@ -16,6 +15,7 @@ import numpy as np
 from quant.backends import Runner, open_runner
 from quant.calib.readers import batched  # noqa: F401  (the tasks' batching is the readers' own)
 from quant.errors import ModelError
+from quant.onnxgraph.graph import graph_interface
 from quant.spec import GraphSpec, ModelSpec, SpecError, StreamingSpec, resolve_manifest
 
 log = logging.getLogger(__name__)
@@ -111,22 +111,8 @@ def graph_file(spec: ModelSpec, graph: GraphSpec, export_dir: Path | None = None
 
 def io_names(path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """An ONNX file's graph input names (initializers left out) and output names."""
-    status = path.stat()
-    return _io_names(str(path), status.st_mtime_ns, status.st_size)
-
-
-@functools.lru_cache(maxsize=32)
-def _io_names(path: str, mtime_ns: int, size: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    # keyed by the file's mtime and size: a task resolves its graph file several times a run, and parsing a large
-    # model's protobuf each time would cost more than the check
-    import onnx
-
-    try:
-        graph = onnx.load(str(path), load_external_data=False).graph
-    except Exception as error:  # protobuf's DecodeError and friends: the file is not an ONNX model
-        raise ModelError(f"{path}: not a readable ONNX model: {error}") from None
-    constants = {init.name for init in graph.initializer}
-    return (tuple(v.name for v in graph.input if v.name not in constants), tuple(v.name for v in graph.output))
+    interface = graph_interface(path)
+    return tuple(interface.inputs), interface.outputs
 
 
 def open_artifact(artifact: Artifact, threads: int = 1) -> Runner:
@@ -139,13 +125,7 @@ def open_artifact(artifact: Artifact, threads: int = 1) -> Runner:
 
 def input_shapes(path: Path) -> dict[str, tuple[int | str, ...]]:
     """Declared shapes of an ONNX file's inputs (a dynamic dimension is its symbol, or '?')."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    constants = {init.name for init in graph.initializer}
-    return {value.name: tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
-                              for d in value.type.tensor_type.shape.dim)
-            for value in graph.input if value.name not in constants}
+    return dict(graph_interface(path).inputs)
 
 
 def select(runner: Runner, feeds: Mapping[str, np.ndarray], graph: str) -> Feed:
