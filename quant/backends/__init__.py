@@ -38,6 +38,26 @@ class Runner(Protocol):
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
+class BoundRun(Protocol):
+    """One graph with its tensors bound once (BindingRunner.bind): `run()` runs it on the bound inputs, nothing else;
+    state inputs are fed from their outputs of the previous run inside the backend."""
+
+    def set_input(self, name: str, value: np.ndarray) -> None: ...
+
+    def run(self) -> None: ...
+
+    def outputs(self) -> dict[str, np.ndarray]: ...
+
+
+@runtime_checkable
+class BindingRunner(Runner, Protocol):
+    """A Runner that can also bind its tensors once for repeated runs, as a deployed streaming loop does (ONNX
+    Runtime's IOBinding): the timing harness uses it where a backend offers it, so a timed call measures the graph
+    and not per-call checks, dict building and state copies. `carry`: state input -> the output feeding it next run."""
+
+    def bind(self, feeds: Mapping[str, np.ndarray], carry: Mapping[str, str] | None = None) -> BoundRun: ...
+
+
 def open_runner(
     path_or_model: str | os.PathLike[str] | "torch.nn.Module", backend: str = "ort", threads: int = 1
 ) -> Runner:

@@ -131,6 +131,12 @@ class OrtRunner:
         values = self.session.run(names, {k: feeds[k] for k in self.input_names})
         return dict(zip(names, values))
 
+    def bind(self, feeds: Mapping[str, np.ndarray], carry: Mapping[str, str] | None = None) -> OrtBoundRun:
+        """The graph bound once to copies of `feeds` (checked here, not per run) for repeated runs: see
+        OrtBoundRun. `carry`: state input -> the output that feeds it on the next run."""
+        self._check(feeds)
+        return OrtBoundRun(self, feeds, carry or {})
+
     def _check(self, feeds: Mapping[str, np.ndarray]) -> None:
         missing = [n for n in self.input_names if n not in feeds]
         extra = [n for n in feeds if n not in self.input_names]
@@ -149,6 +155,79 @@ class OrtRunner:
                 if isinstance(want, int) and want > 0 and want != got_dim:
                     raise ModelError(f"{self.path.name}: input {spec.name!r} axis {axis} must be {want}, "
                                      f"got shape {list(value.shape)}")
+
+
+class OrtBoundRun:
+    """An OrtRunner's graph bound once over numpy buffers that ONNX Runtime reads and writes in place (IOBinding on
+    OrtValues sharing their memory), as a deployed streaming loop runs it: `run()` is session.run_with_iobinding and
+    nothing else (no input check, no feed dict, no state copied in or out). Carried states ping-pong between two
+    bindings: each reads the state buffers the other wrote, so a state stays where ORT wrote it. Output shapes come
+    from one unbound run of the bound feeds, made here; inputs keep their shapes (set_input copies into them)."""
+
+    def __init__(self, runner: OrtRunner, feeds: Mapping[str, np.ndarray], carry: Mapping[str, str]) -> None:
+        self._name = runner.path.name
+        self._session = runner.session
+        ort = _ort()
+        first = runner.run(feeds)  # the output shapes the buffers take, from the inputs bound below
+        _check_carry(self._name, carry, feeds, first)
+        self._carry = dict(carry)
+        self._inputs = {name: np.array(feeds[name], order="C") for name in runner.input_names}  # our own copies
+        plain_outputs = [name for name in runner.output_names if name not in self._carry.values()]
+        self._outputs = {name: np.empty_like(first[name], order="C") for name in plain_outputs}
+        # state buffers, per state input: [0] read by binding 0 and written by binding 1, [1] the other way round
+        self._states = {state: (self._inputs[state], np.empty_like(self._inputs[state])) for state in self._carry}
+        self._bindings = []
+        for turn in (0, 1):
+            binding = self._session.io_binding()
+            for name, value in self._inputs.items():
+                buffer = self._states[name][turn] if name in self._states else value
+                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(buffer))
+            for name, value in self._outputs.items():
+                binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(value))
+            for state, output in self._carry.items():
+                binding.bind_ortvalue_output(output, ort.OrtValue.ortvalue_from_numpy(self._states[state][1 - turn]))
+            self._bindings.append(binding)
+        self._turn = 0
+
+    def set_input(self, name: str, value: np.ndarray) -> None:
+        """Copy `value` into the bound input `name` (a frame): same shape and dtype as the feed it was bound to."""
+        if name in self._carry:
+            raise ModelError(f"{self._name}: input {name!r} is a carried state; it is fed by its output, not set")
+        buffer = self._inputs.get(name)
+        if buffer is None:
+            raise ModelError(f"{self._name}: no input {name!r}; the model takes {sorted(self._inputs)}")
+        if not isinstance(value, np.ndarray) or value.shape != buffer.shape or value.dtype != buffer.dtype:
+            got = f"{value.dtype} {list(value.shape)}" if isinstance(value, np.ndarray) else type(value).__name__
+            raise ModelError(f"{self._name}: input {name!r} is bound as {buffer.dtype} {list(buffer.shape)}, got {got}")
+        np.copyto(buffer, value)
+
+    def run(self) -> None:
+        self._session.run_with_iobinding(self._bindings[self._turn])
+        self._turn = 1 - self._turn
+
+    def outputs(self) -> dict[str, np.ndarray]:
+        """Copies of the last run's outputs (state outputs included), by name."""
+        written = self._turn  # the state buffers the last run wrote are the ones the next run reads
+        states = {output: self._states[state][written] for state, output in self._carry.items()}
+        return {name: value.copy() for name, value in {**self._outputs, **states}.items()}
+
+
+def _check_carry(model: str, carry: Mapping[str, str], feeds: Mapping[str, np.ndarray],
+                 outputs: Mapping[str, np.ndarray]) -> None:
+    """Each carried state's output exists, feeds no other state, and has its input's shape and dtype."""
+    taken: dict[str, str] = {}
+    for state, output in carry.items():
+        if state not in feeds or output not in outputs:
+            raise ModelError(f"{model}: carried state {state!r} -> {output!r}: the model has inputs "
+                             f"{sorted(feeds)} and outputs {sorted(outputs)}")
+        if output in taken:
+            raise ModelError(f"{model}: output {output!r} feeds both {taken[output]!r} and {state!r}; carry one "
+                             "state per output")
+        taken[output] = state
+        want, got = feeds[state], outputs[output]
+        if want.shape != got.shape or want.dtype != got.dtype:
+            raise ModelError(f"{model}: state output {output!r} is {got.dtype} {list(got.shape)}, but feeds input "
+                             f"{state!r} of {want.dtype} {list(want.shape)}")
 
 
 def trt_sim_runner(path: str | os.PathLike[str], threads: int = 1) -> OrtRunner:
