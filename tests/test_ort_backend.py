@@ -94,6 +94,81 @@ def test_runner_errors_name_the_tensor(tmp_path: Path):
         runner.run({"a": np.zeros((2, 5), np.float32), "b": b})
 
 
+def stateful_model(path: Path) -> Path:
+    """A streaming step whose outputs depend on its carried states: h_out = tanh(x @ W + h @ R), y = 2 h_out + n,
+    n_out = n + 1 (an int64 frame counter: a state of another dtype)."""
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("MatMul", ["h", "R"], ["hr"]),
+             helper.make_node("Add", ["xw", "hr"], ["z"]), helper.make_node("Tanh", ["z"], ["h_out"]),
+             helper.make_node("Cast", ["n"], ["nf"], to=TensorProto.FLOAT),
+             helper.make_node("Add", ["h_out", "h_out"], ["h2"]), helper.make_node("Add", ["h2", "nf"], ["y"]),
+             helper.make_node("Add", ["n", "one"], ["n_out"])]
+    return save(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+                        helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 3]),
+                        helper.make_tensor_value_info("n", TensorProto.INT64, [1, 1])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3]),
+                 helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [1, 3]),
+                 helper.make_tensor_value_info("n_out", TensorProto.INT64, [1, 1])],
+                [weights("W", 4, 3), weights("R", 3, 3), numpy_helper.from_array(np.ones((1, 1), np.int64), "one")],
+                path)
+
+
+STATES = {"h": np.zeros((1, 3), np.float32), "n": np.zeros((1, 1), np.int64)}
+CARRY = {"h": "h_out", "n": "n_out"}
+
+
+def test_bound_run_carries_states_like_the_runner_loop(tmp_path: Path):
+    """Frame by frame, the bound loop (states ping-ponging inside ORT) gives exactly the outputs of a loop that feeds
+    each output state back through runner.run."""
+    runner = OrtRunner(stateful_model(tmp_path / "s.onnx"))
+    frames = [RNG.standard_normal((1, 4)).astype(np.float32) for _ in range(5)]
+    bound = runner.bind({"x": frames[0], **STATES}, CARRY)
+    states = dict(STATES)
+    for step in range(7):
+        frame = frames[step % len(frames)]
+        expected = runner.run({"x": frame, **states})
+        states = {name: expected[output] for name, output in CARRY.items()}
+        bound.set_input("x", frame)
+        bound.run()
+        got = bound.outputs()
+        assert set(got) == {"y", "h_out", "n_out"}
+        for name, value in expected.items():
+            np.testing.assert_array_equal(got[name], value)
+    assert int(got["n_out"][0, 0]) == 7  # the counter went round the loop: the states were carried, not reset
+    zero_state = runner.run({"x": frames[1], **STATES})["y"]
+    assert not np.array_equal(zero_state, runner.run({"x": frames[1], **states})["y"])  # y depends on the state
+
+
+def test_bound_run_of_a_stateless_graph_equals_run(tmp_path: Path):
+    runner = OrtRunner(two_input_model(tmp_path / "m.onnx"))
+    feeds = {"a": RNG.standard_normal((2, 4)).astype(np.float32), "b": np.array([1, 2, 3], np.int64)}
+    expected = runner.run(feeds)["y"]
+    bound = runner.bind(feeds)
+    feeds["a"][:] = 0.0  # bind copied the feeds: what the caller does to its arrays afterwards does not leak in
+    for _ in range(2):
+        bound.run()
+        np.testing.assert_array_equal(bound.outputs()["y"], expected)
+
+
+def test_bind_checks_once_and_names_the_tensor(tmp_path: Path):
+    runner = OrtRunner(stateful_model(tmp_path / "s.onnx"))
+    x = np.zeros((1, 4), np.float32)
+    with pytest.raises(ModelError, match="'n' must be int64, got int32"):  # the runner's own check, at bind time
+        runner.bind({"x": x, "h": STATES["h"], "n": STATES["n"].astype(np.int32)}, CARRY)
+    with pytest.raises(ModelError, match=r"carried state 'h' -> 'h_new'"):
+        runner.bind({"x": x, **STATES}, {"h": "h_new"})
+    with pytest.raises(ModelError, match="output 'y' is float32 \\[1, 3\\], but feeds input 'n'"):
+        runner.bind({"x": x, **STATES}, {"n": "y"})
+    with pytest.raises(ModelError, match="output 'h_out' feeds both 'h' and 'x'"):
+        runner.bind({"x": x, **STATES}, {"h": "h_out", "x": "h_out"})
+    bound = runner.bind({"x": x, **STATES}, CARRY)
+    with pytest.raises(ModelError, match=r"'x' is bound as float32 \[1, 4\], got float32 \[2, 4\]"):
+        bound.set_input("x", np.zeros((2, 4), np.float32))
+    with pytest.raises(ModelError, match="'h' is a carried state"):
+        bound.set_input("h", STATES["h"])
+    with pytest.raises(ModelError, match="no input 'z'"):
+        bound.set_input("z", x)
+
+
 def test_quantize_qdq_fuses_integer_kernels(tmp_path: Path):
     path = conv_model(tmp_path / "conv.onnx")
     x = RNG.standard_normal((1, 2, 8, 8)).astype(np.float32)
