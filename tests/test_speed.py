@@ -1,11 +1,17 @@
 from __future__ import annotations
 
-from typing import Mapping
+from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import pytest
+import torch
 
+from quant.backends import BindingRunner
+from quant.backends.ort import OrtBoundRun, OrtRunner
+from quant.backends.torch import TorchRunner
 from quant.eval import speed
+from test_ort_backend import CARRY, RNG, STATES, stateful_model
 
 
 def test_latency_stats_of_known_samples() -> None:
@@ -287,3 +293,70 @@ def test_a_ratio_with_two_fp32_candidates_divides_by_the_faster_and_names_it(pla
     assert groups[other][1]["vs_fp32"]["base"] == base
     assert groups[other][1]["vs_fp32"]["median_ratio"] == pytest.approx(seconds[other] / seconds[base])
     assert "vs_fp32" not in groups[base][1]
+
+
+class SpyOrt(OrtRunner):
+    """An OrtRunner that counts its unbound runs and keeps the last BoundRun it made."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.runs = 0
+        self.bound: OrtBoundRun | None = None
+
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        self.runs += 1
+        return super().run(feeds, outputs)
+
+    def bind(self, feeds: Mapping[str, np.ndarray], carry: Mapping[str, str] | None = None) -> OrtBoundRun:
+        self.bound = super().bind(feeds, carry)
+        return self.bound
+
+
+def test_ort_streaming_step_is_bound_once_and_rolls_states_like_the_unbound_loop(tmp_path: Path) -> None:
+    """The timed calls run the bound graph only (the one unbound run is bind's, for the output shapes), and after 8
+    frames cycling over 3 the bound outputs are those of feeding each state back through runner.run."""
+    runner = SpyOrt(stateful_model(tmp_path / "s.onnx"))
+    frames = [RNG.standard_normal((1, 4)).astype(np.float32) for _ in range(3)]
+    step = speed.stateful_step(runner, frames, STATES, "x", {**CARRY, "unused": "y"})
+    seconds = [step() for _ in range(8)]
+    assert runner.runs == 1 and runner.bound is not None and all(value >= 0.0 for value in seconds)
+    states = dict(STATES)
+    for index in range(8):
+        expected = runner.run({"x": frames[index % 3], **states})
+        states = {name: expected[output] for name, output in CARRY.items()}
+    got = runner.bound.outputs()
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value)
+
+
+def test_ort_stateless_step_is_bound_once(tmp_path: Path) -> None:
+    runner = SpyOrt(stateful_model(tmp_path / "s.onnx"))
+    feeds = {"x": np.ones((1, 4), np.float32), **STATES, "other": np.zeros(1)}  # inputs it does not take: left out
+    step = speed.stateless_step(runner, feeds)
+    for _ in range(5):
+        step()
+    assert runner.runs == 1 and runner.bound is not None
+    np.testing.assert_array_equal(runner.bound.outputs()["n_out"], [[1]])  # no carry: every run from the feeds
+
+
+class CountingCell(torch.nn.Module):
+    """PyTorch eager streaming step: enh = 2 mix, h_out = h + 1; records the states it saw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[float] = []
+
+    def forward(self, mix: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.seen.append(float(h[0]))
+        return mix * 2, h + 1
+
+
+def test_a_runner_without_binding_is_timed_around_run() -> None:
+    """PyTorch eager has no bound run: the step feeds numpy states through runner.run, carried as before."""
+    cell = CountingCell()
+    runner = TorchRunner(cell, ["mix", "h"], ["enh", "h_out"])
+    assert not isinstance(runner, BindingRunner)
+    frames = [np.full(2, i, np.float32) for i in range(3)]
+    stats = speed.bench_stateful(runner, frames, {"h": np.zeros(1, np.float32)}, runs=4, warmup=1,
+                                 frame_input="mix", state_outputs={"h": "h_out"})
+    assert stats.runs == 4 and cell.seen == [0.0, 1.0, 2.0, 3.0, 4.0]
