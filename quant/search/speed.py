@@ -4,7 +4,6 @@ builds timed interleaved round-robin in one process (so machine load drifts hit 
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -16,6 +15,7 @@ from quant.backends.ort import OrtRunner
 from quant.onnxgraph.graph import ensure_node_names
 from quant.errors import ModelError
 from quant.eval.profile import TENSOR_SUFFIXES, Feeds, node_times_ms
+from quant.eval.speed import stateless_step
 from quant.search.units import Unit
 
 DYNAMIC_SUFFIX = "_quant"  # ORT's dynamic quantizer names a node's integer replacement <node>_quant
@@ -59,20 +59,17 @@ def unit_times_ms(times: Mapping[str, float], units: Iterable[Unit], model: onnx
 
 def interleaved_latency(model_paths: Sequence[Path], feeds: Feeds, rounds: int = 20, calls: int = 3,
                         threads: int = 1) -> list[Latency]:
-    """Open every model once, then time them round-robin: in each round each model runs `calls` times (the round's
-    mean is one sample); min and median over rounds, in the order given."""
+    """Open every model once and bind it to the feeds (eval.speed.stateless_step: checked once, only the graph's run
+    timed), then time them round-robin: in each round each model runs `calls` times (the round's mean is one sample);
+    min and median over rounds, in the order given."""
     runners = [OrtRunner(path, threads=threads) for path in model_paths]
     for runner in runners:
         _missing = [n for n in runner.input_names if n not in feeds]
         if _missing:
             raise ModelError(f"{runner.path}: timing feeds lack inputs {_missing}")
-        runner.run({n: feeds[n] for n in runner.input_names})
+    steps = [stateless_step(runner, feeds) for runner in runners]  # binding runs each model once: the warm-up
     samples: list[list[float]] = [[] for _ in runners]
     for _ in range(rounds):
-        for position, runner in enumerate(runners):
-            bound = {n: feeds[n] for n in runner.input_names}
-            start = time.perf_counter()
-            for _ in range(calls):
-                runner.run(bound)
-            samples[position].append((time.perf_counter() - start) * 1000.0 / calls)
+        for position, step in enumerate(steps):
+            samples[position].append(sum(step() for _ in range(calls)) * 1000.0 / calls)
     return [Latency(min(s), statistics.median(s), rounds) for s in samples]
