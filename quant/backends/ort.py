@@ -165,11 +165,14 @@ class OrtBoundRun:
     from one unbound run of the bound feeds, made here; inputs keep their shapes (set_input copies into them)."""
 
     def __init__(self, runner: OrtRunner, feeds: Mapping[str, np.ndarray], carry: Mapping[str, str]) -> None:
-        self._name = runner.path.name
+        self.name = runner.path.name
         self._session = runner.session
         ort = _ort()
         first = runner.run(feeds)  # the output shapes the buffers take, from the inputs bound below
-        _check_carry(self._name, carry, feeds, first)
+        untensored = [name for name, value in first.items() if not isinstance(value, np.ndarray)]
+        if untensored:
+            raise ModelError(f"{self.name}: outputs {untensored} are not tensors; only tensor outputs can be bound")
+        _check_carry(self.name, carry, feeds, first)
         self._carry = dict(carry)
         self._inputs = {name: np.array(feeds[name], order="C") for name in runner.input_names}  # our own copies
         plain_outputs = [name for name in runner.output_names if name not in self._carry.values()]
@@ -192,13 +195,13 @@ class OrtBoundRun:
     def set_input(self, name: str, value: np.ndarray) -> None:
         """Copy `value` into the bound input `name` (a frame): same shape and dtype as the feed it was bound to."""
         if name in self._carry:
-            raise ModelError(f"{self._name}: input {name!r} is a carried state; it is fed by its output, not set")
+            raise ModelError(f"{self.name}: input {name!r} is a carried state; it is fed by its output, not set")
         buffer = self._inputs.get(name)
         if buffer is None:
-            raise ModelError(f"{self._name}: no input {name!r}; the model takes {sorted(self._inputs)}")
+            raise ModelError(f"{self.name}: no input {name!r}; the model takes {sorted(self._inputs)}")
         if not isinstance(value, np.ndarray) or value.shape != buffer.shape or value.dtype != buffer.dtype:
             got = f"{value.dtype} {list(value.shape)}" if isinstance(value, np.ndarray) else type(value).__name__
-            raise ModelError(f"{self._name}: input {name!r} is bound as {buffer.dtype} {list(buffer.shape)}, got {got}")
+            raise ModelError(f"{self.name}: input {name!r} is bound as {buffer.dtype} {list(buffer.shape)}, got {got}")
         np.copyto(buffer, value)
 
     def run(self) -> None:
