@@ -10,6 +10,7 @@ import torch
 from quant.backends import BindingRunner
 from quant.backends.ort import OrtBoundRun, OrtRunner
 from quant.backends.torch import TorchRunner
+from quant.errors import ModelError
 from quant.eval import speed
 from test_ort_backend import CARRY, RNG, STATES, stateful_model
 
@@ -360,3 +361,15 @@ def test_a_runner_without_binding_is_timed_around_run() -> None:
     stats = speed.bench_stateful(runner, frames, {"h": np.zeros(1, np.float32)}, runs=4, warmup=1,
                                  frame_input="mix", state_outputs={"h": "h_out"})
     assert stats.runs == 4 and cell.seen == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_ort_frames_of_varying_shape_are_timed_around_run(tmp_path: Path) -> None:
+    """Frames that differ in shape cannot share one bound input buffer: such a roll runs unbound (runner.run per
+    frame, checked as before), not bound to the first frame's shape."""
+    runner = SpyOrt(stateful_model(tmp_path / "s.onnx"))
+    frames = [np.ones((1, 4), np.float32), np.ones((1, 1, 4), np.float32)]
+    step = speed.stateful_step(runner, frames, STATES, "x", CARRY)
+    step()
+    assert runner.bound is None and runner.runs == 1
+    with pytest.raises(ModelError, match="'x' must have rank 2"):  # the second frame meets the runner's own check
+        step()

@@ -164,9 +164,11 @@ def stateful_step(runner: Runner, frames: Sequence[np.ndarray], states: Mapping[
         raise ValueError("a streaming step needs at least one frame")
     current = dict(states)
     cycle = _cycle(frames)
-    if isinstance(runner, BindingRunner):
+    uniform = all(frame.shape == frames[0].shape and frame.dtype == frames[0].dtype for frame in frames)
+    if isinstance(runner, BindingRunner) and uniform:
         # bound to the first frame's shape; each frame is copied in before the clock starts, the states stay in the
-        # backend (its outputs become the next run's inputs without leaving it)
+        # backend (its outputs become the next run's inputs without leaving it). Frames of varying shape cannot
+        # share one bound buffer: those are timed around runner.run below.
         bound = runner.bind({frame_input: frames[0], **current}, carry={name: state_outputs[name] for name in current})
 
         def bound_step() -> float:
