@@ -1,15 +1,19 @@
-"""Static against dynamic INT8 per weight MatMul, measured: for one reference graph, build FP32, the shipped INT8
+"""Static against dynamic INT8 per weight MatMul, measured: for one shipped graph, build FP32, the shipped INT8
 (weight MatMuls dynamic: rule linear-dynamic-ort, DynamicQuantizeMatMul) and the same INT8 with every weight MatMul
-static (the shipped rules less linear-dynamic-ort: QDQ, fused by ORT into QLinearMatMul / MatMulInteger), all from
-one calibration cache; profile the three alternately (ORT profiler, 1 thread) and attribute kernel time to each
-weight MatMul with its bias Add (quant.search.speed.unit_times_ms: the node, its Q/DQ, the dynamic quantizer's
-`<node>_quant` kernels); then build `int8-best`, each MatMul in the form its profile says is faster, and time all four
-whole graphs interleaved round-robin (load average before and after).
+static (the shipped rules less linear-dynamic-ort: Q/DQ, fused by ORT into QLinearMatMul), all from one calibration
+cache; profile the three alternately (ORT profiler, 1 thread) and attribute kernel time to each weight MatMul with
+its bias Add (quant.search.speed.unit_times_ms: the node, its Q/DQ, the dynamic quantizer's `<node>_quant` kernels).
+Where the profile says static is faster for some MatMuls but not all, `int8-best` pins those static. --isolate REGEX
+cuts the matching MatMuls out of every build and times each alone, interleaved on its real FP32 input (a node's own
+difference, which the whole graph's spread hides); then the whole builds are timed interleaved round-robin, with the
+load average before and after.
 
-    python scripts/bench_matmul_forms.py wenet-encoder --cache engines/cache/encoder-percentile-XXXX.cache
+    python scripts/bench_matmul_forms.py wenet-encoder --cache engines/cache/encoder-percentile-XXXX.cache \\
+        --batch 8 --isolate 'blocks\\.0/' --json /tmp/forms.json
     python scripts/bench_matmul_forms.py dpcrn --cache engines/cache/dpcrn.deconv-...-percentile-XXXX.cache
 
-The graph is the spec's build graph (its rewrites applied: quant.timing.build_graphs); the cache must belong to it.
+The graph is the spec's build graph (its rewrites applied: quant.timing.build_graphs) and the cache must belong to it
+(the cache file's .json sidecar names the model's sha256). --batch repeats the batch-1 timing input.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ import onnx
 from quant.artifacts import build_artifact
 from quant.artifacts.artifact import MODEL_FILE
 from quant.errors import QuantError
-from quant.eval.profile import profile_graphs
+from quant.eval.profile import Feeds, profile_graphs
+from quant.eval.speed import GraphWorkload
 from quant.fileio import atomic_write_json
 from quant.onnxgraph.graph import ensure_node_names, index_graph
 from quant.onnxgraph.patterns import find_weight_matmul
-from quant.precision import Rule, load_rules
+from quant.precision import Rule, load_rules, without_rules
 from quant.search.speed import unit_times_ms
 from quant.search.units import Unit, write_rules
 from quant.timing import build_graphs, format_interleaved, reference_graph, time_interleaved, timing_feeds, \
@@ -55,11 +60,13 @@ def matmul_units(model: onnx.ModelProto) -> tuple[Unit, ...]:
 
 
 def static_rules(rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
+    """`rules` less linear-dynamic-ort: a weight MatMul falls through to int8-compute, static Q/DQ."""
     return tuple(r for r in rules if r.name != DYNAMIC_RULE)
 
 
 def best_rules(rules: tuple[Rule, ...], static_nodes: list[str]) -> list[Rule]:
-    """The shipped rules with the MatMuls whose static form profiled faster pinned static (before linear-dynamic-ort)."""
+    """The shipped rules with the MatMuls whose static form profiled faster pinned static (before
+    linear-dynamic-ort)."""
     pinned = [Rule(name=f"static:{node}", precision="int8", name_regex=f"^{re.escape(node)}$", builds=("int8",),
                    backends=("ort",), why="static INT8 profiled faster than dynamic") for node in static_nodes]
     return [*pinned, *rules]
@@ -70,13 +77,14 @@ def batched(feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
     return {name: np.repeat(value, batch, axis=0) for name, value in feeds.items()}
 
 
-def tensor_values(model_path: Path, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
-    """The FP32 values of intermediate tensors on `feeds` (added as graph outputs of a copy)."""
+def tensor_values(model_path: Path, feeds: dict[str, np.ndarray], names: list[str], folder: Path
+                  ) -> dict[str, np.ndarray]:
+    """The FP32 values of intermediate tensors on `feeds` (added as graph outputs of a copy saved in `folder`)."""
     from quant.backends.ort import OrtRunner
 
     model = onnx.load(str(model_path))
     model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
-    path = model_path.with_name("with_outputs.onnx")
+    path = folder / "with_outputs.onnx"
     onnx.save(model, str(path))
     outputs = OrtRunner(path).run(feeds)
     return {n: outputs[n] for n in names}
@@ -90,8 +98,8 @@ def isolated(unit: Unit, fp32_model: onnx.ModelProto, builds: dict[str, Path], f
     by_name = {n.name: n for n in ensure_node_names(fp32_model).graph.node}
     first, last = by_name[unit.nodes[0]], by_name[unit.nodes[-1]]
     source, target = first.input[0], last.output[0]
-    value = tensor_values(builds["fp32"], feeds, [source])
     folder.mkdir(parents=True, exist_ok=True)
+    value = tensor_values(builds["fp32"], feeds, [source], folder)
     cuts = {}
     for label, path in builds.items():
         cuts[label] = folder / f"{label}.onnx"
@@ -106,61 +114,74 @@ def isolated(unit: Unit, fp32_model: onnx.ModelProto, builds: dict[str, Path], f
             "static_vs_dynamic": ratio.to_dict()}
 
 
+def build_forms(source: Path, name: str, cache: Path, folder: Path, rules: tuple[Rule, ...]) -> dict[str, Path]:
+    """FP32, INT8 under `rules` (the spec's shipped rules: weight MatMuls dynamic) and INT8 under the same rules less
+    linear-dynamic-ort (weight MatMuls static), from one cache; model.onnx of each, by label."""
+    files = {"int8-dynamic": write_rules(folder / "dynamic.toml", rules, "the spec's shipped rules"),
+             "int8-static": write_rules(folder / "static.toml", static_rules(rules), "less " + DYNAMIC_RULE)}
+    builds = {"fp32": build_artifact(source, "fp32", name=name, out_dir=folder / "fp32") / MODEL_FILE}
+    for label, rules_file in files.items():
+        builds[label] = build_artifact(source, "int8", name=name, out_dir=folder / label, cache=cache,
+                                       rules=rules_file) / MODEL_FILE
+    return builds
+
+
+def profile_forms(builds: dict[str, Path], feeds: dict[str, np.ndarray], units: tuple[Unit, ...],
+                  fp32_model: onnx.ModelProto, runs: int) -> tuple[dict[str, object], list[str]]:
+    """Kernel ms per weight MatMul unit in each build (profiled alternately), printed as a table; and the MatMuls
+    whose static form profiled faster."""
+    labels = list(builds)
+    profiles = dict(zip(labels, profile_graphs([builds[k] for k in labels], feeds, runs)))
+    per_unit = {label: unit_times_ms({n.name: n.ms for n in p.nodes}, units, fp32_model)
+                for label, p in profiles.items()}
+    rows = {u.name: {label: per_unit[label][u.name] for label in labels} for u in units}
+    sums = {label: sum(ms[label] for ms in rows.values()) for label in labels}
+    rest = {label: profiles[label].node_ms - sums[label] for label in labels}
+    static_faster = [name for name, ms in rows.items() if ms["int8-static"] < ms["int8-dynamic"]]
+    print(f"{'node (median kernel ms, ' + str(runs) + ' profiled runs)':<60}{'fp32':>9}{'static':>9}{'dynamic':>9}")
+    for name, ms in [*rows.items(), ("sum", sums), ("all other kernels", rest)]:
+        print(f"{name:<60}{ms['fp32']:>9.3f}{ms['int8-static']:>9.3f}{ms['int8-dynamic']:>9.3f}")
+    print("whole run (profiler, median ms): " + ", ".join(f"{k} {p.total_ms:.2f}" for k, p in profiles.items()))
+    print(f"static profiled faster for {len(static_faster)} of {len(rows)}: {static_faster}")
+    return {"profile_runs": runs, "per_matmul_ms": rows, "sum_ms": sums, "other_kernels_ms": rest,
+            "static_faster": static_faster,
+            "profiled_total_ms": {k: p.total_ms for k, p in profiles.items()}}, static_faster
+
+
+def time_forms(builds: dict[str, Path], workload: Feeds | GraphWorkload, runs: int) -> dict[str, object]:
+    """The whole builds timed interleaved; ratios against FP32 and against the shipped (dynamic) INT8."""
+    result = time_interleaved(builds, workload, runs)
+    print(format_interleaved(result, "fp32"))
+    against_dynamic = {k: v for k, v in result.ratios("int8-dynamic").items() if k != "fp32"}
+    for label, ratio in against_dynamic.items():
+        print(f"{label} / int8-dynamic: median {ratio.median_ratio:.3f}, paired {ratio.paired_median:.3f} "
+              f"({ratio.paired_p10:.3f}-{ratio.paired_p90:.3f}){'' if ratio.reliable else ' (unreliable)'}")
+    return {"interleaved": result.to_dict("fp32"),
+            "vs_int8_dynamic": {k: v.to_dict() for k, v in against_dynamic.items()}}
+
+
 def bench(model: str, cache: Path, work: Path, runs: int, profile_runs: int, batch: int = 1,
           isolate: str = "", isolate_runs: int = 100) -> dict[str, object]:
     _spec, graph = reference_graph(model)
     source = build_graphs(model)[graph.role]
-    shipped = load_rules()
-    rules_dir = work / f"{model}-b{batch}"
-    rules_dir.mkdir(parents=True, exist_ok=True)
-    static_file = write_rules(rules_dir / "static.toml", static_rules(shipped), "shipped rules less " + DYNAMIC_RULE)
-    builds = {
-        "fp32": build_artifact(source, "fp32", name=graph.name, out_dir=rules_dir / "fp32") / MODEL_FILE,
-        "int8-dynamic": build_artifact(source, "int8", name=graph.name, out_dir=rules_dir / "int8-dynamic",
-                                       cache=cache) / MODEL_FILE,
-        "int8-static": build_artifact(source, "int8", name=graph.name, out_dir=rules_dir / "int8-static", cache=cache,
-                                      rules=static_file) / MODEL_FILE,
-    }
+    shipped = without_rules(load_rules(), graph.rules_off)
+    folder = work / f"{model}-b{batch}"
+    builds = build_forms(source, str(graph.name), cache, folder, shipped)
     feeds = batched(timing_feeds(model, source), batch)
     fp32_model = onnx.load(str(source))
     units = matmul_units(fp32_model)
-    labels = list(builds)
-    profiles = dict(zip(labels, profile_graphs([builds[k] for k in labels], feeds, profile_runs)))
-    per_unit = {label: unit_times_ms({n.name: n.ms for n in p.nodes}, units, fp32_model)
-                for label, p in profiles.items()}
-    rows = {u.name: {label: per_unit[label][u.name] for label in labels} for u in units}
-    static_faster = [name for name, ms in rows.items() if ms["int8-static"] < ms["int8-dynamic"]]
-    print(f"\n== {model} batch {batch}: {len(units)} weight MatMuls, profiled {profile_runs} runs alternately (median kernel ms)")
-    print(f"{'node':<60}{'fp32':>9}{'static':>9}{'dynamic':>9}")
-    for name, ms in rows.items():
-        print(f"{name:<60}{ms['fp32']:>9.3f}{ms['int8-static']:>9.3f}{ms['int8-dynamic']:>9.3f}")
-    sums = {label: sum(ms[label] for ms in rows.values()) for label in labels}
-    print(f"{'sum':<60}{sums['fp32']:>9.3f}{sums['int8-static']:>9.3f}{sums['int8-dynamic']:>9.3f}")
-    rest = {label: profiles[label].node_ms - sums[label] for label in labels}
-    print(f"{'all other kernels':<60}{rest['fp32']:>9.3f}{rest['int8-static']:>9.3f}{rest['int8-dynamic']:>9.3f}")
-    print("whole run (profiler, median ms): " + ", ".join(f"{k} {p.total_ms:.2f}" for k, p in profiles.items()))
-    print(f"static profiled faster for {len(static_faster)} of {len(rows)}: {static_faster}")
-    if static_faster and len(static_faster) < len(rows):
-        best_file = write_rules(rules_dir / "best.toml", best_rules(shipped, static_faster),
+    print(f"\n== {model} batch {batch}: {len(units)} weight MatMuls")
+    profiled, static_faster = profile_forms(builds, feeds, units, fp32_model, profile_runs)
+    if 0 < len(static_faster) < len(units):
+        best_file = write_rules(folder / "best.toml", best_rules(shipped, static_faster),
                                 "shipped rules, static where the profile says faster")
-        builds["int8-best"] = build_artifact(source, "int8", name=graph.name, out_dir=rules_dir / "int8-best",
+        builds["int8-best"] = build_artifact(source, "int8", name=str(graph.name), out_dir=folder / "int8-best",
                                              cache=cache, rules=best_file) / MODEL_FILE
-    alone = [isolated(u, fp32_model, builds, feeds, rules_dir / "isolated" / re.sub(r"\W+", "_", u.name),
-                      isolate_runs)
-             for u in units if isolate and re.search(isolate, u.name)]
+    alone = [isolated(u, fp32_model, builds, feeds, folder / "isolated" / re.sub(r"\W+", "_", u.name),
+                      isolate_runs) for u in units if isolate and re.search(isolate, u.name)]
     workload = timing_workload(model, source) if batch == 1 else feeds  # a batch: the profiled feeds
-    result = time_interleaved(builds, workload, runs)
-    print(format_interleaved(result, "fp32"))
-    static_vs_dynamic = result.ratios("int8-dynamic")
-    for label, ratio in static_vs_dynamic.items():
-        if label != "fp32":
-            print(f"{label} / int8-dynamic: median {ratio.median_ratio:.3f}, paired {ratio.paired_median:.3f} "
-                  f"({ratio.paired_p10:.3f}-{ratio.paired_p90:.3f}){'' if ratio.reliable else ' (unreliable)'}")
-    return {"model": model, "batch": batch, "source": str(source), "cache": str(cache), "profile_runs": profile_runs,
-            "per_matmul_ms": rows, "sum_ms": sums, "other_kernels_ms": rest, "static_faster": static_faster,
-            "profiled_total_ms": {k: p.total_ms for k, p in profiles.items()}, "isolated": alone,
-            "interleaved": result.to_dict("fp32"),
-            "vs_int8_dynamic": {k: v.to_dict() for k, v in static_vs_dynamic.items()}}
+    return {"model": model, "batch": batch, "source": str(source), "cache": str(cache), **profiled,
+            "isolated": alone, **time_forms(builds, workload, runs)}
 
 
 def main(argv: list[str] | None = None) -> int:
