@@ -444,6 +444,41 @@ def test_linear_matmuls_build_as_dynamic_int8_on_ort(tmp_path: Path):
     assert snr_db(OrtRunner(model_path(model, tmp_path)).run(x)["y"], OrtRunner(target).run(x)["y"]) > 25
 
 
+@pytest.mark.parametrize("forms", ["ds", "sd", "dsd"])
+def test_static_and_dynamic_matmuls_can_share_an_input(forms: str, tmp_path: Path):
+    """MatMuls reading one tensor, each static (s) or dynamic (d) INT8 by a rule: the build must not fail with a
+    cycle (a dynamic MatMul before a static one in graph order did), no dynamic kernel or quantizer reads a
+    DequantizeLinear output (a fake-quantized copy quantized again), and the output stays close to FP32."""
+    from quant.artifacts.calibration import TensorRange
+    from quant.artifacts.ort_build import build_int8_ort
+    from quant.precision import Rule, plan
+
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("Relu", ["x"], ["t"], name="relu")]
+    nodes += [helper.make_node("MatMul", ["t", f"w{i}"], [f"o{i}"], name=f"mm{i}") for i in range(len(forms))]
+    nodes += [helper.make_node("Sum", [f"o{i}" for i in range(len(forms))], ["y"], name="sum")]
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), f"w{i}")
+             for i in range(len(forms))]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    rules = [Rule(f"mm{i}", "int8" if form == "s" else "int8-dynamic", name_regex=f"^mm{i}$", builds=("int8",))
+             for i, form in enumerate(forms)]
+    x = {"x": rng.standard_normal((4, 8)).astype(np.float32)}
+    values = {"t": np.maximum(x["x"], 0)}
+    values |= {f"o{i}": values["t"] @ numpy_helper.to_array(w) for i, w in enumerate(inits)}
+    ranges = {name: TensorRange(float(np.abs(v).max()), float(v.min()), float(v.max())) for name, v in values.items()}
+    target = tmp_path / "model.onnx"
+    facts = build_int8_ort(model, plan(model, rules, "int8", "ort"), ranges, target)
+    assert (facts["static_nodes"], facts["dynamic_nodes"]) == (forms.count("s"), forms.count("d"))
+    built = onnx.load(str(target))
+    dequantized = {out for n in built.graph.node if n.op_type == "DequantizeLinear" for out in n.output}
+    assert [n.op_type for n in built.graph.node].count("MatMulInteger") == forms.count("d")
+    dynamic = [n for n in built.graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeLinear")]
+    assert not any(t in dequantized for n in dynamic for t in n.input)
+    assert snr_db(OrtRunner(model_path(model, tmp_path)).run(x)["y"], OrtRunner(target).run(x)["y"]) > 25
+
+
 def model_path(model: onnx.ModelProto, folder: Path) -> Path:
     path = folder / "source.onnx"
     onnx.save(model, str(path))

@@ -97,6 +97,7 @@ def test_comparison_of_a_build_with_itself_has_no_integer_share(builds: tuple[Pa
     ("/enc/Conv", "Conv", "/enc/Conv"),
     ("/enc/Conv_token_18", "QLinearConv", "/enc/Conv"),
     ("/rnn/LSTM_quant", "DynamicQuantizeLSTM", "/rnn/LSTM"),
+    ("/fc/MatMul/MatMulAddFusion", "Gemm", "/fc/MatMul"),  # FP32 MatMul + bias Add on 2-D inputs
     ("/enc/Conv_output_0_nchwc", "Conv", "/enc/Conv"),
     ("/enc/Relu_output_0_nchwc", "Conv", "/enc/Conv"),  # Conv + Relu fused, named after the Relu's output
     ("/enc/Conv_output_0_QuantizeLinear", "QuantizeLinear", None),
@@ -107,7 +108,7 @@ def test_source_node_names_the_export_node_ort_renamed(name: str, op_type: str, 
     conv = helper.make_node("Conv", ["x", "w"], ["/enc/Conv_output_0"], name="/enc/Conv")
     relu = helper.make_node("Relu", ["/enc/Conv_output_0"], ["/enc/Relu_output_0"], name="/enc/Relu")
     producers = {"/enc/Conv_output_0": conv, "/enc/Relu_output_0": relu}
-    assert source_node(name, op_type, {"/enc/Conv", "/enc/Relu", "/rnn/LSTM"}, producers) == owner
+    assert source_node(name, op_type, {"/enc/Conv", "/enc/Relu", "/rnn/LSTM", "/fc/MatMul"}, producers) == owner
 
 
 def test_bench_profile_takes_the_graph_as_its_spec_argument(monkeypatch: pytest.MonkeyPatch,

@@ -249,12 +249,14 @@ def test_error_rate_budget_judges_edit_counts():
 
 def test_unit_times_follow_tensor_named_ort_nodes(model_and_cache: tuple[Path, Path]):
     """ORT renames what it rewrites: the NCHWc pass's float Conv is `<output>_nchwc`, the quantizer's Q/DQ are
-    `<tensor>_QuantizeLinear`; both belong to the unit that writes / reads the tensor, layout reorders to none."""
+    `<tensor>_QuantizeLinear`; both belong to the unit that writes / reads the tensor, layout reorders to none. An
+    FP32 MatMul fused with its bias Add is `<node>/MatMulAddFusion`, a dynamic INT8 one `<node>_quant`, a kernel ORT
+    de-duplicated `<node>_token_<n>`."""
     graph = onnx.load(str(model_and_cache[0]))
     units = find_units(graph, load_rules())
     times = {"big": 1.0, "h_nchwc": 2.0, "h_spiked_QuantizeLinear": 0.5, "ReorderInput_token_3": 9.0,
-             "y_DequantizeLinear": 0.25}
-    assert unit_times_ms(times, units, graph) == {"big": 3.0, "fragile1": 0.5, "fragile2": 0.25}
+             "y_DequantizeLinear": 0.25, "fragile1/MatMulAddFusion": 4.0, "fragile2_quant": 8.0, "big_token_7": 16.0}
+    assert unit_times_ms(times, units, graph) == {"big": 19.0, "fragile1": 4.5, "fragile2": 8.25}
 
 
 # ------------------------------------------------------------------------------------------------ TensorRT target

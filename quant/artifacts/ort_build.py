@@ -93,7 +93,11 @@ def build_int8_ort(
         quantized = ort_backend.quantize_qdq(named, tensors_range, spec.nodes_to_quantize, spec.op_types_to_quantize,
                                              activation_uint8, per_channel, reduce_range=reduce_range)
         kept = () if unwrap_kernel_outputs else spec.nodes_to_quantize
-        rewired = unwrap_float_nodes(quantized, spec.protected_nodes, kept)
+        # dynamic nodes read the float tensor too: left behind a static consumer's Q/DQ pair, ORT's dynamic
+        # quantizer quantized the fake-quantized copy again, and with a dynamic consumer first in graph order that
+        # made a cycle; on the float tensor it reuses the static QuantizeLinear (ORT finds it by name), so the
+        # tensor is quantized once, at its calibrated scale
+        rewired = unwrap_float_nodes(quantized, spec.protected_nodes + spec.dynamic_nodes, kept)
     missed = unquantized_nodes(quantized, spec.nodes_to_quantize)
     if missed:
         log.warning("%d of %d int8 nodes got no Q/DQ input (unknown tensor type or range?), e.g. %s", len(missed),

@@ -6,6 +6,8 @@ ORT renames nodes while optimizing; each profiled node is traced back to the exp
 - the same name (ORT keeps a node's name when it fuses DequantizeLinear -> MatMul -> QuantizeLinear into
   QLinearMatMul), or that name plus `_token_<n>` (ORT's de-duplication suffix, e.g. QLinearConv),
 - `<name>_quant` (ORT's dynamic quantizer: LSTM -> DynamicQuantizeLSTM),
+- `<name>/<Transformer>Fusion` (a graph transformer's replacement: MatMulAddFusion turns an FP32 MatMul and its bias
+  Add on 2-D inputs into one Gemm),
 - `<tensor>_nchwc` (the NCHWc layout pass's float Conv, named after its output tensor).
 Quantize/Dequantize and layout reorders/transposes inserted by ORT belong to no export node: they are the overhead
 the INT8 build pays for moving between float and integer kernels.
@@ -33,6 +35,16 @@ TENSOR_SUFFIXES = ("_QuantizeLinear", "_DequantizeLinear", "_nchwc")
 CONVERSION_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ReorderInput",
                             "ReorderOutput"})
 _TOKEN = re.compile(r"_token_\d+$")
+# a graph transformer's replacement node: `<node>/<Name>Fusion` (MatMulAddFusion: an FP32 MatMul and its bias Add on
+# 2-D inputs as one Gemm, e.g. a streaming frame's Linear layer)
+_FUSION = re.compile(r"/\w+Fusion$")
+DYNAMIC_SUFFIX = "_quant"  # ORT's dynamic quantizer names a node's integer replacement <node>_quant
+
+
+def export_names(name: str) -> tuple[str, ...]:
+    """The export node names an ORT node's name may stand for: itself, or without ORT's de-duplication token, the
+    dynamic quantizer's suffix or a fusion's suffix."""
+    return name, _TOKEN.sub("", name), name.removesuffix(DYNAMIC_SUFFIX), _FUSION.sub("", name)
 
 
 @dataclass(frozen=True)
@@ -115,7 +127,7 @@ def source_node(name: str, op_type: str, nodes: set[str], producers: Mapping[str
     is named after the output of what ORT fused into it (Conv -> Relu / Add): walk back to the Conv itself."""
     if op_type in CONVERSION_OPS:
         return None
-    for candidate in (name, _TOKEN.sub("", name), name.removesuffix("_quant")):
+    for candidate in export_names(name):
         if candidate in nodes:
             return candidate
     if name.endswith("_nchwc"):

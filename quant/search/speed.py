@@ -14,11 +14,10 @@ import onnx
 from quant.backends.ort import OrtRunner
 from quant.onnxgraph.graph import ensure_node_names
 from quant.errors import ModelError
-from quant.eval.profile import TENSOR_SUFFIXES, Feeds, node_times_ms
+from quant.eval.profile import TENSOR_SUFFIXES, Feeds, export_names, node_times_ms
 from quant.eval.speed import stateless_step
 from quant.search.units import Unit
 
-DYNAMIC_SUFFIX = "_quant"  # ORT's dynamic quantizer names a node's integer replacement <node>_quant
 
 __all__ = ["Feeds", "Latency", "interleaved_latency", "node_times_ms", "unit_times_ms"]
 
@@ -34,11 +33,12 @@ class Latency:
 
 
 def unit_times_ms(times: Mapping[str, float], units: Iterable[Unit], model: onnx.ModelProto) -> dict[str, float]:
-    """Kernel time per unit: its nodes by exact name (ORT keeps the name when it fuses DQ -> MatMul -> Q into an
-    integer kernel), plus the nodes ORT names after a tensor the unit reads or writes (a tensor between two units
-    counts for the first): the quantizer's `<tensor>_QuantizeLinear` / `_DequantizeLinear` and the NCHWc pass's
-    `<output>_nchwc` float Conv; and the dynamic quantizer's `<node>_quant` (DynamicQuantizeMatMul,
-    MatMulIntegerToFloat). Anything else (layout reorders, float ops) is not a unit's."""
+    """Kernel time per unit: its nodes by name (ORT keeps the name when it fuses DQ -> MatMul -> Q into an integer
+    kernel, or adds to it: eval.profile.export_names, e.g. QLinearConv `<node>_token_<n>`, the dynamic quantizer's
+    `<node>_quant`, an FP32 MatMul fused with its bias Add `<node>/MatMulAddFusion`), plus the nodes ORT names after a
+    tensor the unit reads or writes (a tensor between two units counts for the first): the quantizer's
+    `<tensor>_QuantizeLinear` / `_DequantizeLinear` and the NCHWc pass's `<output>_nchwc` float Conv. Anything else
+    (layout reorders, float ops) is not a unit's."""
     unit_list = list(units)
     owners = {node: unit.name for unit in unit_list for node in unit.nodes}
     tensors: dict[str, str] = {}
@@ -48,7 +48,7 @@ def unit_times_ms(times: Mapping[str, float], units: Iterable[Unit], model: onnx
                 tensors.setdefault(tensor, owners[node.name])
     result = {unit.name: 0.0 for unit in unit_list}
     for name, ms in times.items():
-        owner = owners.get(name) or owners.get(name.removesuffix(DYNAMIC_SUFFIX))
+        owner = next((owners[n] for n in export_names(name) if n in owners), None)
         for suffix in TENSOR_SUFFIXES:
             if owner is None and name.endswith(suffix):
                 owner = tensors.get(name[: -len(suffix)])

@@ -8,6 +8,13 @@ rule leakyrelu-float: QLinearLeakyRelu exists, but all of them INT8 cost the DPC
 (dynamic INT8 or float), layout and state plumbing are never candidates: they have no static integer kernel on ORT
 CPU; data movement that a rule makes INT8 follows its producer by itself (quant.precision: DATA_MOVEMENT_OPS).
 
+A unit's INT8 form is the base plan's, not a choice of the search: static Q/DQ against dynamic for a weight MatMul was
+measured per node (scripts/bench_matmul_forms.py: ORT profiler, and each MatMul cut out and timed alone; 1 thread).
+Dynamic was faster on 91 of the WeNet encoder's 92 at batch 1 and at batch 8 and on the DPCRN's fc MatMuls alone; the
+one exception (the encoder's input projection) ran as fast either way alone, and no whole build with MatMuls made
+static ran measurably faster (precision_default.toml, rule linear-dynamic-ort), so a third choice would cost
+evaluations and buy nothing. On the trt plan there is nothing to choose: TensorRT has no dynamic quantization.
+
 Grouping `group` (the default) makes one unit of the candidates of one structural block (quant.onnxgraph.blocks: a
 layer with its bias/activation and the residual or mask arithmetic behind it, an attention block, a recurrent
 block's projections, a Linear-act-Linear FFN); `node` makes one unit per candidate node. A group's errors compound
