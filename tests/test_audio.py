@@ -110,6 +110,15 @@ def test_save_roundtrip_flac_and_wav(tmp_path: Path) -> None:
         assert np.max(np.abs(back - tone)) < 1e-4
 
 
+def test_flac_level_changes_the_size_not_the_samples(tmp_path: Path) -> None:
+    """calib_data's added files are written at the highest FLAC level: smaller, the same 16-bit samples."""
+    speech = load_audio(DATA / "librivox_0880.flac")
+    default = save_audio(tmp_path / "default.flac", speech)
+    smallest = save_audio(tmp_path / "smallest.flac", speech, flac_level=1.0)
+    assert smallest.stat().st_size < default.stat().st_size
+    assert np.array_equal(load_audio(smallest), load_audio(default))
+
+
 def test_trim_silence_keeps_margin_and_speech() -> None:
     rate = 16000
     silence = np.zeros(rate, np.float32)

@@ -107,8 +107,10 @@ def resample(samples: np.ndarray, from_rate: int, to_rate: int = SAMPLE_RATE) ->
     return resample_poly(samples, to_rate // divisor, from_rate // divisor).astype(np.float32)
 
 
-def save_audio(path: str | os.PathLike[str], samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
-    """Write 16-bit PCM WAV or FLAC (by suffix) atomically; samples are clipped to [-1, 1]."""
+def save_audio(path: str | os.PathLike[str], samples: np.ndarray, sample_rate: int = SAMPLE_RATE,
+               flac_level: float | None = None) -> Path:
+    """Write 16-bit PCM WAV or FLAC (by suffix) atomically; samples are clipped to [-1, 1]. flac_level: FLAC
+    compression 0..1 (1: smallest file, same samples); None keeps libsndfile's default."""
     target = Path(path)
     clipped = np.clip(samples, -1.0, 1.0)
     buffer = io.BytesIO()
@@ -124,7 +126,8 @@ def save_audio(path: str | os.PathLike[str], samples: np.ndarray, sample_rate: i
             handle.writeframes(np.round(clipped * 32767.0).astype("<i2").tobytes())
         return atomic_write_bytes(target, buffer.getvalue())
     fmt = "FLAC" if target.suffix.lower() == ".flac" else "WAV"
-    sf.write(buffer, clipped, sample_rate, format=fmt, subtype="PCM_16")
+    level = {"compression_level": flac_level} if fmt == "FLAC" and flac_level is not None else {}
+    sf.write(buffer, clipped, sample_rate, format=fmt, subtype="PCM_16", **level)
     return atomic_write_bytes(target, buffer.getvalue())
 
 
