@@ -35,6 +35,7 @@ from onnx import helper, numpy_helper
 from quant.errors import BuildError, ModelError
 from quant.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from quant.onnxgraph.graph import default_opset
+from quant.onnxgraph.shapes import infer_shapes
 
 log = logging.getLogger(__name__)
 
@@ -336,10 +337,7 @@ def _channel_counts(model: onnx.ModelProto) -> dict[str, int]:
     """Tensor -> its axis-1 size: from ONNX shape inference, else traced back through ops that keep channels
     (element-wise ops, normalizations, a Slice on other axes) to a Conv / ConvTranspose weight. Shape inference
     alone loses the channels behind a Slice with computed ends (a causal crop)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # a graph shape inference cannot follow: only what the trace finds
-        inferred = model
+    inferred = infer_shapes(model) or model  # a graph inference cannot follow: only what the trace finds
     known: dict[str, int] = {}
     for info in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         dims = info.type.tensor_type.shape.dim
@@ -570,8 +568,8 @@ def _leading_dims(model: onnx.ModelProto, tensors: Sequence[str]) -> dict[str, i
     """Axis 0 of each tensor where shape inference knows it statically: ONNX's, then ONNX Runtime's symbolic
     inference (which follows the computed Reshape shapes of a torch export, where ONNX's stops)."""
     found: dict[str, int | None] = {}
-    for attempt in (_onnx_inferred, _symbolic_inferred):
-        inferred = attempt(model)
+    for symbolic in (False, True):
+        inferred = infer_shapes(model, symbolic=symbolic) or model
         infos = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
         for info in infos:
             dims = info.type.tensor_type.shape.dim
@@ -580,23 +578,6 @@ def _leading_dims(model: onnx.ModelProto, tensors: Sequence[str]) -> dict[str, i
         if all(t in found for t in tensors):
             break
     return found
-
-
-def _onnx_inferred(model: onnx.ModelProto) -> onnx.ModelProto:
-    try:
-        return onnx.shape_inference.infer_shapes(model)
-    except Exception:  # a graph ONNX's inference cannot follow: the symbolic inference may
-        return model
-
-
-def _symbolic_inferred(model: onnx.ModelProto) -> onnx.ModelProto:
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-    try:
-        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
-    except Exception:  # its failures are assertions and KeyErrors on graphs it does not know: no length known
-        return model
-    return inferred if inferred is not None else model
 
 
 # ----------------------------------------------------------------------------------------------------- checks

@@ -17,6 +17,7 @@ import onnx
 from onnx import numpy_helper
 
 from quant.errors import BackendUnavailable, BuildError, ModelError
+from quant.onnxgraph.shapes import infer_shapes
 
 log = logging.getLogger(__name__)
 
@@ -257,14 +258,8 @@ def _untyped_inputs(model: onnx.ModelProto, nodes: Sequence[str]) -> list[str]:
 def _symbolic_types(model: onnx.ModelProto) -> onnx.ModelProto:
     """ONNX Runtime's symbolic shape inference with auto_merge, in memory (no temp files), as quant_pre_process
     does for transformer graphs whose dynamic shapes plain ONNX inference cannot follow."""
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-    try:
-        inferred: onnx.ModelProto = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
-    except Exception as error:
-        log.warning("symbolic shape inference failed (%s); tensors without a type stay unquantized", error)
-        return model
-    return inferred
+    inferred = infer_shapes(model, symbolic=True, consequence="tensors without a type stay unquantized")
+    return model if inferred is None else inferred
 
 
 def cpu_has_vnni() -> bool:

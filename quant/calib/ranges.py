@@ -39,6 +39,7 @@ import onnx
 from quant.calib import histogram as hist
 from quant.errors import CalibrationError, ModelError
 from quant.fileio import private_temp_dir
+from quant.onnxgraph.shapes import infer_shapes
 
 log = logging.getLogger(__name__)
 
@@ -480,21 +481,11 @@ def _value_types(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def _infer_types(model: onnx.ModelProto) -> onnx.ModelProto:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception as error:  # noqa: BLE001 - inference is best effort; symbolic inference may still work
-        log.debug("onnx shape inference failed: %s", error)
-        inferred = model
+    """`model` typed by ONNX's shape inference, or by the symbolic one where ONNX's leaves an activation untyped."""
+    inferred = infer_shapes(model) or model
     if set(_activation_names(model)) <= set(_value_types(inferred)):
         return inferred
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        symbolic = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
-        return symbolic if symbolic is not None else inferred
-    except Exception as error:  # noqa: BLE001 - fall back to what onnx inferred
-        log.debug("symbolic shape inference failed: %s", error)
-        return inferred
+    return infer_shapes(model, symbolic=True, guess_output_rank=True) or inferred
 
 
 def _load(onnx_path: str | Path) -> onnx.ModelProto:
