@@ -32,9 +32,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from quant.errors import BuildError, ModelError
+from quant.errors import BuildError
 from quant.fileio import atomic_write_bytes, atomic_write_json, sha256_file
-from quant.onnxgraph.graph import default_opset
+from quant.onnxgraph.graph import default_opset, load_model
 from quant.onnxgraph.shapes import infer_shapes
 
 log = logging.getLogger(__name__)
@@ -702,7 +702,7 @@ def rewrite_file(source: str | Path, names: Sequence[str], feeds: Callable[[], I
     reused = _reuse_rewrite(source, source_sha, names, target, tolerance)
     if reused is not None:
         return reused
-    original = _load_model(source)
+    original = load_model(source)
     steps = _apply_each(original, names)
     nodes = {name: len(result.rewritten) for name, result in zip(names, steps)}
     if not any(nodes.values()):
@@ -783,13 +783,6 @@ def _reuse_rewrite(source: Path, source_sha: str, names: tuple[str, ...], target
         return None
     log.debug("reusing %s: its record names source sha256 %s", target, source_sha[:12])
     return RewrittenGraph(target, source, names, nodes, check)
-
-
-def _load_model(path: Path) -> onnx.ModelProto:
-    try:
-        return onnx.load(str(path))
-    except Exception as error:  # protobuf raises DecodeError, onnx its own: all mean "not an ONNX model"
-        raise ModelError(f"{path}: not a readable ONNX model: {error}") from None
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -39,6 +39,7 @@ import onnx
 from quant.calib import histogram as hist
 from quant.errors import CalibrationError, ModelError
 from quant.fileio import private_temp_dir
+from quant.onnxgraph.graph import load_model
 from quant.onnxgraph.shapes import infer_shapes
 
 log = logging.getLogger(__name__)
@@ -492,10 +493,7 @@ def _load(onnx_path: str | Path) -> onnx.ModelProto:
     path = Path(onnx_path)
     if not path.is_file():
         raise ModelError(f"ONNX model {path} not found: export it first (quant export) or pass an existing .onnx")
-    try:
-        return onnx.load(str(path))
-    except Exception as error:  # noqa: BLE001 - any parse failure is a user-facing model error
-        raise ModelError(f"{path} is not a readable ONNX model: {error}") from error
+    return load_model(path)
 
 
 def _session(model: onnx.ModelProto, tmp: Path, threads: int) -> Any:
