@@ -14,7 +14,7 @@ evaluation and speed workloads.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -33,8 +33,8 @@ from quant.frontends import Frontend, frontend, pad_batch
 from quant.models.tokenizer import UnitsTokenizer, normalize_text, plain_text
 from quant.spec import AsrTaskSpec, ModelSpec, resolve_manifest
 from quant.tasks.common import (
-    Artifact, Feed, FeedOptions, Reiterable, batched, fp32_path, hatch_feeds, input_shapes, open_artifact, select,
-    utterances, wire,
+    Artifact, Audio, Feed, FeedOptions, Reiterable, batched, fp32_path, hatch_feeds, input_shapes, open_artifact, select,
+    speech_audio, utterances, wire,
 )
 from quant.tasks.se import representative
 
@@ -50,18 +50,6 @@ LOG_PROB_OUTPUTS = ("decoder_out", "score")
 REVERSE_LOG_PROB_OUTPUTS = ("r_decoder_out", "r_score")
 REVERSED_HYPS = "r_hyps_pad_sos_eos"
 NO_AUDIO = np.zeros(0, np.float32)
-
-
-@dataclass(frozen=True)
-class Speech:
-    """The speech of manifest utterances, loaded one at a time on each iteration."""
-
-    items: tuple[Any, ...]
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        from quant.data.manifest import load_speech
-
-        return (load_speech(item) for item in self.items)
 
 
 class AsrTask:
@@ -95,7 +83,7 @@ class AsrTask:
                           options: FeedOptions = FeedOptions()) -> Iterable[Feed]:
         """Re-iterable feeds of graph `role` on the speech of the first options.limit utterances."""
         self.spec.graph(role)
-        clips = Speech(tuple(self._items(manifest, options)))
+        clips = Audio(tuple(self._items(manifest, options)), speech_audio)
         hatch = hatch_feeds(self.spec, role, clips)
         if hatch is not None:
             return hatch
@@ -227,10 +215,8 @@ class AsrTask:
     def speed_workload(self, role: str, manifest: str | None = None,
                        options: FeedOptions = FeedOptions()) -> GraphWorkload:
         """One graph's timing input from the median-length test utterance (batch 1; the batch sweep tiles it)."""
-        from quant.data.manifest import load_speech
-
         # the median by the audio's real length, not the manifest's `duration` field (which may be rounded or stale)
-        clips = [load_speech(item) for item in self._items(manifest, replace(options, selection="test"))]
+        clips = [speech_audio(item) for item in self._items(manifest, replace(options, selection="test"))]
         rate = self._fe().spec.sample_rate
         clip = clips[representative([c.size / rate for c in clips])]
         seconds = clip.size / rate

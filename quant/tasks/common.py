@@ -66,6 +66,25 @@ def utterances(spec: ModelSpec, manifest: str | os.PathLike[str] | None, limit: 
     return items[:limit] if limit else items
 
 
+@dataclass(frozen=True)
+class Audio:
+    """What a model hears of each manifest utterance (`load`: noisy_audio for SE, speech_audio for ASR), loaded one
+    at a time on each iteration, so a calibration set never sits in memory whole."""
+
+    items: tuple[Any, ...]
+    load: Callable[[Any], np.ndarray]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self.load(item) for item in self.items)
+
+
+def speech_audio(utterance: Any) -> np.ndarray:
+    """The clean speech of an utterance (what an ASR model hears)."""
+    from quant.data.manifest import load_speech
+
+    return load_speech(utterance)
+
+
 def noisy_audio(utterance: Any) -> np.ndarray:
     """The noisy mixture of an SE utterance, mixed from its manifest recipe (what the model sees at inference)."""
     from quant.data.manifest import load_noisy_clean

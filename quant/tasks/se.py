@@ -17,7 +17,6 @@ quant.eval.se's (PESQ-WB/NB, STOI, SI-SDR against the clean speech).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -31,7 +30,7 @@ from quant.frontends import Frontend, frontend, pad_batch
 from quant.frontends.output import output_axes, to_waveform
 from quant.spec import FrontendSpec, ModelSpec, OutputSpec, resolve_manifest
 from quant.tasks.common import (
-    Artifact, Feed, FeedOptions, Reiterable, StateLayout, batched, fp32_path, frame_slices, hatch_feeds, input_shapes,
+    Artifact, Audio, Feed, FeedOptions, Reiterable, StateLayout, batched, fp32_path, frame_slices, hatch_feeds, input_shapes,
     layout_for, noisy_audio, open_artifact, roll, segments, select, time_axis, utterances, wire,
 )
 
@@ -55,16 +54,6 @@ def stream_padded(audio: np.ndarray, hop: int) -> np.ndarray:
     return padded
 
 
-@dataclass(frozen=True)
-class Clips:
-    """Noisy mixtures of manifest utterances, loaded one at a time on each iteration."""
-
-    items: tuple[Any, ...]
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        return (noisy_audio(item) for item in self.items)
-
-
 class SeTask:
     def __init__(self, spec: ModelSpec) -> None:
         if spec.output is None:
@@ -79,7 +68,8 @@ class SeTask:
                           options: FeedOptions = FeedOptions()) -> Iterable[Feed]:
         """Re-iterable feeds of graph `role` on the noisy mixtures of the first options.limit utterances."""
         self.spec.graph(role)
-        clips = Clips(tuple(utterances(self.spec, manifest, options.limit, allow_outside=options.allow_outside)))
+        clips = Audio(tuple(utterances(self.spec, manifest, options.limit, allow_outside=options.allow_outside)),
+                      noisy_audio)
         hatch = hatch_feeds(self.spec, role, clips)
         if hatch is not None:
             return hatch
