@@ -33,8 +33,8 @@ from quant.frontends import Frontend, frontend, pad_batch
 from quant.models.tokenizer import UnitsTokenizer, normalize_text, plain_text
 from quant.spec import AsrTaskSpec, ModelSpec, resolve_manifest
 from quant.tasks.common import (
-    Artifact, Audio, Feed, FeedOptions, Reiterable, batched, fp32_path, hatch_feeds, input_shapes, open_artifact, select,
-    speech_audio, utterances, wire,
+    Artifact, Audio, Feed, FeedOptions, Reiterable, batched, check_feed, fp32_path, hatch_feeds, input_shapes,
+    open_artifact, select, speech_audio, utterances, wire,
 )
 from quant.tasks.se import representative
 
@@ -108,10 +108,13 @@ class AsrTask:
     def _feeds(self, role: str, clips: Iterable[np.ndarray], options: FeedOptions) -> Iterator[Feed]:
         size = options.batch_size or self.spec.defaults.batch_size
         target = self.spec.graph(role)
-        inputs = tuple(input_shapes(fp32_path(self.spec, role, options)))
+        path = fp32_path(self.spec, role, options)
+        inputs = tuple(input_shapes(path))
         upstream = self._upstream(role, options)
         for batch in batched(clips, size):
-            yield wire(target, self._run_upstream(upstream, self._sources(batch), inputs), inputs)
+            feed = wire(target, self._run_upstream(upstream, self._sources(batch), inputs), inputs)
+            check_feed(self.spec, role, path, feed)
+            yield feed
 
     def _upstream(self, role: str, options: FeedOptions) -> list[tuple[str, Runner]]:
         roles = [g.role for g in self.spec.graphs]
@@ -121,7 +124,8 @@ class AsrTask:
     def _run_upstream(self, upstream: Sequence[tuple[str, Runner]], sources: dict[str, np.ndarray],
                       target_inputs: Sequence[str]) -> dict[str, np.ndarray]:
         for role, runner in upstream:
-            outputs = runner.run(select(runner, wire(self.spec.graph(role), sources, runner.input_names), role))
+            feeds = wire(self.spec.graph(role), sources, runner.input_names)
+            outputs = runner.run(select(self.spec, role, runner, feeds))
             sources.update({f"{role}:{name}": value for name, value in outputs.items()})
             if role == ENCODER:
                 nbests = self._search(outputs)
@@ -179,7 +183,8 @@ class AsrTask:
     def _transcribe_batch(self, encoder: Runner, decoder: Runner | None,
                           audios: Sequence[np.ndarray]) -> list[Transcript]:
         sources = self._sources(audios)
-        encoded = encoder.run(select(encoder, wire(self.spec.graph(ENCODER), sources, encoder.input_names), ENCODER))
+        encoded = encoder.run(select(self.spec, ENCODER, encoder,
+                                     wire(self.spec.graph(ENCODER), sources, encoder.input_names)))
         log_probs, lengths = self._ctc(encoded)
         blank = self.token_ids[0]
         greedy = [self.tokenizer.decode(ctc_greedy(log_probs[i], int(lengths[i]), blank)) for i in range(len(audios))]
@@ -197,7 +202,8 @@ class AsrTask:
         assert role is not None
         inputs = self._decoder_inputs(nbests, decoder.input_names)
         sources.update({f"nbest:{name}": value for name, value in inputs.feeds().items()})
-        outputs = decoder.run(select(decoder, wire(self.spec.graph(role), sources, decoder.input_names), role))
+        feeds = wire(self.spec.graph(role), sources, decoder.input_names)
+        outputs = decoder.run(select(self.spec, role, decoder, feeds))
         if BEST_INDEX in outputs:
             return best_hypotheses(nbests, outputs[BEST_INDEX])
         forward = _log_probs(outputs, LOG_PROB_OUTPUTS, self.task.beam)
