@@ -73,7 +73,7 @@ class RangeOptions:
     # run the graph on the next batch while the statistics of this one update (same result; holds two batches'
     # activations at once: offline DPCRN, 8 segments one at a time, peak RSS 949 MB vs 825 MB without)
     overlap: bool = True
-    progress: bool = True
+    progress: bool = True  # a progress bar while stderr is a terminal (never into a log file or pipe); False: none
 
     def __post_init__(self) -> None:  # checked up front, not after a first pass over the feeds
         if not 0 < self.percentile <= 100:
@@ -543,7 +543,9 @@ def _run_pass(
     with ThreadPoolExecutor(options.threads) as pool:
         updating: list[Future[None]] = []
         try:
-            for feed in tqdm(feeds, desc=label, unit="batch", disable=not options.progress, leave=False):
+            # disable=None: tqdm draws only on a terminal, so a redirected stderr gets no bar text
+            bar = tqdm(feeds, desc=label, unit="batch", disable=None if options.progress else True, leave=False)
+            for feed in bar:
                 for part in split_feed(feed, options.max_batch):
                     missing = [name for name in input_names if name not in part]
                     if missing:
