@@ -17,6 +17,7 @@ from quant.tasks import task_for
 from quant.onnxgraph.graph import graph_interface
 from quant.tasks.common import FeedOptions, Shape, open_artifact, select, utterances
 
+
 @dataclass(frozen=True)
 class GraphCheck:
     """One graph: its file, declared input shapes, outputs, and the shapes of the first calibration feed it ran."""
