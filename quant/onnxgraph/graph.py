@@ -77,10 +77,6 @@ class GraphIndex:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
 
-    def producer_op(self, tensor: str) -> str | None:
-        node = self.producers.get(tensor)
-        return node.op_type if node is not None else None
-
     def is_constant(self, tensor: str) -> bool:
         return tensor in self.constants
 
