@@ -112,9 +112,8 @@ class AsrTask:
         inputs = tuple(input_shapes(path))
         upstream = self._upstream(role, options)
         for batch in batched(clips, size):
-            feed = wire(target, self._run_upstream(upstream, self._sources(batch), inputs), inputs)
-            check_feed(self.spec, role, path, feed)
-            yield feed
+            sources = self._run_upstream(upstream, self._sources(batch), inputs)
+            yield check_feed(self.spec, role, path, wire(target, sources, inputs))
 
     def _upstream(self, role: str, options: FeedOptions) -> list[tuple[str, Runner]]:
         roles = [g.role for g in self.spec.graphs]

@@ -154,19 +154,18 @@ def select(spec: ModelSpec, role: str, runner: Runner, feeds: Mapping[str, np.nd
     if missing:
         raise ModelError(f"graph {role!r}: inputs {missing} have no source; the task built {sorted(feeds)} (name "
                          "them in the spec's [[graphs]] feeds)")
-    feed = {name: feeds[name] for name in runner.input_names}
-    check_feed(spec, role, runner, feed)
-    return feed
+    return check_feed(spec, role, runner, {name: feeds[name] for name in runner.input_names})
 
 
 Shape = tuple[Any, ...]
 
 
-def check_feed(spec: ModelSpec, role: str, graph: Path | Runner, feed: Mapping[str, Any]) -> None:
-    """Each array a task feeds graph `role` against the fixed dimensions the graph declares (`graph`: its ONNX file,
-    or a runner that declares its inputs, as ONNX Runtime's does), naming the spec table that shaped a mismatching
-    one. Every feed a task makes passes here, so calibrate, build, evaluate, run and `quant specs check` all stop on
-    a spec that disagrees with its graph with this one line instead of the runtime's."""
+def check_feed(spec: ModelSpec, role: str, graph: Path | Runner, feed: Feed) -> Feed:
+    """`feed` once each array a task feeds graph `role` fits the fixed dimensions the graph declares (`graph`: its
+    ONNX file, or a runner that declares its inputs, as ONNX Runtime's does); a mismatch is a SpecError naming the
+    spec table that shaped the array. Every feed a task makes passes here (a streaming roll's first step), so
+    calibrate, build, evaluate, run and `quant specs check` all stop on a spec that disagrees with its graph with
+    this one line instead of the runtime's."""
     declared, where = _declared_inputs(graph)
     for name, value in feed.items():
         want, got = declared.get(name), tuple(np.shape(value))
@@ -175,6 +174,7 @@ def check_feed(spec: ModelSpec, role: str, graph: Path | Runner, feed: Mapping[s
         if len(want) != len(got) or any(isinstance(w, int) and w > 0 and w != g for w, g in zip(want, got)):
             raise SpecError(f"{spec.source or spec.name}: graph {role!r} input {name!r}: "
                             f"{_shaped_by(spec, role, name)} gives {got}, but {where} expects {want}")
+    return feed
 
 
 def _declared_inputs(graph: Path | Runner) -> tuple[Mapping[str, Shape], str]:
@@ -331,7 +331,7 @@ def frame_slices(features: np.ndarray, axis: int, step: int) -> Iterator[np.ndar
 
 
 def roll(runner: Runner, layout: StateLayout, frames: Iterable[np.ndarray],
-         check: Callable[[Feed], None]) -> Iterator[tuple[Feed, dict[str, Any]]]:
+         check: Callable[[Feed], object]) -> Iterator[tuple[Feed, dict[str, Any]]]:
     """Run a streaming graph frame by frame from its initial states; yields (feeds, outputs) of every step, each
     next state taken from its paired output. `check` sees the first step's feeds before the graph does (check_feed:
     the frame's and the states' shapes are the same at every step)."""

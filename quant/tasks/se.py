@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -84,7 +83,7 @@ class SeTask:
         target = self.spec.graph(role)
         path = fp32_path(self.spec, role, options)
         inputs = tuple(input_shapes(path))
-        checked = partial(_checked, self.spec, role, path)
+        checked = partial(check_feed, self.spec, role, path)
         upstream = self._upstream(role, options)
         seg = segment_samples(self._fe().spec)
         if seg:
@@ -258,11 +257,6 @@ class SeTask:
             raise ModelError(f"enhancement graph has no output {name!r} (spec [output] name); it returned "
                              f"{sorted(outputs)}")
         return np.asarray(outputs[name])
-
-
-def _checked(spec: ModelSpec, role: str, path: Path, feed: Feed) -> Feed:
-    check_feed(spec, role, path, feed)
-    return feed
 
 
 def representative(durations: Sequence[float]) -> int:
