@@ -24,6 +24,7 @@ import onnx
 from quant.errors import BuildError
 from quant.onnxgraph.graph import GraphIndex, ensure_node_names, index_graph
 from quant.onnxgraph.patterns import PATTERNS
+from quant.onnxgraph.shapes import infer_shapes
 
 log = logging.getLogger(__name__)
 
@@ -303,11 +304,7 @@ def _weight_axis(node: onnx.NodeProto) -> int:
 
 def _float_tensors(model: onnx.ModelProto) -> set[str]:
     """Names of float32 tensors (initializers, inputs and inferred values)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception as error:  # shape inference is best effort: an unknown type just is not quantized
-        log.warning("shape inference failed (%s); only typed tensors get Q/DQ", error)
-        inferred = model
+    inferred = infer_shapes(model, consequence="only typed tensors get Q/DQ") or model
     graph = inferred.graph
     names = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
     for info in list(graph.input) + list(graph.value_info) + list(graph.output):

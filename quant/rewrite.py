@@ -32,9 +32,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from quant.errors import BuildError, ModelError
+from quant.errors import BuildError
 from quant.fileio import atomic_write_bytes, atomic_write_json, sha256_file
-from quant.onnxgraph.graph import default_opset
+from quant.onnxgraph.graph import default_opset, load_model
+from quant.onnxgraph.shapes import infer_shapes
 
 log = logging.getLogger(__name__)
 
@@ -336,10 +337,7 @@ def _channel_counts(model: onnx.ModelProto) -> dict[str, int]:
     """Tensor -> its axis-1 size: from ONNX shape inference, else traced back through ops that keep channels
     (element-wise ops, normalizations, a Slice on other axes) to a Conv / ConvTranspose weight. Shape inference
     alone loses the channels behind a Slice with computed ends (a causal crop)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # a graph shape inference cannot follow: only what the trace finds
-        inferred = model
+    inferred = infer_shapes(model) or model  # a graph inference cannot follow: only what the trace finds
     known: dict[str, int] = {}
     for info in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         dims = info.type.tensor_type.shape.dim
@@ -434,7 +432,7 @@ def gru_step_to_matmul(model: onnx.ModelProto) -> RewriteResult:
                 log.info("gru-step-to-matmul leaves %s alone: %s", node.name or node.output[0], reason)
             new_nodes.append(node)
             continue
-        step = _GruStep(node, constants, opset)
+        step = _gru_step(node, constants, opset)
         new_nodes.extend(step.nodes)
         new_inits.extend(step.tensors)
         done.append(node.name or node.output[0])
@@ -471,7 +469,7 @@ def _text(value: Any) -> str:
 
 
 class _StepNodes:
-    """Nodes and constants of one unrolled cell step, named under `<cell>/step/` (the writing; _GruStep the math)."""
+    """Nodes and constants of one unrolled cell step, named under `<cell>/step/` (the writing; _gru_step the math)."""
 
     def __init__(self, node: onnx.NodeProto, opset: int) -> None:
         self.prefix = f"{node.name or node.output[0]}/step"
@@ -517,61 +515,60 @@ class _StepNodes:
             self.op("Unsqueeze", [state], "y", output=output, axes=[1])
 
 
-class _GruStep(_StepNodes):
+def _gru_step(node: onnx.NodeProto, constants: Mapping[str, np.ndarray], opset: int) -> _StepNodes:
     """One GRU step on X (1, batch, input) and h (1, batch, hidden), ONNX's equations with gates in z, r, h order:
     z = f(x Wz + h Rz + Wbz + Rbz), r likewise, n = g(x Wh + r (h Rh + Rbh) + Wbh) when linear_before_reset else
     g(x Wh + (r h) Rh + Rbh + Wbh), H = (1 - z) n + z h, written n + z (h - n). One direction: forward and reverse
     are the same single step."""
-
-    def __init__(self, node: onnx.NodeProto, constants: Mapping[str, np.ndarray], opset: int) -> None:
-        super().__init__(node, opset)
-        inputs = list(node.input) + [""] * (6 - len(node.input))
-        w, r = constants[inputs[1]][0], constants[inputs[2]][0]  # (3H, input), (3H, H): the one direction
-        hidden = r.shape[1]
-        bias = constants[inputs[3]][0] if inputs[3] else np.zeros(6 * hidden, w.dtype)
-        w_bias, r_bias = bias[:3 * hidden], bias[3 * hidden:]
-        zr, new = slice(0, 2 * hidden), slice(2 * hidden, 3 * hidden)
-        before_reset = bool(_attributes(node).get("linear_before_reset", 0))
-        h = inputs[5] or None
-        outputs = list(node.output) + [""] * (2 - len(node.output))
-        # the recurrent biases outside the reset product go with the input's
-        x_bias = w_bias + np.concatenate([r_bias[zr], 0 * r_bias[new] if before_reset else r_bias[new]])
-        gx_zr, gx_n = self.split(self.linear(inputs[0], w.T, x_bias, "x"), [2 * hidden, hidden], "x")
-        gh_zr: str | None = None
-        reset_term: str | None = None  # what r multiplies (before_reset) or r (h Rh) itself
-        if before_reset:
-            gh_n: str | None = None
-            if h is not None:
-                h_bias = np.concatenate([0 * r_bias[zr], r_bias[new]])
-                gh_zr, gh_n = self.split(self.linear(h, r.T, h_bias, "h"), [2 * hidden, hidden], "h")
-            elif r_bias[new].any():  # h = 0: the recurrent product is its bias
-                gh_n = self.constant(r_bias[new], "h_bias")
-            z, reset = self.split(self.op("Sigmoid", [self.add(gx_zr, gh_zr, "zr_in")], "zr"), [hidden] * 2, "zr")
-            reset_term = self.op("Mul", [reset, gh_n], "r_h") if gh_n is not None else None
-        else:
-            if h is not None:
-                gh_zr = self.linear(h, r[zr].T, None, "h_zr")
-            z, reset = self.split(self.op("Sigmoid", [self.add(gx_zr, gh_zr, "zr_in")], "zr"), [hidden] * 2, "zr")
-            if h is not None:
-                reset_term = self.linear(self.op("Mul", [reset, h], "r_times_h"), r[new].T, None, "rh")
-        n = self.op("Tanh", [self.add(gx_n, reset_term, "n_in")], "n")
-        h_out = outputs[1] or f"{self.prefix}/h_new"
-        if h is None:  # (1 - z) n
-            keep = self.op("Sub", [self.constant(np.ones(1, w.dtype), "one"), z], "keep")
-            self.op("Mul", [keep, n], "h_new", output=h_out)
-        else:
-            moved = self.op("Mul", [z, self.op("Sub", [h, n], "h_minus_n")], "z_times")
-            self.op("Add", [n, moved], "h_new", output=h_out)
-        if outputs[0]:
-            self.sequence_output(h_out, outputs[0])
+    step = _StepNodes(node, opset)
+    inputs = list(node.input) + [""] * (6 - len(node.input))
+    w, r = constants[inputs[1]][0], constants[inputs[2]][0]  # (3H, input), (3H, H): the one direction
+    hidden = r.shape[1]
+    bias = constants[inputs[3]][0] if inputs[3] else np.zeros(6 * hidden, w.dtype)
+    w_bias, r_bias = bias[:3 * hidden], bias[3 * hidden:]
+    zr, new = slice(0, 2 * hidden), slice(2 * hidden, 3 * hidden)
+    before_reset = bool(_attributes(node).get("linear_before_reset", 0))
+    h = inputs[5] or None
+    outputs = list(node.output) + [""] * (2 - len(node.output))
+    # the recurrent biases outside the reset product go with the input's
+    x_bias = w_bias + np.concatenate([r_bias[zr], 0 * r_bias[new] if before_reset else r_bias[new]])
+    gx_zr, gx_n = step.split(step.linear(inputs[0], w.T, x_bias, "x"), [2 * hidden, hidden], "x")
+    gh_zr: str | None = None
+    reset_term: str | None = None  # what r multiplies (before_reset) or r (h Rh) itself
+    if before_reset:
+        gh_n: str | None = None
+        if h is not None:
+            h_bias = np.concatenate([0 * r_bias[zr], r_bias[new]])
+            gh_zr, gh_n = step.split(step.linear(h, r.T, h_bias, "h"), [2 * hidden, hidden], "h")
+        elif r_bias[new].any():  # h = 0: the recurrent product is its bias
+            gh_n = step.constant(r_bias[new], "h_bias")
+        z, reset = step.split(step.op("Sigmoid", [step.add(gx_zr, gh_zr, "zr_in")], "zr"), [hidden] * 2, "zr")
+        reset_term = step.op("Mul", [reset, gh_n], "r_h") if gh_n is not None else None
+    else:
+        if h is not None:
+            gh_zr = step.linear(h, r[zr].T, None, "h_zr")
+        z, reset = step.split(step.op("Sigmoid", [step.add(gx_zr, gh_zr, "zr_in")], "zr"), [hidden] * 2, "zr")
+        if h is not None:
+            reset_term = step.linear(step.op("Mul", [reset, h], "r_times_h"), r[new].T, None, "rh")
+    n = step.op("Tanh", [step.add(gx_n, reset_term, "n_in")], "n")
+    h_out = outputs[1] or f"{step.prefix}/h_new"
+    if h is None:  # (1 - z) n
+        keep = step.op("Sub", [step.constant(np.ones(1, w.dtype), "one"), z], "keep")
+        step.op("Mul", [keep, n], "h_new", output=h_out)
+    else:
+        moved = step.op("Mul", [z, step.op("Sub", [h, n], "h_minus_n")], "z_times")
+        step.op("Add", [n, moved], "h_new", output=h_out)
+    if outputs[0]:
+        step.sequence_output(h_out, outputs[0])
+    return step
 
 
 def _leading_dims(model: onnx.ModelProto, tensors: Sequence[str]) -> dict[str, int | None]:
     """Axis 0 of each tensor where shape inference knows it statically: ONNX's, then ONNX Runtime's symbolic
     inference (which follows the computed Reshape shapes of a torch export, where ONNX's stops)."""
     found: dict[str, int | None] = {}
-    for attempt in (_onnx_inferred, _symbolic_inferred):
-        inferred = attempt(model)
+    for symbolic in (False, True):
+        inferred = infer_shapes(model, symbolic=symbolic) or model
         infos = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
         for info in infos:
             dims = info.type.tensor_type.shape.dim
@@ -580,23 +577,6 @@ def _leading_dims(model: onnx.ModelProto, tensors: Sequence[str]) -> dict[str, i
         if all(t in found for t in tensors):
             break
     return found
-
-
-def _onnx_inferred(model: onnx.ModelProto) -> onnx.ModelProto:
-    try:
-        return onnx.shape_inference.infer_shapes(model)
-    except Exception:  # a graph ONNX's inference cannot follow: the symbolic inference may
-        return model
-
-
-def _symbolic_inferred(model: onnx.ModelProto) -> onnx.ModelProto:
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-    try:
-        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
-    except Exception:  # its failures are assertions and KeyErrors on graphs it does not know: no length known
-        return model
-    return inferred if inferred is not None else model
 
 
 # ----------------------------------------------------------------------------------------------------- checks
@@ -722,7 +702,7 @@ def rewrite_file(source: str | Path, names: Sequence[str], feeds: Callable[[], I
     reused = _reuse_rewrite(source, source_sha, names, target, tolerance)
     if reused is not None:
         return reused
-    original = _load_model(source)
+    original = load_model(source)
     steps = _apply_each(original, names)
     nodes = {name: len(result.rewritten) for name, result in zip(names, steps)}
     if not any(nodes.values()):
@@ -803,13 +783,6 @@ def _reuse_rewrite(source: Path, source_sha: str, names: tuple[str, ...], target
         return None
     log.debug("reusing %s: its record names source sha256 %s", target, source_sha[:12])
     return RewrittenGraph(target, source, names, nodes, check)
-
-
-def _load_model(path: Path) -> onnx.ModelProto:
-    try:
-        return onnx.load(str(path))
-    except Exception as error:  # protobuf raises DecodeError, onnx its own: all mean "not an ONNX model"
-        raise ModelError(f"{path}: not a readable ONNX model: {error}") from None
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

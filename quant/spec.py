@@ -318,10 +318,6 @@ class OutputSpec:
             raise SchemaError("inverse", f"{self.inverse!r} does not invert a {self.kind!r} output; "
                               f"use {INVERSES[self.kind]!r} or leave it out")
 
-    @property
-    def inverse_transform(self) -> str:
-        return self.inverse or INVERSES[self.kind]
-
 
 @dataclass(frozen=True)
 class SeTaskSpec:

@@ -18,8 +18,8 @@ mixtures; the checkpoint with the best validation SI-SDRi is written atomically 
 summary) with the measured numbers in <out stem>_train.json beside it, after every improving epoch (so a killed
 run leaves its best so far). SIGTERM/SIGINT end the epoch early, score it, save and exit 0.
 
-Runs where only numpy and torch exist (the GPU machine): it imports quant.models.dpcrn and quant.fileio, and
-quant.features only if that imports (it needs kaldi_native_fbank); otherwise an identical local STFT is used.
+Runs where only numpy and torch exist (the GPU machine): of quant it imports quant.models.dpcrn, quant.fileio and
+quant.features (the one STFT; kaldi_native_fbank is imported only by its fbank).
 """
 
 from __future__ import annotations
@@ -34,22 +34,20 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from quant.features import HOP, SAMPLE_RATE, istft, stft  # noqa: E402
 from quant.fileio import atomic_write_bytes, atomic_write_json  # noqa: E402
 from quant.models.dpcrn import DPCRN, count_parameters  # noqa: E402
 from quant.paths import ASSETS_DIR  # noqa: E402
 
 log = logging.getLogger("train_dpcrn")
 
-SAMPLE_RATE = 16000
-N_FFT = 512
-HOP = 256
 PACK_ARRAYS = ("speech", "noise", "val_speech", "val_noise")
 COMPRESS = 0.3
 COMPLEX_WEIGHT = 30.0
@@ -84,37 +82,6 @@ class TrainOptions:
 
 
 SMOKE = dict(epochs=2, steps_per_epoch=2, batch=2, crop_seconds=0.5, val_items=4, device="cpu")
-
-
-# ---------------------------------------------------------------------------------------------- features
-
-
-def _load_features() -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor, int], torch.Tensor]]:
-    """quant.features' STFT pair when it imports, else the same transform written here (no kaldi_native_fbank)."""
-    try:
-        from quant.features import istft as shared_istft
-        from quant.features import stft as shared_stft
-    except ImportError as error:
-        log.warning("quant.features is not importable here (%s): using the identical local STFT", error)
-        return local_stft, local_istft
-    return shared_stft, shared_istft
-
-
-def _window(device: torch.device) -> torch.Tensor:
-    return torch.hann_window(N_FFT, periodic=True, device=device).sqrt()
-
-
-def local_stft(audio: torch.Tensor) -> torch.Tensor:
-    """(B, samples) -> (B, 257, T, 2): n_fft 512, hop 256, sqrt-Hann, centred, zero padding (quant.features.stft)."""
-    spec = torch.stft(
-        audio, N_FFT, HOP, N_FFT, window=_window(audio.device), center=True, pad_mode="constant", return_complex=True
-    )
-    return torch.view_as_real(spec)
-
-
-def local_istft(spec: torch.Tensor, length: int) -> torch.Tensor:
-    complex_spec = torch.view_as_complex(spec.contiguous())
-    return torch.istft(complex_spec, N_FFT, HOP, N_FFT, window=_window(spec.device), center=True, length=length)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -249,30 +216,29 @@ class Batch:
 
 
 class Trainer:
-    """One model, its optimizer and the shared STFT; `step` trains on a batch, `evaluate` scores fixed mixtures."""
+    """One model and its optimizer; `step` trains on a batch, `evaluate` scores fixed mixtures."""
 
     def __init__(self, model: DPCRN, opts: TrainOptions) -> None:
         self.model = model
         self.opts = opts
         self.pesq_pool = _pesq_pool() if opts.select == "pesq_wb" else None
         self.optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr)
-        self.stft, self.istft = _load_features()
         self.skipped_steps = 0
 
     def _forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Enhanced spectrum (float32) and the clean spectrum."""
-        mix_spec = self.stft(batch.mixture)
+        mix_spec = stft(batch.mixture)
         use_amp = self.opts.amp and batch.mixture.is_cuda
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             est = self.model(mix_spec)
-        return est.float(), self.stft(batch.clean)
+        return est.float(), stft(batch.clean)
 
     def loss(self, batch: Batch) -> torch.Tensor:
         est, ref = self._forward(batch)
         loss = compressed_spectral_loss(est, ref)
         if self.opts.sisnr_weight:
             length = batch.clean.shape[-1]
-            loss = loss - self.opts.sisnr_weight * si_sdr_db(self.istft(est, length), batch.clean).mean()
+            loss = loss - self.opts.sisnr_weight * si_sdr_db(istft(est, length), batch.clean).mean()
         return loss
 
     def step(self, batch: Batch, lr: float) -> float:
@@ -300,7 +266,7 @@ class Trainer:
             est, ref = self._forward(chunk)
             losses.append(float(compressed_spectral_loss(est, ref)) * chunk.clean.shape[0])
             noisy.append(si_sdr_db(chunk.mixture, chunk.clean))
-            enhanced.append(si_sdr_db(self.istft(est, chunk.clean.shape[-1]), chunk.clean))
+            enhanced.append(si_sdr_db(istft(est, chunk.clean.shape[-1]), chunk.clean))
         noisy_db, enhanced_db = torch.cat(noisy), torch.cat(enhanced)
         scores = {
             "val_spectral_loss": sum(losses) / val.clean.shape[0],
@@ -316,7 +282,7 @@ class Trainer:
         """Mean PESQ-WB of the enhanced first `pesq_items` validation mixtures (scored in a process pool)."""
         count = min(self.opts.pesq_items, val.clean.shape[0])
         subset = Batch(val.mixture[:count], val.clean[:count])
-        enhanced = torch.cat([self.istft(self._forward(chunk)[0], chunk.clean.shape[-1])
+        enhanced = torch.cat([istft(self._forward(chunk)[0], chunk.clean.shape[-1])
                               for chunk in _chunks(subset, self.opts.batch)])
         pairs = list(zip(subset.clean.cpu().numpy(), enhanced.cpu().numpy()))
         assert self.pesq_pool is not None

@@ -18,6 +18,7 @@ from quant.calib import calibrate as cal
 from quant.calib.ranges import RangeOptions
 from quant.cli import cache as cli_cache
 from quant.cli import calibrate as cli_calibrate
+from quant.cli import main
 from quant.errors import CacheMismatch, CalibrationError, ManifestError
 
 OPTIONS = cal.CalibrateOptions(ranges=RangeOptions(progress=False), trt_version="8601")
@@ -296,3 +297,17 @@ def test_spec_range_options_split_offline_batch_major_feeds_only() -> None:
     assert spec_range_options(load_spec("dpcrn"), options).max_batch == 1  # 9 s segments, batch-major
     assert spec_range_options(load_spec("dpcrn-stream"), options) == options  # one frame a feed: kept as fed
     assert spec_range_options(load_spec("dpcrn"), replace(options, max_batch=3)).max_batch == 3  # asked: kept
+
+
+def test_calibrate_cli_draws_no_progress_bar_into_a_redirected_stderr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """stderr to a file or pipe (here pytest's capture, not a terminal): the log lines, no bar text (tqdm's
+    `0batch [00:00, ?batch/s]` and carriage returns), without --no-progress."""
+    from test_tasks_check import _streaming_spec
+
+    monkeypatch.chdir(tmp_path)
+    spec = _streaming_spec(tmp_path)
+    assert main(["calibrate", str(spec), "--limit", "1", "-o", str(tmp_path / "c.cache")]) == 0
+    err = capsys.readouterr().err
+    assert (tmp_path / "c.cache").is_file()
+    assert "batch/s" not in err and "\r" not in err, err

@@ -341,3 +341,50 @@ def test_search_without_budget_searches_to_the_specs_int8_budget(monkeypatch: py
     code, lines = run_cli(["search", "dpcrn"], capsys)
     assert_one_line_error(code, lines, "stopped before the search")
     assert seen["budget"].text() == "pesq_wb=-0.05"  # dpcrn's [defaults.budgets] int8 = { pesq_wb = 0.05 }
+
+
+SPEC_MISTAKES = {  # a spec whose tables disagree with its graph's fixed dims -> what the one line must name
+    "state": ("[1, 5]", "", "input 'hidden': [[streaming.states]] shape gives (1, 5)", "expects (1, 4)"),
+    "frontend": ("[1, 4]", "frame = 320\nhop = 160\n", "input 'frame': [frontend]", "gives (1, 1, 161)",
+                 "expects (1, 1, 257)"),
+}
+SPEC_COMMANDS = {
+    "calibrate": ["calibrate", "{spec}", "--limit", "1", "-o", "{out}/c.cache"],
+    "evaluate": ["evaluate", "{spec}", "--limit", "1", "--precision", "fp32"],
+    "build": ["build", "{spec}", "--precision", "int8", "--limit", "1", "-o", "{out}/int8"],
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(SPEC_MISTAKES))
+@pytest.mark.parametrize("command", sorted(SPEC_COMMANDS))
+def test_a_spec_table_that_disagrees_with_the_graph_is_named_by_every_command(
+        command: str, mistake: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The line `quant specs check` gives (tasks.common.check_feed), not ONNX Runtime's, from each command that runs
+    the spec's graphs: the spec file, its table, the graph input and expected vs got."""
+    from test_tasks_check import _streaming_spec
+
+    monkeypatch.chdir(tmp_path)  # the default output root (./engines) stays in tmp_path
+    state_shape, frontend, *needles = SPEC_MISTAKES[mistake]
+    spec = _streaming_spec(tmp_path, state_shape=state_shape, frontend=frontend)
+    argv = [part.format(spec=spec, out=tmp_path / "out") for part in SPEC_COMMANDS[command]]
+    code, lines = run_cli(argv, capsys)
+    error = assert_one_line_error(code, lines, f"quant {command}: error: {spec}: graph 'masker'", *needles,
+                                  str(tmp_path / "stream.onnx"))
+    assert len(error.split(": error: ")) == 2  # no runtime message wrapped inside
+    written = [p.name for p in (tmp_path / "out").rglob("*") if p.is_file()] if (tmp_path / "out").exists() else []
+    assert written in ([], [".c.cache.lock"])  # the cache store's lock file is kept by design (quant.calib.cache)
+
+
+@pytest.mark.parametrize("command", sorted(SPEC_COMMANDS))
+def test_offline_features_that_disagree_with_the_graph_are_named_by_every_command(
+        command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from test_tasks_common import _spec
+
+    monkeypatch.chdir(tmp_path)
+    spec = _spec(tmp_path, '["noisy_mag"]')
+    spec.write_text(spec.read_text().replace('layout = "B T F"', 'layout = "B F T"'))  # (1, 257, T): axes swapped
+    argv = [part.format(spec=spec, out=tmp_path / "out") for part in SPEC_COMMANDS[command]]
+    code, lines = run_cli(argv, capsys)
+    assert_one_line_error(code, lines, f"{spec}: graph 'masker' input 'noisy_mag': [frontend]",
+                          f"but {tmp_path / 'tiny.onnx'} expects (1, 'T', 257)")

@@ -725,3 +725,34 @@ def test_no_temp_folder_outlives_the_session_and_dead_runs_folders_go(tmp_path: 
 
     collect_ranges(path, feeds, "entropy", QUIET)
     assert seen_during_pass == [[]] and not any(system_tmp.iterdir())
+
+
+class _Terminal:
+    """A stderr that says it is a terminal (tqdm draws only on one when disable=None)."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal, progress, drawn", [(False, True, False), (True, True, True),
+                                                       (True, False, False)])
+def test_progress_bar_only_on_a_terminal(terminal: bool, progress: bool, drawn: bool, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """By default a bar while stderr is a terminal and no bar text in a redirected stderr (a log file, a pipe);
+    progress=False (--no-progress) never draws one."""
+    screen = _Terminal()
+    if terminal:
+        monkeypatch.setattr("sys.stderr", screen)
+    collect_ranges(scale_relu_model(tmp_path / "m.onnx"), batches(), "minmax", RangeOptions(progress=progress))
+    stderr = screen.text if terminal else capsys.readouterr().err
+    assert ("batch" in stderr) == drawn, stderr

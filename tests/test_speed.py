@@ -28,14 +28,6 @@ def test_latency_stats_of_known_samples() -> None:
         speed.latency_stats([])
 
 
-def test_time_calls_counts_warmup_and_runs() -> None:
-    calls: list[int] = []
-    stats = speed.time_calls(lambda: calls.append(1), runs=7, warmup=3)
-    assert len(calls) == 10 and stats.runs == 7
-    ordered = [0.0, stats.min_ms, stats.p50_ms, stats.max_ms]
-    assert ordered == sorted(ordered)  # statistics are consistent (no bound on how long anything took)
-
-
 def test_rtf_and_throughput() -> None:
     assert speed.rtf(90.0, 9.0) == pytest.approx(0.01)
     stats = speed.latency_stats([0.1, 0.1])

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from quant.data.audio import load_audio
-from quant.features import istft, stft
 from quant.models.dpcrn import load_dpcrn
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_dpcrn.py"
@@ -46,13 +45,6 @@ def write_tiny_pack(path: Path) -> Path:
         arrays[name], arrays[f"{name}_offsets"] = _concat(clips)
     np.savez(path, **arrays)  # type: ignore[arg-type]
     return path
-
-
-def test_local_stft_is_quant_features_stft(train_dpcrn: ModuleType) -> None:
-    audio = torch.from_numpy(load_audio(DATA / "librivox_0880.flac")[None, :16000])
-    spec = train_dpcrn.local_stft(audio)
-    assert torch.allclose(spec, stft(audio), atol=1e-6)
-    assert torch.allclose(train_dpcrn.local_istft(spec, 16000), istft(spec, 16000), atol=1e-6)
 
 
 def test_mixing_hits_the_asked_snr_and_level(train_dpcrn: ModuleType) -> None:

@@ -28,6 +28,7 @@ from quant.artifacts.ort_build import (
 from quant.calib.opset import MIN_QDQ_OPSET, UpgradeResult, ensure_opset
 from quant.errors import BuildError, ModelError
 from quant.fileio import atomic_folder, atomic_write_json, sha256_bytes, sha256_file
+from quant.onnxgraph.graph import load_model
 from quant.paths import DEFAULT_OUT_ROOT
 from quant.precision import DEFAULT_RULES_PATH, load_rules, plan, without_rules
 from quant.rewrite import rewrite_meta
@@ -113,7 +114,7 @@ def build_artifact(source: str | Path, precision: str, backend: str = "ort", nam
 
 
 def _build_into(work: Path, name: str, source: Path, opts: BuildOptions) -> dict[str, Any]:
-    onnx_model = _load(source)
+    onnx_model = load_model(source)
     rules = without_rules(load_rules(opts.rules), opts.rules_left_out, f"{name}: rules_off")
     meta = _base_meta(name, source, opts, rules_text_sha(opts.rules))
     if opts.precision == "fp32":
@@ -176,13 +177,6 @@ def verify_artifact(folder: Path) -> dict[str, Any]:
     return meta
 
 
-def _load(source: Path) -> onnx.ModelProto:
-    try:
-        return onnx.load(str(source))
-    except Exception as error:
-        raise ModelError(f"{source}: not a readable ONNX model: {error}") from None
-
-
 def rules_text_sha(rules: Path | None) -> str:
     return sha256_file(rules if rules is not None else DEFAULT_RULES_PATH)
 
@@ -190,7 +184,7 @@ def rules_text_sha(rules: Path | None) -> str:
 def _build_int8(name: str, upgrade: UpgradeResult, source_model: onnx.ModelProto, rules: Any, opts: BuildOptions,
                 out_dir: Path) -> dict[str, Any]:
     """INT8 of `upgrade.path` (the source, or its opset upgrade); per-tensor weights where opset < 13."""
-    model = _load(upgrade.path) if upgrade.upgraded else source_model
+    model = load_model(upgrade.path) if upgrade.upgraded else source_model
     per_channel = opts.per_channel and upgrade.per_channel
     ranges, cache_meta = load_ranges(name, upgrade.path, opts.cache, opts.method, opts.out_root)
     states = streaming_states(model)

@@ -48,10 +48,6 @@ def ranges_from_tensors(tensors: Mapping[str, Any]) -> dict[str, TensorRange]:
     return ranges
 
 
-def ranges_from_amax(amax: Mapping[str, float]) -> dict[str, TensorRange]:
-    return {name: TensorRange(float(v)) for name, v in amax.items() if v > 0 and math.isfinite(v)}
-
-
 def ranges_from_cache(cache: Path, model_path: Path) -> tuple[dict[str, TensorRange], dict[str, Any]]:
     """Ranges of a cache made for exactly this model file (its sidecar key's model sha256), else CacheMismatch.
 

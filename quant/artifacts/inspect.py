@@ -12,8 +12,7 @@ from typing import Mapping
 import onnx
 
 from quant.backends import ort as ort_backend
-from quant.errors import ModelError
-from quant.onnxgraph.graph import state_pairs
+from quant.onnxgraph.graph import load_model, state_pairs
 from quant.precision import PrecisionPlan, load_rules, plan
 
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
@@ -51,10 +50,7 @@ def _join(counts: Mapping[str, int]) -> str:
 def inspect_model(path: str | Path, precision: str = "int8", rules: str | Path | None = None,
                   backend: str = "ort") -> InspectReport:
     file = Path(path)
-    try:
-        model = onnx.load(str(file))
-    except Exception as error:
-        raise ModelError(f"{file}: not a readable ONNX model: {error}") from None
+    model = load_model(file)
     graph = model.graph
     states = state_pairs([i.name for i in graph.input], [o.name for o in graph.output])
     the_plan = plan(model, load_rules(rules), precision, backend, states or None)

@@ -17,6 +17,8 @@ import onnx
 from onnx import numpy_helper
 
 from quant.errors import BackendUnavailable, BuildError, ModelError
+from quant.onnxgraph.graph import load_model
+from quant.onnxgraph.shapes import infer_shapes
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +100,7 @@ def make_session(
 
 
 def has_float16_weights(path: Path) -> bool:
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as error:
-        raise ModelError(f"{path}: not a readable ONNX model: {error}") from None
+    model = load_model(path, external_data=False)
     return any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
 
 
@@ -243,10 +242,7 @@ def trt_sim_runner(path: str | os.PathLike[str], threads: int = 1) -> OrtRunner:
 def check_trt_qdq(path: Path) -> None:
     """Refuse what TensorRT would not build the same way: asymmetric or uint8 Q/DQ (ONNX Runtime's INT8 model) and
     ONNX Runtime's own integer ops (dynamic LSTM, QLinear*), which would make trt-sim measure ORT, not TensorRT."""
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as error:
-        raise ModelError(f"{path}: not a readable ONNX model: {error}") from None
+    model = load_model(path, external_data=False)
     problem = _trt_qdq_problem(model)
     if problem:
         raise ModelError(f"{path}: {problem}; trt-sim simulates TensorRT, whose explicit INT8 takes symmetric int8 "
@@ -339,14 +335,8 @@ def _untyped_inputs(model: onnx.ModelProto, nodes: Sequence[str]) -> list[str]:
 def _symbolic_types(model: onnx.ModelProto) -> onnx.ModelProto:
     """ONNX Runtime's symbolic shape inference with auto_merge, in memory (no temp files), as quant_pre_process
     does for transformer graphs whose dynamic shapes plain ONNX inference cannot follow."""
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-    try:
-        inferred: onnx.ModelProto = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
-    except Exception as error:
-        log.warning("symbolic shape inference failed (%s); tensors without a type stay unquantized", error)
-        return model
-    return inferred
+    inferred = infer_shapes(model, symbolic=True, consequence="tensors without a type stay unquantized")
+    return model if inferred is None else inferred
 
 
 def cpu_has_vnni() -> bool:

@@ -22,7 +22,7 @@ import onnx
 from onnx import version_converter
 
 from quant.errors import BuildError, ModelError
-from quant.onnxgraph.graph import default_opset
+from quant.onnxgraph.graph import default_opset, load_model
 from quant.fileio import atomic_write_bytes, atomic_write_json, sha256_file, temp_path_beside
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def ensure_opset(model_path: str | Path, min_opset: int = MIN_QDQ_OPSET, out_dir
     (default: beside it), else (upgrade or check failed: a warning says why) `model_path` for per-tensor Q/DQ.
     `feeds`: real inputs for the check (the first CHECK_FEEDS are used); None: random inputs, logged as such."""
     source = Path(model_path)
-    model = _load(source)
+    model = load_model(source)
     opset = default_opset(model)
     if opset >= min_opset:
         return UpgradeResult(source, source, opset, opset)
@@ -85,13 +85,6 @@ def ensure_opset(model_path: str | Path, min_opset: int = MIN_QDQ_OPSET, out_dir
     log.info("%s: opset %d -> %d in %s (max abs error %.3g vs the original on %s)", source, opset, result.opset,
              result.path, result.max_abs_error, result.check_inputs)
     return result
-
-
-def _load(path: Path) -> onnx.ModelProto:
-    try:
-        return onnx.load(str(path))
-    except Exception as error:  # protobuf raises DecodeError, onnx its own: all mean "not an ONNX model"
-        raise ModelError(f"{path}: not a readable ONNX model: {error}") from None
 
 
 def _record_path(target: Path) -> Path:

@@ -39,6 +39,8 @@ import onnx
 from quant.calib import histogram as hist
 from quant.errors import CalibrationError, ModelError
 from quant.fileio import private_temp_dir
+from quant.onnxgraph.graph import load_model
+from quant.onnxgraph.shapes import infer_shapes
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,7 @@ class RangeOptions:
     # run the graph on the next batch while the statistics of this one update (same result; holds two batches'
     # activations at once: offline DPCRN, 8 segments one at a time, peak RSS 949 MB vs 825 MB without)
     overlap: bool = True
-    progress: bool = True
+    progress: bool = True  # a progress bar while stderr is a terminal (never into a log file or pipe); False: none
 
     def __post_init__(self) -> None:  # checked up front, not after a first pass over the feeds
         if not 0 < self.percentile <= 100:
@@ -480,31 +482,18 @@ def _value_types(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def _infer_types(model: onnx.ModelProto) -> onnx.ModelProto:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception as error:  # noqa: BLE001 - inference is best effort; symbolic inference may still work
-        log.debug("onnx shape inference failed: %s", error)
-        inferred = model
+    """`model` typed by ONNX's shape inference, or by the symbolic one where ONNX's leaves an activation untyped."""
+    inferred = infer_shapes(model) or model
     if set(_activation_names(model)) <= set(_value_types(inferred)):
         return inferred
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        symbolic = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
-        return symbolic if symbolic is not None else inferred
-    except Exception as error:  # noqa: BLE001 - fall back to what onnx inferred
-        log.debug("symbolic shape inference failed: %s", error)
-        return inferred
+    return infer_shapes(model, symbolic=True, guess_output_rank=True) or inferred
 
 
 def _load(onnx_path: str | Path) -> onnx.ModelProto:
     path = Path(onnx_path)
     if not path.is_file():
         raise ModelError(f"ONNX model {path} not found: export it first (quant export) or pass an existing .onnx")
-    try:
-        return onnx.load(str(path))
-    except Exception as error:  # noqa: BLE001 - any parse failure is a user-facing model error
-        raise ModelError(f"{path} is not a readable ONNX model: {error}") from error
+    return load_model(path)
 
 
 def _session(model: onnx.ModelProto, tmp: Path, threads: int) -> Any:
@@ -554,7 +543,9 @@ def _run_pass(
     with ThreadPoolExecutor(options.threads) as pool:
         updating: list[Future[None]] = []
         try:
-            for feed in tqdm(feeds, desc=label, unit="batch", disable=not options.progress, leave=False):
+            # disable=None: tqdm draws only on a terminal, so a redirected stderr gets no bar text
+            bar = tqdm(feeds, desc=label, unit="batch", disable=None if options.progress else True, leave=False)
+            for feed in bar:
                 for part in split_feed(feed, options.max_batch):
                     missing = [name for name in input_names if name not in part]
                     if missing:

@@ -45,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-batch", type=positive_int, help="split feed batches along axis 0 to bound memory")
     parser.add_argument("--trt-version", type=version_digits, help="version digits of the cache header, e.g. 8601 (default: installed "
                         "TensorRT, else the library default)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (default: one while stderr is a terminal)")
     add_rewrites(parser)  # SPEC: calibrate the graph the build will quantize (the same rewrites)
     add_executor_options(parser)
     parser.set_defaults(handler=run)

@@ -32,7 +32,8 @@ def add_selection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream-runs", type=positive_int, help="timed streaming frames (default 1000; --quick 100)")
     parser.add_argument("--output", type=Path, help="output root: exports, cache store, artifacts, reports (default ./engines)")
     parser.add_argument("--force", action="store_true", help="ignore up-to-date stamps: re-export, rebuild, re-evaluate")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (default: one while stderr is a terminal)")
     add_rewrites(parser)
 
 

@@ -27,6 +27,7 @@ import onnx
 
 from quant.backends.ort import INTEGER_KERNELS, make_session
 from quant.errors import ModelError
+from quant.onnxgraph.graph import load_model
 
 Feeds = Mapping[str, np.ndarray]
 KERNEL_SUFFIX = "_kernel_time"
@@ -288,10 +289,7 @@ def _main_op(parts: Sequence[tuple[str, float]]) -> str:
 def profile_pair(fp32_model: Path, int8_model: Path, feeds: Feeds, runs: int = 10,
                  threads: int = 1) -> ProfileComparison:
     """Profile an FP32 build and the INT8 build of the same export on the same feeds, their runs alternating."""
-    try:
-        source = onnx.load(str(fp32_model), load_external_data=False)
-    except Exception as error:
-        raise ModelError(f"{fp32_model}: not a readable ONNX model: {error}") from None
+    source = load_model(fp32_model, external_data=False)
     fp32, int8 = profile_graphs([fp32_model, int8_model], feeds, runs, threads)
     return compare_profiles(fp32, int8, source)
 

@@ -75,26 +75,6 @@ def latency_stats(seconds: Sequence[float]) -> LatencyStats:
                         float(p10))
 
 
-def time_calls(call: Callable[[], object], runs: int, warmup: int) -> LatencyStats:
-    """Run `call` warmup times untimed, then `runs` times timed one by one."""
-    for _ in range(warmup):
-        call()
-    seconds = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        seconds.append(time.perf_counter() - start)
-    return latency_stats(seconds)
-
-
-def bench_runner(runner: Runner, feeds: Feeds, runs: int, warmup: int) -> LatencyStats:
-    """Latency of one graph on fixed feeds (stateless_step: bound once where the runner can)."""
-    step = stateless_step(runner, feeds)
-    for _ in range(warmup):
-        step()
-    return latency_stats([step() for _ in range(runs)])
-
-
 def bench_stateful(
     runner: Runner, frames: Sequence[np.ndarray], states: Mapping[str, np.ndarray], runs: int, warmup: int,
     frame_input: str, state_outputs: Mapping[str, str],

@@ -34,6 +34,15 @@ class GraphInterface:
     opset: int
 
 
+def load_model(path: str | Path, external_data: bool = True) -> onnx.ModelProto:
+    """The ONNX model at `path` (`external_data=False`: large weights stored beside it are not read); a file that
+    is missing or no ONNX model is a ModelError naming it."""
+    try:
+        return onnx.load(str(path), load_external_data=external_data)
+    except Exception as error:  # protobuf's DecodeError, onnx's own errors, OSError: all mean "no model here"
+        raise ModelError(f"{path}: not a readable ONNX model: {error}") from None
+
+
 def graph_interface(path: str | Path) -> GraphInterface:
     """The interface of the ONNX file at `path`, parsed once per version of the file (its mtime and size): tasks
     resolve their graph files several times a run, and parsing a large model each time would cost more than the
@@ -44,10 +53,7 @@ def graph_interface(path: str | Path) -> GraphInterface:
 
 @functools.lru_cache(maxsize=32)
 def _graph_interface(path: str, mtime_ns: int, size: int) -> GraphInterface:
-    try:
-        model = onnx.load(path, load_external_data=False)
-    except Exception as error:  # protobuf's DecodeError and friends: the file is not an ONNX model
-        raise ModelError(f"{path}: not a readable ONNX model: {error}") from None
+    model = load_model(path, external_data=False)
     constants = {init.name for init in model.graph.initializer}
     inputs = {value.name: tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
                                 for d in value.type.tensor_type.shape.dim)
@@ -70,10 +76,6 @@ class GraphIndex:
     constants: frozenset[str]
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
-
-    def producer_op(self, tensor: str) -> str | None:
-        node = self.producers.get(tensor)
-        return node.op_type if node is not None else None
 
     def is_constant(self, tensor: str) -> bool:
         return tensor in self.constants

@@ -14,7 +14,7 @@ evaluation and speed workloads.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -33,8 +33,8 @@ from quant.frontends import Frontend, frontend, pad_batch
 from quant.models.tokenizer import UnitsTokenizer, normalize_text, plain_text
 from quant.spec import AsrTaskSpec, ModelSpec, resolve_manifest
 from quant.tasks.common import (
-    Artifact, Feed, FeedOptions, Reiterable, batched, fp32_path, hatch_feeds, input_shapes, open_artifact, select,
-    utterances, wire,
+    Artifact, Audio, Feed, FeedOptions, Reiterable, batched, check_feed, fp32_path, hatch_feeds, input_shapes,
+    open_artifact, select, speech_audio, utterances, wire,
 )
 from quant.tasks.se import representative
 
@@ -50,18 +50,6 @@ LOG_PROB_OUTPUTS = ("decoder_out", "score")
 REVERSE_LOG_PROB_OUTPUTS = ("r_decoder_out", "r_score")
 REVERSED_HYPS = "r_hyps_pad_sos_eos"
 NO_AUDIO = np.zeros(0, np.float32)
-
-
-@dataclass(frozen=True)
-class Speech:
-    """The speech of manifest utterances, loaded one at a time on each iteration."""
-
-    items: tuple[Any, ...]
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        from quant.data.manifest import load_speech
-
-        return (load_speech(item) for item in self.items)
 
 
 class AsrTask:
@@ -95,7 +83,7 @@ class AsrTask:
                           options: FeedOptions = FeedOptions()) -> Iterable[Feed]:
         """Re-iterable feeds of graph `role` on the speech of the first options.limit utterances."""
         self.spec.graph(role)
-        clips = Speech(tuple(self._items(manifest, options)))
+        clips = Audio(tuple(self._items(manifest, options)), speech_audio)
         hatch = hatch_feeds(self.spec, role, clips)
         if hatch is not None:
             return hatch
@@ -120,10 +108,12 @@ class AsrTask:
     def _feeds(self, role: str, clips: Iterable[np.ndarray], options: FeedOptions) -> Iterator[Feed]:
         size = options.batch_size or self.spec.defaults.batch_size
         target = self.spec.graph(role)
-        inputs = tuple(input_shapes(fp32_path(self.spec, role, options)))
+        path = fp32_path(self.spec, role, options)
+        inputs = tuple(input_shapes(path))
         upstream = self._upstream(role, options)
         for batch in batched(clips, size):
-            yield wire(target, self._run_upstream(upstream, self._sources(batch), inputs), inputs)
+            sources = self._run_upstream(upstream, self._sources(batch), inputs)
+            yield check_feed(self.spec, role, path, wire(target, sources, inputs))
 
     def _upstream(self, role: str, options: FeedOptions) -> list[tuple[str, Runner]]:
         roles = [g.role for g in self.spec.graphs]
@@ -133,7 +123,8 @@ class AsrTask:
     def _run_upstream(self, upstream: Sequence[tuple[str, Runner]], sources: dict[str, np.ndarray],
                       target_inputs: Sequence[str]) -> dict[str, np.ndarray]:
         for role, runner in upstream:
-            outputs = runner.run(select(runner, wire(self.spec.graph(role), sources, runner.input_names), role))
+            feeds = wire(self.spec.graph(role), sources, runner.input_names)
+            outputs = runner.run(select(self.spec, role, runner, feeds))
             sources.update({f"{role}:{name}": value for name, value in outputs.items()})
             if role == ENCODER:
                 nbests = self._search(outputs)
@@ -191,7 +182,8 @@ class AsrTask:
     def _transcribe_batch(self, encoder: Runner, decoder: Runner | None,
                           audios: Sequence[np.ndarray]) -> list[Transcript]:
         sources = self._sources(audios)
-        encoded = encoder.run(select(encoder, wire(self.spec.graph(ENCODER), sources, encoder.input_names), ENCODER))
+        encoded = encoder.run(select(self.spec, ENCODER, encoder,
+                                     wire(self.spec.graph(ENCODER), sources, encoder.input_names)))
         log_probs, lengths = self._ctc(encoded)
         blank = self.token_ids[0]
         greedy = [self.tokenizer.decode(ctc_greedy(log_probs[i], int(lengths[i]), blank)) for i in range(len(audios))]
@@ -209,7 +201,8 @@ class AsrTask:
         assert role is not None
         inputs = self._decoder_inputs(nbests, decoder.input_names)
         sources.update({f"nbest:{name}": value for name, value in inputs.feeds().items()})
-        outputs = decoder.run(select(decoder, wire(self.spec.graph(role), sources, decoder.input_names), role))
+        feeds = wire(self.spec.graph(role), sources, decoder.input_names)
+        outputs = decoder.run(select(self.spec, role, decoder, feeds))
         if BEST_INDEX in outputs:
             return best_hypotheses(nbests, outputs[BEST_INDEX])
         forward = _log_probs(outputs, LOG_PROB_OUTPUTS, self.task.beam)
@@ -227,10 +220,8 @@ class AsrTask:
     def speed_workload(self, role: str, manifest: str | None = None,
                        options: FeedOptions = FeedOptions()) -> GraphWorkload:
         """One graph's timing input from the median-length test utterance (batch 1; the batch sweep tiles it)."""
-        from quant.data.manifest import load_speech
-
         # the median by the audio's real length, not the manifest's `duration` field (which may be rounded or stale)
-        clips = [load_speech(item) for item in self._items(manifest, replace(options, selection="test"))]
+        clips = [speech_audio(item) for item in self._items(manifest, replace(options, selection="test"))]
         rate = self._fe().spec.sample_rate
         clip = clips[representative([c.size / rate for c in clips])]
         seconds = clip.size / rate

@@ -15,9 +15,7 @@ from quant.errors import ModelError
 from quant.spec import ModelSpec, SpecError
 from quant.tasks import task_for
 from quant.onnxgraph.graph import graph_interface
-from quant.tasks.common import FeedOptions, open_artifact, select, utterances
-
-Shape = tuple[Any, ...]
+from quant.tasks.common import FeedOptions, Shape, open_artifact, select, utterances
 
 
 @dataclass(frozen=True)
@@ -69,50 +67,23 @@ def check_spec(spec: ModelSpec, graphs: Mapping[str, Path]) -> SpecCheck:
 
 
 def _check_graph(spec: ModelSpec, role: str, path: Path, feeds: Any) -> GraphCheck:
-    if spec.streaming is not None and role == _streaming_role(spec):
-        _check_shapes(spec, role, path, {s.input: np.zeros(s.shape) for s in spec.streaming.states if s.shape})
+    """The first feed of `feeds` run through the graph at `path`; the task checks each feed's shapes as it makes it
+    (tasks.common.check_feed), so a spec table the graph disagrees with is named before the graph runs."""
     try:
         feed = next(iter(feeds), None)
+    except SpecError:
+        raise
     except ModelError as error:  # a streaming roll or a chain ran the graph on what the spec made: say where to look
         raise SpecError(f"{spec.source or spec.name}: graph {role!r}: the first calibration feed does not fit the "
                         f"graph ({error}); check [frontend] (transform, frame / n_fft, bins, layout)") from None
     if feed is None:
         raise ModelError(f"{spec.source or spec.name}: graph {role!r} got no calibration feed from the first "
                          "utterance of its calibration set; check [frontend] and the manifest")
-    _check_shapes(spec, role, path, feed)
     runner = open_artifact(path)
-    runner.run(select(runner, feed, role))  # anything else the graph refuses: one line naming the input
+    runner.run(select(spec, role, runner, feed))  # select checks the shapes (an escape hatch's feeds too)
     interface = graph_interface(path)
     return GraphCheck(role, path, interface.opset, interface.inputs, interface.outputs,
                       {name: tuple(np.shape(value)) for name, value in feed.items()})
-
-
-def _check_shapes(spec: ModelSpec, role: str, path: Path, feed: Mapping[str, Any]) -> None:
-    """Each fed array against the graph's fixed dimensions, naming the spec table that shaped it."""
-    declared = graph_interface(path).inputs
-    for name, value in feed.items():
-        want, got = declared.get(name), tuple(np.shape(value))
-        if want is None:
-            continue
-        if len(want) != len(got) or any(isinstance(w, int) and w > 0 and w != g for w, g in zip(want, got)):
-            raise SpecError(f"{spec.source or spec.name}: graph {role!r} input {name!r}: {_shaped_by(spec, role, name)} "
-                            f"gives {got}, but {path} expects {want}")
-
-
-def _streaming_role(spec: ModelSpec) -> str:
-    """The graph the streaming frame input belongs to (the first, when no graph declares it)."""
-    frame_input = spec.streaming.frame_input if spec.streaming is not None else None
-    return next((g.role for g in spec.graphs if frame_input in g.inputs), spec.graphs[0].role)
-
-
-def _shaped_by(spec: ModelSpec, role: str, name: str) -> str:
-    streaming = spec.streaming
-    if streaming is not None and name in (streaming.state_pairs() or {}):
-        return "[[streaming.states]] shape"
-    feed = next((f for f in spec.graph(role).feeds if f.input == name), None)
-    if feed is None or feed.source.startswith("frontend"):
-        return "[frontend] (transform, frame / n_fft, bins, layout)"
-    return f"feeds ({feed.source!r})"
 
 
 def _manifest(spec: ModelSpec, what: str) -> tuple[Path, int]:

@@ -66,6 +66,25 @@ def utterances(spec: ModelSpec, manifest: str | os.PathLike[str] | None, limit: 
     return items[:limit] if limit else items
 
 
+@dataclass(frozen=True)
+class Audio:
+    """What a model hears of each manifest utterance (`load`: noisy_audio for SE, speech_audio for ASR), loaded one
+    at a time on each iteration, so a calibration set never sits in memory whole."""
+
+    items: tuple[Any, ...]
+    load: Callable[[Any], np.ndarray]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self.load(item) for item in self.items)
+
+
+def speech_audio(utterance: Any) -> np.ndarray:
+    """The clean speech of an utterance (what an ASR model hears)."""
+    from quant.data.manifest import load_speech
+
+    return load_speech(utterance)
+
+
 def noisy_audio(utterance: Any) -> np.ndarray:
     """The noisy mixture of an SE utterance, mixed from its manifest recipe (what the model sees at inference)."""
     from quant.data.manifest import load_noisy_clean
@@ -128,13 +147,53 @@ def input_shapes(path: Path) -> dict[str, tuple[int | str, ...]]:
     return dict(graph_interface(path).inputs)
 
 
-def select(runner: Runner, feeds: Mapping[str, np.ndarray], graph: str) -> Feed:
-    """The runner's inputs out of `feeds` (a missing one is an error naming what the task could build)."""
+def select(spec: ModelSpec, role: str, runner: Runner, feeds: Mapping[str, np.ndarray]) -> Feed:
+    """The runner's inputs out of `feeds` (a missing one is an error naming what the task could build), checked
+    against the graph's fixed dimensions (check_feed)."""
     missing = [name for name in runner.input_names if name not in feeds]
     if missing:
-        raise ModelError(f"graph {graph!r}: inputs {missing} have no source; the task built {sorted(feeds)} (name "
+        raise ModelError(f"graph {role!r}: inputs {missing} have no source; the task built {sorted(feeds)} (name "
                          "them in the spec's [[graphs]] feeds)")
-    return {name: feeds[name] for name in runner.input_names}
+    return check_feed(spec, role, runner, {name: feeds[name] for name in runner.input_names})
+
+
+Shape = tuple[Any, ...]
+
+
+def check_feed(spec: ModelSpec, role: str, graph: Path | Runner, feed: Feed) -> Feed:
+    """`feed` once each array a task feeds graph `role` fits the fixed dimensions the graph declares (`graph`: its
+    ONNX file, or a runner that declares its inputs, as ONNX Runtime's does); a mismatch is a SpecError naming the
+    spec table that shaped the array. Every feed a task makes passes here (a streaming roll's first step), so
+    calibrate, build, evaluate, run and `quant specs check` all stop on a spec that disagrees with its graph with
+    this one line instead of the runtime's."""
+    declared, where = _declared_inputs(graph)
+    for name, value in feed.items():
+        want, got = declared.get(name), tuple(np.shape(value))
+        if want is None:
+            continue
+        if len(want) != len(got) or any(isinstance(w, int) and w > 0 and w != g for w, g in zip(want, got)):
+            raise SpecError(f"{spec.source or spec.name}: graph {role!r} input {name!r}: "
+                            f"{_shaped_by(spec, role, name)} gives {got}, but {where} expects {want}")
+    return feed
+
+
+def _declared_inputs(graph: Path | Runner) -> tuple[Mapping[str, Shape], str]:
+    """(input name -> declared shape, the file or graph they come from); a runner that declares none: nothing."""
+    if isinstance(graph, Path):
+        return graph_interface(graph).inputs, str(graph)
+    specs = getattr(graph, "input_specs", ())
+    return {s.name: tuple(s.shape) for s in specs}, str(getattr(graph, "path", "the graph"))
+
+
+def _shaped_by(spec: ModelSpec, role: str, name: str) -> str:
+    """The spec table that made input `name` of graph `role`."""
+    streaming = spec.streaming
+    if streaming is not None and name in (streaming.state_pairs() or {}):
+        return "[[streaming.states]] shape"
+    feed = next((f for f in spec.graph(role).feeds if f.input == name), None)
+    if feed is None or feed.source.startswith("frontend"):
+        return "[frontend] (transform, frame / n_fft, bins, layout)"
+    return f"feeds ({feed.source!r})"
 
 
 def wire(graph: GraphSpec, sources: Mapping[str, np.ndarray], inputs: Sequence[str]) -> Feed:
@@ -271,12 +330,16 @@ def frame_slices(features: np.ndarray, axis: int, step: int) -> Iterator[np.ndar
         yield np.ascontiguousarray(np.take(features, np.arange(start, start + step), axis=axis))
 
 
-def roll(runner: Runner, layout: StateLayout, frames: Iterable[np.ndarray]) -> Iterator[tuple[Feed, dict[str, Any]]]:
+def roll(runner: Runner, layout: StateLayout, frames: Iterable[np.ndarray],
+         check: Callable[[Feed], object]) -> Iterator[tuple[Feed, dict[str, Any]]]:
     """Run a streaming graph frame by frame from its initial states; yields (feeds, outputs) of every step, each
-    next state taken from its paired output."""
+    next state taken from its paired output. `check` sees the first step's feeds before the graph does (check_feed:
+    the frame's and the states' shapes are the same at every step)."""
     states = layout.fresh()
-    for frame in frames:
+    for step, frame in enumerate(frames):
         feeds = {layout.frame_input: frame, **states}
+        if step == 0:
+            check(feeds)
         outputs = runner.run(feeds)
         yield feeds, outputs
         states = {name: _next_state(outputs, name, out, states[name]) for name, out in layout.pairs.items()}

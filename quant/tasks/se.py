@@ -17,8 +17,7 @@ quant.eval.se's (PESQ-WB/NB, STOI, SI-SDR against the clean speech).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from pathlib import Path
+from functools import partial
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -31,8 +30,9 @@ from quant.frontends import Frontend, frontend, pad_batch
 from quant.frontends.output import output_axes, to_waveform
 from quant.spec import FrontendSpec, ModelSpec, OutputSpec, resolve_manifest
 from quant.tasks.common import (
-    Artifact, Feed, FeedOptions, Reiterable, StateLayout, batched, fp32_path, frame_slices, hatch_feeds, input_shapes,
-    layout_for, noisy_audio, open_artifact, roll, segments, select, time_axis, utterances, wire,
+    Artifact, Audio, Feed, FeedOptions, Reiterable, StateLayout, batched, check_feed, fp32_path, frame_slices,
+    hatch_feeds, input_shapes, layout_for, noisy_audio, open_artifact, roll, segments, select, time_axis, utterances,
+    wire,
 )
 
 log = logging.getLogger(__name__)
@@ -55,16 +55,6 @@ def stream_padded(audio: np.ndarray, hop: int) -> np.ndarray:
     return padded
 
 
-@dataclass(frozen=True)
-class Clips:
-    """Noisy mixtures of manifest utterances, loaded one at a time on each iteration."""
-
-    items: tuple[Any, ...]
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        return (noisy_audio(item) for item in self.items)
-
-
 class SeTask:
     def __init__(self, spec: ModelSpec) -> None:
         if spec.output is None:
@@ -79,7 +69,8 @@ class SeTask:
                           options: FeedOptions = FeedOptions()) -> Iterable[Feed]:
         """Re-iterable feeds of graph `role` on the noisy mixtures of the first options.limit utterances."""
         self.spec.graph(role)
-        clips = Clips(tuple(utterances(self.spec, manifest, options.limit, allow_outside=options.allow_outside)))
+        clips = Audio(tuple(utterances(self.spec, manifest, options.limit, allow_outside=options.allow_outside)),
+                      noisy_audio)
         hatch = hatch_feeds(self.spec, role, clips)
         if hatch is not None:
             return hatch
@@ -90,25 +81,28 @@ class SeTask:
     def _offline_feeds(self, role: str, clips: Iterable[np.ndarray], options: FeedOptions) -> Iterator[Feed]:
         size = options.batch_size or self.spec.defaults.batch_size
         target = self.spec.graph(role)
-        inputs = tuple(input_shapes(fp32_path(self.spec, role, options)))
+        path = fp32_path(self.spec, role, options)
+        inputs = tuple(input_shapes(path))
+        checked = partial(check_feed, self.spec, role, path)
         upstream = self._upstream(role, options)
         seg = segment_samples(self._fe().spec)
         if seg:
             pieces: Iterable[np.ndarray] = (piece for clip in clips for piece in segments(clip, seg))
             for batch in batched(pieces, size):
-                yield wire(target, self._chain(upstream, self._fixed_sources(np.stack(batch))), inputs)
+                yield checked(wire(target, self._chain(upstream, self._fixed_sources(np.stack(batch))), inputs))
         else:
             for batch in batched(clips, size):
-                yield wire(target, self._chain(upstream, self._variable_sources(batch)), inputs)
+                yield checked(wire(target, self._chain(upstream, self._variable_sources(batch)), inputs))
 
     def _streaming_feeds(self, role: str, clips: Iterable[np.ndarray], options: FeedOptions) -> Iterator[Feed]:
         self._single_streaming_graph(role)
         path = fp32_path(self.spec, role, options)
         runner = open_runner(path, "ort", threads=options.threads)
         layout = layout_for(self.spec, runner, path, str(path))
+        check = partial(check_feed, self.spec, role, path)
         stride = options.frame_stride or self.spec.defaults.frame_stride
         for clip in clips:
-            for step, (feeds, _) in enumerate(roll(runner, layout, self._frames(clip))):
+            for step, (feeds, _) in enumerate(roll(runner, layout, self._frames(clip), check)):
                 if step % stride == 0:
                     yield feeds
 
@@ -156,7 +150,7 @@ class SeTask:
             role = self.spec.output_graph().role
             self._single_streaming_graph(role)
             layout = layout_for(self.spec, runners[role], None, role)
-            return lambda audio: self._enhance_streaming(runners[role], layout, audio)
+            return lambda audio: self._enhance_streaming(role, runners[role], layout, audio)
         return lambda audio: self._enhance_offline(runners, audio)
 
     def _enhance_offline(self, runners: Mapping[str, Runner], audio: np.ndarray) -> np.ndarray:
@@ -166,16 +160,17 @@ class SeTask:
         waves = sources["waveform"]
         for graph in self.spec.graphs:
             runner = runners[graph.role]
-            outputs = runner.run(select(runner, wire(graph, sources, runner.input_names), graph.role))
+            outputs = runner.run(select(self.spec, graph.role, runner, wire(graph, sources, runner.input_names)))
             sources.update({f"{graph.role}:{name}": value for name, value in outputs.items()})
         values = self._output_value(sources)
         return to_waveform(self.output, self._fe(), values, waves).reshape(-1)[: audio.size]
 
-    def _enhance_streaming(self, runner: Runner, layout: StateLayout, audio: np.ndarray) -> np.ndarray:
+    def _enhance_streaming(self, role: str, runner: Runner, layout: StateLayout, audio: np.ndarray) -> np.ndarray:
         audio = np.asarray(audio, dtype=np.float32)
         padded = stream_padded(audio, self._fe().spec.hop)
         axis = time_axis(output_axes(self.output, self._fe()))
-        steps = [self._named(outputs, self.output.name) for _, outputs in roll(runner, layout, self._frames(padded))]
+        rolled = roll(runner, layout, self._frames(padded), partial(check_feed, self.spec, role, runner))
+        steps = [self._named(outputs, self.output.name) for _, outputs in rolled]
         return to_waveform(self.output, self._fe(), np.concatenate(steps, axis=axis), padded)[0, : audio.size]
 
     # -------------------------------------------------------------------------------------------- speed
@@ -234,7 +229,7 @@ class SeTask:
 
     def _chain(self, upstream: Sequence[tuple[str, Runner]], sources: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for role, runner in upstream:
-            feeds = select(runner, wire(self.spec.graph(role), sources, runner.input_names), role)
+            feeds = select(self.spec, role, runner, wire(self.spec.graph(role), sources, runner.input_names))
             sources.update({f"{role}:{name}": value for name, value in runner.run(feeds).items()})
         return sources
 
