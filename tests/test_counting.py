@@ -99,3 +99,19 @@ def test_counts_add_to_what_is_there_and_strided_input_is_read_as_it_is() -> Non
     count_abs(values[:, ::3], float(BINS), counts)  # not contiguous: copied once, counted the same
     expected, _ = reference_counts(values[:, ::3].reshape(-1), float(BINS), BINS)
     np.testing.assert_array_equal(counts, expected + 1)
+
+
+def test_without_a_writable_cache_folder_the_loop_is_compiled_in_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    import numba
+    import numba.core.caching
+
+    from quant.calib import counting
+
+    # numba finds no folder to cache in (package folder and user cache read-only): cache=True raises on decoration
+    monkeypatch.setattr(numba.core.caching.CacheImpl, "_locator_classes", [])
+    with pytest.raises(RuntimeError, match="no locator"):
+        numba.njit(cache=True)(reference_counts)
+    compiled = counting._compiled(counting._count.py_func)
+    counts = np.zeros(4, np.int64)
+    assert compiled(np.array([0.5, 1.5, np.nan, 9.0], np.float32), 1.0, counts) == 1
+    assert counts.tolist() == [1, 1, 0, 0]

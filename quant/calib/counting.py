@@ -13,14 +13,30 @@ counted but returned as a number, so the caller can say which range was too smal
 
 Compiled on first use per input dtype (float32, float64; other float types are widened to float32 first, exactly)
 and cached on disk beside this file (numba's `cache=True`; where that folder is read-only, in the user's cache folder).
+Where neither is writable numba refuses `cache=True` outright (RuntimeError when the function is decorated, i.e. on
+import), so the loop is then compiled in memory in every process instead (~1 s once per process, see `_compiled`).
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Callable
+
 import numba
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 _COMPILED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _compiled(function: Callable[..., int]) -> Callable[..., int]:
+    """`function` compiled without the GIL, its machine code cached on disk where numba finds a writable folder."""
+    try:
+        return numba.njit(cache=True, nogil=True)(function)
+    except RuntimeError as error:  # numba: "cannot cache function ...: no locator available for file ..."
+        log.debug("numba cannot cache %s (%s): compiling it in memory", function.__name__, error)
+        return numba.njit(nogil=True)(function)
 
 
 def count_abs(values: np.ndarray, scale: float, counts: np.ndarray) -> int:
@@ -32,7 +48,7 @@ def count_abs(values: np.ndarray, scale: float, counts: np.ndarray) -> int:
     return int(_count(np.ascontiguousarray(flat), float(scale), counts))
 
 
-@numba.njit(cache=True, nogil=True)
+@_compiled
 def _count(values: np.ndarray, scale: float, counts: np.ndarray) -> int:  # pragma: no cover - compiled
     bins = counts.size
     above = 0
