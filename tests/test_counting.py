@@ -113,5 +113,5 @@ def test_without_a_writable_cache_folder_the_loop_is_compiled_in_memory(monkeypa
         numba.njit(cache=True)(reference_counts)
     compiled = counting._compiled(counting._count.py_func)
     counts = np.zeros(4, np.int64)
-    assert compiled(np.array([0.5, 1.5, np.nan, 9.0], np.float32), 1.0, counts) == 1
+    assert compiled(np.array([0.5, 1.5, np.nan, 9.0], np.float32), 1.0, counts) == 2  # NaN and 9 skipped
     assert counts.tolist() == [1, 1, 0, 0]
