@@ -62,9 +62,10 @@ def test_nonfinite_values_are_skipped_and_values_beyond_the_last_bin_returned(dt
     assert counts[16] == 2 and counts[32] == 1  # |x| = 0.5 twice, |x| = 1 lands on bin 32's lower edge
 
 
-def test_values_exactly_on_bin_edges_count_into_the_bin_above() -> None:
-    edges = (np.arange(BINS) / BINS * 4.0).astype(np.float32)  # exact edges of 64 bins over [0, 4)
-    values = np.concatenate([edges, -edges, np.nextafter(edges[1:], np.float32(0.0))])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_values_exactly_on_bin_edges_count_into_the_bin_above(dtype: type) -> None:
+    edges = (np.arange(BINS) / BINS * 4.0).astype(dtype)  # exact edges of 64 bins over [0, 4)
+    values = np.concatenate([edges, -edges, np.nextafter(edges[1:], dtype(0.0))])  # and the next value below each
     counts, above = counted(values, BINS / 4.0)
     assert above == 0
     np.testing.assert_array_equal(counts, reference_counts(values, BINS / 4.0, BINS)[0])
