@@ -14,7 +14,8 @@ so the caller can say which range was too small.
 Compiled on first use per input dtype (float32, float64; other float types are widened to float32 first, exactly)
 and cached on disk beside this file (numba's `cache=True`; where that folder is read-only, in the user's cache folder).
 Where neither is writable numba refuses `cache=True` outright (RuntimeError when the function is decorated, i.e. on
-import), so the loop is then compiled in memory in every process instead (~1 s once per process, see `_compiled`).
+import), so the loops are then compiled in memory in every process instead (`_compiled`). Measured here: import numba
+0.27 s; first call 0.55 s compiling, 0.35 s from the disk cache (load 4; a few seconds at load 7).
 """
 
 from __future__ import annotations
