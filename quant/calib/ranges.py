@@ -151,10 +151,9 @@ class TensorStats:
         # range grows chunk by chunk too, which the exact merges make irrelevant to the counts
         for start in range(0, flat.size, hist.CHUNK_ELEMENTS):
             chunk = flat[start : start + hist.CHUNK_ELEMENTS]
-            nonfinite = self.minmax.nonfinite
             self.minmax.add(chunk)
             self.histogram.cover(self.minmax.amax)  # first grow the range to this chunk's max |x|, then count
-            self.histogram.add(chunk, finite=self.minmax.nonfinite == nonfinite)
+            self.histogram.add(chunk)
 
     def add_zeros(self, count: int) -> None:
         """As if `count` zeros were added."""
@@ -537,8 +536,8 @@ def _run_pass(
     input_names = [item.name for item in session.get_inputs()]
     batches = 0
     # each tensor's statistics get one update per batch, batches in order (a batch's updates all finish before the
-    # next batch's start), so neither the threads nor the overlap ever change a result; numpy releases the GIL in the
-    # histogram's array passes (2 threads: 1.4x on 2 CPUs, measured) and ONNX Runtime in run(), so with `overlap` the
+    # next batch's start), so neither the threads nor the overlap ever change a result; numpy's min/max and the
+    # compiled count (quant.calib.counting) release the GIL, and so does ONNX Runtime in run(), so with `overlap` the
     # graph runs on batch k+1 (and the feed source makes it) while the pool updates batch k's statistics
     with ThreadPoolExecutor(options.threads) as pool:
         updating: list[Future[None]] = []
