@@ -31,8 +31,9 @@ extra build: the default's evaluation is reused), and the greedy starts from the
 reaches configurations the profile's cannot: a unit the base rules make partly INT8 (`mixed`: e.g. an FFN's Linears
 dynamic INT8, its residual Add float) stays as the base rules place it (Point.base) until the greedy reverts it, which
 makes it wholly float; a unit the defaults make INT8 is kept INT8 even where its profile says it saves nothing, until
-its cost per ms saved (a saving <= 0 counts as the worst) reverts it first. Untimed, only the profile's start (the
-unit-count proxy) exists.
+its cost per ms saved (a saving <= 0 counts as the worst) reverts it first; a partly-INT8 unit is ranked by its
+whole-unit measurements, the only ones there are. Both starts stay candidates in step 5. Untimed, only the profile's
+start (the unit-count proxy) exists.
 """
 
 from __future__ import annotations
