@@ -877,3 +877,14 @@ def test_a_searched_build_slower_than_the_default_rules_says_so(tmp_path: Path):
     assert "default rules were not proven within on validation (pesq_wb change -0.2200" in result.note
     paths = write_outputs(result, search_problem.base_rules, tmp_path / "search", "quant search test")
     assert json.loads(paths["json"].read_text())["note"] == result.note
+
+
+def test_an_nchwc_conv_named_after_the_activation_it_fused_counts_for_its_own_unit(model_and_cache: tuple[Path, Path]):
+    """ORT's NCHWc pass names a float Conv fused with the op after it after that op's output (the WeNet encoder's
+    embed conv.2 + Relu: `conv.3/Relu_output_0_nchwc`), a tensor the NEXT unit reads. Here big's output goes through
+    spike_add (no unit's) to fragile1: `h_spiked_nchwc` is big's kernel, not fragile1's (which once made the embed
+    conv look 0.18 ms in FP32 instead of 4.8 and kept it float in the profile's start)."""
+    graph = onnx.load(str(model_and_cache[0]))
+    units = find_units(graph, load_rules())
+    times = {"h_spiked_nchwc": 4.0, "h_spiked_QuantizeLinear": 0.5, "x_nchwc": 9.0}
+    assert unit_times_ms(times, units, graph) == {"big": 4.0, "fragile1": 0.5, "fragile2": 0.0}
