@@ -25,15 +25,16 @@ Steps (every build counted as one evaluation):
 
 The greedy's start (choose_start). The profile's start (every unit whose INT8 kernel saves time) adds up per-unit
 savings, but a whole build is not the sum of its units: Q/DQ between units, lost fusions and layout reorders cost time
-no unit's profile shows (the WeNet encoder's 50-unit start ran at 12.5 ms, the 13-unit default rules at 9.3 ms). So on
-a timed backend the profile's start is built and timed interleaved with the default-rules build from step 0 (no
-extra build: the default's evaluation is reused), and the greedy starts from the faster one. The default start
-reaches configurations the profile's cannot: a unit the base rules make partly INT8 (`mixed`: e.g. an FFN's Linears
-dynamic INT8, its residual Add float) stays as the base rules place it (Point.base) until the greedy reverts it, which
-makes it wholly float; a unit the defaults make INT8 is kept INT8 even where its profile says it saves nothing, until
-its cost per ms saved (a saving <= 0 counts as the worst) reverts it first; a partly-INT8 unit is ranked by its
-whole-unit measurements, the only ones there are. Both starts stay candidates in step 5. Untimed, only the profile's
-start (the unit-count proxy) exists.
+no unit's profile shows (the WeNet encoder's 38-unit profile start ran 9.6-10.0 ms, its 13-unit default rules 9.3-9.4
+ms; before a fused float conv's kernel was attributed to its unit, quant.search.speed, the start kept that conv float
+and ran 12.5 ms). So on a timed backend the profile's start is built and timed interleaved with the default-rules build
+from step 0 (no extra build: the default's evaluation is reused), and the greedy starts from the faster one. The
+default start reaches configurations the profile's cannot: a unit the base rules make partly INT8 (`mixed`: e.g. an
+FFN's Linears dynamic INT8, its residual Add float) stays as the base rules place it (Point.base) until the greedy
+reverts it, which makes it wholly float; a unit the defaults make INT8 is kept INT8 even where its profile says it
+saves nothing, until its cost per ms saved (a saving <= 0 counts as the worst) reverts it first; a partly-INT8 unit is
+ranked by its whole-unit measurements, the only ones there are. Both starts stay candidates in step 5. Untimed, only
+the profile's start (the unit-count proxy) exists.
 """
 
 from __future__ import annotations
