@@ -836,6 +836,7 @@ def test_the_greedy_starts_from_the_default_rules_when_they_run_faster_than_the_
     assert result.start is not None and result.start["from"] == "default-rules"
     assert result.start["latency_ms"]["profile"]["min_ms"] == 8.0  # modelled: 4 x 0.5 + 1 + 5
     assert result.start["latency_ms"]["default-rules"]["min_ms"] == 4.0  # 1 + 3 x 0.5 + 1.5
+    assert result.start["timing_s"] >= 0.0  # the start costs a timing, no build
     assert result.steps[0].startswith("start: the default rules") and result.steps[1] == "revert n12: holds"
     assert result.chosen is not None and result.chosen.holds
     assert result.chosen.config == {"n6", "n9"} and result.chosen.base == {"ffn:n0"}

@@ -357,7 +357,9 @@ def choose_start(ledger: Ledger, sens: Mapping[str, Sensitivity], default: Point
     if problem.latency is None or not problem.timed:
         return Start(profile, profile_step, {"from": PROFILE_START, "latency_ms": None,
                                              "why": "no latency measured: the unit-count proxy's start"}, profile)
+    began = time.monotonic()
     profile_latency, default_latency = problem.latency([profile.artifact, default.artifact])
+    seconds = round(time.monotonic() - began, 1)  # no build: its cost is this timing, in the search's minutes too
     times = {PROFILE_START: profile_latency.to_dict(), DEFAULT_LABEL: default_latency.to_dict()}
     compared = (f"profile's start ({units_text(profile)}) {profile_latency.min_ms:.2f} ms, default rules "
                 f"({units_text(default)}) {default_latency.min_ms:.2f} ms, min over interleaved rounds")
@@ -369,7 +371,7 @@ def choose_start(ledger: Ledger, sens: Mapping[str, Sensitivity], default: Point
         chosen, step = profile, f"{profile_step}; {why}"
     log.info("greedy start: %s", why)
     return Start(chosen, step, {"from": DEFAULT_LABEL if chosen is default else PROFILE_START,
-                                "latency_ms": times, "why": why}, profile)
+                                "latency_ms": times, "why": why, "timing_s": seconds}, profile)
 
 
 def greedy(ledger: Ledger, sens: Mapping[str, Sensitivity], start: Start) -> tuple[list[str], list[Key]]:
