@@ -66,7 +66,7 @@ def test_section_holds_points_frontier_units_and_choice(tmp_path: Path) -> None:
     assert entry["chosen"] == "default-rules" and entry["metric"] == "pesq_wb" and entry["higher_is_better"]
     units = {u["unit"]: u for u in entry["units"]}
     assert units["/lstm/matmul"] == {"unit": "/lstm/matmul", "op_type": "MatMul/Add", "nodes": 2, "snr_db": 14.0,
-                                     "delta": -0.15, "saved_ms": 3.0, "int8": False}
+                                     "delta": -0.15, "saved_ms": 3.0, "int8": False, "base_rules": False}
     assert units["/enc/conv1"]["int8"] and units["/enc/conv1"]["delta"] is None
     assert entry["graph"] == "dpcrn" and entry["cost"] == {"minutes": 1.5, "evaluations": 7}
 
@@ -166,3 +166,21 @@ def test_units_without_a_measured_sensitivity_get_a_note_not_an_empty_chart(tmp_
         unit["snr_db"] = unit["delta"] = None
     text = render_html(results, HtmlOptions(examples=False))
     assert "measured no unit's sensitivity" in text and "unit sensitivity" not in text and "all units" in text
+
+
+def test_a_unit_the_chosen_build_leaves_to_the_base_rules_reads_partly_int8(tmp_path: Path) -> None:
+    """A search from the default rules keeps a group partly INT8 as the base rules place it: the report must not
+    call it float."""
+    from dataclasses import replace
+
+    result = search_result()
+    chosen = replace(result.default, config=frozenset({"/enc/conv1"}), base=frozenset({"/lstm/matmul"}))
+    folder = tmp_path / "dpcrn"
+    folder.mkdir()
+    (folder / "search.json").write_text(json.dumps(to_json(replace(result, chosen=chosen), "quant search x")))
+    units = {u["unit"]: u for u in search_section(folder / "search.json")["units"]}
+    assert units["/lstm/matmul"]["base_rules"] and not units["/lstm/matmul"]["int8"]
+    assert not units["/enc/conv2"]["base_rules"] and not units["/enc/conv2"]["int8"]
+    paths = write_search_report("dpcrn", "dpcrn", folder / "search.json", folder, "quant search x")
+    text = render_html(report.load_results(paths["results"]), HtmlOptions(examples=False))
+    assert "partly INT8 (base rules)" in text

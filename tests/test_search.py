@@ -770,3 +770,122 @@ def test_the_search_log_says_why_a_build_is_not_proven_within():
     over = {"ids": ten["ids"], "pesq_wb": [1.8] * 10}
     assert budget.hold_text(budget.judge(ten, over)) == "not proven within: over budget"
     assert budget.hold_text(budget.judge(ten, {"ids": ten["ids"], "pesq_wb": [2.0] * 10})) == "holds"
+
+
+# ------------------------------------------------------------------------------------------------ the greedy's start
+
+
+def lost_fusion_problem(tmp_path: Path, lossy_int8_ms: float, timed: bool = True) -> Problem:
+    """Builds not built: x -> FFN (n0 float by input-layer, n3 dynamic INT8: a `mixed` unit) -> Abs -> n6 -> Abs ->
+    n9 -> Abs -> n12, each MatMul 1 ms float, 0.5 ms INT8; n12's INT8 costs `lossy_int8_ms` and 0.2 PESQ-WB (budget
+    0.05). The whole build pays 5 ms more when n0 is INT8 (a lost fusion no unit's profile shows). Every INT8 build
+    changes PESQ-WB by a pattern of mean -0.02 on 30 utterances."""
+    from test_blocks import Graph
+
+    g = Graph()
+    h = g.linear(g.op("Relu", g.linear("x")))
+    for _ in range(3):
+        h = g.linear(g.op("Abs", h))
+    model = g.model(h)
+    rules = load_rules()
+    fp32 = tmp_path / "fp32"
+    int8_nodes: dict[Path, frozenset[str]] = {fp32: frozenset()}
+
+    def build(rules_file: Path, folder: Path) -> Path:
+        decided = plan(model, load_rules(rules_file), "int8", "ort")
+        int8_nodes[folder] = frozenset(d.node for d in decided.decisions
+                                       if d.op_type == "MatMul" and d.precision != "fp32")
+        return folder
+
+    def node_times(folder: Path) -> dict[str, float]:
+        return {n: (lossy_int8_ms if n == "n12" else 0.5) if n in int8_nodes[folder] else 1.0
+                for n in ("n0", "n3", "n6", "n9", "n12")}
+
+    def latency(folders: Sequence[Path]) -> list[Latency]:
+        totals = [sum(node_times(f).values()) + (5.0 if "n0" in int8_nodes[f] else 0.0) for f in folders]
+        return [Latency(total, total, 1) for total in totals]
+
+    def evaluate(count: int) -> Any:
+        def columns(folder: Path) -> Mapping[str, Sequence[Any]]:
+            lossy = "n12" in int8_nodes[folder]
+            shift = [0.0 if folder == fp32 else (-0.02, 0.02, -0.06)[i % 3] - 0.2 * lossy for i in range(count)]
+            return {"ids": [f"u{i}" for i in range(count)], "pesq_wb": [2.0 + 0.1 * i + shift[i] for i in range(count)],
+                    "snr_db": [120.0 if folder == fp32 else 10.0 if lossy else 40.0] * count}
+        return columns
+
+    return Problem(model, find_units(model, rules), rules, fp32, build, evaluate(30), evaluate(2), evaluate(30),
+                   latency=latency if timed else None, node_times=node_times if timed else None)
+
+
+def test_the_greedy_starts_from_the_default_rules_when_they_run_faster_than_the_profiles_start(tmp_path: Path):
+    """The profile says every unit but n12 saves time, and that start holds; but as a whole build it runs 5 ms
+    slower than the default rules (n0 INT8 loses a fusion). The defaults miss the budget only through n12 (INT8
+    by the defaults, slower INT8 by its profile): the search starts from them, reverts n12 first, and returns a build
+    faster than the profile's start, with the FFN left partly INT8 as the base rules place it."""
+    search_problem = lost_fusion_problem(tmp_path, lossy_int8_ms=1.5)
+    assert {u.name: u.default for u in search_problem.units} == {"ffn:n0": "mixed", "n6": "int8", "n9": "int8",
+                                                                 "n12": "int8"}
+    result = run_search(search_problem, SearchOptions(parse_budget("pesq_wb=-0.05"), max_evals=16, top=2),
+                        tmp_path / "search")
+    assert not result.default.holds
+    assert result.chosen is not None and result.chosen.latency is not None
+    assert result.chosen.latency.min_ms == 3.5  # the profile's start, holding, runs 8.0
+    # the profile's start: all but n12 (measured before as n12's leave-one-out)
+    profile_start = next(p for p in result.frontier if p.key == (frozenset({"ffn:n0", "n6", "n9"}), frozenset()))
+    assert profile_start.holds
+    assert result.start is not None and result.start["from"] == "default-rules"
+    assert result.start["latency_ms"]["profile"]["min_ms"] == 8.0  # modelled: 4 x 0.5 + 1 + 5
+    assert result.start["latency_ms"]["default-rules"]["min_ms"] == 4.0  # 1 + 3 x 0.5 + 1.5
+    assert result.start["timing_s"] >= 0.0  # the start costs a timing, no build
+    assert result.steps[0].startswith("start: the default rules") and result.steps[1] == "revert n12: holds"
+    assert result.chosen is not None and result.chosen.holds
+    assert result.chosen.config == {"n6", "n9"} and result.chosen.base == {"ffn:n0"}
+    assert result.chosen.latency is not None and profile_start.latency is not None
+    assert result.chosen.latency.min_ms == 3.5 < profile_start.latency.min_ms
+    assert result.note is None  # faster than the default rules too
+    paths = write_outputs(result, search_problem.base_rules, tmp_path / "search", "quant search test")
+    decided = plan(search_problem.model, load_rules(paths["rules"]), "int8", "ort")
+    assert {n: decided.decision(n).precision for n in ("n0", "n3", "n6", "n9", "n12")} == {
+        "n0": "fp32", "n3": "int8-dynamic", "n6": "int8-dynamic", "n9": "int8-dynamic", "n12": "fp32"}
+    written = json.loads(paths["json"].read_text())
+    assert written["start"]["from"] == "default-rules" and written["chosen"]["base_rules_units"] == ["ffn:n0"]
+
+
+def test_an_untimed_search_starts_from_the_profile_as_before(tmp_path: Path):
+    """No latency (TensorRT simulated): every unit counts as one unit of benefit, the start is every unit, and no
+    default-rules start is considered."""
+    search_problem = lost_fusion_problem(tmp_path, lossy_int8_ms=1.5, timed=False)
+    result = run_search(search_problem, SearchOptions(parse_budget("pesq_wb=-0.05"), max_evals=16, top=2),
+                        tmp_path / "search")
+    assert result.start is not None and result.start["from"] == "profile" and result.start["latency_ms"] is None
+    assert result.steps[0] == "start: the 4 units whose INT8 kernels save measurable time"
+    assert result.chosen is not None and result.chosen.config == {"ffn:n0", "n6", "n9"} and not result.chosen.base
+    assert result.note is None
+    paths = write_outputs(result, search_problem.base_rules, tmp_path / "search", "quant search test")
+    assert json.loads(paths["json"].read_text())["start"]["from"] == "profile"
+
+
+def test_a_searched_build_slower_than_the_default_rules_says_so(tmp_path: Path):
+    """n12 INT8 is fast (0.25 ms) but costs the budget: the default rules (2.75 ms) miss it, the fastest build
+    within it (n12 float) runs 3.5 ms. The search must say it is slower than the defaults and why it was chosen."""
+    search_problem = lost_fusion_problem(tmp_path, lossy_int8_ms=0.25)
+    result = run_search(search_problem, SearchOptions(parse_budget("pesq_wb=-0.05"), max_evals=16, top=2),
+                        tmp_path / "search")
+    assert result.chosen is not None and result.chosen.latency is not None and result.default.latency is not None
+    assert result.chosen.latency.min_ms == 3.5 and result.default.latency.min_ms == 2.75
+    assert result.note is not None
+    assert result.note.startswith("searched build slower than the default rules: 3.50 vs 2.75 ms")
+    assert "default rules were not proven within on validation (pesq_wb change -0.2200" in result.note
+    paths = write_outputs(result, search_problem.base_rules, tmp_path / "search", "quant search test")
+    assert json.loads(paths["json"].read_text())["note"] == result.note
+
+
+def test_an_nchwc_conv_named_after_the_activation_it_fused_counts_for_its_own_unit(model_and_cache: tuple[Path, Path]):
+    """ORT's NCHWc pass names a float Conv fused with the op after it after that op's output (the WeNet encoder's
+    embed conv.2 + Relu: `conv.3/Relu_output_0_nchwc`), a tensor the NEXT unit reads. Here big's output goes through
+    spike_add (no unit's) to fragile1: `h_spiked_nchwc` is big's kernel, not fragile1's (which once made the embed
+    conv look 0.18 ms in FP32 instead of 4.8 and kept it float in the profile's start)."""
+    graph = onnx.load(str(model_and_cache[0]))
+    units = find_units(graph, load_rules())
+    times = {"h_spiked_nchwc": 4.0, "h_spiked_QuantizeLinear": 0.5, "x_nchwc": 9.0}
+    assert unit_times_ms(times, units, graph) == {"big": 4.0, "fragile1": 0.5, "fragile2": 0.0}

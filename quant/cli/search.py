@@ -87,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
               f"against the budget's {found['limit']:.4f}")
     print(f"{fp32}default rules {_row(result.default)}")
     print(f"searched {_row(chosen)}" if chosen else "searched: no measured build meets the budget")
+    if result.start:
+        print(f"greedy start: {result.start['from']} ({result.start['why']})")
+    if result.note:
+        print(f"note: {result.note}")
     for label, key in (("default rules", "default-rules"), ("searched", "searched")):
         held = result.held_out.get(key)
         if held:
@@ -99,9 +103,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _row(point: Any) -> str:
+    from quant.search.core import units_text
+
     latency = f"{point.latency.min_ms:.2f} ms (median {point.latency.median_ms:.2f}), " if point.latency else ""
     verdict = point.verdict
-    return (f"{latency}{len(point.config)} INT8 units, validation change {verdict['delta']:+.4f} "
+    return (f"{latency}{units_text(point)}, validation change {verdict['delta']:+.4f} "
             f"[{verdict['ci_low']:+.4f}, {verdict['ci_high']:+.4f}] {verdict['verdict']}")
 
 

@@ -275,7 +275,8 @@ def _search_entry(model: str, entry: Mapping[str, Any]) -> list[str]:
                        f"{entry.get('metric', '')} change, only this unit INT8", "kernel ms saved", "chosen"],
                       [[u["unit"], u.get("op_type", ""), str(u.get("nodes", "")), fmt_number(u.get("snr_db"), ".1f"),
                         fmt_number(u.get("delta"), "+.4f"), fmt_number(u.get("saved_ms"), ".3f"),
-                        "INT8" if u.get("int8") else "float"] for u in units])
+                        "INT8" if u.get("int8") else "partly INT8 (base rules)" if u.get("base_rules") else "float"]
+                       for u in units])
         if measured:
             out += ["<h3>Sensitivity of each quantized unit</h3>",
                     _figure(figures.sensitivity(measured, str(entry.get("metric", "")),

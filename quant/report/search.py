@@ -52,7 +52,8 @@ def _entry(data: Mapping[str, Any], graph: str) -> dict[str, Any]:
         "higher_is_better": _higher_is_better(data), "backend": data.get("backend", "ort"),
         "speed_basis": data.get("speed_basis", ""), "cost": data.get("cost") or {},
         "chosen": chosen.get("label"), "default": default.get("label"), "held_out": data.get("held_out") or {},
-        "points": points, "units": [_unit(u, set(chosen.get("int8_units") or ())) for u in data["units"]],
+        "points": points, "units": [_unit(u, set(chosen.get("int8_units") or ()), set(chosen.get("base_rules_units")
+                                                                                      or ())) for u in data["units"]],
     }
 
 
@@ -90,11 +91,13 @@ def _mark_frontier(points: Sequence[dict[str, Any]], higher_is_better: bool) -> 
             and (speed(other) < speed(point) or metric(other) > metric(point)) for other in comparable)
 
 
-def _unit(unit: Mapping[str, Any], int8: set[str]) -> dict[str, Any]:
+def _unit(unit: Mapping[str, Any], int8: set[str], base: set[str]) -> dict[str, Any]:
+    """`int8`: wholly INT8 in the chosen build; `base_rules`: partly INT8, as the base rules place it."""
     task = unit.get("add_one_in") or {}
     return {"unit": unit["name"], "op_type": "/".join(dict.fromkeys(unit.get("op_types") or ())),
             "nodes": len(unit.get("nodes") or ()), "snr_db": unit.get("add_one_in_snr_db"),
-            "delta": task.get("delta"), "saved_ms": unit.get("saved_ms"), "int8": unit["name"] in int8}
+            "delta": task.get("delta"), "saved_ms": unit.get("saved_ms"), "int8": unit["name"] in int8,
+            "base_rules": unit["name"] in base}
 
 
 SEARCH_TARGETS = ("ort", "trt-sim")  # `quant search --target`: <graph>/ and <graph>-trt-sim/ under the search root

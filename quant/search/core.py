@@ -17,9 +17,24 @@ Steps (every build counted as one evaluation):
    its Q/DQ) to units, the minimum over rounds;
 2. proxy sensitivity: per unit, add-one-in (only it INT8) and leave-one-out (all others INT8) output SNR;
 3. task sensitivity: the `top` units with the lowest add-one-in SNR get both measured on the validation metric;
-4. greedy: start from every unit INT8 that saves time, revert the unit with the worst cost per ms saved until the
-   budget holds (proven within on validation, not just an estimate inside), building and measuring each step;
-5. verify: time the frontier, FP32 and the default-rules build interleaved; judge the chosen one on held-out data.
+4. greedy: from the faster of two starts, revert the unit with the worst cost per ms saved until the budget holds
+   (proven within on validation, not just an estimate inside), building and measuring each step; then add back the
+   reverted units that leave it holding;
+5. verify: time the frontier, FP32 and the default-rules build interleaved; judge the chosen one on held-out data;
+   a chosen build measured slower than the default-rules one is said so, with the defaults' validation verdict.
+
+The greedy's start (choose_start). The profile's start (every unit whose INT8 kernel saves time) adds up per-unit
+savings, but a whole build is not the sum of its units: Q/DQ between units, lost fusions and layout reorders cost time
+no unit's profile shows (the WeNet encoder's 38-unit profile start ran 9.6-10.0 ms, its 13-unit default rules 9.3-9.4
+ms; before a fused float conv's kernel was attributed to its unit, quant.search.speed, the start kept that conv float
+and ran 12.5 ms). So on a timed backend the profile's start is built and timed interleaved with the default-rules build
+from step 0 (no extra build: the default's evaluation is reused), and the greedy starts from the faster one. The
+default start reaches configurations the profile's cannot: a unit the base rules make partly INT8 (`mixed`: e.g. an
+FFN's Linears dynamic INT8, its residual Add float) stays as the base rules place it (Point.base) until the greedy
+reverts it, which makes it wholly float; a unit the defaults make INT8 is kept INT8 even where its profile says it
+saves nothing, until its cost per ms saved (a saving <= 0 counts as the worst) reverts it first; a partly-INT8 unit is
+ranked by its whole-unit measurements, the only ones there are. Both starts stay candidates in step 5. Untimed, only
+the profile's start (the unit-count proxy) exists.
 """
 
 from __future__ import annotations
@@ -27,7 +42,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -47,6 +62,7 @@ Builder = Callable[[Path, Path], Path]
 Evaluator = Callable[[Path], Columns]
 Timer = Callable[[Sequence[Path]], Sequence[Latency]]
 Profiler = Callable[[Path], Mapping[str, float]]
+Key = tuple[Config, Config]  # a candidate build: (units INT8, units as the base rules place them)
 MODEL_FILE = "model.onnx"
 MIN_SAVED_SHARE = 0.002
 PROFILE_ROUNDS = 3  # FP32 and all-INT8 profiled in turn; per unit the minimum (measure_speed)
@@ -113,9 +129,15 @@ class Point:
     verdict: dict[str, Any]
     holds: bool
     latency: Latency | None = None
+    base: Config = frozenset()  # units left as the base rules place them (partly INT8: `mixed`), not in `config`
+
+    @property
+    def key(self) -> Key:
+        return self.config, self.base
 
     def to_dict(self, units: Sequence[Unit]) -> dict[str, Any]:
         return {"label": self.label, "int8_units": [u.name for u in units if u.name in self.config],
+                "base_rules_units": [u.name for u in units if u.name in self.base],
                 "artifact": str(self.artifact), "holds": self.holds, **self.verdict,
                 "latency": self.latency.to_dict() if self.latency else None}
 
@@ -144,21 +166,22 @@ class Ledger:
     options: SearchOptions
     reference: Columns
     evals: int = 0
-    points: dict[Config, Point] = field(default_factory=dict)
-    artifacts: dict[Config, Path] = field(default_factory=dict)
+    points: dict[Key, Point] = field(default_factory=dict)
+    artifacts: dict[Key, Path] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
 
     @property
     def left(self) -> int:
         return self.options.max_evals - self.evals
 
-    def build(self, config: Config, label: str) -> Path:
-        """The INT8 build of `config` (once per configuration); counts one evaluation."""
-        if config in self.artifacts:
-            return self.artifacts[config]
-        rules = [*config_rules(self.problem.units, config, backend=self.problem.backend), *self.problem.base_rules]
-        self.artifacts[config] = self._build(rules, label)
-        return self.artifacts[config]
+    def build(self, config: Config, label: str, base: Config = frozenset()) -> Path:
+        """The INT8 build of `config`, the units in `base` as the base rules place them (once per configuration);
+        counts one evaluation."""
+        key = (config, base)
+        if key not in self.artifacts:
+            rules = config_rules(self.problem.units, config, backend=self.problem.backend, base=base)
+            self.artifacts[key] = self._build([*rules, *self.problem.base_rules], label)
+        return self.artifacts[key]
 
     def _build(self, rules: Sequence[Rule], label: str) -> Path:
         self.evals += 1
@@ -168,29 +191,36 @@ class Ledger:
     def measure_default(self) -> Point:
         """The build of the base rules alone, evaluated on the validation split. Not a configuration: a group the
         base rules make partly INT8 (`mixed`) has no INT8/float decision that reproduces it."""
+        units = self.problem.units
         artifact = self._build(self.problem.base_rules, DEFAULT_LABEL)
-        return self._evaluate(default_config(self.problem.units), DEFAULT_LABEL, artifact)
+        return self._evaluate(default_config(units), DEFAULT_LABEL, artifact,
+                              frozenset(u.name for u in units if u.default == "mixed"))
 
-    def measure(self, config: Config, label: str) -> Point:
+    def measure(self, config: Config, label: str, base: Config = frozenset()) -> Point:
         """Build and evaluate on the validation split (once per configuration)."""
-        if config in self.points:
-            return self.points[config]
-        point = self._evaluate(config, label, self.build(config, label))
-        self.points[config] = point
-        return point
+        key = (config, base)
+        if key not in self.points:
+            self.points[key] = self._evaluate(config, label, self.build(config, label, base), base)
+        return self.points[key]
 
-    def _evaluate(self, config: Config, label: str, artifact: Path) -> Point:
+    def _evaluate(self, config: Config, label: str, artifact: Path, base: Config = frozenset()) -> Point:
         columns = self.problem.validate(artifact)
         verdict = self.options.budget.judge(self.reference, columns)
         point = Point(label, config, artifact, columns, _verdict_dict(verdict, self.options.budget),
-                      self.options.budget.holds(verdict))
-        log.info("%s: %d INT8 units, %s %+.4f [%+.4f, %+.4f] -> %s", label, len(config),
-                 self.options.budget.metric, point.verdict["delta"], point.verdict["ci_low"],
-                 point.verdict["ci_high"], self.options.budget.hold_text(verdict))
+                      self.options.budget.holds(verdict), base=base)
+        log.info("%s: %s, %s %+.4f [%+.4f, %+.4f] -> %s", label, units_text(point), self.options.budget.metric,
+                 point.verdict["delta"], point.verdict["ci_low"], point.verdict["ci_high"],
+                 self.options.budget.hold_text(verdict))
         return point
 
     def minutes(self) -> float:
         return (time.monotonic() - self.started) / 60.0
+
+
+def units_text(point: Point) -> str:
+    """'13 INT8 units' (+ ', 40 partly INT8 as the base rules place them')."""
+    partly = f", {len(point.base)} partly INT8 as the base rules place them" if point.base else ""
+    return f"{len(point.config)} INT8 units{partly}"
 
 
 def _verdict_dict(verdict: Any, budget: TaskBudget) -> dict[str, Any]:
@@ -304,34 +334,77 @@ def greedy_start(sens: Mapping[str, Sensitivity]) -> Config:
     return frozenset(name for name, item in sens.items() if item.saved_ms > floor_ms)
 
 
-def greedy(ledger: Ledger, sens: Mapping[str, Sensitivity]) -> tuple[list[str], list[Config]]:
-    """From every unit that saves time INT8, revert the worst cost per ms saved until the budget holds; then try
-    adding back the reverted units, cheapest first, keeping each that leaves the budget holding. Returns the steps
-    taken ("revert X: holds", "add X: kept", ...) and the configurations visited."""
+@dataclass(frozen=True)
+class Start:
+    """Where the greedy starts: the measured point, the step text, what search.json records of the choice, and the
+    profile's start (a candidate whichever start is taken)."""
+
+    point: Point
+    step: str
+    record: dict[str, Any]
+    profile: Point
+
+
+PROFILE_START = "profile"
+
+
+def choose_start(ledger: Ledger, sens: Mapping[str, Sensitivity], default: Point) -> Start:
+    """The profile's start (greedy_start, built and measured on validation: a candidate either way) or, where it is
+    timed slower, the default-rules build: both timed interleaved with the search's own timer (module docstring)."""
+    problem = ledger.problem
+    profile = ledger.measure(greedy_start(sens), "start")
+    profile_step = f"start: the {len(profile.config)} units whose INT8 kernels save measurable time"
+    if problem.latency is None or not problem.timed:
+        return Start(profile, profile_step, {"from": PROFILE_START, "latency_ms": None,
+                                             "why": "no latency measured: the unit-count proxy's start"}, profile)
+    began = time.monotonic()
+    profile_latency, default_latency = problem.latency([profile.artifact, default.artifact])
+    seconds = round(time.monotonic() - began, 1)  # no build: its cost is this timing, in the search's minutes too
+    times = {PROFILE_START: profile_latency.to_dict(), DEFAULT_LABEL: default_latency.to_dict()}
+    compared = (f"profile's start ({units_text(profile)}) {profile_latency.min_ms:.2f} ms, default rules "
+                f"({units_text(default)}) {default_latency.min_ms:.2f} ms, min over interleaved rounds")
+    if default_latency.min_ms < profile_latency.min_ms:
+        why = f"the default rules measured faster: {compared}"
+        chosen, step = default, f"start: the default rules ({units_text(default)}), {why}"
+    else:
+        why = f"the profile's start measured as fast or faster: {compared}"
+        chosen, step = profile, f"{profile_step}; {why}"
+    log.info("greedy start: %s", why)
+    return Start(chosen, step, {"from": DEFAULT_LABEL if chosen is default else PROFILE_START,
+                                "latency_ms": times, "why": why, "timing_s": seconds}, profile)
+
+
+def greedy(ledger: Ledger, sens: Mapping[str, Sensitivity], start: Start) -> tuple[list[str], list[Key]]:
+    """From the start, revert the unit (INT8 or partly INT8 as the base rules place it) with the worst cost per ms
+    saved until the budget holds; then try adding back the reverted units, cheapest first, each as the start had it,
+    keeping each that leaves the budget holding. Returns the steps taken ("revert X: holds", "add X: kept", ...)
+    and the configurations visited, the start's included."""
     budget = ledger.options.budget
-    everything = ledger.points.get(all_config(ledger.problem.units))
-    current = greedy_start(sens)
-    steps = [f"start: the {len(current)} units whose INT8 kernels save measurable time"]
-    point = ledger.measure(current, "start")
-    visited = [current]
+    everything = ledger.points.get((all_config(ledger.problem.units), frozenset()))
+    point = start.point
+    steps = [start.step]
+    visited = [point.key]
     reverted: list[str] = []
-    while not point.holds and current and ledger.left > 0:
-        worst = max(sorted(current), key=lambda name: revert_priority(sens[name], everything, budget))
-        current = current - {worst}
+    while not point.holds and (point.config or point.base) and ledger.left > 0:
+        worst = max(sorted(point.config | point.base), key=lambda n: revert_priority(sens[n], everything, budget))
         reverted.append(worst)
-        point = ledger.measure(current, f"step{len(steps)}-revert-{_safe(worst)}")
-        visited.append(current)
+        point = ledger.measure(point.config - {worst}, f"step{len(steps)}-revert-{_safe(worst)}",
+                               point.base - {worst})
+        visited.append(point.key)
         steps.append(f"revert {worst}: {'holds' if point.holds else 'not proven within budget'}")
     if not point.holds:
         return steps, visited
     for name in sorted(reverted[:-1], key=lambda n: revert_priority(sens[n], everything, budget)):
         if ledger.left <= 0:
             break
-        trial = ledger.measure(current | {name}, f"step{len(steps)}-add-{_safe(name)}")
-        visited.append(trial.config)
+        back = frozenset({name})
+        config, base = (point.config, point.base | back) if name in start.point.base else (point.config | back,
+                                                                                            point.base)
+        trial = ledger.measure(config, f"step{len(steps)}-add-{_safe(name)}", base)
+        visited.append(trial.key)
         steps.append(f"add {name}: {'kept' if trial.holds else 'not proven within budget'}")
         if trial.holds:
-            current, point = trial.config, trial
+            point = trial
     return steps, visited
 
 
@@ -351,6 +424,8 @@ class SearchResult:
     speed_basis: str  # what "fastest" was judged by (Problem.speed_basis)
     backend: str = "ort"
     resolution: dict[str, Any] | None = None  # the validation split's resolution (check_resolution); None: a floor
+    start: dict[str, Any] | None = None  # the greedy's start (choose_start's record); None: no greedy ran
+    note: str | None = None  # the chosen build measured slower than the default rules (slower_than_default)
 
 
 def run_search(problem: Problem, options: SearchOptions, out_dir: Path) -> SearchResult:
@@ -368,23 +443,30 @@ def run_search(problem: Problem, options: SearchOptions, out_dir: Path) -> Searc
     reserve = min(len(problem.units) + 1, max(2, options.max_evals // 3))
     sens = measure_proxy(ledger, sens, reserve, reserve + 2 * options.top)
     sens = measure_task(ledger, sens, reserve)
-    steps, visited = greedy(ledger, sens) if ledger.left > 0 else (["no evaluations left for the greedy"], [])
-    # timed: the default rules, all-INT8 and the greedy path (sensitivity builds with one unit changed are not
-    # candidates, and timing each would cost more than the search)
-    path = list(dict.fromkeys([all_config(problem.units), *visited]))
+    start = choose_start(ledger, sens, default) if ledger.left > 0 else None
+    steps, visited = greedy(ledger, sens, start) if start else (["no evaluations left for the greedy"], [])
+    # timed: the default rules, all-INT8 and the greedy path from either start (sensitivity builds with one unit
+    # changed are not candidates, and timing each would cost more than the search); the start's own timing only
+    # chose it: every candidate is timed again here, in the same rounds
+    starts = [start.profile.key] if start else []
+    path = [key for key in dict.fromkeys([(all_config(problem.units), frozenset()), *starts, *visited])
+            if key in ledger.points]
     timed = dict(ledger.points)
     fp32_latency: Latency | None = None
     if problem.latency is not None:
-        latencies = problem.latency([problem.fp32, default.artifact, *(ledger.points[c].artifact for c in path)])
+        latencies = problem.latency([problem.fp32, default.artifact, *(ledger.points[k].artifact for k in path)])
         fp32_latency = latencies[0]
-        default = _with_latency(default, latencies[1])
-        timed.update({c: _with_latency(ledger.points[c], lat) for c, lat in zip(path, latencies[2:])})
+        default = replace(default, latency=latencies[1])
+        timed.update({k: replace(ledger.points[k], latency=lat) for k, lat in zip(path, latencies[2:])})
     points = [default, *timed.values()]
     chosen = fastest_holding(points, problem.timed, options.budget)
+    note = slower_than_default(default, chosen, options.budget)
+    if note:
+        log.warning("%s", note)
     held_out = judge_held_out(problem, options.budget, default, chosen)
     return SearchResult(options.budget, problem.units, sens, tuple(points), tuple(steps), default, chosen,
                         fp32_latency, held_out, ledger.evals, ledger.minutes(), problem.speed_basis(), problem.backend,
-                        resolution)
+                        resolution, start.record if start else None, note)
 
 
 def check_resolution(budget: TaskBudget, probes: Sequence[Point]) -> dict[str, Any] | None:
@@ -429,6 +511,20 @@ def fastest_holding(points: Sequence[Point], timed: bool, budget: TaskBudget) ->
     return max(holding, key=lambda p: (len(p.config), -loss(p.verdict, budget)))
 
 
+def slower_than_default(default: Point, chosen: Point | None, budget: TaskBudget) -> str | None:
+    """A line saying the chosen build was timed slower than the default-rules build (it can only be chosen so when
+    the defaults were not proven within on validation), so that nobody reads a slower build as a win; None else."""
+    if chosen is None or chosen.label == DEFAULT_LABEL or chosen.latency is None or default.latency is None:
+        return None
+    if chosen.latency.min_ms <= default.latency.min_ms:
+        return None
+    verdict = default.verdict
+    return (f"searched build slower than the default rules: {chosen.latency.min_ms:.2f} vs "
+            f"{default.latency.min_ms:.2f} ms (min over interleaved rounds); chosen only because the default rules "
+            f"were not proven within on validation ({budget.metric} change {verdict['delta']:+.4f} "
+            f"[{verdict['ci_low']:+.4f}, {verdict['ci_high']:+.4f}], {verdict['verdict']})")
+
+
 def judge_held_out(problem: Problem, budget: TaskBudget, default: Point, chosen: Point | None) -> dict[str, Any]:
     """FP32, the default rules and the chosen build on the held-out split, never seen by the search."""
     reference = problem.held_out(problem.fp32)
@@ -448,13 +544,7 @@ def _summary(columns: Columns, budget: TaskBudget) -> dict[str, Any]:
     return {"n": len(values.ids), budget.metric: values.value * budget.scale}
 
 
-def _with_latency(point: Point, latency: Latency) -> Point:
-    return Point(point.label, point.config, point.artifact, point.columns, point.verdict, point.holds, latency)
-
-
 def _replace(item: Sensitivity, **changes: Any) -> Sensitivity:
-    from dataclasses import replace
-
     return replace(item, **changes)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from quant.fileio import atomic_write_bytes, atomic_write_json
-from quant.search.core import DEFAULT_LABEL, Point, SearchResult, Sensitivity, task_cost
+from quant.search.core import Point, SearchResult, Sensitivity, task_cost
 from quant.search.units import Config, config_rules, write_rules
 
 log = logging.getLogger(__name__)
@@ -29,9 +29,8 @@ def write_outputs(result: SearchResult, base_rules: Any, out_dir: Path, command:
               f"Search cost: {result.evals} builds, {result.minutes:.1f} min.\n"
               "Use with: quant build MODEL --precision int8 --rules THIS_FILE"
               + (" --backend trt (the rules place TensorRT's Q/DQ)" if result.backend == "trt" else ""))
-    # the default-rules build chosen: its partly-INT8 groups stay as the base rules place them
-    chose_default = result.chosen is not None and result.chosen.label == DEFAULT_LABEL
-    as_base = [u.name for u in result.units if u.default == "mixed"] if chose_default else []
+    # a build from the default-rules start: its partly-INT8 groups the greedy kept stay as the base rules place them
+    as_base = result.chosen.base if result.chosen else frozenset()
     rules = [*config_rules(result.units, config, why, backend=result.backend, base=as_base), *base_rules]
     paths = {"rules": write_rules(out_dir / RULES_FILE, rules, header)}
     paths["json"] = atomic_write_json(out_dir / JSON_FILE, to_json(result, command))
@@ -80,10 +79,12 @@ def to_json(result: SearchResult, command: str) -> dict[str, Any]:
         "units": [{"name": u.name, "nodes": list(u.nodes), "op_types": list(u.op_types), "default": u.default,
                    "default_rule": u.rule, **_sensitivity(result.sensitivities[u.name])} for u in result.units],
         "frontier": [p.to_dict(result.units) for p in result.frontier],
+        "start": result.start,
         "steps": list(result.steps),
         "default_rules": result.default.to_dict(result.units),
         "chosen": chosen.to_dict(result.units) if chosen else None,
         "met_budget": chosen is not None,
+        "note": result.note,
         "held_out": result.held_out,
         "validation_resolution": result.resolution,
     }

@@ -21,6 +21,10 @@ from quant.search.units import Unit
 
 __all__ = ["Feeds", "Latency", "interleaved_latency", "node_times_ms", "unit_times_ms"]
 
+NCHWC_SUFFIX = "_nchwc"
+QDQ_SUFFIXES = tuple(suffix for suffix in TENSOR_SUFFIXES if suffix != NCHWC_SUFFIX)
+FUSED_CHAIN = 4  # Conv -> Add -> Relu is the longest chain ORT's NCHWc pass fuses (eval.profile.source_node)
+
 
 @dataclass(frozen=True)
 class Latency:
@@ -37,24 +41,44 @@ def unit_times_ms(times: Mapping[str, float], units: Iterable[Unit], model: onnx
     kernel, or adds to it: eval.profile.export_names, e.g. QLinearConv `<node>_token_<n>`, the dynamic quantizer's
     `<node>_quant`, an FP32 MatMul fused with its bias Add `<node>/MatMulAddFusion`), plus the nodes ORT names after a
     tensor the unit reads or writes (a tensor between two units counts for the first): the quantizer's
-    `<tensor>_QuantizeLinear` / `_DequantizeLinear` and the NCHWc pass's `<output>_nchwc` float Conv. Anything else
-    (layout reorders, float ops) is not a unit's."""
+    `<tensor>_QuantizeLinear` / `_DequantizeLinear`. The NCHWc pass's float Conv is `<output>_nchwc` after the last op
+    it fused (Conv -> Relu: the Relu's output, which the next unit reads): it counts for the unit found walking back
+    from that output's producer through ops no unit owns (the WeNet encoder's embed conv.2 lost its 4.8 ms FP32
+    kernel to nobody that way, and the profile's start kept it float: a build 3 ms slower). Anything else (layout
+    reorders, float ops) is not a unit's."""
     unit_list = list(units)
     owners = {node: unit.name for unit in unit_list for node in unit.nodes}
+    graph = ensure_node_names(model).graph
+    producers = {tensor: node for node in graph.node for tensor in node.output}
     tensors: dict[str, str] = {}
-    for node in ensure_node_names(model).graph.node:
+    for node in graph.node:
         if node.name in owners:
             for tensor in list(node.input) + list(node.output):
                 tensors.setdefault(tensor, owners[node.name])
     result = {unit.name: 0.0 for unit in unit_list}
     for name, ms in times.items():
         owner = next((owners[n] for n in export_names(name) if n in owners), None)
-        for suffix in TENSOR_SUFFIXES:
+        if owner is None and name.endswith(NCHWC_SUFFIX):
+            owner = _fused_owner(name.removesuffix(NCHWC_SUFFIX), owners, producers)
+        for suffix in QDQ_SUFFIXES:
             if owner is None and name.endswith(suffix):
                 owner = tensors.get(name[: -len(suffix)])
         if owner is not None:
             result[owner] += ms
     return result
+
+
+def _fused_owner(tensor: str, owners: Mapping[str, str], producers: Mapping[str, onnx.NodeProto]) -> str | None:
+    """The unit of the nearest unit node behind `tensor`, through at most FUSED_CHAIN ops no unit owns (first
+    inputs: ORT fuses a Conv's output into the activation / Add after it)."""
+    node = producers.get(tensor)
+    for _ in range(FUSED_CHAIN):
+        if node is None:
+            return None
+        if node.name in owners:
+            return owners[node.name]
+        node = producers.get(node.input[0]) if node.input else None
+    return None
 
 
 def interleaved_latency(model_paths: Sequence[Path], feeds: Feeds, rounds: int = 20, calls: int = 3,
