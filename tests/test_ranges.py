@@ -132,6 +132,21 @@ def pow2_histogram_of(batches: list[np.ndarray], num_bins: int = 64) -> hist.Pow
     return histogram
 
 
+def assert_derived_as_if_fetched(result: Any, name: str, per_batch: list[np.ndarray], method: str
+                                  ) -> hist.Pow2Histogram:
+    """A derived tensor's min/max/count and amax equal what fetching and counting its values batch by batch gives;
+    returns that histogram."""
+    values = np.concatenate([batch.reshape(-1) for batch in per_batch])
+    derived = result.tensors[name]
+    assert (derived.minimum, derived.maximum, derived.count) == (values.min(), values.max(), values.size), name
+    collected = pow2_histogram_of(per_batch, hist.collect_bins(QUIET.num_bins))  # as if fetched and counted
+    expected = {"minmax": float(np.abs(values).max()),
+                "percentile": hist.percentile_amax(collected, QUIET.percentile),
+                "entropy": hist.entropy_amax(hist.regrid(collected, QUIET.num_bins))}[method]
+    assert derived.amax == expected, name
+    return collected
+
+
 def direct_pow2_counts(values: np.ndarray, exponent: int, num_bins: int) -> np.ndarray:
     """floor(|x| * bins / 2^exponent) in exact (float64) arithmetic over every value at once."""
     index = np.floor(np.abs(values.astype(np.float64)) * num_bins / 2.0**exponent).astype(np.int64)
@@ -562,14 +577,7 @@ def test_a_zero_pad_gets_its_inputs_statistics_and_the_zeros_it_added(tmp_path: 
     for name, source, widths in (("padded", lambda x: np.maximum(x, 0), ((0, 0), (1, 2))),
                                  ("x_padded", lambda x: x, ((1, 1), (0, 2)))):
         per_batch = [np.pad(source(feed["x"]), widths) for feed in feeds]  # what the Pad outputs
-        values = np.concatenate([batch.reshape(-1) for batch in per_batch])
-        padded = result.tensors[name]
-        assert (padded.minimum, padded.maximum, padded.count) == (values.min(), values.max(), values.size)
-        collected = pow2_histogram_of(per_batch, hist.collect_bins(QUIET.num_bins))  # as if fetched and counted
-        expected = {"minmax": float(np.abs(values).max()),
-                    "percentile": hist.percentile_amax(collected, QUIET.percentile),
-                    "entropy": hist.entropy_amax(hist.regrid(collected, QUIET.num_bins))}[method]
-        assert padded.amax == expected
+        collected = assert_derived_as_if_fetched(result, name, per_batch, method)
         if method != "minmax":
             np.testing.assert_array_equal(result.histograms[name].counts, hist.regrid(collected, QUIET.num_bins).counts)
     assert set(result.tensors) == {"x", "relu", "padded", "x_padded", "padded_one", "reflected", "cropped",
@@ -625,15 +633,7 @@ def test_a_sliced_activation_gets_the_statistics_of_its_slice_and_the_parts_left
     expected_values = {"x": lambda x: x, "relu": lambda x: np.maximum(x, 0),
                        "relu_cut": lambda x: np.maximum(x, 0)[:, 2:-1], "neg": lambda x: -x}
     for name, values_of in expected_values.items():
-        per_batch = [values_of(feed["x"]) for feed in feeds]
-        values = np.concatenate([batch.reshape(-1) for batch in per_batch])
-        derived = result.tensors[name]
-        assert (derived.minimum, derived.maximum, derived.count) == (values.min(), values.max(), values.size)
-        collected = pow2_histogram_of(per_batch, hist.collect_bins(QUIET.num_bins))  # as if fetched and counted
-        expected = {"minmax": float(np.abs(values).max()),
-                    "percentile": hist.percentile_amax(collected, QUIET.percentile),
-                    "entropy": hist.entropy_amax(hist.regrid(collected, QUIET.num_bins))}[method]
-        assert derived.amax == expected, name
+        assert_derived_as_if_fetched(result, name, [values_of(feed["x"]) for feed in feeds], method)
     assert result.tensors["empty"].count == 0
 
 

@@ -15,7 +15,7 @@ from quant.backends.ort import OrtRunner
 from quant.onnxgraph.graph import ensure_node_names
 from quant.errors import ModelError
 from quant.eval.profile import TENSOR_SUFFIXES, Feeds, export_names, node_times_ms
-from quant.eval.speed import stateless_step
+from quant.eval.speed import round_robin, stateless_step
 from quant.search.units import Unit
 
 
@@ -84,16 +84,16 @@ def _fused_owner(tensor: str, owners: Mapping[str, str], producers: Mapping[str,
 def interleaved_latency(model_paths: Sequence[Path], feeds: Feeds, rounds: int = 20, calls: int = 3,
                         threads: int = 1) -> list[Latency]:
     """Open every model once and bind it to the feeds (eval.speed.stateless_step: checked once, only the graph's run
-    timed), then time them round-robin: in each round each model runs `calls` times (the round's mean is one sample);
-    min and median over rounds, in the order given."""
+    timed), then time them round-robin (eval.speed.round_robin): in each round each model runs `calls` times (the
+    round's mean is one sample); min and median over rounds, in the order given."""
     runners = [OrtRunner(path, threads=threads) for path in model_paths]
     for runner in runners:
         _missing = [n for n in runner.input_names if n not in feeds]
         if _missing:
             raise ModelError(f"{runner.path}: timing feeds lack inputs {_missing}")
-    steps = [stateless_step(runner, feeds) for runner in runners]  # binding runs each model once: the warm-up
-    samples: list[list[float]] = [[] for _ in runners]
-    for _ in range(rounds):
-        for position, step in enumerate(steps):
-            samples[position].append(sum(step() for _ in range(calls)) * 1000.0 / calls)
+    # keyed by position (two paths may name one file); binding runs each model once: the warm-up
+    steps = {str(position): stateless_step(runner, feeds) for position, runner in enumerate(runners)}
+    seconds = round_robin(steps, rounds, warmup=0, calls_per_round=calls)
+    samples = [[sum(per_call[i : i + calls]) * 1000.0 / calls for i in range(0, len(per_call), calls)]
+               for per_call in (seconds[str(position)] for position in range(len(runners)))]
     return [Latency(min(s), statistics.median(s), rounds) for s in samples]
