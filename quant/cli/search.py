@@ -38,9 +38,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--target", choices=("ort", "trt-sim"), default="ort",
                         help="ort: ONNX Runtime INT8, timed on this CPU (default); trt-sim: TensorRT's Q/DQ model "
                         "simulated by ONNX Runtime, rules for --backend trt, speed proxy = INT8 unit count")
-    parser.add_argument("--units", choices=("group", "node"), default="group",
+    parser.add_argument("--units", choices=("group", "node", "alike"), default="group",
                         help="group: one unit per structural block (a layer with its bias/activation, an attention "
-                        "block, a recurrent block's projections, a Linear-act-Linear FFN; default); node: one per node")
+                        "block, a recurrent block's projections, a Linear-act-Linear FFN; default); node: one per node; "
+                        "alike: one per kind of repeated block (all attention blocks of a stack, all its FFNs: error "
+                        "that adds up over a stack is decided at once)")
     parser.add_argument("--cache", type=Path, help="calibration cache (default: the cache store / a fresh one)")
     parser.add_argument("--rules", type=Path, help="base precision rules (default: shipped rules)")
     parser.add_argument("-o", "--output", type=Path, help="output folder (default engines/search/<graph>[-trt-sim])")

@@ -184,7 +184,7 @@ def sensitivity(units: Sequence[Mapping[str, Any]], metric: str, higher_is_bette
 
 
 def search_frontier(entry: Mapping[str, Any]) -> bytes:
-    """The configurations a search measured: latency (or, untimed, INT8 units) against the budget metric's change vs
+    """The configurations a search measured: latency (or, untimed, INT8 structural blocks) against the budget metric's change vs
     FP32 on the validation split with its 95 % interval; the Pareto frontier, the default rules and the chosen one
     marked, the budget line dashed."""
     plt = pyplot()
@@ -193,7 +193,7 @@ def search_frontier(entry: Mapping[str, Any]) -> bytes:
     shown = [p for p in points if not timed or p.get("latency_ms") is not None]
 
     def x(point: Mapping[str, Any]) -> float:
-        return float(point["latency_ms"]) if timed else float(point["int8_units"])
+        return float(point["latency_ms"]) if timed else float(point.get("int8_blocks", point["int8_units"]))
 
     fig, ax = plt.subplots(figsize=(WIDTH_IN, 4.0))
     for point in shown:
@@ -209,7 +209,7 @@ def search_frontier(entry: Mapping[str, Any]) -> bytes:
     if entry.get("budget_line") is not None:
         ax.axhline(float(entry["budget_line"]), color="tab:orange", linestyle="--", label="budget")
     ax.set_xlabel("latency per call, ms (median over the search's interleaved rounds)" if timed else
-                  f"INT8 units in the {entry.get('backend', '')} Q/DQ plan (speed proxy; no latency measured)")
+                  f"INT8 blocks in the {entry.get('backend', '')} Q/DQ plan (speed proxy; no latency measured)")
     metric = str(entry.get("metric", "metric"))
     ax.set_ylabel(f"{metric} change vs FP32{' (pp)' if metric in METRIC_SCALE else ''} (validation)")
     ax.set_title("green: estimate within budget, red: over; bars: 95 % interval", fontsize=8)

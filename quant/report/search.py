@@ -43,7 +43,8 @@ def _entry(data: Mapping[str, Any], graph: str) -> dict[str, Any]:
     chosen = data.get("chosen") or {}
     default = data.get("default_rules") or {}
     measured = {p["label"]: p for p in [*data["frontier"], default] if p}
-    points = [_point(p, chosen.get("label"), default.get("label")) for p in measured.values()]
+    blocks = {u["name"]: int(u.get("blocks", 1)) for u in data["units"]}
+    points = [_point(p, chosen.get("label"), default.get("label"), blocks) for p in measured.values()]
     _mark_frontier(points, higher_is_better=_higher_is_better(data))
     budget = data["budget"]
     return {
@@ -66,9 +67,14 @@ def _higher_is_better(data: Mapping[str, Any]) -> bool:
     return HIGHER_IS_BETTER[metric]
 
 
-def _point(point: Mapping[str, Any], chosen: str | None, default: str | None) -> dict[str, Any]:
+def _point(point: Mapping[str, Any], chosen: str | None, default: str | None, blocks: Mapping[str, int]
+           ) -> dict[str, Any]:
+    """`int8_blocks`: the structural blocks of its INT8 units (a unit of `alike` blocks counts each), the speed
+    proxy where no latency was measured."""
     latency = point.get("latency") or {}
-    return {"label": point["label"], "int8_units": len(point.get("int8_units") or ()),
+    int8_units = point.get("int8_units") or ()
+    return {"label": point["label"], "int8_units": len(int8_units),
+            "int8_blocks": sum(blocks.get(name, 1) for name in int8_units),
             "latency_ms": latency.get("median_ms"), "delta": float(point["delta"]),
             "ci_low": float(point["ci_low"]), "ci_high": float(point["ci_high"]), "holds": bool(point.get("holds")),
             "verdict": point.get("verdict", ""), "chosen": point["label"] == chosen,
@@ -77,9 +83,9 @@ def _point(point: Mapping[str, Any], chosen: str | None, default: str | None) ->
 
 def _mark_frontier(points: Sequence[dict[str, Any]], higher_is_better: bool) -> None:
     """Pareto-optimal points: no other point is at least as fast and at least as accurate, and better in one. Speed
-    is the latency where measured, else the number of INT8 units (the search's stated proxy)."""
+    is the latency where measured, else the number of INT8 blocks (the search's stated proxy)."""
     def speed(p: Mapping[str, Any]) -> float:
-        return float(p["latency_ms"]) if p["latency_ms"] is not None else -float(p["int8_units"])
+        return float(p["latency_ms"]) if p["latency_ms"] is not None else -float(p["int8_blocks"])
 
     def metric(p: Mapping[str, Any]) -> float:
         return float(p["delta"]) if higher_is_better else -float(p["delta"])

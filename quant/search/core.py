@@ -6,8 +6,9 @@ Works on a `Problem`, a handful of callables, so any model (a reference model to
 - validate / proxy / held_out(artifact folder) -> per-utterance columns (quant.eval.stats.from_columns layout;
   proxy returns `snr_db` of the output against FP32's on a few utterances);
 - latency(artifact folders) -> Latency each, measured interleaved; node_times(artifact folder) -> ms per ORT node;
-  both None for a backend whose speed this machine cannot measure (TensorRT simulated on the CPU): then every unit
-  INT8 in the backend's plan counts as one unit of benefit and the fastest build is the one with most INT8 units.
+  both None for a backend whose speed this machine cannot measure (TensorRT simulated on the CPU): then every
+  structural block INT8 in the backend's plan counts as one unit of benefit (a unit of `alike` blocks counts each)
+  and the fastest build is the one with most INT8 blocks.
 
 Steps (every build counted as one evaluation):
 0. resolution: FP32, the default rules and all-INT8 on the validation split; when even the quieter of the two
@@ -53,7 +54,7 @@ from quant.errors import QuantError
 from quant.precision import Rule
 from quant.search.budget import MIN_UTTERANCES, Resolution, TaskBudget
 from quant.search.speed import Latency, unit_times_ms
-from quant.search.units import Config, Unit, all_config, config_rules, default_config, write_rules
+from quant.search.units import Config, Unit, all_config, config_rules, default_config, int8_blocks, write_rules
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class Problem:
             return ("ONNX Runtime CPU: kernel time per unit (profiler) and candidate builds timed interleaved, in "
                     "the search's own process (accuracy may run on Ray; timing never does)")
         return (f"no latency measured ({self.backend} is not timed on this machine): speed proxy = number of units "
-                f"INT8 in the {self.backend} Q/DQ plan, each counted as 1")
+                f"INT8 in the {self.backend} Q/DQ plan, each structural block counted as 1")
 
 
 @dataclass(frozen=True)
@@ -248,11 +249,11 @@ def measure_speed(ledger: Ledger) -> dict[str, Sensitivity]:
     """Kernel time of each unit in the FP32 build and in the all-units-INT8 build: both profiled in turn for
     PROFILE_ROUNDS rounds, each unit's minimum over the rounds (one profile of each, minutes apart on a shared
     machine, let a burst of load decide which units save time); without a profiler (TensorRT simulated) each unit
-    saves one unit of the proxy (fp32 1, int8 0)."""
+    saves one unit of the proxy per structural block in it (fp32 blocks, int8 0)."""
     problem = ledger.problem
     everything = ledger.build(all_config(problem.units), "all-int8")
     if problem.node_times is None:
-        return {u.name: Sensitivity(u.name, 1.0, 0.0) for u in problem.units}
+        return {u.name: Sensitivity(u.name, float(u.blocks), 0.0) for u in problem.units}
     rounds: dict[Path, list[dict[str, float]]] = {problem.fp32: [], everything: []}
     for _ in range(PROFILE_ROUNDS):
         for folder, times in rounds.items():
@@ -459,7 +460,7 @@ def run_search(problem: Problem, options: SearchOptions, out_dir: Path) -> Searc
         default = replace(default, latency=latencies[1])
         timed.update({k: replace(ledger.points[k], latency=lat) for k, lat in zip(path, latencies[2:])})
     points = [default, *timed.values()]
-    chosen = fastest_holding(points, problem.timed, options.budget)
+    chosen = fastest_holding(points, problem.timed, options.budget, problem.units)
     note = slower_than_default(default, chosen, options.budget)
     if note:
         log.warning("%s", note)
@@ -499,16 +500,17 @@ def _resolution_dict(found: Resolution, probe: str) -> dict[str, Any]:
             "needed": found.needed, "probe": probe, "resolves": found.resolves}
 
 
-def fastest_holding(points: Sequence[Point], timed: bool, budget: TaskBudget) -> Point | None:
+def fastest_holding(points: Sequence[Point], timed: bool, budget: TaskBudget, units: Sequence[Unit] = ()
+                    ) -> Point | None:
     """The timed build with the lowest latency (the minimum over interleaved rounds: on a shared machine it moves
     least with other load; the median is reported too) among those holding the budget; untimed, the build with the
-    most INT8 units (the smaller metric loss breaks ties)."""
+    most INT8 structural blocks of `units` (the smaller metric loss breaks ties)."""
     holding = [p for p in points if p.holds and (p.latency is not None or not timed)]
     if not holding:
         return None
     if timed:
         return min(holding, key=lambda p: p.latency.min_ms if p.latency else 0.0)
-    return max(holding, key=lambda p: (len(p.config), -loss(p.verdict, budget)))
+    return max(holding, key=lambda p: (int8_blocks(units, p.config), -loss(p.verdict, budget)))
 
 
 def slower_than_default(default: Point, chosen: Point | None, budget: TaskBudget) -> str | None:

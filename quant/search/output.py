@@ -10,7 +10,7 @@ from typing import Any
 
 from quant.fileio import atomic_write_bytes, atomic_write_json
 from quant.search.core import Point, SearchResult, Sensitivity, task_cost
-from quant.search.units import Config, config_rules, write_rules
+from quant.search.units import Config, config_rules, int8_blocks, write_rules
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def unit_why(result: SearchResult, item: Sensitivity, int8: bool, command: str) 
     budget = result.budget
     timed = result.fp32_latency is not None
     parts = [f"kernel time FP32 {item.fp32_ms:.3f} ms, INT8 {item.int8_ms:.3f} ms (ORT profiler, Q/DQ included)"
-             if timed else "no kernel time measured (TensorRT Q/DQ placement; each INT8 unit counts as 1)"]
+             if timed else "no kernel time measured (TensorRT Q/DQ placement; each INT8 structural block counts as 1)"]
     if item.add_one_in_snr_db is not None:
         parts.append(f"output SNR vs FP32 with only this unit INT8 {item.add_one_in_snr_db:.1f} dB")
     if item.leave_one_out_snr_db is not None:
@@ -53,7 +53,7 @@ def unit_why(result: SearchResult, item: Sensitivity, int8: bool, command: str) 
                          f"[{verdict['ci_low']:+.4f}, {verdict['ci_high']:+.4f}] (n={verdict['n']})")
     cost = task_cost(item, _all_point(result), budget)
     decision = "INT8" if int8 else "float"
-    saved = f"{item.saved_ms:.3f} ms saved" if timed else "one INT8 unit"
+    saved = f"{item.saved_ms:.3f} ms saved" if timed else f"{item.saved_ms:g} INT8 block(s)"
     reason = ("saves no kernel time" if item.saved_ms <= 0 and not int8 else
               f"cost {cost:+.4f} {budget.metric} per {saved}" if cost is not None else saved)
     where = (f"as in the fastest measured build within budget ({result.chosen.label})" if result.chosen
@@ -77,7 +77,7 @@ def to_json(result: SearchResult, command: str) -> dict[str, Any]:
         "speed_basis": result.speed_basis,
         "fp32_latency": result.fp32_latency.to_dict() if result.fp32_latency else None,
         "units": [{"name": u.name, "nodes": list(u.nodes), "op_types": list(u.op_types), "default": u.default,
-                   "default_rule": u.rule, **_sensitivity(result.sensitivities[u.name])} for u in result.units],
+                   "default_rule": u.rule, "blocks": u.blocks, **_sensitivity(result.sensitivities[u.name])} for u in result.units],
         "frontier": [p.to_dict(result.units) for p in result.frontier],
         "start": result.start,
         "steps": list(result.steps),
@@ -97,7 +97,7 @@ def _sensitivity(item: Sensitivity) -> dict[str, Any]:
 
 
 def plot_frontier(result: SearchResult, path: Path) -> Path:
-    """Latency (min over interleaved rounds; untimed backends: the number of INT8 units) against the validation
+    """Latency (min over interleaved rounds; untimed backends: the number of INT8 structural blocks) against the validation
     metric change; error bars are the 95 % bootstrap interval."""
     import io
 
@@ -110,7 +110,7 @@ def plot_frontier(result: SearchResult, path: Path) -> Path:
 
     def x(point: Point) -> float | None:
         if not timed:
-            return float(len(point.config))
+            return float(int8_blocks(result.units, point.config))
         return point.latency.min_ms if point.latency is not None else None
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
@@ -131,7 +131,7 @@ def plot_frontier(result: SearchResult, path: Path) -> Path:
         axes.axvline(result.fp32_latency.min_ms, color="gray", linestyle=":", label="FP32 latency")
     axes.axhline(result.default.verdict["budget"], color="tab:orange", linestyle="--", label="budget")
     axes.set_xlabel("latency per call, min over interleaved rounds (ms, ONNX Runtime CPU)" if timed else
-                    f"INT8 units in the {result.backend} Q/DQ plan (speed proxy; no latency measured)")
+                    f"INT8 blocks in the {result.backend} Q/DQ plan (speed proxy; no latency measured)")
     unit = " (pp)" if result.budget.scale != 1.0 else ""
     axes.set_ylabel(f"{result.budget.metric} change vs FP32{unit}" if not result.budget.is_floor
                     else f"{result.budget.metric} above the floor")
