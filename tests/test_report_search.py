@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -184,3 +185,20 @@ def test_a_unit_the_chosen_build_leaves_to_the_base_rules_reads_partly_int8(tmp_
     paths = write_search_report("dpcrn", "dpcrn", folder / "search.json", folder, "quant search x")
     text = render_html(report.load_results(paths["results"]), HtmlOptions(examples=False))
     assert "partly INT8 (base rules)" in text
+
+
+def test_untimed_points_count_the_blocks_of_alike_units(tmp_path: Path) -> None:
+    """An `alike` unit of several blocks counts each block in the untimed speed proxy the page plots and ranks by;
+    a search.json written before units had blocks counts one per unit."""
+    result = search_result()
+    stacked = (replace(UNITS[0], blocks=4), *UNITS[1:])
+    path = tmp_path / "dpcrn" / "search.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(to_json(replace(result, units=stacked), "quant search x")))
+    points = {p["label"]: p for p in search_section(path)["points"]}
+    assert points["all-int8"]["int8_units"] == 3 and points["all-int8"]["int8_blocks"] == 6
+    data = json.loads(path.read_text())
+    for unit in data["units"]:
+        del unit["blocks"]
+    path.write_text(json.dumps(data))
+    assert {p["label"]: p["int8_blocks"] for p in search_section(path)["points"]}["all-int8"] == 3

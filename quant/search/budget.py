@@ -80,29 +80,32 @@ class TaskBudget:
             ref = self.per_utterance(reference, "reference")
         return judge_change(ref, cand, self.stats_budget())
 
-    def holds(self, verdict: Verdict) -> bool:
+    def holds(self, verdict: Verdict, looks: int = 1) -> bool:
         """Proven within: the bootstrap interval and the Student-t interval (module docstring) both on the allowed
         side of the line. A point estimate inside with an interval reaching over does not hold: picking such builds
-        is how a small split passes a build the full test set finds over budget."""
+        is how a small split passes a build the full test set finds over budget. `looks`: the build was picked as
+        the best of that many measured on this split, so its t interval is Bonferroni-widened to a 95 % family
+        (the best of several noisy changes is too good by the luck that picked it)."""
         change = verdict.change
         if not self.is_floor and change.n < MIN_UTTERANCES:
             return False
-        width = t_half_width(change.spread, change.n)
+        width = t_half_width(change.spread, change.n, looks)
         worst = change.delta - width if verdict.budget.higher_is_better else change.delta + width
         inside = worst >= verdict.budget.line if verdict.budget.higher_is_better else worst <= verdict.budget.line
         return verdict.verdict == WITHIN and inside
 
-    def hold_text(self, verdict: Verdict) -> str:
+    def hold_text(self, verdict: Verdict, looks: int = 1) -> str:
         """Why a build holds or does not, for the search's log: 'holds', or what is missing (too few utterances,
         the Student-t interval reaching over the line, or the verdict itself)."""
-        if self.holds(verdict):
-            return "holds"
+        family = f", Bonferroni over the {looks} builds it was picked from" if looks > 1 else ""
+        if self.holds(verdict, looks):
+            return f"holds{family}"
         change = verdict.change
         if not self.is_floor and change.n < MIN_UTTERANCES:
             return f"not proven within: {change.n} utterances, a change budget needs {MIN_UTTERANCES}"
         if verdict.verdict == WITHIN:
-            width = t_half_width(change.spread, change.n) * self.scale
-            return f"not proven within: Student's t interval (+-{width:.4f}) reaches over the line"
+            width = t_half_width(change.spread, change.n, looks) * self.scale
+            return f"not proven within: Student's t interval (+-{width:.4f}{family}) reaches over the line"
         return f"not proven within: {self.verdict_text(verdict)}"
 
     def resolution(self, spread: float, n: int) -> Resolution | None:
@@ -145,11 +148,12 @@ class Resolution:
         return self.half_width < self.limit
 
 
-def t_half_width(spread: float, n: int) -> float:
-    """Half-width of the 95 % Student-t interval of a mean change over n utterances with this spread."""
+def t_half_width(spread: float, n: int, looks: int = 1) -> float:
+    """Half-width of the 95 % Student-t interval of a mean change over n utterances with this spread; with `looks`
+    > 1 the Bonferroni-widened one (each of that many intervals at 1 - 5 %/looks)."""
     if n < 2:
         return math.inf
-    return float(scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * spread / math.sqrt(n))
+    return float(scipy_stats.t.ppf(1 - (1 - CONFIDENCE) / 2 / max(looks, 1), n - 1) * spread / math.sqrt(n))
 
 
 def utterances_to_resolve(spread: float, limit: float) -> int | None:
