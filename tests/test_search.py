@@ -975,3 +975,16 @@ def test_a_leave_one_out_build_picked_by_its_own_measurement_must_hold_widened_o
                                       "of the 4")
     assert result.chosen is not None and "n12" not in result.chosen.config and len(result.chosen.config) == 2
     assert result.chosen.holds and "looks" not in result.chosen.verdict
+
+
+def test_a_max_evals_too_small_for_the_units_is_said_with_the_number_that_would_do():
+    """64 units and --max-evals 40 (the trt-sim WeNet search that never reached the task metric): say so, with the
+    number that measures each unit once, the top ones on the task and a greedy; the default is enough for 9."""
+    from quant.search.core import evaluations_short
+
+    budget = parse_budget("cer=+0.3")
+    short = evaluations_short(64, SearchOptions(budget, max_evals=40, top=6))
+    assert short is not None and "--max-evals 40 is short for 64 units" in short
+    assert short.endswith("give --max-evals 88 or --units alike (repeated blocks as one unit)")
+    assert evaluations_short(64, SearchOptions(budget, max_evals=88, top=6)) is None
+    assert evaluations_short(9, SearchOptions(budget)) is None

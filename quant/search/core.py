@@ -72,6 +72,7 @@ MODEL_FILE = "model.onnx"
 MIN_SAVED_SHARE = 0.002
 PROFILE_ROUNDS = 3  # FP32 and all-INT8 profiled in turn; per unit the minimum (measure_speed)
 DEFAULT_LABEL = "default-rules"
+GREEDY_ROOM = 10  # greedy steps a search's evaluation budget should leave after the sensitivity passes
 
 
 class SearchError(QuantError):
@@ -450,7 +451,8 @@ class SearchResult:
     backend: str = "ort"
     resolution: dict[str, Any] | None = None  # the validation split's resolution (check_resolution); None: a floor
     start: dict[str, Any] | None = None  # the greedy's start (choose_start's record); None: no greedy ran
-    note: str | None = None  # the chosen build measured slower than the default rules (slower_than_default)
+    note: str | None = None  # the chosen build measured slower than the default rules (slower_than_default), and/or
+    # --max-evals too small for the units (evaluations_short)
 
 
 def run_search(problem: Problem, options: SearchOptions, out_dir: Path) -> SearchResult:
@@ -460,6 +462,9 @@ def run_search(problem: Problem, options: SearchOptions, out_dir: Path) -> Searc
     if options.max_evals < 3:
         raise SearchError(f"--max-evals {options.max_evals}: the search needs at least 3 builds (all-INT8, the "
                           "default rules, one candidate)")
+    short = evaluations_short(len(problem.units), options)
+    if short:
+        log.warning("%s", short)
     reference = problem.validate(problem.fp32)
     ledger = Ledger(out_dir, problem, options, reference)
     default = ledger.measure_default()
@@ -485,13 +490,27 @@ def run_search(problem: Problem, options: SearchOptions, out_dir: Path) -> Searc
         timed.update({k: replace(ledger.points[k], latency=lat) for k, lat in zip(path, latencies[2:])})
     points = [default, *timed.values()]
     chosen = fastest_holding([default, *(timed[k] for k in path)], problem.timed, options.budget, problem.units)
-    note = slower_than_default(default, chosen, options.budget)
-    if note:
-        log.warning("%s", note)
+    slower = slower_than_default(default, chosen, options.budget)
+    if slower:
+        log.warning("%s", slower)
+    note = "; ".join(text for text in (slower, short) if text) or None
     held_out = judge_held_out(problem, options.budget, default, chosen)
     return SearchResult(options.budget, problem.units, sens, tuple(points), tuple(steps), default, chosen,
                         fp32_latency, held_out, ledger.evals, ledger.minutes(), problem.speed_basis(), problem.backend,
                         resolution, start.record if start else None, note)
+
+
+def evaluations_short(units: int, options: SearchOptions) -> str | None:
+    """A line saying --max-evals cannot measure every unit once (add-one-in), the `top` on the task metric and
+    leave room for the greedy, and what would; None when it can. A 64-unit trt-sim WeNet search with 40 spent them
+    all on add-one-in builds and never reached the task metric."""
+    room = min(GREEDY_ROOM, units)
+    needed = 2 + units + 2 * min(options.top, units) + room
+    if options.max_evals >= needed:
+        return None
+    return (f"--max-evals {options.max_evals} is short for {units} units: the default and all-INT8 builds, each unit "
+            f"once, the {options.top} worst on the task metric and a greedy of {room} steps take about {needed}; give "
+            f"--max-evals {needed}{' or --units alike (repeated blocks as one unit)' if units > 20 else ''}")
 
 
 def check_resolution(budget: TaskBudget, probes: Sequence[Point]) -> dict[str, Any] | None:
