@@ -243,7 +243,10 @@ def test_metric_axis_spans_the_reference_lines_and_intervals() -> None:
     assert low < 1.9 and high > 3.01
     low, high = report.metric_limits(points[:1], [], error_rate=False)  # one point: not zoomed onto it
     assert high - low >= 0.3
-    assert report.metric_limits([report.PlotPoint(1.0, 5.2, 5.0, 5.5, "a", "o", "r")], [5.0], True)[0] == 0.0
+    # an error rate: zoomed onto its intervals (a tenth of the top at least), never below 0
+    low, high = report.metric_limits([report.PlotPoint(1.0, 23.2, 23.0, 23.5, "a", "o", "r")], [23.1], True)
+    assert 20.0 < low < 23.0 and 23.5 < high < 26.0 and high - low >= 2.35
+    assert report.metric_limits([report.PlotPoint(1.0, 0.2, 0.0, 0.5, "a", "o", "r")], [0.2], True)[0] == 0.0
 
 
 def test_labels_of_crowded_points_do_not_overlap() -> None:
