@@ -40,9 +40,9 @@ def register(subparsers: Any) -> None:
                         "simulated by ONNX Runtime, rules for --backend trt, speed proxy = INT8 unit count")
     parser.add_argument("--units", choices=("group", "node", "alike"), default="group",
                         help="group: one unit per structural block (a layer with its bias/activation, an attention "
-                        "block, a recurrent block's projections, a Linear-act-Linear FFN; default); node: one per node; "
-                        "alike: one per kind of repeated block (all attention blocks of a stack, all its FFNs: error "
-                        "that adds up over a stack is decided at once)")
+                        "block, a recurrent block's projections, a Linear-act-Linear FFN; default); node: one per "
+                        "node; alike: one per kind of repeated block (all attention blocks of a stack, all its FFNs: "
+                        "error that adds up over a stack is decided at once)")
     parser.add_argument("--cache", type=Path, help="calibration cache (default: the cache store / a fresh one)")
     parser.add_argument("--rules", type=Path, help="base precision rules (default: shipped rules)")
     parser.add_argument("-o", "--output", type=Path, help="output folder (default engines/search/<graph>[-trt-sim])")

@@ -184,9 +184,9 @@ def sensitivity(units: Sequence[Mapping[str, Any]], metric: str, higher_is_bette
 
 
 def search_frontier(entry: Mapping[str, Any]) -> bytes:
-    """The configurations a search measured: latency (or, untimed, INT8 structural blocks) against the budget metric's change vs
-    FP32 on the validation split with its 95 % interval; the Pareto frontier, the default rules and the chosen one
-    marked, the budget line dashed."""
+    """The configurations a search measured: latency (or, untimed, INT8 structural blocks) against the budget
+    metric's change vs FP32 on the validation split with its 95 % interval; the Pareto frontier, the default rules
+    and the chosen one marked, the budget line dashed."""
     plt = pyplot()
     points = list(entry.get("points") or [])
     timed = any(p.get("latency_ms") is not None for p in points)

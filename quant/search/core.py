@@ -214,8 +214,8 @@ class Ledger:
         """`measure`, judged as a candidate: a configuration whose task measurement ranked the units (measure_task)
         was picked by that very measurement, as the best of the ranked builds, so it holds only with its interval
         Bonferroni-widened over them (TaskBudget.holds: `looks`). Without this the trt-sim WeNet search stopped at
-        the leave-one-out build that had measured best of six, -0.01 [-0.29, +0.27] CER points on validation, and
-        the held-out half measured it at +0.30 [+0.03, +0.57]."""
+        the leave-one-out build that had measured best of the six, -0.01 [-0.29, +0.27] CER points on validation,
+        and the held-out half measured it at +0.30 [+0.03, +0.57]."""
         point = self.measure(config, label, base)
         if point.key not in self.ranked or point.verdict.get("looks"):
             return point
@@ -543,8 +543,7 @@ def _resolution_dict(found: Resolution, probe: str) -> dict[str, Any]:
             "needed": found.needed, "probe": probe, "resolves": found.resolves}
 
 
-def fastest_holding(points: Sequence[Point], timed: bool, budget: TaskBudget, units: Sequence[Unit] = ()
-                    ) -> Point | None:
+def fastest_holding(points: Sequence[Point], timed: bool, budget: TaskBudget, units: Sequence[Unit]) -> Point | None:
     """The timed build with the lowest latency (the minimum over interleaved rounds: on a shared machine it moves
     least with other load; the median is reported too) among those holding the budget; untimed, the build with the
     most INT8 structural blocks of `units` (the smaller metric loss breaks ties)."""

@@ -42,7 +42,7 @@ def unit_why(result: SearchResult, item: Sensitivity, int8: bool, command: str) 
     budget = result.budget
     timed = result.fp32_latency is not None
     parts = [f"kernel time FP32 {item.fp32_ms:.3f} ms, INT8 {item.int8_ms:.3f} ms (ORT profiler, Q/DQ included)"
-             if timed else "no kernel time measured (TensorRT Q/DQ placement; each INT8 structural block counts as 1)"]
+             if timed else "no kernel time measured (TensorRT Q/DQ placement; each INT8 structural block counts 1)"]
     if item.add_one_in_snr_db is not None:
         parts.append(f"output SNR vs FP32 with only this unit INT8 {item.add_one_in_snr_db:.1f} dB")
     if item.leave_one_out_snr_db is not None:
@@ -77,7 +77,8 @@ def to_json(result: SearchResult, command: str) -> dict[str, Any]:
         "speed_basis": result.speed_basis,
         "fp32_latency": result.fp32_latency.to_dict() if result.fp32_latency else None,
         "units": [{"name": u.name, "nodes": list(u.nodes), "op_types": list(u.op_types), "default": u.default,
-                   "default_rule": u.rule, "blocks": u.blocks, **_sensitivity(result.sensitivities[u.name])} for u in result.units],
+                   "default_rule": u.rule, "blocks": u.blocks, **_sensitivity(result.sensitivities[u.name])}
+                  for u in result.units],
         "frontier": [p.to_dict(result.units) for p in result.frontier],
         "start": result.start,
         "steps": list(result.steps),
@@ -97,7 +98,7 @@ def _sensitivity(item: Sensitivity) -> dict[str, Any]:
 
 
 def plot_frontier(result: SearchResult, path: Path) -> Path:
-    """Latency (min over interleaved rounds; untimed backends: the number of INT8 structural blocks) against the validation
+    """Latency (min over interleaved rounds; untimed: the number of INT8 structural blocks) against the validation
     metric change; error bars are the 95 % bootstrap interval."""
     import io
 
