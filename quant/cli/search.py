@@ -37,7 +37,7 @@ def register(subparsers: Any) -> None:
                         help="units whose sensitivity is measured on the task metric after the SNR ranking (default 6)")
     parser.add_argument("--target", choices=("ort", "trt-sim"), default="ort",
                         help="ort: ONNX Runtime INT8, timed on this CPU (default); trt-sim: TensorRT's Q/DQ model "
-                        "simulated by ONNX Runtime, rules for --backend trt, speed proxy = INT8 unit count")
+                        "simulated by ONNX Runtime, rules for --backend trt, speed proxy = INT8 block count")
     parser.add_argument("--units", choices=("group", "node", "alike"), default="group",
                         help="group: one unit per structural block (a layer with its bias/activation, an attention "
                         "block, a recurrent block's projections, a Linear-act-Linear FFN; default); node: one per "

@@ -113,8 +113,8 @@ class Problem:
             # timing never leaves this process: a shared worker's latency says nothing about this machine's
             return ("ONNX Runtime CPU: kernel time per unit (profiler) and candidate builds timed interleaved, in "
                     "the search's own process (accuracy may run on Ray; timing never does)")
-        return (f"no latency measured ({self.backend} is not timed on this machine): speed proxy = number of units "
-                f"INT8 in the {self.backend} Q/DQ plan, each structural block counted as 1")
+        return (f"no latency measured ({self.backend} is not timed on this machine): speed proxy = number of "
+                f"structural blocks INT8 in the {self.backend} Q/DQ plan (a unit of alike blocks counts each)")
 
 
 @dataclass(frozen=True)
