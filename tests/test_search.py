@@ -988,3 +988,13 @@ def test_a_max_evals_too_small_for_the_units_is_said_with_the_number_that_would_
     assert short.endswith("give --max-evals 88 or --units alike (repeated blocks as one unit)")
     assert evaluations_short(64, SearchOptions(budget, max_evals=88, top=6)) is None
     assert evaluations_short(9, SearchOptions(budget)) is None
+
+
+def test_a_search_cut_short_by_max_evals_says_what_it_left_unmeasured(tmp_path: Path):
+    """4 units, 2 on the task metric and a greedy need about 14 builds; with 6 the note says so and counts what
+    this search measured."""
+    search_problem = lost_fusion_problem(tmp_path, lossy_int8_ms=1.5, timed=False)
+    result = run_search(search_problem, SearchOptions(parse_budget("pesq_wb=-0.05"), max_evals=6, top=2),
+                        tmp_path / "search")
+    assert result.note is not None and result.note.startswith("--max-evals 6 is short for 4 units")
+    assert result.note.endswith("(this search measured 2 of 4 units alone, 0 on the task metric)")
