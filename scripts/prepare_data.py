@@ -295,10 +295,12 @@ ASTERISK_TEST_TEXTS = 40  # prompt texts reserved for asr_test
 ASR_TEST_MORE_SENTENCES = 333
 
 
-def asr_text_splits(root: Path, seed: int) -> dict[str, list[str]]:
+def asr_text_splits(root: Path, seed: int, test_more: int = ASR_TEST_MORE_SENTENCES) -> dict[str, list[str]]:
     """train / calib / test / test_more sentences. calib and test are fortunes of 6-16 words; train is every other
     fortune plus the WordNet examples, with calib, test and the asterisk test prompt texts removed; test_more are
-    6-16-word sentences of the fortunes train was built without (none of them in train, calib or test)."""
+    6-16-word sentences of the fortunes train was built without (none of them in train, calib or test): the first
+    `test_more` of one seeded shuffle, so a larger count keeps the committed ones and adds after them (about 5,500
+    exist)."""
     fortunes = fortune_sentences(root)
     medium = [s for s in fortunes if 6 <= len(s.split()) <= 16]
     _, held = split_sentences(medium, ASR_TEST_SENTENCES + ASR_CALIB_SENTENCES, seed)
@@ -308,8 +310,9 @@ def asr_text_splits(root: Path, seed: int) -> dict[str, list[str]]:
     train = [s for s in dict.fromkeys(fortunes + wordnet_examples(root)) if s not in blocked]
     unseen = set(train) | blocked
     more = [s for s in fortune_sentences(root, 6, 16, tab_attributed=True) if s not in unseen]
-    _, test_more = split_sentences(more, ASR_TEST_MORE_SENTENCES, seed)
-    return {"train": train, "calib": calib, "test": test, "test_more": test_more}
+    if test_more > len(more):
+        raise PackageError(f"--asr-test-more {test_more}: the fortunes hold {len(more)} such sentences")
+    return {"train": train, "calib": calib, "test": test, "test_more": split_sentences(more, test_more, seed)[1]}
 
 
 def asterisk_prompts(root: Path) -> list[tuple[str, str]]:
@@ -859,12 +862,13 @@ def _copy_librivox(librivox: Path, folder: Path) -> list[tuple[Path, dict[str, s
     return out
 
 
-def build_asr_sets(root: Path, out: Path, librivox: Path, synth: Synth, seed: int) -> tuple[Path, Path]:
-    """asr_test: held-out voice (flite slt) on the test and test_more sentences + asterisk test prompts + LibriVox,
-    the four parts spread evenly over the manifest; asr_calib: random training voices on calib sentences + 40
-    asterisk training prompts."""
+def build_asr_sets(root: Path, out: Path, librivox: Path, synth: Synth, seed: int,
+                   test_more: int = ASR_TEST_MORE_SENTENCES) -> tuple[Path, Path]:
+    """asr_test: held-out voice (flite slt) on the test and `test_more` more sentences + asterisk test prompts +
+    LibriVox, the four parts spread evenly over the manifest; asr_calib: random training voices on calib sentences
+    + 40 asterisk training prompts."""
     rng = random.Random(seed + 2)
-    splits = asr_text_splits(root, seed)
+    splits = asr_text_splits(root, seed, test_more)
     train_prompts, test_prompts = split_prompts(asterisk_prompts(root), ASTERISK_TEST_TEXTS, seed)
     test_dir, calib_dir = out / "asr_test", out / "asr_calib"
     held_out = Voice("flite", HELD_OUT_VOICE)
@@ -965,7 +969,7 @@ def cmd_calib_sets(args: argparse.Namespace) -> int:
     if "se_test" in wanted:
         made.append(build_se_test(args.pkgs, args.out, args.librivox, args.seed))
     if wanted & {"asr_calib", "asr_test"} and synth is not None:
-        made += list(build_asr_sets(args.pkgs, args.out, args.librivox, synth, args.seed))
+        made += list(build_asr_sets(args.pkgs, args.out, args.librivox, synth, args.seed, args.asr_test_more))
     write_attribution(args.pkgs, args.out)
     for manifest in made:
         lines = manifest.read_text().splitlines()
@@ -996,6 +1000,10 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--pkgs", type=Path, default=Path("data/pkgs"))
     calib.add_argument("--librivox", type=Path, default=Path("tests/data"))
     calib.add_argument("--skip-asr", action="store_true")
+    calib.add_argument("--asr-test-more", type=int, default=ASR_TEST_MORE_SENTENCES,
+                       help=f"held-out-voice fortunes sentences in asr_test beyond the first 66 (default "
+                            f"{ASR_TEST_MORE_SENTENCES}, the committed set; more keeps those and adds after them: "
+                            "a larger set for tighter intervals, e.g. -o calib_data_large --sets asr_test)")
     calib.add_argument("--seed", type=int, default=1234)
     calib.set_defaults(handler=cmd_calib_sets)
     return parser

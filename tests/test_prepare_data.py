@@ -188,6 +188,11 @@ def test_asr_test_sentences_are_the_held_out_splits_and_never_trained_on() -> No
     test = read_manifest(CALIB / "asr_test/manifest.jsonl")
     spoken = {u.text for u in test if f"flite {prepare_data.HELD_OUT_VOICE} " in u.source}
     assert spoken == set(splits["test"]) | set(splits["test_more"])
+    # a larger set (--asr-test-more) keeps the committed sentences first and adds unseen ones after them
+    larger = prepare_data.asr_text_splits(PKGS, 1234, 1333)["test_more"]
+    assert larger[: len(splits["test_more"])] == splits["test_more"] and train.isdisjoint(larger)
+    with pytest.raises(prepare_data.PackageError, match="--asr-test-more"):
+        prepare_data.asr_text_splits(PKGS, 1234, 10**6)
 
 
 def test_both_halves_of_asr_test_hold_every_source() -> None:
