@@ -93,9 +93,9 @@ def alike_units(model: onnx.ModelProto, units: Iterable[Unit]) -> tuple[Unit, ..
 
     Why: quantization error that no single block shows can add up over a stack. On the WeNet encoder's TensorRT Q/DQ
     plan the 64 block units all INT8 cost +0.35 CER points on 450 utterances, only the FFNs INT8 +0.00 and only the
-    attention blocks +0.01, while each block alone sits inside the 95 % interval of a 225-utterance split; a search
-    that reverts one block at a time steers by noise there, one that reverts all attention blocks at once sees the
-    effect (scripts/probe_alike.py)."""
+    attention blocks +0.01, all but the attention blocks +0.19 (scripts/probe_alike.py); one block's share is below
+    the build-to-build noise of a 225-utterance split (about +-0.15 points), so a search that reverts one block at a
+    time steers by noise there, and one that reverts all attention blocks at once sees the effect."""
     signature = _signatures(model)
     merged: dict[tuple[object, ...], list[Unit]] = {}
     for unit in units:
