@@ -493,10 +493,12 @@ def run_search(problem: Problem, options: SearchOptions, out_dir: Path) -> Searc
     slower = slower_than_default(default, chosen, options.budget)
     if slower:
         log.warning("%s", slower)
-    if short:  # what the evaluation budget actually left unmeasured
+    if short:  # said with the result only where the evaluation budget did leave something out
         alone = sum(item.add_one_in_snr_db is not None for item in sens.values())
         on_task = sum(item.add_one_in is not None for item in sens.values())
-        short = f"{short} (this search measured {alone} of {len(sens)} units alone, {on_task} on the task metric)"
+        cut = alone < len(sens) or on_task < min(options.top, len(sens)) or ledger.left <= 0
+        short = (f"{short} (this search measured {alone} of {len(sens)} units alone, {on_task} on the task metric"
+                 f"{', and used every build' if ledger.left <= 0 else ''})") if cut else None
     note = "; ".join(text for text in (slower, short) if text) or None
     held_out = judge_held_out(problem, options.budget, default, chosen)
     return SearchResult(options.budget, problem.units, sens, tuple(points), tuple(steps), default, chosen,
