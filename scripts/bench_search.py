@@ -51,9 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     selection = select(args.spec, args.graph)
-    if len(selection.roles) > 1:
-        raise QuantError(f"{selection.spec.name} has graphs {list(selection.roles)}; give --graph ROLE")
-    spec, role = selection.spec, selection.roles[0]
+    spec, role = selection.spec, selection.single_role()
     graph = spec.graph(role)
     graphs = fp32_graphs(spec)
     options = FeedOptions(graphs=dict(graphs))

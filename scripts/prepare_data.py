@@ -862,8 +862,8 @@ def _copy_librivox(librivox: Path, folder: Path) -> list[tuple[Path, dict[str, s
     return out
 
 
-def build_asr_sets(root: Path, out: Path, librivox: Path, synth: Synth, seed: int,
-                   test_more: int = ASR_TEST_MORE_SENTENCES) -> tuple[Path, Path]:
+def build_asr_sets(root: Path, out: Path, librivox: Path, synth: Synth, seed: int, test_more: int
+                   ) -> tuple[Path, Path]:
     """asr_test: held-out voice (flite slt) on the test and `test_more` more sentences + asterisk test prompts +
     LibriVox, the four parts spread evenly over the manifest; asr_calib: random training voices on calib sentences
     + 40 asterisk training prompts."""

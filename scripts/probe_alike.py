@@ -27,7 +27,7 @@ from quant.search.budget import TaskBudget, parse_budget  # noqa: E402
 from quant.search.core import Problem  # noqa: E402
 from quant.search.models import Split, spec_problem  # noqa: E402
 from quant.search.store import spec_budget  # noqa: E402
-from quant.search.units import Config, all_config, config_rules, write_rules  # noqa: E402
+from quant.search.units import Config, all_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,9 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def probe(args: argparse.Namespace) -> int:
     selection = select(args.spec, args.graph)
-    if len(selection.roles) > 1:
-        raise QuantError(f"{selection.spec.name} has graphs {list(selection.roles)}; give --graph ROLE")
-    role = selection.roles[0]
+    role = selection.single_role()
     budget = parse_budget(args.budget) if args.budget else spec_budget(selection.spec)
     out = args.output / f"{selection.spec.graph(role).name}-{args.target}"
     problem = spec_problem(selection.spec, role, fp32_graphs(selection.spec), out, Split(), target=args.target,
@@ -63,9 +61,7 @@ def probe(args: argparse.Namespace) -> int:
     print(f"{len(problem.units)} alike units, budget {budget.describe()}; change vs FP32 "
           f"(validation | held-out | all), 95 % intervals")
     for index, (label, config) in enumerate(configs.items()):
-        folder = out / "builds" / f"config{index}"
-        rules = [*config_rules(problem.units, config, backend=problem.backend), *problem.base_rules]
-        artifact = problem.build(write_rules(folder.with_suffix(".toml"), rules), folder)
+        artifact = problem.build_config(config, out / "builds" / f"config{index}")
         print(f"{label}: {judged(problem, budget, references, artifact)}", flush=True)
     return 0
 

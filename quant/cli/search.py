@@ -11,7 +11,6 @@ from typing import Any
 from quant.cli.executor_options import add_executor_options, executor_from_args
 from quant.cli.options import positive_int
 from quant.cli.specs import add_spec
-from quant.errors import QuantError
 
 
 def register(subparsers: Any) -> None:
@@ -60,10 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     selection = select(args.spec, args.graph)
     budget = parse_budget(args.budget) if args.budget else spec_budget(selection.spec)
-    if len(selection.roles) > 1:
-        raise QuantError(f"{selection.spec.name} has graphs {list(selection.roles)}; the search acts on one: give "
-                         "--graph ROLE (the others run FP32 in its evaluation)")
-    role = selection.roles[0]
+    role = selection.single_role("the search acts on one: give --graph ROLE (the others run FP32 in its evaluation)")
     graph = selection.spec.graph(role)
     out_dir = args.output or search_dir(DEFAULT_OUT_ROOT, str(graph.name), args.target)
     graphs, executor = fp32_graphs(selection.spec), executor_from_args(args)

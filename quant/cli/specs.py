@@ -33,6 +33,13 @@ class Selection:
     def graphs(self) -> list[Any]:
         return [self.spec.graph(role) for role in self.roles]
 
+    def single_role(self, ask: str = "give --graph ROLE") -> str:
+        """The one role selected, for a command that acts on one graph; `ask`: what the error asks for when the
+        spec has several graphs and no --graph chose one."""
+        if len(self.roles) > 1:
+            raise QuantError(f"{self.spec.name} has graphs {list(self.roles)}; {ask}")
+        return self.roles[0]
+
 
 def is_onnx(text: str) -> bool:
     return Path(text).suffix == ".onnx"

@@ -107,6 +107,15 @@ class Problem:
     def timed(self) -> bool:
         return self.latency is not None and self.node_times is not None
 
+    def build_config(self, config: Config, folder: Path, base: Config = frozenset()) -> Path:
+        """The INT8 build of `config` (the units in `base` as the base rules place them) into `folder`, its rules
+        file beside it (`folder`.toml)."""
+        rules = config_rules(self.units, config, backend=self.backend, base=base)
+        return self.build_rules([*rules, *self.base_rules], folder)
+
+    def build_rules(self, rules: Sequence[Rule], folder: Path) -> Path:
+        return self.build(write_rules(folder.with_suffix(".toml"), rules), folder)
+
     def speed_basis(self) -> str:
         """What the search ranks speed by, for the outputs."""
         if self.timed:
@@ -186,20 +195,19 @@ class Ledger:
         counts one evaluation."""
         key = (config, base)
         if key not in self.artifacts:
-            rules = config_rules(self.problem.units, config, backend=self.problem.backend, base=base)
-            self.artifacts[key] = self._build([*rules, *self.problem.base_rules], label)
+            self.evals += 1
+            self.artifacts[key] = self.problem.build_config(config, self._folder(label), base)
         return self.artifacts[key]
 
-    def _build(self, rules: Sequence[Rule], label: str) -> Path:
-        self.evals += 1
-        folder = self.out_dir / "builds" / label
-        return self.problem.build(write_rules(folder.with_suffix(".toml"), rules), folder)
+    def _folder(self, label: str) -> Path:
+        return self.out_dir / "builds" / label
 
     def measure_default(self) -> Point:
         """The build of the base rules alone, evaluated on the validation split. Not a configuration: a group the
         base rules make partly INT8 (`mixed`) has no INT8/float decision that reproduces it."""
         units = self.problem.units
-        artifact = self._build(self.problem.base_rules, DEFAULT_LABEL)
+        self.evals += 1
+        artifact = self.problem.build_rules(self.problem.base_rules, self._folder(DEFAULT_LABEL))
         return self._evaluate(default_config(units), DEFAULT_LABEL, artifact,
                               frozenset(u.name for u in units if u.default == "mixed"))
 

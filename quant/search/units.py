@@ -96,7 +96,8 @@ def alike_units(model: onnx.ModelProto, units: Iterable[Unit]) -> tuple[Unit, ..
     attention blocks +0.01, all but the attention blocks +0.19 (scripts/probe_alike.py); one block's share is below
     the build-to-build noise of a 225-utterance split (about +-0.15 points), so a search that reverts one block at a
     time steers by noise there, and one that reverts all attention blocks at once sees the effect."""
-    signature = _signatures(model)
+    units = tuple(units)
+    signature = _signatures(model, {node for unit in units for node in unit.nodes})
     merged: dict[tuple[object, ...], list[Unit]] = {}
     for unit in units:
         kind = unit.name.split(":", 1)[0] if ":" in unit.name else ""
@@ -104,12 +105,13 @@ def alike_units(model: onnx.ModelProto, units: Iterable[Unit]) -> tuple[Unit, ..
     return tuple(_merge(alike) for alike in merged.values())
 
 
-def _signatures(model: onnx.ModelProto) -> dict[str, tuple[object, ...]]:
-    """Per node: op type, the shapes of its constant inputs and its attributes: equal for the repeats of a block."""
+def _signatures(model: onnx.ModelProto, nodes: set[str]) -> dict[str, tuple[object, ...]]:
+    """Per node of `nodes` (the units' only: a Constant node's attribute can hold a whole weight tensor): op type,
+    the shapes of its constant inputs and its attributes, equal for the repeats of a block."""
     shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
     return {node.name: (node.op_type, tuple(shapes.get(name) for name in node.input),
                         tuple(sorted((a.name, repr(onnx.helper.get_attribute_value(a))) for a in node.attribute)))
-            for node in model.graph.node}
+            for node in model.graph.node if node.name in nodes}
 
 
 def _merge(alike: list[Unit]) -> Unit:
